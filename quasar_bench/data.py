@@ -1,0 +1,94 @@
+"""Prompt sets: the shipped `builtin` set, and Spec-Bench / MT-Bench question.jsonl files.
+
+Every set loads as a list of `Prompt` (one or two user turns). The jsonl format is FastChat's:
+one JSON object a line, `{"question_id": int, "category": str, "turns": [str, ...]}`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from quasar_bench.errors import QuasarError
+
+DATASETS = ("builtin", "spec_bench", "mt_bench")
+
+
+@dataclass
+class Prompt:
+    dataset: str
+    category: str
+    prompt_id: str
+    turns: list[str]
+
+
+def _parse_lines(lines: list[str], source: str, dataset: str, id_key: str) -> list[Prompt]:
+    prompts, seen = [], set()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{source} line {lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QuasarError(f"{where}: bad JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(rec, dict):
+            raise QuasarError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        for key in (id_key, "category", "turns"):
+            if key not in rec:
+                raise QuasarError(f"{where}: missing key {key!r}; each line needs "
+                                  f"{id_key!r}, 'category' and 'turns'")
+        turns = rec["turns"]
+        if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+            raise QuasarError(f"{where}: 'turns' must be a non-empty list of strings")
+        if not isinstance(rec["category"], str) or not rec["category"]:
+            raise QuasarError(f"{where}: 'category' must be a non-empty string")
+        pid = str(rec[id_key])
+        if pid in seen:
+            raise QuasarError(f"{where}: duplicate {id_key} {pid}; ids must be unique")
+        seen.add(pid)
+        prompts.append(Prompt(dataset, rec["category"], pid, list(turns)))
+    return prompts
+
+
+def _read_builtin() -> list[Prompt]:
+    text = resources.files("quasar_bench").joinpath("prompts/builtin.jsonl").read_text("utf-8")
+    return _parse_lines(text.splitlines(), "quasar_bench/prompts/builtin.jsonl", "builtin",
+                        "prompt_id")
+
+
+def _read_jsonl(name: str, path: str | None) -> list[Prompt]:
+    if not path:
+        raise QuasarError(f"dataset {name!r} is read from a question.jsonl file: "
+                          f"set dataset.path=/path/to/question.jsonl")
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuasarError(f"cannot read {name} file {p} ({e.__class__.__name__}); "
+                          f"check dataset.path=") from None
+    return _parse_lines(text.splitlines(), str(p), name, "question_id")
+
+
+def load_prompts(name: str, path: str | None = None, categories: list[str] | None = None,
+                 limit: int | None = None) -> list[Prompt]:
+    """Load a prompt set, keep `categories` (in file order), then take the first `limit`."""
+    if name not in DATASETS:
+        raise QuasarError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    prompts = _read_builtin() if name == "builtin" else _read_jsonl(name, path)
+    if categories:
+        if isinstance(categories, str):
+            categories = [categories]
+        available = sorted({p.category for p in prompts})
+        unknown = [c for c in categories if c not in available]
+        if unknown:
+            raise QuasarError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} "
+                              f"{', '.join(map(repr, unknown))} in {name}; available: "
+                              f"{', '.join(available)}")
+        prompts = [p for p in prompts if p.category in set(categories)]
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise QuasarError(f"dataset.limit={limit!r} must be a positive integer (or null for all)")
+        prompts = prompts[:limit]
+    return prompts
