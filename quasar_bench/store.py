@@ -151,6 +151,8 @@ class ResultStore:
             new["sessions"] = [session]
         _write_json(path, new)
         (self.root / "cells").mkdir(exist_ok=True)
+        for tmp in self.root.glob(".tmp-*"):  # torn writes of a killed run (one writer a dir)
+            tmp.unlink(missing_ok=True)
         return self
 
     def manifest(self) -> dict:

@@ -135,6 +135,7 @@ def test_sigkill_mid_run_loses_and_duplicates_nothing(tmp_path):
                    stdout=subprocess.DEVNULL, timeout=120)
     df = ResultStore(root).load()  # raises on duplicates
     assert len(df) == 2 * 2 * n
+    assert not list(root.glob(".tmp-*"))  # torn temp files of killed runs are cleaned on open
     got = {(c, p, t): v for c, p, t, v in zip(df.cell_id, df.prompt_id, df.turn, df.value)}
     assert got == {(c, str(i), t): i * 10 + t for c in ("c1", "c2") for i in range(n) for t in (0, 1)}
     # every stored file holds a whole prompt (both turns), never half of one
