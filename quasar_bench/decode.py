@@ -1,0 +1,115 @@
+"""The one decode loop: autoregressive and speculative decoding for every drafter.
+
+Each verify step feeds the last accepted token plus the drafted ones through the verifier
+(AR is the case of zero drafts), keeps the longest accepted prefix plus the verifier's own next
+token, and rolls the KV cache back over the rejected positions.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .drafters import Draft, Drafter
+from .errors import QuasarError
+from .sampling import verify_greedy, verify_sampling
+
+
+@dataclass
+class GenerationResult:
+    output_ids: list[int] = field(default_factory=list)
+    verify_steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    # attempts[i] / accepts[i]: draft position i+1 was verified / accepted (see metrics.py)
+    attempts: list[int] = field(default_factory=list)
+    accepts: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    stopped_by: str = "max_new_tokens"
+
+
+class Timer:
+    """Wall-clock timer that waits for the device first, so GPU work is counted where it ran."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+def record_step(res: GenerationResult, drafted: int, accepted: int) -> None:
+    res.verify_steps += 1
+    res.drafted += drafted
+    res.accepted += accepted
+    # Positions 1..min(accepted+1, drafted) were tried; the first `accepted` of them passed.
+    tried = min(accepted + 1, drafted)
+    while len(res.attempts) < tried:
+        res.attempts.append(0)
+        res.accepts.append(0)
+    for i in range(tried):
+        res.attempts[i] += 1
+        res.accepts[i] += i < accepted
+
+
+def generate(runtime, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int, k: int,
+             eos_ids=(), temperature: float = 0.0, top_p: float = 1.0,
+             generator: torch.Generator | None = None, reference: list[int] | None = None) -> GenerationResult:
+    if max_new_tokens < 1:
+        raise QuasarError(f"max_new_tokens={max_new_tokens} is impossible: it must be >= 1")
+    if len(prompt_ids) < 1:
+        raise QuasarError("empty prompt: every prompt needs at least one token")
+    device = runtime.device
+    timer = Timer(device)
+    eos = set(eos_ids)
+    res = GenerationResult()
+    # The cache holds everything but the last token; the last one is fed by the first verify step,
+    # so AR makes exactly one verifier forward per generated token (tau = 1).
+    runtime.reset(len(prompt_ids) + max_new_tokens + k + 1)
+    t0 = timer.now()
+    if len(prompt_ids) > 1:
+        runtime.forward(torch.tensor(prompt_ids[:-1], device=device))
+    drafter.start(prompt_ids, reference)
+    t1 = timer.now()
+    res.prefill_s = t1 - t0
+
+    context = list(prompt_ids)
+    while len(res.output_ids) < max_new_tokens:
+        room = max_new_tokens - len(res.output_ids) - 1  # the verifier adds one token of its own
+        base = runtime.cache_len
+        draft = Draft(tokens=[])
+        if k > 0 and room > 0:
+            ta = timer.now()
+            draft = drafter.propose(context, min(k, room))
+            runtime.rollback(base)  # self-speculative drafters wrote past the verified prefix
+            res.draft_s += timer.now() - ta
+            draft.tokens = list(draft.tokens[: min(k, room)])
+            if draft.probs is not None:
+                draft.probs = draft.probs[: len(draft.tokens)]
+        tv = timer.now()
+        logits = runtime.forward(torch.tensor([context[-1]] + draft.tokens, device=device))
+        if temperature > 0:
+            n_acc, next_token = verify_sampling(logits, draft, temperature, top_p, generator)
+        else:
+            n_acc, next_token = verify_greedy(logits, draft.tokens)
+        res.verify_s += timer.now() - tv
+        # Keep the cache for the fed last token and the accepted drafts; the rest was rejected.
+        runtime.rollback(base + 1 + n_acc)
+        new_tokens = draft.tokens[:n_acc] + [next_token]
+        record_step(res, len(draft.tokens), n_acc)
+        drafter.observe(n_acc, new_tokens)
+        for tok in new_tokens:
+            res.output_ids.append(tok)
+            context.append(tok)
+            if tok in eos:
+                res.stopped_by = "eos"
+                break
+        if res.stopped_by == "eos":
+            break
+    res.decode_s = timer.now() - t1
+    return res

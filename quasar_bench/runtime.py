@@ -1,0 +1,328 @@
+"""Model runtimes: a lean native Llama/Qwen2/Qwen3/Mistral implementation with a static KV cache,
+and a generic transformers-backed one for every other causal LM.
+
+Both expose the same small interface the decode loop and the drafters use:
+
+    runtime.forward(input_ids [T], layer_ids=None) -> fp32 logits [T, V]
+        appends T positions to the KV cache, starting at runtime.cache_len
+    runtime.rollback(n)      keep only the first n cached positions (rejected drafts vanish)
+    runtime.reset(max_len)   empty cache able to hold max_len positions
+    runtime.num_layers, runtime.vocab_size, runtime.device, runtime.dtype
+
+Rollback on the static cache is free: positions past cache_len are simply overwritten by the next
+forward. That is also why a forward over a subset of layers (layer-skip / early-exit drafting) is
+safe: the verify forward that follows rewrites every layer's entries for the drafted positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import QuasarError
+
+NATIVE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qk_norm: bool = False  # Qwen3 normalises q and k per head before RoPE
+    attention_bias: bool = False  # Qwen2 has biases on q/k/v
+    model_type: str = "llama"
+
+    @classmethod
+    def from_hf_config(cls, c) -> "ModelArgs":
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=c.num_attention_heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=c.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            qk_norm=c.model_type == "qwen3",
+            attention_bias=bool(getattr(c, "attention_bias", c.model_type == "qwen2")),
+            model_type=c.model_type,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.attention_bias)
+        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.attention_bias)
+        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.attention_bias)
+        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
+        if a.qk_norm:
+            self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+            self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv, start: int):
+        """x [T, H]; cos/sin [T, D]; kv = (k_cache, v_cache) [n_kv, S, D] or None (no cache)."""
+        a, t = self.a, x.shape[0]
+        q = self.q_proj(x).view(t, a.num_heads, a.head_dim)
+        k = self.k_proj(x).view(t, a.num_kv_heads, a.head_dim)
+        v = self.v_proj(x).view(t, a.num_kv_heads, a.head_dim)
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_cache[:, start : start + t] = k
+            v_cache[:, start : start + t] = v
+            k, v = k_cache[:, : start + t], v_cache[:, : start + t]
+        # Query i sits at absolute position start + i and sees keys 0..start + i.
+        keys = torch.arange(k.shape[1], device=x.device)
+        mask = keys[None, :] <= (start + torch.arange(t, device=x.device))[:, None]
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = Attention(a)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = MLP(a)
+
+    def forward(self, x, cos, sin, kv, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Native runtime. Submodule names match transformers' so state dicts load unchanged."""
+
+    is_native = True
+
+    def __init__(self, a: ModelArgs, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+        super().__init__()
+        self.args = a
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        if a.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("rope_cos", rope_cos, persistent=False)
+        self.register_buffer("rope_sin", rope_sin, persistent=False)
+        self.k_cache = self.v_cache = None
+        self.cache_len = 0
+
+    # -- interface -------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def max_len(self) -> int:
+        return self.rope_cos.shape[0]
+
+    def reset(self, max_len: int) -> None:
+        if max_len > self.max_len:
+            raise QuasarError(
+                f"prompt + max_new_tokens = {max_len} positions exceeds the runtime's RoPE table "
+                f"({self.max_len}); lower max_new_tokens= or model.max_seq_len= is too small"
+            )
+        a = self.args
+        shape = (self.num_layers, a.num_kv_heads, max_len, a.head_dim)
+        if self.k_cache is None or self.k_cache.shape != shape:
+            self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cache_len = 0
+
+    def rollback(self, n: int) -> None:
+        assert 0 <= n <= self.cache_len, (n, self.cache_len)
+        self.cache_len = n
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, layer_ids=None) -> torch.Tensor:
+        start, t = self.cache_len, input_ids.shape[0]
+        if start + t > self.k_cache.shape[2]:
+            raise RuntimeError(f"KV cache overflow: {start + t} > {self.k_cache.shape[2]}")
+        h = self.run_layers(self.embed_tokens(input_ids), start, layer_ids, use_cache=True)
+        self.cache_len = start + t
+        return self.lm_head(self.norm(h)).float()
+
+    def run_layers(self, h, start, layer_ids=None, use_cache=True, collect=None):
+        t = h.shape[0]
+        cos = self.rope_cos[start : start + t].to(h.dtype)
+        sin = self.rope_sin[start : start + t].to(h.dtype)
+        for i in range(self.num_layers) if layer_ids is None else layer_ids:
+            kv = (self.k_cache[i], self.v_cache[i]) if use_cache else None
+            h = self.layers[i](h, cos, sin, kv, start)
+            if collect is not None:
+                collect.append(h)
+        return h
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """[embeddings, after layer 0, ..., after layer L-1] for one sequence, without the cache."""
+        h = self.embed_tokens(input_ids)
+        out = [h]
+        self.run_layers(h, 0, use_cache=False, collect=out)
+        return out
+
+    def with_layers(self, keep: list[int]) -> "Transformer":
+        """A runtime sharing this one's weights that runs only the layers in `keep` (pruning)."""
+        new = Transformer.__new__(Transformer)
+        nn.Module.__init__(new)
+        new.args = ModelArgs(**{**self.args.__dict__, "num_layers": len(keep)})
+        new.embed_tokens, new.norm, new.lm_head = self.embed_tokens, self.norm, self.lm_head
+        new.layers = nn.ModuleList(self.layers[i] for i in keep)
+        new.register_buffer("rope_cos", self.rope_cos, persistent=False)
+        new.register_buffer("rope_sin", self.rope_sin, persistent=False)
+        new.k_cache = new.v_cache = None
+        new.cache_len = 0
+        return new
+
+
+def rope_tables(hf_model, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_len, head_dim] from the model's own rotary module: every RoPE variant
+    transformers implements (default, llama3, yarn, dynamic...) comes out exactly as it computes it."""
+    rotary = hf_model.model.rotary_emb
+    pos = torch.arange(max_len, device=device)[None]
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        cos, sin = rotary(dummy, pos)
+    return cos[0].float(), sin[0].float()
+
+
+def native_from_hf(hf_model, max_len: int = 4096) -> Transformer:
+    """Copy a transformers Llama/Qwen2/Qwen3/Mistral model into the native runtime (weights shared)."""
+    c = hf_model.config
+    if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True) and c.sliding_window < max_len:
+        raise QuasarError("sliding-window attention is not implemented natively; use model.runtime=hf")
+    a = ModelArgs.from_hf_config(c)
+    device, dtype = hf_model.device, hf_model.dtype
+    cos, sin = rope_tables(hf_model, max_len, device)
+    with torch.device("meta"):
+        model = Transformer(a, torch.empty(0), torch.empty(0))
+    sd = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
+    if a.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [m for m in missing if not (a.tie_word_embeddings and m == "lm_head.weight")]
+    unexpected = [u for u in unexpected if "rotary" not in u]
+    if missing or unexpected:
+        raise QuasarError(f"cannot map {c.model_type} weights onto the native runtime (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); use model.runtime=hf")
+    if a.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = cos, sin
+    model = model.to(device=device, dtype=dtype).eval()
+    model.rope_cos, model.rope_sin = cos, sin  # kept in fp32; cast per forward like transformers
+    return model
+
+
+class HFRuntime:
+    """Generic path: any transformers causal LM, cache rolled back with DynamicCache.crop."""
+
+    is_native = False
+
+    def __init__(self, hf_model):
+        from transformers import DynamicCache
+
+        self.model = hf_model.eval()
+        self._cache_cls = DynamicCache
+        self.cache = None
+        self.cache_len = 0
+
+    @property
+    def num_layers(self):
+        return self.model.config.num_hidden_layers
+
+    @property
+    def vocab_size(self):
+        return self.model.config.vocab_size
+
+    @property
+    def device(self):
+        return self.model.device
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    def reset(self, max_len: int) -> None:
+        self.cache = self._cache_cls(config=self.model.config)
+        self.cache_len = 0
+
+    def rollback(self, n: int) -> None:
+        assert 0 <= n <= self.cache_len
+        self.cache.crop(n)
+        self.cache_len = n
+
+    @torch.inference_mode()
+    def forward(self, input_ids, layer_ids=None):
+        if layer_ids is not None:
+            raise QuasarError("running a subset of layers needs the native runtime (llama/qwen2/qwen3/mistral); "
+                              "this model uses the generic transformers path")
+        t = input_ids.shape[0]
+        pos = torch.arange(self.cache_len, self.cache_len + t, device=input_ids.device)
+        out = self.model(input_ids=input_ids[None], past_key_values=self.cache, use_cache=True,
+                         position_ids=pos[None])
+        self.cache_len += t
+        return out.logits[0].float()
+
+    def named_modules(self, *args, **kwargs):
+        return self.model.named_modules(*args, **kwargs)
