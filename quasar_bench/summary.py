@@ -1,0 +1,217 @@
+"""Summary table: τ, α, fidelity, throughput and speedups per (model, drafter, verifier, category).
+
+Definitions follow DESIGN.md. The unit of statistics is the prompt: the turns of a prompt are
+summed (tokens, steps, time) or averaged (KL, top-1), and a prompt matches the reference only
+if every turn does. Ratio metrics are pooled over prompts (τ = Σ new_tokens / Σ verify_steps,
+α = Σ accepted / Σ drafted, tokens/s = Σ new_tokens / Σ decode_s), so long prompts weigh more;
+KL, top-1 and exact match are means of per-prompt values.
+
+95% confidence intervals (`<metric>_lo`, `<metric>_hi`) are percentile bootstraps over prompts
+(B = 2000 resamples, fixed seed, so a table is reproducible): each resample draws prompts with
+replacement and recomputes the pooled metric. Speedups are bootstrapped paired (the same drawn
+prompts for the run and its AR baseline) when both ran the same prompts, else independently.
+With fewer than 2 prompts the interval is NaN.
+
+The acceptance curve `accept_curve` is the mean over prompts (turns averaged first) of
+p_i = P(draft i accepted | drafts 1..i-1 accepted), position by position (NaN-skipping).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+
+B, SEED = 2000, 0
+PRECISION_ORDER = ["reference", "fp32", "bf16", "fp16", "int8", "w8a8", "int4", "pruned"]
+METRICS = ["tau", "alpha", "kl_mean", "top1_agree", "ref_exact_match", "tokens_per_s",
+           "speedup_vs_ar", "speedup_vs_ref_ar"]
+SUMS = ["new_tokens", "verify_steps", "accepted", "drafted", "decode_s"]
+MEANS = ["kl_mean", "top1_agree"]
+RATIOS = {"tau": ("new_tokens", "verify_steps"), "alpha": ("accepted", "drafted"),
+          "tokens_per_s": ("new_tokens", "decode_s")}
+
+
+def reference_verifier(verifiers) -> str | None:
+    """The verifier named `reference`, else the highest precision present: fp32 > bf16 > fp16."""
+    present = set(verifiers)
+    for v in ("reference", "fp32", "bf16", "fp16"):
+        if v in present:
+            return v
+    return None
+
+
+def _ratio(num, den):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def _boot_idx(n, rng):
+    return rng.integers(0, n, size=(B, n))
+
+
+def _ci(values):
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return np.nan, np.nan
+    return tuple(np.percentile(values, [2.5, 97.5]))
+
+
+def _per_prompt(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per (keys, category, prompt_id)."""
+    d = df.copy()
+    for c in SUMS + MEANS:
+        d[c] = pd.to_numeric(d[c], errors="coerce") if c in d else np.nan
+    em = d["ref_exact_match"] if "ref_exact_match" in d else pd.Series(np.nan, index=d.index)
+    d["ref_exact_match"] = em.map(lambda x: np.nan if x is None or x != x else float(bool(x)))
+    agg = {c: "sum" for c in SUMS} | {c: "mean" for c in MEANS} | {"ref_exact_match": "min"}
+    g = d.groupby(keys + ["category", "prompt_id"], dropna=False, sort=False)
+    out = g.agg(agg)
+    if "accepted_per_position" in d:
+        out["curve"] = g["accepted_per_position"].agg(lambda s: _curve(list(s)))
+    else:
+        out["curve"] = [[] for _ in range(len(out))]
+    # a prompt with any missing turn value has no exact-match verdict
+    out["ref_exact_match"] = out["ref_exact_match"].where(
+        g["ref_exact_match"].apply(lambda s: s.notna().all()))
+    return out.reset_index()
+
+
+def _stats(pp: pd.DataFrame, rng) -> dict:
+    """Point estimates and bootstrap CIs of one group's per-prompt table."""
+    n = len(pp)
+    idx = _boot_idx(n, rng) if n >= 2 else None
+    out = {"n_prompts": n, "accept_curve": _curve(list(pp["curve"]))}
+    for m, (a, b) in RATIOS.items():
+        num, den = pp[a].to_numpy(float), pp[b].to_numpy(float)
+        out[m] = float(_ratio(num.sum(), den.sum()))
+        lo, hi = _ci(_ratio(num[idx].sum(1), den[idx].sum(1))) if idx is not None else (np.nan,) * 2
+        out[m + "_lo"], out[m + "_hi"] = lo, hi
+    for m in MEANS + ["ref_exact_match"]:
+        v = pp[m].to_numpy(float)
+        ok = np.isfinite(v)
+        out[m] = float(v[ok].mean()) if ok.any() else np.nan
+        if idx is not None and ok.sum() >= 2:
+            vv = v[ok]
+            out[m + "_lo"], out[m + "_hi"] = _ci(vv[_boot_idx(len(vv), rng)].mean(1))
+        else:
+            out[m + "_lo"] = out[m + "_hi"] = np.nan
+    return out
+
+
+def _speedup(pp: pd.DataFrame, base: pd.DataFrame, rng):
+    """tokens/s ratio of a run over its baseline, with a (paired when possible) bootstrap CI."""
+    def tps(x):
+        return x["new_tokens"].to_numpy(float), x["decode_s"].to_numpy(float)
+    (n1, d1), (n0, d0) = tps(pp), tps(base)
+    point = float(_ratio(n1.sum(), d1.sum()) / _ratio(n0.sum(), d0.sum()))
+    if len(pp) < 2 or len(base) < 2:
+        return point, np.nan, np.nan
+    k1 = list(zip(pp["category"], pp["prompt_id"]))
+    k0 = list(zip(base["category"], base["prompt_id"]))
+    if sorted(k1) == sorted(k0):  # paired: align base to pp's prompt order
+        pos = {k: i for i, k in enumerate(k0)}
+        order = [pos[k] for k in k1]
+        n0, d0 = n0[order], d0[order]
+        i1 = i0 = _boot_idx(len(pp), rng)
+    else:
+        i1, i0 = _boot_idx(len(pp), rng), _boot_idx(len(base), rng)
+    r = _ratio(n1[i1].sum(1), d1[i1].sum(1)) / _ratio(n0[i0].sum(1), d0[i0].sum(1))
+    return (point, *_ci(r))
+
+
+def _curve(curves) -> list[float]:
+    """Position-wise NaN-skipping mean of acceptance curves of different lengths."""
+    curves = [np.asarray(c, float) for c in curves
+              if isinstance(c, (list, tuple, np.ndarray)) and len(c)]
+    if not curves:
+        return []
+    m = np.full((len(curves), max(len(c) for c in curves)), np.nan)
+    for i, c in enumerate(curves):
+        m[i, :len(c)] = c
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return [round(float(x), 6) for x in np.nanmean(m, 0)]
+
+
+def _same(a, b):
+    return a == b or (a != a and b != b)
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, drafter, verifier[, k, temperature], category) plus category `all`.
+
+    `k` and `temperature` join the key only when they vary across the rows.
+    """
+    keys = ["model", "drafter", "verifier"]
+    keys += [c for c in ("k", "temperature") if c in df and df[c].nunique(dropna=False) > 1]
+    pp = _per_prompt(df, keys)
+    groups = []
+    for pcat in (pp, pp.assign(category="all")):
+        for gkey, g in pcat.groupby(keys + ["category"], dropna=False, sort=False):
+            rec = dict(zip(keys + ["category"], gkey)) | _stats(g, np.random.default_rng(SEED))
+            groups.append(rec | {"_pp": g})
+    ref = reference_verifier(df["verifier"].unique())
+    match_t = "temperature" in keys
+    for rec in groups:
+        for col, verifier in (("speedup_vs_ar", rec["verifier"]), ("speedup_vs_ref_ar", ref)):
+            base = [b for b in groups if b["drafter"] == "ar" and b["model"] == rec["model"]
+                    and b["verifier"] == verifier and b["category"] == rec["category"]
+                    and (not match_t or _same(b["temperature"], rec["temperature"]))]
+            if base:
+                rec[col], rec[col + "_lo"], rec[col + "_hi"] = _speedup(
+                    rec["_pp"], base[0]["_pp"], np.random.default_rng(SEED))
+            else:
+                rec[col] = rec[col + "_lo"] = rec[col + "_hi"] = np.nan
+    out = pd.DataFrame([{k: v for k, v in r.items() if k != "_pp"} for r in groups])
+    cols = keys + ["category", "n_prompts"]
+    cols += [c for m in METRICS for c in (m, m + "_lo", m + "_hi")] + ["accept_curve"]
+    out = out[cols]
+    rank = {v: i for i, v in enumerate(PRECISION_ORDER)}
+    out["_d"] = out["drafter"].ne("ar")
+    out["_v"] = out["verifier"].map(lambda v: rank.get(v, len(rank)))
+    out["_c"] = out["category"].eq("all")
+    out = out.sort_values(["model", "_d", "drafter", "_v", "verifier"] + keys[3:] + ["_c", "category"])
+    return out.drop(columns=["_d", "_v", "_c"]).reset_index(drop=True)
+
+
+def _fmt(x, spec):
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+
+
+def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> str:
+    """Fixed-width table for the terminal; `categories` limits the rows (e.g. ["all"])."""
+    s = summary if categories is None else summary[summary["category"].isin(categories)]
+    extra = [c for c in ("k", "temperature") if c in s]
+    cols = [("model", "model", None), ("drafter", "drafter", None), ("verifier", "verifier", None)]
+    cols += [(c, c, None) for c in extra] + [("category", "category", None), ("n", "n_prompts", "d")]
+    cols += [("τ", "tau", ".2f"), ("α", "alpha", ".2f"), ("KL", "kl_mean", ".4f"),
+             ("top-1", "top1_agree", ".3f"), ("exact", "ref_exact_match", ".2f"),
+             ("tok/s", "tokens_per_s", ".1f"), ("speedup", "speedup_vs_ar", ".2f"),
+             ("vs ref AR", "speedup_vs_ref_ar", ".2f")]
+    ci = {"tau", "tokens_per_s", "speedup_vs_ar", "speedup_vs_ref_ar"}
+    table = [[h for h, _, _ in cols]]
+    for _, r in s.iterrows():
+        line = []
+        for _, c, spec in cols:
+            if spec is None:
+                line.append(str(r[c]))
+            elif c in ci and np.isfinite(r.get(c + "_lo", np.nan)):
+                line.append(f"{_fmt(r[c], spec)} [{_fmt(r[c + '_lo'], spec)},"
+                            f"{_fmt(r[c + '_hi'], spec)}]")
+            else:
+                line.append(_fmt(r[c], spec))
+        table.append(line)
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    text = ["  ".join(v.ljust(w) if i < len(extra) + 4 else v.rjust(w)
+                      for i, (v, w) in enumerate(zip(row, widths))).rstrip() for row in table]
+    text.insert(1, "-" * len(text[0]))
+    return "\n".join(text)
+
+
+def save(summary: pd.DataFrame, path) -> None:
+    """Write the summary as CSV (the acceptance curve as a JSON list)."""
+    out = summary.copy()
+    out["accept_curve"] = out["accept_curve"].map(json.dumps)
+    out.to_csv(path, index=False)

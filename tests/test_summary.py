@@ -1,0 +1,158 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from quasar_bench.summary import format_table, reference_verifier, save, summarize
+
+TAU = {"ar": 1.0, "ngram": 1.8, "layerskip": 2.4}
+SPEED = {"fp32": 20.0, "bf16": 40.0, "int8": 55.0, "int4": 70.0}  # AR tokens/s
+KL = {"fp32": 0.0, "bf16": 0.002, "int8": 0.01, "int4": 0.06}
+
+
+def synthetic_rows(n_per_cat=4, categories=("multi_turn", "qa", "rag"), seed=0,
+                   verifiers=tuple(SPEED), drafters=tuple(TAU), k=4, fidelity=True):
+    """Rows shaped like the engine's, with known τ / speed / KL structure (tests only)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d in drafters:
+        for v in verifiers:
+            cell = f"cell_{d}_{v}"
+            for c in categories:
+                for i in range(n_per_cat):
+                    for turn in range(2 if c == "multi_turn" else 1):
+                        new = int(rng.integers(20, 64))
+                        tau = 1.0 if d == "ar" else TAU[d] * (1 - 2 * KL[v]) * rng.uniform(0.9, 1.1)
+                        steps = max(1, round(new / tau))
+                        drafted = 0 if d == "ar" else steps * k
+                        acc = 0 if d == "ar" else min(drafted, new - steps)
+                        tps = SPEED[v] * (new / steps) * 0.8 ** (d != "ar") * rng.uniform(0.9, 1.1)
+                        curve = [] if d == "ar" else [0.8 ** (j + 1) + 0.05 * rng.random() for j in range(k)]
+                        kl = KL[v] * rng.uniform(0.5, 1.5) if fidelity else np.nan
+                        rows.append(dict(
+                            experiment="synthetic", cell_id=cell, model="smollm2-135m", drafter=d,
+                            verifier=v, k=0 if d == "ar" else k, temperature=0.0, dataset="builtin",
+                            category=c, prompt_id=f"{c}-{i}", turn=turn, new_tokens=new,
+                            verify_steps=steps, tau=new / steps, alpha=acc / drafted if drafted else np.nan,
+                            accepted_per_position=curve, drafted=drafted, accepted=acc, prefill_s=0.01,
+                            decode_s=new / tps, draft_s=0.0, verify_s=new / tps, tokens_per_s=tps,
+                            peak_mem_bytes=1 << 28, output_ids=list(range(new)), output_text="x",
+                            seed=0, device="cpu", torch_version="2.13", git_commit="abc",
+                            kl_mean=kl, kl_p50=kl, kl_p95=2 * kl, kl_max=4 * kl,
+                            top1_agree=(1 - 3 * KL[v]) if fidelity else np.nan,
+                            ref_exact_match=(v in ("fp32", "bf16") or i % 2 == 0) if fidelity else None,
+                            first_divergence=-1))
+    return pd.DataFrame(rows)
+
+
+def tiny(**over):
+    base = dict(model="m", drafter="ngram", verifier="bf16", category="qa", turn=0)
+    return base | over
+
+
+def test_pooled_ratios_not_mean_of_ratios():
+    df = pd.DataFrame([
+        tiny(prompt_id="a", new_tokens=10, verify_steps=5, accepted=5, drafted=20, decode_s=1.0),
+        tiny(prompt_id="b", new_tokens=30, verify_steps=10, accepted=20, drafted=40, decode_s=1.0),
+    ])
+    s = summarize(df)
+    r = s[s.category == "qa"].iloc[0]
+    assert r.n_prompts == 2
+    assert r.tau == pytest.approx(40 / 15)  # mean of ratios would be 2.5
+    assert r.alpha == pytest.approx(25 / 60)
+    assert r.tokens_per_s == pytest.approx(20.0)
+    assert r.tau_lo <= r.tau <= r.tau_hi
+    assert np.isnan(r.kl_mean) and np.isnan(r.speedup_vs_ar)  # no fidelity, no AR row
+
+
+def test_turns_form_one_prompt_and_exact_match_needs_every_turn():
+    df = pd.DataFrame([
+        tiny(category="multi_turn", prompt_id="a", turn=0, new_tokens=10, verify_steps=5,
+             accepted=5, drafted=10, decode_s=1.0, kl_mean=0.1, ref_exact_match=True),
+        tiny(category="multi_turn", prompt_id="a", turn=1, new_tokens=10, verify_steps=5,
+             accepted=5, drafted=10, decode_s=1.0, kl_mean=0.3, ref_exact_match=False),
+        tiny(category="multi_turn", prompt_id="b", turn=0, new_tokens=10, verify_steps=5,
+             accepted=5, drafted=10, decode_s=1.0, kl_mean=0.5, ref_exact_match=True),
+        tiny(category="multi_turn", prompt_id="b", turn=1, new_tokens=10, verify_steps=5,
+             accepted=5, drafted=10, decode_s=1.0, kl_mean=0.5, ref_exact_match=True),
+    ])
+    r = summarize(df).iloc[0]
+    assert r.n_prompts == 2
+    assert r.ref_exact_match == pytest.approx(0.5)
+    assert r.kl_mean == pytest.approx((0.2 + 0.5) / 2)
+
+
+def test_speedups_categories_and_all():
+    df = synthetic_rows()
+    s = summarize(df)
+    assert set(s.category) == {"multi_turn", "qa", "rag", "all"}
+    assert len(s) == 3 * 4 * 4
+    assert s[(s.drafter == "ar") & (s.category == "all")].n_prompts.tolist() == [12] * 4
+    assert s[s.drafter == "ar"].alpha.isna().all() and s[s.drafter != "ar"].alpha.notna().all()
+    ar = s[s.drafter == "ar"].set_index(["verifier", "category"])
+    for _, r in s.iterrows():
+        same = ar.loc[(r.verifier, r.category)]
+        assert r.speedup_vs_ar == pytest.approx(r.tokens_per_s / same.tokens_per_s)
+        ref = ar.loc[("fp32", r.category)]  # fp32 is the highest precision present
+        assert r.speedup_vs_ref_ar == pytest.approx(r.tokens_per_s / ref.tokens_per_s)
+        assert r.speedup_vs_ar_lo <= r.speedup_vs_ar <= r.speedup_vs_ar_hi
+    assert (s[s.drafter == "ar"].speedup_vs_ar == 1).all()
+    # AR vs itself is perfectly paired: a zero-width interval
+    assert (s[s.drafter == "ar"].speedup_vs_ar_hi - s[s.drafter == "ar"].speedup_vs_ar_lo).abs().max() < 1e-12
+    # `all` pools every category's prompts
+    one = s[(s.drafter == "ngram") & (s.verifier == "int8")].set_index("category")
+    sub = df[(df.drafter == "ngram") & (df.verifier == "int8")]
+    assert one.loc["all", "tau"] == pytest.approx(sub.new_tokens.sum() / sub.verify_steps.sum())
+    # rows come out ordered: ar first, precision order, `all` last within a group
+    assert s.drafter.iloc[0] == "ar" and s.verifier.iloc[0] == "fp32" and s.category.iloc[3] == "all"
+
+
+def test_reference_verifier_choice():
+    assert reference_verifier(["int4", "fp16", "bf16"]) == "bf16"
+    assert reference_verifier(["int4", "fp16"]) == "fp16"
+    assert reference_verifier(["bf16", "fp32", "reference"]) == "reference"
+    df = synthetic_rows(verifiers=("bf16", "int4"), drafters=("ar", "ngram"))
+    s = summarize(df).set_index(["drafter", "verifier", "category"])
+    assert s.loc[("ngram", "int4", "all"), "speedup_vs_ref_ar"] == pytest.approx(
+        s.loc[("ngram", "int4", "all"), "tokens_per_s"] / s.loc[("ar", "bf16", "all"), "tokens_per_s"])
+
+
+def test_bootstrap_ci_is_deterministic_and_narrows_with_more_prompts():
+    small, big = synthetic_rows(n_per_cat=3, seed=1), synthetic_rows(n_per_cat=40, seed=1)
+    a, b = summarize(small), summarize(small)
+    pd.testing.assert_frame_equal(a, b)
+    w = lambda s: (s.tau_hi - s.tau_lo)[(s.category == "all") & (s.drafter == "layerskip")].mean()
+    assert w(summarize(big)) < w(a) / 2
+    one = summarize(synthetic_rows(n_per_cat=1, categories=("qa",)))
+    assert one.tau_lo.isna().all() and one.tau.notna().all()
+
+
+def test_acceptance_curve_and_k_in_key():
+    df = pd.DataFrame([
+        tiny(prompt_id="a", new_tokens=3, verify_steps=1, accepted=2, drafted=3, decode_s=1.0,
+             k=3, accepted_per_position=[1.0, 0.5, 0.0]),
+        tiny(prompt_id="b", new_tokens=2, verify_steps=1, accepted=1, drafted=3, decode_s=1.0,
+             k=3, accepted_per_position=[0.5, np.nan, np.nan]),
+        tiny(prompt_id="a", new_tokens=3, verify_steps=1, accepted=2, drafted=5, decode_s=1.0,
+             k=5, accepted_per_position=[1, 1, 0, 0, 0]),
+    ])
+    s = summarize(df)
+    assert "k" in s.columns and len(s) == 4
+    r = s[(s.k == 3) & (s.category == "qa")].iloc[0]
+    assert r.accept_curve == [0.75, 0.5, 0.0]
+
+
+def test_format_table_and_save(tmp_path):
+    s = summarize(synthetic_rows())
+    text = format_table(s, categories=["all"])
+    lines = text.splitlines()
+    assert len(lines) == 2 + 12
+    assert all(h in lines[0] for h in ("τ", "α", "KL", "top-1", "exact", "tok/s", "speedup"))
+    ls = s[(s.drafter == "layerskip") & (s.verifier == "int4") & (s.category == "all")].iloc[0]
+    assert f"{ls.tau:.2f} [{ls.tau_lo:.2f},{ls.tau_hi:.2f}]" in text
+    assert "—" in text  # ar has no α
+    save(s, tmp_path / "s.csv")
+    back = pd.read_csv(tmp_path / "s.csv")
+    assert len(back) == len(s) and back.tau.tolist() == pytest.approx(s.tau.tolist())
+    assert json.loads(back.accept_curve.iloc[-1]) == s.accept_curve.iloc[-1]
