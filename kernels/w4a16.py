@@ -1,0 +1,293 @@
+"""W4A16 verify GEMM: y[M, N] = x[M, K] @ W^T with W packed int4 (quasar_bench/packing.py format).
+
+    qweight int32 [Kp//8, N]   nibble j of qweight[i, n] = code of W[n, 8i + j]
+    scales, zeros float16 [Kp//G, N]      W[n, k] = (code - zero) * scale
+
+The verify pass has M = k + 1 = 1..64 rows: the GEMM is memory-bound and its time is the time to
+stream the packed weight once. With few rows, a grid over N alone leaves most SMs idle for the
+small projections (k/v: 1024 columns), so the K loop is split across programs (split-K): each
+program writes an fp32 partial [M, N] and a second small kernel sums the partials, adds the bias
+and casts (deterministic, no atomics). A split of 1 writes the output directly.
+
+This file also holds the machinery the int8 kernels share (split-K reduce, config choice and
+the small autotuner keyed on (M bucket, N, K)).
+
+CPU tensors run through Triton's interpreter: set TRITON_INTERPRET=1 before this module is
+imported (tests/test_kernels.py does).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------------------------
+# shared machinery: split-K reduce, configs, autotune
+# --------------------------------------------------------------------------------------------
+
+_TORCH_TO_TL_OK = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(x: torch.Tensor) -> None:
+    if x.device.type == "cpu" and not interpret_mode():
+        raise RuntimeError(
+            "Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before `kernels` is imported "
+            "to run CPU tensors through Triton's interpreter"
+        )
+    if x.dtype not in _TORCH_TO_TL_OK:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+
+
+def m_bucket(m: int) -> int:
+    """Power of two >= m (1, 2, 4, ..., 64), then multiples of 64: the autotune key's M."""
+    if m <= 64:
+        return 1 << max(0, (m - 1).bit_length())
+    return 64 * math.ceil(m / 64)
+
+
+def block_m_for(m: int) -> int:
+    """tl.dot needs at least 16 rows: M = 1..16 pads to one 16-row tile, larger M tiles by 32/64."""
+    return min(64, max(16, m_bucket(m)))
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def split_for(waves: float, n_programs: int, k_tiles: int, sms: int) -> int:
+    """Split-K factor that brings the grid to about `waves` x SMs programs (>= 1 K tile each)."""
+    s = max(1, math.ceil(waves * sms / max(1, n_programs)))
+    s = min(s, k_tiles)
+    # re-balance so no split is left with no tile
+    per = math.ceil(k_tiles / s)
+    return math.ceil(k_tiles / per)
+
+
+@triton.jit
+def _splitk_reduce_kernel(p_ptr, bias_ptr, out_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[M, N] = sum_s partial[s, M, N] (+ bias), cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def splitk_reduce(partial: torch.Tensor, bias, out: torch.Tensor) -> torch.Tensor:
+    s, m, n = partial.shape
+    block = 1024
+    grid = (triton.cdiv(m * n, block),)
+    _splitk_reduce_kernel[grid](partial, bias if bias is not None else partial, out, m * n, n, s,
+                                HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+    return out
+
+
+def autotune_enabled(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and os.environ.get("QUASAR_KERNEL_AUTOTUNE", "1") != "0"
+
+
+# (kernel name, M bucket, N, K, dtype) -> (config, median time in ms or None)
+TUNE_CACHE: dict = {}
+
+
+def pick_config(name: str, x: torch.Tensor, n: int, k: int, candidates: list, launch) -> dict:
+    """Return the config to use for this (M bucket, N, K).
+
+    candidates[0] is the heuristic default. On CUDA (unless QUASAR_KERNEL_AUTOTUNE=0) every
+    candidate is timed once per key with triton.testing.do_bench (which flushes L2 between runs,
+    as the weights of one layer would not be in L2 during a real forward) and the fastest kept.
+    `launch(cfg)` runs the whole op once with that config.
+    """
+    key = (name, m_bucket(x.shape[0]), n, k, x.dtype)
+    hit = TUNE_CACHE.get(key)
+    if hit is not None:
+        return hit[0]
+    if not autotune_enabled(x) or len(candidates) == 1:
+        TUNE_CACHE[key] = (candidates[0], None)
+        return candidates[0]
+    best, best_t = candidates[0], float("inf")
+    for cfg in candidates:
+        try:
+            t = triton.testing.do_bench(lambda: launch(cfg), warmup=3, rep=10, return_mode="median")
+        except Exception:  # e.g. out of shared memory for this tile: skip the candidate
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    TUNE_CACHE[key] = (best, best_t)
+    return best
+
+
+def tile_candidates(x, n, k_total, block_k_options, tiles, default_tile):
+    """Configs {BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages}: the default first, then the
+    tile shapes in `tiles` x splits that fill about 1, 2 and 4 waves of SMs."""
+    m = x.shape[0]
+    sms = num_sms(x.device)
+    bm = block_m_for(m)
+    m_blocks = triton.cdiv(m, bm)
+
+    def cfg(bn, bk, warps, stages, waves):
+        n_prog = triton.cdiv(n, bn) * m_blocks
+        k_tiles = triton.cdiv(k_total, bk)
+        split = split_for(waves, n_prog, k_tiles, sms) if waves else 1
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
+
+    out = [cfg(*default_tile, 2)]
+    if autotune_enabled(x):
+        for t in tiles:
+            for waves in (0, 1, 2, 4):
+                c = cfg(*t, waves)
+                if c not in out:
+                    out.append(c)
+    return out
+
+
+def launch_splitk(kernel, x2, n, bias, cfg, k_tiles_total, args, **constexprs):
+    """Run `kernel` over grid (N blocks, SPLIT_K, M blocks); reduce partials when SPLIT_K > 1."""
+    m = x2.shape[0]
+    bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
+    k_tiles = triton.cdiv(k_tiles_total, bk)
+    tiles_per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, tiles_per_split)
+    out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    direct = split == 1
+    c = out if direct else torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
+    kernel[grid](*args, bias if bias is not None else x2, c, m, n, tiles_per_split * bk,
+                 HAS_BIAS=bias is not None, DIRECT=direct, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **constexprs)
+    if not direct:
+        splitk_reduce(c, bias, out)
+    return out
+
+
+def as_2d(x: torch.Tensor):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, lead
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 activations: full-precision dot (a correctness path); bf16/fp16: the tensor cores.
+
+    "upcast": Triton 3.6's interpreter computes bf16 tl.dot wrongly, so under TRITON_INTERPRET
+    the bf16 operands (already rounded to bf16) are multiplied in fp32: the same math.
+    """
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpret_mode():
+        return "upcast"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# W4A16
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, c_ptr,
+    M, N, K_SPLIT,  # K_SPLIT: the K range one split covers (a multiple of BLOCK_K)
+    K, Kp, stride_xm,
+    G: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    shifts = tl.arange(0, 8) * 4
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_begin = pid_k * K_SPLIT
+    k_end = tl.minimum(k_begin + K_SPLIT, Kp)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        # activations [BLOCK_M, BLOCK_K]; columns past the true K (the padded group) read as 0
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        # packed weight [BLOCK_K // 8, BLOCK_N] int32 -> codes [BLOCK_K, BLOCK_N] (row 8i + j = nibble j of row i)
+        offs_p = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        q = tl.load(qw_ptr + offs_p[:, None] * N + offs_n[None, :],
+                    mask=(offs_p[:, None] < Kp // 8) & mask_n[None, :], other=0)
+        codes = (q[:, None, :] >> shifts[None, :, None]) & 0xF
+        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N)).to(tl.float32)
+        if G % BLOCK_K == 0:
+            # the whole tile lies in one group: one (scale, zero) row
+            g = k0 // G
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            w = (codes - z[None, :]) * s[None, :]
+        else:
+            g = offs_k // G
+            gmask = (offs_k[:, None] < Kp) & mask_n[None, :]
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+            w = (codes - z) * s
+        w = w.to(x.dtype)
+        if PRECISION == "upcast":
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x, w, input_precision=PRECISION)
+
+    c_mask = mask_m[:, None] & mask_n[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        tl.store(c_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=c_mask)
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): the default, then what the autotuner also tries
+_W4_DEFAULT = (64, 128, 4, 4)
+_W4_TILES = [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4)]
+
+
+def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, bias=None, *, config=None):
+    """y = x @ dequantize_int4(qweight, scales, zeros)^T (+ bias), in x's dtype.
+
+    x [..., K] (bf16/fp16/fp32, K = in_features); qweight int32 [Kp//8, N]; scales/zeros fp16
+    [Kp//G, N]. `config` (dict of BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) overrides the
+    tuned choice (tests and benchmarks).
+    """
+    check_device(x)
+    x2, lead = as_2d(x)
+    k = in_features
+    if x2.shape[1] != k:
+        raise ValueError(f"x has {x2.shape[1]} input features, the weight {k}")
+    kp8, n = qweight.shape
+    kp = kp8 * 8
+    if kp % group_size or scales.shape != (kp // group_size, n) or zeros.shape != scales.shape:
+        raise ValueError("qweight/scales/zeros do not match the packing.py int4 format")
+    if qweight.dtype != torch.int32 or not qweight.is_contiguous():
+        raise ValueError("qweight must be a contiguous int32 tensor [Kp//8, N]")
+
+    def launch(cfg):
+        return launch_splitk(_w4a16_kernel, x2, n, bias, cfg, kp,
+                             (x2, qweight, scales, zeros), K=k, Kp=kp, stride_xm=x2.stride(0),
+                             G=group_size, PRECISION=dot_precision(x2.dtype))
+
+    if config is None:
+        cands = tile_candidates(x2, n, kp, None, _W4_TILES, _W4_DEFAULT)
+        config = pick_config("w4a16", x2, n, k, cands, launch)
+    else:
+        config = {**dict(BLOCK_M=block_m_for(x2.shape[0]), num_warps=4, num_stages=3, SPLIT_K=1), **config}
+    return launch(config).reshape(*lead, n)
