@@ -1,0 +1,337 @@
+"""Every figure, redrawn from the result tables alone.
+
+    python -m quasar_bench.figures --results results --out results/figures
+
+reads each experiment directory `results/<experiment>/` (rows-*.parquet, via ResultStore) and
+`results/gpu/kernels*.csv`, and writes PNG + PDF per figure: `<out>/<experiment>/<figure>.*`
+and `<out>/kernel_roofline.*`. A figure whose inputs are absent is skipped with a note.
+
+The plot functions take the rows table (or a `summarize` table where noted) and an optional
+axes, so notebooks reuse them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+if "ipykernel" not in sys.modules:  # headless everywhere but in a notebook (inline backend)
+    matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from quasar_bench.store import ResultStore  # noqa: E402
+from quasar_bench.summary import PRECISION_ORDER, reference_verifier, summarize  # noqa: E402
+
+
+class MissingInput(Exception):
+    """The inputs a figure needs are not in the result tables."""
+
+
+# -- loading -----------------------------------------------------------------------------------
+def experiment_dirs(results) -> list[Path]:
+    return sorted(p for p in Path(results).iterdir()
+                  if p.is_dir() and any(p.glob("rows-*.parquet")))
+
+
+def load_results(results) -> dict[str, pd.DataFrame]:
+    """{experiment directory name: rows table} for every result set under `results`."""
+    return {d.name: ResultStore(d).load() for d in experiment_dirs(results)}
+
+
+def load_kernels(results) -> pd.DataFrame | None:
+    files = sorted((Path(results) / "gpu").glob("kernels*.csv"))
+    return pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else None
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _summary(df):
+    return df if "n_prompts" in df.columns else summarize(df)
+
+
+def _vorder(verifiers):
+    rank = {v: i for i, v in enumerate(PRECISION_ORDER)}
+    return sorted(set(verifiers), key=lambda v: (rank.get(v, len(rank)), v))
+
+
+def _vcolor(v):
+    order = PRECISION_ORDER + ["other"]
+    return plt.get_cmap("tab10")(order.index(v) if v in order else len(order) - 1)
+
+
+def _ax(ax, size=(7, 4.5)):
+    if ax is None:
+        _, ax = plt.subplots(figsize=size, layout="constrained")
+    return ax
+
+
+def _err(s, m):
+    lo, hi = s[m + "_lo"].to_numpy(float), s[m + "_hi"].to_numpy(float)
+    v = s[m].to_numpy(float)
+    e = np.vstack([v - lo, hi - v])
+    return np.where(np.isfinite(e), np.clip(e, 0, None), 0)
+
+
+def _model_note(s, ax):
+    models = sorted(s["model"].unique())
+    if len(models) == 1:
+        ax.set_title(f"{ax.get_title()}\n{models[0]}", fontsize=10)
+
+
+# -- figures -----------------------------------------------------------------------------------
+def plot_speedup_by_category(df, ax=None):
+    """Grouped bars: speedup over AR at the reference precision, per task category, one bar
+    per (drafter, verifier); error bars are 95% bootstrap CIs over prompts."""
+    s = _summary(df)
+    s = s[s["speedup_vs_ref_ar"].notna()]
+    s = s[~((s["drafter"] == "ar") & (s["verifier"] == reference_verifier(s["verifier"])))]
+    if s.empty:
+        raise MissingInput("no AR run at the reference precision to compare against")
+    cats = [c for c in s["category"].unique() if c != "all"] + ["all"]
+    combos = s[["model", "drafter", "verifier"]].drop_duplicates()
+    combos = combos.assign(_v=combos["verifier"].map(_vorder(s["verifier"]).index))
+    combos = combos.sort_values(["model", "drafter", "_v"])
+    multi_model = s["model"].nunique() > 1
+    ax = _ax(ax, (max(7, 1.1 * len(cats) * max(1, len(combos)) ** 0.5), 4.5))
+    width = 0.8 / len(combos)
+    hatches = {d: h for d, h in zip(sorted(s["drafter"].unique()), ["", "//", "..", "xx", "\\\\", "oo", "++"] * 3)}
+    for j, (_, c) in enumerate(combos.iterrows()):
+        sub = s[(s["model"] == c.model) & (s["drafter"] == c.drafter) & (s["verifier"] == c.verifier)]
+        sub = sub.set_index("category").reindex(cats)
+        x = np.arange(len(cats)) - 0.4 + width * (j + 0.5)
+        label = f"{c.drafter} · {c.verifier}" + (f" ({c.model})" if multi_model else "")
+        ax.bar(x, sub["speedup_vs_ref_ar"], width, yerr=_err(sub.reset_index(), "speedup_vs_ref_ar"),
+               color=_vcolor(c.verifier), hatch=hatches[c.drafter], edgecolor="black",
+               linewidth=0.4, capsize=2, label=label)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(cats)), cats, rotation=20)
+    ax.set_xlabel("task category")
+    ref = reference_verifier(s["verifier"]) or "reference"
+    ax.set_ylabel(f"speedup over AR {ref} (× tokens/s)")
+    ax.set_title("Speedup by task category")
+    _model_note(s, ax)
+    ax.legend(fontsize=7, title="drafter · verifier", title_fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1))
+    return ax
+
+
+def plot_tau_vs_precision(df, ax=None):
+    """τ (generated tokens per verify step, all categories) against verifier precision."""
+    s = _summary(df)
+    s = s[(s["category"] == "all") & (s["drafter"] != "ar")]
+    if s.empty:
+        raise MissingInput("no speculative (non-AR) runs")
+    order = _vorder(s["verifier"])
+    ax = _ax(ax)
+    for (model, d), g in s.groupby(["model", "drafter"]):
+        g = g.set_index("verifier").reindex([v for v in order if v in set(g["verifier"])])
+        label = d if s["model"].nunique() == 1 else f"{d} ({model})"
+        ax.errorbar([order.index(v) for v in g.index], g["tau"], yerr=_err(g, "tau"),
+                    marker="o", capsize=3, label=label)
+    ax.set_xticks(range(len(order)), order)
+    ax.set_xlabel("verifier precision")
+    ax.set_ylabel("τ (tokens / verify step)")
+    ax.set_title("Acceptance length vs verifier precision")
+    _model_note(s, ax)
+    ax.legend(title="drafter", fontsize=8)
+    return ax
+
+
+def plot_kl_distribution(df, ax=None):
+    """Box plot of per-prompt mean logit KL(p_ref ‖ p_ver) per verifier precision."""
+    if "kl_mean" not in df or df["kl_mean"].notna().sum() == 0:
+        raise MissingInput("no fidelity columns (kl_mean)")
+    d = df[df["kl_mean"].notna()]
+    # KL depends on the verifier only: one value per (model, verifier, prompt)
+    pp = d.groupby(["model", "verifier", "category", "prompt_id"])["kl_mean"].mean().reset_index()
+    order = _vorder(pp["verifier"])
+    ax = _ax(ax)
+    data = [pp.loc[pp["verifier"] == v, "kl_mean"].to_numpy(float) for v in order]
+    box = ax.boxplot(data, patch_artist=True, showfliers=True)
+    ax.set_xticks(range(1, len(order) + 1), order)
+    for patch, v in zip(box["boxes"], order):
+        patch.set_facecolor(_vcolor(v))
+        patch.set_alpha(0.7)
+    pos = pp["kl_mean"][pp["kl_mean"] > 0]
+    if len(pos) and pos.max() / pos.min() > 100:
+        ax.set_yscale("symlog", linthresh=float(pos.min()))
+    ax.set_xlabel("verifier precision")
+    ax.set_ylabel("per-prompt mean KL(p_ref ‖ p_ver) (nats)")
+    ax.set_title("Logit KL per verifier precision")
+    _model_note(pp, ax)
+    return ax
+
+
+def plot_pareto(df, ax=None, fidelity=None):
+    """Speed–fidelity plane: tokens/s against mean KL (or top-1 agreement), all categories;
+    the Pareto front (faster and more faithful) is drawn as a step line."""
+    s = _summary(df)
+    s = s[s["category"] == "all"]
+    fidelity = fidelity or next((m for m in ("kl_mean", "top1_agree") if s[m].notna().any()), None)
+    if fidelity is None or s[fidelity].notna().sum() == 0:
+        raise MissingInput("no fidelity columns (kl_mean / top1_agree)")
+    s = s[s[fidelity].notna() & s["tokens_per_s"].notna()]
+    ax = _ax(ax)
+    markers = dict(zip(sorted(s["drafter"].unique()), "osD^vP*X<>"))
+    for _, r in s.iterrows():
+        ax.errorbar(r.tokens_per_s, r[fidelity], xerr=_err(s.loc[[r.name]], "tokens_per_s"),
+                    marker=markers[r.drafter], color=_vcolor(r.verifier), ms=7, capsize=2, ls="none")
+    lower_better = fidelity == "kl_mean"
+    pts = s.sort_values("tokens_per_s", ascending=False)[["tokens_per_s", fidelity]].to_numpy(float)
+    front, best = [], np.inf if lower_better else -np.inf
+    for x, y in pts:
+        if (y < best) if lower_better else (y > best):
+            front.append((x, y))
+            best = y
+    if len(front) > 1:
+        fx, fy = zip(*sorted(front))
+        ax.step(fx, fy, where="post", color="gray", lw=1, ls="--", label="Pareto front")
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], marker=m, ls="none", color="black", label=d) for d, m in markers.items()]
+    handles += [Line2D([], [], marker="s", ls="none", color=_vcolor(v), label=v)
+                for v in _vorder(s["verifier"])]
+    handles += ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, ncol=2)
+    ax.set_xlabel("throughput (tokens/s)")
+    if lower_better:
+        ax.set_ylabel("mean KL(p_ref ‖ p_ver) (nats, lower is better)")
+        if (s[fidelity] > 0).any():
+            ax.set_yscale("symlog", linthresh=float(s.loc[s[fidelity] > 0, fidelity].min()))
+    else:
+        ax.set_ylabel("top-1 agreement with reference (share of positions)")
+    ax.set_title("Speed vs fidelity")
+    _model_note(s, ax)
+    return ax
+
+
+def plot_acceptance_curves(df, ax=None):
+    """Mean per-position acceptance p_i per drafter, at the reference verifier when it ran."""
+    s = _summary(df)
+    s = s[(s["category"] == "all") & (s["drafter"] != "ar")]
+    s = s[s["accept_curve"].map(lambda c: isinstance(c, (list, np.ndarray)) and len(c) > 0)]
+    if s.empty:
+        raise MissingInput("no per-position acceptance (accepted_per_position)")
+    ref = reference_verifier(s["verifier"])
+    ax = _ax(ax)
+    for (model, d), g in s.groupby(["model", "drafter"]):
+        r = g[g["verifier"] == ref].iloc[0] if ref in set(g["verifier"]) else g.iloc[0]
+        curve = np.asarray(r.accept_curve, float)
+        label = f"{d} ({r.verifier})" + (f" {model}" if s["model"].nunique() > 1 else "")
+        ax.plot(np.arange(1, len(curve) + 1), curve, marker="o", label=label)
+    ax.set_ylim(0, 1.02)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("draft position i")
+    ax.set_ylabel("p_i = P(draft i accepted | 1..i−1 accepted)")
+    ax.set_title("Per-position acceptance")
+    _model_note(s, ax)
+    ax.legend(title="drafter (verifier)", fontsize=8)
+    return ax
+
+
+def plot_roofline(kernels: pd.DataFrame | None, ax=None, shape=None):
+    """Achieved GB/s against M (rows of the activation) per kernel, for one weight shape
+    (or every shape, labelled) from results/gpu/kernels*.csv; device copy bandwidth dashed."""
+    need = {"kernel", "shape", "M", "gbps"}
+    if kernels is None or kernels.empty or not need <= set(kernels.columns):
+        raise MissingInput("no results/gpu/kernels*.csv with columns kernel, shape, M, gbps")
+    k = kernels if shape is None else kernels[kernels["shape"] == shape]
+    ax = _ax(ax)
+    for (kern, shp), g in k.groupby(["kernel", "shape"]):
+        g = g.groupby("M", as_index=False)["gbps"].median().sort_values("M")
+        ax.plot(g["M"], g["gbps"], marker="o", label=kern if shape else f"{kern} · {shp}")
+    if "copy_gbps" in k and k["copy_gbps"].notna().any():
+        ax.axhline(float(k["copy_gbps"].max()), color="black", ls="--", lw=1,
+                   label="device copy bandwidth")
+    ax.set_xscale("log", base=2)
+    ms = sorted(k["M"].unique())
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.set_xlabel("M (tokens per matmul)")
+    ax.set_ylabel("achieved bandwidth (GB/s)")
+    ax.set_title(f"Kernel bandwidth vs M{f' — {shape}' if shape else ''}", fontsize=10)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def roofline_figure(kernels):
+    """One panel per weight shape."""
+    if kernels is None or "shape" not in kernels:
+        plot_roofline(kernels)  # raises MissingInput
+    shapes = list(dict.fromkeys(kernels["shape"]))
+    cols = min(3, len(shapes))
+    rows = -(-len(shapes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False,
+                             layout="constrained")
+    for ax, shp in zip(axes.flat, shapes):
+        plot_roofline(kernels, ax=ax, shape=shp)
+    for ax in axes.flat[len(shapes):]:
+        ax.axis("off")
+    fig.suptitle("Kernel roofline: achieved GB/s per weight shape")
+    return fig
+
+
+PER_EXPERIMENT = {
+    "speedup_by_category": plot_speedup_by_category,
+    "tau_vs_precision": plot_tau_vs_precision,
+    "kl_distribution": plot_kl_distribution,
+    "speed_fidelity_pareto": plot_pareto,
+    "acceptance_curves": plot_acceptance_curves,
+}
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def _draw(name, make, stem, written, problems):
+    try:
+        out = make()
+        fig = out.figure if hasattr(out, "figure") and not isinstance(out, plt.Figure) else out
+        written += _save(fig, stem)
+    except MissingInput as e:
+        print(f"skipped {name}: {e}")
+    except Exception as e:  # one broken figure must not stop the others
+        problems.append(name)
+        print(f"FAILED {name}: {type(e).__name__}: {e}")
+    finally:
+        plt.close("all")
+
+
+def make_figures(results="results", out="results/figures") -> tuple[list[Path], list[str]]:
+    """Draw every figure; returns (files written, names of figures that failed)."""
+    results, out = Path(results), Path(out)
+    written, problems = [], []
+    if not results.is_dir():
+        print(f"skipped all figures: no results directory {results}")
+        return written, problems
+    for exp, df in load_results(results).items():
+        s = summarize(df) if len(df) else df
+        for name, fn in PER_EXPERIMENT.items():
+            data = df if name == "kl_distribution" else s
+            _draw(f"{exp}/{name}", lambda: fn(data), out / exp / name, written, problems)
+    _draw("kernel_roofline", lambda: roofline_figure(load_kernels(results)),
+          out / "kernel_roofline", written, problems)
+    return written, problems
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default="results")
+    ap.add_argument("--out", default="results/figures")
+    args = ap.parse_args(argv)
+    written, problems = make_figures(args.results, args.out)
+    for p in written:
+        print(f"wrote {p}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from quasar_bench import figures
+from quasar_bench.store import ResultStore
+from quasar_bench.summary import summarize
+
+_spec = importlib.util.spec_from_file_location("qb_synth", Path(__file__).with_name("test_summary.py"))
+synth = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(synth)
+
+EXP_FIGS = ["speedup_by_category", "tau_vs_precision", "kl_distribution",
+            "speed_fidelity_pareto", "acceptance_curves"]
+
+
+def write_results(root: Path, name: str, df: pd.DataFrame):
+    st = ResultStore(root / name).open({"identity": {"experiment": name}})
+    for _, g in df.groupby(["cell_id", "prompt_id"]):
+        st.append(g.to_dict("records"))
+
+
+def kernels(copy=True):
+    rows = [dict(kernel=k, shape=s, M=m, gbps=b * f / (1 + m / 8 * (f - 1)))
+            for k, f in [("cublas_bf16", 1.0), ("int4pack", 2.2)]
+            for s, b in [("4096x4096", 1400), ("12288x4096", 2000)] for m in (1, 4, 16, 64)]
+    df = pd.DataFrame(rows)
+    return df.assign(copy_gbps=3017.0) if copy else df
+
+
+def test_make_figures_draws_everything(tmp_path):
+    res = tmp_path / "results"
+    write_results(res, "default", synth.synthetic_rows(n_per_cat=3))
+    (res / "gpu").mkdir()
+    kernels().to_csv(res / "gpu" / "kernels_h100.csv", index=False)
+    out = tmp_path / "figs"
+    assert figures.main(["--results", str(res), "--out", str(out)]) == 0
+    for stem in [out / "default" / f for f in EXP_FIGS] + [out / "kernel_roofline"]:
+        assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert stem.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+    assert not list((out / "default").glob("figures*"))  # the output dir is not read as results
+
+
+def test_missing_inputs_are_skipped_with_notes(tmp_path):
+    res = tmp_path / "results"
+    no_fid = synth.synthetic_rows(n_per_cat=2, categories=("qa",), fidelity=False)
+    write_results(res, "nofid", no_fid)
+    ar_only = synth.synthetic_rows(n_per_cat=2, categories=("qa",), drafters=("ar",))
+    write_results(res, "aronly", ar_only)
+    (res / "empty").mkdir()
+    out = tmp_path / "figs"
+    p = subprocess.run([sys.executable, "-m", "quasar_bench.figures", "--results", str(res),
+                        "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    notes = [l for l in p.stdout.splitlines() if l.startswith("skipped")]
+    assert any("nofid/kl_distribution" in l and "kl_mean" in l for l in notes)
+    assert any("nofid/speed_fidelity_pareto" in l for l in notes)
+    assert any("aronly/tau_vs_precision" in l for l in notes)
+    assert any("aronly/acceptance_curves" in l for l in notes)
+    assert any("kernel_roofline" in l and "gpu" in l for l in notes)
+    assert (out / "nofid" / "speedup_by_category.png").exists()
+    assert (out / "aronly" / "speedup_by_category.png").exists()  # int8/int4 AR vs fp32 AR
+    assert not (out / "nofid" / "kl_distribution.png").exists()
+    assert not (out / "empty").exists()
+    # a results dir that does not exist is a note, not a crash
+    assert figures.main(["--results", str(tmp_path / "nope"), "--out", str(out)]) == 0
+
+
+def test_speedup_bars_match_summary_and_are_labelled():
+    s = summarize(synth.synthetic_rows(n_per_cat=2, categories=("qa", "rag")))
+    ax = figures.plot_speedup_by_category(s)
+    want = s[(s.drafter != "ar") | (s.verifier != "fp32")]
+    heights = sorted(round(p.get_height(), 9) for p in ax.patches)
+    assert heights == sorted(round(v, 9) for v in want.speedup_vs_ref_ar)
+    assert "speedup" in ax.get_ylabel() and "tokens/s" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["qa", "rag", "all"]
+    assert ax.get_legend() is not None and ax.get_title()
+    plt.close("all")
+
+
+def test_plot_functions_accept_rows_and_axes():
+    df = synth.synthetic_rows(n_per_cat=2, categories=("qa",))
+    fig, axes = plt.subplots(1, 4)
+    assert figures.plot_tau_vs_precision(df, ax=axes[0]) is axes[0]
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["fp32", "bf16", "int8", "int4"]
+    figures.plot_kl_distribution(df, ax=axes[1])
+    assert "KL" in axes[1].get_ylabel() and "nats" in axes[1].get_ylabel()
+    figures.plot_pareto(df, ax=axes[2])
+    assert "tokens/s" in axes[2].get_xlabel()
+    figures.plot_acceptance_curves(df, ax=axes[3])
+    ys = axes[3].get_lines()[0].get_ydata()
+    assert len(ys) == 4 and np.all(np.diff(ys) < 0)  # synthetic p_i decays with position
+    with pytest.raises(figures.MissingInput):
+        figures.plot_kl_distribution(df.drop(columns="kl_mean"))
+    plt.close("all")
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_roofline_copy_line_only_when_measured(copy):
+    ax = figures.plot_roofline(kernels(copy), shape="4096x4096")
+    labels = ax.get_legend_handles_labels()[1]
+    assert ("device copy bandwidth" in labels) == copy
+    assert sorted(labels[:2]) == ["cublas_bf16", "int4pack"]
+    assert "GB/s" in ax.get_ylabel() and "M" in ax.get_xlabel()
+    with pytest.raises(figures.MissingInput):
+        figures.plot_roofline(kernels().drop(columns="gbps"))
+    plt.close("all")
