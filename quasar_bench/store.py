@@ -220,12 +220,13 @@ class ResultStore:
         files = self._files()
         if not files:
             return pd.DataFrame(columns=KEY)
-        parts = []
-        for f in files:
-            part = pq.read_table(f).to_pandas()
-            part["_file"] = f.name
-            parts.append(part)
-        df = pd.concat(parts, ignore_index=True)
+        tables = [pq.read_table(f) for f in files]
+        tables = [t.append_column("_file", pa.array([f.name] * len(t), pa.string()))
+                  for t, f in zip(tables, files)]
+        try:  # one conversion; null columns (no fidelity measured) promote to their type
+            df = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            df = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
         dup = df[df.duplicated(KEY, keep=False)]
         if len(dup):
             k = dup.iloc[0]

@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,8 @@ def test_missing_inputs_are_skipped_with_notes(tmp_path):
     (res / "empty").mkdir()
     out = tmp_path / "figs"
     p = subprocess.run([sys.executable, "-m", "quasar_bench.figures", "--results", str(res),
-                        "--out", str(out)], capture_output=True, text=True, timeout=120)
+                        "--out", str(out)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert p.returncode == 0, p.stderr
     notes = [l for l in p.stdout.splitlines() if l.startswith("skipped")]
     assert any("nofid/kl_distribution" in l and "kl_mean" in l for l in notes)

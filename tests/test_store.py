@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,6 +15,8 @@ import pytest
 from quasar_bench.errors import QuasarError
 from quasar_bench.store import ResultStore
 
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # import the checkout even if not installed
 IDENT = {"experiment": "t", "dataset": "builtin", "max_new_tokens": 32, "seed": 0}
 
 
@@ -123,7 +126,7 @@ def test_sigkill_mid_run_loses_and_duplicates_nothing(tmp_path):
     counts = []
     for _ in range(6):
         proc = subprocess.Popen([sys.executable, str(script), str(root), str(n)],
-                                stdout=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, text=True, env=ENV)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.02, 0.25))
         proc.send_signal(signal.SIGKILL)
@@ -132,7 +135,7 @@ def test_sigkill_mid_run_loses_and_duplicates_nothing(tmp_path):
     assert counts == sorted(counts)  # nothing already stored is ever lost
     assert 0 < counts[-1] < 2 * 2 * n, "kills should land mid-run"
     subprocess.run([sys.executable, str(script), str(root), str(n)], check=True,
-                   stdout=subprocess.DEVNULL, timeout=120)
+                   stdout=subprocess.DEVNULL, timeout=120, env=ENV)
     df = ResultStore(root).load()  # raises on duplicates
     assert len(df) == 2 * 2 * n
     assert not list(root.glob(".tmp-*"))  # torn temp files of killed runs are cleaned on open
