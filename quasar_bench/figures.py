@@ -34,13 +34,17 @@ class MissingInput(Exception):
 
 # -- loading -----------------------------------------------------------------------------------
 def experiment_dirs(results) -> list[Path]:
-    return sorted(p for p in Path(results).iterdir()
-                  if p.is_dir() and any(p.glob("rows-*.parquet")))
+    return sorted(p for p in Path(results).iterdir() if p.is_dir() and any(p.glob("rows*.parquet")))
 
 
 def load_results(results) -> dict[str, pd.DataFrame]:
-    """{experiment directory name: rows table} for every result set under `results`."""
-    return {d.name: ResultStore(d).load() for d in experiment_dirs(results)}
+    """{experiment directory name: rows table} for every result set under `results`: the
+    store's rows-*.parquet files, or only an exported rows.parquet when that is all there is."""
+    out = {}
+    for d in experiment_dirs(results):
+        out[d.name] = (ResultStore(d).load() if any(d.glob("rows-*.parquet"))
+                       else pd.read_parquet(d / "rows.parquet"))
+    return out
 
 
 def load_kernels(results) -> pd.DataFrame | None:
@@ -50,7 +54,14 @@ def load_kernels(results) -> pd.DataFrame | None:
 
 # -- helpers -----------------------------------------------------------------------------------
 def _summary(df):
-    return df if "n_prompts" in df.columns else summarize(df)
+    """The summary table, with `dlabel`: the drafter, plus k / temperature where they vary."""
+    s = (df if "n_prompts" in df.columns else summarize(df)).copy()
+    s["dlabel"] = s["drafter"].astype(str)
+    spec = s[s["drafter"] != "ar"]
+    for col, tag in (("k", "k="), ("temperature", "T=")):
+        if col in s and spec.groupby("drafter")[col].nunique().gt(1).any():
+            s["dlabel"] += np.where(s["drafter"] != "ar", " " + tag + s[col].astype(str), "")
+    return s
 
 
 def _vorder(verifiers):
@@ -92,20 +103,20 @@ def plot_speedup_by_category(df, ax=None):
     if s.empty:
         raise MissingInput("no AR run at the reference precision to compare against")
     cats = [c for c in s["category"].unique() if c != "all"] + ["all"]
-    combos = s[["model", "drafter", "verifier"]].drop_duplicates()
+    combos = s[["model", "dlabel", "verifier"]].drop_duplicates()
     combos = combos.assign(_v=combos["verifier"].map(_vorder(s["verifier"]).index))
-    combos = combos.sort_values(["model", "drafter", "_v"])
+    combos = combos.sort_values(["model", "dlabel", "_v"])
     multi_model = s["model"].nunique() > 1
     ax = _ax(ax, (max(7, 1.1 * len(cats) * max(1, len(combos)) ** 0.5), 4.5))
     width = 0.8 / len(combos)
-    hatches = {d: h for d, h in zip(sorted(s["drafter"].unique()), ["", "//", "..", "xx", "\\\\", "oo", "++"] * 3)}
+    hatches = dict(zip(sorted(s["dlabel"].unique()), ["", "//", "..", "xx", "\\\\", "oo", "++"] * 3))
     for j, (_, c) in enumerate(combos.iterrows()):
-        sub = s[(s["model"] == c.model) & (s["drafter"] == c.drafter) & (s["verifier"] == c.verifier)]
+        sub = s[(s["model"] == c.model) & (s["dlabel"] == c.dlabel) & (s["verifier"] == c.verifier)]
         sub = sub.set_index("category").reindex(cats)
         x = np.arange(len(cats)) - 0.4 + width * (j + 0.5)
-        label = f"{c.drafter} · {c.verifier}" + (f" ({c.model})" if multi_model else "")
+        label = f"{c.dlabel} · {c.verifier}" + (f" ({c.model})" if multi_model else "")
         ax.bar(x, sub["speedup_vs_ref_ar"], width, yerr=_err(sub.reset_index(), "speedup_vs_ref_ar"),
-               color=_vcolor(c.verifier), hatch=hatches[c.drafter], edgecolor="black",
+               color=_vcolor(c.verifier), hatch=hatches[c.dlabel], edgecolor="black",
                linewidth=0.4, capsize=2, label=label)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(cats)), cats, rotation=20)
@@ -127,7 +138,7 @@ def plot_tau_vs_precision(df, ax=None):
         raise MissingInput("no speculative (non-AR) runs")
     order = _vorder(s["verifier"])
     ax = _ax(ax)
-    for (model, d), g in s.groupby(["model", "drafter"]):
+    for (model, d), g in s.groupby(["model", "dlabel"]):
         g = g.set_index("verifier").reindex([v for v in order if v in set(g["verifier"])])
         label = d if s["model"].nunique() == 1 else f"{d} ({model})"
         ax.errorbar([order.index(v) for v in g.index], g["tau"], yerr=_err(g, "tau"),
@@ -176,10 +187,10 @@ def plot_pareto(df, ax=None, fidelity=None):
         raise MissingInput("no fidelity columns (kl_mean / top1_agree)")
     s = s[s[fidelity].notna() & s["tokens_per_s"].notna()]
     ax = _ax(ax)
-    markers = dict(zip(sorted(s["drafter"].unique()), "osD^vP*X<>"))
+    markers = dict(zip(sorted(s["dlabel"].unique()), "osD^vP*X<>" * 3))
     for _, r in s.iterrows():
         ax.errorbar(r.tokens_per_s, r[fidelity], xerr=_err(s.loc[[r.name]], "tokens_per_s"),
-                    marker=markers[r.drafter], color=_vcolor(r.verifier), ms=7, capsize=2, ls="none")
+                    marker=markers[r.dlabel], color=_vcolor(r.verifier), ms=7, capsize=2, ls="none")
     lower_better = fidelity == "kl_mean"
     pts = s.sort_values("tokens_per_s", ascending=False)[["tokens_per_s", fidelity]].to_numpy(float)
     front, best = [], np.inf if lower_better else -np.inf
@@ -217,7 +228,7 @@ def plot_acceptance_curves(df, ax=None):
         raise MissingInput("no per-position acceptance (accepted_per_position)")
     ref = reference_verifier(s["verifier"])
     ax = _ax(ax)
-    for (model, d), g in s.groupby(["model", "drafter"]):
+    for (model, d), g in s.groupby(["model", "dlabel"]):
         r = g[g["verifier"] == ref].iloc[0] if ref in set(g["verifier"]) else g.iloc[0]
         curve = np.asarray(r.accept_curve, float)
         label = f"{d} ({r.verifier})" + (f" {model}" if s["model"].nunique() > 1 else "")

@@ -113,3 +113,23 @@ def test_roofline_copy_line_only_when_measured(copy):
     with pytest.raises(figures.MissingInput):
         figures.plot_roofline(kernels().drop(columns="gbps"))
     plt.close("all")
+
+
+def test_varying_k_gets_its_own_series_and_exported_rows_are_read(tmp_path):
+    df = synth.synthetic_rows(n_per_cat=2, categories=("qa",), drafters=("ar", "ngram"),
+                              verifiers=("fp32", "int4"))
+    k8 = synth.synthetic_rows(n_per_cat=2, categories=("qa",), drafters=("ngram",),
+                              verifiers=("fp32", "int4"), k=8, seed=5)
+    both = pd.concat([df, k8.assign(cell_id=k8.cell_id + "_k8")], ignore_index=True)
+    ax = figures.plot_tau_vs_precision(both)
+    assert sorted(ax.get_legend_handles_labels()[1]) == ["ngram k=4", "ngram k=8"]
+    ax = figures.plot_acceptance_curves(both)
+    assert sorted(len(l.get_ydata()) for l in ax.get_lines()) == [4, 8]
+    plt.close("all")
+    # a result set holding only the engine's exported rows.parquet still loads
+    (tmp_path / "exp").mkdir()
+    both.to_parquet(tmp_path / "exp" / "rows.parquet")
+    write_results(tmp_path, "store", df)
+    both.to_parquet(tmp_path / "store" / "rows.parquet")  # export beside the store files
+    got = figures.load_results(tmp_path)
+    assert len(got["exp"]) == len(both) and len(got["store"]) == len(df)
