@@ -58,7 +58,10 @@ CONFIGS = {"default": None, "splitk": SPLIT, "direct": DIRECT}
 
 
 @pytest.fixture(autouse=True)
-def _interpreter_guard(request):
+def _interpreter_guard(request, monkeypatch):
+    # CUDA: test the default configs without timing ~20 candidates per shape (test_autotune does that)
+    if request.node.name != "test_autotune_cuda":
+        monkeypatch.setenv("QUASAR_KERNEL_AUTOTUNE", "0")
     if RERUN and request.node.name != "test_rerun_in_interpreter_subprocess":
         pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_rerun_in_interpreter_subprocess")
 
@@ -183,3 +186,22 @@ def test_shape_errors():
         w8a16_linear(r(2, 32), qweight, scales)
     with pytest.raises(ValueError):
         w8a8_linear(r(2, 64), qweight, scales, backend="cutlass")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="autotuning times candidates on CUDA only")
+def test_autotune_cuda():
+    from kernels.w4a16 import TUNE_CACHE, m_bucket
+
+    r = _gen(11)
+    m, n, k, g = 5, 256, 512, 128
+    w = r(n, k)
+    codes, scales, zeros = quantize_int4_rtn(w, g)
+    qweight = pack_int4(codes)
+    q8, s8 = quantize_int8_rtn(w)
+    x = r(m, k, dtype=torch.bfloat16)
+    _check(w4a16_linear(x, qweight, scales, zeros, k, g), w4a16_linear_ref(x, qweight, scales, zeros, k, g),
+           torch.bfloat16, (m, n))
+    _check(w8a8_linear(x, q8, s8), w8a8_linear_ref(x, q8, s8), torch.bfloat16, (m, n))
+    for name in ("w4a16", "w8a8-auto"):
+        cfg, t = TUNE_CACHE[(name, m_bucket(m), n, k, torch.bfloat16)]
+        assert t is not None and t > 0

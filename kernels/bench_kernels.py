@@ -1,0 +1,285 @@
+"""Benchmark the verify GEMMs at Qwen3-8B linear shapes x M = 1..64 on one CUDA GPU.
+
+    python -m kernels.bench_kernels --out results/gpu [--quick] [--ms 1,2,4] [--shapes q/o,k/v]
+
+Measures the device-to-device copy bandwidth (bytes read + written) first, then for each shape
+and M: cuBLAS bf16 F.linear, the Triton W4A16 / W8A16 / W8A8 kernels (W8A8 with its Triton and
+torch._int_mm backends and the "auto" choice), torch._weight_int4pack_mm (group 128) and
+torch._weight_int8pack_mm. Every kernel is checked against its reference on the GPU before it
+is timed. Times are medians of triton.testing.do_bench, which flushes L2 (a 256 MB write)
+before every run, so the weights come from HBM as they would in a whole-model forward.
+Writes kernels.csv (every number) and kernels.md (summary) under --out; prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {  # name -> (N, K); Qwen3-8B: hidden 4096, 32 q heads / 8 kv heads x 128, MLP 12288, vocab 151936
+    "q/o": (4096, 4096),
+    "k/v": (1024, 4096),
+    "gate/up": (12288, 4096),
+    "down": (4096, 12288),
+    "lm_head": (151936, 4096),
+}
+MS = [1, 2, 4, 8, 16, 32, 64]
+GROUP = 128
+
+
+def env_info(cmd: str) -> dict:
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+    except Exception:
+        driver = "unknown"
+    import triton
+
+    return dict(gpu_name=torch.cuda.get_device_name(), driver=driver, torch_version=torch.__version__,
+                triton_version=triton.__version__, command=cmd)
+
+
+def bench(fn, quick: bool) -> float:
+    """Median time in microseconds (L2 flushed before each run)."""
+    import triton
+
+    ms = triton.testing.do_bench(fn, warmup=5 if quick else 20, rep=20 if quick else 80, return_mode="median")
+    return ms * 1e3
+
+
+def copy_bandwidth(quick: bool) -> float:
+    n = 1 << 30  # 1 GiB: far over L2
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src), quick)
+    assert torch.equal(dst[:4096], src[:4096])
+    del src, dst
+    return 2 * n / (t * 1e-6) / 1e9
+
+
+def rel_err(out, ref) -> float:
+    o, r = out.double(), ref.double()
+    if not torch.isfinite(o).all():
+        return float("inf")
+    return ((o - r).norm() / r.norm()).item()
+
+
+def torch_int4pack(codes, scales, zeros, n, k):
+    """The same int4 weights in tinygemm's layout: W = (q - 8) * s + zero_t, so zero_t = (8 - z) * s."""
+    c = codes[:, :k].to(torch.int32)
+    w_uint8 = (c[:, ::2] << 4 | c[:, 1::2]).to(torch.uint8)
+    packed = torch._convert_weight_to_int4pack(w_uint8, 8)
+    s = scales.float()
+    sz = torch.stack([s, (8 - zeros.float()) * s], dim=-1).to(torch.bfloat16).contiguous()  # [K/G, N, 2]
+    return packed, sz
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="results/gpu")
+    p.add_argument("--quick", action="store_true", help="shorter timing loops")
+    p.add_argument("--ms", default=",".join(map(str, MS)))
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--tag", default="", help="suffix of the output file names: kernels<tag>.csv/.md")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels needs a CUDA GPU")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("unset TRITON_INTERPRET to benchmark compiled kernels")
+
+    from kernels import quantize_per_token, w4a16_linear, w8a8_linear, w8a16_linear
+    from kernels import reference as ref
+    from kernels.w4a16 import TUNE_CACHE, m_bucket
+    from quasar_bench.packing import pack_int4, quantize_int4_rtn, quantize_int8_rtn
+
+    ms_list = [int(m) for m in args.ms.split(",")]
+    shapes = [s for s in args.shapes.split(",")]
+    cmd = "python -m kernels.bench_kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    info = env_info(cmd)
+    try:
+        import gemlite  # noqa: F401
+        gemlite_note = "gemlite installed but not wired in"
+    except ImportError:
+        gemlite_note = "gemlite not installed on this image (skipped)"
+    print(info, gemlite_note, flush=True)
+
+    t0 = time.time()
+    copy_bw = copy_bandwidth(args.quick)
+    print(f"device-to-device copy: {copy_bw:.0f} GB/s (read + write)", flush=True)
+
+    rows, checks = [], []
+    torch.manual_seed(0)
+    for name in shapes:
+        n, k = SHAPES[name]
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        codes, scales, zeros = quantize_int4_rtn(w, GROUP)
+        qweight = pack_int4(codes)
+        q8, s8 = quantize_int8_rtn(w)
+        kp = qweight.shape[0] * 8
+        try:
+            i4_packed, i4_sz = torch_int4pack(codes, scales, zeros, n, k)
+        except Exception as e:  # noqa: BLE001
+            i4_packed, i4_sz = None, None
+            print(f"torch._convert_weight_to_int4pack failed: {e!r}", flush=True)
+        del codes
+        s8_bf16 = s8.to(torch.bfloat16)
+        w_bytes = {
+            "bf16_cublas": n * k * 2,
+            "w4a16_triton": n * kp // 2 + 2 * (kp // GROUP) * n * 2,
+            "int4pack_mm_torch": n * k // 2 + (k // GROUP) * n * 2 * 2,
+            "w8a16_triton": n * k + n * 2,
+            "int8pack_mm_torch": n * k + n * 2,
+            "w8a8_triton": n * k + n * 2,
+            "w8a8_int_mm": n * k + n * 2,
+            "w8a8_auto": n * k + n * 2,
+        }
+        for m in ms_list:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            refs = {}
+
+            def memo(key, f):  # one reference per (kind, M): the w8a8 one is a float64 matmul
+                return lambda: refs[key] if key in refs else refs.setdefault(key, f())
+
+            ops = {
+                "bf16_cublas": (lambda: F.linear(x, w), memo("bf16", lambda: F.linear(x.float(), w.float()).to(x.dtype))),
+                "w4a16_triton": (lambda: w4a16_linear(x, qweight, scales, zeros, k, GROUP),
+                                 w4ref := memo("w4", lambda: ref.w4a16_linear_ref(x, qweight, scales, zeros, k, GROUP))),
+                "w8a16_triton": (lambda: w8a16_linear(x, q8, s8), w8ref := memo("w8", lambda: ref.w8a16_linear_ref(x, q8, s8))),
+                "w8a8_triton": (lambda: w8a8_linear(x, q8, s8, backend="triton"),
+                                w8a8ref := memo("w8a8", lambda: ref.w8a8_linear_ref(x, q8, s8))),
+                "w8a8_int_mm": (lambda: w8a8_linear(x, q8, s8, backend="int_mm"), w8a8ref),
+                "w8a8_auto": (lambda: w8a8_linear(x, q8, s8, backend="auto"), w8a8ref),
+                "int8pack_mm_torch": (lambda: torch._weight_int8pack_mm(x, q8, s8_bf16), w8ref),
+            }
+            if i4_packed is not None:
+                ops["int4pack_mm_torch"] = (lambda: torch._weight_int4pack_mm(x, i4_packed, GROUP, i4_sz),
+                                            w4ref)
+            t_bf16 = None
+            for kname, (fn, ref_fn) in ops.items():
+                try:
+                    out = fn()  # first call on CUDA also autotunes this (M bucket, N, K)
+                    r = ref_fn()
+                    err = rel_err(out, r)
+                    del out
+                    tol = 2e-2 if "w8a8" in kname else 1.2e-2
+                    ok = err < tol
+                    checks.append((kname, name, m, err, ok))
+                    if not ok:
+                        print(f"CHECK FAILED {kname} {name} M={m}: rel err {err:.2e}", flush=True)
+                        if "torch" not in kname:  # our kernels: never time a wrong kernel
+                            continue
+                    t = bench(fn, args.quick)
+                except Exception as e:  # noqa: BLE001
+                    print(f"{kname} {name} M={m} failed: {e!r}"[:300], flush=True)
+                    continue
+                if kname == "bf16_cublas":
+                    t_bf16 = t
+                nbytes = w_bytes[kname] + m * k * 2 + m * n * 2
+                gbps = nbytes / (t * 1e-6) / 1e9
+                cfg = ""
+                key_name = {"w4a16_triton": "w4a16", "w8a16_triton": "w8a16", "w8a8_triton": "w8a8-triton",
+                            "w8a8_auto": "w8a8-auto"}.get(kname)
+                if key_name:
+                    hit = TUNE_CACHE.get((key_name, m_bucket(m), n, k, x.dtype))
+                    if hit:
+                        cfg = " ".join(f"{a}={b}" for a, b in hit[0].items())
+                rows.append(dict(info, kernel=kname, shape=name, M=m, N=n, K=k, time_us=round(t, 2),
+                                 gbps=round(gbps, 1), frac_of_copy_bw=round(gbps / copy_bw, 3),
+                                 speedup_vs_bf16=round(t_bf16 / t, 3) if t_bf16 else "",
+                                 rel_err=f"{err:.2e}", bytes=nbytes, copy_gbps=round(copy_bw, 1), config=cfg))
+            print(f"{name} M={m} done ({time.time() - t0:.0f}s)", flush=True)
+        del w, qweight, scales, zeros, q8, s8, i4_packed, i4_sz
+        torch.cuda.empty_cache()
+        md = write_results(args, rows, info, copy_bw, checks, gemlite_note, ms_list, shapes)  # after each shape
+
+    print(md)
+    csv_path = Path(args.out) / f"kernels{args.tag}.csv"
+    print(f"wrote {csv_path} and kernels{args.tag}.md in {time.time() - t0:.0f}s")
+
+
+def write_results(args, rows, info, copy_bw, checks, gemlite_note, ms_list, shapes) -> str:
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if rows:
+        with open(out_dir / f"kernels{args.tag}.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+    md = summary_md(rows, info, copy_bw, checks, gemlite_note, ms_list, shapes)
+    (out_dir / f"kernels{args.tag}.md").write_text(md)
+    return md
+
+
+def summary_md(rows, info, copy_bw, checks, gemlite_note, ms_list, shapes) -> str:
+    def get(kernel, shape, m, col):
+        for r in rows:
+            if r["kernel"] == kernel and r["shape"] == shape and r["M"] == m:
+                return r[col]
+        return None
+
+    def fmt(v, spec):
+        return "–" if v in (None, "") else format(v, spec)
+
+    lines = [
+        f"# Verify GEMM kernels: Qwen3-8B shapes on {info['gpu_name']}",
+        "",
+        f"driver {info['driver']}, torch {info['torch_version']}, triton {info['triton_version']}; "
+        f"`{info['command']}`",
+        "",
+        f"Device-to-device copy bandwidth (read + write): **{copy_bw:.0f} GB/s**. Times: median of "
+        "triton.testing.do_bench with L2 flushed before each run; GB/s counts weight + scales + "
+        "activations + output bytes once. x is bf16. " + gemlite_note + ".",
+        "",
+    ]
+    kernels = ["w4a16_triton", "int4pack_mm_torch", "w8a16_triton", "int8pack_mm_torch", "w8a8_auto"]
+    lines += ["## Speedup over cuBLAS bf16 F.linear", ""]
+    hdr = "| shape | kernel | " + " | ".join(f"M={m}" for m in ms_list) + " |"
+    lines += [hdr, "|" + " --- |" * (2 + len(ms_list))]
+    for s in shapes:
+        for kn in kernels:
+            vals = [fmt(get(kn, s, m, "speedup_vs_bf16"), ".2f") for m in ms_list]
+            lines.append(f"| {s} | {kn} | " + " | ".join(vals) + " |")
+    lines += ["", "## Achieved bandwidth, GB/s (fraction of copy bandwidth)", ""]
+    lines += [hdr, "|" + " --- |" * (2 + len(ms_list))]
+    for s in shapes:
+        for kn in ["bf16_cublas", "w4a16_triton", "w8a16_triton"]:
+            vals = [f"{fmt(get(kn, s, m, 'gbps'), '.0f')} ({fmt(get(kn, s, m, 'frac_of_copy_bw'), '.2f')})"
+                    for m in ms_list]
+            lines.append(f"| {s} | {kn} | " + " | ".join(vals) + " |")
+    lines += ["", "## Time, µs", ""]
+    lines += [hdr, "|" + " --- |" * (2 + len(ms_list))]
+    allk = ["bf16_cublas", "w4a16_triton", "int4pack_mm_torch", "w8a16_triton", "int8pack_mm_torch",
+            "w8a8_triton", "w8a8_int_mm", "w8a8_auto"]
+    for s in shapes:
+        for kn in allk:
+            vals = [fmt(get(kn, s, m, "time_us"), ".1f") for m in ms_list]
+            lines.append(f"| {s} | {kn} | " + " | ".join(vals) + " |")
+    lines += ["", "## W8A8 backend picked by backend=\"auto\" (measured)", ""]
+    for s in shapes:
+        picks = []
+        for m in ms_list:
+            cfg = get("w8a8_auto", s, m, "config") or ""
+            picks.append(f"M={m}: {'int_mm' if 'int_mm' in cfg else 'triton'}")
+        lines.append(f"- {s}: " + ", ".join(picks))
+    bad = [c for c in checks if not c[4]]
+    worst = {}
+    for kn, s, m, err, ok in checks:
+        worst[kn] = max(worst.get(kn, 0.0), err)
+    lines += ["", "## Checks against the references (before timing)", "",
+              "Worst ||out - ref|| / ||ref|| per kernel: "
+              + ", ".join(f"{kn} {e:.1e}" for kn, e in worst.items()) + ".",
+              f"Failed checks: {len(bad)}" + (": " + ", ".join(f"{c[0]} {c[1]} M={c[2]} ({c[3]:.1e})" for c in bad)
+                                                if bad else ".")]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
