@@ -164,10 +164,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                     rec["_pp"], base[0]["_pp"], np.random.default_rng(SEED))
             else:
                 rec[col] = rec[col + "_lo"] = rec[col + "_hi"] = np.nan
-    out = pd.DataFrame([{k: v for k, v in r.items() if k != "_pp"} for r in groups])
     cols = keys + ["category", "n_prompts"]
     cols += [c for m in METRICS for c in (m, m + "_lo", m + "_hi")] + ["accept_curve"]
-    out = out[cols]
+    out = pd.DataFrame([{k: v for k, v in r.items() if k != "_pp"} for r in groups], columns=cols)
+    if out.empty:
+        return out
     rank = {v: i for i, v in enumerate(PRECISION_ORDER)}
     out["_d"] = out["drafter"].ne("ar")
     out["_v"] = out["verifier"].map(lambda v: rank.get(v, len(rank)))

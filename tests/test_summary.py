@@ -124,6 +124,7 @@ def test_bootstrap_ci_is_deterministic_and_narrows_with_more_prompts():
     pd.testing.assert_frame_equal(a, b)
     w = lambda s: (s.tau_hi - s.tau_lo)[(s.category == "all") & (s.drafter == "layerskip")].mean()
     assert w(summarize(big)) < w(a) / 2
+    assert summarize(small.iloc[:0]).empty
     one = summarize(synthetic_rows(n_per_cat=1, categories=("qa",)))
     assert one.tau_lo.isna().all() and one.tau.notna().all()
 
