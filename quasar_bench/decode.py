@@ -70,10 +70,12 @@ def generate(runtime, drafter: Drafter, prompt_ids: list[int], max_new_tokens: i
     res = GenerationResult()
     # The cache holds everything but the last token; the last one is fed by the first verify step,
     # so AR makes exactly one verifier forward per generated token (tau = 1).
-    runtime.reset(len(prompt_ids) + max_new_tokens + k + 1)
+    max_len = len(prompt_ids) + max_new_tokens + k + 1
+    runtime.reset(max_len + getattr(drafter, "cache_room", 0))  # lookahead writes past the window
     t0 = timer.now()
     if len(prompt_ids) > 1:
         runtime.forward(torch.tensor(prompt_ids[:-1], device=device))
+    drafter.setup(temperature, top_p, generator, max_len)
     drafter.start(prompt_ids, reference)
     t1 = timer.now()
     res.prefill_s = t1 - t0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QuasarError
+from ..sampling import sample, target_probs
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Drafter:
     """Base class. Lifecycle per generation: start(...) once, then propose/observe per verify step."""
 
     name = "base"
+    cache_room = 0  # KV positions a drafter writes past the verify window (lookahead's extra forward)
 
     def __init__(self, cfg, runtime, loaded=None):
         self.cfg = cfg
@@ -34,6 +36,25 @@ class Drafter:
         self.k = int(cfg.get("k", 1))
         if self.k < 1:
             raise QuasarError(f"drafter.k={self.k} is impossible: k must be >= 1")
+        self.setup()
+
+    def setup(self, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+              max_len: int | None = None) -> None:
+        """Called by generate() before start(): the sampling settings (model-based drafters sample
+        their drafts from their own q at the same temperature / top-p) and the positions the
+        generation may use (drafters with a KV cache of their own size it from this)."""
+        self.temperature, self.top_p, self.generator, self.max_len = float(temperature), float(top_p), generator, max_len
+
+    def pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """The next draft token from a drafter's own logits row [V]: the argmax when greedy (q is
+        one-hot: returns None), else a sample from q = softmax(logits / T) with the verifier's top-p,
+        returned with q so verification can accept with min(1, p/q)."""
+        if self.temperature <= 0:
+            return int(logits.argmax()), None
+        q = target_probs(logits[None], self.temperature, self.top_p)[0]
+        if self.generator is not None and q.device != self.generator.device:
+            q = q.to(self.generator.device)
+        return sample(q, self.generator), q
 
     def start(self, prompt_ids: list[int], reference: list[int] | None = None) -> None:
         """A new generation begins. `reference`: the reference continuation, if one was computed."""

@@ -1,0 +1,134 @@
+"""Draft model: a separate, cheaper model with the verifier's tokenizer drafts k tokens
+autoregressively (Leviathan et al. 2023; Chen et al. 2023).
+
+Either `model:` (another model config, loaded with load_model: e.g. a smaller model of the same
+family, or a tiny random one for tests) or `precision:` (the verifier model itself at a cheaper
+precision, e.g. int4, built with quasar_bench.verifiers.build_verifier; `verifier:` passes extra
+settings). The draft model keeps its own KV cache holding the accepted context: after each verify
+step it is rolled back to the accepted length, and the next proposal first feeds the tokens the
+verifier added. A different tokenizer (vocabulary or the ids of a probe text differ) is refused.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from omegaconf import OmegaConf
+
+from ..errors import QuasarError
+from . import Draft, Drafter
+
+PROBE = "Speculative decoding: the draft proposes, the verifier disposes. 12345 ÄÖÜ ß — 東京 🙂\n\tdef f(x): return x"
+
+_LOADED = {}  # draft models by config, loaded once per process
+
+
+def same_tokenizer(a, b) -> str | None:
+    """None when a and b tokenize identically, else a few words naming the difference."""
+    if a is None or b is None:
+        return None
+    va, vb = a.get_vocab(), b.get_vocab()
+    if len(va) != len(vb):
+        return f"vocabulary sizes differ ({len(va)} vs {len(vb)})"
+    if va != vb:
+        return "vocabularies map tokens to different ids"
+    if a(PROBE)["input_ids"] != b(PROBE)["input_ids"]:
+        return "the same probe text tokenizes differently"
+    return None
+
+
+class DraftModel(Drafter):
+    name = "draft_model"
+
+    def __init__(self, cfg, runtime, loaded=None):
+        super().__init__(cfg, runtime, loaded)
+        mcfg, precision = cfg.get("model", None), cfg.get("precision", None)
+        if (mcfg is None) == (precision is None):
+            raise QuasarError("draft_model needs exactly one of drafter.model=<model config> (a separate model "
+                              "with the same tokenizer) or drafter.precision=<int8|w8a8|int4|...>")
+        if mcfg is not None:
+            key = OmegaConf.to_yaml(OmegaConf.create(mcfg)) if not isinstance(mcfg, str) else mcfg
+            if key not in _LOADED:
+                from ..models import load_model
+
+                node = OmegaConf.create({"name": mcfg}) if isinstance(mcfg, str) else OmegaConf.create(mcfg)
+                _LOADED[key] = load_model(node)
+            draft = _LOADED[key]
+            self.draft_rt, draft_tok = draft.runtime, draft.tokenizer
+        else:
+            self.draft_rt, draft_tok = self.cheaper_verifier(cfg, str(precision)), getattr(loaded, "tokenizer", None)
+        why = same_tokenizer(getattr(loaded, "tokenizer", None), draft_tok)
+        if why is None and (getattr(loaded, "tokenizer", None) is None or draft_tok is None) \
+                and self.draft_rt.vocab_size != runtime.vocab_size:
+            why = f"vocabulary sizes differ ({self.draft_rt.vocab_size} vs {runtime.vocab_size})"
+        if why:
+            raise QuasarError(f"the draft model's tokenizer differs from the verifier's ({why}); pick a draft "
+                              "model of the same family (same tokenizer)")
+        self.vocab = runtime.vocab_size
+        self.cached: list[int] = []  # token ids whose keys/values the draft cache holds
+        self._ctx_len = None  # len(context) at this step's proposal
+
+    def cheaper_verifier(self, cfg, precision):
+        if self.loaded is None:
+            raise QuasarError("draft_model.precision needs the loaded verifier model; pass loaded= to make_drafter")
+        try:
+            from ..verifiers import build_verifier
+        except ImportError:
+            raise QuasarError("draft_model.precision needs quasar_bench.verifiers, which is missing here; "
+                              "use drafter.model=<model config> instead") from None
+        from ..models import cache_dir
+
+        vcfg = OmegaConf.create({"name": precision, **(OmegaConf.to_container(OmegaConf.create(cfg.get("verifier")))
+                                                      if cfg.get("verifier", None) else {})})
+        # A precision may transform the model in place; the verifier must stay as it is.
+        twin = copy.copy(self.loaded)
+        twin.runtime = copy.deepcopy(self.loaded.runtime)
+        rt = build_verifier(twin, vcfg, cache_dir(cfg.get("cache_dir", None)))
+        return getattr(rt, "runtime", rt)
+
+    def start(self, prompt_ids, reference=None):
+        max_len = self.max_len or len(prompt_ids) + 2048
+        self.draft_rt.reset(max_len)
+        self.cached = []
+        self._ctx_len = None
+        if len(prompt_ids) > 1:
+            self.draft_rt.forward(torch.tensor(prompt_ids[:-1], device=self.draft_rt.device))
+            self.cached = list(prompt_ids[:-1])
+
+    def propose(self, context, k):
+        rt = self.draft_rt
+        # Keep the longest cached prefix of the context (observe() already rolled back to it).
+        n = 0
+        limit = min(len(self.cached), len(context) - 1)
+        while n < limit and self.cached[n] == context[n]:
+            n += 1
+        rt.rollback(n)
+        feed = list(context[n:])
+        tokens, probs = [], []
+        for _ in range(k):
+            logits = rt.forward(torch.tensor(feed, device=rt.device))[-1]
+            if logits.shape[-1] != self.vocab:  # padded embeddings: score only the verifier's ids
+                row = torch.full((self.vocab,), float("-inf"), device=logits.device)
+                m = min(self.vocab, logits.shape[-1])
+                row[:m] = logits[:m]
+                logits = row
+            tok, q = self.pick(logits)
+            tokens.append(tok)
+            probs.append(q)
+            feed = [tok]
+        # The cache now holds context + tokens[:-1].
+        self.cached = list(context) + tokens[:-1]
+        self._ctx_len = len(context)
+        if self.temperature > 0 and tokens:
+            return Draft(tokens=tokens, probs=torch.stack(probs))
+        return Draft(tokens=tokens)
+
+    def observe(self, accepted, new_tokens):
+        # Roll the draft cache back to the accepted context (context + accepted drafts); the
+        # verifier's own next token is fed at the next proposal.
+        if self._ctx_len is None:
+            return  # no proposal this step (last token of the generation)
+        keep = self._ctx_len + min(accepted, len(self.cached) - self._ctx_len)
+        self.draft_rt.rollback(keep)
+        self.cached = self.cached[:keep]
+        self._ctx_len = None

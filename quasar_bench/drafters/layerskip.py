@@ -1,0 +1,246 @@
+"""Self-speculation with the verifier's own weights and a subset of its layers skipped
+(Draft & Verify, Zhang et al. 2024; SWIFT, Xia et al. 2025).
+
+Each drafted token feeds the previous one through the kept layers (`runtime.forward(ids,
+layer_ids=kept)`, then the final norm and the LM head) on the verifier's own KV cache: the verified
+prefix holds full-model keys/values, the drafted positions the kept layers' ones; the loop rolls the
+cache back and the verify forward rewrites every layer there. Drafting stops early when the
+drafter's top-1 probability falls below `threshold` (adaptive draft length; 0 = always k).
+
+Skip set: `mode: static` takes `skip: [...]`; `mode: search` picks it on calibration sequences
+(prompt + the verifier's own greedy continuation) by greedy search, SWIFT-style: a candidate set is
+scored by the top-1 agreement `a` of the skipped model with the verifier, teacher-forced over the
+continuation (prompt prefilled with all layers). Objective `speed` maximises the expected tokens
+per unit cost E[tau](a) / (1 + k * kept/L), E[tau](a) = (1 - a^(k+1)) / (1 - a) (one verify forward
+costs 1, a draft forward kept/L); objective `acceptance` maximises `a` at `target_skip_ratio`.
+Each greedy step adds the layer whose skipping scores best, among `candidates` layers preselected
+by their single-layer score (0 = all). The result is cached as json under
+`cache_dir/layerskip/` (default ~/.cache/quasar_bench), keyed by the model name, a fingerprint of
+the verifier's weights (so each verifier precision gets its own set), `cache_key` and the search
+settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from ..errors import QuasarError
+from . import Draft, Drafter
+
+log = logging.getLogger(__name__)
+
+
+def weights_fingerprint(runtime) -> str:
+    """Cheap identity of a runtime's weights: names, shapes, dtypes and a few values of every tensor."""
+    h = hashlib.sha256()
+    module = getattr(runtime, "model", runtime)
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.numel() and t.device.type != "meta":
+            h.update(t.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def expected_tau(a: float, k: int) -> float:
+    """Expected tokens per verify step with k drafts each accepted independently with probability a."""
+    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def calibration_sequences(runtime, loaded, n: int, gen_tokens: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, the verifier's greedy continuation) for the first n builtin prompts (chat template
+    when the model has one); seeded random prompts when there is no tokenizer (tiny test models)."""
+    from ..decode import generate
+    from .ar import AR
+
+    prompts = []
+    tok = getattr(loaded, "tokenizer", None)
+    if tok is not None:
+        from ..data import load_prompts
+
+        for p in load_prompts("builtin", limit=n):
+            text = p.turns[0]
+            if getattr(loaded, "chat", False):
+                enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True)
+                ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+            else:
+                ids = tok(text)["input_ids"]
+            prompts.append(list(ids))
+    else:
+        rng = random.Random(seed)
+        prompts = [[rng.randrange(runtime.vocab_size) for _ in range(24)] for _ in range(n)]
+    eos = getattr(loaded, "eos_ids", ()) or ()
+    ar = AR({"name": "ar"}, runtime)
+    out = []
+    for ids in prompts:
+        cont = generate(runtime, ar, ids, gen_tokens, 0, eos).output_ids
+        out.append((ids, cont))
+    return out
+
+
+class SkipSearch:
+    """Greedy search of the skip set on calibration sequences (see the module docstring)."""
+
+    def __init__(self, runtime, seqs, k: int):
+        self.k, self.L = k, runtime.num_layers
+        # One weight-sharing copy per sequence, each with its own cache holding the prompt (all layers).
+        self.items = []
+        for prompt, cont in seqs:
+            if not cont:
+                continue
+            rt = runtime.with_layers(list(range(self.L)))
+            rt.reset(len(prompt) + len(cont) + 1)
+            if len(prompt) > 1:
+                rt.forward(torch.tensor(prompt[:-1], device=rt.device))
+            feed = torch.tensor([prompt[-1]] + cont[:-1], device=rt.device)
+            self.items.append((rt, len(prompt) - 1, feed, torch.tensor(cont, device=rt.device)))
+        if not self.items:
+            raise QuasarError("layerskip search: the calibration continuations are empty; raise "
+                              "drafter.search.gen_tokens or use mode=static with skip=[...]")
+        self.evals = 0
+
+    def agreement(self, skip: set[int]) -> float:
+        kept = [i for i in range(self.L) if i not in skip]
+        agree = total = 0
+        for rt, base, feed, target in self.items:
+            rt.rollback(base)
+            pred = rt.forward(feed, layer_ids=kept).argmax(-1)
+            agree += int((pred == target).sum())
+            total += target.numel()
+        self.evals += 1
+        return agree / total
+
+    def speed(self, a: float, n_skip: int) -> float:
+        return expected_tau(a, self.k) / (1.0 + self.k * (self.L - n_skip) / self.L)
+
+    def run(self, objective: str, target_ratio: float, max_ratio: float, candidates: int) -> dict:
+        L = self.L
+        n_target = round(target_ratio * L) if objective == "acceptance" else round(max_ratio * L)
+        n_target = max(0, min(n_target, L - 1))
+        single = {i: self.agreement({i}) for i in range(L)}
+        order = sorted(range(L), key=lambda i: -single[i])
+        skip: set[int] = set()
+        path = [{"skip": [], "agreement": 1.0, "speed": self.speed(1.0, 0)}]
+        while len(skip) < n_target:
+            pool = [i for i in order if i not in skip]
+            if candidates > 0:
+                pool = pool[:candidates]
+            scored = [(self.agreement(skip | {i}) if skip else single[i], i) for i in pool]
+            a, best = max(scored)
+            skip.add(best)
+            path.append({"skip": sorted(skip), "agreement": a, "speed": self.speed(a, len(skip))})
+        if objective == "acceptance":
+            chosen = path[-1]
+        else:
+            chosen = max(path, key=lambda p: p["speed"])
+        return {"skip": chosen["skip"], "agreement": chosen["agreement"], "speed": chosen["speed"],
+                "path": path, "evaluations": self.evals}
+
+
+class LayerSkip(Drafter):
+    name = "layerskip"
+
+    def __init__(self, cfg, runtime, loaded=None):
+        super().__init__(cfg, runtime, loaded)
+        self.threshold = float(cfg.get("threshold", 0.0))
+        if not 0.0 <= self.threshold <= 1.0:
+            raise QuasarError(f"drafter.threshold={self.threshold} must lie in [0, 1] (0 = always draft k)")
+        self.kept = self.choose_layers(cfg)
+        if not self.kept:
+            raise QuasarError(f"{self.name} would run no layer at all; keep at least one of the "
+                              f"{runtime.num_layers} layers")
+        if getattr(runtime, "is_native", False) is False:
+            raise QuasarError(f"the {self.name} drafter runs a subset of layers, which needs the native "
+                              "runtime (llama/qwen2/qwen3/mistral); use model.runtime=native or another drafter")
+
+    # -- which layers --------------------------------------------------------------------------
+    def choose_layers(self, cfg) -> list[int]:
+        L = self.runtime.num_layers
+        mode = cfg.get("mode", "static")
+        if mode == "static":
+            skip = cfg.get("skip", None) or []
+        elif mode == "search":
+            skip = self.search(cfg)
+        else:
+            raise QuasarError(f"unknown drafter.mode={mode}; choose static (with skip=[...]) or search")
+        try:
+            skip = sorted({int(i) for i in skip})
+        except (TypeError, ValueError):
+            raise QuasarError(f"drafter.skip={list(skip)} must be a list of layer indices 0..{L - 1}") from None
+        bad = [i for i in skip if not 0 <= i < L]
+        if bad:
+            raise QuasarError(f"drafter.skip names layers {bad} that do not exist: the verifier has layers "
+                              f"0..{L - 1}")
+        self.skip = skip
+        return [i for i in range(L) if i not in set(skip)]
+
+    def search(self, cfg) -> list[int]:
+        s = cfg.get("search", None) or {}
+        objective = s.get("objective", "speed")
+        if objective not in ("speed", "acceptance"):
+            raise QuasarError(f"unknown drafter.search.objective={objective}; choose speed or acceptance")
+        params = {"objective": objective, "target_skip_ratio": float(s.get("target_skip_ratio", 0.5)),
+                  "max_skip_ratio": float(s.get("max_skip_ratio", 0.6)), "candidates": int(s.get("candidates", 4)),
+                  "prompts": int(s.get("prompts", 4)), "gen_tokens": int(s.get("gen_tokens", 48)),
+                  "seed": int(s.get("seed", 0)), "k": self.k}
+        for key in ("target_skip_ratio", "max_skip_ratio"):
+            if not 0.0 <= params[key] < 1.0:
+                raise QuasarError(f"drafter.search.{key}={params[key]} must lie in [0, 1)")
+        if params["prompts"] < 1 or params["gen_tokens"] < 1:
+            raise QuasarError("drafter.search.prompts and drafter.search.gen_tokens must be >= 1")
+        if not getattr(self.runtime, "is_native", False) or not hasattr(self.runtime, "with_layers"):
+            raise QuasarError("layerskip search needs the native runtime (llama/qwen2/qwen3/mistral)")
+        model = getattr(self.loaded, "name", None) or "model"
+        ident = {"model": model, "weights": weights_fingerprint(self.runtime), "cache_key": cfg.get("cache_key"),
+                 **params}
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        root = Path(os.path.expanduser(cfg.get("cache_dir", None) or os.environ.get("QUASAR_CACHE", "~/.cache/quasar_bench")))
+        path = root / "layerskip" / f"{model}-{digest}.json"
+        if path.exists():
+            try:
+                found = json.loads(path.read_text())
+                if found.get("identity") == ident:
+                    self.search_result = found
+                    return found["skip"]
+            except (ValueError, KeyError):
+                pass  # torn or foreign file: search again and overwrite it
+        log.info("layerskip: searching a skip set for %s (cached in %s)", model, path)
+        seqs = calibration_sequences(self.runtime.with_layers(list(range(self.runtime.num_layers))), self.loaded,
+                                     params["prompts"], params["gen_tokens"], params["seed"])
+        result = SkipSearch(self.runtime, seqs, self.k).run(objective, params["target_skip_ratio"],
+                                                          params["max_skip_ratio"], params["candidates"])
+        result["identity"] = ident
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)
+        self.search_result = result
+        return result["skip"]
+
+    # -- drafting ----------------------------------------------------------------------------
+    def propose(self, context, k):
+        device = self.runtime.device
+        tok, tokens, probs = context[-1], [], []
+        for _ in range(k):
+            logits = self.runtime.forward(torch.tensor([tok], device=device), layer_ids=self.kept)[-1]
+            if self.threshold > 0:
+                if self.temperature > 0:
+                    from ..sampling import target_probs
+
+                    conf = float(target_probs(logits[None], self.temperature, self.top_p).max())
+                else:
+                    conf = float(torch.softmax(logits, -1).max())
+                if conf < self.threshold:
+                    break
+            tok, q = self.pick(logits)
+            tokens.append(tok)
+            probs.append(q)
+        if self.temperature > 0 and tokens:
+            return Draft(tokens=tokens, probs=torch.stack(probs))
+        return Draft(tokens=tokens)

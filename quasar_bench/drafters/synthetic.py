@@ -1,0 +1,64 @@
+"""Synthetic drafter: replays the reference continuation (the reference verifier's greedy output,
+passed to start()) and corrupts each proposed token with probability 1 - alpha, so speed can be
+measured at a chosen acceptance. With the verifier that produced the reference and greedy
+verification, every untouched token is accepted and a corrupted one (any token != the reference
+one, uniform over the rest of the vocabulary) is rejected, so tau follows the geometric law
+(1 - alpha^(k+1)) / (1 - alpha); alpha = 1 is the oracle upper bound (tau = k + 1).
+
+The proposal at a step is reference[pos : pos + k] with pos = len(context) - len(prompt). Once the
+generated text leaves the reference (sampling, another verifier precision, a near-tie flipped by
+batching), there is nothing to replay: the drafter proposes nothing (plain AR) until the end of that
+generation; the same happens past the end of the reference. Corruption is seeded per generation
+from `seed` and the prompt ids, so a run is reproducible and independent of prompt order.
+"""
+from __future__ import annotations
+
+import random
+import zlib
+
+from ..errors import QuasarError
+from . import Draft, Drafter
+
+
+class Synthetic(Drafter):
+    name = "synthetic"
+
+    def __init__(self, cfg, runtime, loaded=None):
+        super().__init__(cfg, runtime, loaded)
+        try:
+            self.alpha = float(cfg.get("alpha", 0.8))
+        except (TypeError, ValueError):
+            raise QuasarError(f"drafter.alpha={cfg.get('alpha')!r} must be a number in [0, 1]") from None
+        if not 0.0 <= self.alpha <= 1.0:
+            raise QuasarError(f"drafter.alpha={self.alpha} is outside [0, 1]: it is the chance each replayed "
+                              "token is kept; pick a value in [0, 1] (1 = oracle)")
+        self.seed = int(cfg.get("seed", 0))
+        self.vocab = int(runtime.vocab_size)
+        if self.vocab < 2 and self.alpha < 1:
+            raise QuasarError("synthetic drafter needs a vocabulary of >= 2 tokens to corrupt a token")
+        self.reference = None
+
+    def start(self, prompt_ids, reference=None):
+        if reference is None:
+            raise QuasarError("the synthetic drafter replays the reference continuation, but none was given; "
+                              "run it through the experiment (which computes references) or pass reference=")
+        self.reference = list(reference)
+        self.prompt_len = len(prompt_ids)
+        self.aligned = True
+        crc = zlib.crc32(" ".join(map(str, prompt_ids)).encode())
+        self.rng = random.Random(self.seed * 1_000_003 + crc)
+
+    def propose(self, context, k):
+        pos = len(context) - self.prompt_len
+        if self.aligned and context[self.prompt_len :] != self.reference[:pos]:
+            self.aligned = False  # diverged: the reference no longer predicts this text
+        if not self.aligned or pos >= len(self.reference):
+            return Draft(tokens=[])
+        tokens = []
+        for ref in self.reference[pos : pos + k]:
+            if self.rng.random() < self.alpha:
+                tokens.append(ref)
+            else:  # any token but the reference one, uniformly
+                other = self.rng.randrange(self.vocab - 1)
+                tokens.append(other + (other >= ref))
+        return Draft(tokens=tokens)
