@@ -34,7 +34,7 @@ class Drafter:
         self.runtime = runtime  # the verifier's runtime (self-speculative drafters use its weights)
         self.loaded = loaded  # LoadedModel (tokenizer, eos) for drafters that need it
         self.k = int(cfg.get("k", 1))
-        if self.k < 1:
+        if self.k < 1 and self.name != "ar":  # ar drafts nothing; its k is 0
             raise QuasarError(f"drafter.k={self.k} is impossible: k must be >= 1")
         self.setup()
 

@@ -1,0 +1,60 @@
+"""`python -m quasar_bench experiment=NAME [overrides]` — Hydra entry point.
+
+Bad input ends with one line on stderr naming the problem and the fix, and exit status 2.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "dataset", "drafter", "verifier", "experiment", "logger")
+
+
+def fail(message: str) -> None:
+    print(f"quasar_bench: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Hydra reports an unknown config name as a multi-line traceback; catch it first."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("hydra", "+hydra", "--")):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in GROUPS:
+            continue
+        choices = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        for v in value.split(","):
+            if v and v != "null" and v not in choices:
+                fail(f"unknown {key} {v!r}; choose one of {', '.join(choices)}")
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .errors import QuasarError
+
+    check_group_choices(sys.argv[1:])
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def app(cfg: DictConfig) -> None:
+        from .run import Experiment
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        try:
+            Experiment(cfg).run()
+        except QuasarError as e:
+            fail(str(e))
+        except OmegaConfBaseException as e:
+            fail(f"bad configuration: {str(e).splitlines()[0]}")
+
+    app()
+
+
+if __name__ == "__main__":
+    main()
