@@ -95,32 +95,77 @@ def splitk_reduce(partial: torch.Tensor, bias, out: torch.Tensor) -> torch.Tenso
 
 
 def autotune_enabled(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" and os.environ.get("QUASAR_KERNEL_AUTOTUNE", "1") != "0"
+    return (x.device.type == "cuda" and os.environ.get("QUASAR_KERNEL_AUTOTUNE", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing())
 
 
-# (kernel name, M bucket, N, K, dtype) -> (config, median time in ms or None)
+_FLUSH: dict = {}
+
+
+def graph_time_us(fns, calls: int = 24, flush: bool = False, replays: int = 7) -> float:
+    """Median GPU time of one call: CUDA-graph replays of `calls` back-to-back calls.
+
+    A graph takes the Python launch cost (tens to hundreds of microseconds here, more than these
+    kernels' GPU time) out of the number, as a decode loop under CUDA graphs would. `fns` run
+    round-robin: give enough weight copies that together they exceed L2, or set flush=True to
+    zero a 2 x L2 buffer before each call (its time is included: fine for ranking configs).
+    """
+    dev = torch.device("cuda", torch.cuda.current_device())
+    if flush and dev not in _FLUSH:
+        _FLUSH[dev] = torch.empty(2 * torch.cuda.get_device_properties(dev).L2_cache_size, dtype=torch.uint8,
+                                  device=dev)
+    calls = max(calls, len(fns))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles) outside the capture
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            if flush:
+                _FLUSH[dev].zero_()
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        graph.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+# (kernel name, M bucket, N, K, dtype) -> (config, median time in us or None)
 TUNE_CACHE: dict = {}
 
 
-def pick_config(name: str, x: torch.Tensor, n: int, k: int, candidates: list, launch) -> dict:
+def pick_config(name: str, x: torch.Tensor, n: int, k: int, candidates_fn, launch) -> dict:
     """Return the config to use for this (M bucket, N, K).
 
-    candidates[0] is the heuristic default. On CUDA (unless QUASAR_KERNEL_AUTOTUNE=0) every
-    candidate is timed once per key with triton.testing.do_bench (which flushes L2 between runs,
-    as the weights of one layer would not be in L2 during a real forward) and the fastest kept.
-    `launch(cfg)` runs the whole op once with that config.
+    candidates_fn() lists configs, the heuristic default first. On CUDA (unless
+    QUASAR_KERNEL_AUTOTUNE=0, or while a CUDA graph is being captured) every candidate is timed
+    once per key by graph_time_us with L2 flushed before each call (the weights of one layer are
+    not in L2 during a real forward) and the fastest is kept. `launch(cfg)` runs the op once.
     """
     key = (name, m_bucket(x.shape[0]), n, k, x.dtype)
     hit = TUNE_CACHE.get(key)
     if hit is not None:
         return hit[0]
+    candidates = candidates_fn()
     if not autotune_enabled(x) or len(candidates) == 1:
-        TUNE_CACHE[key] = (candidates[0], None)
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            TUNE_CACHE[key] = (candidates[0], None)
         return candidates[0]
     best, best_t = candidates[0], float("inf")
     for cfg in candidates:
         try:
-            t = triton.testing.do_bench(lambda: launch(cfg), warmup=3, rep=10, return_mode="median")
+            t = graph_time_us([lambda: launch(cfg)], calls=10, flush=True, replays=5)
         except Exception:  # e.g. out of shared memory for this tile: skip the candidate
             continue
         if t < best_t:
@@ -129,21 +174,23 @@ def pick_config(name: str, x: torch.Tensor, n: int, k: int, candidates: list, la
     return best
 
 
-def tile_candidates(x, n, k_total, block_k_options, tiles, default_tile):
-    """Configs {BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages}: the default first, then the
-    tile shapes in `tiles` x splits that fill about 1, 2 and 4 waves of SMs."""
+def tile_candidates(x, n, k_total, tiles, default_tile, block_m=None, extra=None):
+    """Configs {BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages} (+ `extra`): the default
+    tile first (split to ~2 waves), then each tile in `tiles` with splits that fill about 1, 2
+    and 4 waves of SMs, and no split."""
     m = x.shape[0]
     sms = num_sms(x.device)
-    bm = block_m_for(m)
+    bm = block_m or block_m_for(m)
     m_blocks = triton.cdiv(m, bm)
 
     def cfg(bn, bk, warps, stages, waves):
         n_prog = triton.cdiv(n, bn) * m_blocks
         k_tiles = triton.cdiv(k_total, bk)
         split = split_for(waves, n_prog, k_tiles, sms) if waves else 1
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages,
+                    **(extra or {}))
 
-    out = [cfg(*default_tile, 2)]
+    out = [cfg(*default_tile, 2)] if default_tile else []
     if autotune_enabled(x):
         for t in tiles:
             for waves in (0, 1, 2, 4):
@@ -151,6 +198,12 @@ def tile_candidates(x, n, k_total, block_k_options, tiles, default_tile):
                 if c not in out:
                     out.append(c)
     return out
+
+
+def with_defaults(config: dict, m: int) -> dict:
+    """An explicit config, completed: BLOCK_M from M (<= 4 rows for the FMA path), split 1."""
+    bm = block_m_for(m) if config.get("USE_DOT", True) else min(4, m_bucket(m))
+    return {**dict(BLOCK_M=bm, num_warps=4, num_stages=3, SPLIT_K=1), **config}
 
 
 def launch_splitk(kernel, x2, n, bias, cfg, k_tiles_total, args, **constexprs):
@@ -204,8 +257,18 @@ def _w4a16_kernel(
     M, N, K_SPLIT,  # K_SPLIT: the K range one split covers (a multiple of BLOCK_K)
     K, Kp, stride_xm,
     G: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """One [BLOCK_M, BLOCK_N] output tile over one K split.
+
+    A packed tile q [BLOCK_K // 8, BLOCK_N] holds 8 slices: slice j = nibble j of every row =
+    the weight rows k = 8i + j. Each slice is dequantized and multiplied by the matching strided
+    activation columns x[:, 8i + j], so the codes never need reshaping. USE_DOT: tensor-core
+    tl.dot (BLOCK_M >= 16); else FMA into a [BLOCK_M, BLOCK_K // 8, BLOCK_N] accumulator that is
+    summed once at the end (GEMV style, for M <= 4).
+    """
+    BLOCK_P: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -213,39 +276,44 @@ def _w4a16_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    shifts = tl.arange(0, 8) * 4
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([BLOCK_M, BLOCK_P, BLOCK_N], dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, Kp)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        # activations [BLOCK_M, BLOCK_K]; columns past the true K (the padded group) read as 0
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        # packed weight [BLOCK_K // 8, BLOCK_N] int32 -> codes [BLOCK_K, BLOCK_N] (row 8i + j = nibble j of row i)
-        offs_p = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        offs_p = k0 // 8 + tl.arange(0, BLOCK_P)  # packed rows
         q = tl.load(qw_ptr + offs_p[:, None] * N + offs_n[None, :],
                     mask=(offs_p[:, None] < Kp // 8) & mask_n[None, :], other=0)
-        codes = (q[:, None, :] >> shifts[None, :, None]) & 0xF
-        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N)).to(tl.float32)
+        # the 8 nibbles of a packed row share one group (G is a multiple of 8)
         if G % BLOCK_K == 0:
-            # the whole tile lies in one group: one (scale, zero) row
             g = k0 // G
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            w = (codes - z[None, :]) * s[None, :]
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         else:
-            g = offs_k // G
-            gmask = (offs_k[:, None] < Kp) & mask_n[None, :]
+            g = (offs_p * 8) // G
+            gmask = (offs_p[:, None] < Kp // 8) & mask_n[None, :]
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
-            w = (codes - z) * s
-        w = w.to(x.dtype)
-        if PRECISION == "upcast":
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(x, w, input_precision=PRECISION)
+        zs = z * s
+        for j in tl.static_range(8):
+            offs_k = offs_p * 8 + j
+            # activations x[:, 8i + j]: [BLOCK_M, BLOCK_P]; past the true K (padded group) read as 0
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+            w = ((q >> (4 * j)) & 0xF).to(tl.float32) * s - zs  # (code - zero) * scale
+            if USE_DOT:
+                w = w.to(x.dtype)
+                if PRECISION == "upcast":  # interpreter only, see dot_precision
+                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, w, input_precision=PRECISION)
+            else:
+                acc3 += x.to(tl.float32)[:, :, None] * w[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=1)
 
     c_mask = mask_m[:, None] & mask_n[None, :]
     if DIRECT:
@@ -256,9 +324,11 @@ def _w4a16_kernel(
         tl.store(c_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=c_mask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): the default, then what the autotuner also tries
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): the default, then what the autotuner also tries.
+# BLOCK_K >= 128: each of the 8 nibble slices feeds tl.dot a K of BLOCK_K // 8 >= 16.
 _W4_DEFAULT = (64, 128, 4, 4)
-_W4_TILES = [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4)]
+_W4_TILES = [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 256, 8, 3)]
+_W4_FMA_TILES = [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)]  # M <= 4
 
 
 def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, bias=None, *, config=None):
@@ -283,11 +353,17 @@ def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, b
     def launch(cfg):
         return launch_splitk(_w4a16_kernel, x2, n, bias, cfg, kp,
                              (x2, qweight, scales, zeros), K=k, Kp=kp, stride_xm=x2.stride(0),
-                             G=group_size, PRECISION=dot_precision(x2.dtype))
+                             G=group_size, PRECISION=dot_precision(x2.dtype), USE_DOT=cfg.get("USE_DOT", True))
+
+    def candidates():
+        m = x2.shape[0]
+        cands = tile_candidates(x2, n, kp, _W4_TILES, _W4_DEFAULT)
+        if m <= 4:
+            cands += tile_candidates(x2, n, kp, _W4_FMA_TILES, None, block_m=m_bucket(m), extra=dict(USE_DOT=False))
+        return cands
 
     if config is None:
-        cands = tile_candidates(x2, n, kp, None, _W4_TILES, _W4_DEFAULT)
-        config = pick_config("w4a16", x2, n, k, cands, launch)
+        config = pick_config("w4a16", x2, n, k, candidates, launch)
     else:
-        config = {**dict(BLOCK_M=block_m_for(x2.shape[0]), num_warps=4, num_stages=3, SPLIT_K=1), **config}
+        config = with_defaults(config, x2.shape[0])
     return launch(config).reshape(*lead, n)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16 import as_2d, block_m_for, check_device, dot_precision, launch_splitk, pick_config, tile_candidates
+from .w4a16 import as_2d, check_device, dot_precision, launch_splitk, pick_config, tile_candidates, with_defaults
 
 
 @triton.jit
@@ -80,8 +80,7 @@ def w8a16_linear(x, qweight, scales, bias=None, *, config=None):
                              K=k, stride_xm=x2.stride(0), PRECISION=dot_precision(x2.dtype))
 
     if config is None:
-        cands = tile_candidates(x2, n, k, None, _W8_TILES, _W8_DEFAULT)
-        config = pick_config("w8a16", x2, n, k, cands, launch)
+        config = pick_config("w8a16", x2, n, k, lambda: tile_candidates(x2, n, k, _W8_TILES, _W8_DEFAULT), launch)
     else:
-        config = {**dict(BLOCK_M=block_m_for(x2.shape[0]), num_warps=4, num_stages=3, SPLIT_K=1), **config}
+        config = with_defaults(config, x2.shape[0])
     return launch(config).reshape(*lead, n)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16 import TUNE_CACHE, as_2d, block_m_for, check_device, launch_splitk, m_bucket, pick_config, tile_candidates
+from .w4a16 import TUNE_CACHE, as_2d, check_device, launch_splitk, m_bucket, pick_config, tile_candidates, with_defaults
 
 
 @triton.jit
@@ -131,12 +131,15 @@ def w8a8_linear(x, qweight, scales, bias=None, *, backend: str = "auto", config=
     if backend == "int_mm":
         config = _INT_MM
     elif config is None:
-        cands = tile_candidates(x2, n, k, None, _W8A8_TILES, _W8A8_DEFAULT)
-        if backend == "auto" and x2.is_cuda and k % 8 == 0 and n % 8 == 0:
-            cands.append(_INT_MM)
-        config = pick_config(f"w8a8-{backend}", x2, n, k, cands, launch)
+        def candidates():
+            cands = tile_candidates(x2, n, k, _W8A8_TILES, _W8A8_DEFAULT)
+            if backend == "auto" and x2.is_cuda and k % 8 == 0 and n % 8 == 0:
+                cands.append(_INT_MM)
+            return cands
+
+        config = pick_config(f"w8a8-{backend}", x2, n, k, candidates, launch)
     else:
-        config = {**dict(BLOCK_M=block_m_for(x2.shape[0]), num_warps=4, num_stages=3, SPLIT_K=1), **config}
+        config = with_defaults(config, x2.shape[0])
     return launch(config).reshape(*lead, n)
 
 

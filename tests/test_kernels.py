@@ -55,6 +55,10 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SPLIT = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=3)
 DIRECT = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=1)
 CONFIGS = {"default": None, "splitk": SPLIT, "direct": DIRECT}
+# w4a16: BLOCK_K >= 128 (8 nibble slices of >= 16 rows for tl.dot); FMA path (USE_DOT=False) too
+W4_CONFIGS = {"default": None, "splitk": dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=3),
+              "direct": dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=1),
+              "fma_splitk": dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, USE_DOT=False)}
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +107,7 @@ def _check(out, ref, dtype, shape):
 W4_SHAPES = [(1, 96, 576, 128), (3, 130, 512, 64), (7, 64, 384, 32), (5, 72, 200, 24), (70, 40, 256, 128)]
 
 
-@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("cfg", list(W4_CONFIGS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m,n,k,g", W4_SHAPES)
 def test_w4a16(m, n, k, g, dtype, cfg):
@@ -112,7 +116,7 @@ def test_w4a16(m, n, k, g, dtype, cfg):
     qweight = pack_int4(codes)
     x, bias = r(m, k, dtype=dtype), r(n, dtype=dtype) if m % 2 else None
     _poison()
-    out = w4a16_linear(x, qweight, scales, zeros, k, g, bias=bias, config=CONFIGS[cfg])
+    out = w4a16_linear(x, qweight, scales, zeros, k, g, bias=bias, config=W4_CONFIGS[cfg])
     _check(out, w4a16_linear_ref(x, qweight, scales, zeros, k, g, bias=bias), dtype, (m, n))
 
 
