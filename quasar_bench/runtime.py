@@ -309,7 +309,8 @@ class HFRuntime:
 
     def rollback(self, n: int) -> None:
         assert 0 <= n <= self.cache_len
-        self.cache.crop(n)
+        if n < self.cache_len:  # a negative count removes that many positions (transformers 4.x-5.x)
+            self.cache.crop(n - self.cache_len)
         self.cache_len = n
 
     @torch.inference_mode()

@@ -1,0 +1,26 @@
+"""Shared fixtures: the embedded SmolLM2 (loaded once per test session) and tiny random models."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from quasar_bench.models import TINY_CONFIGS, load_model, random_hf_model
+from quasar_bench.runtime import native_from_hf
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct, fp32 on CPU (converted from the GGUF once, then cached)."""
+    return load_model(OmegaConf.create({"name": "smollm2", "device": "cpu", "dtype": "fp32"}))
+
+
+def tiny_runtime(name: str = "tiny_llama", vocab: int = 512, seed: int = 0, max_len: int = 512):
+    hf = random_hf_model(TINY_CONFIGS[name], vocab, torch.float32, "cpu", seed)
+    return hf, native_from_hf(hf, max_len)
+
+
+def chat_ids(loaded, text: str) -> list[int]:
+    ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                               add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

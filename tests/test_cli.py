@@ -1,0 +1,94 @@
+"""`python -m quasar_bench` end to end on a tiny model, and every bad-input case of the core issue:
+one line naming the problem and the fix, a non-zero exit, and no result written."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TINY = ["model=tiny_llama", "dataset.limit=3", "max_new_tokens=6", "progress=false"]
+
+
+def cli(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "quasar_bench", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "run"
+    r = cli(*TINY, f"out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = pd.read_parquet(out / "rows.parquet")
+    required = ["model", "drafter", "verifier", "k", "dataset", "category", "prompt_id", "turn", "new_tokens",
+                "verify_steps", "tau", "alpha", "accepted_per_position", "prefill_s", "decode_s", "draft_s",
+                "verify_s", "tokens_per_s", "peak_mem_bytes", "output_ids", "output_text", "seed", "device",
+                "torch_version", "git_commit"]
+    assert not set(required) - set(rows.columns)
+    # 3 prompts, the first is 2-turn (multi_turn) -> 4 rows per drafter, drafters ar and ngram
+    assert len(rows) == 8 and set(rows.drafter) == {"ar", "ngram"}
+    assert (rows[rows.drafter == "ar"].tau == 1.0).all()
+    ar = rows[rows.drafter == "ar"].sort_values(["prompt_id", "turn"])
+    ng = rows[rows.drafter == "ngram"].sort_values(["prompt_id", "turn"])
+    assert [list(x) for x in ar.output_ids] == [list(x) for x in ng.output_ids]  # lossless
+    summary = pd.read_csv(out / "summary.csv")
+    assert {"tau", "tokens_per_s", "speedup_vs_ar"} <= set(summary.columns)
+    assert "results:" in r.stdout and (out / "rows.csv").exists()
+    # the same command again: every row is already stored, nothing is added or duplicated
+    parts = sorted(out.glob("rows-*.parquet"))
+    r2 = cli(*TINY, f"out_dir={out}")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert sorted(out.glob("rows-*.parquet")) == parts
+    assert len(pd.read_parquet(out / "rows.parquet")) == 8
+
+
+BAD = {
+    "unknown model": (["model=nope"], "unknown model 'nope'"),
+    "unknown drafter": (["drafter=nope"], "unknown drafter 'nope'"),
+    "unknown verifier": (["verifier=nope"], "unknown verifier 'nope'"),
+    "unknown dataset": (["dataset=nope"], "unknown dataset 'nope'"),
+    "unknown drafter in matrix": (["matrix.drafters=[ar,nope]"], "unknown drafter 'nope'"),
+    "missing dataset file": (["dataset=spec_bench", "dataset.path=/nonexistent/q.jsonl"], "/nonexistent/q.jsonl"),
+    "dataset without path": (["dataset=mt_bench"], "dataset.path="),
+    "k < 1": (["k=0"], "k must be >= 1"),
+    "max_new_tokens < 1": (["max_new_tokens=0"], "max_new_tokens"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_one_line_no_results(case, tmp_path):
+    args, needle = BAD[case]
+    out = tmp_path / "never"
+    r = cli(*TINY, f"out_dir={out}", *args)
+    assert r.returncode != 0
+    err = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(err) == 1, r.stderr[-2000:]
+    assert needle in err[0] and err[0].startswith("quasar_bench: error:")
+    assert not out.exists()
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"question_id": 1, "category": "qa", "turns": ["hi"]}\n{"question_id": 2, "turns": \n')
+    out = tmp_path / "never"
+    r = cli(*TINY, f"out_dir={out}", "dataset=spec_bench", f"dataset.path={bad}")
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "line 2" in err[0]
+    assert not out.exists()
+
+
+def test_shared_spec_bench_runs(tmp_path):
+    path = SHARED / "spec_bench" / "question.jsonl"
+    if not path.exists():
+        pytest.skip("shared Spec-Bench data not present")
+    out = tmp_path / "sb"
+    r = cli("model=tiny_qwen3", "dataset=spec_bench", f"dataset.path={path}", "dataset.categories=[translation]",
+            "dataset.limit=2", "max_new_tokens=4", "drafter=ngram", "progress=false", f"out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = pd.read_parquet(out / "rows.parquet")
+    assert set(rows.category) == {"translation"} and len(rows) == 2 and set(rows.drafter) == {"ngram"}
