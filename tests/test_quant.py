@@ -1,0 +1,83 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from quasar_bench.errors import QuasarError
+from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn, quantize_int8_rtn, unpack_int4
+from quasar_bench.quant import Int4Linear, Int8Linear, W8A8Linear, quantize_per_token
+
+
+@pytest.mark.parametrize("n,k,g", [(48, 128, 128), (40, 576, 128), (33, 200, 64), (17, 72, 8), (8, 24, 32)])
+def test_int4_roundtrip_exact_codes_and_rtn_bound(n, k, g):
+    torch.manual_seed(n * k)
+    w = torch.randn(n, k) * 0.05
+    codes, scales, zeros = quantize_int4_rtn(w, g)
+    kp = -(-k // g) * g
+    assert codes.shape == (n, kp) and scales.shape == zeros.shape == (kp // g, n)
+    q = pack_int4(codes)
+    assert q.dtype == torch.int32 and q.shape == (kp // 8, n)
+    assert torch.equal(unpack_int4(q), codes)  # exact codes
+    assert codes.max() <= 15 and zeros.float().max() <= 15
+    # padded columns hold the zero point: they dequantize to exactly 0
+    if kp > k:
+        assert torch.equal(codes[:, k:].float(), zeros.float().t()[:, -1:].expand(n, kp - k))
+    w_hat = dequantize_int4(q, scales, zeros, k, g)
+    assert w_hat.shape == (n, k)
+    s = scales.float().t().repeat_interleave(g, 1)[:, :k]
+    # RTN bound: half a step per element; the zero point is rounded too (another half step at the
+    # group's extremes) and the scale is stored in fp16 (relative 2^-11 of the range)
+    err = (w - w_hat).abs()
+    assert (err <= s * 0.5 + 1e-6).float().mean() > 0.97
+    assert (err <= s * 1.0 + 1e-6).all()
+
+
+def test_int4_invalid_group_refused():
+    w = torch.randn(8, 64)
+    for g in (0, 4, 12, 100):
+        with pytest.raises(QuasarError, match="multiple of 8"):
+            quantize_int4_rtn(w, g)
+        with pytest.raises(QuasarError, match="multiple of 8"):
+            Int4Linear.from_linear(nn.Linear(64, 8), g)
+
+
+def test_int8_roundtrip_bound():
+    torch.manual_seed(0)
+    w = torch.randn(24, 72)
+    q, s = quantize_int8_rtn(w)
+    assert q.dtype == torch.int8 and s.shape == (24,)
+    err = (w - q.float() * s.float()[:, None]).abs()
+    assert (err <= s.float()[:, None] * 0.5 * (1 + 1e-3) + 1e-7).all()
+
+
+@pytest.mark.parametrize("g", [32, 128])
+def test_int4_linear_matches_reference_math(g):
+    torch.manual_seed(1)
+    lin = nn.Linear(200, 48, bias=True)
+    q = Int4Linear.from_linear(lin, g)
+    x = torch.randn(5, 200)
+    w = dequantize_int4(q.qweight, q.scales, q.zeros, 200, g)
+    torch.testing.assert_close(q(x), x @ w.t() + lin.bias, rtol=1e-5, atol=1e-5)
+    assert q._w_cache is not None
+    q.free_cache()
+    assert q._w_cache is None
+    torch.testing.assert_close(q(x), x @ w.t() + lin.bias, rtol=1e-5, atol=1e-5)
+    # the error stays in the RTN range
+    assert (q(x) - lin(x)).abs().max() < 0.5
+
+
+def test_int8_and_w8a8_linear():
+    torch.manual_seed(2)
+    lin = nn.Linear(64, 32, bias=False)
+    x = torch.randn(7, 64)
+    i8 = Int8Linear.from_linear(lin)
+    torch.testing.assert_close(i8(x), lin(x), rtol=0.02, atol=0.02)
+    smooth = torch.rand(64) + 0.5
+    a8 = W8A8Linear.from_linear(lin, smooth=smooth)
+    y = a8(x)
+    # per-token activation quantization, computed directly
+    xs = x / smooth
+    xq, sx = quantize_per_token(xs)
+    ref = (xq * sx[:, None]) @ (a8.qweight.float() * a8.scales.float()[:, None]).t()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, lin(x), rtol=0.05, atol=0.05)
+    assert xq.abs().max() <= 127 and torch.equal(xq, xq.round())

@@ -1,0 +1,175 @@
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from quasar_bench.decode import generate
+from quasar_bench.drafters import make_drafter
+from quasar_bench.errors import QuasarError
+from quasar_bench.fidelity import logit_fidelity, teacher_forced_logprobs
+from quasar_bench.models import TINY_CONFIGS, LoadedModel, random_hf_model
+from quasar_bench.quant import Int4Linear, Int8Linear, W8A8Linear
+from quasar_bench.runtime import native_from_hf
+from quasar_bench.verifiers import build_verifier, verifier_names
+
+CALIB = {"n_sequences": 4, "gen_tokens": 8, "max_tokens": 64, "seed": 0}
+
+
+def cfg(name, **kw):
+    return OmegaConf.create({"name": name, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    hf = random_hf_model(TINY_CONFIGS["tiny_llama"], 1000, torch.float32, "cpu", 0)
+    return LoadedModel("tiny_llama", native_from_hf(hf, 256), None, [], False)
+
+
+PROMPT = [5, 17, 99, 3, 42, 7, 5, 17, 99, 3, 8, 250, 11, 5, 17]
+
+
+def snapshot(rt):
+    return {k: (v.data_ptr(), v.clone()) for k, v in rt.state_dict().items()}
+
+
+def same_snapshot(a, b):
+    return a.keys() == b.keys() and all(a[k][0] == b[k][0] and torch.equal(a[k][1], b[k][1]) for k in a)
+
+
+def fidelity(ref_rt, ver_rt, prompt=PROMPT, n=24):
+    cont = generate(ref_rt, make_drafter(cfg("ar"), ref_rt), prompt, n, 0).output_ids
+    return logit_fidelity(teacher_forced_logprobs(ref_rt, prompt, cont), teacher_forced_logprobs(ver_rt, prompt, cont))
+
+
+def test_names_and_configs_agree():
+    from pathlib import Path
+
+    conf = {p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "verifier").glob("*.yaml")}
+    assert set(verifier_names()) == conf
+    for name in conf:
+        assert OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "verifier" / f"{name}.yaml").name == name
+
+
+def test_identity_verifier_kl_zero_and_int4_kl_positive(tiny, tmp_path):
+    before = snapshot(tiny.runtime)
+    for name in ("reference", "fp32"):
+        f = fidelity(tiny.runtime, build_verifier(tiny, cfg(name), tmp_path))
+        assert f["kl_max"] == 0.0 and f["top1_agree"] == 1.0
+    int4 = build_verifier(tiny, cfg("int4", group_size=32), tmp_path)
+    assert isinstance(int4.layers[0].self_attn.q_proj, Int4Linear)
+    assert type(int4.lm_head) is torch.nn.Linear  # lm_head kept in high precision
+    assert fidelity(tiny.runtime, int4)["kl_mean"] > 0
+    assert same_snapshot(before, snapshot(tiny.runtime))  # loaded.runtime untouched
+    assert type(tiny.runtime.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_every_precision_builds_without_touching_the_loaded_model(tiny, tmp_path):
+    before = snapshot(tiny.runtime)
+    kinds = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}
+    for name in verifier_names():
+        extra = {"calibration": CALIB} if name in ("w8a8", "pruned") else {}
+        rt = build_verifier(tiny, cfg(name, **extra), tmp_path)
+        assert rt is not tiny.runtime
+        rt.reset(32)
+        logits = rt.forward(torch.tensor(PROMPT))
+        assert logits.shape == (len(PROMPT), 1000) and torch.isfinite(logits).all()
+        if name in kinds:
+            assert all(isinstance(getattr(rt.layers[i].mlp, "down_proj"), kinds[name]) for i in range(4))
+        if name in ("bf16", "fp16"):
+            assert rt.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        if name == "pruned":
+            assert rt.num_layers == 3  # round(0.25 * 4)
+    assert same_snapshot(before, snapshot(tiny.runtime))
+    assert tiny.runtime.dtype == torch.float32
+
+
+@pytest.mark.parametrize("vc", [dict(name="int4", method="rtn", group_size=32),
+                                dict(name="int4", method="gptq", group_size=32, calibration=CALIB),
+                                dict(name="w8a8", calibration=CALIB),
+                                dict(name="pruned", calibration=CALIB),
+                                dict(name="pruned", criterion="last")])
+def test_speculative_equals_ar_of_the_same_verifier(tiny, tmp_path, vc):
+    rt = build_verifier(tiny, OmegaConf.create(vc), tmp_path)
+    prompts = [PROMPT, [1, 2, 3, 1, 2, 3, 1, 2], list(range(40, 60)) * 2]
+    drafted = 0
+    for p in prompts:
+        ar = generate(rt, make_drafter(cfg("ar"), rt), p, 40, 0)
+        spec = generate(rt, make_drafter(cfg("ngram", k=5), rt), p, 40, 5)
+        assert spec.output_ids == ar.output_ids
+        drafted += spec.drafted
+    assert drafted > 0
+
+
+def test_bad_input(tiny, tmp_path):
+    with pytest.raises(QuasarError, match="unknown verifier 'int3'.*int4.*pruned"):
+        build_verifier(tiny, cfg("int3"), tmp_path)
+    for g in (12, 4, 0, 100):
+        with pytest.raises(QuasarError, match="multiple of 8"):
+            build_verifier(tiny, cfg("int4", group_size=g), tmp_path)
+    with pytest.raises(QuasarError, match="group_size"):
+        build_verifier(tiny, cfg("int4", group_size="big"), tmp_path)
+    with pytest.raises(QuasarError, match="bits=3"):
+        build_verifier(tiny, cfg("int4", bits=3), tmp_path)
+    with pytest.raises(QuasarError, match="bits=4"):
+        build_verifier(tiny, cfg("int8", bits=4), tmp_path)
+    with pytest.raises(QuasarError, match="method"):
+        build_verifier(tiny, cfg("int4", method="awq"), tmp_path)
+    with pytest.raises(QuasarError, match="alpha"):
+        build_verifier(tiny, cfg("w8a8", alpha=1.5), tmp_path)
+    for share in (0, 1, 1.5, -0.1, "lots"):
+        with pytest.raises(QuasarError, match="share"):
+            build_verifier(tiny, cfg("pruned", share=share, criterion="last"), tmp_path)
+    with pytest.raises(QuasarError, match="share"):  # rounds to zero layers of 4
+        build_verifier(tiny, cfg("pruned", share=0.1, criterion="last"), tmp_path)
+    with pytest.raises(QuasarError, match="criterion"):
+        build_verifier(tiny, cfg("pruned", criterion="random"), tmp_path)
+
+
+def test_second_build_loads_from_cache(tiny, tmp_path, monkeypatch):
+    vc = cfg("int4", method="gptq", group_size=32, calibration=CALIB)
+    first = build_verifier(tiny, vc, tmp_path)
+    files = sorted(p.name for p in (tmp_path / "verifiers").rglob("int4-*"))
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
+    import quasar_bench.gptq as gptq
+    import quasar_bench.verifiers as verifiers
+
+    def boom(*a, **k):
+        raise AssertionError("quantized twice")
+
+    monkeypatch.setattr(gptq, "gptq_runtime", boom)
+    monkeypatch.setattr(verifiers, "calibration_ids", boom)
+    second = build_verifier(tiny, vc, tmp_path)
+    for a, b in zip(first.state_dict().items(), second.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+    for rt in (first, second):
+        rt.reset(32)
+    torch.testing.assert_close(first.forward(torch.tensor(PROMPT)), second.forward(torch.tensor(PROMPT)), rtol=0, atol=0)
+    monkeypatch.undo()
+    build_verifier(tiny, cfg("pruned", calibration=CALIB), tmp_path)
+    monkeypatch.setattr(verifiers, "calibration_ids", boom)
+    assert build_verifier(tiny, cfg("pruned", calibration=CALIB), tmp_path).num_layers == 3
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from quasar_bench.models import load_model
+
+    try:
+        return load_model(OmegaConf.create({"name": "smollm2"}))
+    except QuasarError as e:
+        pytest.skip(str(e))
+
+
+def test_smollm2_int8_closer_than_int4_g128(smollm2, tmp_path):
+    """SmolLM2's weights come from GGUF Q4_1 (blocks of 32): int4 uses groups of 128."""
+    tok = smollm2.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": "Name three uses of a paperclip."}],
+                                   add_generation_prompt=True, tokenize=False)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    ref = smollm2.runtime
+    kl = {}
+    for name in ("int8", "int4"):
+        rt = build_verifier(smollm2, cfg(name, group_size=128) if name == "int4" else cfg(name), tmp_path)
+        kl[name] = fidelity(ref, rt, prompt, n=24)
+        del rt
+    assert 0 < kl["int8"]["kl_mean"] < kl["int4"]["kl_mean"]
+    assert kl["int8"]["top1_agree"] >= kl["int4"]["top1_agree"]
