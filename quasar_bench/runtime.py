@@ -90,8 +90,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
             self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv, start: int):
-        """x [T, H]; cos/sin [T, D]; kv = (k_cache, v_cache) [n_kv, S, D] or None (no cache)."""
+    def forward(self, x, cos, sin, kv, start, span: int = 0):
+        """x [T, H]; cos/sin [T, D]; kv = (k_cache, v_cache) [n_kv, S, D] or None (no cache).
+        `start` is an int (eager), or a tensor of positions [T] with `span` keys attended (the
+        static-shape path that CUDA graphs capture: no Python int may change between replays)."""
         a, t = self.a, x.shape[0]
         q = self.q_proj(x).view(t, a.num_heads, a.head_dim)
         k = self.k_proj(x).view(t, a.num_kv_heads, a.head_dim)
@@ -101,14 +103,20 @@ class Attention(nn.Module):
         q = q * cos[:, None] + rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
-        if kv is not None:
+        if isinstance(start, torch.Tensor):
             k_cache, v_cache = kv
-            k_cache[:, start : start + t] = k
-            v_cache[:, start : start + t] = v
-            k, v = k_cache[:, : start + t], v_cache[:, : start + t]
-        # Query i sits at absolute position start + i and sees keys 0..start + i.
-        keys = torch.arange(k.shape[1], device=x.device)
-        mask = keys[None, :] <= (start + torch.arange(t, device=x.device))[:, None]
+            k_cache.index_copy_(1, start, k)
+            v_cache.index_copy_(1, start, v)
+            k, v, qpos = k_cache[:, :span], v_cache[:, :span], start
+        else:
+            if kv is not None:
+                k_cache, v_cache = kv
+                k_cache[:, start : start + t] = k
+                v_cache[:, start : start + t] = v
+                k, v = k_cache[:, : start + t], v_cache[:, : start + t]
+            qpos = start + torch.arange(t, device=x.device)
+        # Query i sits at absolute position qpos[i] and sees keys 0..qpos[i].
+        mask = torch.arange(k.shape[1], device=x.device)[None, :] <= qpos[:, None]
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
         return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
 
@@ -132,8 +140,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, x, cos, sin, kv, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start)
+    def forward(self, x, cos, sin, kv, start, span=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, span)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -155,6 +163,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", rope_sin, persistent=False)
         self.k_cache = self.v_cache = None
         self.cache_len = 0
+        self.graphs = None  # CUDAGraphs once enable_cuda_graphs() is called
 
     # -- interface -------------------------------------------------------------------------
     @property
@@ -185,6 +194,11 @@ class Transformer(nn.Module):
             )
         a = self.args
         shape = (self.num_layers, a.num_kv_heads, max_len, a.head_dim)
+        if self.graphs is not None:  # graphs captured the cache's address: allocate it once, full size
+            shape = (self.num_layers, a.num_kv_heads, self.graphs.max_len, a.head_dim)
+            if max_len > shape[2]:
+                raise QuasarError(f"{max_len} positions exceed the CUDA-graph cache ({shape[2]}); "
+                                  "raise model.max_seq_len=")
         if self.k_cache is None or self.k_cache.shape != shape:
             self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -199,9 +213,29 @@ class Transformer(nn.Module):
         start, t = self.cache_len, input_ids.shape[0]
         if start + t > self.k_cache.shape[2]:
             raise RuntimeError(f"KV cache overflow: {start + t} > {self.k_cache.shape[2]}")
-        h = self.run_layers(self.embed_tokens(input_ids), start, layer_ids, use_cache=True)
+        if self.graphs is not None and layer_ids is None and t <= self.graphs.max_tokens:
+            logits = self.graphs.run(input_ids, start)
+        else:
+            h = self.run_layers(self.embed_tokens(input_ids), start, layer_ids, use_cache=True)
+            logits = self.lm_head(self.norm(h)).float()
         self.cache_len = start + t
+        return logits
+
+    def static_forward(self, input_ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
+        """All layers at positions `pos` attending to the first `span` cache slots: fixed shapes."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rope_cos[pos].to(h.dtype), self.rope_sin[pos].to(h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, (self.k_cache[i], self.v_cache[i]), pos, span)
         return self.lm_head(self.norm(h)).float()
+
+    def enable_cuda_graphs(self, max_tokens: int = 16, max_len: int | None = None, bucket: int = 256) -> None:
+        """Replay CUDA graphs for every forward of up to `max_tokens` tokens (AR steps and verify
+        steps), so the measured time is the model's, not Python's launch overhead."""
+        from .cuda_graphs import CUDAGraphs
+
+        self.graphs = CUDAGraphs(self, max_tokens, max_len or self.max_len, bucket)
+        self.k_cache = None
 
     def run_layers(self, h, start, layer_ids=None, use_cache=True, collect=None):
         t = h.shape[0]
@@ -233,6 +267,7 @@ class Transformer(nn.Module):
         new.register_buffer("rope_sin", self.rope_sin, persistent=False)
         new.k_cache = new.v_cache = None
         new.cache_len = 0
+        new.graphs = None
         return new
 
 
