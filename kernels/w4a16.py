@@ -202,7 +202,7 @@ def tile_candidates(x, n, k_total, tiles, default_tile, block_m=None, extra=None
 
 def with_defaults(config: dict, m: int) -> dict:
     """An explicit config, completed: BLOCK_M from M (<= 4 rows for the FMA path), split 1."""
-    bm = block_m_for(m) if config.get("USE_DOT", True) else min(4, m_bucket(m))
+    bm = min(4, m_bucket(m)) if config.get("MODE") == 0 else block_m_for(m)  # FMA_SLICES: <= 4 rows
     return {**dict(BLOCK_M=bm, num_warps=4, num_stages=3, SPLIT_K=1), **config}
 
 
@@ -251,22 +251,36 @@ def dot_precision(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+# 0x4B000000 is the fp32 bit pattern of 2^23: OR-ing a code 0..255 into the low mantissa bits
+# gives the float 2^23 + code, and subtracting 2^23 (+ zero) is exact. This replaces the
+# int->float conversion, which runs at a quarter of the fp32 rate on Hopper and bounded the
+# first version of this kernel (~1.5 TB/s at best).
+MAGIC_F32_BITS = 0x4B000000
+MAGIC_F32 = 8388608.0
+
+FMA_SLICES, DOT_SLICES, DOT_RESHAPE = 0, 1, 2  # MODE
+
+
 @triton.jit
 def _w4a16_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, c_ptr,
     M, N, K_SPLIT,  # K_SPLIT: the K range one split covers (a multiple of BLOCK_K)
     K, Kp, stride_xm,
     G: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile over one K split.
 
     A packed tile q [BLOCK_K // 8, BLOCK_N] holds 8 slices: slice j = nibble j of every row =
-    the weight rows k = 8i + j. Each slice is dequantized and multiplied by the matching strided
-    activation columns x[:, 8i + j], so the codes never need reshaping. USE_DOT: tensor-core
-    tl.dot (BLOCK_M >= 16); else FMA into a [BLOCK_M, BLOCK_K // 8, BLOCK_N] accumulator that is
-    summed once at the end (GEMV style, for M <= 4).
+    the weight rows k = 8i + j. MODE:
+      0 FMA_SLICES  each slice dequantized and FMA'd with the strided activation columns
+                    x[:, 8i + j] into a [BLOCK_M, BLOCK_K // 8, BLOCK_N] fp32 accumulator that
+                    is summed once at the end (GEMV style, M <= 4)
+      1 DOT_SLICES  the same slices through tl.dot (K = BLOCK_K // 8 >= 16 per dot)
+      2 DOT_RESHAPE the 8 slices reshaped to the natural [BLOCK_K, BLOCK_N] order and one
+                    tl.dot with a contiguous activation tile (larger M: strided x loads cost
+                    BLOCK_M x BLOCK_K scattered loads per tile in modes 0/1)
     """
     BLOCK_P: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
@@ -277,10 +291,10 @@ def _w4a16_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    if USE_DOT:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    else:
+    if MODE == 0:
         acc3 = tl.zeros([BLOCK_M, BLOCK_P, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, Kp)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -297,22 +311,38 @@ def _w4a16_kernel(
             gmask = (offs_p[:, None] < Kp // 8) & mask_n[None, :]
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
-        zs = z * s
-        for j in tl.static_range(8):
-            offs_k = offs_p * 8 + j
-            # activations x[:, 8i + j]: [BLOCK_M, BLOCK_P]; past the true K (padded group) read as 0
+        zm = z + MAGIC_F32  # (2^23 + code) - (2^23 + zero) = code - zero, exactly
+        if MODE == 2:
+            shifts = tl.arange(0, 8) * 4
+            bits = ((q[:, None, :] >> shifts[None, :, None]) & 0xF) | MAGIC_F32_BITS
+            f = bits.to(tl.float32, bitcast=True)  # [BLOCK_P, 8, BLOCK_N]
+            w = (f - zm[:, None, :]) * s[:, None, :]
+            w = tl.reshape(w, (BLOCK_K, BLOCK_N))  # row 8i + j = nibble j of packed row i
+            offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-            w = ((q >> (4 * j)) & 0xF).to(tl.float32) * s - zs  # (code - zero) * scale
-            if USE_DOT:
-                w = w.to(x.dtype)
-                if PRECISION == "upcast":  # interpreter only, see dot_precision
-                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(x, w, input_precision=PRECISION)
+            w = w.to(x.dtype)
+            if PRECISION == "upcast":  # interpreter only, see dot_precision
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
-                acc3 += x.to(tl.float32)[:, :, None] * w[None, :, :]
-    if not USE_DOT:
+                acc += tl.dot(x, w, input_precision=PRECISION)
+        else:
+            for j in tl.static_range(8):
+                offs_k = offs_p * 8 + j
+                # activations x[:, 8i + j]: [BLOCK_M, BLOCK_P]; past the true K (padded group) read as 0
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+                bits = ((q >> (4 * j)) & 0xF) | MAGIC_F32_BITS
+                w = (bits.to(tl.float32, bitcast=True) - zm) * s  # (code - zero) * scale
+                if MODE == 0:
+                    acc3 += x.to(tl.float32)[:, :, None] * w[None, :, :]
+                else:
+                    w = w.to(x.dtype)
+                    if PRECISION == "upcast":
+                        acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                    else:
+                        acc += tl.dot(x, w, input_precision=PRECISION)
+    if MODE == 0:
         acc = tl.sum(acc3, axis=1)
 
     c_mask = mask_m[:, None] & mask_n[None, :]
@@ -324,11 +354,17 @@ def _w4a16_kernel(
         tl.store(c_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=c_mask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): the default, then what the autotuner also tries.
-# BLOCK_K >= 128: each of the 8 nibble slices feeds tl.dot a K of BLOCK_K // 8 >= 16.
-_W4_DEFAULT = (64, 128, 4, 4)
-_W4_TILES = [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 256, 8, 3)]
-_W4_FMA_TILES = [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)]  # M <= 4
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per MODE: the default, then what the autotuner tries.
+# BLOCK_K >= 128 in the slice modes: each of the 8 slices feeds tl.dot a K of BLOCK_K // 8 >= 16.
+_W4_TILES = {
+    FMA_SLICES: [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)],
+    DOT_SLICES: [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)],
+    DOT_RESHAPE: [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)],
+}
+
+
+def _w4_default_mode(m: int) -> int:
+    return DOT_SLICES if m <= 16 else DOT_RESHAPE
 
 
 def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, bias=None, *, config=None):
@@ -353,17 +389,23 @@ def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, b
     def launch(cfg):
         return launch_splitk(_w4a16_kernel, x2, n, bias, cfg, kp,
                              (x2, qweight, scales, zeros), K=k, Kp=kp, stride_xm=x2.stride(0),
-                             G=group_size, PRECISION=dot_precision(x2.dtype), USE_DOT=cfg.get("USE_DOT", True))
+                             G=group_size, PRECISION=dot_precision(x2.dtype), MODE=cfg["MODE"])
 
     def candidates():
         m = x2.shape[0]
-        cands = tile_candidates(x2, n, kp, _W4_TILES, _W4_DEFAULT)
+        dm = _w4_default_mode(m)
+        tiles = _W4_TILES[dm]
+        cands = tile_candidates(x2, n, kp, tiles, tiles[1], extra=dict(MODE=dm))
+        other = DOT_RESHAPE if dm == DOT_SLICES else DOT_SLICES
+        cands += tile_candidates(x2, n, kp, _W4_TILES[other][1:3], None, extra=dict(MODE=other))
         if m <= 4:
-            cands += tile_candidates(x2, n, kp, _W4_FMA_TILES, None, block_m=m_bucket(m), extra=dict(USE_DOT=False))
+            cands += tile_candidates(x2, n, kp, _W4_TILES[FMA_SLICES], None, block_m=m_bucket(m),
+                                     extra=dict(MODE=FMA_SLICES))
         return cands
 
     if config is None:
         config = pick_config("w4a16", x2, n, k, candidates, launch)
     else:
+        config = {"MODE": _w4_default_mode(x2.shape[0]), **config}
         config = with_defaults(config, x2.shape[0])
     return launch(config).reshape(*lead, n)

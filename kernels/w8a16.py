@@ -41,7 +41,9 @@ def _w8a16_kernel(
         # weight tile [BLOCK_K, BLOCK_N] read from the [N, K] layout (contiguous along k)
         q = tl.load(qw_ptr + offs_n[None, :] * K + offs_k[:, None],
                     mask=mask_k[:, None] & mask_n[None, :], other=0)
-        w = q.to(tl.float32).to(x.dtype)  # exact; via fp32 because the interpreter's int8->bf16 is wrong
+        # int8 -> float without the quarter-rate int->float conversion: the bits of 2^23 + 128 + q
+        # are 0x4B000080 + q, so (bits as fp32) - (2^23 + 128) = q exactly (see w4a16.MAGIC_F32_BITS)
+        w = ((q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0).to(x.dtype)
         if PRECISION == "upcast":  # interpreter only, see dot_precision
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
