@@ -170,7 +170,7 @@ class Experiment:
     def needs_reference(self) -> bool:
         fid = self.cfg.get("fidelity", "auto")
         has_other = any(v.name != REFERENCE for v in self.verifiers)
-        synthetic = any(d.name == "synthetic" for d in self.drafters)
+        synthetic = any(d.name == "synthetic" and d.get("replay", "own") == "reference" for d in self.drafters)
         return synthetic or fid is True or (fid == "auto" and has_other)
 
     def cell(self, loaded, vcfg, dcfg) -> tuple[str, dict]:
@@ -196,10 +196,33 @@ class Experiment:
             if self.needs_reference() and not self.references:
                 self.compute_references(loaded)
             fidelity = self.fidelity(runtime) if self.ref_logprobs else {}
+            self.maybe_cuda_graphs(runtime)
+            self.own_ar = {}  # this verifier's own greedy AR output, for drafters that replay it
             for dcfg in self.drafters:
                 self.run_cell(loaded, runtime, vcfg, dcfg, fidelity)
             del runtime
         return self.finish()
+
+    def maybe_cuda_graphs(self, runtime):
+        use = self.cfg.get("cuda_graphs", "auto")
+        if runtime.device.type != "cuda" or use is False or not getattr(runtime, "is_native", False):
+            if use is True and runtime.device.type != "cuda":
+                raise QuasarError("cuda_graphs=true needs a CUDA device; use cuda_graphs=auto")
+            return
+        max_k = max([int(d.get("k", 0)) for d in self.drafters if d.name != "ar"] + [0])
+        runtime.enable_cuda_graphs(max_tokens=max_k + 1, max_len=int(self.cfg.model.get("max_seq_len", 4096)))
+
+    def replay_reference(self, runtime, loaded, dcfg, key, ids):
+        """What a replaying drafter (synthetic) replays: by default this verifier's own greedy AR
+        output, so its acceptance is the nominal alpha at any precision; `replay: reference`
+        replays the reference verifier's continuation instead."""
+        if dcfg.get("replay", "own") == "reference":
+            ref = self.references.get(key)
+            return ref[1] if ref else None
+        if key not in self.own_ar:
+            ar = make_drafter(OmegaConf.create({"name": "ar"}), runtime, loaded)
+            self.own_ar[key] = generate(runtime, ar, ids, int(self.cfg.max_new_tokens), 0, loaded.eos_ids).output_ids
+        return self.own_ar[key]
 
     def compute_references(self, loaded):
         """The reference verifier's greedy AR continuation for every (prompt, turn), untimed."""
@@ -211,7 +234,7 @@ class Experiment:
                 ids = encode_turn(loaded, p.turns[: turn + 1], answers)
                 res = generate(rt, ar, ids, int(self.cfg.max_new_tokens), 0, loaded.eos_ids)
                 self.references[(p.prompt_id, turn + 1)] = (ids, res.output_ids)
-                answers.append(loaded.tokenizer.decode(res.output_ids, skip_special_tokens=True))
+                answers.append(decode_text(loaded.tokenizer, res.output_ids))
                 if self.needs_fidelity():
                     self.ref_logprobs[(p.prompt_id, turn + 1)] = teacher_forced_logprobs(rt, ids, res.output_ids)
 
@@ -231,7 +254,7 @@ class Experiment:
         cell_id, config = self.cell(loaded, vcfg, dcfg)
         done = self.store.done_keys(cell_id) if (self.out_dir / "manifest.json").exists() else set()
         todo = [p for p in self.prompts if any((p.prompt_id, t + 1) not in done for t in range(len(p.turns)))]
-        label = f"{vcfg.name}/{dcfg.name}"
+        label = f"{vcfg.get('label') or vcfg.name}/{dcfg.get('label') or dcfg.name}"
         if not todo:
             log.info("%s: all %d prompts already stored, skipping", label, len(self.prompts))
             return
@@ -239,12 +262,13 @@ class Experiment:
         k = 0 if dcfg.name == "ar" else int(dcfg.k)
         gen_kw = dict(max_new_tokens=int(cfg.max_new_tokens), k=k, eos_ids=loaded.eos_ids,
                       temperature=float(cfg.temperature), top_p=float(cfg.top_p))
+        replays = dcfg.name == "synthetic"
         if cfg.get("warmup", True):  # compile/allocate once outside the timed region
             first = self.prompts[0]
             warm_ids = encode_turn(loaded, first.turns[:1], [])
+            warm_ref = self.replay_reference(runtime, loaded, dcfg, (first.prompt_id, 1), warm_ids) if replays else None
             generate(runtime, drafter, warm_ids, **{**gen_kw, "max_new_tokens": min(8, gen_kw["max_new_tokens"])},
-                     generator=torch.Generator().manual_seed(0),
-                     reference=self.references.get((first.prompt_id, 1), (None, None))[1])
+                     generator=torch.Generator().manual_seed(0), reference=warm_ref)
         self.open_store()
         self.store.record_cell(cell_id, config)
         for p in tqdm(todo, desc=label, disable=not cfg.progress):
@@ -253,11 +277,14 @@ class Experiment:
                 ids = encode_turn(loaded, p.turns[:turn], answers)
                 seed = int(hashlib.sha256(f"{cfg.seed}/{p.prompt_id}/{turn}".encode()).hexdigest()[:8], 16)
                 ref = self.references.get((p.prompt_id, turn))
+                replay = self.replay_reference(runtime, loaded, dcfg, (p.prompt_id, turn), ids) if replays else None
                 if runtime.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 res = generate(runtime, drafter, ids, **gen_kw, generator=torch.Generator().manual_seed(seed),
-                               reference=ref[1] if ref else None)
-                text = loaded.tokenizer.decode(res.output_ids, skip_special_tokens=True)
+                               reference=replay)
+                if dcfg.name == "ar" and float(cfg.temperature) == 0:
+                    self.own_ar[(p.prompt_id, turn)] = res.output_ids
+                text = decode_text(loaded.tokenizer, res.output_ids)
                 answers.append(text)
                 if (p.prompt_id, turn) in done:
                     continue
@@ -276,7 +303,8 @@ class Experiment:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {
             "experiment": cfg.experiment_name, "cell_id": cell_id, "model": loaded.name,
-            "drafter": dcfg.name, "verifier": vcfg.name, "k": 0 if dcfg.name == "ar" else int(dcfg.k),
+            "drafter": dcfg.get("label") or dcfg.name, "drafter_name": dcfg.name,
+            "verifier": vcfg.get("label") or vcfg.name, "k": 0 if dcfg.name == "ar" else int(dcfg.k),
             "temperature": float(cfg.temperature), "top_p": float(cfg.top_p),
             "dataset": p.dataset, "category": p.category, "prompt_id": str(p.prompt_id), "turn": turn,
             "prompt_tokens": len(prompt_ids), "new_tokens": n, "verify_steps": res.verify_steps,
@@ -286,7 +314,7 @@ class Experiment:
             "prefill_s": res.prefill_s, "decode_s": res.decode_s, "draft_s": res.draft_s,
             "verify_s": res.verify_s, "other_s": res.decode_s - res.draft_s - res.verify_s,
             "tokens_per_s": n / res.decode_s if res.decode_s > 0 else math.nan,
-            "peak_mem_bytes": int(peak), "prompt_ids": list(prompt_ids), "output_ids": res.output_ids,
+            "peak_mem_bytes": int(peak), "weight_bytes": weight_bytes(runtime), "prompt_ids": list(prompt_ids), "output_ids": res.output_ids,
             "output_text": text, "seed": seed, "device": device_name(runtime.device),
             "dtype": str(runtime.dtype).removeprefix("torch."), "torch_version": torch.__version__,
             "git_commit": self.env.get("git_commit", git_commit()),
@@ -304,6 +332,32 @@ class Experiment:
         print(format_table(summary))
         print(f"\nresults: {self.out_dir.resolve()}  (rows.parquet, rows.csv, summary.csv)")
         return self.out_dir
+
+
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """Text of generated ids. A random-weight model with a larger vocabulary than its stand-in
+    tokenizer (Qwen3-8B shapes, SmolLM2 tokenizer) can emit ids the tokenizer lacks: shown as <id>."""
+    n = len(tokenizer)
+    if all(i < n for i in ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    return "".join(tokenizer.decode([i], skip_special_tokens=True) if i < n else f"<{i}>" for i in ids)
+
+
+def weight_bytes(runtime) -> int:
+    """Bytes of weights one full forward reads: every parameter and buffer except the embedding
+    table (a forward gathers only its rows; counted once when tied to lm_head), the RoPE tables
+    and the KV cache. Divided by the verify time, it gives the bandwidth a step achieves."""
+    module = getattr(runtime, "model", runtime)
+    seen, total = set(), 0
+    embed = getattr(module, "embed_tokens", None)
+    skip = {id(embed.weight)} if embed is not None and getattr(module, "lm_head", None) is not None \
+        and module.lm_head.weight is not embed.weight else set()
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if id(t) in seen or id(t) in skip or "rope" in name or name.endswith("_cpu_weight"):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
 
 
 def device_name(device: torch.device) -> str:
