@@ -255,8 +255,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 # gives the float 2^23 + code, and subtracting 2^23 (+ zero) is exact. This replaces the
 # int->float conversion, which runs at a quarter of the fp32 rate on Hopper and bounded the
 # first version of this kernel (~1.5 TB/s at best).
-MAGIC_F32_BITS = 0x4B000000
-MAGIC_F32 = 8388608.0
+MAGIC_F32_BITS = tl.constexpr(0x4B000000)
+MAGIC_F32 = tl.constexpr(8388608.0)
 
 FMA_SLICES, DOT_SLICES, DOT_RESHAPE = 0, 1, 2  # MODE
 
