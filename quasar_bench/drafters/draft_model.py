@@ -10,8 +10,6 @@ verifier added. A different tokenizer (vocabulary or the ids of a probe text dif
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from omegaconf import OmegaConf
 
@@ -80,10 +78,8 @@ class DraftModel(Drafter):
 
         vcfg = OmegaConf.create({"name": precision, **(OmegaConf.to_container(OmegaConf.create(cfg.get("verifier")))
                                                       if cfg.get("verifier", None) else {})})
-        # A precision may transform the model in place; the verifier must stay as it is.
-        twin = copy.copy(self.loaded)
-        twin.runtime = copy.deepcopy(self.loaded.runtime)
-        rt = build_verifier(twin, vcfg, cache_dir(cfg.get("cache_dir", None)))
+        # build_verifier returns a new runtime and leaves loaded.runtime (the verifier) untouched.
+        rt = build_verifier(self.loaded, vcfg, cache_dir(cfg.get("cache_dir", None)))
         return getattr(rt, "runtime", rt)
 
     def start(self, prompt_ids, reference=None):

@@ -1,0 +1,298 @@
+"""Drafters plugged into the one decode loop: greedy losslessness (== ar, token for token, fp32 CPU),
+oracle cases (tau = k + 1), the synthetic drafter's geometric tau, bad input."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from quasar_bench.decode import generate
+from quasar_bench.drafters import make_drafter
+from quasar_bench.errors import QuasarError
+from quasar_bench.models import TINY_CONFIGS, LoadedModel, load_model, random_hf_model
+from quasar_bench.runtime import native_from_hf
+
+K = 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # small forwards: extra threads only add overhead (and contention)
+    yield
+    torch.set_num_threads(n)
+
+
+def mk(cfg: dict, rt, loaded=None):
+    return make_drafter(OmegaConf.create(cfg), rt, loaded)
+
+
+def ar_ids(rt, prompt, n, eos=()):
+    return generate(rt, mk({"name": "ar"}, rt), prompt, n, 0, eos).output_ids
+
+
+def tiny_runtime(shapes: str, seed: int = 0, vocab: int = 256):
+    # std 0.3 weights: varied, non-degenerate greedy text (the default 0.02 repeats one token)
+    hf = random_hf_model({**TINY_CONFIGS[shapes], "initializer_range": 0.3}, vocab, torch.float32, "cpu", seed)
+    return native_from_hf(hf, 512)
+
+
+def tiny_loaded(shapes="tiny_llama", seed=0, tokenizer=None) -> LoadedModel:
+    cfg = {"name": shapes, "weights": "random", "shapes": shapes, "seed": seed, "max_seq_len": 512}
+    if tokenizer:
+        cfg["tokenizer"] = tokenizer
+    return load_model(OmegaConf.create(cfg))
+
+
+def drafter_cfgs(num_layers: int, tmp_path, draft_model: dict | None) -> list[dict]:
+    cfgs = [
+        {"name": "ngram", "k": K},
+        {"name": "lookahead", "k": K},
+        {"name": "lookahead", "k": K, "window": 4, "ngram": 2, "guesses": 2, "pool_from_context": False},
+        {"name": "layerskip", "k": K, "mode": "static", "skip": [1, num_layers - 2]},
+        {"name": "layerskip", "k": K, "mode": "static", "skip": [num_layers // 2], "threshold": 0.3},
+        {"name": "early_exit", "k": K, "layers": max(1, num_layers // 3)},
+        {"name": "synthetic", "k": K, "alpha": 0.7},
+    ]
+    if draft_model is not None:
+        cfgs.append({"name": "draft_model", "k": K, "model": draft_model})
+    return cfgs
+
+
+# -- greedy lossless on tiny random models -------------------------------------------------------
+
+@pytest.mark.parametrize("shapes", ["tiny_llama", "tiny_qwen3"])
+def test_greedy_lossless_tiny(shapes, tmp_path):
+    rt = tiny_runtime(shapes)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (3, 12)]
+    prompts.append([7, 8, 9, 7, 8, 9, 7, 8, 9, 7, 8])  # repetitive: n-gram drafters get accepted
+    cfgs = drafter_cfgs(rt.num_layers, tmp_path, None)
+    cfgs.append({"name": "layerskip", "k": K, "mode": "search", "cache_dir": str(tmp_path),
+                 "search": {"prompts": 2, "gen_tokens": 16, "max_skip_ratio": 0.5}})
+    for prompt in prompts:
+        ref = ar_ids(rt, prompt, 40)
+        for cfg in cfgs:
+            res = generate(rt, mk(cfg, rt), prompt, 40, K, reference=ref)
+            assert res.output_ids == ref, (cfg, prompt)
+            assert res.verify_steps <= len(ref)
+
+
+def test_greedy_lossless_draft_model_tiny():
+    """Verifier and draft model share the SmolLM2 tokenizer (tiny random weights, other architecture)."""
+    verifier = tiny_loaded("tiny_llama", seed=0)
+    d = mk({"name": "draft_model", "k": K,
+            "model": {"name": "tiny_qwen3", "weights": "random", "shapes": "tiny_qwen3", "seed": 1}},
+           verifier.runtime, verifier)
+    for prompt in ([1, 2, 3, 4], [100, 2000, 30000, 5, 5, 5, 9]):
+        ref = ar_ids(verifier.runtime, prompt, 24)
+        for temperature in (0.0,):
+            res = generate(verifier.runtime, d, prompt, 24, K, reference=ref)
+            assert res.output_ids == ref
+
+
+def test_draft_model_identical_weights_accepts_everything():
+    """A draft model with the verifier's weights: every draft accepted; its cache stays in sync."""
+    verifier = tiny_loaded("tiny_llama", seed=0)
+    d = mk({"name": "draft_model", "k": K,
+            "model": {"name": "tiny_llama", "weights": "random", "shapes": "tiny_llama", "seed": 0}},
+           verifier.runtime, verifier)
+    prompt = [5, 6, 7, 8]
+    ref = ar_ids(verifier.runtime, prompt, 36)
+    res = generate(verifier.runtime, d, prompt, 36, K)
+    assert res.output_ids == ref
+    assert res.accepted == res.drafted and res.verify_steps == 6  # 36 tokens = 6 steps of k + 1
+
+
+# -- greedy lossless on SmolLM2 ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return load_model(OmegaConf.create({"name": "smollm2"}))
+    except QuasarError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_greedy_lossless_smollm2(smollm2, tmp_path):
+    from quasar_bench.data import load_prompts
+
+    m = smollm2
+    rt, tok = m.runtime, m.tokenizer
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": p.turns[0]}], add_generation_prompt=True,
+                                            tokenize=True)["input_ids"])
+               for p in load_prompts("builtin", limit=3)]
+    draft = {"name": "tiny_llama", "weights": "random", "shapes": "tiny_llama", "seed": 0}
+    cfgs = drafter_cfgs(rt.num_layers, tmp_path, draft)
+    cfgs[3]["skip"] = list(range(12, 24, 2))
+    for prompt in prompts:
+        ref = ar_ids(rt, prompt, 32, m.eos_ids)
+        for cfg in cfgs:
+            res = generate(rt, mk(cfg, rt, m), prompt, 32, K, m.eos_ids, reference=ref)
+            assert res.output_ids == ref, (cfg["name"], cfg)
+
+
+# -- oracle cases ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [{"name": "layerskip", "mode": "static", "skip": []},
+                                 {"name": "early_exit", "layers": 4},
+                                 {"name": "synthetic", "alpha": 1.0}])
+def test_full_model_drafts_are_all_accepted(cfg):
+    rt = tiny_runtime("tiny_qwen3")
+    prompt = [11, 12, 13]
+    ref = ar_ids(rt, prompt, 48)
+    res = generate(rt, mk({**cfg, "k": K}, rt), prompt, 48, K, reference=ref)  # no EOS
+    assert res.output_ids == ref
+    assert res.accepted == res.drafted
+    assert len(res.output_ids) / res.verify_steps == K + 1
+
+
+def test_layerskip_threshold_shortens_drafts():
+    rt = tiny_runtime("tiny_llama")
+    full = generate(rt, mk({"name": "layerskip", "k": K, "skip": [2]}, rt), [1, 2, 3], 30, K)
+    short = generate(rt, mk({"name": "layerskip", "k": K, "skip": [2], "threshold": 0.9}, rt), [1, 2, 3], 30, K)
+    assert short.output_ids == full.output_ids
+    assert short.drafted / short.verify_steps < full.drafted / full.verify_steps
+
+
+def test_layerskip_search_is_cached(tmp_path):
+    rt = tiny_runtime("tiny_llama")
+    cfg = {"name": "layerskip", "k": K, "mode": "search", "cache_dir": str(tmp_path),
+           "search": {"objective": "acceptance", "target_skip_ratio": 0.5, "prompts": 2, "gen_tokens": 12}}
+    a = mk(cfg, rt)
+    assert len(a.skip) == 2 and len(a.kept) == 2
+    files = list((tmp_path / "layerskip").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["skip"] == a.skip
+    b = mk(cfg, rt)  # served from the cache: no search
+    assert b.skip == a.skip and b.search_result["evaluations"] == a.search_result["evaluations"]
+    other = tiny_runtime("tiny_llama", seed=1)  # another verifier's weights: its own entry
+    mk(cfg, other)
+    assert len(list((tmp_path / "layerskip").glob("*.json"))) == 2
+
+
+# -- synthetic: tau follows the geometric law ------------------------------------------------------
+
+class TableRuntime:
+    """Stub verifier whose greedy next token at absolute position i is seq[i + 1]."""
+
+    is_native = False
+    num_layers, device, dtype = 1, torch.device("cpu"), torch.float32
+
+    def __init__(self, seq, vocab):
+        self.seq, self.vocab_size, self.cache_len = seq, vocab, 0
+
+    def reset(self, max_len):
+        self.cache_len = 0
+
+    def rollback(self, n):
+        assert 0 <= n <= self.cache_len
+        self.cache_len = n
+
+    def forward(self, ids, layer_ids=None):
+        t = ids.shape[0]
+        out = torch.zeros(t, self.vocab_size)
+        for i in range(t):
+            out[i, self.seq[self.cache_len + i + 1]] = 1.0
+        self.cache_len += t
+        return out
+
+
+def accepted_moments(alpha: float, k: int) -> tuple[float, float]:
+    """Mean and variance of the tokens per step, 1 + min(Geometric(alpha), k)."""
+    probs = [alpha ** a * (1 - alpha) for a in range(k)] + [alpha ** k]
+    mean = sum((a + 1) * p for a, p in enumerate(probs))
+    var = sum((a + 1 - mean) ** 2 * p for a, p in enumerate(probs))
+    return mean, var
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8])
+def test_synthetic_tau_matches_geometric_formula(alpha):
+    vocab, n_new = 50, 3000
+    rng = random.Random(1)
+    prompt = [1, 2, 3]
+    reference = [rng.randrange(vocab) for _ in range(n_new + K + 2)]
+    rt = TableRuntime(prompt + reference, vocab)
+    d = mk({"name": "synthetic", "k": K, "alpha": alpha, "seed": 3}, rt)
+    res = generate(rt, d, prompt, n_new, K, reference=reference)
+    assert res.output_ids == reference[:n_new]
+    mean, var = accepted_moments(alpha, K)
+    assert abs(mean - (1 - alpha ** (K + 1)) / (1 - alpha)) < 1e-12
+    tau = n_new / res.verify_steps
+    assert abs(tau - mean) < 4 * (var / res.verify_steps) ** 0.5 + 0.01, (tau, mean)
+    assert abs(res.accepted / res.drafted - (mean - 1) / K) < 0.05
+
+
+def test_synthetic_stops_after_divergence():
+    rt = tiny_runtime("tiny_llama")
+    prompt = [4, 5, 6]
+    ref = ar_ids(rt, prompt, 30)
+    wrong = ref[:10] + [(t + 1) % 256 for t in ref[10:]]
+    res = generate(rt, mk({"name": "synthetic", "k": K, "alpha": 1.0}, rt), prompt, 30, K, reference=wrong)
+    assert res.output_ids == ref  # lossless whatever the reference
+    assert res.drafted <= 10 + K and res.verify_steps > 10  # AR once the text left the reference
+
+
+def test_synthetic_is_seeded():
+    rt = tiny_runtime("tiny_llama")
+    prompt = [4, 5, 6]
+    ref = ar_ids(rt, prompt, 30)
+    runs = [generate(rt, mk({"name": "synthetic", "k": K, "alpha": 0.6, "seed": 2}, rt), prompt, 30, K,
+                     reference=ref) for _ in range(2)]
+    assert runs[0].verify_steps == runs[1].verify_steps and runs[0].accepted == runs[1].accepted
+
+
+def test_lookahead_pool_drafts_from_jacobi_ngrams():
+    """With no context n-grams, every draft comes from the Jacobi trajectory; some are accepted."""
+    rt = tiny_runtime("tiny_llama")
+    prompt = [9, 9, 9, 9]
+    d = mk({"name": "lookahead", "k": K, "window": 8, "ngram": 3, "guesses": 4, "pool_from_context": False}, rt)
+    res = generate(rt, d, prompt, 60, K)
+    assert res.output_ids == ar_ids(rt, prompt, 60)
+    assert res.accepted > 0
+    assert all(len(b) <= 4 for b in d.pool.values())
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [
+    {"name": "layerskip", "skip": [0, 4]},
+    {"name": "layerskip", "skip": [-1]},
+    {"name": "layerskip", "skip": [0, 1, 2, 3]},
+    {"name": "layerskip", "mode": "bogus"},
+    {"name": "layerskip", "skip": [1], "threshold": 1.5},
+    {"name": "early_exit", "layers": 0},
+    {"name": "early_exit", "layers": 5},
+    {"name": "early_exit"},
+    {"name": "synthetic", "alpha": -0.1},
+    {"name": "synthetic", "alpha": 1.5},
+    {"name": "lookahead", "ngram": 1},
+    {"name": "draft_model"},
+])
+def test_bad_input_raises(cfg):
+    rt = tiny_runtime("tiny_llama")
+    with pytest.raises(QuasarError):
+        mk({**cfg, "k": K}, rt)
+
+
+def test_synthetic_without_reference_raises():
+    rt = tiny_runtime("tiny_llama")
+    with pytest.raises(QuasarError):
+        generate(rt, mk({"name": "synthetic", "k": K}, rt), [1, 2], 8, K)
+
+
+def test_draft_model_with_other_tokenizer_raises(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{chr(97 + i): i + 1 for i in range(26)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(tmp_path)
+    verifier = tiny_loaded("tiny_llama", seed=0)
+    with pytest.raises(QuasarError, match="tokenizer"):
+        mk({"name": "draft_model", "k": K, "model": {"name": "other", "weights": "random", "shapes": "tiny_llama",
+                                                      "tokenizer": str(tmp_path)}}, verifier.runtime, verifier)
