@@ -219,11 +219,11 @@ def clone_runtime(runtime):
     memo = {}
     for t in list(runtime.parameters()) + list(runtime.buffers()):
         memo[id(t)] = t
-    for attr in ("k_cache", "v_cache"):
+    for attr in ("k_cache", "v_cache", "graphs"):  # per-runtime state, never copied
         if getattr(runtime, attr, None) is not None:
             memo[id(getattr(runtime, attr))] = None
     new = copy.deepcopy(runtime, memo)
-    new.k_cache = new.v_cache = None
+    new.k_cache = new.v_cache = new.graphs = None
     new.cache_len = 0
     return new
 

@@ -200,7 +200,11 @@ class Experiment:
             self.own_ar = {}  # this verifier's own greedy AR output, for drafters that replay it
             for dcfg in self.drafters:
                 self.run_cell(loaded, runtime, vcfg, dcfg, fidelity)
+            if hasattr(runtime, "release"):  # the next verifier may copy the reference's modules
+                runtime.release()
             del runtime
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         return self.finish()
 
     def maybe_cuda_graphs(self, runtime):

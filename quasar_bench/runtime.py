@@ -237,6 +237,12 @@ class Transformer(nn.Module):
         self.graphs = CUDAGraphs(self, max_tokens, max_len or self.max_len, bucket)
         self.k_cache = None
 
+    def release(self) -> None:
+        """Drop the KV cache and any CUDA graphs (their memory, and what a copy must not carry)."""
+        self.graphs = None
+        self.k_cache = self.v_cache = None
+        self.cache_len = 0
+
     def run_layers(self, h, start, layer_ids=None, use_cache=True, collect=None):
         t = h.shape[0]
         cos = self.rope_cos[start : start + t].to(h.dtype)
