@@ -85,6 +85,39 @@ def _splitk_reduce_kernel(p_ptr, bias_ptr, out_ptr, MN, N, S, HAS_BIAS: tl.const
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _write_out(acc, idx, mask, offs_n, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, n_split, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+              HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr):
+    """Write one fp32 [BLOCK_M, BLOCK_N] tile. SPLIT_MODE 0: no split, (+ bias) cast and store.
+    1: store the fp32 partial of split program_id(1); splitk_reduce() finishes in a second launch.
+    2: store the partial, then the last split to arrive at this tile (an atomic counter) sums all
+    partials in split order (deterministic whatever the arrival order), writes the output and
+    resets the counter: one launch instead of two."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    idx = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT_MODE == 0:
+        _write_out(acc, idx, mask, offs_n, N, bias_ptr, out_ptr, HAS_BIAS)
+    else:
+        tl.store(part_ptr + tl.program_id(1) * M * N + idx, acc, mask=mask)
+        if SPLIT_MODE == 2:
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_split - 1:
+                total = tl.zeros_like(acc)
+                for s in range(0, n_split):  # .cg: read through L2, the partials came from other SMs
+                    total += tl.load(part_ptr + s * M * N + idx, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+                _write_out(total, idx, mask, offs_n, N, bias_ptr, out_ptr, HAS_BIAS)
+
+
 def splitk_reduce(partial: torch.Tensor, bias, out: torch.Tensor) -> torch.Tensor:
     s, m, n = partial.shape
     block = 1024
@@ -206,22 +239,39 @@ def with_defaults(config: dict, m: int) -> dict:
     return {**dict(BLOCK_M=bm, num_warps=4, num_stages=3, SPLIT_K=1), **config}
 
 
+_COUNTERS: dict = {}  # device -> int32 zeros: one arrival counter per output tile (SPLIT_MODE 2)
+_N_COUNTERS = 1 << 17
+
+
+def _counters(device):
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(_N_COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
+
+
 def launch_splitk(kernel, x2, n, bias, cfg, k_tiles_total, args, **constexprs):
-    """Run `kernel` over grid (N blocks, SPLIT_K, M blocks); reduce partials when SPLIT_K > 1."""
+    """Run `kernel` over grid (N blocks, SPLIT_K, M blocks). With SPLIT_K > 1 the last split of
+    each tile reduces in the same launch (SPLIT_MODE 2), or, with cfg["REDUCE"] == "kernel" or
+    more tiles than counters, a second kernel does (SPLIT_MODE 1). The counters are shared: run
+    these kernels on one stream at a time per device."""
     m = x2.shape[0]
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     k_tiles = triton.cdiv(k_tiles_total, bk)
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)
     out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-    direct = split == 1
-    c = out if direct else torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
     grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
-    kernel[grid](*args, bias if bias is not None else x2, c, m, n, tiles_per_split * bk,
-                 HAS_BIAS=bias is not None, DIRECT=direct, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    if split == 1:
+        mode, part, cnt = 0, out, out
+    else:
+        part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+        in_kernel = cfg.get("REDUCE", "last_split") == "last_split" and grid[0] * grid[2] <= _N_COUNTERS
+        mode, cnt = (2, _counters(x2.device)) if in_kernel else (1, part)
+    kernel[grid](*args, bias if bias is not None else x2, out, part, cnt, m, n, tiles_per_split * bk, split,
+                 HAS_BIAS=bias is not None, SPLIT_MODE=mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **constexprs)
-    if not direct:
-        splitk_reduce(c, bias, out)
+    if mode == 1:
+        splitk_reduce(part, bias, out)
     return out
 
 
@@ -263,10 +313,10 @@ FMA_SLICES, DOT_SLICES, DOT_RESHAPE = 0, 1, 2  # MODE
 
 @triton.jit
 def _w4a16_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, c_ptr,
-    M, N, K_SPLIT,  # K_SPLIT: the K range one split covers (a multiple of BLOCK_K)
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K_SPLIT, n_split,  # K_SPLIT: the K range one split covers (a multiple of BLOCK_K)
     K, Kp, stride_xm,
-    G: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+    G: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr, PRECISION: tl.constexpr,
     MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -345,13 +395,7 @@ def _w4a16_kernel(
     if MODE == 0:
         acc = tl.sum(acc3, axis=1)
 
-    c_mask = mask_m[:, None] & mask_n[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-    else:
-        tl.store(c_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=c_mask)
+    _epilogue(acc, offs_m, offs_n, M, N, n_split, bias_ptr, out_ptr, part_ptr, cnt_ptr, HAS_BIAS, SPLIT_MODE)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per MODE: the default, then what the autotuner tries.

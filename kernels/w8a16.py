@@ -11,15 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16 import as_2d, check_device, dot_precision, launch_splitk, pick_config, tile_candidates, with_defaults
+from .w4a16 import _epilogue, as_2d, check_device, dot_precision, launch_splitk, pick_config, tile_candidates, with_defaults
 
 
 @triton.jit
 def _w8a16_kernel(
-    x_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr,
-    M, N, K_SPLIT,
+    x_ptr, qw_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K_SPLIT, n_split,
     K, stride_xm,
-    HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -51,13 +51,7 @@ def _w8a16_kernel(
 
     s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     acc = acc * s[None, :]
-    c_mask = mask_m[:, None] & mask_n[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-    else:
-        tl.store(c_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=c_mask)
+    _epilogue(acc, offs_m, offs_n, M, N, n_split, bias_ptr, out_ptr, part_ptr, cnt_ptr, HAS_BIAS, SPLIT_MODE)
 
 
 _W8_DEFAULT = (64, 128, 4, 4)

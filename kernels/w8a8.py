@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16 import TUNE_CACHE, as_2d, check_device, launch_splitk, m_bucket, pick_config, tile_candidates, with_defaults
+from .w4a16 import _epilogue, TUNE_CACHE, as_2d, check_device, launch_splitk, m_bucket, pick_config, tile_candidates, with_defaults
 
 
 @triton.jit
@@ -52,10 +52,10 @@ def quantize_per_token(x: torch.Tensor):
 
 @triton.jit
 def _w8a8_kernel(
-    xq_ptr, xs_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr,
-    M, N, K_SPLIT,
+    xq_ptr, xs_ptr, qw_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K_SPLIT, n_split,
     K,
-    HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -79,13 +79,7 @@ def _w8a8_kernel(
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
     ws = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-    c_mask = mask_m[:, None] & mask_n[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(c_ptr.dtype.element_ty), mask=c_mask)
-    else:
-        tl.store(c_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], y, mask=c_mask)
+    _epilogue(y, offs_m, offs_n, M, N, n_split, bias_ptr, out_ptr, part_ptr, cnt_ptr, HAS_BIAS, SPLIT_MODE)
 
 
 _W8A8_DEFAULT = (64, 128, 4, 4)

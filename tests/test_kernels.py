@@ -55,11 +55,14 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SPLIT = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=3)
 DIRECT = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=1)
 CONFIGS = {"default": None, "splitk": SPLIT, "direct": DIRECT}
+# split-K reduced by a second kernel instead of the last split to arrive
+SPLIT_REDUCE_KERNEL = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, REDUCE="kernel")
 # w4a16: every MODE (0 FMA slices, 1 dot slices: BLOCK_K >= 128, 2 dot on reshaped codes)
 W4_CONFIGS = {"default": None, "dot_slices_splitk": dict(MODE=1, BLOCK_N=32, BLOCK_K=128, SPLIT_K=3),
               "reshape_direct": dict(MODE=2, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),
               "reshape_splitk": dict(MODE=2, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2),
-              "fma_splitk": dict(MODE=0, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)}
+              "fma_splitk": dict(MODE=0, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2),
+              "reshape_reduce_kernel": dict(MODE=2, **SPLIT_REDUCE_KERNEL)}
 
 
 @pytest.fixture(autouse=True)
@@ -141,7 +144,10 @@ def test_w4a16_round_trip_from_verifier_format():
 W8_SHAPES = [(1, 96, 576), (3, 130, 512), (7, 64, 200), (70, 40, 256)]
 
 
-@pytest.mark.parametrize("cfg", list(CONFIGS))
+W8_CONFIGS = {**CONFIGS, "reduce_kernel": SPLIT_REDUCE_KERNEL}
+
+
+@pytest.mark.parametrize("cfg", list(W8_CONFIGS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m,n,k", W8_SHAPES)
 def test_w8a16(m, n, k, dtype, cfg):
@@ -149,7 +155,7 @@ def test_w8a16(m, n, k, dtype, cfg):
     qweight, scales = quantize_int8_rtn(r(n, k))
     x, bias = r(m, k, dtype=dtype), r(n, dtype=dtype) if m % 2 else None
     _poison()
-    out = w8a16_linear(x, qweight, scales, bias=bias, config=CONFIGS[cfg])
+    out = w8a16_linear(x, qweight, scales, bias=bias, config=W8_CONFIGS[cfg])
     _check(out, w8a16_linear_ref(x, qweight, scales, bias=bias), dtype, (m, n))
 
 
