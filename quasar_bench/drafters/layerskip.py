@@ -12,7 +12,9 @@ Skip set: `mode: static` takes `skip: [...]`; `mode: search` picks it on calibra
 scored by the top-1 agreement `a` of the skipped model with the verifier, teacher-forced over the
 continuation (prompt prefilled with all layers). Objective `speed` maximises the expected tokens
 per unit cost E[tau](a) / (1 + k * kept/L), E[tau](a) = (1 - a^(k+1)) / (1 - a) (one verify forward
-costs 1, a draft forward kept/L); objective `acceptance` maximises `a` at `target_skip_ratio`.
+costs 1, a draft forward kept/L; 1.0 = AR), over the non-empty sets on the greedy path (skipping
+nothing is not self-speculation; a warning says when even the best is predicted slower than AR);
+objective `acceptance` maximises `a` at `target_skip_ratio`.
 Each greedy step adds the layer whose skipping scores best, among `candidates` layers preselected
 by their single-layer score (0 = all). The result is cached as json under
 `cache_dir/layerskip/` (default ~/.cache/quasar_bench), keyed by the model name, a fingerprint of
@@ -137,8 +139,11 @@ class SkipSearch:
             path.append({"skip": sorted(skip), "agreement": a, "speed": self.speed(a, len(skip))})
         if objective == "acceptance":
             chosen = path[-1]
-        else:
-            chosen = max(path, key=lambda p: p["speed"])
+        else:  # skipping nothing is not self-speculation: the best non-empty set on the path
+            chosen = max(path[1:] or path, key=lambda p: p["speed"])
+            if chosen["speed"] < 1.0:
+                log.warning("layerskip search: the best skip set %s is predicted slower than AR "
+                            "(speed %.2f of AR: agreement %.2f)", chosen["skip"], chosen["speed"], chosen["agreement"])
         return {"skip": chosen["skip"], "agreement": chosen["agreement"], "speed": chosen["speed"],
                 "path": path, "evaluations": self.evals}
 
@@ -197,7 +202,7 @@ class LayerSkip(Drafter):
         if not getattr(self.runtime, "is_native", False) or not hasattr(self.runtime, "with_layers"):
             raise QuasarError("layerskip search needs the native runtime (llama/qwen2/qwen3/mistral)")
         model = getattr(self.loaded, "name", None) or "model"
-        ident = {"model": model, "weights": weights_fingerprint(self.runtime), "cache_key": cfg.get("cache_key"),
+        ident = {"version": 2, "model": model, "weights": weights_fingerprint(self.runtime), "cache_key": cfg.get("cache_key"),
                  **params}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
         root = Path(os.path.expanduser(cfg.get("cache_dir", None) or os.environ.get("QUASAR_CACHE", "~/.cache/quasar_bench")))
