@@ -2,6 +2,7 @@
 oracle cases (tau = k + 1), the synthetic drafter's geometric tau, bad input."""
 from __future__ import annotations
 
+import functools
 import json
 import random
 
@@ -40,6 +41,7 @@ def tiny_runtime(shapes: str, seed: int = 0, vocab: int = 256):
     return native_from_hf(hf, 512)
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_loaded(shapes="tiny_llama", seed=0, tokenizer=None) -> LoadedModel:
     cfg = {"name": shapes, "weights": "random", "shapes": shapes, "seed": seed, "max_seq_len": 512}
     if tokenizer:
@@ -295,3 +297,18 @@ def test_draft_model_with_other_tokenizer_raises(tmp_path):
     with pytest.raises(QuasarError, match="tokenizer"):
         mk({"name": "draft_model", "k": K, "model": {"name": "other", "weights": "random", "shapes": "tiny_llama",
                                                       "tokenizer": str(tmp_path)}}, verifier.runtime, verifier)
+
+
+def test_every_drafter_samples_reproducibly():
+    """temperature > 0 / top-p: every drafter runs through speculative sampling, seeded runs repeat."""
+    verifier = tiny_loaded("tiny_llama", seed=0)
+    rt = verifier.runtime
+    prompt = [10, 20, 30, 40]
+    ref = ar_ids(rt, prompt, 20)
+    cfgs = drafter_cfgs(rt.num_layers) + [
+        {"name": "draft_model", "k": K, "model": {"name": "tiny_qwen3", "weights": "random", "shapes": "tiny_qwen3"}}]
+    for cfg in cfgs:
+        d = mk(cfg, rt, verifier)
+        runs = [generate(rt, d, prompt, 20, K, (), 0.8, 0.9, torch.Generator().manual_seed(1), ref).output_ids
+                for _ in range(2)]
+        assert runs[0] == runs[1] and len(runs[0]) == 20, cfg
