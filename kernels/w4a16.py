@@ -6,14 +6,19 @@
 The verify pass has M = k + 1 = 1..64 rows: the GEMM is memory-bound and its time is the time to
 stream the packed weight once. With few rows, a grid over N alone leaves most SMs idle for the
 small projections (k/v: 1024 columns), so the K loop is split across programs (split-K): each
-program writes an fp32 partial [M, N] and a second small kernel sums the partials, adds the bias
-and casts (deterministic, no atomics). A split of 1 writes the output directly.
+program writes an fp32 partial [M, N]; the last split to arrive at an output tile (an atomic
+counter) sums the partials in split order (deterministic), adds the bias and casts. A split of 1
+writes the output directly. The dequantization avoids int->float conversions (see MAGIC_F32_BITS).
 
-This file also holds the machinery the int8 kernels share (split-K reduce, config choice and
-the small autotuner keyed on (M bucket, N, K)).
+This file also holds the machinery the int8 kernels share (split-K epilogue, configs, and the
+small autotuner keyed on (kernel, M bucket, N, K, dtype), which times candidates under CUDA graphs).
 
-CPU tensors run through Triton's interpreter: set TRITON_INTERPRET=1 before this module is
-imported (tests/test_kernels.py does).
+On CUDA, call these under CUDA graphs in a decode loop: an eager call costs 70-130 µs of Python
+and launch time on the H100 machine here, more than the kernel. Warm up (one eager call per
+shape and M bucket, which autotunes) before capturing; kernels/NOTES.md has the measurements.
+
+CPU tensors run through Triton's interpreter: set TRITON_INTERPRET=1 before triton is first
+imported (tests/test_kernels.py does, or reruns itself in a subprocess).
 """
 from __future__ import annotations
 
