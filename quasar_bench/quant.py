@@ -16,9 +16,9 @@ forward(x):
     on the module on first use (`_w_cache`, not a buffer, never saved): it is the same function,
     computed once instead of every forward, so a quantized verifier runs on CPU at the speed of
     the fp32 model. `free_cache()` drops it. For W8A8 the CPU path quantizes the activations per
-    token exactly like the kernel (absmax/127, round half away from zero) and multiplies the
-    dequantized int8 codes in fp32; the products of int8 codes are exact in fp32, only the order
-    of the fp32 accumulation differs from an int32 accumulator (relative 1e-7).
+    token exactly like the kernel (absmax/127, round half away from zero) and sums the int8 products
+    exactly (torch._int_mm, int32; the cache holds the transposed int8 codes), so W8A8 outputs do not
+    depend on the batch size (T=1 AR steps and T=k+1 verify steps agree bit for bit).
 """
 from __future__ import annotations
 
@@ -186,7 +186,17 @@ class W8A8Linear(Int8Linear):
         if x.is_cuda:
             return cuda_kernels().w8a8_linear(x, self.qweight, self.scales, self.bias)
         xq, xs = quantize_per_token(x)
-        y = F.linear(xq, self.cpu_weight()) * xs[..., None]
+        # Integer products summed exactly (int32), so a row's output does not depend on how many
+        # rows share the call: T=1 (AR) and T=k+1 (verify) agree bit for bit, and per-token
+        # quantization cannot turn GEMM rounding noise into a flipped int8 step.
+        codes = xq.reshape(-1, self.in_features).to(torch.int8)
+        if self._w_cache is None:
+            self._w_cache = self.qweight.t().contiguous()
+        try:
+            acc = torch._int_mm(codes, self._w_cache).double()
+        except RuntimeError:  # shapes _int_mm refuses: float64 sums of int8 products are exact too
+            acc = codes.double() @ self._w_cache.double()
+        y = (acc * self.scales.double()[None, :]).float().reshape(*x.shape[:-1], -1) * xs[..., None]
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
