@@ -40,6 +40,12 @@ def main() -> None:
     from .errors import QuasarError
 
     check_group_choices(sys.argv[1:])
+    from .cli_checks import precheck  # unknown keys, conflicting overrides, out_dir, hub reachability
+
+    try:
+        precheck(sys.argv[1:], CONF_DIR)
+    except QuasarError as e:
+        fail(str(e))
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:

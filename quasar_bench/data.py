@@ -6,6 +6,10 @@ one JSON object a line, `{"question_id": int, "category": str, "turns": [str, ..
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -13,6 +17,12 @@ from pathlib import Path
 from quasar_bench.errors import QuasarError
 
 DATASETS = ("builtin", "spec_bench", "mt_bench")
+# Public sources, fetched once (dataset.path=null) into <cache>/data/<name>/question.jsonl.
+SOURCES = {
+    "spec_bench": "https://raw.githubusercontent.com/hemingkx/Spec-Bench/main/data/spec_bench/question.jsonl",
+    "mt_bench": "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/mt_bench/question.jsonl",
+}
+FETCH_TIMEOUT_S = 10
 
 
 @dataclass
@@ -58,10 +68,50 @@ def _read_builtin() -> list[Prompt]:
                         "prompt_id")
 
 
+def data_cache_dir() -> Path:
+    """<$QUASAR_CACHE or ~/.cache/quasar_bench>/data"""
+    return Path(os.path.expanduser(os.environ.get("QUASAR_CACHE", "~/.cache/quasar_bench"))) / "data"
+
+
+def _download(url: str, timeout: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (fixed https URLs)
+        return r.read()
+
+
+def fetch_dataset(name: str) -> Path:
+    """The cached question.jsonl of `name`, fetched once from its public source.
+
+    Offline (no network, or QUASAR_OFFLINE=1 / HF_HUB_OFFLINE=1): a QuasarError naming dataset.path=.
+    A fetched file is parsed before it is cached, so a bad download is never reused."""
+    target = data_cache_dir() / name / "question.jsonl"
+    if target.exists():
+        return target
+    url = SOURCES[name]
+    hint = f"set dataset.path=/path/to/question.jsonl (a local copy of {url})"
+    if os.environ.get("QUASAR_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise QuasarError(f"dataset {name!r} is not cached in {target.parent} and offline mode is set; {hint}")
+    try:
+        body = _download(url, FETCH_TIMEOUT_S)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise QuasarError(f"cannot fetch dataset {name!r} ({str(reason).splitlines()[0][:120]}; offline?); "
+                          f"{hint}") from None
+    text = body.decode("utf-8", errors="replace")
+    _parse_lines(text.splitlines(), url, name, "question_id")  # refuse to cache a bad download
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(body)
+    os.replace(tmp, target)
+    return target
+
+
 def _read_jsonl(name: str, path: str | None) -> list[Prompt]:
     if not path:
-        raise QuasarError(f"dataset {name!r} is read from a question.jsonl file: "
-                          f"set dataset.path=/path/to/question.jsonl")
+        if name not in SOURCES:
+            raise QuasarError(f"dataset {name!r} is read from a question.jsonl file: "
+                              f"set dataset.path=/path/to/question.jsonl")
+        path = str(fetch_dataset(name))
     p = Path(path).expanduser()
     try:
         text = p.read_text("utf-8")

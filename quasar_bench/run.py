@@ -116,7 +116,10 @@ def get_model(cfg) -> LoadedModel:
     key = model_key(cfg)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()  # one model at a time in memory
+        log.info("loading model %s (%s)", cfg.model.name, key)
         _MODEL_CACHE[key] = load_model(cfg.model)
+    else:
+        log.info("reusing loaded model %s (%s)", cfg.model.name, key)
     return _MODEL_CACHE[key]
 
 
@@ -333,6 +336,10 @@ class Experiment:
         atomic_export(df, self.out_dir)
         summary = summarize(df)
         save(summary, self.out_dir / "summary.csv")
+        if self.cfg.get("logger") is not None and self.cfg.logger.get("name") == "wandb":
+            from .wandb_logger import log_results
+
+            log_results(self.cfg, df, summary, self.out_dir)
         print(format_table(summary))
         print(f"\nresults: {self.out_dir.resolve()}  (rows.parquet, rows.csv, summary.csv)")
         return self.out_dir

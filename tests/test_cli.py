@@ -14,7 +14,7 @@ TINY = ["model=tiny_llama", "dataset.limit=3", "max_new_tokens=6", "progress=fal
 
 
 def cli(*args, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "QUASAR_OFFLINE": "1"}  # no dataset fetch
     return subprocess.run([sys.executable, "-m", "quasar_bench", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -51,7 +51,9 @@ def test_spec_bench_and_mt_bench_load():
     assert len(rag) == 7 and all(p.category == "rag" for p in rag)
 
 
-def test_path_required_and_missing_file(tmp_path):
+def test_path_required_and_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUASAR_OFFLINE", "1")  # path=None would fetch the public copy when online
+    monkeypatch.setenv("QUASAR_CACHE", str(tmp_path))
     with pytest.raises(QuasarError, match=r"dataset\.path="):
         load_prompts("spec_bench")
     missing = tmp_path / "nope.jsonl"
