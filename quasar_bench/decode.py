@@ -99,6 +99,9 @@ def generate(runtime, drafter: Drafter, prompt_ids: list[int], max_new_tokens: i
             n_acc, next_token = verify_sampling(logits, draft, temperature, top_p, generator)
         else:
             n_acc, next_token = verify_greedy(logits, draft.tokens)
+            if draft.forced_accept is not None:  # speed-only synthetic acceptance (drafters/synthetic.py)
+                n_acc = min(draft.forced_accept, len(draft.tokens))
+                next_token = int(logits[n_acc].argmax())
         res.verify_s += timer.now() - tv
         # Keep the cache for the fed last token and the accepted drafts; the rest was rejected.
         runtime.rollback(base + 1 + n_acc)

@@ -226,6 +226,7 @@ class Experiment:
         if dcfg.get("replay", "own") == "reference":
             ref = self.references.get(key)
             return ref[1] if ref else None
+        key = (*key, tuple(ids))  # a later turn's prompt holds this cell's own earlier answers
         if key not in self.own_ar:
             ar = make_drafter(OmegaConf.create({"name": "ar"}), runtime, loaded)
             self.own_ar[key] = generate(runtime, ar, ids, int(self.cfg.max_new_tokens), 0, loaded.eos_ids).output_ids
@@ -269,7 +270,7 @@ class Experiment:
         k = 0 if dcfg.name == "ar" else int(dcfg.k)
         gen_kw = dict(max_new_tokens=int(cfg.max_new_tokens), k=k, eos_ids=loaded.eos_ids,
                       temperature=float(cfg.temperature), top_p=float(cfg.top_p))
-        replays = dcfg.name == "synthetic"
+        replays = dcfg.name == "synthetic" and dcfg.get("acceptance", "verify") != "forced"
         if cfg.get("warmup", True):  # compile/allocate once outside the timed region
             first = self.prompts[0]
             warm_ids = encode_turn(loaded, first.turns[:1], [])
@@ -290,7 +291,7 @@ class Experiment:
                 res = generate(runtime, drafter, ids, **gen_kw, generator=torch.Generator().manual_seed(seed),
                                reference=replay)
                 if dcfg.name == "ar" and float(cfg.temperature) == 0:
-                    self.own_ar[(p.prompt_id, turn)] = res.output_ids
+                    self.own_ar[(p.prompt_id, turn, tuple(ids))] = res.output_ids
                 text = decode_text(loaded.tokenizer, res.output_ids)
                 answers.append(text)
                 if (p.prompt_id, turn) in done:

@@ -67,15 +67,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # as transformers: normalise in fp32, cast back, then scale (one fused kernel for the norm)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def causal_mask(query_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """[T, n_keys] bool: the query at absolute position p sees keys 0..p (computed once a forward)."""
+    return torch.arange(n_keys, device=query_pos.device)[None, :] <= query_pos[:, None]
 
 
 class Attention(nn.Module):
@@ -90,7 +93,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
             self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv, start, span: int = 0):
+    def forward(self, x, cos, sin, kv, start, mask, span: int = 0):
         """x [T, H]; cos/sin [T, D]; kv = (k_cache, v_cache) [n_kv, S, D] or None (no cache).
         `start` is an int (eager), or a tensor of positions [T] with `span` keys attended (the
         static-shape path that CUDA graphs capture: no Python int may change between replays)."""
@@ -107,16 +110,12 @@ class Attention(nn.Module):
             k_cache, v_cache = kv
             k_cache.index_copy_(1, start, k)
             v_cache.index_copy_(1, start, v)
-            k, v, qpos = k_cache[:, :span], v_cache[:, :span], start
-        else:
-            if kv is not None:
-                k_cache, v_cache = kv
-                k_cache[:, start : start + t] = k
-                v_cache[:, start : start + t] = v
-                k, v = k_cache[:, : start + t], v_cache[:, : start + t]
-            qpos = start + torch.arange(t, device=x.device)
-        # Query i sits at absolute position qpos[i] and sees keys 0..qpos[i].
-        mask = torch.arange(k.shape[1], device=x.device)[None, :] <= qpos[:, None]
+            k, v = k_cache[:, :span], v_cache[:, :span]
+        elif kv is not None:
+            k_cache, v_cache = kv
+            k_cache[:, start : start + t] = k
+            v_cache[:, start : start + t] = v
+            k, v = k_cache[:, : start + t], v_cache[:, : start + t]
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
         return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
 
@@ -140,8 +139,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, x, cos, sin, kv, start, span=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, span)
+    def forward(self, x, cos, sin, kv, start, mask, span=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask, span)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -225,8 +224,9 @@ class Transformer(nn.Module):
         """All layers at positions `pos` attending to the first `span` cache slots: fixed shapes."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rope_cos[pos].to(h.dtype), self.rope_sin[pos].to(h.dtype)
+        mask = causal_mask(pos, span)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, (self.k_cache[i], self.v_cache[i]), pos, span)
+            h = layer(h, cos, sin, (self.k_cache[i], self.v_cache[i]), pos, mask, span)
         return self.lm_head(self.norm(h)).float()
 
     def enable_cuda_graphs(self, max_tokens: int = 16, max_len: int | None = None, bucket: int = 256) -> None:
@@ -247,9 +247,10 @@ class Transformer(nn.Module):
         t = h.shape[0]
         cos = self.rope_cos[start : start + t].to(h.dtype)
         sin = self.rope_sin[start : start + t].to(h.dtype)
+        mask = causal_mask(start + torch.arange(t, device=h.device), start + t if use_cache else t)
         for i in range(self.num_layers) if layer_ids is None else layer_ids:
             kv = (self.k_cache[i], self.v_cache[i]) if use_cache else None
-            h = self.layers[i](h, cos, sin, kv, start)
+            h = self.layers[i](h, cos, sin, kv, start, mask)
             if collect is not None:
                 collect.append(h)
         return h

@@ -312,3 +312,21 @@ def test_every_drafter_samples_reproducibly():
         runs = [generate(rt, d, prompt, 20, K, (), 0.8, 0.9, torch.Generator().manual_seed(1), ref).output_ids
                 for _ in range(2)]
         assert runs[0] == runs[1] and len(runs[0]) == 20, cfg
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.9])
+def test_synthetic_forced_acceptance_follows_geometric_law_whatever_the_verifier(alpha):
+    """acceptance=forced (speed runs on random weights): tau follows the law even though the
+    verifier (a random tiny model) never agrees with the random drafts; each step still verifies
+    all k drafted tokens, so the verify cost is the real one."""
+    rt = tiny_runtime("tiny_llama")
+    d = mk({"name": "synthetic", "k": K, "alpha": alpha, "seed": 5, "acceptance": "forced"}, rt)
+    tokens = steps = 0
+    for prompt in ([4, 5, 6], [7, 8, 9], [10, 11, 12], [13, 14, 15]):
+        res = generate(rt, d, prompt, 480, K)
+        assert res.drafted >= K * (res.verify_steps - K)  # full drafts but in the last, budget-capped steps
+        tokens, steps = tokens + len(res.output_ids), steps + res.verify_steps
+    mean, var = accepted_moments(alpha, K)
+    assert abs(tokens / steps - mean) < 4 * (var / steps) ** 0.5 + 0.02, (tokens / steps, mean)
+    with pytest.raises(QuasarError, match="acceptance"):
+        mk({"name": "synthetic", "k": K, "alpha": alpha, "acceptance": "maybe"}, rt)

@@ -21,6 +21,9 @@ class Draft:
     # Draft distribution per proposed token [len(tokens), V] for speculative sampling; None means a
     # deterministic proposal (q is one-hot on the token).
     probs: torch.Tensor | None = None
+    # Speed-only runs (synthetic drafter, acceptance=forced): how many drafts the loop accepts,
+    # instead of the verifier's verdict. The verify forward still runs over every drafted token.
+    forced_accept: int | None = None
 
 
 class Drafter:

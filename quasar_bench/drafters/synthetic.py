@@ -1,5 +1,6 @@
-"""Synthetic drafter: replays the reference continuation (the reference verifier's greedy output,
-passed to start()) and corrupts each proposed token with probability 1 - alpha, so speed can be
+"""Synthetic drafter: replays a reference continuation passed to start() (the experiment runner
+passes the verifier's own greedy AR output by default, `replay: own`, or the reference verifier's
+with `replay: reference`) and corrupts each proposed token with probability 1 - alpha, so speed can be
 measured at a chosen acceptance. With the verifier that produced the reference and greedy
 verification, every untouched token is accepted and a corrupted one (any token != the reference
 one, uniform over the rest of the vocabulary) is rejected, so tau follows the geometric law
@@ -10,6 +11,8 @@ generated text leaves the reference (sampling, another verifier precision, a nea
 batching), there is nothing to replay: the drafter proposes nothing (plain AR) until the end of that
 generation; the same happens past the end of the reference. Corruption is seeded per generation
 from `seed` and the prompt ids, so a run is reproducible and independent of prompt order.
+
+`acceptance: forced` is for speed runs only (random weights): see __init__.
 """
 from __future__ import annotations
 
@@ -37,8 +40,18 @@ class Synthetic(Drafter):
         if self.vocab < 2 and self.alpha < 1:
             raise QuasarError("synthetic drafter needs a vocabulary of >= 2 tokens to corrupt a token")
         self.reference = None
+        # verify: real greedy verification of the replayed reference (needs the verifier's own
+        # greedy output as reference). forced: speed only: the loop accepts the drafts up to the
+        # first corrupted one whatever the verifier says, so tau follows the geometric law exactly
+        # even where the reference cannot be replayed (random weights, where batched and single-token
+        # forwards flip near-ties); the output is then not the verifier's greedy output.
+        self.acceptance = cfg.get("acceptance", "verify")
+        if self.acceptance not in ("verify", "forced"):
+            raise QuasarError(f"drafter.acceptance={self.acceptance!r}; choose verify or forced")
 
     def start(self, prompt_ids, reference=None):
+        if reference is None and self.acceptance == "forced":
+            reference = []
         if reference is None:
             raise QuasarError("the synthetic drafter replays the reference continuation, but none was given; "
                               "run it through the experiment (which computes references) or pass reference=")
@@ -49,6 +62,11 @@ class Synthetic(Drafter):
         self.rng = random.Random(self.seed * 1_000_003 + crc)
 
     def propose(self, context, k):
+        if self.acceptance == "forced":
+            accepted = 0
+            while accepted < k and self.rng.random() < self.alpha:
+                accepted += 1
+            return Draft(tokens=[self.rng.randrange(self.vocab) for _ in range(k)], forced_accept=accepted)
         pos = len(context) - self.prompt_len
         if self.aligned and context[self.prompt_len :] != self.reference[:pos]:
             self.aligned = False  # diverged: the reference no longer predicts this text
