@@ -77,7 +77,11 @@ def check_conflicts(cfg, parsed) -> None:
         if group in keys and any(k == listed or k.startswith(listed + ".") for k in keys):
             raise QuasarError(f"{group}= and {listed}= both choose the {group}s: give one of them "
                               f"({group}=NAME runs one {group}, {listed}=[a,b] a list)")
-    if "k" in keys and cfg.get("k") is not None and all(n == "ar" for n in _drafter_names(cfg)):
+    sweeps = {o.key_or_group: o for o in parsed if o.is_sweep_override()}
+    if "experiment" in sweeps or any(k.startswith("matrix.drafters") for k in sweeps):
+        return  # the drafters differ between jobs: the runner judges each job
+    names = list(sweeps["drafter"].sweep_string_iterator()) if "drafter" in sweeps else _drafter_names(cfg)
+    if "k" in keys and cfg.get("k") is not None and all(n == "ar" for n in names):
         raise QuasarError(f"k={cfg.k} has no effect: the only drafter is ar (plain autoregressive, drafts "
                           "nothing); drop k= or add a drafter, e.g. drafter=ngram")
 

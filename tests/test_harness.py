@@ -316,3 +316,12 @@ def test_launcher_configs_compose():
     assert slurm._target_.endswith("SlurmLauncher") and slurm.gpus_per_node == 1
     assert {"partition", "timeout_min", "cpus_per_task", "mem_gb"} <= set(slurm)
     assert local._target_.endswith("LocalLauncher")
+
+
+def test_precheck_judges_the_whole_sweep():
+    from quasar_bench.cli_checks import precheck
+
+    precheck(["-m", "drafter=ar,ngram", "k=3"], ROOT / "conf")  # k applies to the ngram job: no error
+    precheck(["-m", "k=1,3", "drafter=ngram", "+note=x"], ROOT / "conf")
+    with pytest.raises(QuasarError, match="k=1 has no effect"):
+        precheck(["-m", "k=1,3", "drafter=ar"], ROOT / "conf")
