@@ -38,6 +38,17 @@ class CUDAGraphs:
             out = m.static_forward(self.ids[:t], pos(), span)
         return graph, out
 
+    def capture_all(self) -> None:
+        """Capture every (tokens, span) graph up front (and let the Triton kernels autotune every
+        row count), so no capture or tuning ever lands inside a timed decode step. The warm-up
+        forwards write KV slots 0..t-1, which the next generation's prefill overwrites."""
+        self.start.fill_(0)
+        for t in range(1, self.max_tokens + 1):
+            for span in range(self.bucket, self.max_len + 1, self.bucket):
+                if (t, span) not in self.graphs:
+                    self.graphs[(t, span)] = self.capture(t, span)
+        torch.cuda.synchronize()
+
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         t = input_ids.shape[0]

@@ -218,6 +218,8 @@ class Experiment:
             return
         max_k = max([int(d.get("k", 0)) for d in self.drafters if d.name != "ar"] + [0])
         runtime.enable_cuda_graphs(max_tokens=max_k + 1, max_len=int(self.cfg.model.get("max_seq_len", 4096)))
+        runtime.reset(runtime.graphs.max_len)  # allocate the cache the graphs will address
+        runtime.graphs.capture_all()
 
     def replay_reference(self, runtime, loaded, dcfg, key, ids):
         """What a replaying drafter (synthetic) replays: by default this verifier's own greedy AR
