@@ -46,9 +46,10 @@ def group_config(group: str, entry) -> DictConfig:
     return OmegaConf.merge(OmegaConf.load(path), entry)
 
 
-def matrix(cfg, group: str, single: str, listed: str) -> list[DictConfig]:
+def matrix(cfg, group: str, single: str, listed: str, entries=None) -> list[DictConfig]:
     chosen = cfg.get(single)
-    entries = [chosen] if chosen is not None else list(cfg.matrix[listed])
+    if entries is None:
+        entries = [chosen] if chosen is not None else list(cfg.matrix[listed])
     if not entries:
         raise QuasarError(f"matrix.{listed} is empty; name at least one {group}")
     out = [group_config(group, e) for e in entries]
@@ -58,8 +59,8 @@ def matrix(cfg, group: str, single: str, listed: str) -> list[DictConfig]:
     return out
 
 
-def drafter_configs(cfg) -> list[DictConfig]:
-    out = matrix(cfg, "drafter", "drafter", "drafters")
+def drafter_configs(cfg, entries=None) -> list[DictConfig]:
+    out = matrix(cfg, "drafter", "drafter", "drafters", entries)
     for d in out:
         if d.name not in drafter_names():
             raise QuasarError(f"drafter config {d.name} has no module quasar_bench/drafters/{d.name}.py")
@@ -71,9 +72,27 @@ def drafter_configs(cfg) -> list[DictConfig]:
     return sorted(out, key=lambda d: d.name != "ar")
 
 
-def verifier_configs(cfg) -> list[DictConfig]:
-    out = matrix(cfg, "verifier", "verifier", "verifiers")
+def verifier_configs(cfg, entries=None) -> list[DictConfig]:
+    out = matrix(cfg, "verifier", "verifier", "verifiers", entries)
     return sorted(out, key=lambda v: v.name != REFERENCE)
+
+
+def plan_cells(cfg) -> list[tuple[DictConfig, list[DictConfig]]]:
+    """(verifier, drafters) to run: the product matrix.verifiers x matrix.drafters, plus each
+    `matrix.extra` block ({verifiers: [...], drafters: [...]}: more drafters for some verifiers).
+    `drafter=` / `verifier=` on the command line narrow the run to the product alone."""
+    plan = [(v, drafter_configs(cfg)) for v in verifier_configs(cfg)]
+    narrowed = cfg.get("drafter") is not None or cfg.get("verifier") is not None
+    for block in ([] if narrowed else (cfg.matrix.get("extra") or [])):
+        extra_drafters = drafter_configs(cfg, list(block.drafters))
+        for v in verifier_configs(cfg, list(block.verifiers)):
+            found = next((ds for pv, ds in plan if cell_hash(pv) == cell_hash(v)), None)
+            if found is None:
+                plan.append((v, found := []))
+            have = {cell_hash(d) for d in found}
+            found.extend(d for d in extra_drafters if cell_hash(d) not in have)
+    plan.sort(key=lambda vd: vd[0].name != REFERENCE)
+    return [(v, sorted(ds, key=lambda d: d.name != "ar")) for v, ds in plan]
 
 
 def cell_hash(obj) -> str:
@@ -136,8 +155,10 @@ class Experiment:
     def __init__(self, cfg):
         validate(cfg)
         self.cfg = cfg
-        self.drafters = drafter_configs(cfg)
-        self.verifiers = verifier_configs(cfg)
+        self.plan = plan_cells(cfg)
+        self.verifiers = [v for v, _ in self.plan]
+        unique = {cell_hash(d): d for _, ds in self.plan for d in ds}
+        self.drafters = list(unique.values())  # every drafter config of the run, once
         ds = cfg.dataset
         self.prompts = data.load_prompts(ds.name, ds.get("path"), ds.get("categories"), ds.get("limit"))
         self.out_dir = Path(cfg.out_dir)
@@ -194,14 +215,14 @@ class Experiment:
         for d in self.drafters:
             make_drafter(d, loaded.runtime, loaded)
         self.env = environment()
-        for vcfg in self.verifiers:
+        for vcfg, drafters in self.plan:
             runtime = build_runtime(loaded, vcfg, cfg)
             if self.needs_reference() and not self.references:
                 self.compute_references(loaded)
             fidelity = self.fidelity(runtime) if self.ref_logprobs else {}
             self.maybe_cuda_graphs(runtime)
             self.own_ar = {}  # this verifier's own greedy AR output, for drafters that replay it
-            for dcfg in self.drafters:
+            for dcfg in drafters:
                 self.run_cell(loaded, runtime, vcfg, dcfg, fidelity)
             if hasattr(runtime, "release"):  # the next verifier may copy the reference's modules
                 runtime.release()

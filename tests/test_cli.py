@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-TINY = ["model=tiny_llama", "dataset.limit=3", "max_new_tokens=6", "progress=false"]
+TINY = ["model=tiny_llama", "dataset.limit=3", "max_new_tokens=6", "progress=false",
+        "matrix.verifiers=[reference]", "matrix.extra=[]"]  # the default matrix, narrowed to the core
 
 
 def cli(*args, cwd=ROOT):
@@ -88,7 +89,23 @@ def test_shared_spec_bench_runs(tmp_path):
         pytest.skip("shared Spec-Bench data not present")
     out = tmp_path / "sb"
     r = cli("model=tiny_qwen3", "dataset=spec_bench", f"dataset.path={path}", "dataset.categories=[translation]",
-            "dataset.limit=2", "max_new_tokens=4", "drafter=ngram", "progress=false", f"out_dir={out}")
+            "dataset.limit=2", "max_new_tokens=4", "drafter=ngram", "verifier=reference", "progress=false",
+            f"out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = pd.read_parquet(out / "rows.parquet")
     assert set(rows.category) == {"translation"} and len(rows) == 2 and set(rows.drafter) == {"ngram"}
+
+
+def test_matrix_extra_cells_and_narrowing():
+    from omegaconf import OmegaConf
+
+    from quasar_bench.run import plan_cells
+
+    cfg = OmegaConf.create({"drafter": None, "verifier": None, "k": None, "matrix": {
+        "drafters": ["ngram", "ar"], "verifiers": ["int4", "reference"],
+        "extra": [{"verifiers": ["reference", "int8"], "drafters": ["ngram", {"name": "early_exit", "layers": 2}]}]}})
+    plan = {v.name: [d.name for d in ds] for v, ds in plan_cells(cfg)}
+    assert list(plan) == ["reference", "int4", "int8"]  # reference first: it makes the reference outputs
+    assert plan == {"reference": ["ar", "ngram", "early_exit"], "int4": ["ar", "ngram"], "int8": ["ngram", "early_exit"]}
+    cfg.drafter = {"name": "ngram"}  # drafter= on the command line: the product alone, narrowed
+    assert {v.name: [d.name for d in ds] for v, ds in plan_cells(cfg)} == {"reference": ["ngram"], "int4": ["ngram"]}

@@ -23,7 +23,8 @@ from quasar_bench.errors import QuasarError
 from quasar_bench.store import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny_llama", "dataset.limit=2", "max_new_tokens=4", "progress=false"]
+TINY = ["model=tiny_llama", "dataset.limit=2", "max_new_tokens=4", "progress=false",
+        "matrix.verifiers=[reference]", "matrix.extra=[]"]
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: refused at once, never the internet
 
 
