@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .runtime import causal_mask
+
 from .packing import SCALE_DTYPE, check_int4_group, pack_int4
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
@@ -104,7 +106,7 @@ def _run_block(runtime, layer, hs):
         t = h.shape[0]
         cos = runtime.rope_cos[:t].to(h.dtype)
         sin = runtime.rope_sin[:t].to(h.dtype)
-        out.append(layer(h, cos, sin, None, 0))
+        out.append(layer(h, cos, sin, None, 0, causal_mask(torch.arange(t, device=h.device), t)))
     return out
 
 
