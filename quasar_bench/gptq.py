@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import causal_mask
-
 from .packing import SCALE_DTYPE, check_int4_group, pack_int4
+from .runtime import causal_mask
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
           ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))

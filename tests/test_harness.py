@@ -222,7 +222,8 @@ def test_dataset_fetched_once_then_cached(cache, monkeypatch):
 
 # -- the real CLI killed at random moments, then resumed ------------------------------------------
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
-    args = ["model=tiny_llama", "dataset.limit=4", "max_new_tokens=32", "progress=false"]
+    args = ["model=tiny_llama", "dataset.limit=4", "max_new_tokens=32", "progress=false",
+            "matrix.verifiers=[reference]", "matrix.extra=[]"]
     env = env_for(tmp_path, OMP_NUM_THREADS="1")  # two processes share the cores: one thread each
     ref_dir, kill_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     t_start = time.monotonic()
