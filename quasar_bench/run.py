@@ -388,7 +388,7 @@ def weight_bytes(runtime) -> int:
     skip = {id(embed.weight)} if embed is not None and getattr(module, "lm_head", None) is not None \
         and module.lm_head.weight is not embed.weight else set()
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if id(t) in seen or id(t) in skip or "rope" in name or name.endswith("_cpu_weight"):
+        if id(t) in seen or id(t) in skip or "rope" in name:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()

@@ -108,12 +108,7 @@ def test_draft_model_identical_weights_accepts_everything():
 
 # -- greedy lossless on SmolLM2 ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return load_model(OmegaConf.create({"name": "smollm2"}))
-    except QuasarError as e:
-        pytest.skip(str(e))
+# `smollm2` comes from conftest.py: loaded once per session; a missing model fails, never skips.
 
 
 @pytest.mark.slow

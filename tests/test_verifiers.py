@@ -149,14 +149,7 @@ def test_second_build_loads_from_cache(tiny, tmp_path, monkeypatch):
     assert build_verifier(tiny, cfg("pruned", calibration=CALIB), tmp_path).num_layers == 3
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from quasar_bench.models import load_model
-
-    try:
-        return load_model(OmegaConf.create({"name": "smollm2"}))
-    except QuasarError as e:
-        pytest.skip(str(e))
+# `smollm2` comes from conftest.py: loaded once per session; a missing model fails, never skips.
 
 
 def test_smollm2_int8_closer_than_int4_g128(smollm2, tmp_path):
