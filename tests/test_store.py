@@ -48,6 +48,7 @@ def test_resume_skips_done_rows(tmp_path):
     st = ResultStore(root).open({"identity": IDENT})
     st.append([row("c1", "p0", 0), row("c1", "p0", 1)])
     st.append([row("c1", "p1", 0)])
+    st.close()  # a run's cell locks are held until close() (or exit): the next run may write c1
     st2 = ResultStore(root).open({"identity": IDENT})  # a resumed run
     assert st2.done_keys("c1") == {("p0", 0), ("p0", 1), ("p1", 0)}
     assert st2.done_keys("c2") == set()
