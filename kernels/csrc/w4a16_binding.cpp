@@ -1,0 +1,80 @@
+// Torch binding of the W4A16 verify GEMM (kernel: w4a16_marlin.cu; layout: kernels/w4a16_cuda.py).
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "w4a16_marlin.h"
+
+// out[M, N] = x[M, K] @ W^T (+ bias) for M <= 16 rows of x (the caller loops over 16-row chunks).
+void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, torch::Tensor zp,
+                       torch::Tensor out, c10::optional<torch::Tensor> bias, torch::Tensor ws,
+                       torch::Tensor cnt, int64_t N, int64_t K, int64_t G, int64_t WN, int64_t S,
+                       int64_t gx, int64_t occ) {
+  TORCH_CHECK(x.is_cuda() && qpk.is_cuda() && scl.is_cuda() && zp.is_cuda() && out.is_cuda() &&
+                  ws.is_cuda() && cnt.is_cuda(),
+              "w4a16_verify_gemm: CUDA tensors expected");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D with unit inner stride");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x must be bf16 or fp16");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_contiguous() && out.size(0) == x.size(0) &&
+                  out.size(1) == N,
+              "bad out");
+  TORCH_CHECK(scl.scalar_type() == x.scalar_type(), "scales must have x's dtype");
+  TORCH_CHECK(qpk.scalar_type() == at::kInt && qpk.dim() == 4 && qpk.size(2) == 32 && qpk.size(3) == 4,
+              "qpk must be int32 [NT, KT, 32, 4]");
+  TORCH_CHECK(zp.scalar_type() == at::kByte, "zeros must be uint8");
+  TORCH_CHECK(scl.dim() == 4 && scl.size(0) == qpk.size(0) && zp.sizes() == scl.sizes(), "bad scales/zeros shape");
+  TORCH_CHECK(qpk.is_contiguous() && scl.is_contiguous() && zp.is_contiguous(), "packed tensors must be contiguous");
+  TORCH_CHECK(ws.scalar_type() == at::kFloat && cnt.scalar_type() == at::kInt, "bad workspace dtypes");
+  const int M = x.size(0);
+  TORCH_CHECK(M >= 1 && M <= 16, "M must be 1..16 per launch");
+  TORCH_CHECK(occ == 1 || occ == 2, "occ must be 1 or 2");
+  TORCH_CHECK(WN == 1 || WN == 2 || WN == 4 || WN == 8, "WN must be 1, 2, 4 or 8");
+  const c10::cuda::CUDAGuard guard(x.device());
+  W4A16Params p;
+  p.qpk = reinterpret_cast<const uint4*>(qpk.data_ptr());
+  p.scl = reinterpret_cast<const uint4*>(scl.data_ptr());
+  p.zp = reinterpret_cast<const uint2*>(zp.data_ptr());
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.bias = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N, "bad bias");
+    p.bias = bias->data_ptr();
+  }
+  p.ws = ws.data_ptr<float>();
+  p.cnt = cnt.data_ptr<int>();
+  p.x_stride = x.stride(0);
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.G = G;
+  p.NT = qpk.size(0);
+  p.KT = qpk.size(1);
+  p.NG = scl.size(1);
+  p.Gp = p.KT * 16 / p.NG;
+  p.SPG = p.Gp / 16;
+  TORCH_CHECK(p.Gp % 16 == 0 && p.Gp >= G && (int64_t)p.NT * 64 >= N, "inconsistent packed geometry");
+  p.WN = WN;
+  p.WK = W4A16_NWARPS / WN;
+  p.nblocks = (p.NT + WN - 1) / WN;
+  p.S = S;
+  p.gps = (p.NG + S - 1) / S;
+  TORCH_CHECK((p.NG + p.gps - 1) / p.gps == S, "S must equal ceil(NG / ceil(NG / S))");
+  TORCH_CHECK(gx >= 1 && gx <= p.nblocks, "bad gx");
+  TORCH_CHECK(S == 1 || (ws.numel() >= (int64_t)S * 16 * p.NT * 64 && cnt.numel() >= p.nblocks),
+              "workspace too small");
+  p.vec = (x.stride(0) % 8 == 0) && (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0);
+  const bool r16 = M > 8;
+  const int R = r16 ? 16 : 8;
+  const int AST = p.gps * p.SPG * 16 + 8;
+  const int smem = R * AST * 2 + R * W4A16_NWARPS * 64 * 4;
+  TORCH_CHECK(smem <= 227 * 1024, "w4a16_verify_gemm: shared memory ", smem, " B over the limit (use more splits)");
+  TORCH_CHECK(occ == 1 || smem <= 113 * 1024, "occ=2 needs <= 113 KB of shared memory, got ", smem);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(w4a16_verify_launch(p, x.scalar_type() == at::kBFloat16, r16, (int)occ, (int)gx, smem, stream));
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("w4a16_verify_gemm", &w4a16_verify_gemm, "W4A16 verify GEMM (M <= 16), Marlin-style layout");
+}

@@ -1,0 +1,25 @@
+// Shared between the kernel (w4a16_marlin.cu) and the torch binding (w4a16_binding.cpp).
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#define W4A16_NWARPS 8
+
+struct W4A16Params {
+  const uint4* qpk;     // [NT][KT][32 lanes] x 16 B
+  const uint4* scl;     // [NT][NG][8 g] x 8 scales (x dtype)
+  const uint2* zp;      // [NT][NG][8 g] x 8 zero codes (uint8)
+  const void* x;        // [M][x_stride] (x dtype)
+  void* out;            // [M][N]
+  const void* bias;     // [N] or null
+  float* ws;            // [S][16][NT*64]
+  int* cnt;             // [nblocks]
+  long long x_stride;
+  int M, N, K, G, Gp, NG, KT, NT, SPG;
+  int WN, WK, nblocks, S, gps, vec;
+};
+
+// Launch one verify GEMM (M <= 16). occ: CTAs per SM the kernel is built for (2: 6 loads in
+// flight per warp, <= 128 registers; 1: 12 loads in flight). Returns the launch's error.
+cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int occ, int gx, int smem,
+                                cudaStream_t stream);

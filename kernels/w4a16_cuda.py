@@ -1,0 +1,363 @@
+"""Marlin-style CUDA W4A16 GEMM for the verify pass (M = 1..16 rows), JIT-built on first use.
+
+    packed = prepack_w4a16(qweight, scales, zeros, in_features, group_size)   # once, offline
+    y = w4a16_cuda_linear(x, packed, bias=None)                               # x [..., K] bf16/fp16
+    ok, why = available()
+
+Input format: quasar_bench/packing.py (qweight int32 [Kp//8, N], scales/zeros fp16 [Kp//G, N],
+W[n, k] = (code - zero) * scale). `prepack_w4a16` re-lays it out for the kernel
+(kernels/csrc/w4a16_marlin.cu); `unpack_prepacked` inverts that exactly (the CPU tests check the
+round trip, which is how CI checks the layout of a kernel that only runs on a GPU).
+
+Packed layout (NT = ceil(N / 64) column tiles of 64, each group padded to Gp = ceil(G / 16) * 16
+input channels, KT = NG * Gp / 16 k16 steps, NG = Kp / G groups):
+  qpk   int32 [NT, KT, 32, 4]: tile (nt, kt) is one 512-byte warp load; lane l = 4 g + t holds
+        4 words, word j nibble p (p = 4 h + 2 sb + r) = code of W[n, k'] with
+        n = 64 nt + 8 (2 j + sb) + g and k' = 16 kt + 8 r + 2 t + h: the B fragments of
+        mma.m16n8k16 for n8-subtiles 2j and 2j+1 (lop3 on q, q>>4, q>>8, q>>12 with mask
+        0x000f000f gives the four bf16x2 / half2 fragment registers). Padded group channels hold
+        the zero point, padded columns 0.
+  scales_bf16 / scales_fp16 [NT, NG, 8, 8]: scale of column 64 nt + 8 s + g at [nt, gi, g, s]
+        (one 16-byte load per lane and group); the kernel uses the one of x's dtype.
+  zeros uint8 [NT, NG, 8, 8]: zero codes, same order (the kernel subtracts (magic + zero) exactly).
+  dims  uint8 [0, N, K, G]: an empty tensor whose shape carries N, in_features and G (read
+        without touching the device: safe under CUDA-graph capture, survives .to(device)).
+
+The kernel: 8 warps per CTA (WN warps along N x WK along K), S K-splits, a persistent grid;
+activations of the CTA's K range in shared memory, weights streamed with 16-byte ld.global.nc
+several steps ahead in registers, dequant in registers (lop3 + bf16x2 sub + mul), mma.sync
+m16n8k16 with fp32 accumulators. With S > 1 partials go to an fp32 workspace and the last CTA
+of each column block to arrive sums them in split order and resets its counter (the workspace
+and counters persist per device and are left ready for the next call: no per-call memset, safe
+under CUDA-graph replay; do not run two calls concurrently on different streams of one device).
+M > 16 runs one launch per 16-row chunk. The launch configuration comes from a small cost
+model (`plan`); `config=` overrides it. See kernels/NOTES.md for measurements.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from quasar_bench.packing import pack_int4, unpack_int4
+
+_HERE = Path(__file__).resolve().parent
+_SOURCES = [_HERE / "csrc" / "w4a16_marlin.cu", _HERE / "csrc" / "w4a16_binding.cpp"]
+_EXT = None
+_EXT_ERR: str | None = None
+_LOCK = threading.Lock()
+
+TILE_N = 64
+NWARPS = 8
+
+
+# ------------------------------------------------------------------------------------------
+# build / load
+# ------------------------------------------------------------------------------------------
+
+def _build_dir() -> Path:
+    root = os.environ.get("QUASAR_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "quasar_bench"
+    d = base / "torch_extensions" / "w4a16_cuda"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _load():
+    """Build (first time, ~1 min) or load the extension; raise RuntimeError if impossible."""
+    global _EXT, _EXT_ERR
+    if _EXT is not None:
+        return _EXT
+    with _LOCK:
+        if _EXT is not None:
+            return _EXT
+        if _EXT_ERR is not None:
+            raise RuntimeError(_EXT_ERR)
+        try:
+            if not torch.cuda.is_available():
+                raise RuntimeError("no CUDA device visible to torch")
+            if torch.version.cuda is None:
+                raise RuntimeError("this torch build has no CUDA support")
+            from torch.utils.cpp_extension import CUDA_HOME, load
+
+            if CUDA_HOME is None:
+                raise RuntimeError("nvcc / CUDA_HOME not found")
+            flags = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17",
+                     "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90,code=sm_90"]
+            major, minor = torch.cuda.get_device_capability()
+            if (major, minor) != (9, 0):  # still build something that runs on this device
+                flags.append(f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}")
+            old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+            try:
+                _EXT = load(name="quasar_w4a16_cuda", sources=[str(s) for s in _SOURCES],
+                            extra_cuda_cflags=flags, extra_cflags=["-O3"],
+                            build_directory=str(_build_dir()), verbose=bool(os.environ.get("QUASAR_VERBOSE_BUILD")))
+            finally:
+                if old is None:
+                    os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+                else:
+                    os.environ["TORCH_CUDA_ARCH_LIST"] = old
+        except Exception as e:  # noqa: BLE001
+            _EXT_ERR = f"the W4A16 CUDA kernel cannot be built or loaded: {e}"
+            raise RuntimeError(_EXT_ERR) from e
+    return _EXT
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") if the CUDA kernel can run here (builds it on first call), else (False, reason)."""
+    try:
+        _load()
+        major, _ = torch.cuda.get_device_capability()
+        if major < 8:
+            return False, f"needs compute capability >= 8.0 (mma.sync bf16), found {major}.x"
+        return True, ""
+    except RuntimeError as e:
+        return False, str(e)
+
+
+# ------------------------------------------------------------------------------------------
+# offline re-layout
+# ------------------------------------------------------------------------------------------
+
+def _geometry(n: int, kp: int, g: int):
+    ng = kp // g
+    gp = -(-g // 16) * 16
+    kt = ng * gp // 16
+    nt = -(-n // TILE_N)
+    return ng, gp, kt, nt
+
+
+def prepack_w4a16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
+                  group_size: int) -> dict:
+    """Project int4 format -> the kernel's layout (pure torch; CPU or GPU, output on the same device)."""
+    g = int(group_size)
+    if g < 8 or g % 8:
+        raise ValueError(f"group_size must be a positive multiple of 8, got {g}")
+    kp, n = qweight.shape[0] * 8, qweight.shape[1]
+    if kp % g or scales.shape != (kp // g, n) or zeros.shape != (kp // g, n):
+        raise ValueError(f"inconsistent int4 tensors: qweight {tuple(qweight.shape)}, scales "
+                         f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)}, group {g}")
+    if not (kp - g < in_features <= kp):
+        raise ValueError(f"in_features={in_features} does not match Kp={kp} (group {g})")
+    dev = qweight.device
+    ng, gp, kt, nt = _geometry(n, kp, g)
+    np_ = nt * TILE_N
+    zc = zeros.float().round().clamp(0, 15).to(torch.uint8)  # [NG, N]
+    # codes -> [Np, NG, Gp] with padded group channels = zero point, padded columns = 0
+    qpk = torch.empty(nt, kt, 32, 4, dtype=torch.int32, device=dev)
+    shifts = (torch.arange(8, device=dev, dtype=torch.int64) * 4)
+    chunk = max(1, (1 << 24) // max(1, TILE_N * kt * 16))  # column tiles per pass (bounded temporaries)
+    for t0 in range(0, nt, chunk):
+        t1 = min(nt, t0 + chunk)
+        n0, n1 = t0 * TILE_N, min(n, t1 * TILE_N)
+        c = torch.zeros((t1 - t0) * TILE_N, ng, gp, dtype=torch.uint8, device=dev)
+        codes = unpack_int4(qweight[:, n0:n1])  # [n1-n0, Kp]
+        c[: n1 - n0, :, :g] = codes.view(n1 - n0, ng, g)
+        if gp > g:
+            c[: n1 - n0, :, g:] = zc[:, n0:n1].t().unsqueeze(-1)
+        # n = 64 nt + 16 j + 8 sb + g ; k' = 16 kt + 8 r + 2 t + h
+        c = c.view(t1 - t0, 4, 2, 8, kt, 2, 4, 2)  # nt, j, sb, g, kt, r, t, h
+        c = c.permute(0, 4, 3, 6, 1, 7, 2, 5)  # nt, kt, g, t, j, h, sb, r
+        c = c.reshape(t1 - t0, kt, 32, 4, 8).to(torch.int64)
+        w = (c << shifts).sum(-1)
+        w = torch.where(w >= 2**31, w - 2**32, w)
+        qpk[t0:t1] = w.to(torch.int32)
+
+    def relayout(a: torch.Tensor, fill) -> torch.Tensor:  # [NG, N] -> [NT, NG, 8 g, 8 s]
+        full = torch.full((ng, np_), fill, dtype=a.dtype, device=dev)
+        full[:, :n] = a
+        return full.view(ng, nt, 8, 8).permute(1, 0, 3, 2).contiguous()
+
+    s16 = relayout(scales.to(torch.float16), 0.0)
+    return {
+        "qpk": qpk,
+        "scales_fp16": s16,
+        "scales_bf16": s16.to(torch.bfloat16),
+        "zeros": relayout(zc, 0),
+        "dims": torch.empty(0, n, int(in_features), g, dtype=torch.uint8, device=dev),
+    }
+
+
+def packed_dims(packed: dict) -> tuple[int, int, int]:
+    """(N, in_features, group_size) of a prepacked weight."""
+    _, n, k, g = packed["dims"].shape
+    return n, k, g
+
+
+def unpack_prepacked(packed: dict):
+    """Inverse of prepack_w4a16: (qweight int32 [Kp//8, N], scales fp16 [NG, N], zeros fp16 [NG, N])."""
+    n, _k, g = packed_dims(packed)
+    qpk = packed["qpk"]
+    nt, kt = qpk.shape[0], qpk.shape[1]
+    ng = packed["scales_fp16"].shape[1]
+    gp = kt * 16 // ng
+    shifts = (torch.arange(8, device=qpk.device, dtype=torch.int64) * 4)
+    w = qpk.to(torch.int64) & 0xFFFFFFFF
+    nib = ((w.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)  # nt, kt, 32, 4, 8
+    nib = nib.view(nt, kt, 8, 4, 4, 2, 2, 2)  # nt, kt, g, t, j, h, sb, r
+    c = nib.permute(0, 4, 6, 2, 1, 7, 3, 5).reshape(nt * TILE_N, ng, gp)  # nt, j, sb, g, kt, r, t, h
+    codes = c[:n, :, :g].reshape(n, ng * g)
+    qweight = pack_int4(codes)
+
+    def back(a: torch.Tensor) -> torch.Tensor:  # [NT, NG, 8 g, 8 s] -> [NG, N]
+        return a.permute(1, 0, 3, 2).reshape(ng, nt * TILE_N)[:, :n]
+
+    return qweight, back(packed["scales_fp16"]).to(torch.float16).contiguous(), \
+        back(packed["zeros"]).to(torch.float16).contiguous()
+
+
+# ------------------------------------------------------------------------------------------
+# launch planning
+# ------------------------------------------------------------------------------------------
+
+_PLANS: dict = {}
+_SMS: dict = {}
+
+
+def _num_sms(dev: torch.device) -> int:
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _SMS[dev]
+
+
+def _smem_bytes(m: int, gps: int, spg: int) -> int:
+    r = 16 if m > 8 else 8
+    return r * (gps * spg * 16 + 8) * 2 + r * NWARPS * 64 * 4
+
+
+def plan_cost(m, nt, ng, spg, wn, s, occ, sms, bw=2.9e6):
+    """Modelled time (µs) of one launch with (WN, S, occ); inf if it does not fit. bw in B/µs."""
+    gps = -(-ng // s)
+    s = -(-ng // gps)
+    smem = _smem_bytes(m, gps, spg)
+    if smem > 227 * 1024 or (occ == 2 and smem > 113 * 1024):
+        return math.inf, None
+    slots = sms * occ
+    nblocks = -(-nt // wn)
+    gx = min(nblocks, max(1, slots // s))
+    tiles = -(-nblocks // gx)
+    steps = gps * spg
+    tile_bytes = wn * 64 * steps * 8 + wn * gps * 192
+    pf = 6 if occ == 2 else 12
+    cap = NWARPS * pf * 512 / 1.2  # bytes in flight per CTA / loaded latency (µs)
+    bw_cta = min(bw / (gx * s), cap)
+    t_stream = tiles * tile_bytes / bw_cta
+    t_a = m * steps * 32 / 60e3  # activations of the K range from L2, per CTA
+    t_flush = tiles * 0.25
+    if s > 1:
+        t_flush += tiles * 0.6 + s * m * nt * 64 * 4 * 2 / 5e6
+    return 1.5 + t_a + t_stream + t_flush, dict(WN=wn, S=s, gx=gx, occ=occ)
+
+
+def plan(m: int, packed: dict, dev: torch.device) -> dict:
+    """Launch configuration for a chunk of m <= 16 rows: the cheapest under plan_cost."""
+    qpk = packed["qpk"]
+    nt, kt = qpk.shape[0], qpk.shape[1]
+    ng = packed["scales_fp16"].shape[1]
+    key = (m, nt, kt, ng, dev)
+    hit = _PLANS.get(key)
+    if hit is not None:
+        return hit
+    best = (math.inf, None)
+    for cfg in candidate_configs(m, packed, dev):
+        c = plan_cost(m, nt, ng, kt // ng, cfg["WN"], cfg["S"], cfg["occ"], _num_sms(dev))
+        if c[0] < best[0]:
+            best = c
+    _PLANS[key] = best[1]
+    return best[1]
+
+
+def candidate_configs(m: int, packed: dict, dev: torch.device) -> list[dict]:
+    """Every valid (WN, S, occ) with its persistent grid size (for sweeps)."""
+    qpk = packed["qpk"]
+    nt, kt = qpk.shape[0], qpk.shape[1]
+    ng = packed["scales_fp16"].shape[1]
+    spg = kt // ng
+    sms = _num_sms(dev)
+    splits = sorted({-(-ng // gps) for gps in range(1, ng + 1)})
+    out = []
+    for wn in (1, 2, 4, 8):
+        for s in splits:
+            if s > 64:
+                continue
+            for occ in (2, 1):
+                c, cfg = plan_cost(m, nt, ng, spg, wn, s, occ, sms)
+                if cfg is not None:
+                    out.append(cfg)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# workspace (split-K partials + arrival counters), persistent per device
+# ------------------------------------------------------------------------------------------
+
+_WS: dict = {}
+_KEEP: list = []  # buffers replaced by larger ones stay alive: captured graphs may hold their pointers
+
+
+def _workspace(dev: torch.device, ws_elems: int, n_cnt: int):
+    cur = _WS.get(dev)
+    if cur is not None and cur[0].numel() >= ws_elems and cur[1].numel() >= n_cnt:
+        return cur
+    ws_elems = max(ws_elems, 1 << 20, cur[0].numel() if cur else 0)
+    n_cnt = max(n_cnt, 4096, cur[1].numel() if cur else 0)
+    new = (torch.empty(ws_elems, dtype=torch.float32, device=dev),
+           torch.zeros(n_cnt, dtype=torch.int32, device=dev))
+    if torch.cuda.is_current_stream_capturing():
+        return new  # allocated (and zeroed) inside the capture: used by this call only
+    if cur is not None:
+        _KEEP.append(cur)
+    _WS[dev] = new
+    return new
+
+
+def prepare(packed: dict, ms=range(1, 17)) -> None:
+    """Build the extension and size the workspace for these M (call before CUDA-graph capture)."""
+    _load()
+    dev = packed["qpk"].device
+    nt = packed["qpk"].shape[0]
+    for m in ms:
+        cfg = plan(min(16, m), packed, dev)
+        _workspace(dev, cfg["S"] * 16 * nt * TILE_N, -(-nt // cfg["WN"]))
+
+
+# ------------------------------------------------------------------------------------------
+# the op
+# ------------------------------------------------------------------------------------------
+
+def w4a16_cuda_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict | None = None) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ W^T (+ bias) with W prepacked by prepack_w4a16; y in x's dtype."""
+    if x.device.type != "cuda":
+        raise RuntimeError("w4a16_cuda_linear needs CUDA tensors (use the reference/Triton backend on CPU)")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"w4a16_cuda_linear: x must be bfloat16 or float16, got {x.dtype}")
+    ext = _load()
+    n, k, g = packed_dims(packed)
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features, the weight {k}")
+    qpk = packed["qpk"]
+    if qpk.device != x.device:
+        raise RuntimeError(f"x is on {x.device}, the packed weight on {qpk.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m_all = x2.shape[0]
+    out = torch.empty(m_all, n, dtype=x.dtype, device=x.device)
+    if m_all == 0:
+        return out.view(*lead, n)
+    scl = packed["scales_bf16"] if x.dtype == torch.bfloat16 else packed["scales_fp16"]
+    if bias is not None:
+        bias = bias.to(dtype=x.dtype).contiguous()
+    nt = qpk.shape[0]
+    for m0 in range(0, m_all, 16):
+        mc = min(16, m_all - m0)
+        cfg = config or plan(mc, packed, x.device)
+        ws, cnt = _workspace(x.device, cfg["S"] * 16 * nt * TILE_N if cfg["S"] > 1 else 0, -(-nt // cfg["WN"]))
+        ext.w4a16_verify_gemm(x2[m0:m0 + mc], qpk, scl, packed["zeros"], out[m0:m0 + mc], bias, ws, cnt,
+                              n, k, g, cfg["WN"], cfg["S"], cfg["gx"], cfg["occ"])
+    return out.view(*lead, n)

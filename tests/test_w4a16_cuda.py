@@ -1,0 +1,134 @@
+"""The CUDA W4A16 kernel's offline re-layout (CPU) and the kernel itself (CUDA only).
+
+CPU: prepack_w4a16 -> unpack_prepacked gives back the original codes, scales and zeros exactly,
+and the packed words hold, lane by lane, the mma.m16n8k16 B-fragment elements the kernel assumes
+(checked against an independent element-by-element statement of that mapping).
+CUDA: the kernel against the pure-torch reference on fresh random inputs, output poisoned first.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.w4a16_cuda import prepack_w4a16, unpack_prepacked
+from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
+
+SHAPES = [  # (N, K, G)
+    (64, 128, 128),
+    (130, 576, 128),   # K padded (Kp = 640), N not a multiple of the 64-column tile
+    (72, 200, 24),     # G not a multiple of 16: groups padded to 32 channels
+    (40, 256, 64),
+    (200, 384, 32),
+]
+
+
+def _weights(n, k, g, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    codes, scales, zeros = quantize_int4_rtn(w.to(device), g)
+    return pack_int4(codes), scales, zeros
+
+
+@pytest.mark.parametrize("n,k,g", SHAPES)
+def test_prepack_roundtrip(n, k, g):
+    qweight, scales, zeros = _weights(n, k, g, seed=n + k + g)
+    packed = prepack_w4a16(qweight, scales, zeros, k, g)
+    nt = -(-n // 64)
+    gp = -(-g // 16) * 16
+    ng = scales.shape[0]
+    assert packed["qpk"].shape == (nt, ng * gp // 16, 32, 4) and packed["qpk"].dtype == torch.int32
+    assert packed["scales_fp16"].shape == (nt, ng, 8, 8) and packed["zeros"].dtype == torch.uint8
+    assert packed["scales_bf16"].dtype == torch.bfloat16
+    q2, s2, z2 = unpack_prepacked(packed)
+    assert torch.equal(q2, qweight)
+    assert torch.equal(s2, scales)
+    assert torch.equal(z2, zeros)
+
+
+def _fragment_weights(packed, dtype=torch.float32):
+    """Dequantized W'[Np, K'] read the way the kernel reads it: lane l = 4 g + t, word j, and
+    lop3(q >> 4 i, 0x000f000f) -> (lo, hi) = nibbles (i, i + 4) = fragment register i of the
+    quad (sub-tile 2j: i = 0 -> b0, 1 -> b1; sub-tile 2j + 1: i = 2 -> b0, 3 -> b1);
+    b0 = {B[k=2t], B[k=2t+1]}, b1 = {B[k=2t+8], B[k=2t+9]}, column n = 8 * subtile + g."""
+    qpk = packed["qpk"].to(torch.int64) & 0xFFFFFFFF
+    nt, kt = qpk.shape[:2]
+    ng = packed["scales_fp16"].shape[1]
+    gp = kt * 16 // ng
+    w = torch.full((nt * 64, kt * 16), float("nan"), dtype=dtype)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for j in range(4):
+            q = qpk[:, :, lane, j]  # [nt, kt]
+            for i in range(4):
+                sub = 2 * j + i // 2
+                kofs = 8 * (i % 2)
+                lo = (q >> (4 * i)) & 0xF
+                hi = (q >> (4 * i + 16)) & 0xF
+                n_idx = torch.arange(nt) * 64 + 8 * sub + g
+                for half, code in ((0, lo), (1, hi)):
+                    k_idx = torch.arange(kt) * 16 + 2 * t + kofs + half
+                    grp = k_idx // gp
+                    sc = packed["scales_fp16"][:, :, g, sub].float()[:, grp]  # [nt, kt]
+                    zp = packed["zeros"][:, :, g, sub].float()[:, grp]
+                    w[n_idx[:, None], k_idx[None, :]] = (code.float() - zp) * sc
+    return w
+
+
+@pytest.mark.parametrize("n,k,g", [(130, 576, 128), (72, 200, 24)])
+def test_fragment_mapping(n, k, g):
+    qweight, scales, zeros = _weights(n, k, g, seed=7)
+    packed = prepack_w4a16(qweight, scales, zeros, k, g)
+    wf = _fragment_weights(packed)
+    ref = dequantize_int4(qweight, scales, zeros, k, g)  # [N, K]
+    ng = scales.shape[0]
+    gp = -(-g // 16) * 16
+    # K' -> K: group gi, channel r < G
+    kq = torch.arange(ng * gp)
+    keep = (kq % gp) < g
+    kk = (kq // gp) * g + kq % gp
+    wk = wf[:n][:, keep]
+    kk = kk[keep]
+    assert not torch.isnan(wk).any()
+    full = dequantize_int4(qweight, scales, zeros, ng * g, g)  # includes padded channels (weight 0)
+    assert torch.equal(wk, full[:, kk])
+    assert torch.equal(full[:, :k], ref)
+    # padded columns (n >= N) and padded group channels dequantize to 0
+    assert (wf[n:] == 0).all()
+    assert (wf[:n][:, ~keep] == 0).all()
+
+
+def test_cpu_raises():
+    from kernels.w4a16_cuda import w4a16_cuda_linear
+
+    qweight, scales, zeros = _weights(64, 128, 128)
+    packed = prepack_w4a16(qweight, scales, zeros, 128, 128)
+    with pytest.raises(RuntimeError):
+        w4a16_cuda_linear(torch.randn(2, 128, dtype=torch.bfloat16), packed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,g", SHAPES + [(1024, 4096, 128), (4096, 1536, 128)])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 37])
+def test_kernel_vs_reference(n, k, g, m, dtype):
+    from kernels.w4a16_cuda import available, candidate_configs, w4a16_cuda_linear
+
+    ok, why = available()
+    if not ok:
+        pytest.skip(why)
+    qweight, scales, zeros = _weights(n, k, g, seed=m * 31 + n, device="cuda")
+    packed = prepack_w4a16(qweight, scales, zeros, k, g)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if m % 2 else None
+    w = dequantize_int4(qweight, scales, zeros, k, g)
+    ref = x.float() @ w.t()
+    if bias is not None:
+        ref = ref + bias.float()
+    configs = [None] + (candidate_configs(min(m, 16), packed, x.device)[::7] if m <= 16 else [])
+    for cfg in configs:
+        torch.full((m * n + 4096,), float("nan"), device="cuda", dtype=dtype)  # freed: poisons the next block
+        out = w4a16_cuda_linear(x, packed, bias, config=cfg)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), cfg
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), (cfg, err)
