@@ -87,13 +87,10 @@ def rel_err(out, ref) -> float:
 
 
 def torch_int4pack(codes, scales, zeros, n, k):
-    """The same int4 weights in tinygemm's layout: W = (q - 8) * s + zero_t, so zero_t = (8 - z) * s."""
-    c = codes[:, :k].to(torch.int32)
-    w_uint8 = (c[:, ::2] << 4 | c[:, 1::2]).to(torch.uint8)
-    packed = torch._convert_weight_to_int4pack(w_uint8, 8)
-    s = scales.float()
-    sz = torch.stack([s, (8 - zeros.float()) * s], dim=-1).to(torch.bfloat16).contiguous()  # [K/G, N, 2]
-    return packed, sz
+    """The same int4 weights in tinygemm's layout (the `torch` kernel backend's conversion)."""
+    from quasar_bench.backends.torch import int4pack
+
+    return int4pack(codes, scales, zeros, k)
 
 
 def main(argv=None):

@@ -1,28 +1,36 @@
-"""Pure-torch references for the Triton kernels: the same math, dequantize then matmul in fp32.
+"""Pure-torch references for the kernels: the same math, dequantize then matmul in fp32.
 
-Each function takes the same arguments as its kernel and returns [..., N] in x's dtype.
+Each `*_ref` function takes the same arguments as its kernel and returns [..., N] in x's dtype.
+They are also the `reference` kernel backend (quasar_bench/backends/reference.py) and so the CPU
+path of every quantized verifier: the function the kernel tests compare against is the one that
+runs, not a copy. The building blocks take an already-dequantized (or transposed) weight so the
+backend can compute it once per module instead of every call.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from quasar_bench.packing import dequantize_int4, dequantize_int8
 
+# Sums of int8 x int8 products stay exact in fp32 while |sum| < 2^24: 1024 products of at most
+# 127^2 each reach 16.5e6 < 16.78e6. Longer dot products are split into chunks of this length.
+EXACT_F32_CHUNK = 1024
 
-def _finish(y: torch.Tensor, bias, dtype) -> torch.Tensor:
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(dtype)
+
+def linear_dequantized(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    """x @ w^T (+ bias) in fp32 with a float weight [N, K], cast back to x's dtype."""
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), w.float(), b).to(x.dtype)
 
 
 def w4a16_linear_ref(x, qweight, scales, zeros, in_features: int, group_size: int, bias=None):
     w = dequantize_int4(qweight, scales, zeros, in_features, group_size, dtype=torch.float32)
-    return _finish(x.float() @ w.t(), bias, x.dtype)
+    return linear_dequantized(x, w, bias)
 
 
 def w8a16_linear_ref(x, qweight, scales, bias=None):
-    w = dequantize_int8(qweight, scales, dtype=torch.float32)
-    return _finish(x.float() @ w.t(), bias, x.dtype)
+    return linear_dequantized(x, dequantize_int8(qweight, scales, dtype=torch.float32), bias)
 
 
 def quantize_per_token_ref(x: torch.Tensor):
@@ -34,9 +42,30 @@ def quantize_per_token_ref(x: torch.Tensor):
     return q, scale
 
 
-def w8a8_linear_ref(x, qweight, scales, bias=None):
+def int8_matmul_exact(xq: torch.Tensor, wq_t: torch.Tensor) -> torch.Tensor:
+    """Exact integer sums of int8 products, float64 [M, N]: xq int8 [M, K] times wq_t [K, N] (int8
+    codes, any float or int dtype). fp32 matmuls over K-chunks short enough to stay exact, chunk
+    sums in float64: the same integers as int32 accumulation, for any M and on any device."""
+    a = xq.float()
+    b = wq_t.float()
+    k = a.shape[-1]
+    acc = None
+    for s in range(0, k, EXACT_F32_CHUNK):
+        part = (a[:, s : s + EXACT_F32_CHUNK] @ b[s : s + EXACT_F32_CHUNK]).double()
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def w8a8_from_codes(x: torch.Tensor, wq_t: torch.Tensor, scales, bias=None) -> torch.Tensor:
+    """W8A8 with the weight codes given transposed [K, N]: per-token int8 activations, exact
+    integer products, then the two scales."""
     q, xs = quantize_per_token_ref(x)
-    # int8 x int8 sums reach K * 127^2 > 2^24: accumulate in float64, exact like int32
-    acc = q.double() @ qweight.double().t()
-    y = acc.float() * xs[..., None] * scales.float()
-    return _finish(y, bias, x.dtype)
+    acc = int8_matmul_exact(q.reshape(-1, x.shape[-1]), wq_t)
+    y = (acc * scales.double()[None, :]).float().reshape(*x.shape[:-1], -1) * xs[..., None]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def w8a8_linear_ref(x, qweight, scales, bias=None):
+    return w8a8_from_codes(x, qweight.t(), scales, bias)

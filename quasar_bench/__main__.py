@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "dataset", "drafter", "verifier", "experiment", "logger")
 
 
@@ -19,6 +17,8 @@ def fail(message: str) -> None:
 
 def check_group_choices(argv: list[str]) -> None:
     """Hydra reports an unknown config name as a multi-line traceback; catch it first."""
+    from .config import choices
+
     for arg in argv:
         if "=" not in arg or arg.startswith(("hydra", "+hydra", "--")):
             continue
@@ -26,14 +26,16 @@ def check_group_choices(argv: list[str]) -> None:
         key = key.lstrip("+~")
         if key not in GROUPS:
             continue
-        choices = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        names = choices(key)
         for v in value.split(","):
-            if v and v != "null" and v not in choices:
-                fail(f"unknown {key} {v!r}; choose one of {', '.join(choices)}")
+            if v and v != "null" and v not in names:
+                fail(f"unknown {key} {v!r}; choose one of {', '.join(names)}")
 
 
 def main() -> None:
     import hydra
+
+    from .config import CONF_DIR
     from omegaconf import DictConfig
     from omegaconf.errors import OmegaConfBaseException
 

@@ -18,93 +18,49 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import QuasarError
+from .fileio import read_json, write_json
+from .fingerprint import model_fingerprint
 
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    n_sequences: int = 16
-    gen_tokens: int = 48
-    max_tokens: int = 256
-    seed: int = 0
+    n_sequences: int
+    gen_tokens: int
+    max_tokens: int
+    seed: int
 
     @classmethod
     def from_cfg(cls, vcfg) -> "CalibrationSpec":
-        c = vcfg.get("calibration", None) or {}
-        spec = cls(int(c.get("n_sequences", 16)), int(c.get("gen_tokens", 48)), int(c.get("max_tokens", 256)),
-                   int(c.get("seed", 0)))
+        c = vcfg.calibration
+        spec = cls(int(c.n_sequences), int(c.gen_tokens), int(c.max_tokens), int(c.seed))
         if spec.n_sequences < 1 or spec.gen_tokens < 0 or spec.max_tokens < 2:
             raise QuasarError(f"bad verifier.calibration {spec}: need n_sequences >= 1, gen_tokens >= 0, "
                               "max_tokens >= 2")
         return spec
 
 
-def model_fingerprint(loaded) -> str:
-    """Identity of the loaded weights: name, shapes, dtype and a strided sample of every tensor."""
-    rt = loaded.runtime
-    h = hashlib.sha256()
-    h.update(str(loaded.name).encode())
-    h.update(repr(getattr(rt, "args", None)).encode())
-    h.update(str(rt.dtype).encode())
-    for name, p in rt.state_dict().items():
-        if "cache" in name:
-            continue
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(flat[::step].float().cpu().numpy().tobytes())
-    return f"{_slug(loaded.name)}-{h.hexdigest()[:16]}"
-
-
-def _slug(s) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(s))[:40]
-
-
-def _prompt_ids(loaded, spec: CalibrationSpec) -> list[list[int]]:
-    tok = loaded.tokenizer
-    if tok is None:
-        g = torch.Generator().manual_seed(spec.seed)
+def calibration_prompts(loaded, n: int, seed: int = 0) -> list[list[int]]:
+    """n encoded calibration prompts: the first turns of the builtin prompt set, in file order,
+    encoded as served (encode.encode_turn); seeded random ids of 24..56 tokens for a model without
+    a tokenizer (tests' tiny random models)."""
+    if loaded.tokenizer is None:
+        g = torch.Generator().manual_seed(seed)
         v = loaded.runtime.vocab_size
         return [torch.randint(0, v, (int(torch.randint(24, 57, (1,), generator=g)),), generator=g).tolist()
-                for _ in range(spec.n_sequences)]
+                for _ in range(n)]
     from .data import load_prompts
+    from .encode import encode_turn
 
     prompts = load_prompts("builtin")
-    if spec.n_sequences > len(prompts):
-        raise QuasarError(f"verifier.calibration.n_sequences={spec.n_sequences} exceeds the {len(prompts)} "
-                          "builtin prompts; lower it")
-    out = []
-    for p in prompts[: spec.n_sequences]:
-        if loaded.chat:
-            text = tok.apply_chat_template([{"role": "user", "content": p.turns[0]}], add_generation_prompt=True,
-                                           tokenize=False)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok(p.turns[0] + "\n")["input_ids"]
-        out.append(list(ids))
-    return out
-
-
-@torch.inference_mode()
-def _greedy(runtime, ids: list[int], n: int, eos: set[int]) -> list[int]:
-    out = []
-    runtime.reset(len(ids) + n + 1)
-    logits = runtime.forward(torch.tensor(ids, device=runtime.device))
-    for _ in range(n):
-        tok = int(logits[-1].argmax())
-        out.append(tok)
-        if tok in eos:
-            break
-        logits = runtime.forward(torch.tensor([tok], device=runtime.device))
-    runtime.reset(1)
-    return out
+    if n > len(prompts):
+        raise QuasarError(f"{n} calibration prompts exceed the {len(prompts)} builtin prompts; ask for fewer")
+    return [encode_turn(loaded, p.turns[:1]) for p in prompts[:n]]
 
 
 def calibration_ids(loaded, spec: CalibrationSpec, cache_dir: Path | None) -> list[list[int]]:
@@ -113,22 +69,21 @@ def calibration_ids(loaded, spec: CalibrationSpec, cache_dir: Path | None) -> li
     if cache_dir is not None:
         key = hashlib.sha256(json.dumps(spec.__dict__, sort_keys=True).encode()).hexdigest()[:12]
         path = Path(cache_dir) / "verifiers" / f"calib-{model_fingerprint(loaded)}-{key}.json"
-        if path.exists():
-            return json.loads(path.read_text())["sequences"]
+        cached = read_json(path)
+        if cached is not None and "sequences" in cached:
+            return cached["sequences"]
+    from .decode import greedy_continuation
     from .quant import clone_runtime
 
     runtime = clone_runtime(loaded.runtime)  # own KV cache; loaded.runtime is not touched
-    eos = set(loaded.eos_ids or [])
     seqs = []
-    for ids in _prompt_ids(loaded, spec):
+    for ids in calibration_prompts(loaded, spec.n_sequences, spec.seed):
         ids = ids[: spec.max_tokens]
-        gen = _greedy(runtime, ids, min(spec.gen_tokens, spec.max_tokens - len(ids)), eos) if spec.gen_tokens else []
+        n = min(spec.gen_tokens, spec.max_tokens - len(ids))
+        gen = greedy_continuation(runtime, ids, n, loaded.eos_ids or ()) if n > 0 else []
         seqs.append((ids + gen)[: spec.max_tokens])
     del runtime
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"spec": spec.__dict__, "source": "builtin prompts + greedy continuations",
-                                   "sequences": seqs}))
-        os.replace(tmp, path)
+        write_json(path, {"spec": spec.__dict__, "source": "builtin prompts + greedy continuations", "sequences": seqs},
+                   indent=None)
     return seqs

@@ -1,4 +1,4 @@
-"""Checks of the command line before Hydra runs anything (no torch import, nothing written).
+"""Checks of the command line before Hydra runs anything (nothing written).
 
 Hydra reports an unknown key (`foo=1`, `model.nope=1`) as a multi-line message; here the same
 overrides are composed first (sweep values: their first choice) and any problem becomes one line.
@@ -65,10 +65,24 @@ def compose_first_job(args: list[str], conf_dir: Path):
     return cfg, parsed
 
 
-def _drafter_names(cfg) -> list[str]:
+def _drafter_entries(cfg) -> list:
     if cfg.get("drafter") is not None:
-        return [cfg.drafter.get("name")]
-    return [e if isinstance(e, str) else e.get("name") for e in cfg.matrix.drafters]
+        return [cfg.drafter]
+    return list(cfg.matrix.drafters)
+
+
+def _any_drafts(entries) -> bool:
+    """Whether any of these drafter entries drafts tokens (its class says so; unknown: assume yes)."""
+    from .config import entry_config
+    from .drafters import drafter_class
+
+    for e in entries:
+        try:
+            if drafter_class(entry_config("drafter", e)).drafts:
+                return True
+        except QuasarError:
+            return True  # an unknown drafter: the run reports it
+    return False
 
 
 def check_conflicts(cfg, parsed) -> None:
@@ -80,10 +94,10 @@ def check_conflicts(cfg, parsed) -> None:
     sweeps = {o.key_or_group: o for o in parsed if o.is_sweep_override()}
     if "experiment" in sweeps or any(k.startswith("matrix.drafters") for k in sweeps):
         return  # the drafters differ between jobs: the runner judges each job
-    names = list(sweeps["drafter"].sweep_string_iterator()) if "drafter" in sweeps else _drafter_names(cfg)
-    if "k" in keys and cfg.get("k") is not None and all(n == "ar" for n in names):
-        raise QuasarError(f"k={cfg.k} has no effect: the only drafter is ar (plain autoregressive, drafts "
-                          "nothing); drop k= or add a drafter, e.g. drafter=ngram")
+    entries = list(sweeps["drafter"].sweep_string_iterator()) if "drafter" in sweeps else _drafter_entries(cfg)
+    if "k" in keys and cfg.get("k") is not None and not _any_drafts(entries):
+        raise QuasarError(f"k={cfg.k} has no effect: no drafter of this run drafts tokens (plain autoregressive "
+                          "only); drop k= or add a drafter, e.g. drafter=ngram")
 
 
 def check_out_dir(cfg) -> None:

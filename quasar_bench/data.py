@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from quasar_bench.errors import QuasarError
+from quasar_bench.fileio import atomic_write_bytes, cache_root
 
 DATASETS = ("builtin", "spec_bench", "mt_bench")
 # Public sources, fetched once (dataset.path=null) into <cache>/data/<name>/question.jsonl.
@@ -70,7 +70,7 @@ def _read_builtin() -> list[Prompt]:
 
 def data_cache_dir() -> Path:
     """<$QUASAR_CACHE or ~/.cache/quasar_bench>/data"""
-    return Path(os.path.expanduser(os.environ.get("QUASAR_CACHE", "~/.cache/quasar_bench"))) / "data"
+    return cache_root() / "data"
 
 
 def _download(url: str, timeout: float) -> bytes:
@@ -98,11 +98,7 @@ def fetch_dataset(name: str) -> Path:
                           f"{hint}") from None
     text = body.decode("utf-8", errors="replace")
     _parse_lines(text.splitlines(), url, name, "question_id")  # refuse to cache a bad download
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(body)
-    os.replace(tmp, target)
+    atomic_write_bytes(target, body)
     return target
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .drafters import Draft, Drafter
+from .drafters import Draft, Drafter, baseline_drafter
 from .errors import QuasarError
 from .sampling import verify_greedy, verify_sampling
 
@@ -71,7 +71,7 @@ def generate(runtime, drafter: Drafter, prompt_ids: list[int], max_new_tokens: i
     # The cache holds everything but the last token; the last one is fed by the first verify step,
     # so AR makes exactly one verifier forward per generated token (tau = 1).
     max_len = len(prompt_ids) + max_new_tokens + k + 1
-    runtime.reset(max_len + getattr(drafter, "cache_room", 0))  # lookahead writes past the window
+    runtime.reset(max_len + drafter.cache_room)  # drafters that write past the verify window
     t0 = timer.now()
     if len(prompt_ids) > 1:
         runtime.forward(torch.tensor(prompt_ids[:-1], device=device))
@@ -99,7 +99,7 @@ def generate(runtime, drafter: Drafter, prompt_ids: list[int], max_new_tokens: i
             n_acc, next_token = verify_sampling(logits, draft, temperature, top_p, generator)
         else:
             n_acc, next_token = verify_greedy(logits, draft.tokens)
-            if draft.forced_accept is not None:  # speed-only synthetic acceptance (drafters/synthetic.py)
+            if draft.forced_accept is not None:  # a drafter that forces acceptance (speed-only runs)
                 n_acc = min(draft.forced_accept, len(draft.tokens))
                 next_token = int(logits[n_acc].argmax())
         res.verify_s += timer.now() - tv
@@ -118,3 +118,9 @@ def generate(runtime, drafter: Drafter, prompt_ids: list[int], max_new_tokens: i
             break
     res.decode_s = timer.now() - t1
     return res
+
+
+def greedy_continuation(runtime, prompt_ids: list[int], max_new_tokens: int, eos_ids=()) -> list[int]:
+    """The runtime's greedy AR output after `prompt_ids` (up to max_new_tokens, or EOS included)."""
+    drafter = baseline_drafter(runtime)
+    return generate(runtime, drafter, prompt_ids, max_new_tokens, 0, eos_ids).output_ids

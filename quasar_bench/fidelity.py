@@ -1,4 +1,4 @@
-"""Fidelity of a verifier against the reference precision (definitions in DESIGN.md).
+"""Fidelity of a verifier against the reference precision (definitions in the README).
 
 logit KL = KL(p_ref || p_ver) at temperature 1 in fp32 at every position of the reference's greedy
 continuation, teacher-forced; top-1 agreement = share of those positions whose argmax agrees.

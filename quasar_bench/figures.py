@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from quasar_bench.store import ResultStore  # noqa: E402
-from quasar_bench.summary import PRECISION_ORDER, reference_verifier, summarize  # noqa: E402
+from quasar_bench.summary import reference_verifier, summarize  # noqa: E402
 
 
 class MissingInput(Exception):
@@ -57,21 +57,24 @@ def _summary(df):
     """The summary table, with `dlabel`: the drafter, plus k / temperature where they vary."""
     s = (df if "n_prompts" in df.columns else summarize(df)).copy()
     s["dlabel"] = s["drafter"].astype(str)
-    spec = s[s["drafter"] != "ar"]
+    spec = s[~s["baseline"]]
     for col, tag in (("k", "k="), ("temperature", "T=")):
         if col in s and spec.groupby("drafter")[col].nunique().gt(1).any():
-            s["dlabel"] += np.where(s["drafter"] != "ar", " " + tag + s[col].astype(str), "")
+            s["dlabel"] += np.where(~s["baseline"], " " + tag + s[col].astype(str), "")
     return s
 
 
 def _vorder(verifiers):
-    rank = {v: i for i, v in enumerate(PRECISION_ORDER)}
-    return sorted(set(verifiers), key=lambda v: (rank.get(v, len(rank)), v))
+    """Verifiers in the order the summary lists them (reference first, then as the run listed them)."""
+    return list(dict.fromkeys(verifiers))
+
+
+_COLORS: dict[str, int] = {}
 
 
 def _vcolor(v):
-    order = PRECISION_ORDER + ["other"]
-    return plt.get_cmap("tab10")(order.index(v) if v in order else len(order) - 1)
+    """One colour per verifier name, stable within a process (every figure agrees)."""
+    return plt.get_cmap("tab10")(_COLORS.setdefault(v, len(_COLORS)) % 10)
 
 
 def _ax(ax, size=(7, 4.5)):
@@ -99,7 +102,7 @@ def plot_speedup_by_category(df, ax=None):
     per (drafter, verifier); error bars are 95% bootstrap CIs over prompts."""
     s = _summary(df)
     s = s[s["speedup_vs_ref_ar"].notna()]
-    s = s[~((s["drafter"] == "ar") & (s["verifier"] == reference_verifier(s["verifier"])))]
+    s = s[~(s["baseline"] & s["reference_verifier"])]
     if s.empty:
         raise MissingInput("no AR run at the reference precision to compare against")
     cats = [c for c in s["category"].unique() if c != "all"] + ["all"]
@@ -121,7 +124,7 @@ def plot_speedup_by_category(df, ax=None):
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(cats)), cats, rotation=20)
     ax.set_xlabel("task category")
-    ref = reference_verifier(s["verifier"]) or "reference"
+    ref = reference_verifier(_summary(df)) or "reference"
     ax.set_ylabel(f"speedup over AR {ref} (× tokens/s)")
     ax.set_title("Speedup by task category")
     _model_note(s, ax)
@@ -133,7 +136,7 @@ def plot_speedup_by_category(df, ax=None):
 def plot_tau_vs_precision(df, ax=None):
     """τ (generated tokens per verify step, all categories) against verifier precision."""
     s = _summary(df)
-    s = s[(s["category"] == "all") & (s["drafter"] != "ar")]
+    s = s[(s["category"] == "all") & ~s["baseline"]]
     if s.empty:
         raise MissingInput("no speculative (non-AR) runs")
     order = _vorder(s["verifier"])
@@ -222,11 +225,11 @@ def plot_pareto(df, ax=None, fidelity=None):
 def plot_acceptance_curves(df, ax=None):
     """Mean per-position acceptance p_i per drafter, at the reference verifier when it ran."""
     s = _summary(df)
-    s = s[(s["category"] == "all") & (s["drafter"] != "ar")]
+    s = s[(s["category"] == "all") & ~s["baseline"]]
     s = s[s["accept_curve"].map(lambda c: isinstance(c, (list, np.ndarray)) and len(c) > 0)]
     if s.empty:
         raise MissingInput("no per-position acceptance (accepted_per_position)")
-    ref = reference_verifier(s["verifier"])
+    ref = reference_verifier(s)
     ax = _ax(ax)
     for (model, d), g in s.groupby(["model", "dlabel"]):
         r = g[g["verifier"] == ref].iloc[0] if ref in set(g["verifier"]) else g.iloc[0]

@@ -1,4 +1,4 @@
-"""Acceptance metrics, defined once (see DESIGN.md):
+"""Acceptance metrics, defined once (the README defines them):
 
 - accepted length of a step = accepted drafts + 1 (the verifier's own token)
 - tau   = generated tokens / verify steps

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import QuasarError
+from .fileio import cache_root
 from .runtime import NATIVE_MODEL_TYPES, HFRuntime, native_from_hf
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,7 @@ class LoadedModel:
     tokenizer: object
     eos_ids: list[int]
     chat: bool  # apply the chat template
-
-
-def cache_dir(cfg_cache_dir: str | None) -> Path:
-    return Path(os.path.expanduser(cfg_cache_dir or os.environ.get("QUASAR_CACHE", "~/.cache/quasar_bench")))
+    enable_thinking: bool = False  # Qwen3-style chat templates: the thinking switch (model.enable_thinking)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -117,7 +115,7 @@ def load_model(cfg) -> LoadedModel:
 
     device = pick_device(cfg.get("device"))
     dtype = pick_dtype(cfg.get("dtype"), device)
-    cache = cache_dir(cfg.get("cache_dir"))
+    cache = cache_root(cfg.get("cache_dir"))
     name, path = cfg.name, cfg.get("path")
     weights = cfg.get("weights", "pretrained")
     tokenizer_path = cfg.get("tokenizer")
@@ -157,4 +155,5 @@ def load_model(cfg) -> LoadedModel:
     eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
                       *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
     chat = bool(cfg.get("chat", True)) and getattr(tokenizer, "chat_template", None) is not None
-    return LoadedModel(name=name, runtime=runtime, tokenizer=tokenizer, eos_ids=eos_ids, chat=chat)
+    return LoadedModel(name=name, runtime=runtime, tokenizer=tokenizer, eos_ids=eos_ids, chat=chat,
+                       enable_thinking=bool(cfg.get("enable_thinking", False)))

@@ -8,62 +8,38 @@ Modules (drop-in replacements for nn.Linear inside the native runtime):
                 optional per-input-channel `smooth` [K] (SmoothQuant): the module computes
                 W8A8(x / smooth) with the weight stored already multiplied by smooth.
 
-forward(x):
-  * CUDA: the Triton kernels of kernels/ (imported lazily, on first CUDA forward). An import
-    failure raises QuasarError: there is no silent fallback to the torch path.
-  * CPU: the pure-torch function the kernels are checked against (kernels/reference.py): weight
-    dequantized to fp32, x @ W^T in fp32, cast to x's dtype. The dequantized fp32 weight is cached
-    on the module on first use (`_w_cache`, not a buffer, never saved): it is the same function,
-    computed once instead of every forward, so a quantized verifier runs on CPU at the speed of
-    the fp32 model. `free_cache()` drops it. For W8A8 the CPU path quantizes the activations per
-    token exactly like the kernel (absmax/127, round half away from zero) and sums the int8 products
-    exactly (torch._int_mm, int32; the cache holds the transposed int8 codes), so W8A8 outputs do not
-    depend on the batch size (T=1 AR steps and T=k+1 verify steps agree bit for bit).
+forward(x) calls the kernel backend named by the module's `kernel` (verifier.kernel; `auto`
+picks per device: quasar_bench/backends). On CPU that is the pure-torch reference of
+kernels/reference.py. For W8A8 the reference quantizes the activations per token exactly like the
+kernels (absmax/127, round half away from zero) and sums the int8 products exactly, so W8A8 outputs
+do not depend on the batch size (T=1 AR steps and T=k+1 verify steps agree bit for bit).
+
+A module records its kind (class name) and buffers; `from_state` rebuilds it from them (the
+verifier cache), so a new quantized module class needs no edit elsewhere to be cached.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .backends import resolve
 from .errors import QuasarError
-from .packing import (SCALE_DTYPE, check_int4_group, dequantize_int4, dequantize_int8, pack_int4,
-                      quantize_int4_rtn, quantize_int8_rtn)
+from .packing import SCALE_DTYPE, check_int4_group, dequantize_int4, dequantize_int8, pack_int4, quantize_int4_rtn, quantize_int8_rtn
 
 # Names of the decoder-layer linears, transformers' naming (runtime.py).
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
-
-_KERNELS = None
-
-
-def cuda_kernels():
-    """The Triton kernels package, imported on first CUDA use; a clear error if it cannot be."""
-    global _KERNELS
-    if _KERNELS is None:
-        try:
-            import kernels  # noqa: PLC0415
-
-            _KERNELS = kernels
-        except Exception as e:  # ImportError, triton missing, driver problems
-            raise QuasarError(f"quantized verifier on CUDA needs the Triton kernels (kernels/): import failed "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
-                              "install triton (`pip install -e .[triton]`) or run the verifier on CPU") from None
-    return _KERNELS
-
-
-def quantize_per_token(x: torch.Tensor):
-    """(x_int8 codes as float, x_scales fp32): scale = absmax/127 per row floored at 1e-10, round half
-    away from zero, like kernels/reference.py quantize_per_token_ref."""
-    xf = x.float()
-    scale = (xf.abs().amax(-1) / 127.0).clamp(min=1e-10)
-    v = xf / scale[..., None]
-    q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).clamp(-127, 127)
-    return q, scale
+QUANT_MODULES: dict[str, type] = {}  # class name -> class, for the verifier cache
 
 
 class _QuantLinear(nn.Module):
-    """Shared bits: bias, the CPU dequantized-weight cache."""
+    """Shared bits: bias, the kernel backend, per-backend prepared weights, cache state."""
+
+    op = "base"  # the backend op this module calls (backends.OPS)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        QUANT_MODULES[cls.__name__] = cls
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
@@ -72,33 +48,48 @@ class _QuantLinear(nn.Module):
             self.register_buffer("bias", bias.detach().clone())
         else:
             self.bias = None
-        self._w_cache = None
+        self.kernel = "auto"
+        self.prepared: dict = {}  # backend name -> what it derived from the packed weights
+        self._backend = None
+
+    def set_kernel(self, name: str) -> None:
+        self.kernel, self._backend, self.prepared = name, None, {}
+
+    def backend(self, device_type: str):
+        if self._backend is None or self._backend[0] != device_type:
+            self._backend = (device_type, resolve(self.kernel, device_type, self.op))
+        return self._backend[1]
+
+    def forward(self, x):
+        return getattr(self.backend(x.device.type), self.op)(self, self._prepare_input(x))
+
+    def _prepare_input(self, x):
+        return x
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def cpu_weight(self) -> torch.Tensor:
-        if self._w_cache is None:
-            self._w_cache = self.dequantize().float()
-        return self._w_cache
-
-    def free_cache(self) -> None:
-        self._w_cache = None
-
-    def _apply(self, fn, recurse=True):  # .to()/.cuda() invalidate the CPU cache
-        self._w_cache = None
+    def _apply(self, fn, recurse=True):  # .to()/.cuda(): re-derive prepared weights on the new device
+        self.prepared, self._backend = {}, None
         return super()._apply(fn, recurse)
 
-    def _cpu_linear(self, x: torch.Tensor) -> torch.Tensor:
-        b = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.cpu_weight(), b).to(x.dtype)
+    def state_info(self) -> dict:
+        """What from_state needs besides the buffers."""
+        return {"in_features": self.in_features}
+
+    @classmethod
+    def from_state(cls, buffers: dict, info: dict) -> "_QuantLinear":
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"kernel={self.kernel}")
 
 
 class Int4Linear(_QuantLinear):
     """W4A16, asymmetric, groups of `group_size` input channels (packing.py int4 format)."""
+
+    op = "w4a16"
 
     def __init__(self, qweight, scales, zeros, in_features: int, group_size: int, bias=None):
         check_int4_group(group_size)
@@ -123,11 +114,12 @@ class Int4Linear(_QuantLinear):
     def dequantize(self):
         return dequantize_int4(self.qweight, self.scales, self.zeros, self.in_features, self.group_size)
 
-    def forward(self, x):
-        if x.is_cuda:
-            return cuda_kernels().w4a16_linear(x, self.qweight, self.scales, self.zeros, self.in_features,
-                                               self.group_size, self.bias)
-        return self._cpu_linear(x)
+    def state_info(self):
+        return {"in_features": self.in_features, "group_size": self.group_size}
+
+    @classmethod
+    def from_state(cls, b, info):
+        return cls(b["qweight"], b["scales"], b["zeros"], info["in_features"], info["group_size"], b.get("bias"))
 
     def extra_repr(self):
         return super().extra_repr() + f", group_size={self.group_size}"
@@ -135,6 +127,8 @@ class Int4Linear(_QuantLinear):
 
 class Int8Linear(_QuantLinear):
     """W8A16: symmetric per-output-channel int8 weights, activations in the model's dtype."""
+
+    op = "w8a16"
 
     def __init__(self, qweight, scales, bias=None):
         super().__init__(qweight.shape[1], qweight.shape[0], bias)
@@ -151,15 +145,16 @@ class Int8Linear(_QuantLinear):
     def dequantize(self):
         return dequantize_int8(self.qweight, self.scales)
 
-    def forward(self, x):
-        if x.is_cuda:
-            return cuda_kernels().w8a16_linear(x, self.qweight, self.scales, self.bias)
-        return self._cpu_linear(x)
+    @classmethod
+    def from_state(cls, b, info):
+        return cls(b["qweight"], b["scales"], b.get("bias"))
 
 
 class W8A8Linear(Int8Linear):
     """int8 weights per channel x int8 activations per token (dynamic scales); optional smoothing
     vector: y = W8A8(x / smooth) with qweight quantized from W * smooth."""
+
+    op = "w8a8"
 
     def __init__(self, qweight, scales, bias=None, smooth=None):
         super().__init__(qweight, scales, bias)
@@ -178,28 +173,12 @@ class W8A8Linear(Int8Linear):
         q, s = quantize_int8_rtn(w)
         return cls(q, s, linear.bias, smooth)
 
-    def _smoothed(self, x):
+    def _prepare_input(self, x):
         return x if self.smooth is None else (x / self.smooth.to(x.dtype))
 
-    def forward(self, x):
-        x = self._smoothed(x)
-        if x.is_cuda:
-            return cuda_kernels().w8a8_linear(x, self.qweight, self.scales, self.bias)
-        xq, xs = quantize_per_token(x)
-        # Integer products summed exactly (int32), so a row's output does not depend on how many
-        # rows share the call: T=1 (AR) and T=k+1 (verify) agree bit for bit, and per-token
-        # quantization cannot turn GEMM rounding noise into a flipped int8 step.
-        codes = xq.reshape(-1, self.in_features).to(torch.int8)
-        if self._w_cache is None:
-            self._w_cache = self.qweight.t().contiguous()
-        try:
-            acc = torch._int_mm(codes, self._w_cache).double()
-        except RuntimeError:  # shapes _int_mm refuses: float64 sums of int8 products are exact too
-            acc = codes.double() @ self._w_cache.double()
-        y = (acc * self.scales.double()[None, :]).float().reshape(*x.shape[:-1], -1) * xs[..., None]
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
+    @classmethod
+    def from_state(cls, b, info):
+        return cls(b["qweight"], b["scales"], b.get("bias"), b.get("smooth"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,19 +240,11 @@ def rtn_transform(runtime, make) -> object:
     return new
 
 
-def quant_state(runtime) -> dict[str, torch.Tensor]:
-    """The tensors a quantized runtime adds or changes (for the on-disk cache): every buffer of the
-    quantized linears plus the RMSNorm weights (SmoothQuant folds scales into them)."""
-    sd = {}
-    for name, mod in runtime.named_modules():
-        if isinstance(mod, _QuantLinear):
-            for bname, b in mod.named_buffers(recurse=False):
-                if b is not None:
-                    sd[f"{name}.{bname}"] = b.contiguous()
-    return sd
-
-
-def free_caches(runtime) -> None:
+def set_kernel(runtime, name: str) -> list[str]:
+    """Point every quantized linear of `runtime` at kernel backend `name`; the ops it uses."""
+    ops = set()
     for mod in runtime.modules():
         if isinstance(mod, _QuantLinear):
-            mod.free_cache()
+            mod.set_kernel(name)
+            ops.add(mod.op)
+    return sorted(ops)

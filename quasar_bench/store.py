@@ -45,6 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from quasar_bench.errors import QuasarError
+from quasar_bench.fileio import (atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir, host_tag,  # noqa: F401
+                                 tmp_prefix, write_json)
 
 try:
     import fcntl
@@ -72,62 +74,6 @@ def _canon(obj):
 
 def _host() -> str:
     return socket.gethostname()
-
-
-def _host_tag(host: str | None = None) -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", host if host is not None else _host())[:32]
-
-
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_prefix() -> str:
-    return f".tmp-{os.getpid()}@{_host_tag()}-"
-
-
-def _atomic_write(path: Path, write):
-    """Call write(fileobj) on a temp file next to `path`, fsync, then os.replace onto it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def atomic_write_text(path, text: str) -> None:
-    """atomic_write_bytes of `text` encoded as UTF-8."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path, obj) -> None:
-    """Atomically write `obj` as indented JSON with sorted keys (non-JSON values as str)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
-_write_json = write_json  # the old private name
 
 
 def git_commit() -> str:
@@ -276,7 +222,7 @@ class _Lock:
         info = {"pid": os.getpid(), "host": _host(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "argv": sys.argv[:8], **self.extra}
         data = json.dumps(info, indent=1).encode()
-        tmp = self.path.parent / f"{_tmp_prefix()}{uuid.uuid4().hex}.lock"
+        tmp = self.path.parent / f"{tmp_prefix()}{uuid.uuid4().hex}.lock"
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
         try:
             os.write(fd, data)
@@ -369,7 +315,7 @@ class ResultStore:
             raise ValueError("manifest needs an 'identity' sub-dict")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(prefix=_tmp_prefix() + "probe-", dir=self.root)
+            probe = tempfile.NamedTemporaryFile(prefix=tmp_prefix() + "probe-", dir=self.root)
             probe.close()
         except OSError as e:
             raise QuasarError(f"cannot write results to {self.root} ({e.strerror or e}); "
@@ -567,7 +513,7 @@ class ResultStore:
         df["prompt_id"] = df["prompt_id"].astype(str)
         table = pa.Table.from_pandas(df, preserve_index=False)
         path = self.root / f"rows-{cell_id}-{uuid.uuid4().hex}.parquet"
-        _atomic_write(path, lambda f: pq.write_table(table, f))
+        atomic_write(path, lambda f: pq.write_table(table, f))
         self._done[cell_id] = done | set(keys)
         return path
 
@@ -606,7 +552,7 @@ class ResultStore:
         reader or a killed run sees the previous file or the whole new one. List-valued cells
         of the summary (the acceptance curve) are written as JSON lists."""
         out = [self.root / "rows.parquet", self.root / "rows.csv"]
-        _atomic_write(out[0], lambda f: df.to_parquet(f, index=False))
+        atomic_write(out[0], lambda f: df.to_parquet(f, index=False))
         atomic_write_text(out[1], df.to_csv(index=False))
         if summary_df is not None:
             s = summary_df.copy()
@@ -638,7 +584,7 @@ def _move_aside(root: Path, f: Path) -> Path | None:
         if dest.exists():
             dest = dest_dir / f"{f.stem}-{uuid.uuid4().hex[:8]}{f.suffix}"
         os.replace(f, dest)
-        _fsync_dir(dest_dir)
+        fsync_dir(dest_dir)
         return dest
     except FileNotFoundError:
         return dest_dir / f.name
@@ -648,7 +594,7 @@ def _move_aside(root: Path, f: Path) -> Path | None:
 
 def _stale_temps(root: Path) -> list[Path]:
     """Temp files whose writer is gone: same host and dead pid, or old enough."""
-    root, now, host = Path(root), time.time(), _host_tag()
+    root, now, host = Path(root), time.time(), host_tag()
     out = []
     for d in (root, root / "cells"):
         for p in sorted(d.glob(".tmp-*")):
@@ -807,7 +753,7 @@ def repair(root) -> int:
                     cell = ks[0][0]
                     new = root / f"rows-{cell}-{uuid.uuid4().hex}.parquet"
                     sub = t.take(pa.array(keep))
-                    _atomic_write(new, lambda fh: pq.write_table(sub, fh))
+                    atomic_write(new, lambda fh: pq.write_table(sub, fh))
                     print(f"wrote the {len(keep)} rows of {f.name} not stored elsewhere to {new.name}")
                 print(f"moved {f.name} ({len(ks) - len(keep)} duplicated rows) to {_move_aside(root, f)}")
         if rep["manifest"] in ("missing", "bad"):

@@ -1,6 +1,6 @@
 """Summary table: τ, α, fidelity, throughput and speedups per (model, drafter, verifier, category).
 
-Definitions follow DESIGN.md. The unit of statistics is the prompt: the turns of a prompt are
+Definitions are the README's (metrics section). The unit of statistics is the prompt: the turns of a prompt are
 summed (tokens, steps, time) or averaged (KL, top-1), and a prompt matches the reference only
 if every turn does. Ratio metrics are pooled over prompts (τ = Σ new_tokens / Σ verify_steps,
 α = Σ accepted / Σ drafted, tokens/s = Σ new_tokens / Σ decode_s), so long prompts weigh more;
@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 
 B, SEED = 2000, 0
-PRECISION_ORDER = ["reference", "fp32", "bf16", "fp16", "int8", "w8a8", "int4", "pruned"]
 METRICS = ["tau", "alpha", "kl_mean", "top1_agree", "ref_exact_match", "tokens_per_s",
            "speedup_vs_ar", "speedup_vs_ref_ar"]
 SUMS = ["new_tokens", "verify_steps", "accepted", "drafted", "decode_s"]
@@ -33,13 +32,22 @@ RATIOS = {"tau": ("new_tokens", "verify_steps"), "alpha": ("accepted", "drafted"
           "tokens_per_s": ("new_tokens", "decode_s")}
 
 
-def reference_verifier(verifiers) -> str | None:
-    """The verifier named `reference`, else the highest precision present: fp32 > bf16 > fp16."""
-    present = set(verifiers)
-    for v in ("reference", "fp32", "bf16", "fp16"):
-        if v in present:
-            return v
-    return None
+def reference_verifier(df: pd.DataFrame) -> str | None:
+    """The verifier the run flagged as its reference (rows' `reference_verifier`); for tables
+    without that column, the verifier named `reference`, else the highest float precision present."""
+    if "reference_verifier" in df and df["reference_verifier"].fillna(False).astype(bool).any():
+        return df.loc[df["reference_verifier"].fillna(False).astype(bool), "verifier"].iloc[0]
+    present = set(df["verifier"])
+    return next((v for v in ("reference", "fp32", "bf16", "fp16") if v in present), None)
+
+
+def is_baseline(df: pd.DataFrame) -> pd.Series:
+    """Rows of a drafter that drafts nothing (plain AR): the `baseline` column, else k == 0."""
+    if "baseline" in df:
+        return df["baseline"].fillna(False).astype(bool)
+    if "k" in df:
+        return pd.to_numeric(df["k"], errors="coerce").eq(0)
+    return pd.Series(False, index=df.index)
 
 
 def _ratio(num, den):
@@ -146,17 +154,18 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """
     keys = ["model", "drafter", "verifier"]
     keys += [c for c in ("k", "temperature") if c in df and df[c].nunique(dropna=False) > 1]
+    baseline_drafters = set(df.loc[is_baseline(df), "drafter"])
     pp = _per_prompt(df, keys)
     groups = []
     for pcat in (pp, pp.assign(category="all")):
         for gkey, g in pcat.groupby(keys + ["category"], dropna=False, sort=False):
             rec = dict(zip(keys + ["category"], gkey)) | _stats(g, np.random.default_rng(SEED))
             groups.append(rec | {"_pp": g})
-    ref = reference_verifier(df["verifier"].unique())
+    ref = reference_verifier(df)
     match_t = "temperature" in keys
     for rec in groups:
         for col, verifier in (("speedup_vs_ar", rec["verifier"]), ("speedup_vs_ref_ar", ref)):
-            base = [b for b in groups if b["drafter"] == "ar" and b["model"] == rec["model"]
+            base = [b for b in groups if b["drafter"] in baseline_drafters and b["model"] == rec["model"]
                     and b["verifier"] == verifier and b["category"] == rec["category"]
                     and (not match_t or _same(b["temperature"], rec["temperature"]))]
             if base:
@@ -169,8 +178,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame([{k: v for k, v in r.items() if k != "_pp"} for r in groups], columns=cols)
     if out.empty:
         return out
-    rank = {v: i for i, v in enumerate(PRECISION_ORDER)}
-    out["_d"] = out["drafter"].ne("ar")
+    # Baseline drafters first; verifiers in run order (the reference first, then as listed).
+    rank = {v: i for i, v in enumerate(dict.fromkeys([ref] + list(df["verifier"])))}
+    out["baseline"] = out["drafter"].isin(baseline_drafters)
+    out["reference_verifier"] = out["verifier"].eq(ref)
+    out["_d"] = ~out["baseline"]
     out["_v"] = out["verifier"].map(lambda v: rank.get(v, len(rank)))
     out["_c"] = out["category"].eq("all")
     out = out.sort_values(["model", "_d", "drafter", "_v", "verifier"] + keys[3:] + ["_c", "category"])
@@ -212,7 +224,9 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
 
 
 def save(summary: pd.DataFrame, path) -> None:
-    """Write the summary as CSV (the acceptance curve as a JSON list)."""
+    """Write the summary as CSV (the acceptance curve as a JSON list), atomically."""
+    from .fileio import atomic_write_text
+
     out = summary.copy()
     out["accept_curve"] = out["accept_curve"].map(json.dumps)
-    out.to_csv(path, index=False)
+    atomic_write_text(path, out.to_csv(index=False))

@@ -55,7 +55,7 @@ BAD = {
     "unknown drafter in matrix": (["matrix.drafters=[ar,nope]"], "unknown drafter 'nope'"),
     "missing dataset file": (["dataset=spec_bench", "dataset.path=/nonexistent/q.jsonl"], "/nonexistent/q.jsonl"),
     "dataset without path": (["dataset=mt_bench"], "dataset.path="),
-    "k < 1": (["k=0"], "k must be >= 1"),
+    "k < 1": (["k=0"], "k must be an integer >= 1"),
     "max_new_tokens < 1": (["max_new_tokens=0"], "max_new_tokens"),
 }
 

@@ -106,9 +106,10 @@ def test_layer_subset_matches_transformers_with_layers_removed():
 def test_smollm2_native_matches_transformers(smollm2):
     from transformers import AutoModelForCausalLM
 
-    from quasar_bench.models import cache_dir, smollm2_folder
+    from quasar_bench.fileio import cache_root
+    from quasar_bench.models import smollm2_folder
 
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_folder(cache_dir(None)), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_folder(cache_root()), dtype=torch.float32).eval()
     ids = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]

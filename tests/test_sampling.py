@@ -1,4 +1,4 @@
-"""Speculative sampling preserves the verifier's distribution (DESIGN.md, correctness contract).
+"""Speculative sampling preserves the verifier's distribution (the README's correctness contract).
 
 Method: a tiny random model with a 16-token vocabulary (weights drawn with std 0.3 so p is far
 from uniform), prompt fixed. The exact p of the first token and of the first two tokens is computed

@@ -109,9 +109,17 @@ def test_speedups_categories_and_all():
 
 
 def test_reference_verifier_choice():
-    assert reference_verifier(["int4", "fp16", "bf16"]) == "bf16"
-    assert reference_verifier(["int4", "fp16"]) == "fp16"
-    assert reference_verifier(["bf16", "fp32", "reference"]) == "reference"
+    def rows(vs, flagged=None):
+        d = pd.DataFrame({"verifier": vs})
+        if flagged is not None:
+            d["reference_verifier"] = [v == flagged for v in vs]
+        return d
+
+    assert reference_verifier(rows(["int4", "fp16", "bf16"])) == "bf16"
+    assert reference_verifier(rows(["int4", "fp16"])) == "fp16"
+    assert reference_verifier(rows(["bf16", "fp32", "reference"])) == "reference"
+    # the run's own flag wins over names
+    assert reference_verifier(rows(["bf16", "int4", "fp32"], flagged="int4")) == "int4"
     df = synthetic_rows(verifiers=("bf16", "int4"), drafters=("ar", "ngram"))
     s = summarize(df).set_index(["drafter", "verifier", "category"])
     assert s.loc[("ngram", "int4", "all"), "speedup_vs_ref_ar"] == pytest.approx(

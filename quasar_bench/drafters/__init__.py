@@ -1,13 +1,29 @@
 """Drafters propose up to k tokens; the one decode loop (decode.py) verifies them.
 
 A drafter is one small module `quasar_bench/drafters/NAME.py` defining a subclass of `Drafter`
-and one config `conf/drafter/NAME.yaml` whose `name:` is NAME. Nothing else changes to add one.
+whose `name` is NAME, and one config `conf/drafter/NAME.yaml` whose `name:` is NAME. Nothing else
+changes to add one: the loop and the harness learn what they need from the class (below), never
+from the name. A drafter kept outside the package is named by its module in the config
+(`{name: mine, module: my_pkg.my_drafter}`).
+
+What a drafter declares:
+    drafts        False for the plain-AR baseline (k = 0: one verify forward per token)
+    k             drafts per verify step (from the config; 0 when `drafts` is False)
+    cache_room    KV positions it writes past the verify window (the loop sizes the cache)
+    replays       None, or which greedy continuation it replays, passed to start(): "own" (this
+                  verifier's greedy AR output) or "reference" (the reference verifier's)
+    forces_acceptance  True when the drafter, not the verifier, decides acceptance (speed-only
+                  runs on random weights: see synthetic.py); rows record it
+
+Drafters never import the loop or the harness: what they need from above (a greedy continuation,
+a verifier at another precision, calibration prompts) comes through `tools` (DraftTools).
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -21,24 +37,48 @@ class Draft:
     # Draft distribution per proposed token [len(tokens), V] for speculative sampling; None means a
     # deterministic proposal (q is one-hot on the token).
     probs: torch.Tensor | None = None
-    # Speed-only runs (synthetic drafter, acceptance=forced): how many drafts the loop accepts,
-    # instead of the verifier's verdict. The verify forward still runs over every drafted token.
+    # Set only by drafters with forces_acceptance: how many drafts the loop accepts, instead of the
+    # verifier's verdict. The verify forward still runs over every drafted token.
     forced_accept: int | None = None
 
 
+@dataclass
+class DraftTools:
+    """Services the harness lends to drafters (None where a caller has none to give).
+
+    greedy(runtime, prompt_ids, n) -> ids       the runtime's greedy AR continuation (decode.generate)
+    build_verifier(vcfg) -> runtime             the loaded model at another precision (verifiers.py)
+    calibration_prompts(n) -> list[list[int]]   n encoded prompts disjoint from evaluation data
+    """
+    greedy: Callable | None = None
+    build_verifier: Callable | None = None
+    calibration_prompts: Callable | None = None
+
+    def need(self, what: str, drafter: str):
+        fn = getattr(self, what)
+        if fn is None:
+            raise QuasarError(f"the {drafter} drafter needs the harness's {what}(); build it with "
+                              "make_drafter(..., tools=quasar_bench.references.draft_tools(loaded))")
+        return fn
+
+
 class Drafter:
-    """Base class. Lifecycle per generation: start(...) once, then propose/observe per verify step."""
+    """Base class. Lifecycle per generation: setup(...), start(...), then propose/observe per step."""
 
     name = "base"
-    cache_room = 0  # KV positions a drafter writes past the verify window (lookahead's extra forward)
+    drafts = True
+    cache_room = 0
+    replays: str | None = None
+    forces_acceptance = False
 
-    def __init__(self, cfg, runtime, loaded=None):
+    def __init__(self, cfg, runtime, loaded=None, tools: DraftTools | None = None):
         self.cfg = cfg
         self.runtime = runtime  # the verifier's runtime (self-speculative drafters use its weights)
         self.loaded = loaded  # LoadedModel (tokenizer, eos) for drafters that need it
-        self.k = int(cfg.get("k", 1))
-        if self.k < 1 and self.name != "ar":  # ar drafts nothing; its k is 0
-            raise QuasarError(f"drafter.k={self.k} is impossible: k must be >= 1")
+        self.tools = tools or DraftTools()
+        self.k = int(cfg.get("k", 1)) if self.drafts else 0
+        if self.drafts and self.k < 1:
+            raise QuasarError(f"drafter.k={self.k} is impossible for drafter {self.name}: k must be >= 1 (e.g. k=5)")
         self.setup()
 
     def setup(self, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
@@ -59,8 +99,30 @@ class Drafter:
             q = q.to(self.generator.device)
         return sample(q, self.generator), q
 
+    def confidence(self, logits: torch.Tensor) -> float:
+        """Top-1 probability of the drafter's own distribution (adaptive draft length)."""
+        if self.temperature > 0:
+            return float(target_probs(logits[None], self.temperature, self.top_p).max())
+        return float(torch.softmax(logits, -1).max())
+
+    def draft_chain(self, step, feed: list[int], k: int, threshold: float = 0.0) -> Draft:
+        """The k-step loop of model-based drafters: step(fed ids) -> the logits row [V] after them;
+        feed the picked token back, stop early when confidence < threshold (0: always k)."""
+        tokens, probs = [], []
+        for _ in range(k):
+            logits = step(feed)
+            if threshold > 0 and self.confidence(logits) < threshold:
+                break
+            tok, q = self.pick(logits)
+            tokens.append(tok)
+            probs.append(q)
+            feed = [tok]
+        if self.temperature > 0 and tokens:
+            return Draft(tokens=tokens, probs=torch.stack(probs))
+        return Draft(tokens=tokens)
+
     def start(self, prompt_ids: list[int], reference: list[int] | None = None) -> None:
-        """A new generation begins. `reference`: the reference continuation, if one was computed."""
+        """A new generation begins. `reference`: the continuation named by `replays`, if any."""
 
     def propose(self, context: list[int], k: int) -> Draft:
         """Up to k tokens to follow `context` (prompt + generated so far). The verifier's KV cache
@@ -75,11 +137,35 @@ def drafter_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__))
 
 
-def make_drafter(cfg, runtime, loaded=None) -> Drafter:
+def drafter_class(cfg) -> type[Drafter]:
+    """The Drafter subclass a config names: quasar_bench/drafters/<name>.py, or `module:`."""
     name = cfg.get("name")
-    if name not in drafter_names():
-        raise QuasarError(f"unknown drafter {name!r}; choose one of {', '.join(drafter_names())}")
-    module = importlib.import_module(f"{__name__}.{name}")
+    module_name = cfg.get("module") if name not in drafter_names() else f"{__name__}.{name}"
+    if not module_name:
+        raise QuasarError(f"unknown drafter {name!r}; choose one of {', '.join(drafter_names())} "
+                          "(or give drafter.module=<importable module> for your own)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise QuasarError(f"drafter {name!r}: cannot import module {module_name!r} ({e}); "
+                          "check drafter.module= and PYTHONPATH") from None
     classes = [c for c in vars(module).values()
-               if isinstance(c, type) and issubclass(c, Drafter) and c is not Drafter and c.name == name]
-    return classes[0](cfg, runtime, loaded)
+               if isinstance(c, type) and issubclass(c, Drafter) and c.__module__ == module.__name__ and c.name == name]
+    if len(classes) != 1:
+        raise QuasarError(f"module {module_name} must define one Drafter subclass with name = {name!r}")
+    return classes[0]
+
+
+def make_drafter(cfg, runtime, loaded=None, tools: DraftTools | None = None) -> Drafter:
+    """The drafter a config names, its YAML defaults (conf/drafter/NAME.yaml) under `cfg`."""
+    from ..config import entry_config
+
+    cfg = entry_config("drafter", cfg)
+    return drafter_class(cfg)(cfg, runtime, loaded, tools)
+
+
+def baseline_drafter(runtime, loaded=None) -> Drafter:
+    """The drafter that drafts nothing (plain autoregressive decoding)."""
+    from .ar import AR
+
+    return AR({"name": AR.name, "k": 0}, runtime, loaded)

@@ -4,6 +4,7 @@ from . import Draft, Drafter
 
 class AR(Drafter):
     name = "ar"
+    drafts = False
 
     def propose(self, context, k):
         return Draft(tokens=[])

@@ -1,7 +1,7 @@
 """Draft model: a separate, cheaper model with the verifier's tokenizer drafts k tokens
 autoregressively (Leviathan et al. 2023; Chen et al. 2023).
 
-Either `model:` (another model config, loaded with load_model: e.g. a smaller model of the same
+Either `model:` (when given, it wins over `precision:`; another model config, loaded with load_model: e.g. a smaller model of the same
 family, or a tiny random one for tests) or `precision:` (the verifier model itself at a cheaper
 precision, e.g. int4, built with quasar_bench.verifiers.build_verifier; `verifier:` passes extra
 settings). The draft model keeps its own KV cache holding the accepted context: after each verify
@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..errors import QuasarError
-from . import Draft, Drafter
+from . import Drafter
 
 PROBE = "Speculative decoding: the draft proposes, the verifier disposes. 12345 ÄÖÜ ß — 東京 🙂\n\tdef f(x): return x"
 
@@ -38,12 +38,12 @@ def same_tokenizer(a, b) -> str | None:
 class DraftModel(Drafter):
     name = "draft_model"
 
-    def __init__(self, cfg, runtime, loaded=None):
-        super().__init__(cfg, runtime, loaded)
+    def __init__(self, cfg, runtime, loaded=None, tools=None):
+        super().__init__(cfg, runtime, loaded, tools)
         mcfg, precision = cfg.get("model", None), cfg.get("precision", None)
-        if (mcfg is None) == (precision is None):
-            raise QuasarError("draft_model needs exactly one of drafter.model=<model config> (a separate model "
-                              "with the same tokenizer) or drafter.precision=<int8|w8a8|int4|...>")
+        if mcfg is None and precision is None:
+            raise QuasarError("draft_model needs drafter.model=<model config> (a separate model with the same "
+                              "tokenizer) or drafter.precision=<int8|w8a8|int4|...>")
         if mcfg is not None:
             key = OmegaConf.to_yaml(OmegaConf.create(mcfg)) if not isinstance(mcfg, str) else mcfg
             if key not in _LOADED:
@@ -67,20 +67,10 @@ class DraftModel(Drafter):
         self._ctx_len = None  # len(context) at this step's proposal
 
     def cheaper_verifier(self, cfg, precision):
-        if self.loaded is None:
-            raise QuasarError("draft_model.precision needs the loaded verifier model; pass loaded= to make_drafter")
-        try:
-            from ..verifiers import build_verifier
-        except ImportError:
-            raise QuasarError("draft_model.precision needs quasar_bench.verifiers, which is missing here; "
-                              "use drafter.model=<model config> instead") from None
-        from ..models import cache_dir
-
-        vcfg = OmegaConf.create({"name": precision, **(OmegaConf.to_container(OmegaConf.create(cfg.get("verifier")))
-                                                      if cfg.get("verifier", None) else {})})
-        # build_verifier returns a new runtime and leaves loaded.runtime (the verifier) untouched.
-        rt = build_verifier(self.loaded, vcfg, cache_dir(cfg.get("cache_dir", None)))
-        return getattr(rt, "runtime", rt)
+        vcfg = OmegaConf.create({"name": precision, **(OmegaConf.to_container(OmegaConf.create(cfg.verifier))
+                                                      if cfg.get("verifier") else {})})
+        # The harness's build_verifier returns a new runtime; the verifier itself is untouched.
+        return self.tools.need("build_verifier", self.name)(vcfg)
 
     def start(self, prompt_ids, reference=None):
         max_len = self.max_len or len(prompt_ids) + 2048
@@ -99,25 +89,20 @@ class DraftModel(Drafter):
         while n < limit and self.cached[n] == context[n]:
             n += 1
         rt.rollback(n)
-        feed = list(context[n:])
-        tokens, probs = [], []
-        for _ in range(k):
+
+        def step(feed):
             logits = rt.forward(torch.tensor(feed, device=rt.device))[-1]
             if logits.shape[-1] != self.vocab:  # padded embeddings: score only the verifier's ids
                 row = torch.full((self.vocab,), float("-inf"), device=logits.device)
                 m = min(self.vocab, logits.shape[-1])
                 row[:m] = logits[:m]
                 logits = row
-            tok, q = self.pick(logits)
-            tokens.append(tok)
-            probs.append(q)
-            feed = [tok]
+            return logits
+        draft = self.draft_chain(step, list(context[n:]), k)
         # The cache now holds context + tokens[:-1].
-        self.cached = list(context) + tokens[:-1]
+        self.cached = list(context) + draft.tokens[:-1]
         self._ctx_len = len(context)
-        if self.temperature > 0 and tokens:
-            return Draft(tokens=tokens, probs=torch.stack(probs))
-        return Draft(tokens=tokens)
+        return draft
 
     def observe(self, accepted, new_tokens):
         # Roll the draft cache back to the accepted context (context + accepted drafts); the

@@ -26,64 +26,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import random
-from pathlib import Path
 
 import torch
 
 from ..errors import QuasarError
-from . import Draft, Drafter
+from ..fileio import cache_root, read_json, write_json
+from ..fingerprint import weights_fingerprint
+from . import Drafter
 
 log = logging.getLogger(__name__)
-
-
-def weights_fingerprint(runtime) -> str:
-    """Cheap identity of a runtime's weights: names, shapes, dtypes and a few values of every tensor."""
-    h = hashlib.sha256()
-    module = getattr(runtime, "model", runtime)
-    for name, t in sorted(module.state_dict().items()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        if t.numel() and t.device.type != "meta":
-            h.update(t.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def expected_tau(a: float, k: int) -> float:
     """Expected tokens per verify step with k drafts each accepted independently with probability a."""
     return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
-
-
-def calibration_sequences(runtime, loaded, n: int, gen_tokens: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, the verifier's greedy continuation) for the first n builtin prompts (chat template
-    when the model has one); seeded random prompts when there is no tokenizer (tiny test models)."""
-    from ..decode import generate
-    from .ar import AR
-
-    prompts = []
-    tok = getattr(loaded, "tokenizer", None)
-    if tok is not None:
-        from ..data import load_prompts
-
-        for p in load_prompts("builtin", limit=n):
-            text = p.turns[0]
-            if getattr(loaded, "chat", False):
-                enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True)
-                ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
-            else:
-                ids = tok(text)["input_ids"]
-            prompts.append(list(ids))
-    else:
-        rng = random.Random(seed)
-        prompts = [[rng.randrange(runtime.vocab_size) for _ in range(24)] for _ in range(n)]
-    eos = getattr(loaded, "eos_ids", ()) or ()
-    ar = AR({"name": "ar"}, runtime)
-    out = []
-    for ids in prompts:
-        cont = generate(runtime, ar, ids, gen_tokens, 0, eos).output_ids
-        out.append((ids, cont))
-    return out
 
 
 class SkipSearch:
@@ -151,8 +107,8 @@ class SkipSearch:
 class LayerSkip(Drafter):
     name = "layerskip"
 
-    def __init__(self, cfg, runtime, loaded=None):
-        super().__init__(cfg, runtime, loaded)
+    def __init__(self, cfg, runtime, loaded=None, tools=None):
+        super().__init__(cfg, runtime, loaded, tools)
         self.threshold = float(cfg.get("threshold", 0.0))
         if not 0.0 <= self.threshold <= 1.0:
             raise QuasarError(f"drafter.threshold={self.threshold} must lie in [0, 1] (0 = always draft k)")
@@ -202,50 +158,30 @@ class LayerSkip(Drafter):
         if not getattr(self.runtime, "is_native", False) or not hasattr(self.runtime, "with_layers"):
             raise QuasarError("layerskip search needs the native runtime (llama/qwen2/qwen3/mistral)")
         model = getattr(self.loaded, "name", None) or "model"
-        ident = {"version": 2, "model": model, "weights": weights_fingerprint(self.runtime), "cache_key": cfg.get("cache_key"),
-                 **params}
+        ident = {"version": 3, "model": model, "weights": weights_fingerprint(self.runtime),
+                 "cache_key": cfg.get("cache_key"), **params}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-        root = Path(os.path.expanduser(cfg.get("cache_dir", None) or os.environ.get("QUASAR_CACHE", "~/.cache/quasar_bench")))
-        path = root / "layerskip" / f"{model}-{digest}.json"
-        if path.exists():
-            try:
-                found = json.loads(path.read_text())
-                if found.get("identity") == ident:
-                    self.search_result = found
-                    return found["skip"]
-            except (ValueError, KeyError):
-                pass  # torn or foreign file: search again and overwrite it
+        path = cache_root(cfg.get("cache_dir", None)) / "layerskip" / f"{model}-{digest}.json"
+        found = read_json(path)
+        if found is not None and found.get("identity") == ident and "skip" in found:
+            self.search_result = found
+            return found["skip"]
         log.info("layerskip: searching a skip set for %s (cached in %s)", model, path)
-        seqs = calibration_sequences(self.runtime.with_layers(list(range(self.runtime.num_layers))), self.loaded,
-                                     params["prompts"], params["gen_tokens"], params["seed"])
+        full = self.runtime.with_layers(list(range(self.runtime.num_layers)))
+        prompts = self.tools.need("calibration_prompts", self.name)(params["prompts"], params["seed"])
+        greedy = self.tools.need("greedy", self.name)
+        seqs = [(ids, greedy(full, ids, params["gen_tokens"])) for ids in prompts]
         result = SkipSearch(self.runtime, seqs, self.k).run(objective, params["target_skip_ratio"],
                                                           params["max_skip_ratio"], params["candidates"])
         result["identity"] = ident
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, path)
+        write_json(path, result)
         self.search_result = result
         return result["skip"]
 
     # -- drafting ----------------------------------------------------------------------------
     def propose(self, context, k):
         device = self.runtime.device
-        tok, tokens, probs = context[-1], [], []
-        for _ in range(k):
-            logits = self.runtime.forward(torch.tensor([tok], device=device), layer_ids=self.kept)[-1]
-            if self.threshold > 0:
-                if self.temperature > 0:
-                    from ..sampling import target_probs
 
-                    conf = float(target_probs(logits[None], self.temperature, self.top_p).max())
-                else:
-                    conf = float(torch.softmax(logits, -1).max())
-                if conf < self.threshold:
-                    break
-            tok, q = self.pick(logits)
-            tokens.append(tok)
-            probs.append(q)
-        if self.temperature > 0 and tokens:
-            return Draft(tokens=tokens, probs=torch.stack(probs))
-        return Draft(tokens=tokens)
+        def step(feed):
+            return self.runtime.forward(torch.tensor(feed, device=device), layer_ids=self.kept)[-1]
+        return self.draft_chain(step, [context[-1]], k, self.threshold)

@@ -40,8 +40,8 @@ from . import Draft, Drafter
 class Lookahead(Drafter):
     name = "lookahead"
 
-    def __init__(self, cfg, runtime, loaded=None):
-        super().__init__(cfg, runtime, loaded)
+    def __init__(self, cfg, runtime, loaded=None, tools=None):
+        super().__init__(cfg, runtime, loaded, tools)
         try:
             self.W, self.N, self.G = int(cfg.get("window", 7)), int(cfg.get("ngram", 4)), int(cfg.get("guesses", 7))
         except (TypeError, ValueError):

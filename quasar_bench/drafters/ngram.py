@@ -8,8 +8,8 @@ from . import Draft, Drafter
 class NGram(Drafter):
     name = "ngram"
 
-    def __init__(self, cfg, runtime, loaded=None):
-        super().__init__(cfg, runtime, loaded)
+    def __init__(self, cfg, runtime, loaded=None, tools=None):
+        super().__init__(cfg, runtime, loaded, tools)
         self.ngram_min = int(cfg.get("ngram_min", 1))
         self.ngram_max = int(cfg.get("ngram_max", 3))
         if not 1 <= self.ngram_min <= self.ngram_max:

@@ -26,8 +26,8 @@ from . import Draft, Drafter
 class Synthetic(Drafter):
     name = "synthetic"
 
-    def __init__(self, cfg, runtime, loaded=None):
-        super().__init__(cfg, runtime, loaded)
+    def __init__(self, cfg, runtime, loaded=None, tools=None):
+        super().__init__(cfg, runtime, loaded, tools)
         try:
             self.alpha = float(cfg.get("alpha", 0.8))
         except (TypeError, ValueError):
@@ -48,6 +48,12 @@ class Synthetic(Drafter):
         self.acceptance = cfg.get("acceptance", "verify")
         if self.acceptance not in ("verify", "forced"):
             raise QuasarError(f"drafter.acceptance={self.acceptance!r}; choose verify or forced")
+        self.forces_acceptance = self.acceptance == "forced"
+        replay = cfg.get("replay", "own")
+        if replay not in ("own", "reference"):
+            raise QuasarError(f"drafter.replay={replay!r}; choose own (this verifier's greedy output) or reference")
+        # What the harness passes to start(): nothing to replay when acceptance is forced.
+        self.replays = None if self.forces_acceptance else replay
 
     def start(self, prompt_ids, reference=None):
         if reference is None and self.acceptance == "forced":

@@ -1,0 +1,108 @@
+"""Running one cell: (verifier runtime, drafter) over the prompts, timed, rows to the store.
+
+Per prompt, the turns run in order (a later turn's prompt holds the cell's own earlier answers);
+stored (prompt, turn) pairs are skipped on resume but their answers are regenerated so later
+turns see the same text. One untimed warm-up generation per cell comes first.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from .decode import generate
+from .drafters import make_drafter
+from .encode import decode_text, encode_turn
+from .fidelity import match_metrics
+from .rows import Cell, device_name, make_row, peak_memory, weight_bytes
+
+log = logging.getLogger(__name__)
+
+
+def describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference: bool) -> Cell:
+    """The cell's identity (its full resolved configuration) and the fields its rows share."""
+    cfg = run.cfg
+    config = {"model": OmegaConf.to_container(cfg.model, resolve=True), "device": str(runtime.device),
+              "dtype": str(runtime.dtype), "verifier": OmegaConf.to_container(vcfg, resolve=True),
+              "drafter": OmegaConf.to_container(dcfg, resolve=True),
+              "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+              "max_new_tokens": int(cfg.max_new_tokens), "temperature": float(cfg.temperature),
+              "top_p": float(cfg.top_p), "seed": int(cfg.seed)}
+    from .plan import cell_hash
+
+    return Cell(cell_id=cell_hash(config), config=config, experiment=cfg.experiment_name, model=run.loaded.name,
+                verifier=vcfg.get("label") or vcfg.name, drafter=dcfg.get("label") or dcfg.name,
+                drafter_name=dcfg.name, is_reference=is_reference, baseline=not drafter.drafts,
+                forced_acceptance=drafter.forces_acceptance, k=drafter.k,
+                kernel=",".join(sorted({m.backend(runtime.device.type).name for m in runtime.modules()
+                                        if hasattr(m, "backend")})) if getattr(runtime, "kernel_ops", None) else "",
+                temperature=float(cfg.temperature), top_p=float(cfg.top_p), device=device_name(runtime.device),
+                dtype=str(runtime.dtype).removeprefix("torch."), weight_bytes=weight_bytes(runtime),
+                git_commit=run.env.get("git_commit", "unknown"))
+
+
+def prompt_seed(seed: int, prompt_id, turn: int) -> int:
+    return int(hashlib.sha256(f"{seed}/{prompt_id}/{turn}".encode()).hexdigest()[:8], 16)
+
+
+def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool) -> None:
+    cfg, loaded, refs = run.cfg, run.loaded, run.references
+    drafter = make_drafter(dcfg, runtime, loaded, run.tools)
+    cell = describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference)
+    done = run.store.done_keys(cell.cell_id) if (run.out_dir / "manifest.json").exists() else set()
+    todo = [p for p in run.prompts if any((p.prompt_id, t + 1) not in done for t in range(len(p.turns)))]
+    label = f"{cell.verifier}/{cell.drafter}"
+    if not todo:
+        log.info("%s: all %d prompts already stored, skipping", label, len(run.prompts))
+        return
+    gen_kw = dict(max_new_tokens=int(cfg.max_new_tokens), k=drafter.k, eos_ids=loaded.eos_ids,
+                  temperature=float(cfg.temperature), top_p=float(cfg.top_p))
+    if cfg.warmup:  # compile/allocate once outside the timed region
+        first = run.prompts[0]
+        ids = encode_turn(loaded, first.turns[:1], [])
+        generate(runtime, drafter, ids, **{**gen_kw, "max_new_tokens": min(8, gen_kw["max_new_tokens"])},
+                 generator=torch.Generator().manual_seed(0),
+                 reference=refs.replay(drafter, runtime, (first.prompt_id, 1), ids))
+    run.open_store()
+    run.store.record_cell(cell.cell_id, cell.config)
+    for p in tqdm(todo, desc=label, disable=not cfg.progress):
+        rows, answers = [], []
+        for turn in range(1, len(p.turns) + 1):
+            key = (p.prompt_id, turn)
+            ids = encode_turn(loaded, p.turns[:turn], answers)
+            seed = prompt_seed(int(cfg.seed), p.prompt_id, turn)
+            replay = refs.replay(drafter, runtime, key, ids)
+            if runtime.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            res = generate(runtime, drafter, ids, **gen_kw, generator=torch.Generator().manual_seed(seed),
+                           reference=replay)
+            if cell.baseline and float(cfg.temperature) == 0:
+                refs.remember_own(key, ids, res.output_ids)
+            text = decode_text(loaded.tokenizer, res.output_ids)
+            answers.append(text)
+            if key in done:
+                continue
+            row = make_row(cell, p, turn, ids, res, text, seed, peak_memory(runtime.device))
+            row.update(fidelity.get(key, {}))
+            if key in refs.continuations and refs.logprobs:
+                row.update(match_metrics(res.output_ids, refs.continuations[key][1]))
+            rows.append(row)
+        run.store.append(rows)
+
+
+def capture_graphs(runtime, cfg, max_k: int) -> None:
+    """CUDA graphs for every AR / verify forward shape, captured (and kernels autotuned) before
+    any timing, when the device and runtime allow."""
+    use = cfg.cuda_graphs
+    if runtime.device.type != "cuda" or use is False or not getattr(runtime, "is_native", False):
+        if use is True and runtime.device.type != "cuda":
+            from .errors import QuasarError
+
+            raise QuasarError("cuda_graphs=true needs a CUDA device; use cuda_graphs=auto")
+        return
+    runtime.enable_cuda_graphs(max_tokens=max_k + 1, max_len=int(cfg.model.max_seq_len))
+    runtime.reset(runtime.graphs.max_len)  # allocate the cache the graphs will address
+    runtime.graphs.capture_all()

@@ -1,0 +1,84 @@
+"""Planning: the run's configuration -> the cells to run, (verifier, [drafters]) in order.
+
+A matrix entry is a config name (`ngram`) or a mapping with `name` plus overrides, merged over
+conf/<group>/<name>.yaml. The baseline drafter (one that drafts nothing) runs first in each
+verifier's list, the reference verifier first among verifiers: the first is every speedup's
+denominator, the second produces the reference continuations.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import entry_config
+from .drafters import drafter_class
+from .errors import QuasarError
+from .verifiers import precision
+
+
+def cell_hash(obj) -> str:
+    if isinstance(obj, DictConfig):
+        obj = OmegaConf.to_container(obj, resolve=True)
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _entries(cfg, group: str, single: str, listed: str, entries=None) -> list[DictConfig]:
+    chosen = cfg.get(single)
+    if entries is None:
+        entries = [chosen] if chosen is not None else list(cfg.matrix[listed])
+    if not entries:
+        raise QuasarError(f"matrix.{listed} is empty; name at least one {group}")
+    out = [entry_config(group, e) for e in entries]
+    if len(set(map(cell_hash, out))) != len(out):
+        raise QuasarError(f"matrix.{listed} lists the same {group} twice: {[c.name for c in out]}")
+    return out
+
+
+def drafts(dcfg) -> bool:
+    return drafter_class(dcfg).drafts
+
+
+def drafter_configs(cfg, entries=None) -> list[DictConfig]:
+    out = _entries(cfg, "drafter", "drafter", "drafters", entries)
+    for d in out:
+        if not drafts(d):
+            continue
+        if cfg.get("k") is not None:
+            d.k = cfg.k
+        if not isinstance(d.k, int) or isinstance(d.k, bool) or d.k < 1:
+            raise QuasarError(f"k={d.k!r} is impossible for drafter {d.name}: k must be an integer >= 1 (e.g. k=5)")
+    return sorted(out, key=drafts)
+
+
+def verifier_configs(cfg, entries=None) -> list[DictConfig]:
+    out = _entries(cfg, "verifier", "verifier", "verifiers", entries)
+    return sorted(out, key=lambda v: not precision(v.name).is_reference)
+
+
+def plan_cells(cfg) -> list[tuple[DictConfig, list[DictConfig]]]:
+    """(verifier, drafters) to run: the product matrix.verifiers x matrix.drafters, plus each
+    `matrix.extra` block ({verifiers: [...], drafters: [...]}: more drafters for some verifiers).
+    `drafter=` / `verifier=` on the command line narrow the run to the product alone."""
+    plan = [(v, drafter_configs(cfg)) for v in verifier_configs(cfg)]
+    narrowed = cfg.get("drafter") is not None or cfg.get("verifier") is not None
+    for block in ([] if narrowed else (cfg.matrix.get("extra") or [])):
+        extra_drafters = drafter_configs(cfg, list(block.drafters))
+        for v in verifier_configs(cfg, list(block.verifiers)):
+            found = next((ds for pv, ds in plan if cell_hash(pv) == cell_hash(v)), None)
+            if found is None:
+                plan.append((v, found := []))
+            have = {cell_hash(d) for d in found}
+            found.extend(d for d in extra_drafters if cell_hash(d) not in have)
+    plan.sort(key=lambda vd: not precision(vd[0].name).is_reference)
+    return [(v, sorted(ds, key=drafts)) for v, ds in plan]
+
+
+def validate(cfg) -> None:
+    if int(cfg.max_new_tokens) < 1:
+        raise QuasarError(f"max_new_tokens={cfg.max_new_tokens} is impossible: it must be >= 1")
+    if float(cfg.temperature) < 0:
+        raise QuasarError(f"temperature={cfg.temperature} is impossible: use 0 (greedy) or > 0")
+    if not 0 < float(cfg.top_p) <= 1:
+        raise QuasarError(f"top_p={cfg.top_p} must lie in (0, 1]")

@@ -1,0 +1,86 @@
+"""The result row: one (cell, prompt, turn), its schema in one place."""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+from dataclasses import dataclass
+
+import torch
+
+from .metrics import alpha, per_position_acceptance, tau
+
+
+@dataclass
+class Cell:
+    """One (verifier, drafter) cell of a run, with what every row of it shares."""
+    cell_id: str
+    config: dict  # the full resolved configuration: the cell's identity
+    experiment: str
+    model: str
+    verifier: str  # label
+    drafter: str  # label
+    drafter_name: str
+    is_reference: bool
+    baseline: bool  # the drafter drafts nothing (plain AR)
+    forced_acceptance: bool
+    k: int
+    kernel: str  # kernel backend of the quantized linears ("" when there are none)
+    temperature: float
+    top_p: float
+    device: str
+    dtype: str
+    weight_bytes: int
+    git_commit: str
+
+
+def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: str, seed: int, peak: int) -> dict:
+    n = len(res.output_ids)
+    return {
+        "experiment": cell.experiment, "cell_id": cell.cell_id, "model": cell.model,
+        "drafter": cell.drafter, "drafter_name": cell.drafter_name, "verifier": cell.verifier,
+        "reference_verifier": cell.is_reference, "baseline": cell.baseline,
+        "forced_acceptance": cell.forced_acceptance, "kernel": cell.kernel, "k": cell.k,
+        "temperature": cell.temperature, "top_p": cell.top_p,
+        "dataset": prompt.dataset, "category": prompt.category, "prompt_id": str(prompt.prompt_id), "turn": turn,
+        "prompt_tokens": len(prompt_ids), "new_tokens": n, "verify_steps": res.verify_steps,
+        "tau": tau(n, res.verify_steps), "alpha": alpha(res.accepted, res.drafted),
+        "accepted_per_position": per_position_acceptance(res.attempts, res.accepts),
+        "drafted": res.drafted, "accepted": res.accepted, "stopped_by": res.stopped_by,
+        "prefill_s": res.prefill_s, "decode_s": res.decode_s, "draft_s": res.draft_s,
+        "verify_s": res.verify_s, "other_s": res.decode_s - res.draft_s - res.verify_s,
+        "tokens_per_s": n / res.decode_s if res.decode_s > 0 else math.nan,
+        "peak_mem_bytes": int(peak), "weight_bytes": cell.weight_bytes, "prompt_ids": list(prompt_ids),
+        "output_ids": res.output_ids, "output_text": text, "seed": seed, "device": cell.device,
+        "dtype": cell.dtype, "torch_version": torch.__version__, "git_commit": cell.git_commit,
+    }
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (never decreases)
+
+
+def weight_bytes(runtime) -> int:
+    """Bytes of weights one full forward reads: every parameter and buffer except the embedding
+    table (a forward gathers only its rows; counted once when tied to lm_head), the RoPE tables
+    and the KV cache. Divided by the verify time, it gives the bandwidth a step achieves."""
+    module = getattr(runtime, "model", runtime)
+    seen, total = set(), 0
+    embed = getattr(module, "embed_tokens", None)
+    skip = {id(embed.weight)} if embed is not None and getattr(module, "lm_head", None) is not None \
+        and module.lm_head.weight is not embed.weight else set()
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if id(t) in seen or id(t) in skip or "rope" in name:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
