@@ -42,15 +42,17 @@ __device__ __forceinline__ uint32_t nib2(uint32_t q) {  // (q & 0x000f000f) | EX
   return d;
 }
 
+// (v - zz) * s with v = magic + code, zz = magic + zero (so v - zz = code - zero exactly), as two
+// x2 FMAs (native HFMA2 / HFMA2.BF16_V2 since sm_80): fma(v, 1, -zz) then fma(t, s, -0).
 template <bool BF16>
-__device__ __forceinline__ uint32_t sub_mul(uint32_t v, uint32_t zz, uint32_t s) {
+__device__ __forceinline__ uint32_t sub_mul(uint32_t v, uint32_t nzz, uint32_t s) {
   uint32_t t, d;
   if constexpr (BF16) {
-    asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(t) : "r"(v), "r"(zz));
-    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(t), "r"(s));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(t) : "r"(v), "r"(0x3F803F80u), "r"(nzz));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(t), "r"(s), "r"(0x80008000u));
   } else {
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(t) : "r"(v), "r"(zz));
-    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(t), "r"(s));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(t) : "r"(v), "r"(0x3C003C00u), "r"(nzz));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(t), "r"(s), "r"(0x80008000u));
   }
   return d;
 }
@@ -206,7 +208,7 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
               s2[s] = __byte_perm(sw[s >> 1], 0, (s & 1) ? 0x3232 : 0x1010);
               const uint32_t zw = (s < 4) ? z_nxt.x : z_nxt.y;
               const uint32_t b = s & 3;
-              zz[s] = __byte_perm(zw, 0, 0x4040 | b | (b << 8)) | EX;
+              zz[s] = __byte_perm(zw, 0, 0x4040 | b | (b << 8)) | EX | 0x80008000u;  // -(magic + zero)
             }
             int fi = ti, fg = gi + 1;
             if (gend >= ws0 + wcnt) { fi = ti + 1; fg = ws0 / p.SPG; }

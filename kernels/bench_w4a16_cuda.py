@@ -1,0 +1,420 @@
+"""Benchmark the CUDA W4A16 verify GEMM against every alternative at Qwen3-8B shapes, M = 1..16.
+
+    python -m kernels.bench_w4a16_cuda --out results/gpu [--ms 1,2,4,6,8,12,16] [--shapes q/o,...]
+        [--sweep N] [--quick]
+
+Kernels: cuBLAS bf16 F.linear, ours (kernels/w4a16_cuda.py, planned config), our Triton
+w4a16_linear, torch._weight_int4pack_mm (tinygemm), gemlite A16W4 (if importable). Each is first
+checked against the fp32 dequantize-then-matmul reference on fresh random inputs (rel err
+||out - ref|| / ||ref|| < 1e-2, NaN fails, allocator blocks NaN-poisoned before the call), then timed
+under CUDA-graph replay of >= 24 back-to-back calls rotating over weight copies (>= 3 x L2 per
+round: weights come from HBM), median of the replays (kernels.w4a16.graph_time_us). --sweep N also
+times the N best configs of our kernel's cost model plus a fixed grid (w4a16_cuda_sweep rows).
+Writes w4a16_cuda.csv / w4a16_cuda.md (+ w4a16_cuda_log.txt) under --out; prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {  # name -> (N, K)
+    "q/o": (4096, 4096),
+    "qkv": (6144, 4096),
+    "k/v": (1024, 4096),
+    "gate/up": (12288, 4096),
+    "gate+up": (24576, 4096),
+    "down": (4096, 12288),
+    "lm_head": (151936, 4096),
+}
+MS = [1, 2, 4, 6, 8, 12, 16]
+GROUP = 128
+KERNELS = ["bf16_cublas", "w4a16_cuda", "w4a16_triton", "int4pack_mm_torch", "gemlite_a16w4"]
+TARGET = {"gate/up": 3.0, "gate+up": 3.0, "down": 3.0, "lm_head": 3.0, "q/o": 2.5, "qkv": 2.5}
+
+LOG: list[str] = []
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    LOG.append(s)
+    print(s, flush=True)
+
+
+def env_info(cmd: str) -> dict:
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        driver = "unknown"
+    import triton
+
+    return dict(gpu_name=torch.cuda.get_device_name(), driver=driver, torch_version=torch.__version__,
+                triton_version=triton.__version__, cuda_version=torch.version.cuda, command=cmd)
+
+
+def copy_bandwidth() -> float:
+    import triton
+
+    n = 1 << 30
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    assert torch.equal(dst[:4096], src[:4096])
+    del src, dst
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def rel_err(out, ref) -> float:
+    o, r = out.double(), ref.double()
+    if not torch.isfinite(o).all():
+        return float("inf")
+    return ((o - r).norm() / r.norm()).item()
+
+
+def poison(nbytes: int):
+    """Fill a freed allocator block with NaN so that an unwritten output shows up."""
+    t = torch.full((nbytes // 2 + 1024,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    del t
+
+
+def tinygemm_pack(codes, scales, zeros, k):
+    """Our int4 weights in tinygemm's layout: W = (q - 8) * s + zero_t, so zero_t = (8 - z) * s."""
+    c = codes[:, :k].to(torch.int32)
+    w_uint8 = (c[:, ::2] << 4 | c[:, 1::2]).to(torch.uint8)
+    packed = torch._convert_weight_to_int4pack(w_uint8, 8)
+    s = scales.float()
+    sz = torch.stack([s, (8 - zeros.float()) * s], dim=-1).to(torch.bfloat16).contiguous()
+    return packed, sz
+
+
+def gemlite_layer(codes, scales, zeros, n, k):
+    import gemlite
+    from gemlite import DType, GemLiteLinear
+
+    lin = GemLiteLinear(4, group_size=GROUP, in_features=k, out_features=n, input_dtype=DType.BF16,
+                        output_dtype=DType.BF16)
+    lin.pack(codes[:, :k].contiguous(), scales.t().contiguous().to(torch.bfloat16),
+             zeros.t().contiguous().to(torch.bfloat16), None)
+    return lin
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="results/gpu")
+    p.add_argument("--ms", default=",".join(map(str, MS)))
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--sweep", type=int, default=0, help="also time this many modelled-best configs + a grid")
+    p.add_argument("--sweep-ms", default="1,6,16", help="M values the sweep runs at")
+    p.add_argument("--budget", type=float, default=400, help="seconds; past it: no more sweeps or gemlite")
+    p.add_argument("--replays", type=int, default=7)
+    p.add_argument("--kernels", default=",".join(KERNELS))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_w4a16_cuda needs a CUDA GPU")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from kernels import w4a16_cuda as wc
+    from kernels.w4a16 import graph_time_us, w4a16_linear
+    from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
+
+    ms_list = [int(m) for m in args.ms.split(",")]
+    shapes = args.shapes.split(",")
+    kern_sel = args.kernels.split(",")
+    cmd = "python -m kernels.bench_w4a16_cuda " + " ".join(argv if argv is not None else sys.argv[1:])
+    info = env_info(cmd)
+    log(info)
+    t0 = time.time()
+    ok, why = wc.available()
+    log(f"CUDA extension: {'ok' if ok else why} ({time.time() - t0:.0f}s build/load)")
+    gemlite_note = ""
+    try:
+        import gemlite  # noqa: F401
+        gemlite_note = f"gemlite {getattr(gemlite, '__version__', '?')}"
+    except Exception as e:  # noqa: BLE001
+        gemlite_note = f"gemlite not importable ({type(e).__name__}: {e})"[:200]
+        kern_sel = [k for k in kern_sel if k != "gemlite_a16w4"]
+    log(gemlite_note)
+    if ok:
+        sass_summary(out_dir)
+    copy_bw = copy_bandwidth()
+    log(f"device-to-device copy: {copy_bw:.0f} GB/s (read + write)")
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    dev = torch.device("cuda")
+
+    rows, sweep_rows, checks = [], [], []
+    torch.manual_seed(0)
+    for name in shapes:
+        n, k = SHAPES[name]
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        codes, scales, zeros = quantize_int4_rtn(w, GROUP)
+        qweight = pack_int4(codes)
+        kp = qweight.shape[0] * 8
+        wdq = dequantize_int4(qweight, scales, zeros, k, GROUP)  # fp32 [N, K]: the reference weight
+        packed = wc.prepack_w4a16(qweight, scales, zeros, k, GROUP) if ok else None
+        i4 = None
+        if "int4pack_mm_torch" in kern_sel:
+            try:
+                i4 = tinygemm_pack(codes, scales, zeros, k)
+            except Exception as e:  # noqa: BLE001
+                log(f"tinygemm pack failed: {e!r}"[:200])
+        gl = None
+        if "gemlite_a16w4" in kern_sel:
+            try:
+                gl = gemlite_layer(codes, scales, zeros, n, k)
+            except Exception as e:  # noqa: BLE001
+                log(f"gemlite pack failed: {e!r}"[:300])
+        del codes
+        w4_bytes = n * kp // 2 + 2 * (kp // GROUP) * n * 2
+        w_bytes = {"bf16_cublas": n * k * 2, "w4a16_cuda": w4_bytes, "w4a16_triton": w4_bytes,
+                   "int4pack_mm_torch": n * k // 2 + (k // GROUP) * n * 4, "gemlite_a16w4": w4_bytes}
+
+        def copies(objs, nbytes, clone):
+            c = max(1, math.ceil(3 * l2 / nbytes))
+            return [objs] + [clone(objs) for _ in range(c - 1)]
+
+        sets = {"bf16_cublas": copies(w, n * k * 2, lambda t: t.clone()),
+                "w4a16_triton": copies((qweight, scales, zeros), w4_bytes, lambda ts: tuple(t.clone() for t in ts))}
+        if packed is not None:
+            sets["w4a16_cuda"] = copies(packed, w4_bytes, lambda d: {a: b.clone() for a, b in d.items()})
+            wc.prepare(packed, ms_list)
+        if i4 is not None:
+            sets["int4pack_mm_torch"] = copies(i4, w_bytes["int4pack_mm_torch"], lambda ts: tuple(t.clone() for t in ts))
+        if gl is not None:
+            import copy
+
+            def clone_gl(layer):
+                c = copy.copy(layer)
+                c._parameters = dict(layer._parameters)
+                c._buffers = dict(layer._buffers)
+                for a in ("W_q", "scales", "zeros"):
+                    v = getattr(layer, a, None)
+                    if isinstance(v, torch.nn.Parameter):
+                        setattr(c, a, torch.nn.Parameter(v.detach().clone(), requires_grad=False))
+                    elif isinstance(v, torch.Tensor):
+                        setattr(c, a, v.clone())
+                return c
+            try:
+                sets["gemlite_a16w4"] = copies(gl, w4_bytes, clone_gl)
+            except Exception as e:  # noqa: BLE001
+                log(f"gemlite copies failed ({e!r}); timing one copy (L2-resident when small)"[:300])
+                sets["gemlite_a16w4"] = [gl]
+
+        for m in ms_list:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = (x.float() @ wdq.t()).to(torch.bfloat16)
+            ref_bf16 = F.linear(x.float(), w.float()).to(torch.bfloat16)  # cuBLAS runs the unquantized weight
+            ops = {
+                "bf16_cublas": lambda ws: F.linear(x, ws),
+                "w4a16_cuda": lambda d: wc.w4a16_cuda_linear(x, d),
+                "w4a16_triton": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP),
+                "int4pack_mm_torch": lambda ts: torch._weight_int4pack_mm(x, ts[0], GROUP, ts[1]),
+                "gemlite_a16w4": lambda layer: layer(x),
+            }
+            t_bf16 = None
+            over = time.time() - t0 > args.budget
+            for kname in KERNELS:
+                if kname not in kern_sel or kname not in sets:
+                    continue
+                if over and kname == "gemlite_a16w4":
+                    continue
+                fn_of, wsets = ops[kname], sets[kname]
+                cfg = ""
+                try:
+                    poison(m * n * 4)
+                    out = fn_of(wsets[0])
+                    torch.cuda.synchronize()
+                    err = rel_err(out, ref_bf16 if kname == "bf16_cublas" else ref)
+                    del out
+                    good = err < 1e-2
+                    checks.append((kname, name, m, err, good))
+                    if not good:
+                        log(f"CHECK FAILED {kname} {name} M={m}: rel err {err:.2e}")
+                        if kname in ("w4a16_cuda", "w4a16_triton"):
+                            continue
+                    fns = [(lambda ws=ws: fn_of(ws)) for ws in wsets]
+                    t = graph_time_us(fns, calls=max(24, len(fns)), replays=args.replays)
+                    if kname == "w4a16_cuda":
+                        c = wc.plan(m, packed, dev)
+                        cfg = f"WN={c['WN']} S={c['S']} gx={c['gx']} occ={c['occ']}"
+                except Exception as e:  # noqa: BLE001
+                    log(f"{kname} {name} M={m} failed: {e!r}"[:400])
+                    continue
+                if kname == "bf16_cublas":
+                    t_bf16 = t
+                nbytes = w_bytes[kname] + m * k * 2 + m * n * 2
+                gbps = nbytes / (t * 1e-6) / 1e9
+                rows.append(dict(info, kernel=kname, shape=name, M=m, N=n, K=k, time_us=round(t, 2),
+                                 gbps=round(gbps, 1), frac_of_copy_bw=round(gbps / copy_bw, 3),
+                                 speedup_vs_bf16=round(t_bf16 / t, 3) if t_bf16 else "",
+                                 rel_err=f"{err:.2e}", bytes=nbytes, copy_gbps=round(copy_bw, 1),
+                                 weight_copies=len(wsets), config=cfg))
+            sweep_ms = [int(v) for v in args.sweep_ms.split(",")]
+            if args.sweep and packed is not None and m in sweep_ms and not over:
+                cands = wc.candidate_configs(m, packed, dev)
+                nt, kt = packed["qpk"].shape[:2]
+                ng = packed["scales_fp16"].shape[1]
+                scored = sorted(cands, key=lambda c: wc.plan_cost(m, nt, ng, kt // ng, c["WN"], c["S"], c["occ"],
+                                                                  wc._num_sms(dev))[0])
+                pick = scored[:args.sweep]
+                grid = [c for c in cands if c["S"] in (1, 2, 4, 8, 16, 32)]
+                for c in grid:
+                    if c not in pick:
+                        pick.append(c)
+                best = None
+                for c in pick:
+                    try:
+                        wc._workspace(dev, c["S"] * 16 * nt * 64, -(-nt // c["WN"]))
+                        poison(m * n * 4)
+                        out = wc.w4a16_cuda_linear(x, packed, config=c)
+                        torch.cuda.synchronize()
+                        err = rel_err(out, ref)
+                        del out
+                        if not err < 1e-2:
+                            log(f"SWEEP CHECK FAILED {name} M={m} {c}: {err:.2e}")
+                            checks.append(("w4a16_cuda_sweep", name, m, err, False))
+                            continue
+                        fns = [(lambda d=d, c=c: wc.w4a16_cuda_linear(x, d, config=c)) for d in sets["w4a16_cuda"]]
+                        t = graph_time_us(fns, calls=max(24, len(fns)), replays=5)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"sweep {name} M={m} {c} failed: {e!r}"[:300])
+                        continue
+                    sweep_rows.append(dict(shape=name, M=m, time_us=round(t, 2), **c,
+                                           model_us=round(wc.plan_cost(m, nt, ng, kt // ng, c["WN"], c["S"], c["occ"],
+                                                                       wc._num_sms(dev))[0], 2),
+                                           speedup_vs_bf16=round(t_bf16 / t, 3) if t_bf16 else ""))
+                    if best is None or t < best[0]:
+                        best = (t, c)
+                if best:
+                    log(f"  sweep {name} M={m}: best {best[1]} {best[0]:.2f} us ({len(pick)} configs)")
+            log(f"{name} M={m} done ({time.time() - t0:.0f}s)")
+        del w, qweight, scales, zeros, wdq, packed, sets, i4, gl
+        torch.cuda.empty_cache()
+        md = write_results(out_dir, rows, sweep_rows, info, copy_bw, checks, gemlite_note, ms_list, shapes)
+    print(md)
+    log(f"wrote {out_dir}/w4a16_cuda.csv and .md in {time.time() - t0:.0f}s")
+    (out_dir / "w4a16_cuda_log.txt").write_text("\n".join(LOG) + "\n")
+
+
+def sass_summary(out_dir: Path) -> None:
+    """Opcode histogram of each kernel instantiation (cuobjdump -sass of the built extension)."""
+    import collections
+    import re
+
+    from kernels import w4a16_cuda as wc
+
+    sos = list(wc._build_dir().glob("*.so"))
+    if not sos:
+        return
+    try:
+        txt = subprocess.run(["cuobjdump", "-sass", str(sos[0])], capture_output=True, text=True, timeout=120).stdout
+    except Exception as e:  # noqa: BLE001
+        log(f"cuobjdump failed: {e!r}")
+        return
+    lines, fn, hist, arch = [], None, collections.Counter(), ""
+    def flush():
+        if fn and hist:
+            lines.append(f"{arch} {fn}: {sum(hist.values())} instructions; " +
+                         ", ".join(f"{k} {v}" for k, v in hist.most_common(40)))
+    for ln in txt.splitlines():
+        if "arch =" in ln:
+            arch = ln.split("=")[-1].strip()
+        m = re.search(r"Function : (\S+)", ln)
+        if m:
+            flush()
+            fn, hist = m.group(1), collections.Counter()
+            continue
+        m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", ln)
+        if m and fn:
+            hist[m.group(1).split(".")[0]] += 1
+    flush()
+    (out_dir / "w4a16_cuda_sass.txt").write_text("\n".join(lines) + "\n")
+    log(f"SASS summary: {len(lines)} functions")
+
+
+def write_results(out_dir, rows, sweep_rows, info, copy_bw, checks, gemlite_note, ms_list, shapes) -> str:
+    if rows:
+        with open(out_dir / "w4a16_cuda.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+    if sweep_rows:
+        with open(out_dir / "w4a16_cuda_sweep.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(sweep_rows[0]))
+            wr.writeheader()
+            wr.writerows(sweep_rows)
+    md = summary_md(rows, info, copy_bw, checks, gemlite_note, ms_list, shapes)
+    (out_dir / "w4a16_cuda.md").write_text(md)
+    (out_dir / "w4a16_cuda_log.txt").write_text("\n".join(LOG) + "\n")
+    return md
+
+
+def summary_md(rows, info, copy_bw, checks, gemlite_note, ms_list, shapes) -> str:
+    def get(kernel, shape, m, col):
+        for r in rows:
+            if r["kernel"] == kernel and r["shape"] == shape and r["M"] == m:
+                return r[col]
+        return None
+
+    def fmt(v, spec):
+        return "–" if v in (None, "") else format(v, spec)
+
+    hdr = "| shape | kernel | " + " | ".join(f"M={m}" for m in ms_list) + " |"
+    sep = "|" + " --- |" * (2 + len(ms_list))
+    lines = [
+        f"# W4A16 CUDA verify GEMM: Qwen3-8B shapes on {info['gpu_name']}", "",
+        f"driver {info['driver']}, torch {info['torch_version']}, CUDA {info['cuda_version']}, "
+        f"triton {info['triton_version']}; `{info['command']}`", "",
+        f"Device-to-device copy bandwidth (read + write): **{copy_bw:.0f} GB/s**. x bf16, group 128. "
+        "Times: CUDA-graph replays of >= 24 back-to-back calls rotating over weight copies (>= 3 x L2 "
+        "per round: weights come from HBM), per call, median of the replays. GB/s counts weight + "
+        "scales + activations + output bytes once (int4 g128: 0.531 B/weight, so the ceiling over bf16 "
+        f"is 3.76x). {gemlite_note}.", "",
+        "## Speedup over cuBLAS bf16 F.linear", "", hdr, sep]
+    for s in shapes:
+        for kn in KERNELS[1:]:
+            vals = [fmt(get(kn, s, m, "speedup_vs_bf16"), ".2f") for m in ms_list]
+            if any(v != "–" for v in vals):
+                lines.append(f"| {s} | {kn} | " + " | ".join(vals) + " |")
+    lines += ["", "## Fraction of copy bandwidth (GB/s / copy GB/s)", "", hdr, sep]
+    for s in shapes:
+        for kn in KERNELS:
+            vals = [fmt(get(kn, s, m, "frac_of_copy_bw"), ".2f") for m in ms_list]
+            if any(v != "–" for v in vals):
+                lines.append(f"| {s} | {kn} | " + " | ".join(vals) + " |")
+    lines += ["", "## Time, µs", "", hdr, sep]
+    for s in shapes:
+        for kn in KERNELS:
+            vals = [fmt(get(kn, s, m, "time_us"), ".1f") for m in ms_list]
+            if any(v != "–" for v in vals):
+                lines.append(f"| {s} | {kn} | " + " | ".join(vals) + " |")
+    lines += ["", "## Targets (w4a16_cuda speedup over cuBLAS, min over M)", ""]
+    for s, tgt in TARGET.items():
+        if s not in shapes:
+            continue
+        sp = [get("w4a16_cuda", s, m, "speedup_vs_bf16") for m in ms_list]
+        sp = [v for v in sp if v not in (None, "")]
+        if sp:
+            lines.append(f"- {s}: min {min(sp):.2f}x (target {tgt}x): {'met' if min(sp) >= tgt else 'missed'}")
+    bad = [c for c in checks if not c[4]]
+    worst = {}
+    for kn, s, m, err, _ in checks:
+        worst[kn] = max(worst.get(kn, 0.0), err)
+    lines += ["", "## Checks against the fp32 reference (before timing)", "",
+              "Worst ||out - ref|| / ||ref||: " + ", ".join(f"{kn} {e:.1e}" for kn, e in worst.items()) + ".",
+              f"Failed checks: {len(bad)}" + (": " + ", ".join(f"{c[0]} {c[1]} M={c[2]} ({c[3]:.1e})" for c in bad[:20])
+                                                if bad else ".")]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
