@@ -124,7 +124,11 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     from kernels import w4a16_cuda as wc
-    from kernels.w4a16 import graph_time_us, w4a16_linear
+    try:
+        from kernels.splitk import graph_time_us
+    except ImportError:
+        from kernels.w4a16 import graph_time_us
+    from kernels.w4a16 import w4a16_linear
     from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
 
     ms_list = [int(m) for m in args.ms.split(",")]

@@ -300,7 +300,10 @@ def plan(m: int, packed: dict, dev: torch.device) -> dict:
         if not capturing:
             _PLANS[key] = cfg
         return cfg
-    from kernels.w4a16 import graph_time_us
+    try:
+        from kernels.splitk import graph_time_us
+    except ImportError:
+        from kernels.w4a16 import graph_time_us
 
     n, k, _ = packed_dims(packed)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
