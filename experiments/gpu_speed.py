@@ -55,7 +55,7 @@ def e2e_table(rows: pd.DataFrame, copy_gbps: float) -> pd.DataFrame:
         "new_tokens": g.new_tokens.sum(), "verify_steps": g.verify_steps.sum(),
         "decode_s": g.decode_s.sum(), "draft_s": g.draft_s.sum(), "verify_s": g.verify_s.sum(),
         "drafted": g.drafted.sum(), "accepted": g.accepted.sum(), "weight_bytes": g.weight_bytes.first(),
-        "n_prompts": g.prompt_id.nunique(),
+        "n_prompts": g.prompt_id.nunique(), "baseline": g.baseline.first(),
     }).reset_index()
     t["tokens_per_s"] = t.new_tokens / t.decode_s
     t["tau"] = t.new_tokens / t.verify_steps
@@ -66,7 +66,7 @@ def e2e_table(rows: pd.DataFrame, copy_gbps: float) -> pd.DataFrame:
     t["verify_gbps"] = t.weight_bytes * t.verify_steps / t.verify_s / 1e9
     t["frac_copy_bw"] = t.verify_gbps / copy_gbps
     ref = "reference"  # the loaded bf16 model
-    ref_ar = t[(t.verifier == ref) & (t.drafter == "ar")].tokens_per_s.iloc[0]
+    ref_ar = t[(t.verifier == ref) & t.baseline].tokens_per_s.iloc[0]
     t["speedup_vs_ref_ar"] = t.tokens_per_s / ref_ar
     same = t[t.verifier == ref].set_index("drafter").tokens_per_s
     t["speedup_vs_ref_same_drafter"] = t.tokens_per_s / t.drafter.map(same)

@@ -108,7 +108,7 @@ def main(argv=None):
 
     from kernels import quantize_per_token, w4a16_linear, w8a8_linear, w8a16_linear
     from kernels import reference as ref
-    from kernels.w4a16 import TUNE_CACHE, graph_time_us, m_bucket
+    from kernels.splitk import TUNE_CACHE, graph_time_us, m_bucket
     from quasar_bench.packing import pack_int4, quantize_int4_rtn, quantize_int8_rtn
 
     ms_list = [int(m) for m in args.ms.split(",")]

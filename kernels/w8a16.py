@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16 import _epilogue, as_2d, check_device, dot_precision, launch_splitk, pick_config, tile_candidates, with_defaults
+from .splitk import _epilogue, as_2d, check_device, dot_precision, launch_splitk, pick_config, tile_candidates, with_defaults
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16 import _epilogue, TUNE_CACHE, as_2d, check_device, launch_splitk, m_bucket, pick_config, tile_candidates, with_defaults
+from .splitk import _epilogue, TUNE_CACHE, as_2d, check_device, launch_splitk, m_bucket, pick_config, tile_candidates, with_defaults
 
 
 @triton.jit

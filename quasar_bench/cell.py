@@ -67,7 +67,9 @@ def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool) -> No
                  generator=torch.Generator().manual_seed(0),
                  reference=refs.replay(drafter, runtime, (first.prompt_id, 1), ids))
     run.open_store()
-    run.store.record_cell(cell.cell_id, cell.config)
+    run.store.record_cell(cell.cell_id, cell.config)  # takes the cell's lock: re-read what is done under it
+    done = run.store.done_keys(cell.cell_id)
+    todo = [p for p in todo if any((p.prompt_id, t + 1) not in done for t in range(len(p.turns)))]
     for p in tqdm(todo, desc=label, disable=not cfg.progress):
         rows, answers = [], []
         for turn in range(1, len(p.turns) + 1):

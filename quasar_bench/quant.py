@@ -32,6 +32,15 @@ MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 QUANT_MODULES: dict[str, type] = {}  # class name -> class, for the verifier cache
 
 
+def _cat_bias(mods):
+    if all(m.bias is None for m in mods):
+        return None
+    return torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=mods[0].qweight.dtype
+                                                                       if mods[0].qweight.is_floating_point()
+                                                                       else torch.float32, device=m.qweight.device)
+                      for m in mods])
+
+
 class _QuantLinear(nn.Module):
     """Shared bits: bias, the kernel backend, per-backend prepared weights, cache state."""
 
@@ -72,6 +81,11 @@ class _QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):  # .to()/.cuda(): re-derive prepared weights on the new device
         self.prepared, self._backend = {}, None
         return super()._apply(fn, recurse)
+
+    @classmethod
+    def concat(cls, mods) -> "_QuantLinear | None":
+        """One module computing the outputs of `mods` (same input) side by side, or None."""
+        return None
 
     def state_info(self) -> dict:
         """What from_state needs besides the buffers."""
@@ -121,6 +135,14 @@ class Int4Linear(_QuantLinear):
     def from_state(cls, b, info):
         return cls(b["qweight"], b["scales"], b["zeros"], info["in_features"], info["group_size"], b.get("bias"))
 
+    @classmethod
+    def concat(cls, mods):
+        if len({(m.in_features, m.group_size) for m in mods}) != 1:
+            return None
+        cat = lambda name: torch.cat([getattr(m, name) for m in mods], 1)  # noqa: E731 (N is dim 1)
+        return cls(cat("qweight"), cat("scales"), cat("zeros"), mods[0].in_features, mods[0].group_size,
+                   _cat_bias(mods))
+
     def extra_repr(self):
         return super().extra_repr() + f", group_size={self.group_size}"
 
@@ -148,6 +170,10 @@ class Int8Linear(_QuantLinear):
     @classmethod
     def from_state(cls, b, info):
         return cls(b["qweight"], b["scales"], b.get("bias"))
+
+    @classmethod
+    def concat(cls, mods):
+        return cls(torch.cat([m.qweight for m in mods]), torch.cat([m.scales for m in mods]), _cat_bias(mods))
 
 
 class W8A8Linear(Int8Linear):
@@ -179,6 +205,16 @@ class W8A8Linear(Int8Linear):
     @classmethod
     def from_state(cls, b, info):
         return cls(b["qweight"], b["scales"], b.get("bias"), b.get("smooth"))
+
+    @classmethod
+    def concat(cls, mods):
+        smooth = [m.smooth for m in mods]
+        if any(x is None for x in smooth) and any(x is not None for x in smooth):
+            return None
+        if smooth[0] is not None and not all(torch.equal(smooth[0], x) for x in smooth[1:]):
+            return None  # different input scales: one GEMM cannot serve them
+        return cls(torch.cat([m.qweight for m in mods]), torch.cat([m.scales for m in mods]), _cat_bias(mods),
+                   smooth[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,3 +284,55 @@ def set_kernel(runtime, name: str) -> list[str]:
             mod.set_kernel(name)
             ops.add(mod.op)
     return sorted(ops)
+
+
+# q/k/v and gate/up read the same input: one GEMM each instead of three and two.
+FUSIONS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"), ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"))
+
+
+def concat_linears(mods):
+    """One module for `mods` side by side along the output dim, or None when they cannot share one."""
+    kinds = {type(m) for m in mods}
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if kind is nn.Linear:
+        if len({m.in_features for m in mods}) != 1:
+            return None
+        w = torch.cat([m.weight.detach() for m in mods])
+        biases = [m.bias for m in mods]
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=any(b is not None for b in biases), device="meta")
+        fused.weight = nn.Parameter(w, requires_grad=False)
+        if fused.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([b.detach() if b is not None else torch.zeros(m.out_features, dtype=w.dtype,
+                                                                                              device=w.device)
+                                                 for b, m in zip(biases, mods)]), requires_grad=False)
+        return fused
+    if issubclass(kind, _QuantLinear):
+        fused = kind.concat(mods)
+        if fused is not None:
+            fused.set_kernel(mods[0].kernel)
+        return fused
+    return None
+
+
+def fuse_projections(runtime):
+    """A clone of a native runtime whose attention and MLP run q/k/v and gate/up as one GEMM each
+    (the same outputs, split after the call); blocks that cannot be fused keep their linears."""
+    new = clone_runtime(runtime)
+    for layer in new.layers:
+        for parent_name, names, fused_name in FUSIONS:
+            parent = getattr(layer, parent_name)
+            mods = [getattr(parent, n, None) for n in names]
+            if any(m is None for m in mods):
+                continue
+            fused = concat_linears(mods)
+            if fused is None:
+                continue
+            setattr(parent, fused_name, fused)
+            parent.split_sizes = [m.out_features for m in mods]
+            for n in names:
+                delattr(parent, n)
+    new.kernel_ops = getattr(runtime, "kernel_ops", [])
+    new.kept_layers = getattr(runtime, "kept_layers", None)
+    return new

@@ -16,13 +16,13 @@ from .encode import decode_text, encode_turn
 from .fidelity import logit_fidelity, teacher_forced_logprobs
 
 
-def draft_tools(loaded, cache_dir=None) -> DraftTools:
+def draft_tools(loaded, cache_dir=None, fuse: bool = False) -> DraftTools:
     from .calibration import calibration_prompts
     from .verifiers import build_verifier
 
     return DraftTools(
         greedy=lambda runtime, ids, n: greedy_continuation(runtime, ids, n, loaded.eos_ids),
-        build_verifier=lambda vcfg: build_verifier(loaded, vcfg, cache_dir),
+        build_verifier=lambda vcfg: build_verifier(loaded, vcfg, cache_dir, fuse),
         calibration_prompts=lambda n, seed=0: calibration_prompts(loaded, n, seed),
     )
 

@@ -39,6 +39,14 @@ def get_model(cfg) -> LoadedModel:
     return _MODEL_CACHE[key]
 
 
+def fuse_wanted(cfg, runtime) -> bool:
+    """fuse_projections: auto = on CUDA (fewer, larger GEMMs pay there), off on CPU."""
+    fuse = cfg.fuse_projections
+    if fuse not in (True, False, "auto"):
+        raise QuasarError(f"fuse_projections={fuse!r}; choose auto, true or false")
+    return runtime.device.type == "cuda" if fuse == "auto" else bool(fuse)
+
+
 class Experiment:
     def __init__(self, cfg):
         validate(cfg)
@@ -64,7 +72,8 @@ class Experiment:
         cfg = self.cfg
         try:
             self.loaded = get_model(cfg)
-            self.tools = draft_tools(self.loaded, cache_root(cfg.model.cache_dir))
+            self.fuse = fuse_wanted(cfg, self.loaded.runtime)
+            self.tools = draft_tools(self.loaded, cache_root(cfg.model.cache_dir), self.fuse)
             self.env = environment()
             verifiers = [v for v, _ in self.plan]
             drafters = {cell_hash(d): d for _, ds in self.plan for d in ds}.values()
@@ -86,7 +95,7 @@ class Experiment:
 
     def run_verifier(self, vcfg, cell_drafters, max_k: int) -> None:
         entry = precision(vcfg.name)
-        runtime = build_verifier(self.loaded, vcfg, cache_root(self.cfg.model.cache_dir))
+        runtime = build_verifier(self.loaded, vcfg, cache_root(self.cfg.model.cache_dir), self.fuse)
         fidelity = self.references.fidelity(runtime) if self.references.logprobs else {}
         capture_graphs(runtime, self.cfg, max_k)
         self.references.new_verifier()

@@ -98,9 +98,13 @@ class Attention(nn.Module):
         `start` is an int (eager), or a tensor of positions [T] with `span` keys attended (the
         static-shape path that CUDA graphs capture: no Python int may change between replays)."""
         a, t = self.a, x.shape[0]
-        q = self.q_proj(x).view(t, a.num_heads, a.head_dim)
-        k = self.k_proj(x).view(t, a.num_kv_heads, a.head_dim)
-        v = self.v_proj(x).view(t, a.num_kv_heads, a.head_dim)
+        if hasattr(self, "qkv_proj"):  # fused (quant.fuse_projections): one GEMM, split after
+            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, a.num_heads, a.head_dim)
+        k = k.view(t, a.num_kv_heads, a.head_dim)
+        v = v.view(t, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos[:, None] + rotate_half(q) * sin[:, None]
@@ -128,7 +132,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):  # fused (quant.fuse_projections)
+            gate, up = self.gate_up_proj(x).split(self.split_sizes, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -14,6 +14,7 @@ from quasar_bench.decode import generate
 from quasar_bench.drafters import make_drafter
 from quasar_bench.errors import QuasarError
 from quasar_bench.models import TINY_CONFIGS, LoadedModel, load_model, random_hf_model
+from quasar_bench.references import draft_tools
 from quasar_bench.runtime import native_from_hf
 
 K = 5
@@ -28,7 +29,10 @@ def one_thread():
 
 
 def mk(cfg: dict, rt, loaded=None):
-    return make_drafter(OmegaConf.create(cfg), rt, loaded)
+    """A drafter as the harness makes it: with the services it lends (greedy continuations,
+    calibration prompts, verifiers at other precisions) through draft_tools."""
+    lent = loaded or LoadedModel(name="tiny", runtime=rt, tokenizer=None, eos_ids=[], chat=False)
+    return make_drafter(OmegaConf.create(cfg), rt, loaded, draft_tools(lent, cfg.get("cache_dir")))
 
 
 def ar_ids(rt, prompt, n, eos=()):
@@ -255,18 +259,18 @@ def test_lookahead_pool_drafts_from_jacobi_ngrams():
 # -- bad input -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cfg", [
-    {"name": "layerskip", "skip": [0, 4]},
-    {"name": "layerskip", "skip": [-1]},
-    {"name": "layerskip", "skip": [0, 1, 2, 3]},
+    {"name": "layerskip", "mode": "static", "skip": [0, 4]},
+    {"name": "layerskip", "mode": "static", "skip": [-1]},
+    {"name": "layerskip", "mode": "static", "skip": [0, 1, 2, 3]},
     {"name": "layerskip", "mode": "bogus"},
-    {"name": "layerskip", "skip": [1], "threshold": 1.5},
+    {"name": "layerskip", "mode": "static", "skip": [1], "threshold": 1.5},
     {"name": "early_exit", "layers": 0},
     {"name": "early_exit", "layers": 5},
     {"name": "early_exit"},
     {"name": "synthetic", "alpha": -0.1},
     {"name": "synthetic", "alpha": 1.5},
     {"name": "lookahead", "ngram": 1},
-    {"name": "draft_model"},
+    {"name": "draft_model", "precision": None},  # neither a model nor a precision
 ])
 def test_bad_input_raises(cfg):
     rt = tiny_runtime("tiny_llama")

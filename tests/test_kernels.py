@@ -213,7 +213,7 @@ def test_shape_errors():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="autotuning times candidates on CUDA only")
 def test_autotune_cuda():
-    from kernels.w4a16 import TUNE_CACHE, m_bucket
+    from kernels.splitk import TUNE_CACHE, m_bucket
 
     r = _gen(11)
     m, n, k, g = 5, 256, 512, 128

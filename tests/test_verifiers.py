@@ -129,14 +129,14 @@ def test_second_build_loads_from_cache(tiny, tmp_path, monkeypatch):
     first = build_verifier(tiny, vc, tmp_path)
     files = sorted(p.name for p in (tmp_path / "verifiers").rglob("int4-*"))
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
+    import quasar_bench.calibration as calibration
     import quasar_bench.gptq as gptq
-    import quasar_bench.verifiers as verifiers
 
     def boom(*a, **k):
         raise AssertionError("quantized twice")
 
     monkeypatch.setattr(gptq, "gptq_runtime", boom)
-    monkeypatch.setattr(verifiers, "calibration_ids", boom)
+    monkeypatch.setattr(calibration, "calibration_ids", boom)
     second = build_verifier(tiny, vc, tmp_path)
     for a, b in zip(first.state_dict().items(), second.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1])
@@ -145,7 +145,7 @@ def test_second_build_loads_from_cache(tiny, tmp_path, monkeypatch):
     torch.testing.assert_close(first.forward(torch.tensor(PROMPT)), second.forward(torch.tensor(PROMPT)), rtol=0, atol=0)
     monkeypatch.undo()
     build_verifier(tiny, cfg("pruned", calibration=CALIB), tmp_path)
-    monkeypatch.setattr(verifiers, "calibration_ids", boom)
+    monkeypatch.setattr(calibration, "calibration_ids", boom)
     assert build_verifier(tiny, cfg("pruned", calibration=CALIB), tmp_path).num_layers == 3
 
 

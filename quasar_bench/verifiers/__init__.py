@@ -35,7 +35,7 @@ import torch.nn as nn
 from ..errors import QuasarError
 from ..fileio import atomic_write, read_json, write_json
 from ..fingerprint import model_fingerprint, source_fingerprint
-from ..quant import QUANT_MODULES, _QuantLinear, clone_runtime, set_kernel
+from ..quant import QUANT_MODULES, _QuantLinear, clone_runtime, fuse_projections, set_kernel
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +188,10 @@ def runtime_from_state(loaded, meta: dict, tensors: dict):
 
 
 # ------------------------------------------------------------------------------------------------
-def build_verifier(loaded, vcfg, cache_dir: Path | None = None):
+def build_verifier(loaded, vcfg, cache_dir: Path | None = None, fuse: bool = False):
     """A new runtime serving `loaded`'s model at the precision vcfg.name (loaded.runtime untouched),
-    its quantized linears on kernel backend vcfg.kernel."""
+    its quantized linears on kernel backend vcfg.kernel; with `fuse`, q/k/v and gate/up each run
+    as one GEMM (quant.fuse_projections: same outputs, fewer launches and reads of x)."""
     from ..config import entry_config
 
     vcfg = entry_config("verifier", vcfg)
@@ -219,4 +220,6 @@ def build_verifier(loaded, vcfg, cache_dir: Path | None = None):
         for op in ops:  # refuse an unusable backend now, before any timing
             resolve(kernel, runtime.device.type, op)
     runtime.kernel_ops = ops
+    if fuse and getattr(runtime, "is_native", False):
+        runtime = fuse_projections(runtime)
     return runtime

@@ -1,0 +1,92 @@
+"""Kernel backends against independent math. The `reference` backend (the CPU path) is checked
+against numpy in float64; the GPU backends ("triton", "torch", "cuda") against the reference on a
+CUDA device when one is present (CI has none: there the Triton kernels themselves are tested under
+TRITON_INTERPRET=1 in test_kernels.py, and the GPU benchmark checks every backend before timing)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from quasar_bench.backends import get_backend, resolve
+from quasar_bench.errors import QuasarError
+from quasar_bench.packing import unpack_int4
+from quasar_bench.quant import Int4Linear, Int8Linear, W8A8Linear
+
+
+def _np_int4_weight(mod):
+    codes = unpack_int4(mod.qweight).double().numpy()  # [N, Kp]
+    g = mod.group_size
+    s = np.repeat(mod.scales.double().numpy().T, g, axis=1)
+    z = np.repeat(mod.zeros.double().numpy().T, g, axis=1)
+    return ((codes - z) * s)[:, : mod.in_features]
+
+
+def test_reference_backend_w4a16_matches_numpy():
+    torch.manual_seed(0)
+    lin = nn.Linear(200, 40, bias=True)
+    mod = Int4Linear.from_linear(lin, 32)
+    mod.set_kernel("reference")
+    x = torch.randn(6, 200)
+    ref = x.double().numpy() @ _np_int4_weight(mod).T + lin.bias.detach().double().numpy()
+    np.testing.assert_allclose(mod(x).double().numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_backend_w8a8_sums_exactly():
+    # K = 3000 > 1024: the exact fp32-chunk path; compare with int64 sums of the same codes
+    torch.manual_seed(1)
+    lin = nn.Linear(3000, 24, bias=False)
+    mod = W8A8Linear.from_linear(lin)
+    mod.set_kernel("reference")
+    x = torch.randn(3, 3000) * 4
+    xs = x.double().numpy()
+    sx = np.maximum(np.abs(xs).max(-1) / 127.0, 1e-10)
+    v = xs / sx[:, None]
+    xq = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5), -127, 127).astype(np.int64)
+    acc = xq @ mod.qweight.numpy().astype(np.int64).T  # exact integers
+    ref = (acc * mod.scales.double().numpy()[None, :]).astype(np.float32) * sx[:, None].astype(np.float32)
+    np.testing.assert_array_equal(mod(x).numpy(), ref.astype(np.float32))
+
+
+def test_reference_backend_w8a16_and_cache_follows_device():
+    torch.manual_seed(2)
+    lin = nn.Linear(64, 16, bias=False)
+    mod = Int8Linear.from_linear(lin)
+    x = torch.randn(2, 64)
+    w = mod.qweight.double().numpy() * mod.scales.double().numpy()[:, None]
+    np.testing.assert_allclose(mod(x).double().numpy(), x.double().numpy() @ w.T, rtol=1e-5, atol=1e-6)
+    assert "reference" in mod.prepared
+    mod.to(torch.float32)  # moving the module drops what backends derived from the old tensors
+    assert mod.prepared == {}
+
+
+def test_auto_is_reference_on_cpu_and_gpu_backends_refuse_cpu():
+    assert resolve("auto", "cpu", "w4a16").name == "reference"
+    for name, op in (("triton", "w4a16"), ("torch", "w4a16")):
+        with pytest.raises(QuasarError, match="not cpu"):
+            resolve(name, "cpu", op)
+    with pytest.raises(QuasarError, match="has no w8a8 kernel"):
+        resolve("torch", "cuda", "w8a8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU backends need a CUDA device")
+@pytest.mark.parametrize("name", ["triton", "torch", "cuda"])
+@pytest.mark.parametrize("m", [1, 6, 16])
+def test_gpu_backend_matches_reference_on_cuda(name, m):
+    b = get_backend(name)
+    if not b.available()[0]:
+        pytest.skip(b.available()[1])
+    torch.manual_seed(m)
+    lin = nn.Linear(512, 384, bias=False).cuda().bfloat16()
+    mods = [Int4Linear.from_linear(lin, 128), Int8Linear.from_linear(lin)]
+    x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+    for mod in mods:
+        if not b.supports(mod.op):
+            continue
+        mod.set_kernel("reference")
+        ref = mod(x).float()
+        mod.set_kernel(name)
+        out = mod(x).float()
+        assert torch.isfinite(out).all()
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-2
