@@ -17,6 +17,7 @@ row per configuration and measurement) and step_speed.md, with GPU, driver and v
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, default=420.0, help="stop starting new configurations after this")
     args = ap.parse_args(argv)
     start = time.perf_counter()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(0)
     copy_bw = copy_bandwidth_gbps()
     hf = random_hf_model(QWEN3_8B_SHAPES, QWEN3_8B_SHAPES["vocab_size"], torch.bfloat16, "cuda", 0)
@@ -171,7 +173,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "step_speed.csv", index=False)
-    md = markdown(df.drop_duplicates(["precision", "kernel", "fused", "measure"]), info)
+    try:
+        md = markdown(df.drop_duplicates(["precision", "kernel", "fused", "measure"]), info)
+    except (KeyError, ValueError) as e:  # a configuration missing a measurement: the CSV has the rest
+        md = f"{info}\n\n(table incomplete: {type(e).__name__} {e}); see step_speed.csv\n"
     ref = df[(df.precision == "reference") & df.fused & df.measure.str.startswith("step")]
     if len(ref) > 2:  # measured first and last: the drift over the run
         md += "\nDrift control (bf16 reference, fused, first vs last): " + ", ".join(

@@ -11,8 +11,10 @@ and M bucket) before capturing graphs.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 
 import torch
 import triton
@@ -22,6 +24,7 @@ import triton.language as tl
 # shared machinery: split-K reduce, configs, autotune
 # --------------------------------------------------------------------------------------------
 
+log = logging.getLogger("quasar_bench.kernels")
 _TORCH_TO_TL_OK = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -170,6 +173,42 @@ def graph_time_us(fns, calls: int = 24, flush: bool = False, replays: int = 7) -
 
 # (kernel name, M bucket, N, K, dtype) -> (config, median time in us or None)
 TUNE_CACHE: dict = {}
+_DISK: dict = {"path": None, "entries": None}
+
+
+def _disk_path(device) -> "os.PathLike":
+    """One JSON file of tuned configs per GPU model and triton version under the cache root
+    ($QUASAR_CACHE or ~/.cache/quasar_bench/autotune/): a second run on the same kind of GPU starts
+    timing without re-tuning."""
+    from quasar_bench.fileio import cache_root
+
+    gpu = torch.cuda.get_device_name(device).replace(" ", "_")
+    return cache_root() / "autotune" / f"{gpu}-triton{triton.__version__}.json"
+
+
+def _disk_key(key) -> str:
+    name, mb, n, k, dtype = key
+    return f"{name}|{mb}|{n}|{k}|{str(dtype).removeprefix('torch.')}"
+
+
+def _disk_entries(device) -> dict:
+    if _DISK["entries"] is None:
+        from quasar_bench.fileio import read_json
+
+        _DISK["path"] = _disk_path(device)
+        _DISK["entries"] = read_json(_DISK["path"]) or {}
+    return _DISK["entries"]
+
+
+def _disk_save(key, cfg, t) -> None:
+    from quasar_bench.fileio import write_json
+
+    entries = _disk_entries(None)
+    entries[_disk_key(key)] = {"config": cfg, "us": t}
+    try:
+        write_json(_DISK["path"], entries)
+    except OSError:  # a read-only cache: tuning still works, it is just not kept
+        pass
 
 
 def pick_config(name: str, x: torch.Tensor, n: int, k: int, candidates_fn, launch) -> dict:
@@ -184,12 +223,18 @@ def pick_config(name: str, x: torch.Tensor, n: int, k: int, candidates_fn, launc
     hit = TUNE_CACHE.get(key)
     if hit is not None:
         return hit[0]
+    if x.is_cuda:
+        stored = _disk_entries(x.device).get(_disk_key(key))
+        if stored is not None:
+            TUNE_CACHE[key] = (stored["config"], stored["us"])
+            return stored["config"]
     candidates = candidates_fn()
     if not autotune_enabled(x) or len(candidates) == 1:
         if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             TUNE_CACHE[key] = (candidates[0], None)
         return candidates[0]
     best, best_t = candidates[0], float("inf")
+    t0 = time.perf_counter()
     for cfg in candidates:
         try:
             t = graph_time_us([lambda: launch(cfg)], calls=10, flush=True, replays=5)
@@ -198,6 +243,9 @@ def pick_config(name: str, x: torch.Tensor, n: int, k: int, candidates_fn, launc
         if t < best_t:
             best, best_t = cfg, t
     TUNE_CACHE[key] = (best, best_t)
+    _disk_save(key, best, best_t)
+    log.info("autotuned %s M<=%d N=%d K=%d: %d configs in %.1f s (best %.1f us; cached in %s)", name, key[1], n, k,
+             len(candidates), time.perf_counter() - t0, best_t, _DISK["path"])
     return best
 
 
