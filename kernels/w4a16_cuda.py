@@ -242,7 +242,7 @@ def plan_cost(m, nt, ng, spg, wn, s, occ, sms, bw=2.9e6):
     tiles = -(-nblocks // gx)
     steps = gps * spg
     tile_bytes = wn * 64 * steps * 8 + wn * gps * 192
-    pf = 6 if occ == 2 else 12
+    pf = 8 if occ == 2 else 16  # register ring depth of the two builds (csrc/w4a16_marlin.cu)
     cap = NWARPS * pf * 512 / 3.0  # bytes in flight per CTA / effective latency (µs; run 1 fit)
     bw_cta = min(bw / (gx * s), cap)
     t_stream = tiles * tile_bytes / bw_cta

@@ -9,7 +9,7 @@
 // WN x 64 columns. Each CTA loads the activations of its K range into shared memory once
 // (rows >= M, padded group columns and k >= in_features zero-filled) and streams its weights from
 // HBM with ld.global.nc 16-byte loads, PF steps ahead in registers (the ring crosses tile
-// boundaries). Per tile: warps reduce over WK through shared memory; with S = 1 the CTA writes the
+// boundaries), with a bulk L2 prefetch (one instruction per chunk of PF steps) two chunks ahead. Per tile: warps reduce over WK through shared memory; with S = 1 the CTA writes the
 // output, with S > 1 it writes an fp32 partial to a workspace and the last CTA of the n-block to
 // arrive (atomic counter) sums the S partials in split order (deterministic), writes the output and
 // resets the counter to 0 (graph-replay safe: no state changes between calls).
@@ -24,7 +24,6 @@
 namespace {
 
 constexpr int NTHREADS = W4A16_NWARPS * 32;
-constexpr int NWARPS = W4A16_NWARPS;
 
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
@@ -33,6 +32,15 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "l"(p));
   return r;
+}
+
+// Hint: bring `bytes` (multiple of 16, > 0) at p (16-byte aligned) into L2, no registers, no completion.
+// ptxas sinks the register loads of the ring to the end of each unrolled chunk (they have no consumer
+// inside it), so they are issued only ~1 chunk before use; this prefetch, 2 chunks ahead, makes them L2 hits.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)), "r"(bytes));
+#endif
 }
 
 template <uint32_t EX>
@@ -86,7 +94,15 @@ template <>
 __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
 // PF: weight loads in flight per warp (x 512 B); MINB: CTAs per SM the registers are capped for.
-// (PF, MINB) = (6, 2) fits 128 registers without spills, (12, 1) is for 1 CTA/SM (big smem).
+//
+// Main loop (per warp, per tile of `wcnt` k16 steps, padded to nswp = PF * nchunks): the ring buf[PF]
+// is indexed with compile-time constants only (step base + i lives in slot i), consumed before it is
+// refilled, so the registers are never moved. Chunks 0 .. nchunks-3 run with no guards: a 64-bit
+// pointer advanced by a constant PF * 512 B, loads and ldmatrix at immediate offsets. The last two
+// chunks (the tail) are guarded: slot refills past the tile's end load the next tile's first steps
+// (step j of tile ti+1 into slot j), so the ring crosses tile boundaries with the same phase. The
+// group (scale/zero) is entered when the step counter reaches the group's end (one compare per step);
+// its scales were prefetched one group ahead with a precomputed offset (+8 per group, no division).
 template <bool BF16, bool R16, int PF, int MINB>
 __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A16Params p) {
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
@@ -102,40 +118,42 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
   const int c0 = g0 * p.SPG, c1 = g1 * p.SPG;  // k16 steps of this CTA
   const int L = c1 - c0;
   const int nsw = (L + p.WK - 1) / p.WK;         // steps per warp per tile (last warps may have fewer)
-  const int nswp = (nsw + PF - 1) / PF * PF;     // padded: the ring phase is the same for every tile
   const int ws0 = c0 + wk * nsw;
   const int wcnt = max(0, min(c1, ws0 + nsw) - ws0);
+  const bool active = wcnt > 0;
+  const int nswp = (wcnt + PF - 1) / PF * PF;    // this warp's steps per tile, padded to whole chunks
   const int AST = p.gps * p.SPG * 16 + 8;        // smem row stride (elements): odd multiple of 16 B
   T* sA = reinterpret_cast<T*>(smem);
   float* red = reinterpret_cast<float*>(smem + (size_t)R * AST * sizeof(T));
   const int NBC = p.WN * 64;
-  const int ntiles = (p.nblocks - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
   const int gx = gridDim.x;
+  const int ntiles = (p.nblocks - (int)blockIdx.x + gx - 1) / gx;
   const int NT = p.NT;
+  const int SPG = p.SPG;
+  const int gi0 = active ? ws0 / SPG : 0;        // first group of this warp's K slice (once per kernel)
+  const int gs0 = gi0 * SPG - ws0;               // its start, tile-local step (<= 0)
 
-  // ---- prefetch the first PF weight loads (before waiting for the activations)
+  // column tile of tile iteration ti, clamped (loads of an out-of-range tile read valid memory and are
+  // discarded: only the last n-block of a WN > 1 grid has such warps)
+  auto tile_nt = [&](int ti) { return min(((int)blockIdx.x + ti * gx) * p.WN + wn, NT - 1); };
+  auto wptr = [&](int ti) { return p.qpk + ((size_t)tile_nt(ti) * p.KT + ws0) * 32 + lane; };
+  auto sofs = [&](int ti) { return (tile_nt(ti) * p.NG + gi0) * 8 + g; };
+
+  // ---- prefetch the first PF weight loads and the first group's scales (before the activations)
   uint4 buf[PF];
-  int pf_i = 0, pf_s = 0;
-  int pf_nt = (blockIdx.x) * p.WN + wn;
 #pragma unroll
-  for (int i = 0; i < PF; ++i) {
-    buf[i] = make_uint4(0, 0, 0, 0);
-    if (pf_i < ntiles && pf_nt < NT && pf_s < wcnt)
-      buf[i] = ld_stream(p.qpk + ((size_t)pf_nt * p.KT + ws0 + pf_s) * 32 + lane);
-    if (++pf_s == nswp) { pf_s = 0; ++pf_i; pf_nt += gx * p.WN; }
-  }
-
-  // ---- scales of the first group
+  for (int i = 0; i < PF; ++i) buf[i] = make_uint4(0, 0, 0, 0);
   uint4 sc_nxt = make_uint4(0, 0, 0, 0);
   uint2 z_nxt = make_uint2(0, 0);
-  const int nx_gi = ws0 / p.SPG;  // group that sc_nxt holds (tile iteration 0)
-  {
-    int nt = blockIdx.x * p.WN + wn;
-    if (ntiles > 0 && nt < NT && wcnt > 0) {
-      size_t o = ((size_t)nt * p.NG + nx_gi) * 8 + g;
-      sc_nxt = __ldg(p.scl + o);
-      z_nxt = __ldg(p.zp + o);
-    }
+  if (active && ntiles > 0) {
+    const uint4* wp = wptr(0);
+#pragma unroll
+    for (int i = 0; i < PF; ++i)
+      if (i < wcnt) buf[i] = ld_stream(wp + i * 32);
+    if (lane == 0 && wcnt > PF) prefetch_l2(wp + PF * 32, (uint32_t)min(PF, wcnt - PF) * 512u);
+    const int o = sofs(0);
+    sc_nxt = __ldg(p.scl + o);
+    z_nxt = __ldg(p.zp + o);
   }
 
   // ---- activations of this CTA's K range -> shared memory (zero-filled)
@@ -165,14 +183,17 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
   }
   __syncthreads();
 
-  // ldmatrix base address of this lane
+  // ldmatrix address of this lane for this warp's first step
   uint32_t a_base;
   {
-    int mat = lane >> 3, r = lane & 7, col;
-    if (R16) { r += (mat & 1) * 8; col = (mat >> 1) * 8; }
-    else { col = (mat & 1) * 8; }
-    a_base = (uint32_t)__cvta_generic_to_shared(sA + (size_t)r * AST + col);
+    // x4: matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15) -> a0..a3. With R = 8 the row-8..15 matrices
+    // repeat rows 0-7 (their products land in acc[][2..3], which are never read): the fragment
+    // registers are then written in place by one ldmatrix, with no moves or zeroing per step.
+    int mat = lane >> 3, r = lane & 7, col = (mat >> 1) * 8;
+    if (R16) r += (mat & 1) * 8;
+    a_base = (uint32_t)__cvta_generic_to_shared(sA + (size_t)r * AST + col + (ws0 - c0) * 16);
   }
+  constexpr uint32_t ASTEP = 16 * sizeof(T);  // bytes of one k16 step of an activation row
 
   float acc[8][4];
 #pragma unroll
@@ -182,67 +203,89 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
   uint32_t s2[8], zz[8];
 #pragma unroll
   for (int s = 0; s < 8; ++s) { s2[s] = 0; zz[s] = EX; }
-  int gend = 0;  // first step of the next group within the current tile
 
   for (int ti = 0; ti < ntiles; ++ti) {
     const int nb = blockIdx.x + ti * gx;
-    const int nt = nb * p.WN + wn;
-    const bool nt_ok = nt < NT;
-    for (int base = 0; base < nswp; base += PF) {
+    const bool nt_ok = nb * p.WN + wn < NT;
+    const bool has_next = ti + 1 < ntiles;
+    const uint4* wp = wptr(ti);        // this tile's step 0
+    const uint4* wq = wptr(ti + 1);    // next tile's step 0 (clamped; loaded only if has_next)
+    const int so_next = sofs(ti + 1);  // next tile's first group scales (clamped: a valid address)
+    int so = sofs(ti);                 // scales of the group starting at gs
+    int gs = gs0;                      // tile-local step where the next group starts
+
+    // take the prefetched scales of the group starting at gs, prefetch the following group's
+    auto enter = [&]() {
+      const uint32_t sw[4] = {sc_nxt.x, sc_nxt.y, sc_nxt.z, sc_nxt.w};
 #pragma unroll
-      for (int i = 0; i < PF; ++i) {
-        const int cs = base + i;
-        const uint4 w = buf[i];
-        // refill this ring slot with the load PF steps ahead
-        if (pf_i < ntiles && pf_nt < NT && pf_s < wcnt)
-          buf[i] = ld_stream(p.qpk + ((size_t)pf_nt * p.KT + ws0 + pf_s) * 32 + lane);
-        if (++pf_s == nswp) { pf_s = 0; ++pf_i; pf_nt += gx * p.WN; }
-        if (nt_ok && cs < wcnt) {
-          const int k = ws0 + cs;
-          if (cs == 0 || k == gend) {  // entering a group: take the prefetched scales, fetch the next
-            const int gi = k / p.SPG;
-            gend = (gi + 1) * p.SPG;
-            const uint32_t sw[4] = {sc_nxt.x, sc_nxt.y, sc_nxt.z, sc_nxt.w};
+      for (int s = 0; s < 8; ++s) {
+        s2[s] = __byte_perm(sw[s >> 1], 0, (s & 1) ? 0x3232 : 0x1010);
+        const uint32_t zw = (s < 4) ? z_nxt.x : z_nxt.y;
+        const uint32_t b = s & 3;
+        zz[s] = __byte_perm(zw, 0, 0x4040 | b | (b << 8)) | EX | 0x80008000u;  // -(magic + zero)
+      }
+      gs += SPG;
+      so += 8;
+      const int o = gs < wcnt ? so : so_next;
+      sc_nxt = __ldg(p.scl + o);
+      z_nxt = __ldg(p.zp + o);
+    };
+
+    auto step = [&](const uint4 w, uint32_t addr) {
+      uint32_t a[4];
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                   : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                   : "r"(addr));
+      const uint32_t wq4[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-            for (int s = 0; s < 8; ++s) {
-              s2[s] = __byte_perm(sw[s >> 1], 0, (s & 1) ? 0x3232 : 0x1010);
-              const uint32_t zw = (s < 4) ? z_nxt.x : z_nxt.y;
-              const uint32_t b = s & 3;
-              zz[s] = __byte_perm(zw, 0, 0x4040 | b | (b << 8)) | EX | 0x80008000u;  // -(magic + zero)
-            }
-            int fi = ti, fg = gi + 1;
-            if (gend >= ws0 + wcnt) { fi = ti + 1; fg = ws0 / p.SPG; }
-            const int fnt = (blockIdx.x + fi * gx) * p.WN + wn;
-            if (fi < ntiles && fnt < NT) {
-              size_t o = ((size_t)fnt * p.NG + fg) * 8 + g;
-              sc_nxt = __ldg(p.scl + o);
-              z_nxt = __ldg(p.zp + o);
-            }
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t q = wq4[j];
+        const uint32_t v0 = nib2<EX>(q), v1 = nib2<EX>(q >> 4), v2 = nib2<EX>(q >> 8),
+                       v3 = nib2<EX>(q >> 12);
+        const int sa = 2 * j, sb = 2 * j + 1;
+        mma16816<BF16>(acc[sa], a, sub_mul<BF16>(v0, zz[sa], s2[sa]), sub_mul<BF16>(v1, zz[sa], s2[sa]));
+        mma16816<BF16>(acc[sb], a, sub_mul<BF16>(v2, zz[sb], s2[sb]), sub_mul<BF16>(v3, zz[sb], s2[sb]));
+      }
+    };
+
+    if (active) {
+      enter();  // first group of the tile (gs0 <= 0 = step 0)
+      // main loop: whole chunks whose refills stay inside this tile; no guards
+      const int nmain = nswp - 2 * PF;
+      const uint4* lp = wp + PF * 32;
+      uint32_t aa = a_base;
+      int base = 0;
+      for (; base < nmain; base += PF) {
+        // chunk base/PF + 2 (inside this tile: base + 2 PF < nswp) into L2
+        if (lane == 0) prefetch_l2(lp - lane + PF * 32, (uint32_t)min(PF, wcnt - base - 2 * PF) * 512u);
+#pragma unroll
+        for (int i = 0; i < PF; ++i) {
+          if (base + i == gs) enter();
+          step(buf[i], aa + i * ASTEP);
+          buf[i] = ld_stream(lp + i * 32);
+        }
+        lp += PF * 32;
+        aa += PF * ASTEP;
+      }
+      // tail: the last (up to) two chunks; steps past wcnt skipped, refills past the tile go to the
+      // next tile's first steps (slot i <- its step i). Its first two chunks into L2 now.
+      if (lane == 0 && has_next) prefetch_l2(wq - lane, (uint32_t)min(2 * PF, wcnt) * 512u);
+      for (; base < nswp; base += PF) {
+#pragma unroll
+        for (int i = 0; i < PF; ++i) {
+          const int s = base + i;
+          if (s < wcnt) {
+            if (s == gs) enter();
+            step(buf[i], aa + i * ASTEP);
           }
-          uint32_t a[4];
-          const uint32_t addr = a_base + (uint32_t)((k - c0) * 16 * sizeof(T));
-          if (R16) {
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                         : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                         : "r"(addr));
-          } else {
-            asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
-                         : "=r"(a[0]), "=r"(a[2])
-                         : "r"(addr));
-            a[1] = 0;
-            a[3] = 0;
-          }
-          const uint32_t wq[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const uint32_t q = wq[j];
-            const uint32_t v0 = nib2<EX>(q), v1 = nib2<EX>(q >> 4), v2 = nib2<EX>(q >> 8),
-                           v3 = nib2<EX>(q >> 12);
-            const int sa = 2 * j, sb = 2 * j + 1;
-            mma16816<BF16>(acc[sa], a, sub_mul<BF16>(v0, zz[sa], s2[sa]), sub_mul<BF16>(v1, zz[sa], s2[sa]));
-            mma16816<BF16>(acc[sb], a, sub_mul<BF16>(v2, zz[sb], s2[sb]), sub_mul<BF16>(v3, zz[sb], s2[sb]));
+          const int t = s + PF;
+          if (t < wcnt) {
+            buf[i] = ld_stream(wp + t * 32);
+          } else if (t >= nswp && has_next && t - nswp < wcnt) {
+            buf[i] = ld_stream(wq + (t - nswp) * 32);
           }
         }
+        aa += PF * ASTEP;
       }
     }
 
@@ -327,13 +370,13 @@ cudaError_t launch_t(const W4A16Params& p, int gx, int smem, cudaStream_t stream
 
 cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf, bool r16, int occ, int gx, int smem, cudaStream_t stream) {
   if (occ == 2) {
-    if (bf && r16) return launch_t<true, true, 6, 2>(p, gx, smem, stream);
-    if (bf) return launch_t<true, false, 6, 2>(p, gx, smem, stream);
-    if (r16) return launch_t<false, true, 6, 2>(p, gx, smem, stream);
-    return launch_t<false, false, 6, 2>(p, gx, smem, stream);
+    if (bf && r16) return launch_t<true, true, 8, 2>(p, gx, smem, stream);
+    if (bf) return launch_t<true, false, 8, 2>(p, gx, smem, stream);
+    if (r16) return launch_t<false, true, 8, 2>(p, gx, smem, stream);
+    return launch_t<false, false, 8, 2>(p, gx, smem, stream);
   }
-  if (bf && r16) return launch_t<true, true, 12, 1>(p, gx, smem, stream);
-  if (bf) return launch_t<true, false, 12, 1>(p, gx, smem, stream);
-  if (r16) return launch_t<false, true, 12, 1>(p, gx, smem, stream);
-  return launch_t<false, false, 12, 1>(p, gx, smem, stream);
+  if (bf && r16) return launch_t<true, true, 16, 1>(p, gx, smem, stream);
+  if (bf) return launch_t<true, false, 16, 1>(p, gx, smem, stream);
+  if (r16) return launch_t<false, true, 16, 1>(p, gx, smem, stream);
+  return launch_t<false, false, 16, 1>(p, gx, smem, stream);
 }

@@ -19,7 +19,7 @@ struct W4A16Params {
   int WN, WK, nblocks, S, gps, vec;
 };
 
-// Launch one verify GEMM (M <= 16). occ: CTAs per SM the kernel is built for (2: 6 loads in
-// flight per warp, <= 128 registers; 1: 12 loads in flight). Returns the launch's error.
+// Launch one verify GEMM (M <= 16). occ: CTAs per SM the kernel is built for (2: a ring of 8 loads
+// per warp, <= 128 registers; 1: 16 loads). Returns the launch's error.
 cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int occ, int gx, int smem,
                                 cudaStream_t stream);
