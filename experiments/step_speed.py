@@ -138,6 +138,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/gpu")
     ap.add_argument("--max-seconds", type=float, default=420.0, help="stop starting new configurations after this")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated precision:kernel:fused (kernel - for none), e.g. reference:-:1,int4:cuda:1")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -152,7 +154,11 @@ def main(argv=None):
             f"`python experiments/step_speed.py {' '.join(argv or sys.argv[1:])}`")
     print(info, flush=True)
     rows = []
-    configs = CONFIGS + [("reference", None, True)]  # the reference again last: drift control
+    chosen = CONFIGS
+    if args.configs:
+        chosen = [(p, None if k == "-" else k, f in ("1", "true", "True"))
+                  for p, k, f in (c.split(":") for c in args.configs.split(","))]
+    configs = chosen + [("reference", None, True)]  # the reference again last: drift control
     for precision, kernel, fuse in configs:
         if time.perf_counter() - start > args.max_seconds:
             print(f"time budget spent: skipping {precision}/{kernel}/fused={fuse}", flush=True)
