@@ -35,13 +35,13 @@ from quasar_bench.decode import generate  # noqa: E402
 from quasar_bench.drafters import baseline_drafter, make_drafter  # noqa: E402
 from quasar_bench.models import QWEN3_8B_SHAPES, LoadedModel, random_hf_model  # noqa: E402
 from quasar_bench.rows import weight_bytes  # noqa: E402
-from quasar_bench.runtime import native_from_hf  # noqa: E402
+from quasar_bench.runtime import compile_elementwise, native_from_hf  # noqa: E402
 from quasar_bench.verifiers import build_verifier  # noqa: E402
 
-# (precision, kernel backend, fused q/k/v + gate/up), most important first
-CONFIGS = [("reference", None, True), ("int4", "cuda", True), ("int4", "triton", True), ("int4", "torch", True),
-           ("int8", "triton", True), ("w8a8", "triton", True), ("reference", None, False), ("int4", "triton", False),
-           ("int8", "torch", True)]
+# (precision, kernel backend, fused q/k/v + gate/up, compiled element-wise ops), most important first
+CONFIGS = [("reference", None, True, False), ("int4", "cuda", True, False), ("int4", "triton", True, False),
+           ("int4", "torch", True, False), ("int8", "triton", True, False), ("w8a8", "triton", True, False),
+           ("reference", None, False, False), ("int4", "triton", False, False), ("int8", "torch", True, False)]
 POS, K, REPS, CALLS = 200, 5, 9, 20
 # Random weights: calibration only shapes SmoothQuant's scales, so a small set keeps setup short.
 CALIBRATION = {"w8a8": {"calibration": {"n_sequences": 4, "gen_tokens": 16}}}
@@ -76,8 +76,9 @@ def e2e(runtime, prompts, drafter_cfg) -> dict:
             "other_ms_per_step": 1e3 * (tot["decode"] - tot["draft"] - tot["verify"]) / s}
 
 
-def measure(loaded, precision, kernel, fuse, prompts, copy_bw) -> list[dict]:
+def measure(loaded, precision, kernel, fuse, compiled, prompts, copy_bw) -> list[dict]:
     t0 = time.perf_counter()
+    compile_elementwise(compiled)
     vcfg = {"name": precision, **({"kernel": kernel} if kernel else {}), **CALIBRATION.get(precision, {})}
     rt = build_verifier(loaded, vcfg, None, fuse)
     ids = torch.randint(0, rt.vocab_size, (K + 1,), device=rt.device, generator=None)
@@ -99,7 +100,8 @@ def measure(loaded, precision, kernel, fuse, prompts, copy_bw) -> list[dict]:
         for t in times:
             times[t].append(step_ms(rt, t))
     wb = weight_bytes(rt)
-    base = dict(precision=precision, kernel=kernel or "-", fused=fuse, setup_s=setup_s, rel_err_vs_reference=rel,
+    base = dict(precision=precision, kernel=kernel or "-", fused=fuse, compiled=compiled, setup_s=setup_s,
+                rel_err_vs_reference=rel,
                 weight_bytes=wb)
     rows = []
     for t, v in times.items():
@@ -118,16 +120,17 @@ def measure(loaded, precision, kernel, fuse, prompts, copy_bw) -> list[dict]:
 
 
 def markdown(df: pd.DataFrame, info: str) -> str:
-    steps = df[df.measure.str.startswith("step")].pivot_table(index=["precision", "kernel", "fused"], columns="measure",
-                                                              values="ms", aggfunc="first")
-    e = df[df.measure == "e2e_synthetic_a0.8_k5"].set_index(["precision", "kernel", "fused"])
-    ar = df[df.measure == "e2e_ar"].set_index(["precision", "kernel", "fused"])
-    ref = e.loc[("reference", "-", True), "tokens_per_s"] if ("reference", "-", True) in e.index else float("nan")
+    idx = ["precision", "kernel", "fused", "compiled"]
+    steps = df[df.measure.str.startswith("step")].pivot_table(index=idx, columns="measure", values="ms", aggfunc="first")
+    e = df[df.measure == "e2e_synthetic_a0.8_k5"].set_index(idx)
+    ar = df[df.measure == "e2e_ar"].set_index(idx)
+    bf16 = [k for k in e.index if k[0] == "reference" and k[2] and not k[3]]  # fused, eager: the baseline
+    ref = e.loc[bf16[0], "tokens_per_s"] if bf16 else float("nan")
     lines = [f"# Verify-step speed, Qwen3-8B shapes, random bf16 weights\n\n{info}\n",
-             "| precision | kernel | fused | AR step T=1 ms | verify T=6 ms | AR tok/s (e2e) | synthetic a=0.8 k=5 tok/s | tau | "
-             "x bf16 same drafter | rel err vs reference backend | setup s |", "|" + "---|" * 11]
+             "| precision | kernel | fused | compiled | AR step T=1 ms | verify T=6 ms | AR tok/s (e2e) | synthetic a=0.8 k=5 "
+             "tok/s | tau | x bf16 (fused, eager) same drafter | rel err vs reference backend | setup s |", "|" + "---|" * 12]
     for key, r in steps.iterrows():
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {r.get('step_T1', float('nan')):.2f} | "
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {r.get('step_T1', float('nan')):.2f} | "
                      f"{r.get(f'step_T{K + 1}', float('nan')):.2f} | {ar.loc[key, 'tokens_per_s']:.0f} | "
                      f"{e.loc[key, 'tokens_per_s']:.0f} | {e.loc[key, 'tau']:.2f} | {e.loc[key, 'tokens_per_s'] / ref:.2f} | "
                      f"{e.loc[key, 'rel_err_vs_reference']:.1e} | {e.loc[key, 'setup_s']:.0f} |")
@@ -139,7 +142,7 @@ def main(argv=None):
     ap.add_argument("--out", default="results/gpu")
     ap.add_argument("--max-seconds", type=float, default=420.0, help="stop starting new configurations after this")
     ap.add_argument("--configs", default=None,
-                    help="comma-separated precision:kernel:fused (kernel - for none), e.g. reference:-:1,int4:cuda:1")
+                    help="comma-separated precision:kernel:fused[:compiled] (kernel - for none), e.g. reference:-:1:1")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -156,23 +159,25 @@ def main(argv=None):
     rows = []
     chosen = CONFIGS
     if args.configs:
-        chosen = [(p, None if k == "-" else k, f in ("1", "true", "True"))
-                  for p, k, f in (c.split(":") for c in args.configs.split(","))]
-    configs = chosen + [("reference", None, True)]  # the reference again last: drift control
-    for precision, kernel, fuse in configs:
+        yes = ("1", "true", "True")
+        chosen = [(f[0], None if f[1] == "-" else f[1], f[2] in yes, len(f) > 3 and f[3] in yes)
+                  for f in (c.split(":") for c in args.configs.split(","))]
+    configs = chosen + [chosen[0] if chosen[0][0] == "reference" else ("reference", None, True, False)]  # drift
+    for precision, kernel, fuse, compiled in configs:
+        name = f"{precision}/{kernel}/fused={fuse}/compiled={compiled}"
         if time.perf_counter() - start > args.max_seconds:
-            print(f"time budget spent: skipping {precision}/{kernel}/fused={fuse}", flush=True)
+            print(f"time budget spent: skipping {name}", flush=True)
             continue
         try:
-            new = measure(loaded, precision, kernel, fuse, prompts, copy_bw)
+            new = measure(loaded, precision, kernel, fuse, compiled, prompts, copy_bw)
         except Exception as e:  # noqa: BLE001 (one failing backend must not lose the others' rows)
-            print(f"{precision}/{kernel}/fused={fuse}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         for r in new:
             r.update(gpu=torch.cuda.get_device_name(), driver=driver_version(), torch=torch.__version__,
                      copy_gbps=copy_bw)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                   if k in ("precision", "kernel", "fused", "measure", "ms", "tokens_per_s", "tau",
+                   if k in ("precision", "kernel", "fused", "compiled", "measure", "ms", "tokens_per_s", "tau",
                             "rel_err_vs_reference", "setup_s")}, flush=True)
         rows += new
     df = pd.DataFrame(rows)
@@ -180,10 +185,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "step_speed.csv", index=False)
     try:
-        md = markdown(df.drop_duplicates(["precision", "kernel", "fused", "measure"]), info)
+        md = markdown(df.drop_duplicates(["precision", "kernel", "fused", "compiled", "measure"]), info)
     except (KeyError, ValueError) as e:  # a configuration missing a measurement: the CSV has the rest
         md = f"{info}\n\n(table incomplete: {type(e).__name__} {e}); see step_speed.csv\n"
-    ref = df[(df.precision == "reference") & df.fused & df.measure.str.startswith("step")]
+    ref = df[(df.precision == "reference") & df.fused & ~df.compiled & df.measure.str.startswith("step")]
     if len(ref) > 2:  # measured first and last: the drift over the run
         md += "\nDrift control (bf16 reference, fused, first vs last): " + ", ".join(
             f"{m} {g.ms.iloc[0]:.2f} -> {g.ms.iloc[-1]:.2f} ms" for m, g in ref.groupby("measure")) + "\n"

@@ -59,9 +59,9 @@ NWARPS = 8
 # ------------------------------------------------------------------------------------------
 
 def _build_dir() -> Path:
-    root = os.environ.get("QUASAR_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "quasar_bench"
-    d = base / "torch_extensions" / "w4a16_cuda"
+    from quasar_bench.fileio import cache_root
+
+    d = cache_root() / "torch_extensions" / "w4a16_cuda"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

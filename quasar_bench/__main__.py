@@ -18,6 +18,7 @@ def fail(message: str) -> None:
 def check_group_choices(argv: list[str]) -> None:
     """Hydra reports an unknown config name as a multi-line traceback; catch it first."""
     from .config import choices
+    from .errors import unknown
 
     for arg in argv:
         if "=" not in arg or arg.startswith(("hydra", "+hydra", "--")):
@@ -29,7 +30,7 @@ def check_group_choices(argv: list[str]) -> None:
         names = choices(key)
         for v in value.split(","):
             if v and v != "null" and v not in names:
-                fail(f"unknown {key} {v!r}; choose one of {', '.join(names)}")
+                fail(str(unknown(key, v, names)))
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import QuasarError
+from .errors import unknown
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -30,4 +30,4 @@ def entry_config(group: str, entry, require_yaml: bool = True) -> DictConfig:
         return OmegaConf.merge(OmegaConf.load(path), entry)
     if entry.get("module") or not require_yaml:
         return entry
-    raise QuasarError(f"unknown {group} {name!r}; choose one of {', '.join(choices(group))}")
+    raise unknown(group, name, choices(group))

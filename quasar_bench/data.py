@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from quasar_bench.errors import QuasarError
+from quasar_bench.errors import QuasarError, unknown
 from quasar_bench.fileio import atomic_write_bytes, cache_root
 
 DATASETS = ("builtin", "spec_bench", "mt_bench")
@@ -121,16 +121,16 @@ def load_prompts(name: str, path: str | None = None, categories: list[str] | Non
                  limit: int | None = None) -> list[Prompt]:
     """Load a prompt set, keep `categories` (in file order), then take the first `limit`."""
     if name not in DATASETS:
-        raise QuasarError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        raise unknown("dataset", name, DATASETS)
     prompts = _read_builtin() if name == "builtin" else _read_jsonl(name, path)
     if categories:
         if isinstance(categories, str):
             categories = [categories]
         available = sorted({p.category for p in prompts})
-        unknown = [c for c in categories if c not in available]
-        if unknown:
-            raise QuasarError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} "
-                              f"{', '.join(map(repr, unknown))} in {name}; available: "
+        missing = [c for c in categories if c not in available]
+        if missing:
+            raise QuasarError(f"unknown categor{'y' if len(missing) == 1 else 'ies'} "
+                              f"{', '.join(map(repr, missing))} in {name}; available: "
                               f"{', '.join(available)}")
         prompts = [p for p in prompts if p.category in set(categories)]
     if limit is not None:

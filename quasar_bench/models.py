@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import QuasarError
+from .errors import QuasarError, unknown
 from .fileio import cache_root
 from .runtime import NATIVE_MODEL_TYPES, HFRuntime, native_from_hf
 
@@ -60,7 +60,7 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if dtype not in table:
-        raise QuasarError(f"unknown model.dtype={dtype}; choose one of fp32, bf16, fp16, auto")
+        raise unknown("model.dtype", dtype, ("fp32", "bf16", "fp16", "auto"))
     return table[dtype]
 
 

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import QuasarError
+from .errors import QuasarError, unknown
 
 CRITERIA = ("block_influence", "last")
 
@@ -55,7 +55,7 @@ def block_influence(runtime, seqs: list[list[int]]) -> list[float]:
 def choose_layers(num_layers: int, share: float, criterion: str, influence: list[float] | None = None) -> list[int]:
     """The layer indices kept (ascending)."""
     if criterion not in CRITERIA:
-        raise QuasarError(f"unknown verifier.criterion={criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise unknown("verifier.criterion", criterion, CRITERIA)
     n = n_dropped(share, num_layers)
     if criterion == "last":
         drop = set(range(num_layers - n, num_layers))

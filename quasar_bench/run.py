@@ -21,6 +21,7 @@ from .fileio import cache_root
 from .models import LoadedModel, load_model, pick_device
 from .plan import cell_hash, plan_cells, validate
 from .references import References, draft_tools
+from .runtime import compile_elementwise
 from .store import ResultStore, environment
 from .verifiers import build_verifier, precision
 
@@ -73,6 +74,9 @@ class Experiment:
         try:
             self.loaded = get_model(cfg)
             self.fuse = fuse_wanted(cfg, self.loaded.runtime)
+            if cfg.compile_elementwise not in (True, False):
+                raise QuasarError(f"compile_elementwise={cfg.compile_elementwise!r}; choose true or false")
+            compile_elementwise(bool(cfg.compile_elementwise))
             self.tools = draft_tools(self.loaded, cache_root(cfg.model.cache_dir), self.fuse)
             self.env = environment()
             verifiers = [v for v, _ in self.plan]

@@ -60,6 +60,48 @@ class ModelArgs:
         )
 
 
+def rms_norm(x, weight, eps: float):
+    # as transformers: normalise in fp32, cast back, then scale
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope(x, cos, sin):
+    """x [T, heads, D] rotated by the per-position cos/sin [T, D]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def add_rms_norm(x, delta, weight, eps: float):
+    """(x + delta, rms_norm(x + delta)): the residual add and the next norm, one pass."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def silu_mul(gate, up):
+    return F.silu(gate) * up
+
+
+class Elementwise:
+    """The element-wise work between the GEMMs (norms, RoPE, SiLU * mul, residual adds): eager by
+    default; `compile_elementwise(True)` swaps in torch.compile'd versions (dynamic shapes: one
+    compilation serves every token count), which fuse each into one kernel instead of several: on
+    a GPU these small kernels, not the GEMMs, are much of a decode step's time."""
+    rms_norm, rope, add_rms_norm, silu_mul = staticmethod(rms_norm), staticmethod(rope), \
+        staticmethod(add_rms_norm), staticmethod(silu_mul)
+
+
+_EAGER = {name: getattr(Elementwise, name) for name in ("rms_norm", "rope", "add_rms_norm", "silu_mul")}
+
+
+def compile_elementwise(enable: bool) -> None:
+    for name, fn in _EAGER.items():
+        setattr(Elementwise, name, staticmethod(torch.compile(fn, dynamic=True, fullgraph=True) if enable else fn))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -67,13 +109,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # as transformers: normalise in fp32, cast back, then scale (one fused kernel for the norm)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        return Elementwise.rms_norm(x, self.weight, self.eps)
 
 
 def causal_mask(query_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
@@ -107,8 +143,7 @@ class Attention(nn.Module):
         v = v.view(t, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
-        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        q, k = Elementwise.rope(q, cos, sin), Elementwise.rope(k, cos, sin)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
         if isinstance(start, torch.Tensor):
             k_cache, v_cache = kv
@@ -136,7 +171,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).split(self.split_sizes, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(Elementwise.silu_mul(gate, up))
 
 
 class Block(nn.Module):
@@ -148,8 +183,10 @@ class Block(nn.Module):
         self.mlp = MLP(a)
 
     def forward(self, x, cos, sin, kv, start, mask, span=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask, span)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask, span)
+        norm = self.post_attention_layernorm
+        x, h = Elementwise.add_rms_norm(x, attn, norm.weight, norm.eps)
+        return x + self.mlp(h)
 
 
 class Transformer(nn.Module):

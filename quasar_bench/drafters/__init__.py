@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import QuasarError
+from ..errors import QuasarError, unknown
 from ..sampling import sample, target_probs
 
 
@@ -76,7 +76,9 @@ class Drafter:
         self.runtime = runtime  # the verifier's runtime (self-speculative drafters use its weights)
         self.loaded = loaded  # LoadedModel (tokenizer, eos) for drafters that need it
         self.tools = tools or DraftTools()
-        self.k = int(cfg.get("k", 1)) if self.drafts else 0
+        if self.drafts and cfg.get("k") is None:
+            raise QuasarError(f"drafter {self.name} needs k (drafts per verify step): set drafter.k=, e.g. 5")
+        self.k = int(cfg["k"]) if self.drafts else 0
         if self.drafts and self.k < 1:
             raise QuasarError(f"drafter.k={self.k} is impossible for drafter {self.name}: k must be >= 1 (e.g. k=5)")
         self.setup()
@@ -142,8 +144,7 @@ def drafter_class(cfg) -> type[Drafter]:
     name = cfg.get("name")
     module_name = cfg.get("module") if name not in drafter_names() else f"{__name__}.{name}"
     if not module_name:
-        raise QuasarError(f"unknown drafter {name!r}; choose one of {', '.join(drafter_names())} "
-                          "(or give drafter.module=<importable module> for your own)")
+        raise unknown("drafter", name, drafter_names(), " (or drafter.module=<importable module> for your own)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

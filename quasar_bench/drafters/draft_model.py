@@ -40,7 +40,7 @@ class DraftModel(Drafter):
 
     def __init__(self, cfg, runtime, loaded=None, tools=None):
         super().__init__(cfg, runtime, loaded, tools)
-        mcfg, precision = cfg.get("model", None), cfg.get("precision", None)
+        mcfg, precision = cfg.model, cfg.precision
         if mcfg is None and precision is None:
             raise QuasarError("draft_model needs drafter.model=<model config> (a separate model with the same "
                               "tokenizer) or drafter.precision=<int8|w8a8|int4|...>")

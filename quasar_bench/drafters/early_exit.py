@@ -16,7 +16,7 @@ class EarlyExit(LayerSkip):
 
     def choose_layers(self, cfg) -> list[int]:
         n = self.runtime.num_layers
-        layers = cfg.get("layers", None)
+        layers = cfg.layers
         if layers is None:
             raise QuasarError(f"early_exit needs drafter.layers=L, the number of leading layers to draft with "
                               f"(1..{n})")

@@ -109,7 +109,7 @@ class LayerSkip(Drafter):
 
     def __init__(self, cfg, runtime, loaded=None, tools=None):
         super().__init__(cfg, runtime, loaded, tools)
-        self.threshold = float(cfg.get("threshold", 0.0))
+        self.threshold = float(cfg.threshold)
         if not 0.0 <= self.threshold <= 1.0:
             raise QuasarError(f"drafter.threshold={self.threshold} must lie in [0, 1] (0 = always draft k)")
         self.kept = self.choose_layers(cfg)
@@ -123,9 +123,9 @@ class LayerSkip(Drafter):
     # -- which layers --------------------------------------------------------------------------
     def choose_layers(self, cfg) -> list[int]:
         L = self.runtime.num_layers
-        mode = cfg.get("mode", "static")
+        mode = cfg.mode
         if mode == "static":
-            skip = cfg.get("skip", None) or []
+            skip = cfg.skip or []
         elif mode == "search":
             skip = self.search(cfg)
         else:
@@ -142,14 +142,13 @@ class LayerSkip(Drafter):
         return [i for i in range(L) if i not in set(skip)]
 
     def search(self, cfg) -> list[int]:
-        s = cfg.get("search", None) or {}
-        objective = s.get("objective", "speed")
+        s = cfg.search
+        objective = s.objective
         if objective not in ("speed", "acceptance"):
             raise QuasarError(f"unknown drafter.search.objective={objective}; choose speed or acceptance")
-        params = {"objective": objective, "target_skip_ratio": float(s.get("target_skip_ratio", 0.5)),
-                  "max_skip_ratio": float(s.get("max_skip_ratio", 0.6)), "candidates": int(s.get("candidates", 4)),
-                  "prompts": int(s.get("prompts", 4)), "gen_tokens": int(s.get("gen_tokens", 48)),
-                  "seed": int(s.get("seed", 0)), "k": self.k}
+        params = {"objective": objective, "target_skip_ratio": float(s.target_skip_ratio),
+                  "max_skip_ratio": float(s.max_skip_ratio), "candidates": int(s.candidates),
+                  "prompts": int(s.prompts), "gen_tokens": int(s.gen_tokens), "seed": int(s.seed), "k": self.k}
         for key in ("target_skip_ratio", "max_skip_ratio"):
             if not 0.0 <= params[key] < 1.0:
                 raise QuasarError(f"drafter.search.{key}={params[key]} must lie in [0, 1)")
@@ -159,9 +158,9 @@ class LayerSkip(Drafter):
             raise QuasarError("layerskip search needs the native runtime (llama/qwen2/qwen3/mistral)")
         model = getattr(self.loaded, "name", None) or "model"
         ident = {"version": 3, "model": model, "weights": weights_fingerprint(self.runtime),
-                 "cache_key": cfg.get("cache_key"), **params}
+                 "cache_key": cfg.cache_key, **params}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-        path = cache_root(cfg.get("cache_dir", None)) / "layerskip" / f"{model}-{digest}.json"
+        path = cache_root(cfg.cache_dir) / "layerskip" / f"{model}-{digest}.json"
         found = read_json(path)
         if found is not None and found.get("identity") == ident and "skip" in found:
             self.search_result = found

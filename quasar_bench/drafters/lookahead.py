@@ -43,14 +43,14 @@ class Lookahead(Drafter):
     def __init__(self, cfg, runtime, loaded=None, tools=None):
         super().__init__(cfg, runtime, loaded, tools)
         try:
-            self.W, self.N, self.G = int(cfg.get("window", 7)), int(cfg.get("ngram", 4)), int(cfg.get("guesses", 7))
+            self.W, self.N, self.G = int(cfg.window), int(cfg.ngram), int(cfg.guesses)
         except (TypeError, ValueError):
             raise QuasarError("lookahead drafter: window, ngram and guesses must be integers") from None
         if self.W < 1 or self.N < 2 or self.G < 1:
             raise QuasarError(f"lookahead drafter needs window >= 1, ngram >= 2, guesses >= 1; got window={self.W}, "
                               f"ngram={self.N}, guesses={self.G}")
-        self.pool_from_context = bool(cfg.get("pool_from_context", True))
-        self.seed = int(cfg.get("seed", 0))
+        self.pool_from_context = bool(cfg.pool_from_context)
+        self.seed = int(cfg.seed)
         self.cache_room = self.W  # the lookahead forward writes 1 + W positions past the verified prefix
 
     def start(self, prompt_ids, reference=None):

@@ -10,8 +10,8 @@ class NGram(Drafter):
 
     def __init__(self, cfg, runtime, loaded=None, tools=None):
         super().__init__(cfg, runtime, loaded, tools)
-        self.ngram_min = int(cfg.get("ngram_min", 1))
-        self.ngram_max = int(cfg.get("ngram_max", 3))
+        self.ngram_min = int(cfg.ngram_min)
+        self.ngram_max = int(cfg.ngram_max)
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise QuasarError(f"ngram drafter needs 1 <= ngram_min <= ngram_max, got "
                               f"{self.ngram_min}..{self.ngram_max}")

@@ -29,13 +29,13 @@ class Synthetic(Drafter):
     def __init__(self, cfg, runtime, loaded=None, tools=None):
         super().__init__(cfg, runtime, loaded, tools)
         try:
-            self.alpha = float(cfg.get("alpha", 0.8))
+            self.alpha = float(cfg.alpha)
         except (TypeError, ValueError):
-            raise QuasarError(f"drafter.alpha={cfg.get('alpha')!r} must be a number in [0, 1]") from None
+            raise QuasarError(f"drafter.alpha={cfg.alpha!r} must be a number in [0, 1]") from None
         if not 0.0 <= self.alpha <= 1.0:
             raise QuasarError(f"drafter.alpha={self.alpha} is outside [0, 1]: it is the chance each replayed "
                               "token is kept; pick a value in [0, 1] (1 = oracle)")
-        self.seed = int(cfg.get("seed", 0))
+        self.seed = int(cfg.seed)
         self.vocab = int(runtime.vocab_size)
         if self.vocab < 2 and self.alpha < 1:
             raise QuasarError("synthetic drafter needs a vocabulary of >= 2 tokens to corrupt a token")
@@ -45,11 +45,11 @@ class Synthetic(Drafter):
         # first corrupted one whatever the verifier says, so tau follows the geometric law exactly
         # even where the reference cannot be replayed (random weights, where batched and single-token
         # forwards flip near-ties); the output is then not the verifier's greedy output.
-        self.acceptance = cfg.get("acceptance", "verify")
+        self.acceptance = cfg.acceptance
         if self.acceptance not in ("verify", "forced"):
             raise QuasarError(f"drafter.acceptance={self.acceptance!r}; choose verify or forced")
         self.forces_acceptance = self.acceptance == "forced"
-        replay = cfg.get("replay", "own")
+        replay = cfg.replay
         if replay not in ("own", "reference"):
             raise QuasarError(f"drafter.replay={replay!r}; choose own (this verifier's greedy output) or reference")
         # What the harness passes to start(): nothing to replay when acceptance is forced.

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from ..errors import QuasarError
+from ..errors import QuasarError, unknown
 from ..fileio import atomic_write, read_json, write_json
 from ..fingerprint import model_fingerprint, source_fingerprint
 from ..quant import QUANT_MODULES, _QuantLinear, clone_runtime, fuse_projections, set_kernel
@@ -64,7 +64,7 @@ def verifier_names() -> list[str]:
 def precision(name: str) -> Precision:
     reg = _registry()
     if name not in reg:
-        raise QuasarError(f"unknown verifier {name!r}; choose one of {', '.join(sorted(reg))}")
+        raise unknown("verifier", name, sorted(reg))
     return reg[name]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import QuasarError
+from ..errors import QuasarError, unknown
 from . import Precision, calibration_params
 
 log = logging.getLogger(__name__)
@@ -15,7 +15,7 @@ def _params(vcfg) -> dict:
 
     criterion = vcfg.criterion
     if criterion not in CRITERIA:
-        raise QuasarError(f"unknown verifier.criterion={criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise unknown("verifier.criterion", criterion, CRITERIA)
     p = {"share": check_share(vcfg.share), "criterion": criterion}
     if criterion == "block_influence":
         p["calibration"] = calibration_params(vcfg)
