@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import data
+from .calibration import check_disjoint
 from .cell import capture_graphs, run_cell
 from .errors import QuasarError
 from .fileio import cache_root
@@ -40,12 +41,13 @@ def get_model(cfg) -> LoadedModel:
     return _MODEL_CACHE[key]
 
 
-def fuse_wanted(cfg, runtime) -> bool:
-    """fuse_projections: auto = on CUDA (fewer, larger GEMMs pay there), off on CPU."""
-    fuse = cfg.fuse_projections
-    if fuse not in (True, False, "auto"):
-        raise QuasarError(f"fuse_projections={fuse!r}; choose auto, true or false")
-    return runtime.device.type == "cuda" if fuse == "auto" else bool(fuse)
+def on_cuda_by_default(cfg, key: str, runtime) -> bool:
+    """A speed switch (fuse_projections, compile_elementwise): auto = on CUDA, where it pays
+    (results/gpu/step_speed*.md), off on CPU (same outputs, and compiling costs more than it saves)."""
+    value = cfg[key]
+    if value not in (True, False, "auto"):
+        raise QuasarError(f"{key}={value!r}; choose auto, true or false")
+    return runtime.device.type == "cuda" if value == "auto" else bool(value)
 
 
 class Experiment:
@@ -54,7 +56,9 @@ class Experiment:
         self.cfg = cfg
         self.plan = plan_cells(cfg)
         ds = cfg.dataset
-        self.prompts = data.load_prompts(ds.name, ds.path, ds.categories, ds.limit)
+        self.prompts = data.load_prompts(ds.name, ds.path, ds.categories, ds.limit, ds.per_category, int(ds.seed))
+        log.info("prompts: %d from %s (%s)", len(self.prompts), ds.name, data.category_counts(self.prompts))
+        check_disjoint(self.prompts)  # never evaluate on the text calibration and layerskip's search fit on
         self.out_dir = Path(cfg.out_dir)
         self.store = ResultStore(self.out_dir)
         # Rows that must never be pooled: another experiment, token budget, seed or device kind.
@@ -73,10 +77,8 @@ class Experiment:
         cfg = self.cfg
         try:
             self.loaded = get_model(cfg)
-            self.fuse = fuse_wanted(cfg, self.loaded.runtime)
-            if cfg.compile_elementwise not in (True, False):
-                raise QuasarError(f"compile_elementwise={cfg.compile_elementwise!r}; choose true or false")
-            compile_elementwise(bool(cfg.compile_elementwise))
+            self.fuse = on_cuda_by_default(cfg, "fuse_projections", self.loaded.runtime)
+            compile_elementwise(on_cuda_by_default(cfg, "compile_elementwise", self.loaded.runtime))
             self.tools = draft_tools(self.loaded, cache_root(cfg.model.cache_dir), self.fuse)
             self.env = environment()
             verifiers = [v for v, _ in self.plan]
