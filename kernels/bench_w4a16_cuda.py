@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import subprocess
 import sys
 import time
@@ -87,13 +86,10 @@ def poison(nbytes: int):
 
 
 def tinygemm_pack(codes, scales, zeros, k):
-    """Our int4 weights in tinygemm's layout: W = (q - 8) * s + zero_t, so zero_t = (8 - z) * s."""
-    c = codes[:, :k].to(torch.int32)
-    w_uint8 = (c[:, ::2] << 4 | c[:, 1::2]).to(torch.uint8)
-    packed = torch._convert_weight_to_int4pack(w_uint8, 8)
-    s = scales.float()
-    sz = torch.stack([s, (8 - zeros.float()) * s], dim=-1).to(torch.bfloat16).contiguous()
-    return packed, sz
+    """Our int4 weights in tinygemm's layout (the `torch` kernel backend's conversion)."""
+    from quasar_bench.backends.torch import int4pack
+
+    return int4pack(codes, scales, zeros, k)
 
 
 def gemlite_layer(codes, scales, zeros, n, k):
@@ -124,10 +120,7 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     from kernels import w4a16_cuda as wc
-    try:
-        from kernels.splitk import graph_time_us
-    except ImportError:
-        from kernels.w4a16 import graph_time_us
+    from kernels.splitk import graph_time_us
     from kernels.w4a16 import w4a16_linear
     from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
 

@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .splitk import graph_time_us  # noqa: F401 (re-exported: the benchmarks import it from here)
 from .splitk import _epilogue, as_2d, check_device, dot_precision, launch_splitk, m_bucket, pick_config, tile_candidates, with_defaults
 
 

@@ -300,10 +300,7 @@ def plan(m: int, packed: dict, dev: torch.device) -> dict:
         if not capturing:
             _PLANS[key] = cfg
         return cfg
-    try:
-        from kernels.splitk import graph_time_us
-    except ImportError:
-        from kernels.w4a16 import graph_time_us
+    from kernels.splitk import graph_time_us
 
     n, k, _ = packed_dims(packed)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
