@@ -1,18 +1,21 @@
 """Calibration text for GPTQ, SmoothQuant and block-influence pruning: offline and reproducible.
 
-Source: the project's own builtin prompt set (quasar_bench/prompts/builtin.jsonl, written for this
-project, Apache-2.0), first turn of each prompt in file order, formatted like the served prompts
-(chat template when the model has one), each followed by the model's own greedy continuation
-(fp32 reference weights, `gen_tokens` tokens or up to EOS). Fixed: the first `n_sequences`
-prompts, `gen_tokens` generated tokens, at most `max_tokens` tokens per sequence. Greedy decoding
-makes the set a pure function of the model's weights, so it is the same on every run.
+Source: the project's own calibration prompts (quasar_bench/prompts/calibration.jsonl: 24 prompts
+written for this project, Apache-2.0: writing, coding, maths, summarising, translation, QA), which
+no evaluation set includes; in file order, formatted like the served prompts (chat template when
+the model has one), each followed by the model's own greedy continuation (fp32 reference weights,
+`gen_tokens` tokens or up to EOS). Fixed: the first `n_sequences` prompts, `gen_tokens` generated
+tokens, at most `max_tokens` tokens per sequence. Greedy decoding makes the set a pure function of
+the model's weights, so it is the same on every run. `check_disjoint` refuses a run whose
+evaluated prompts share text with them (run.py calls it), so no number is measured on prompts
+the verifier (GPTQ, SmoothQuant, pruning) or a drafter's search was fitted on.
 
 A model without a tokenizer (tests build LoadedModel(tokenizer=None) around tiny random models)
 gets seeded random prompt ids (torch.Generator seed `seed`) of 24..56 tokens instead, each followed
 by the model's greedy continuation in the same way.
 
-The token ids are cached as json under cache_dir/verifiers/ keyed by the model fingerprint and
-these parameters.
+The token ids are cached as json under cache_dir/verifiers/ keyed by the model fingerprint, these
+parameters and a hash of the calibration file.
 """
 from __future__ import annotations
 
@@ -45,29 +48,58 @@ class CalibrationSpec:
         return spec
 
 
+CALIBRATION_FILE = Path(__file__).resolve().parent / "prompts" / "calibration.jsonl"
+
+
+def calibration_texts() -> list[str]:
+    """The calibration prompts' text (one turn each), in file order."""
+    from .data import package_prompts
+
+    return [p.turns[0] for p in package_prompts(CALIBRATION_FILE.name, "calibration")]
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def check_disjoint(prompts, texts: list[str] | None = None) -> None:
+    """Refuse evaluated `prompts` (data.Prompt) whose first turn equals, contains or is contained
+    in a calibration prompt (whitespace and case ignored): one line naming both."""
+    cal = [(i, _norm(t)) for i, t in enumerate(texts if texts is not None else calibration_texts(), 1)]
+    for p in prompts:
+        first = _norm(p.turns[0])
+        if not first:
+            continue
+        for i, c in cal:
+            if first in c or c in first:
+                raise QuasarError(f"evaluated prompt {p.dataset}/{p.prompt_id} overlaps calibration prompt calib-{i} "
+                                  f"({CALIBRATION_FILE.name}): numbers on it would be measured on calibration "
+                                  "text; drop it (dataset.categories=, a prompt file without it) or edit the file")
+
+
 def calibration_prompts(loaded, n: int, seed: int = 0) -> list[list[int]]:
-    """n encoded calibration prompts: the first turns of the builtin prompt set, in file order,
-    encoded as served (encode.encode_turn); seeded random ids of 24..56 tokens for a model without
-    a tokenizer (tests' tiny random models)."""
+    """n encoded calibration prompts: the calibration file's prompts, in file order, encoded as
+    served (encode.encode_turn); seeded random ids of 24..56 tokens for a model without a
+    tokenizer (tests' tiny random models)."""
     if loaded.tokenizer is None:
         g = torch.Generator().manual_seed(seed)
         v = loaded.runtime.vocab_size
         return [torch.randint(0, v, (int(torch.randint(24, 57, (1,), generator=g)),), generator=g).tolist()
                 for _ in range(n)]
-    from .data import load_prompts
     from .encode import encode_turn
 
-    prompts = load_prompts("builtin")
-    if n > len(prompts):
-        raise QuasarError(f"{n} calibration prompts exceed the {len(prompts)} builtin prompts; ask for fewer")
-    return [encode_turn(loaded, p.turns[:1]) for p in prompts[:n]]
+    texts = calibration_texts()
+    if n > len(texts):
+        raise QuasarError(f"{n} calibration prompts exceed the {len(texts)} of {CALIBRATION_FILE.name}; ask for fewer")
+    return [encode_turn(loaded, [t]) for t in texts[:n]]
 
 
 def calibration_ids(loaded, spec: CalibrationSpec, cache_dir: Path | None) -> list[list[int]]:
     """The calibration sequences (token ids), generated once per model and cached."""
     path = None
     if cache_dir is not None:
-        key = hashlib.sha256(json.dumps(spec.__dict__, sort_keys=True).encode()).hexdigest()[:12]
+        source = hashlib.sha256(CALIBRATION_FILE.read_bytes()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps({**spec.__dict__, "source": source}, sort_keys=True).encode()).hexdigest()[:12]
         path = Path(cache_dir) / "verifiers" / f"calib-{model_fingerprint(loaded)}-{key}.json"
         cached = read_json(path)
         if cached is not None and "sequences" in cached:
@@ -84,6 +116,6 @@ def calibration_ids(loaded, spec: CalibrationSpec, cache_dir: Path | None) -> li
         seqs.append((ids + gen)[: spec.max_tokens])
     del runtime
     if path is not None:
-        write_json(path, {"spec": spec.__dict__, "source": "builtin prompts + greedy continuations", "sequences": seqs},
+        write_json(path, {"spec": spec.__dict__, "source": "calibration.jsonl prompts + greedy continuations", "sequences": seqs},
                    indent=None)
     return seqs

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -62,10 +63,14 @@ def _parse_lines(lines: list[str], source: str, dataset: str, id_key: str) -> li
     return prompts
 
 
+def package_prompts(filename: str, dataset: str) -> list[Prompt]:
+    """A prompt file shipped in quasar_bench/prompts/ (`prompt_id`, `category`, `turns` a line)."""
+    text = resources.files("quasar_bench").joinpath(f"prompts/{filename}").read_text("utf-8")
+    return _parse_lines(text.splitlines(), f"quasar_bench/prompts/{filename}", dataset, "prompt_id")
+
+
 def _read_builtin() -> list[Prompt]:
-    text = resources.files("quasar_bench").joinpath("prompts/builtin.jsonl").read_text("utf-8")
-    return _parse_lines(text.splitlines(), "quasar_bench/prompts/builtin.jsonl", "builtin",
-                        "prompt_id")
+    return package_prompts("builtin.jsonl", "builtin")
 
 
 def data_cache_dir() -> Path:
@@ -118,10 +123,18 @@ def _read_jsonl(name: str, path: str | None) -> list[Prompt]:
 
 
 def load_prompts(name: str, path: str | None = None, categories: list[str] | None = None,
-                 limit: int | None = None) -> list[Prompt]:
-    """Load a prompt set, keep `categories` (in file order), then take the first `limit`."""
+                 limit: int | None = None, per_category: int | None = None, seed: int = 0) -> list[Prompt]:
+    """Load a prompt set and keep `categories` (in file order); then either take the first `limit`,
+    or `per_category` prompts of each kept category, drawn by a shuffle seeded with `seed` and the
+    category name and returned in file order (a category with fewer prompts gives all it has)."""
     if name not in DATASETS:
         raise unknown("dataset", name, DATASETS)
+    for key, value in (("limit", limit), ("per_category", per_category)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise QuasarError(f"dataset.{key}={value!r} must be a positive integer (or null for all)")
+    if limit is not None and per_category is not None:
+        raise QuasarError(f"dataset.limit={limit} and dataset.per_category={per_category} contradict each other "
+                          "(the first N prompts vs N of each category); set one of them to null")
     prompts = _read_builtin() if name == "builtin" else _read_jsonl(name, path)
     if categories:
         if isinstance(categories, str):
@@ -134,7 +147,20 @@ def load_prompts(name: str, path: str | None = None, categories: list[str] | Non
                               f"{', '.join(available)}")
         prompts = [p for p in prompts if p.category in set(categories)]
     if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise QuasarError(f"dataset.limit={limit!r} must be a positive integer (or null for all)")
         prompts = prompts[:limit]
+    if per_category is not None:
+        chosen = set()
+        for category in dict.fromkeys(p.category for p in prompts):
+            idx = [i for i, p in enumerate(prompts) if p.category == category]
+            random.Random(f"{seed}/{category}").shuffle(idx)
+            chosen.update(idx[:per_category])
+        prompts = [p for i, p in enumerate(prompts) if i in chosen]
     return prompts
+
+
+def category_counts(prompts: list[Prompt]) -> str:
+    """`translation 10, math_reasoning 10` (categories in order of first appearance): the run logs it."""
+    counts: dict[str, int] = {}
+    for p in prompts:
+        counts[p.category] = counts.get(p.category, 0) + 1
+    return ", ".join(f"{c} {n}" for c, n in counts.items())

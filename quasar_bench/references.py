@@ -24,6 +24,7 @@ def draft_tools(loaded, cache_dir=None, fuse: bool = False) -> DraftTools:
         greedy=lambda runtime, ids, n: greedy_continuation(runtime, ids, n, loaded.eos_ids),
         build_verifier=lambda vcfg: build_verifier(loaded, vcfg, cache_dir, fuse),
         calibration_prompts=lambda n, seed=0: calibration_prompts(loaded, n, seed),
+        reference_runtime=loaded.runtime,
     )
 
 

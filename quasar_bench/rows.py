@@ -5,7 +5,7 @@ import math
 import os
 import platform
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,11 +33,12 @@ class Cell:
     dtype: str
     weight_bytes: int
     git_commit: str
+    drafter_fields: dict = field(default_factory=dict)  # the drafter's row_fields(): extra columns
 
 
 def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: str, seed: int, peak: int) -> dict:
     n = len(res.output_ids)
-    return {
+    row = {
         "experiment": cell.experiment, "cell_id": cell.cell_id, "model": cell.model,
         "drafter": cell.drafter, "drafter_name": cell.drafter_name, "verifier": cell.verifier,
         "reference_verifier": cell.is_reference, "baseline": cell.baseline,
@@ -55,6 +56,10 @@ def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: st
         "output_ids": res.output_ids, "output_text": text, "seed": seed, "device": cell.device,
         "dtype": cell.dtype, "torch_version": torch.__version__, "git_commit": cell.git_commit,
     }
+    clash = sorted(set(cell.drafter_fields) & set(row))
+    if clash:
+        raise ValueError(f"drafter {cell.drafter_name}: row_fields() {clash} clash with the row schema")
+    return {**row, **cell.drafter_fields}
 
 
 def peak_memory(device: torch.device) -> int:

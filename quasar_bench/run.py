@@ -58,7 +58,7 @@ class Experiment:
         ds = cfg.dataset
         self.prompts = data.load_prompts(ds.name, ds.path, ds.categories, ds.limit, ds.per_category, int(ds.seed))
         log.info("prompts: %d from %s (%s)", len(self.prompts), ds.name, data.category_counts(self.prompts))
-        check_disjoint(self.prompts)  # never evaluate on the text calibration and layerskip's search fit on
+        check_disjoint(self.prompts)  # never evaluate on the text that calibration and drafter searches fit on
         self.out_dir = Path(cfg.out_dir)
         self.store = ResultStore(self.out_dir)
         # Rows that must never be pooled: another experiment, token budget, seed or device kind.

@@ -109,3 +109,21 @@ def test_matrix_extra_cells_and_narrowing():
     assert plan == {"reference": ["ar", "ngram", "early_exit"], "int4": ["ar", "ngram"], "int8": ["ngram", "early_exit"]}
     cfg.drafter = {"name": "ngram"}  # drafter= on the command line: the product alone, narrowed
     assert {v.name: [d.name for d in ds] for v, ds in plan_cells(cfg)} == {"reference": ["ngram"], "int4": ["ngram"]}
+
+
+def test_layerskip_rows_carry_the_one_searched_layer_set(tmp_path):
+    """mode=search runs once on the reference model; every verifier's rows carry the same layers."""
+    out = tmp_path / "ls"
+    drafter = (f"{{name:layerskip,mode:search,cache_dir:'{tmp_path}',"
+               "search:{objective:acceptance,candidates:0,prompts:2,gen_tokens:8}}")
+    r = cli("model=tiny_llama", "dataset.limit=2", "max_new_tokens=6", "progress=false", "matrix.extra=[]",
+            "matrix.verifiers=[reference,int8]", f"matrix.drafters=[ar,{drafter}]", f"out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "prompts: 2 from builtin (multi_turn 1, translation 1)" in r.stdout + r.stderr  # printed before the run
+    rows = pd.read_parquet(out / "rows.parquet")
+    ls = rows[rows.drafter == "layerskip"]
+    assert set(ls.verifier) == {"reference", "int8"} and len(ls) == 2 * 3  # 2 prompts, the first 2-turn
+    layers = {tuple(x) for x in ls.draft_layers}
+    assert len(layers) == 1 and len(next(iter(layers))) == 2 and set(ls.draft_layers_source) == {"search:reference"}
+    assert rows[rows.drafter == "ar"].draft_layers.isna().all()
+    assert len(list((tmp_path / "layerskip").glob("*.json"))) == 1

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from quasar_bench.decode import generate
-from quasar_bench.drafters import make_drafter
+from quasar_bench.drafters import DraftTools, make_drafter
 from quasar_bench.errors import QuasarError
 from quasar_bench.models import TINY_CONFIGS, LoadedModel, load_model, random_hf_model
 from quasar_bench.references import draft_tools
@@ -329,3 +329,121 @@ def test_synthetic_forced_acceptance_follows_geometric_law_whatever_the_verifier
     assert abs(tokens / steps - mean) < 4 * (var / steps) ** 0.5 + 0.02, (tokens / steps, mean)
     with pytest.raises(QuasarError, match="acceptance"):
         mk({"name": "synthetic", "k": K, "alpha": alpha, "acceptance": "maybe"}, rt)
+
+
+# -- synthetic: paired draws across verifiers -------------------------------------------------------
+
+def record_steps(d):
+    """Wrap a drafter's propose / observe: [(drafts asked for, accepted)] per verify step."""
+    steps, propose, observe = [], d.propose, d.observe
+    asked = []
+
+    def prop(context, k):
+        asked.append(k)
+        return propose(context, k)
+
+    def obs(accepted, new_tokens):
+        steps.append((asked[-1], accepted))
+        return observe(accepted, new_tokens)
+    d.propose, d.observe = prop, obs
+    return steps
+
+
+def test_synthetic_acceptance_is_paired_across_verifiers(tmp_path):
+    """The harness seeds every generation with prompt_seed(seed, prompt id, turn), the same for every
+    verifier; the acceptance draws depend on that, not on the prompt ids, so a turn-2 prompt that
+    holds each verifier's own turn-1 answer still gets the same accepted count at every step."""
+    from quasar_bench.cell import prompt_seed
+    from quasar_bench.verifiers import build_verifier
+
+    rt = tiny_runtime("tiny_llama")
+    loaded = LoadedModel(name="tiny", runtime=rt, tokenizer=None, eos_ids=[], chat=False)
+    verifiers = {"fp32": rt, "int8": build_verifier(loaded, OmegaConf.create({"name": "int8"}), tmp_path)}
+    prompts = {"a": ([4, 5, 6], [7, 8]), "b": ([30, 31, 32, 33], [40]), "c": ([90, 2], [3, 4, 5])}
+    seen = {}
+    for vname, v in verifiers.items():
+        d = mk({"name": "synthetic", "k": K, "alpha": 0.7, "seed": 3, "acceptance": "forced"}, v)
+        steps = record_steps(d)
+        for pid, (first, second) in prompts.items():
+            ids, answers = first, []
+            for turn in (1, 2):
+                if turn == 2:
+                    ids = first + answers[0] + second  # holds this verifier's own turn-1 answer
+                start = len(steps)
+                res = generate(v, d, ids, 40, K, generator=torch.Generator().manual_seed(prompt_seed(0, pid, turn)))
+                answers.append(res.output_ids)
+                seen[vname, pid, turn] = (ids, res.verify_steps, steps[start:])
+    keys = [(pid, t) for pid in prompts for t in (1, 2)]
+    # the verifiers really differ: their turn-2 prompts are not the same token ids
+    assert any(seen["fp32", pid, 2][0] != seen["int8", pid, 2][0] for pid in prompts)
+    for pid, t in keys:
+        _, steps_a, acc_a = seen["fp32", pid, t]
+        _, steps_b, acc_b = seen["int8", pid, t]
+        assert steps_a == steps_b and acc_a == acc_b, (pid, t)
+    # and the draws do differ between (prompt, turn)s
+    assert len({tuple(seen["fp32", pid, t][2]) for pid, t in keys}) == len(keys)
+
+
+@pytest.mark.parametrize("acceptance", ["verify", "forced"])
+def test_synthetic_accepted_length_follows_truncated_geometric_law(acceptance):
+    """Per full-k step, the accepted count is min(Geometric(alpha), k): P(a) = alpha^a (1 - alpha) for
+    a < k, alpha^k for a = k. Pearson chi-square over the k + 1 bins, df = k, at p = 0.001."""
+    alpha, vocab, n_new = 0.6, 50, 2000
+    rng = random.Random(7)
+    prompt = [1, 2, 3]
+    reference = [rng.randrange(vocab) for _ in range(n_new + K + 2)]
+    counts = [0] * (K + 1)
+    for g in range(4):
+        rt = TableRuntime(prompt + reference, vocab)
+        d = mk({"name": "synthetic", "k": K, "alpha": alpha, "seed": 1, "acceptance": acceptance}, rt)
+        steps = record_steps(d)
+        generate(rt, d, prompt, n_new, K, generator=torch.Generator().manual_seed(1000 + g), reference=reference)
+        for asked, accepted in steps:
+            if asked == K:
+                counts[accepted] += 1
+    n = sum(counts)
+    probs = [alpha ** a * (1 - alpha) for a in range(K)] + [alpha ** K]
+    chi2 = sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs))
+    assert n > 2500 and chi2 < 20.52, (counts, [round(n * p) for p in probs], chi2)  # chi2(5) 0.999 quantile
+
+
+# -- layerskip: one search, on the reference model, for every verifier -----------------------------
+
+def test_layerskip_search_runs_once_on_the_reference_for_every_verifier(tmp_path):
+    from quasar_bench.drafters.layerskip import SkipSearch
+    from quasar_bench.verifiers import build_verifier
+
+    rt = tiny_runtime("tiny_llama", seed=2)
+    loaded = LoadedModel(name="tiny", runtime=rt, tokenizer=None, eos_ids=[], chat=False)
+    tools = draft_tools(loaded, tmp_path)
+    assert tools.reference_runtime is rt
+    calib = {"n_sequences": 4, "gen_tokens": 8, "max_tokens": 64, "seed": 0}
+    verifiers = {"reference": rt, "int4": build_verifier(loaded, OmegaConf.create({"name": "int4", "group_size": 32}),
+                                                         tmp_path),
+                 "pruned": build_verifier(loaded, OmegaConf.create({"name": "pruned", "criterion": "last",
+                                                                    "calibration": calib}), tmp_path)}
+    cfg = OmegaConf.create({"name": "layerskip", "k": K, "mode": "search", "cache_dir": str(tmp_path / "ls"),
+                            "search": {"objective": "acceptance", "target_skip_ratio": 0.5, "candidates": 0,
+                                       "prompts": 3, "gen_tokens": 16}})
+    made = {name: make_drafter(cfg, v, loaded, tools) for name, v in verifiers.items()}
+    assert len(list((tmp_path / "ls" / "layerskip").glob("*.json"))) == 1  # searched once, then cached
+    # the independent reference: the same search run by hand on the reference model
+    prompts = tools.calibration_prompts(3, 0)
+    seqs = [(ids, ar_ids(rt, ids, 16)) for ids in prompts]
+    expected = SkipSearch(rt, seqs, K).run("acceptance", 0.5, 0.6, 0)["skip"]
+    assert made["reference"].skip == made["int4"].skip == expected and len(expected) == 2
+    # a search on the int4 verifier alone (no reference lent) is keyed on its own weights
+    own = make_drafter(cfg, verifiers["int4"], loaded,
+                       DraftTools(greedy=tools.greedy, calibration_prompts=tools.calibration_prompts))
+    assert own.layers_source == "search:verifier"
+    assert len(list((tmp_path / "ls" / "layerskip").glob("*.json"))) == 2
+    # rows: the same layers (loaded model's numbering) for every verifier; the pruned one (layer 3
+    # dropped by criterion=last) drafts with the same layers less the one it lacks
+    fields = {name: d.row_fields() for name, d in made.items()}
+    kept = [i for i in range(4) if i not in expected]
+    assert fields["reference"] == fields["int4"] == {"draft_layers": kept, "draft_layers_source": "search:reference"}
+    assert verifiers["pruned"].kept_layers == [0, 1, 2]
+    assert fields["pruned"] == {"draft_layers": [i for i in kept if i < 3], "draft_layers_source": "search:reference"}
+    assert make_drafter(OmegaConf.create({"name": "early_exit", "k": K, "layers": 2}), rt, loaded,
+                        tools).row_fields() == {"draft_layers": [0, 1], "draft_layers_source": "static"}
+    assert make_drafter(OmegaConf.create({"name": "ngram", "k": K}), rt, loaded, tools).row_fields() == {}

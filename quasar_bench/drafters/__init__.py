@@ -14,6 +14,8 @@ What a drafter declares:
                   verifier's greedy AR output) or "reference" (the reference verifier's)
     forces_acceptance  True when the drafter, not the verifier, decides acceptance (speed-only
                   runs on random weights: see synthetic.py); rows record it
+    row_fields()  extra columns for the cell's rows (e.g. the layers a self-speculative drafter
+                  runs); {} by default
 
 Drafters never import the loop or the harness: what they need from above (a greedy continuation,
 a verifier at another precision, calibration prompts) comes through `tools` (DraftTools).
@@ -49,10 +51,14 @@ class DraftTools:
     greedy(runtime, prompt_ids, n) -> ids       the runtime's greedy AR continuation (decode.generate)
     build_verifier(vcfg) -> runtime             the loaded model at another precision (verifiers.py)
     calibration_prompts(n) -> list[list[int]]   n encoded prompts disjoint from evaluation data
+    reference_runtime                           the reference verifier's runtime (the loaded model):
+                                                what a drafter fits once (layerskip's search) is fitted
+                                                there, so every verifier of a run gets the same choice
     """
     greedy: Callable | None = None
     build_verifier: Callable | None = None
     calibration_prompts: Callable | None = None
+    reference_runtime: object | None = None
 
     def need(self, what: str, drafter: str):
         fn = getattr(self, what)
@@ -133,6 +139,11 @@ class Drafter:
 
     def observe(self, accepted: int, new_tokens: list[int]) -> None:
         """After verification: `accepted` draft tokens were kept; `new_tokens` were appended."""
+
+    def row_fields(self) -> dict:
+        """Columns this drafter adds to each row of its cell (what it chose that a reader needs to
+        trust the numbers, e.g. the layers it drafts with); names must not clash with rows.py's."""
+        return {}
 
 
 def drafter_names() -> list[str]:

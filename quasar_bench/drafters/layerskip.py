@@ -7,10 +7,15 @@ prefix holds full-model keys/values, the drafted positions the kept layers' ones
 cache back and the verify forward rewrites every layer there. Drafting stops early when the
 drafter's top-1 probability falls below `threshold` (adaptive draft length; 0 = always k).
 
-Skip set: `mode: static` takes `skip: [...]`; `mode: search` picks it on calibration sequences
-(prompt + the verifier's own greedy continuation) by greedy search, SWIFT-style: a candidate set is
-scored by the top-1 agreement `a` of the skipped model with the verifier, teacher-forced over the
-continuation (prompt prefilled with all layers). Objective `speed` maximises the expected tokens
+Skip set: `mode: static` takes `skip: [...]` (the verifier's layer indices); `mode: search` picks it
+on calibration sequences (a calibration prompt + the full model's greedy continuation) by greedy
+search, SWIFT-style: a candidate set is scored by the top-1 agreement `a` of the skipped model with
+the full model, teacher-forced over the continuation (prompt prefilled with all layers).
+The search runs once, on the reference verifier's runtime when the harness lends it
+(`tools.reference_runtime`), so every verifier of a run drafts with the same layers and a
+verifier's numbers are not mixed with a search of its own; a pruned verifier gets the same set
+mapped through the layers it kept (`kept_layers`). Without a reference (direct API use), or when
+a verifier's layers cannot be mapped to the reference's, the search runs on the verifier itself. Objective `speed` maximises the expected tokens
 per unit cost E[tau](a) / (1 + k * kept/L), E[tau](a) = (1 - a^(k+1)) / (1 - a) (one verify forward
 costs 1, a draft forward kept/L; 1.0 = AR), over the non-empty sets on the greedy path (skipping
 nothing is not self-speculation; a warning says when even the best is predicted slower than AR);
@@ -18,8 +23,9 @@ objective `acceptance` maximises `a` at `target_skip_ratio`.
 Each greedy step adds the layer whose skipping scores best, among `candidates` layers preselected
 by their single-layer score (0 = all). The result is cached as json under
 `cache_dir/layerskip/` (default ~/.cache/quasar_bench), keyed by the model name, a fingerprint of
-the verifier's weights (so each verifier precision gets its own set), `cache_key` and the search
-settings.
+the searched weights (the reference's: one entry for all verifiers), a hash of the calibration
+prompt ids, `cache_key` and the search settings. Rows carry the layers drafted with, in the loaded
+model's numbering, and where they came from (`row_fields`: draft_layers, draft_layers_source).
 """
 from __future__ import annotations
 
@@ -106,6 +112,7 @@ class SkipSearch:
 
 class LayerSkip(Drafter):
     name = "layerskip"
+    layers_source = "static"  # static (config) | search:reference | search:verifier
 
     def __init__(self, cfg, runtime, loaded=None, tools=None):
         super().__init__(cfg, runtime, loaded, tools)
@@ -154,28 +161,63 @@ class LayerSkip(Drafter):
                 raise QuasarError(f"drafter.search.{key}={params[key]} must lie in [0, 1)")
         if params["prompts"] < 1 or params["gen_tokens"] < 1:
             raise QuasarError("drafter.search.prompts and drafter.search.gen_tokens must be >= 1")
-        if not getattr(self.runtime, "is_native", False) or not hasattr(self.runtime, "with_layers"):
+        target, numbering = self.search_target()
+        if not getattr(target, "is_native", False) or not hasattr(target, "with_layers"):
             raise QuasarError("layerskip search needs the native runtime (llama/qwen2/qwen3/mistral)")
+        self.layers_source = "search:reference" if numbering is not None else "search:verifier"
         model = getattr(self.loaded, "name", None) or "model"
-        ident = {"version": 3, "model": model, "weights": weights_fingerprint(self.runtime),
+        prompts = self.tools.need("calibration_prompts", self.name)(params["prompts"], params["seed"])
+        ident = {"version": 4, "model": model, "weights": weights_fingerprint(target),
+                 "calibration": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
                  "cache_key": cfg.cache_key, **params}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
         path = cache_root(cfg.cache_dir) / "layerskip" / f"{model}-{digest}.json"
         found = read_json(path)
         if found is not None and found.get("identity") == ident and "skip" in found:
-            self.search_result = found
-            return found["skip"]
-        log.info("layerskip: searching a skip set for %s (cached in %s)", model, path)
-        full = self.runtime.with_layers(list(range(self.runtime.num_layers)))
-        prompts = self.tools.need("calibration_prompts", self.name)(params["prompts"], params["seed"])
-        greedy = self.tools.need("greedy", self.name)
-        seqs = [(ids, greedy(full, ids, params["gen_tokens"])) for ids in prompts]
-        result = SkipSearch(self.runtime, seqs, self.k).run(objective, params["target_skip_ratio"],
-                                                          params["max_skip_ratio"], params["candidates"])
-        result["identity"] = ident
-        write_json(path, result)
+            result = found
+        else:
+            log.info("layerskip: searching a skip set for %s on the %s (cached in %s)", model,
+                     "reference verifier" if numbering is not None else "verifier", path)
+            full = target.with_layers(list(range(target.num_layers)))
+            greedy = self.tools.need("greedy", self.name)
+            seqs = [(ids, greedy(full, ids, params["gen_tokens"])) for ids in prompts]
+            result = SkipSearch(target, seqs, self.k).run(objective, params["target_skip_ratio"],
+                                                        params["max_skip_ratio"], params["candidates"])
+            result["identity"] = ident
+            write_json(path, result)
         self.search_result = result
-        return result["skip"]
+        if numbering is None:
+            return result["skip"]
+        skip = [j for j, layer in enumerate(numbering) if layer in set(result["skip"])]  # this verifier's indices
+        if len(skip) < len(result["skip"]):
+            log.warning("layerskip: the verifier lacks layers %s of the searched skip set %s; it skips %s of its own",
+                        sorted(set(result["skip"]) - {numbering[j] for j in skip}), result["skip"], skip)
+        return skip
+
+    def layer_numbering(self) -> list[int] | None:
+        """The loaded model's index of each of the verifier's layers (a pruned verifier keeps a
+        subset, `kept_layers`), or None when they cannot be told."""
+        kept = getattr(self.runtime, "kept_layers", None)
+        numbering = list(kept) if kept is not None else list(range(self.runtime.num_layers))
+        return numbering if len(numbering) == self.runtime.num_layers else None
+
+    def search_target(self):
+        """(runtime to search on, the verifier's layers in its numbering): the reference runtime
+        lent by the harness when the verifier's layers map onto its layers, else the verifier (None)."""
+        ref = self.tools.reference_runtime
+        if ref is None or ref is self.runtime:
+            return self.runtime, (list(range(self.runtime.num_layers)) if ref is not None else None)
+        numbering = self.layer_numbering()
+        if numbering is None or max(numbering, default=-1) >= ref.num_layers:
+            log.warning("layerskip: the verifier's %d layers do not map onto the reference's %d; searching "
+                        "on the verifier itself", self.runtime.num_layers, ref.num_layers)
+            return self.runtime, None
+        return ref, numbering
+
+    def row_fields(self) -> dict:
+        """The layers this drafter runs, in the loaded model's numbering, and where the set came from."""
+        numbering = self.layer_numbering() or list(range(self.runtime.num_layers))
+        return {"draft_layers": [numbering[i] for i in self.kept], "draft_layers_source": self.layers_source}
 
     # -- drafting ----------------------------------------------------------------------------
     def propose(self, context, k):

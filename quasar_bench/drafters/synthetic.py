@@ -9,8 +9,16 @@ one, uniform over the rest of the vocabulary) is rejected, so tau follows the ge
 The proposal at a step is reference[pos : pos + k] with pos = len(context) - len(prompt). Once the
 generated text leaves the reference (sampling, another verifier precision, a near-tie flipped by
 batching), there is nothing to replay: the drafter proposes nothing (plain AR) until the end of that
-generation; the same happens past the end of the reference. Corruption is seeded per generation
-from `seed` and the prompt ids, so a run is reproducible and independent of prompt order.
+generation; the same happens past the end of the reference.
+
+Paired draws: every random decision depends only on (generation seed, `seed`, step), never on the
+prompt's token ids, so every verifier of a run sees the same acceptance sequence for a (prompt,
+turn), even on a later turn whose prompt holds that verifier's own earlier answer. The generation
+seed is the `generator` the loop passes to setup() (the harness seeds it per (run seed, prompt id,
+turn), identically for every verifier: cell.prompt_seed); without one (direct API use) it is a
+hash of the prompt ids. Step i draws from two private streams, `random.Random(
+"{base}/{seed}/{i}/accept")` for which drafts are kept and `.../corrupt` for the corrupted tokens,
+so the acceptance decisions never depend on how many corrupted tokens were drawn before.
 
 `acceptance: forced` is for speed runs only (random weights): see __init__.
 """
@@ -64,15 +72,24 @@ class Synthetic(Drafter):
         self.reference = list(reference)
         self.prompt_len = len(prompt_ids)
         self.aligned = True
-        crc = zlib.crc32(" ".join(map(str, prompt_ids)).encode())
-        self.rng = random.Random(self.seed * 1_000_003 + crc)
+        generator = getattr(self, "generator", None)
+        self.base = (f"g{generator.initial_seed()}" if generator is not None
+                     else f"p{zlib.crc32(' '.join(map(str, prompt_ids)).encode())}")
+        self.step = 0
+
+    def streams(self) -> tuple[random.Random, random.Random]:
+        """This step's private streams: (acceptance, corrupted tokens); see the module docstring."""
+        key = f"{self.base}/{self.seed}/{self.step}"
+        self.step += 1
+        return random.Random(f"{key}/accept"), random.Random(f"{key}/corrupt")
 
     def propose(self, context, k):
+        accept, corrupt = self.streams()
         if self.acceptance == "forced":
             accepted = 0
-            while accepted < k and self.rng.random() < self.alpha:
+            while accepted < k and accept.random() < self.alpha:
                 accepted += 1
-            return Draft(tokens=[self.rng.randrange(self.vocab) for _ in range(k)], forced_accept=accepted)
+            return Draft(tokens=[corrupt.randrange(self.vocab) for _ in range(k)], forced_accept=accepted)
         pos = len(context) - self.prompt_len
         if self.aligned and context[self.prompt_len :] != self.reference[:pos]:
             self.aligned = False  # diverged: the reference no longer predicts this text
@@ -80,9 +97,9 @@ class Synthetic(Drafter):
             return Draft(tokens=[])
         tokens = []
         for ref in self.reference[pos : pos + k]:
-            if self.rng.random() < self.alpha:
+            if accept.random() < self.alpha:
                 tokens.append(ref)
             else:  # any token but the reference one, uniformly
-                other = self.rng.randrange(self.vocab - 1)
+                other = corrupt.randrange(self.vocab - 1)
                 tokens.append(other + (other >= ref))
         return Draft(tokens=tokens)

@@ -71,7 +71,8 @@ def precision(name: str) -> Precision:
 def code_version() -> str:
     from .. import calibration, gptq, packing, pruning, quant
 
-    return source_fingerprint(packing, quant, calibration, gptq, pruning, Path(__file__).parent)
+    return source_fingerprint(packing, quant, calibration, calibration.CALIBRATION_FILE, gptq, pruning,
+                              Path(__file__).parent)
 
 
 # ------------------------------------------------------------------------------------------------
