@@ -31,6 +31,23 @@ def model_fingerprint(loaded) -> str:
     return f"{slug(loaded.name)}-{weights_fingerprint(loaded.runtime)}"
 
 
+def code_fingerprint() -> str:
+    """The source of the package and its kernels: results of other code are other cells."""
+    import kernels
+
+    from . import __file__ as pkg
+
+    return source_fingerprint(Path(pkg).parent, Path(kernels.__file__).parent)
+
+
+def prompts_fingerprint(prompts) -> str:
+    """The evaluated prompts' ids, categories and text."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(repr((p.dataset, p.category, str(p.prompt_id), list(p.turns))).encode())
+    return h.hexdigest()[:16]
+
+
 def source_fingerprint(*modules) -> str:
     """Hash of the source files of `modules` (module objects or paths): a cache keyed on it is
     rebuilt whenever that code changes, so a stale cache is never reused."""

@@ -16,6 +16,7 @@ from .metrics import alpha, per_position_acceptance, tau
 class Cell:
     """One (verifier, drafter) cell of a run, with what every row of it shares."""
     cell_id: str
+    context_id: str  # the identity without drafter and verifier: cells comparable with each other
     config: dict  # the full resolved configuration: the cell's identity
     experiment: str
     model: str
@@ -39,7 +40,7 @@ class Cell:
 def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: str, seed: int, peak: int) -> dict:
     n = len(res.output_ids)
     row = {
-        "experiment": cell.experiment, "cell_id": cell.cell_id, "model": cell.model,
+        "experiment": cell.experiment, "cell_id": cell.cell_id, "context_id": cell.context_id, "model": cell.model,
         "drafter": cell.drafter, "drafter_name": cell.drafter_name, "verifier": cell.verifier,
         "reference_verifier": cell.is_reference, "baseline": cell.baseline,
         "forced_acceptance": cell.forced_acceptance, "kernel": cell.kernel, "k": cell.k,

@@ -19,6 +19,7 @@ from .calibration import check_disjoint
 from .cell import capture_graphs, run_cell
 from .errors import QuasarError
 from .fileio import cache_root
+from .fingerprint import code_fingerprint, model_fingerprint, prompts_fingerprint
 from .models import LoadedModel, load_model, pick_device
 from .plan import cell_hash, plan_cells, validate
 from .references import References, draft_tools
@@ -80,6 +81,10 @@ class Experiment:
             self.fuse = on_cuda_by_default(cfg, "fuse_projections", self.loaded.runtime)
             compile_elementwise(on_cuda_by_default(cfg, "compile_elementwise", self.loaded.runtime))
             self.tools = draft_tools(self.loaded, cache_root(cfg.model.cache_dir), self.fuse)
+            # What a cell's identity holds beyond its config: the weights actually loaded, the code
+            # that ran and the prompts' text (a changed file under the same path is another cell).
+            self.identity_parts = {"weights": model_fingerprint(self.loaded), "code": code_fingerprint(),
+                                   "prompts": prompts_fingerprint(self.prompts)}
             self.env = environment()
             verifiers = [v for v, _ in self.plan]
             drafters = {cell_hash(d): d for _, ds in self.plan for d in ds}.values()

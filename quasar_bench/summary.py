@@ -41,6 +41,21 @@ def reference_verifier(df: pd.DataFrame) -> str | None:
     return next((v for v in ("reference", "fp32", "bf16", "fp16") if v in present), None)
 
 
+def separate_cells(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Rows of different cells (different full configurations: drafter settings, dataset, weights,
+    code...) never pool: where one label group holds several cell ids, each cell's drafter label
+    gets its id (`ngram #1a2b3c`), so the summary shows them side by side."""
+    if "cell_id" not in df or df.empty:
+        return df
+    n_cells = df.groupby(keys, dropna=False)["cell_id"].transform("nunique")
+    if (n_cells <= 1).all():
+        return df
+    df = df.copy()
+    clash = n_cells > 1
+    df.loc[clash, "drafter"] = df.loc[clash, "drafter"].astype(str) + " #" + df.loc[clash, "cell_id"].astype(str).str[:6]
+    return df
+
+
 def is_baseline(df: pd.DataFrame) -> pd.Series:
     """Rows of a drafter that drafts nothing (plain AR): the `baseline` column, else k == 0."""
     if "baseline" in df:
@@ -154,6 +169,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """
     keys = ["model", "drafter", "verifier"]
     keys += [c for c in ("k", "temperature") if c in df and df[c].nunique(dropna=False) > 1]
+    # Cells of other contexts (dataset, weights, code, decoding settings) are other tables:
+    # never pooled, and each speedup's baseline comes from its own context.
+    if "context_id" in df and df["context_id"].nunique(dropna=False) > 1:
+        keys.append("context_id")
+    df = separate_cells(df, keys)
     baseline_drafters = set(df.loc[is_baseline(df), "drafter"])
     pp = _per_prompt(df, keys)
     groups = []
@@ -167,7 +187,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         for col, verifier in (("speedup_vs_ar", rec["verifier"]), ("speedup_vs_ref_ar", ref)):
             base = [b for b in groups if b["drafter"] in baseline_drafters and b["model"] == rec["model"]
                     and b["verifier"] == verifier and b["category"] == rec["category"]
-                    and (not match_t or _same(b["temperature"], rec["temperature"]))]
+                    and (not match_t or _same(b["temperature"], rec["temperature"]))
+                    and b.get("context_id") == rec.get("context_id")]
             if base:
                 rec[col], rec[col + "_lo"], rec[col + "_hi"] = _speedup(
                     rec["_pp"], base[0]["_pp"], np.random.default_rng(SEED))
@@ -178,8 +199,13 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame([{k: v for k, v in r.items() if k != "_pp"} for r in groups], columns=cols)
     if out.empty:
         return out
-    # Baseline drafters first; verifiers in run order (the reference first, then as listed).
-    rank = {v: i for i, v in enumerate(dict.fromkeys([ref] + list(df["verifier"])))}
+    # Baseline drafters first; verifiers from the reference down by the weight bytes a step reads
+    # (the most precise first), else in order of appearance.
+    order = list(dict.fromkeys(df["verifier"]))
+    if "weight_bytes" in df:
+        size = pd.to_numeric(df["weight_bytes"], errors="coerce").groupby(df["verifier"]).mean()
+        order.sort(key=lambda v: -size.get(v, 0) if size.get(v, 0) == size.get(v, 0) else 0)
+    rank = {v: i for i, v in enumerate(dict.fromkeys([ref] + order))}
     out["baseline"] = out["drafter"].isin(baseline_drafters)
     out["reference_verifier"] = out["verifier"].eq(ref)
     out["_d"] = ~out["baseline"]

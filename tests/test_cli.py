@@ -127,3 +127,22 @@ def test_layerskip_rows_carry_the_one_searched_layer_set(tmp_path):
     assert len(layers) == 1 and len(next(iter(layers))) == 2 and set(ls.draft_layers_source) == {"search:reference"}
     assert rows[rows.drafter == "ar"].draft_layers.isna().all()
     assert len(list((tmp_path / "layerskip").glob("*.json"))) == 1
+
+
+def test_other_settings_in_one_out_dir_are_other_cells_not_pooled(tmp_path):
+    """Two runs into one out_dir that differ only in a drafter setting: the rows sit side by side
+    as two cells and the summary shows both, never their average."""
+    out = tmp_path / "shared"
+    base = ["model=tiny_llama", "verifier=reference", "drafter=ngram", "dataset.limit=1", "max_new_tokens=8",
+            "progress=false", f"out_dir={out}"]
+    for extra in ([], ["drafter.ngram_max=1"]):
+        r = cli(*base, *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+    rows = pd.read_parquet(out / "rows.parquet")
+    assert rows.cell_id.nunique() == 2 and rows.context_id.nunique() == 1
+    summary = pd.read_csv(out / "summary.csv")
+    labels = set(summary[summary.category == "all"].drafter)
+    assert len(labels) == 2 and all(label.startswith("ngram #") for label in labels)
+    for cell, g in rows.groupby("cell_id"):  # each labelled row holds exactly its own cell's numbers
+        s = summary[(summary.category == "all") & (summary.drafter == f"ngram #{cell[:6]}")].iloc[0]
+        assert s.tau == pytest.approx(g.new_tokens.sum() / g.verify_steps.sum())

@@ -165,3 +165,23 @@ def test_format_table_and_save(tmp_path):
     back = pd.read_csv(tmp_path / "s.csv")
     assert len(back) == len(s) and back.tau.tolist() == pytest.approx(s.tau.tolist())
     assert json.loads(back.accept_curve.iloc[-1]) == s.accept_curve.iloc[-1]
+
+
+def test_cells_of_other_configurations_never_pool():
+    """Two ngram cells with different settings under one label, and a second context (another
+    dataset) with its own AR baseline: four tables, none pooled, each speedup against its own AR."""
+    rows = []
+    for ctx, ar_speed in (("ctxA", 10.0), ("ctxB", 20.0)):
+        for cell, drafter, k, tps in ((f"ar{ctx}", "ar", 0, ar_speed), (f"n3{ctx}", "ngram", 5, 2 * ar_speed),
+                                      (f"n1{ctx}", "ngram", 5, 3 * ar_speed)):
+            for i in range(3):
+                rows.append(tiny(cell_id=cell, context_id=ctx, drafter=drafter, k=k, prompt_id=f"p{i}",
+                                 new_tokens=30, verify_steps=10 if k else 30, accepted=0, drafted=0,
+                                 decode_s=30 / tps))
+    s = summarize(pd.DataFrame(rows))
+    s = s[s.category == "all"]
+    assert len(s) == 6  # 2 contexts x (ar + two ngram cells)
+    ngram = s[s.drafter.str.startswith("ngram #")]
+    assert len(ngram) == 4 and ngram.drafter.nunique() == 4
+    for _, r in ngram.iterrows():  # each ngram cell against the AR of its own context: 2x or 3x, never mixed
+        assert r.speedup_vs_ar == pytest.approx(2.0 if r.drafter.endswith(("n3ctxA", "n3ctxB")) else 3.0)
