@@ -56,6 +56,9 @@ def load_kernels(results) -> pd.DataFrame | None:
 def _summary(df):
     """The summary table, with `dlabel`: the drafter, plus k / temperature where they vary."""
     s = (df if "n_prompts" in df.columns else summarize(df)).copy()
+    # the summary lists verifiers in its order (reference first, then by weight bytes) on its
+    # first rows, the baseline drafter's: keep that order for every axis
+    s["_vrank"] = s["verifier"].map({v: i for i, v in enumerate(dict.fromkeys(s["verifier"]))})
     s["dlabel"] = s["drafter"].astype(str)
     spec = s[~s["baseline"]]
     for col, tag in (("k", "k="), ("temperature", "T=")):
@@ -64,9 +67,9 @@ def _summary(df):
     return s
 
 
-def _vorder(verifiers):
-    """Verifiers in the order the summary lists them (reference first, then as the run listed them)."""
-    return list(dict.fromkeys(verifiers))
+def _vorder(s):
+    """The verifiers of summary rows `s`, in the summary's order (see _summary)."""
+    return list(s.sort_values("_vrank")["verifier"].drop_duplicates())
 
 
 _COLORS: dict[str, int] = {}
@@ -107,7 +110,7 @@ def plot_speedup_by_category(df, ax=None):
         raise MissingInput("no AR run at the reference precision to compare against")
     cats = [c for c in s["category"].unique() if c != "all"] + ["all"]
     combos = s[["model", "dlabel", "verifier"]].drop_duplicates()
-    combos = combos.assign(_v=combos["verifier"].map(_vorder(s["verifier"]).index))
+    combos = combos.assign(_v=combos["verifier"].map(_vorder(s).index))
     combos = combos.sort_values(["model", "dlabel", "_v"])
     multi_model = s["model"].nunique() > 1
     ax = _ax(ax, (max(7, 1.1 * len(cats) * max(1, len(combos)) ** 0.5), 4.5))
@@ -139,7 +142,7 @@ def plot_tau_vs_precision(df, ax=None):
     s = s[(s["category"] == "all") & ~s["baseline"]]
     if s.empty:
         raise MissingInput("no speculative (non-AR) runs")
-    order = _vorder(s["verifier"])
+    order = _vorder(s)
     ax = _ax(ax)
     for (model, d), g in s.groupby(["model", "dlabel"]):
         g = g.set_index("verifier").reindex([v for v in order if v in set(g["verifier"])])
@@ -162,7 +165,7 @@ def plot_kl_distribution(df, ax=None):
     d = df[df["kl_mean"].notna()]
     # KL depends on the verifier only: one value per (model, verifier, prompt)
     pp = d.groupby(["model", "verifier", "category", "prompt_id"])["kl_mean"].mean().reset_index()
-    order = _vorder(pp["verifier"])
+    order = [v for v in _vorder(_summary(df)) if v in set(pp["verifier"])]
     ax = _ax(ax)
     data = [pp.loc[pp["verifier"] == v, "kl_mean"].to_numpy(float) for v in order]
     box = ax.boxplot(data, patch_artist=True, showfliers=True)
@@ -207,7 +210,7 @@ def plot_pareto(df, ax=None, fidelity=None):
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], marker=m, ls="none", color="black", label=d) for d, m in markers.items()]
     handles += [Line2D([], [], marker="s", ls="none", color=_vcolor(v), label=v)
-                for v in _vorder(s["verifier"])]
+                for v in _vorder(s)]
     handles += ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles, fontsize=7, ncol=2)
     ax.set_xlabel("throughput (tokens/s)")
