@@ -238,25 +238,44 @@ def main(argv=None):
 def write_results(args, rows, info, copy_bw, checks, gemlite_note, ms_list, shapes) -> str:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if rows:
-        with open(out_dir / f"kernels{args.tag}.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-            wr.writeheader()
-            wr.writerows(rows)
+    write_csv(out_dir / f"kernels{args.tag}.csv", rows)
     md = summary_md(rows, info, copy_bw, checks, gemlite_note, ms_list, shapes)
     (out_dir / f"kernels{args.tag}.md").write_text(md)
     return md
 
 
+def lookup(rows, kernel, shape, m, col):
+    """The value of `col` in the row of (kernel, shape, M), or None."""
+    return next((r[col] for r in rows if r["kernel"] == kernel and r["shape"] == shape and r["M"] == m), None)
+
+
+def fmt(v, spec):
+    return "–" if v in (None, "") else format(v, spec)
+
+
+def write_csv(path, rows) -> None:
+    if rows:
+        with open(path, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+
+
+def check_lines(checks, title: str, limit: int = 20) -> list[str]:
+    """The markdown section on the checks made before timing: worst error per kernel, failures."""
+    bad = [c for c in checks if not c[4]]
+    worst = {}
+    for kn, _, _, err, _ in checks:
+        worst[kn] = max(worst.get(kn, 0.0), err)
+    return ["", f"## {title}", "",
+            "Worst ||out - ref|| / ||ref|| per kernel: " + ", ".join(f"{kn} {e:.1e}" for kn, e in worst.items()) + ".",
+            f"Failed checks: {len(bad)}" + (": " + ", ".join(f"{c[0]} {c[1]} M={c[2]} ({c[3]:.1e})" for c in bad[:limit])
+                                            if bad else ".")]
+
+
 def summary_md(rows, info, copy_bw, checks, gemlite_note, ms_list, shapes) -> str:
     def get(kernel, shape, m, col):
-        for r in rows:
-            if r["kernel"] == kernel and r["shape"] == shape and r["M"] == m:
-                return r[col]
-        return None
-
-    def fmt(v, spec):
-        return "–" if v in (None, "") else format(v, spec)
+        return lookup(rows, kernel, shape, m, col)
 
     lines = [
         f"# Verify GEMM kernels: Qwen3-8B shapes on {info['gpu_name']}",
@@ -301,15 +320,7 @@ def summary_md(rows, info, copy_bw, checks, gemlite_note, ms_list, shapes) -> st
             cfg = get("w8a8_auto", s, m, "config") or ""
             picks.append(f"M={m}: {'int_mm' if 'int_mm' in cfg else 'triton'}")
         lines.append(f"- {s}: " + ", ".join(picks))
-    bad = [c for c in checks if not c[4]]
-    worst = {}
-    for kn, s, m, err, ok in checks:
-        worst[kn] = max(worst.get(kn, 0.0), err)
-    lines += ["", "## Checks against the references (before timing)", "",
-              "Worst ||out - ref|| / ||ref|| per kernel: "
-              + ", ".join(f"{kn} {e:.1e}" for kn, e in worst.items()) + ".",
-              f"Failed checks: {len(bad)}" + (": " + ", ".join(f"{c[0]} {c[1]} M={c[2]} ({c[3]:.1e})" for c in bad)
-                                                if bad else ".")]
+    lines += check_lines(checks, "Checks against the references (before timing)")
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,6 @@ Writes w4a16_cuda.csv / w4a16_cuda.md (+ w4a16_cuda_log.txt) under --out; prints
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from kernels.bench_kernels import check_lines, fmt, lookup, write_csv
 
 SHAPES = {  # name -> (N, K)
     "q/o": (4096, 4096),
@@ -339,16 +340,8 @@ def sass_summary(out_dir: Path) -> None:
 
 
 def write_results(out_dir, rows, sweep_rows, info, copy_bw, checks, gemlite_note, ms_list, shapes) -> str:
-    if rows:
-        with open(out_dir / "w4a16_cuda.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-            wr.writeheader()
-            wr.writerows(rows)
-    if sweep_rows:
-        with open(out_dir / "w4a16_cuda_sweep.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(sweep_rows[0]))
-            wr.writeheader()
-            wr.writerows(sweep_rows)
+    write_csv(out_dir / "w4a16_cuda.csv", rows)
+    write_csv(out_dir / "w4a16_cuda_sweep.csv", sweep_rows)
     md = summary_md(rows, info, copy_bw, checks, gemlite_note, ms_list, shapes)
     (out_dir / "w4a16_cuda.md").write_text(md)
     (out_dir / "w4a16_cuda_log.txt").write_text("\n".join(LOG) + "\n")
@@ -357,13 +350,16 @@ def write_results(out_dir, rows, sweep_rows, info, copy_bw, checks, gemlite_note
 
 def summary_md(rows, info, copy_bw, checks, gemlite_note, ms_list, shapes) -> str:
     def get(kernel, shape, m, col):
-        for r in rows:
-            if r["kernel"] == kernel and r["shape"] == shape and r["M"] == m:
-                return r[col]
-        return None
+        return lookup(rows, kernel, shape, m, col)
 
-    def fmt(v, spec):
-        return "–" if v in (None, "") else format(v, spec)
+    def table(kernels, col, spec):
+        out = []
+        for s in shapes:
+            for kn in kernels:
+                vals = [fmt(get(kn, s, m, col), spec) for m in ms_list]
+                if any(v != "–" for v in vals):
+                    out.append(f"| {s} | {kn} | " + " | ".join(vals) + " |")
+        return out
 
     hdr = "| shape | kernel | " + " | ".join(f"M={m}" for m in ms_list) + " |"
     sep = "|" + " --- |" * (2 + len(ms_list))
@@ -377,23 +373,11 @@ def summary_md(rows, info, copy_bw, checks, gemlite_note, ms_list, shapes) -> st
         "scales + activations + output bytes once (int4 g128: 0.531 B/weight, so the ceiling over bf16 "
         f"is 3.76x). {gemlite_note}.", "",
         "## Speedup over cuBLAS bf16 F.linear", "", hdr, sep]
-    for s in shapes:
-        for kn in KERNELS[1:]:
-            vals = [fmt(get(kn, s, m, "speedup_vs_bf16"), ".2f") for m in ms_list]
-            if any(v != "–" for v in vals):
-                lines.append(f"| {s} | {kn} | " + " | ".join(vals) + " |")
+    lines += table(KERNELS[1:], "speedup_vs_bf16", ".2f")
     lines += ["", "## Fraction of copy bandwidth (GB/s / copy GB/s)", "", hdr, sep]
-    for s in shapes:
-        for kn in KERNELS:
-            vals = [fmt(get(kn, s, m, "frac_of_copy_bw"), ".2f") for m in ms_list]
-            if any(v != "–" for v in vals):
-                lines.append(f"| {s} | {kn} | " + " | ".join(vals) + " |")
+    lines += table(KERNELS, "frac_of_copy_bw", ".2f")
     lines += ["", "## Time, µs", "", hdr, sep]
-    for s in shapes:
-        for kn in KERNELS:
-            vals = [fmt(get(kn, s, m, "time_us"), ".1f") for m in ms_list]
-            if any(v != "–" for v in vals):
-                lines.append(f"| {s} | {kn} | " + " | ".join(vals) + " |")
+    lines += table(KERNELS, "time_us", ".1f")
     lines += ["", "## Targets (w4a16_cuda speedup over cuBLAS, min over M)", ""]
     for s, tgt in TARGET.items():
         if s not in shapes:
@@ -402,14 +386,7 @@ def summary_md(rows, info, copy_bw, checks, gemlite_note, ms_list, shapes) -> st
         sp = [v for v in sp if v not in (None, "")]
         if sp:
             lines.append(f"- {s}: min {min(sp):.2f}x (target {tgt}x): {'met' if min(sp) >= tgt else 'missed'}")
-    bad = [c for c in checks if not c[4]]
-    worst = {}
-    for kn, s, m, err, _ in checks:
-        worst[kn] = max(worst.get(kn, 0.0), err)
-    lines += ["", "## Checks against the fp32 reference (before timing)", "",
-              "Worst ||out - ref|| / ||ref||: " + ", ".join(f"{kn} {e:.1e}" for kn, e in worst.items()) + ".",
-              f"Failed checks: {len(bad)}" + (": " + ", ".join(f"{c[0]} {c[1]} M={c[2]} ({c[3]:.1e})" for c in bad[:20])
-                                                if bad else ".")]
+    lines += check_lines(checks, "Checks against the fp32 reference (before timing)")
     return "\n".join(lines) + "\n"
 
 

@@ -177,6 +177,17 @@ def _in_use(root: Path, info: dict | None, what: str = "") -> QuasarError:
     return QuasarError(f"{root} is in use by {who}{what}; wait for it or pick another out_dir=")
 
 
+def _write_and_flock(fd: int, data: bytes) -> None:
+    """Fill a new lock file and hold its flock (where the platform has one)."""
+    os.write(fd, data)
+    os.fsync(fd)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass
+
+
 class _Lock:
     """An exclusive lock file (O_CREAT|O_EXCL semantics plus a flock on it where available)."""
 
@@ -225,13 +236,7 @@ class _Lock:
         tmp = self.path.parent / f"{tmp_prefix()}{uuid.uuid4().hex}.lock"
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    pass
+            _write_and_flock(fd, data)
             try:
                 os.link(tmp, self.path)
             except FileExistsError:
@@ -247,13 +252,7 @@ class _Lock:
                     return False
                 os.close(fd)
                 fd = fd2
-                os.write(fd, data)
-                os.fsync(fd)
-                if fcntl is not None:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError:
-                        pass
+                _write_and_flock(fd, data)
             self.fd, self.ino, self.pid = fd, os.fstat(fd).st_ino, os.getpid()
             fd = None
             return True
