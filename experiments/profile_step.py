@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from quasar_bench.models import QWEN3_8B_SHAPES, random_hf_model
-    from quasar_bench.run import weight_bytes
+    from quasar_bench.rows import weight_bytes
     from quasar_bench.runtime import native_from_hf
 
     hf = random_hf_model(QWEN3_8B_SHAPES, QWEN3_8B_SHAPES["vocab_size"], torch.bfloat16, "cuda", 0)

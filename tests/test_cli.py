@@ -99,7 +99,7 @@ def test_shared_spec_bench_runs(tmp_path):
 def test_matrix_extra_cells_and_narrowing():
     from omegaconf import OmegaConf
 
-    from quasar_bench.run import plan_cells
+    from quasar_bench.plan import plan_cells
 
     cfg = OmegaConf.create({"drafter": None, "verifier": None, "k": None, "matrix": {
         "drafters": ["ngram", "ar"], "verifiers": ["int4", "reference"],
