@@ -48,8 +48,15 @@ def load_results(results) -> dict[str, pd.DataFrame]:
 
 
 def load_kernels(results) -> pd.DataFrame | None:
-    files = sorted((Path(results) / "gpu").glob("kernels*.csv"))
-    return pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else None
+    """Single-GEMM benchmark rows: results/gpu/kernels*.csv (cuBLAS, Triton, torch's kernels) plus
+    the CUDA kernel's own rows from results/gpu/w4a16_cuda.csv (its baselines are already in the first)."""
+    gpu = Path(results) / "gpu"
+    frames = [pd.read_csv(f) for f in sorted(gpu.glob("kernels*.csv"))]
+    cuda = gpu / "w4a16_cuda.csv"
+    if cuda.exists():
+        c = pd.read_csv(cuda)
+        frames.append(c[c["kernel"] == "w4a16_cuda"])
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -286,7 +293,8 @@ def roofline_figure(kernels):
         plot_roofline(kernels, ax=ax, shape=shp)
     for ax in axes.flat[len(shapes):]:
         ax.axis("off")
-    fig.suptitle("Kernel roofline: achieved GB/s per weight shape")
+    device = ", ".join(sorted(kernels["gpu_name"].dropna().unique())) if "gpu_name" in kernels else ""
+    fig.suptitle(f"Kernel roofline: achieved GB/s per weight shape{f' ({device})' if device else ''}")
     return fig
 
 
