@@ -165,5 +165,13 @@ def precheck(args: list[str], conf_dir: Path) -> None:
     if cfg is None:
         return
     check_conflicts(cfg, parsed)
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .plan import validate
+
+    try:
+        validate(cfg)
+    except OmegaConfBaseException:
+        pass  # a value that only resolves inside a job: the run validates it again there
     check_out_dir(cfg)
     check_hub(cfg)

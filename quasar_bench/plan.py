@@ -75,10 +75,35 @@ def plan_cells(cfg) -> list[tuple[DictConfig, list[DictConfig]]]:
     return [(v, sorted(ds, key=drafts)) for v, ds in plan]
 
 
+def _integer(value, key: str, minimum: int | None = None, optional: bool = False):
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise QuasarError(f"{key}={value!r} must be an integer{'' if minimum is None else f' >= {minimum}'}"
+                          f"{' (or null)' if optional else ''}")
+    if minimum is not None and value < minimum:
+        raise QuasarError(f"{key}={value} is impossible: {key} must be an integer >= {minimum}")
+
+
+def _number(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise QuasarError(f"{key}={value!r} must be a number")
+    return float(value)
+
+
 def validate(cfg) -> None:
-    if int(cfg.max_new_tokens) < 1:
-        raise QuasarError(f"max_new_tokens={cfg.max_new_tokens} is impossible: it must be >= 1")
-    if float(cfg.temperature) < 0:
+    """Types and ranges of the run's own settings, one line naming the setting (the command line
+    and direct API use both come through here, before any model is loaded)."""
+    _integer(cfg.max_new_tokens, "max_new_tokens", 1)
+    _integer(cfg.seed, "seed")
+    _integer(cfg.get("k"), "k", 1, optional=True)
+    if _number(cfg.temperature, "temperature") < 0:
         raise QuasarError(f"temperature={cfg.temperature} is impossible: use 0 (greedy) or > 0")
-    if not 0 < float(cfg.top_p) <= 1:
+    if not 0 < _number(cfg.top_p, "top_p") <= 1:
         raise QuasarError(f"top_p={cfg.top_p} must lie in (0, 1]")
+    ds = cfg.dataset
+    for key in ("limit", "per_category"):
+        _integer(ds.get(key), f"dataset.{key}", 1, optional=True)
+    if ds.name == "builtin" and ds.get("path"):
+        raise QuasarError(f"dataset.path={ds.path} is not read by the builtin prompt set; pick dataset=spec_bench "
+                          "or dataset=mt_bench to read a question.jsonl, or drop dataset.path=")

@@ -56,6 +56,12 @@ BAD = {
     "missing dataset file": (["dataset=spec_bench", "dataset.path=/nonexistent/q.jsonl"], "/nonexistent/q.jsonl"),
     "dataset without path": (["dataset=mt_bench"], "dataset.path="),
     "k < 1": (["k=0"], "k must be an integer >= 1"),
+    "k not an integer": (["k=2.5"], "k=2.5 must be an integer"),
+    "max_new_tokens not a number": (["max_new_tokens=abc"], "max_new_tokens='abc' must be an integer"),
+    "max_new_tokens fractional": (["max_new_tokens=2.5"], "max_new_tokens=2.5 must be an integer"),
+    "temperature not a number": (["temperature=abc"], "temperature='abc' must be a number"),
+    "seed fractional": (["seed=1.5"], "seed=1.5 must be an integer"),
+    "path ignored by builtin": (["dataset.path=/missing.jsonl"], "is not read by the builtin prompt set"),
     "max_new_tokens < 1": (["max_new_tokens=0"], "max_new_tokens"),
 }
 
