@@ -24,19 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.bench_kernels import check_lines, fmt, lookup, write_csv
+from kernels.bench_kernels import GROUP, check_lines, copy_bandwidth, fmt, lookup, rel_err, torch_int4pack, write_csv
+from kernels.bench_kernels import SHAPES as BENCH_SHAPES
 
-SHAPES = {  # name -> (N, K)
-    "q/o": (4096, 4096),
-    "qkv": (6144, 4096),
-    "k/v": (1024, 4096),
-    "gate/up": (12288, 4096),
-    "gate+up": (24576, 4096),
-    "down": (4096, 12288),
-    "lm_head": (151936, 4096),
-}
+# the Qwen3-8B shapes of the Triton benchmark plus the fused projections (q/k/v, gate+up)
+SHAPES = {**BENCH_SHAPES, "qkv": (6144, 4096), "gate+up": (24576, 4096)}
 MS = [1, 2, 4, 6, 8, 12, 16]
-GROUP = 128
 KERNELS = ["bf16_cublas", "w4a16_cuda", "w4a16_triton", "int4pack_mm_torch", "gemlite_a16w4"]
 TARGET = {"gate/up": 3.0, "gate+up": 3.0, "down": 3.0, "lm_head": 3.0, "q/o": 2.5, "qkv": 2.5}
 
@@ -61,36 +54,10 @@ def env_info(cmd: str) -> dict:
                 triton_version=triton.__version__, cuda_version=torch.version.cuda, command=cmd)
 
 
-def copy_bandwidth() -> float:
-    import triton
-
-    n = 1 << 30
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
-    assert torch.equal(dst[:4096], src[:4096])
-    del src, dst
-    return 2 * n / (ms * 1e-3) / 1e9
-
-
-def rel_err(out, ref) -> float:
-    o, r = out.double(), ref.double()
-    if not torch.isfinite(o).all():
-        return float("inf")
-    return ((o - r).norm() / r.norm()).item()
-
-
 def poison(nbytes: int):
     """Fill a freed allocator block with NaN so that an unwritten output shows up."""
     t = torch.full((nbytes // 2 + 1024,), float("nan"), dtype=torch.bfloat16, device="cuda")
     del t
-
-
-def tinygemm_pack(codes, scales, zeros, k):
-    """Our int4 weights in tinygemm's layout (the `torch` kernel backend's conversion)."""
-    from quasar_bench.backends.torch import int4pack
-
-    return int4pack(codes, scales, zeros, k)
 
 
 def gemlite_layer(codes, scales, zeros, n, k):
@@ -144,7 +111,7 @@ def main(argv=None):
     log(gemlite_note)
     if ok:
         sass_summary(out_dir)
-    copy_bw = copy_bandwidth()
+    copy_bw = copy_bandwidth(quick=False)
     log(f"device-to-device copy: {copy_bw:.0f} GB/s (read + write)")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     dev = torch.device("cuda")
@@ -162,7 +129,7 @@ def main(argv=None):
         i4 = None
         if "int4pack_mm_torch" in kern_sel:
             try:
-                i4 = tinygemm_pack(codes, scales, zeros, k)
+                i4 = torch_int4pack(codes, scales, zeros, n, k)
             except Exception as e:  # noqa: BLE001
                 log(f"tinygemm pack failed: {e!r}"[:200])
         gl = None
