@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -59,6 +60,11 @@ class Experiment:
         ds = cfg.dataset
         self.prompts = data.load_prompts(ds.name, ds.path, ds.categories, ds.limit, ds.per_category, int(ds.seed))
         log.info("prompts: %d from %s (%s)", len(self.prompts), ds.name, data.category_counts(self.prompts))
+        if ds.per_category:
+            short = {c: n for c, n in Counter(p.category for p in self.prompts).items() if n < ds.per_category}
+            if short:  # the per-category balance the user asked for does not hold: say so
+                log.warning("dataset.per_category=%d: these categories hold fewer prompts and give all they have: %s",
+                            ds.per_category, ", ".join(f"{c} {n}" for c, n in sorted(short.items())))
         check_disjoint(self.prompts)  # never evaluate on the text that calibration and drafter searches fit on
         self.out_dir = Path(cfg.out_dir)
         self.store = ResultStore(self.out_dir)

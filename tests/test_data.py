@@ -167,6 +167,29 @@ def test_run_logs_per_category_counts(tmp_path, caplog):
         exp = Experiment(cfg)
     assert len(exp.prompts) == 6
     assert "prompts: 6 from spec_bench (translation 3, math_reasoning 3)" in caplog.text
+    assert "fewer prompts" not in caplog.text
+
+
+def test_run_warns_when_a_category_is_too_small(tmp_path, caplog):
+    """A category holding fewer than per_category prompts breaks the balance asked for: the run says so."""
+    import logging
+    from pathlib import Path as P
+
+    from hydra import compose, initialize_config_dir
+
+    from quasar_bench.run import Experiment
+
+    counts = Counter(p.category for p in load_prompts("builtin"))
+    n = max(counts.values()) + 1  # more than any builtin category holds
+    conf = P(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny_llama", "dataset.limit=null", f"dataset.per_category={n}",
+                                           f"out_dir={tmp_path / 'out'}", "experiment_name=t"])
+    with caplog.at_level(logging.INFO, logger="quasar_bench.run"):
+        exp = Experiment(cfg)
+    assert len(exp.prompts) == sum(counts.values())
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "fewer prompts" in r.getMessage()]
+    assert len(warned) == 1 and all(f"{c} {k}" in warned[0].getMessage() for c, k in counts.items())
 
 
 # -- calibration prompts: their own file, disjoint from every evaluated prompt ---------------------
