@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,20 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kernels.bench_kernels import copy_bandwidth, driver_version  # noqa: E402
+
 
 def copy_bandwidth_gbps() -> float:
     """Device-to-device copy bandwidth, bytes read plus written (the kernel benchmarks' probe)."""
-    from kernels.bench_kernels import copy_bandwidth
-
     return copy_bandwidth(quick=False)
-
-
-def driver_version() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def e2e_table(rows: pd.DataFrame, copy_gbps: float) -> pd.DataFrame:

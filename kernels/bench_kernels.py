@@ -37,16 +37,20 @@ MS = [1, 2, 4, 8, 16, 32, 64]
 GROUP = 128
 
 
-def env_info(cmd: str) -> dict:
+def driver_version() -> str:
     try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
-    except Exception:
-        driver = "unknown"
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001 (no nvidia-smi: the tables say so)
+        return "unknown"
+
+
+def env_info(cmd: str) -> dict:
+    """GPU, driver, versions and the command: what every benchmark row carries."""
     import triton
 
-    return dict(gpu_name=torch.cuda.get_device_name(), driver=driver, torch_version=torch.__version__,
-                triton_version=triton.__version__, command=cmd)
+    return dict(gpu_name=torch.cuda.get_device_name(), driver=driver_version(), torch_version=torch.__version__,
+                triton_version=triton.__version__, cuda_version=torch.version.cuda, command=cmd)
 
 
 def bench(fn, quick: bool) -> float:
@@ -106,7 +110,7 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET to benchmark compiled kernels")
 
-    from kernels import quantize_per_token, w4a16_linear, w8a8_linear, w8a16_linear
+    from kernels import w4a16_linear, w8a8_linear, w8a16_linear
     from kernels import reference as ref
     from kernels.splitk import TUNE_CACHE, graph_time_us, m_bucket
     from quasar_bench.packing import pack_int4, quantize_int4_rtn, quantize_int8_rtn

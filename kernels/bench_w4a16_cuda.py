@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.bench_kernels import GROUP, check_lines, copy_bandwidth, fmt, lookup, rel_err, torch_int4pack, write_csv
+from kernels.bench_kernels import GROUP, check_lines, copy_bandwidth, env_info, fmt, lookup, rel_err, torch_int4pack, write_csv
 from kernels.bench_kernels import SHAPES as BENCH_SHAPES
 
 # the Qwen3-8B shapes of the Triton benchmark plus the fused projections (q/k/v, gate+up)
@@ -40,18 +40,6 @@ def log(*a):
     s = " ".join(str(x) for x in a)
     LOG.append(s)
     print(s, flush=True)
-
-
-def env_info(cmd: str) -> dict:
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
-    except Exception:  # noqa: BLE001
-        driver = "unknown"
-    import triton
-
-    return dict(gpu_name=torch.cuda.get_device_name(), driver=driver, torch_version=torch.__version__,
-                triton_version=triton.__version__, cuda_version=torch.version.cuda, command=cmd)
 
 
 def poison(nbytes: int):
