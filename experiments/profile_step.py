@@ -1,80 +1,125 @@
-"""Where one decode step's time goes, Qwen3-8B shapes, bf16, random weights (GPU).
+"""Where one decode step's time goes, Qwen3-8B shapes, random weights, on the engine the harness
+times (verifiers.build_verifier, fused projections, compiled element-wise ops, CUDA graphs).
 
-    python experiments/profile_step.py [--tokens 1] [--out DIR]
+    python experiments/profile_step.py [--configs reference:-:1:1,int4:cuda:1:1] [--tokens 1,6] [--out DIR]
 
-Times a forward of T tokens eagerly and as a CUDA-graph replay (median of 50, CUDA events), then
-profiles one eager forward and prints the CUDA kernels by total time: the split between weight
-GEMMs (bandwidth-bound) and the small element-wise kernels that a fused implementation would remove.
+For each configuration and token count: the CUDA-graph replay time (median of 50, CUDA events) and
+a CUPTI profile of 10 replays, kernels grouped by what they do (weight GEMMs, attention, element-wise,
+KV-cache writes, other). The gap between the replay time and the summed kernel time is the time the
+GPU sits between kernels (launch latency inside the graph, ramp-down / ramp-up).
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.step_speed import POS, build_engine, parse_configs, random_qwen3  # noqa: E402
+
+# kernel-name pattern -> what it does (first match wins)
+CATEGORIES = [
+    ("int4 GEMM (ours, CUDA)", r"w4a16_verify"),
+    ("quantized GEMM (ours, Triton)", r"w4a16|w8a16|w8a8|splitk|_reduce_partials"),
+    ("torch int GEMM", r"int4pack|int8pack|_int_mm|igemm|s8"),
+    ("cuBLAS GEMM", r"nvjet|gemm|cutlass|sm90_xmma|splitKreduce"),
+    ("attention", r"sdpa|fmha|flash|attention|softmax"),
+    ("KV-cache write / index", r"index|scatter|gather|copy|Cat"),
+    ("element-wise (compiled)", r"^triton_"),
+    ("element-wise (eager)", r"elementwise|reduce_kernel|vectorized"),
+]
 
 
-def median_ms(fn, n=50):
+def category(name: str) -> str:
+    return next((c for c, pat in CATEGORIES if re.search(pat, name)), "other")
+
+
+def replay_ms(rt, ids, n: int = 50) -> float:
+    def once():
+        rt.cache_len = POS
+        rt.forward(ids)
     for _ in range(5):
-        fn()
+        once()
     times = []
     for _ in range(n):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        rt.cache_len = POS
         a.record()
-        fn()
+        rt.forward(ids)
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
     return sorted(times)[n // 2]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    from quasar_bench.models import QWEN3_8B_SHAPES, random_hf_model
-    from quasar_bench.rows import weight_bytes
-    from quasar_bench.runtime import native_from_hf
+def profile(rt, ids, n: int = 10):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof_ctx
 
-    hf = random_hf_model(QWEN3_8B_SHAPES, QWEN3_8B_SHAPES["vocab_size"], torch.bfloat16, "cuda", 0)
-    rt = native_from_hf(hf, 1024)
-    del hf
-    t, start = args.tokens, 300
-    ids = torch.randint(0, 151936, (t,), device="cuda")
-    rt.reset(1024)
-    rt.forward(torch.randint(0, 151936, (start,), device="cuda"))
-
-    def eager():
-        rt.cache_len = start
-        rt.forward(ids)
-
-    eager_ms = median_ms(eager)
-    rt.enable_cuda_graphs(max_tokens=t, max_len=1024)
-    rt.reset(1024)
-    rt.cache_len = start
-    graph_ms = median_ms(eager)
-    gb = weight_bytes(rt) / 1e9
-    lines = [f"T={t}: eager {eager_ms:.2f} ms, CUDA graph {graph_ms:.2f} ms; weights {gb:.2f} GB -> "
-             f"{gb / graph_ms * 1e3:.0f} GB/s with graphs"]
-    rt.release()
-    rt.reset(1024)
-    rt.forward(torch.randint(0, 151936, (start,), device="cuda"))
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        eager()
+    with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            rt.cache_len = POS
+            rt.forward(ids)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    lines.append(table)
-    text = "\n".join(lines)
-    print(text)
+    from torch.autograd import DeviceType
+
+    kernels: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for e in prof.events():  # kernel records only (CPU-side ops would count their kernels twice)
+        if e.device_type == DeviceType.CUDA and not e.name.startswith("Memcpy"):
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us() / n
+            counts[e.name] = counts.get(e.name, 0) + 1 / n
+    kernels = list(kernels.items())
+    return kernels, counts
+
+
+def report(label: str, t: int, ms: float, kernels, counts) -> str:
+    by_cat: dict[str, list] = {}
+    for name, us in kernels:
+        by_cat.setdefault(category(name), []).append((name, us))
+    total = sum(us for _, us in kernels) / 1e3
+    lines = [f"## {label}, T={t}: graph replay {ms:.3f} ms; kernels {total:.3f} ms; "
+             f"between kernels {ms - total:.3f} ms", "",
+             "| what | ms per step | share of replay | kernels per step |", "|---|---|---|---|"]
+    for cat, items in sorted(by_cat.items(), key=lambda kv: -sum(u for _, u in kv[1])):
+        lines.append(f"| {cat} | {sum(u for _, u in items) / 1e3:.3f} | {sum(u for _, u in items) / 1e3 / ms:.1%} | "
+                     f"{sum(counts.get(n, 0) for n, _ in items):.0f} |")
+    lines += ["", "| kernel | what | µs per step | calls per step |", "|---|---|---|---|"]
+    for name, us in sorted(kernels, key=lambda kv: -kv[1])[:25]:
+        lines.append(f"| `{name[:90]}` | {category(name)} | {us:.1f} | {counts.get(name, 0):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="reference:-:1:1,int4:cuda:1:1")
+    ap.add_argument("--tokens", default="1,6")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    loaded = random_qwen3()
+    text = [f"# Decode-step profile, Qwen3-8B shapes, random weights, {torch.cuda.get_device_name()}, torch "
+            f"{torch.__version__}\n\ncommand: `python experiments/profile_step.py {' '.join(argv or sys.argv[1:])}`\n"]
+    for precision, kernel, fuse, compiled in parse_configs(args.configs):
+        rt, rel, setup_s = build_engine(loaded, precision, kernel, fuse, compiled)
+        label = f"{precision}/{kernel or '-'}/fused={fuse}/compiled={compiled}"
+        for t in (int(x) for x in args.tokens.split(",")):
+            ids = torch.randint(0, rt.vocab_size, (t,), device=rt.device)
+            ms = replay_ms(rt, ids)
+            section = report(label, t, ms, *profile(rt, ids))
+            print(section, flush=True)
+            text.append(section)
+        rt.release()
+        del rt
+        torch.cuda.empty_cache()
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"profile_T{t}.txt").write_text(text)
+        (Path(args.out) / "profile_step.md").write_text("\n".join(text))
 
 
 if __name__ == "__main__":

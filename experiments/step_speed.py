@@ -77,7 +77,15 @@ def e2e(runtime, prompts, drafter_cfg) -> dict:
             "other_ms_per_step": 1e3 * (tot["decode"] - tot["draft"] - tot["verify"]) / s}
 
 
-def measure(loaded, precision, kernel, fuse, compiled, prompts, copy_bw) -> list[dict]:
+def random_qwen3() -> LoadedModel:
+    """Qwen3-8B shapes, random bf16 weights, on the GPU (nothing is downloaded)."""
+    hf = random_hf_model(QWEN3_8B_SHAPES, QWEN3_8B_SHAPES["vocab_size"], torch.bfloat16, "cuda", 0)
+    return LoadedModel(name="qwen3_8b_random", runtime=native_from_hf(hf, 1024), tokenizer=None, eos_ids=[], chat=False)
+
+
+def build_engine(loaded, precision, kernel, fuse, compiled):
+    """The verifier as the harness builds it, checked against the same precision on the reference
+    backend (T = K + 1 logits), with every CUDA graph captured: (runtime, rel err, setup seconds)."""
     t0 = time.perf_counter()
     compile_elementwise(compiled)
     vcfg = {"name": precision, **({"kernel": kernel} if kernel else {}), **CALIBRATION.get(precision, {})}
@@ -95,7 +103,20 @@ def measure(loaded, precision, kernel, fuse, compiled, prompts, copy_bw) -> list
     rt.enable_cuda_graphs(max_tokens=K + 1, max_len=512)
     rt.reset(rt.graphs.max_len)
     rt.graphs.capture_all()
-    setup_s = time.perf_counter() - t0
+    return rt, rel, time.perf_counter() - t0
+
+
+def parse_configs(text: str | None) -> list[tuple]:
+    """"precision:kernel:fused[:compiled],..." (kernel - for none) -> CONFIGS-style tuples."""
+    if not text:
+        return CONFIGS
+    yes = ("1", "true", "True")
+    return [(f[0], None if f[1] == "-" else f[1], f[2] in yes, len(f) > 3 and f[3] in yes)
+            for f in (c.split(":") for c in text.split(","))]
+
+
+def measure(loaded, precision, kernel, fuse, compiled, prompts, copy_bw) -> list[dict]:
+    rt, rel, setup_s = build_engine(loaded, precision, kernel, fuse, compiled)
     times = {1: [], K + 1: []}
     for _ in range(REPS):
         for t in times:
@@ -149,8 +170,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(0)
     copy_bw = copy_bandwidth_gbps()
-    hf = random_hf_model(QWEN3_8B_SHAPES, QWEN3_8B_SHAPES["vocab_size"], torch.bfloat16, "cuda", 0)
-    loaded = LoadedModel(name="qwen3_8b_random", runtime=native_from_hf(hf, 1024), tokenizer=None, eos_ids=[], chat=False)
+    loaded = random_qwen3()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 151936, (64,), generator=g).tolist() for _ in range(3)]
     info = (f"{torch.cuda.get_device_name()}, driver {driver_version()}, torch {torch.__version__}, "
@@ -158,11 +178,7 @@ def main(argv=None):
             f"`python experiments/step_speed.py {' '.join(argv or sys.argv[1:])}`")
     print(info, flush=True)
     rows = []
-    chosen = CONFIGS
-    if args.configs:
-        yes = ("1", "true", "True")
-        chosen = [(f[0], None if f[1] == "-" else f[1], f[2] in yes, len(f) > 3 and f[3] in yes)
-                  for f in (c.split(":") for c in args.configs.split(","))]
+    chosen = parse_configs(args.configs)
     configs = chosen + [chosen[0] if chosen[0][0] == "reference" else ("reference", None, True, False)]  # drift
     for precision, kernel, fuse, compiled in configs:
         name = f"{precision}/{kernel}/fused={fuse}/compiled={compiled}"
