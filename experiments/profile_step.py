@@ -29,8 +29,9 @@ CATEGORIES = [
     ("torch int GEMM", r"int4pack|int8pack|_int_mm|igemm|s8"),
     ("cuBLAS GEMM", r"nvjet|gemm|cutlass|sm90_xmma|splitKreduce"),
     ("attention", r"sdpa|fmha|flash|attention|softmax"),
-    ("KV-cache write / index", r"index|scatter|gather|copy|Cat"),
+    ("fused attention (ours, Triton)", r"_qkv_rope_cache|_partial_kernel|_combine_kernel"),
     ("element-wise (compiled)", r"^triton_"),
+    ("KV-cache write / index", r"index|scatter|gather|copy|Cat"),
     ("element-wise (eager)", r"elementwise|reduce_kernel|vectorized"),
 ]
 
@@ -105,9 +106,9 @@ def main(argv=None):
     loaded = random_qwen3()
     text = [f"# Decode-step profile, Qwen3-8B shapes, random weights, {torch.cuda.get_device_name()}, torch "
             f"{torch.__version__}\n\ncommand: `python experiments/profile_step.py {' '.join(argv or sys.argv[1:])}`\n"]
-    for precision, kernel, fuse, compiled in parse_configs(args.configs):
-        rt, rel, setup_s = build_engine(loaded, precision, kernel, fuse, compiled)
-        label = f"{precision}/{kernel or '-'}/fused={fuse}/compiled={compiled}"
+    for engine in parse_configs(args.configs):
+        rt, _, _ = build_engine(loaded, engine)
+        label = engine.label
         for t in (int(x) for x in args.tokens.split(",")):
             ids = torch.randint(0, rt.vocab_size, (t,), device=rt.device)
             ms = replay_ms(rt, ids)

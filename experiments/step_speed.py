@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -36,13 +37,30 @@ from quasar_bench.decode import generate  # noqa: E402
 from quasar_bench.drafters import baseline_drafter, make_drafter  # noqa: E402
 from quasar_bench.models import QWEN3_8B_SHAPES, LoadedModel, random_hf_model  # noqa: E402
 from quasar_bench.rows import weight_bytes  # noqa: E402
-from quasar_bench.runtime import compile_elementwise, native_from_hf  # noqa: E402
+from quasar_bench.runtime import compile_elementwise, fused_attention, native_from_hf  # noqa: E402
 from quasar_bench.verifiers import build_verifier  # noqa: E402
 
-# (precision, kernel backend, fused q/k/v + gate/up, compiled element-wise ops), most important first
-CONFIGS = [("reference", None, True, False), ("int4", "cuda", True, False), ("int4", "triton", True, False),
-           ("int4", "torch", True, False), ("int8", "triton", True, False), ("w8a8", "triton", True, False),
-           ("reference", None, False, False), ("int4", "triton", False, False), ("int8", "torch", True, False)]
+
+
+class Engine(NamedTuple):
+    precision: str
+    kernel: str | None  # kernel backend of the quantized linears (None: the precision has none)
+    fused: bool  # q/k/v and gate/up as one GEMM each
+    compiled: bool  # torch.compile'd element-wise ops
+    attention: bool = False  # the fused Triton attention kernels (runtime.FusedAttention)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.precision}/{self.kernel or '-'}/fused={self.fused}/compiled={self.compiled}"
+                f"/attention={self.attention}")
+
+
+# most important first
+CONFIGS = [Engine("reference", None, True, False), Engine("int4", "cuda", True, False),
+           Engine("int4", "triton", True, False), Engine("int4", "torch", True, False),
+           Engine("int8", "triton", True, False), Engine("w8a8", "triton", True, False),
+           Engine("reference", None, False, False), Engine("int4", "triton", False, False),
+           Engine("int8", "torch", True, False)]
 POS, K, REPS, CALLS = 200, 5, 9, 20
 # Random weights: calibration only shapes SmoothQuant's scales, so a small set keeps setup short.
 CALIBRATION = {"w8a8": {"calibration": {"n_sequences": 4, "gen_tokens": 16}}}
@@ -83,11 +101,13 @@ def random_qwen3() -> LoadedModel:
     return LoadedModel(name="qwen3_8b_random", runtime=native_from_hf(hf, 1024), tokenizer=None, eos_ids=[], chat=False)
 
 
-def build_engine(loaded, precision, kernel, fuse, compiled):
+def build_engine(loaded, engine: Engine):
     """The verifier as the harness builds it, checked against the same precision on the reference
     backend (T = K + 1 logits), with every CUDA graph captured: (runtime, rel err, setup seconds)."""
     t0 = time.perf_counter()
+    precision, kernel, fuse, compiled, attention = engine
     compile_elementwise(compiled)
+    fused_attention(attention)
     vcfg = {"name": precision, **({"kernel": kernel} if kernel else {}), **CALIBRATION.get(precision, {})}
     rt = build_verifier(loaded, vcfg, None, fuse)
     ids = torch.randint(0, rt.vocab_size, (K + 1,), device=rt.device, generator=None)
@@ -107,22 +127,23 @@ def build_engine(loaded, precision, kernel, fuse, compiled):
 
 
 def parse_configs(text: str | None) -> list[tuple]:
-    """"precision:kernel:fused[:compiled],..." (kernel - for none) -> CONFIGS-style tuples."""
+    """"precision:kernel:fused[:compiled[:attention]],..." (kernel - for none) -> Engines."""
     if not text:
         return CONFIGS
     yes = ("1", "true", "True")
-    return [(f[0], None if f[1] == "-" else f[1], f[2] in yes, len(f) > 3 and f[3] in yes)
-            for f in (c.split(":") for c in text.split(","))]
+    return [Engine(f[0], None if f[1] == "-" else f[1], f[2] in yes, len(f) > 3 and f[3] in yes,
+                   len(f) > 4 and f[4] in yes) for f in (c.split(":") for c in text.split(","))]
 
 
-def measure(loaded, precision, kernel, fuse, compiled, prompts, copy_bw) -> list[dict]:
-    rt, rel, setup_s = build_engine(loaded, precision, kernel, fuse, compiled)
+def measure(loaded, engine: Engine, prompts, copy_bw) -> list[dict]:
+    rt, rel, setup_s = build_engine(loaded, engine)
     times = {1: [], K + 1: []}
     for _ in range(REPS):
         for t in times:
             times[t].append(step_ms(rt, t))
     wb = weight_bytes(rt)
-    base = dict(precision=precision, kernel=kernel or "-", fused=fuse, compiled=compiled, setup_s=setup_s,
+    base = dict(precision=engine.precision, kernel=engine.kernel or "-", fused=engine.fused, compiled=engine.compiled,
+                attention=engine.attention, setup_s=setup_s,
                 rel_err_vs_reference=rel,
                 weight_bytes=wb)
     rows = []
@@ -142,19 +163,22 @@ def measure(loaded, precision, kernel, fuse, compiled, prompts, copy_bw) -> list
 
 
 def markdown(df: pd.DataFrame, info: str) -> str:
-    idx = ["precision", "kernel", "fused", "compiled"]
+    idx = ["precision", "kernel", "fused", "compiled", "attention"]
     steps = df[df.measure.str.startswith("step")].pivot_table(index=idx, columns="measure", values="ms", aggfunc="first")
     e = df[df.measure == "e2e_synthetic_a0.8_k5"].set_index(idx)
     ar = df[df.measure == "e2e_ar"].set_index(idx)
-    bf16 = [k for k in e.index if k[0] == "reference" and k[2] and not k[3]]  # fused, eager: the baseline
-    ref = e.loc[bf16[0], "tokens_per_s"] if bf16 else float("nan")
+    # the bf16 reference on the same engine (fused / compiled / attention switches) and drafter
+    same_engine = lambda key: e.loc[("reference", "-", *key[2:]), "tokens_per_s"] \
+        if ("reference", "-", *key[2:]) in e.index else float("nan")  # noqa: E731
     lines = [f"# Verify-step speed, Qwen3-8B shapes, random bf16 weights\n\n{info}\n",
-             "| precision | kernel | fused | compiled | AR step T=1 ms | verify T=6 ms | AR tok/s (e2e) | synthetic a=0.8 k=5 "
-             "tok/s | tau | x bf16 (fused, eager) same drafter | rel err vs reference backend | setup s |", "|" + "---|" * 12]
+             "| precision | kernel | fused | compiled | fused attention | AR step T=1 ms | verify T=6 ms | AR tok/s (e2e) "
+             "| synthetic a=0.8 k=5 tok/s | tau | x bf16, same engine and drafter | rel err vs reference backend "
+             "| setup s |", "|" + "---|" * 13]
     for key, r in steps.iterrows():
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {r.get('step_T1', float('nan')):.2f} | "
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {r.get('step_T1', float('nan')):.2f} | "
                      f"{r.get(f'step_T{K + 1}', float('nan')):.2f} | {ar.loc[key, 'tokens_per_s']:.0f} | "
-                     f"{e.loc[key, 'tokens_per_s']:.0f} | {e.loc[key, 'tau']:.2f} | {e.loc[key, 'tokens_per_s'] / ref:.2f} | "
+                     f"{e.loc[key, 'tokens_per_s']:.0f} | {e.loc[key, 'tau']:.2f} | "
+                     f"{e.loc[key, 'tokens_per_s'] / same_engine(key):.2f} | "
                      f"{e.loc[key, 'rel_err_vs_reference']:.1e} | {e.loc[key, 'setup_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -164,7 +188,8 @@ def main(argv=None):
     ap.add_argument("--out", default="results/gpu")
     ap.add_argument("--max-seconds", type=float, default=420.0, help="stop starting new configurations after this")
     ap.add_argument("--configs", default=None,
-                    help="comma-separated precision:kernel:fused[:compiled] (kernel - for none), e.g. reference:-:1:1")
+                    help="comma-separated precision:kernel:fused[:compiled[:attention]] (kernel - for none), "
+                         "e.g. reference:-:1:1:1")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -179,14 +204,14 @@ def main(argv=None):
     print(info, flush=True)
     rows = []
     chosen = parse_configs(args.configs)
-    configs = chosen + [chosen[0] if chosen[0][0] == "reference" else ("reference", None, True, False)]  # drift
-    for precision, kernel, fuse, compiled in configs:
-        name = f"{precision}/{kernel}/fused={fuse}/compiled={compiled}"
+    configs = chosen + [chosen[0] if chosen[0].precision == "reference" else Engine("reference", None, True, False)]  # drift
+    for engine in configs:
+        name = engine.label
         if time.perf_counter() - start > args.max_seconds:
             print(f"time budget spent: skipping {name}", flush=True)
             continue
         try:
-            new = measure(loaded, precision, kernel, fuse, compiled, prompts, copy_bw)
+            new = measure(loaded, engine, prompts, copy_bw)
         except Exception as e:  # noqa: BLE001 (one failing backend must not lose the others' rows)
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
@@ -194,7 +219,7 @@ def main(argv=None):
             r.update(gpu=torch.cuda.get_device_name(), driver=driver_version(), torch=torch.__version__,
                      copy_gbps=copy_bw)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                   if k in ("precision", "kernel", "fused", "compiled", "measure", "ms", "tokens_per_s", "tau",
+                   if k in ("precision", "kernel", "fused", "compiled", "attention", "measure", "ms", "tokens_per_s", "tau",
                             "rel_err_vs_reference", "setup_s")}, flush=True)
         rows += new
     df = pd.DataFrame(rows)
@@ -202,7 +227,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "step_speed.csv", index=False)
     try:
-        md = markdown(df.drop_duplicates(["precision", "kernel", "fused", "compiled", "measure"]), info)
+        md = markdown(df.drop_duplicates(["precision", "kernel", "fused", "compiled", "attention", "measure"]), info)
     except (KeyError, ValueError) as e:  # a configuration missing a measurement: the CSV has the rest
         md = f"{info}\n\n(table incomplete: {type(e).__name__} {e}); see step_speed.csv\n"
     ref = df[(df.precision == "reference") & df.fused & ~df.compiled & df.measure.str.startswith("step")]

@@ -27,7 +27,7 @@ def describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference: bool) -> Cell
     cfg = run.cfg
     config = {"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": run.identity_parts["weights"],
               "code": run.identity_parts["code"], "prompts": run.identity_parts["prompts"],
-              "device": str(runtime.device),
+              "device": str(runtime.device), "engine": run.engine,
               "dtype": str(runtime.dtype), "verifier": OmegaConf.to_container(vcfg, resolve=True),
               "drafter": OmegaConf.to_container(dcfg, resolve=True),
               "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),

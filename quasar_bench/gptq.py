@@ -105,7 +105,7 @@ def _run_block(runtime, layer, hs):
         t = h.shape[0]
         cos = runtime.rope_cos[:t].to(h.dtype)
         sin = runtime.rope_sin[:t].to(h.dtype)
-        out.append(layer(h, cos, sin, None, 0, causal_mask(torch.arange(t, device=h.device), t)))
+        out.append(layer(h, cos, sin, None, 0, causal_mask(torch.arange(t, device=h.device), t, h.dtype)))
     return out
 
 

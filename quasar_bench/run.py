@@ -24,7 +24,7 @@ from .fingerprint import code_fingerprint, model_fingerprint, prompts_fingerprin
 from .models import LoadedModel, load_model, pick_device
 from .plan import cell_hash, plan_cells, validate
 from .references import References, draft_tools
-from .runtime import compile_elementwise
+from .runtime import compile_elementwise, fused_attention
 from .store import ResultStore, environment
 from .verifiers import build_verifier, precision
 
@@ -44,7 +44,7 @@ def get_model(cfg) -> LoadedModel:
 
 
 def on_cuda_by_default(cfg, key: str, runtime) -> bool:
-    """A speed switch (fuse_projections, compile_elementwise): auto = on CUDA, where it pays
+    """A speed switch (fuse_projections, compile_elementwise, fused_attention): auto = on CUDA, where it pays
     (results/gpu/step_speed*.md), off on CPU (same outputs, and compiling costs more than it saves)."""
     value = cfg[key]
     if value not in (True, False, "auto"):
@@ -85,7 +85,11 @@ class Experiment:
         try:
             self.loaded = get_model(cfg)
             self.fuse = on_cuda_by_default(cfg, "fuse_projections", self.loaded.runtime)
-            compile_elementwise(on_cuda_by_default(cfg, "compile_elementwise", self.loaded.runtime))
+            self.engine = {"fuse_projections": self.fuse,
+                           "compile_elementwise": on_cuda_by_default(cfg, "compile_elementwise", self.loaded.runtime),
+                           "fused_attention": on_cuda_by_default(cfg, "fused_attention", self.loaded.runtime)}
+            compile_elementwise(self.engine["compile_elementwise"])
+            fused_attention(self.engine["fused_attention"])
             self.tools = draft_tools(self.loaded, cache_root(cfg.model.cache_dir), self.fuse)
             # What a cell's identity holds beyond its config: the weights actually loaded, the code
             # that ran and the prompts' text (a changed file under the same path is another cell).

@@ -102,6 +102,23 @@ def compile_elementwise(enable: bool) -> None:
         setattr(Elementwise, name, staticmethod(torch.compile(fn, dynamic=True, fullgraph=True) if enable else fn))
 
 
+class FusedAttention:
+    """Hand-written Triton kernels for the attention of decode and verify forwards (T <= 16 tokens)
+    on CUDA: the q/k/v split, q/k norms, RoPE and KV-cache writes in one kernel
+    (kernels/rope_cache.py), and attention that reads only the filled cache, its length taken from
+    the device-side positions (kernels/decode_attention.py), so one CUDA graph per token count serves
+    every position. Off by default; `fused_attention(True)` turns it on (the harness: on CUDA).
+    Prefill and CPU forwards keep the unfused path, the reference these kernels are tested against."""
+
+    enabled = False
+    max_tokens = 16
+    devices = ("cuda",)  # tests add "cpu" to run the kernels through Triton's interpreter
+
+
+def fused_attention(enable: bool) -> None:
+    FusedAttention.enabled = bool(enable)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -112,9 +129,11 @@ class RMSNorm(nn.Module):
         return Elementwise.rms_norm(x, self.weight, self.eps)
 
 
-def causal_mask(query_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """[T, n_keys] bool: the query at absolute position p sees keys 0..p (computed once a forward)."""
-    return torch.arange(n_keys, device=query_pos.device)[None, :] <= query_pos[:, None]
+def causal_mask(query_pos: torch.Tensor, n_keys: int, dtype=torch.float32) -> torch.Tensor:
+    """[T, n_keys] additive mask in `dtype`: the query at absolute position p sees keys 0..p. Made
+    once a forward; a boolean mask would be converted to this by attention in every layer."""
+    seen = torch.arange(n_keys, device=query_pos.device)[None, :] <= query_pos[:, None]
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -134,6 +153,14 @@ class Attention(nn.Module):
         `start` is an int (eager), or a tensor of positions [T] with `span` keys attended (the
         static-shape path that CUDA graphs capture: no Python int may change between replays)."""
         a, t = self.a, x.shape[0]
+        if mask is None:  # the caller chose the fused kernels (Transformer.uses_fused_attention)
+            from kernels.decode_attention import decode_attention
+            from kernels.rope_cache import qkv_rope_cache
+
+            pos = start if isinstance(start, torch.Tensor) else torch.arange(start, start + t, device=x.device)
+            norms = (self.q_norm.weight, self.k_norm.weight) if a.qk_norm else (None, None)
+            q = qkv_rope_cache(self.qkv_proj(x), *norms, a.rms_norm_eps, cos, sin, *kv, pos)
+            return self.o_proj(decode_attention(q, *kv, pos))
         if hasattr(self, "qkv_proj"):  # fused (quant.fuse_projections): one GEMM, split after
             q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         else:
@@ -183,10 +210,22 @@ class Block(nn.Module):
         self.mlp = MLP(a)
 
     def forward(self, x, cos, sin, kv, start, mask, span=0):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask, span)
+        x, delta = self.forward_pending(x, None, cos, sin, kv, start, mask, span)
+        return x + delta
+
+    def forward_pending(self, x, delta, cos, sin, kv, start, mask, span=0):
+        """(residual stream, this block's MLP output not yet added): the add is left to the next
+        norm (add_rms_norm), one kernel instead of two. `delta` is the previous block's pending
+        output (None for the first block)."""
+        norm = self.input_layernorm
+        if delta is None:
+            h = norm(x)
+        else:
+            x, h = Elementwise.add_rms_norm(x, delta, norm.weight, norm.eps)
+        attn = self.self_attn(h, cos, sin, kv, start, mask, span)
         norm = self.post_attention_layernorm
         x, h = Elementwise.add_rms_norm(x, attn, norm.weight, norm.eps)
-        return x + self.mlp(h)
+        return x, self.mlp(h)
 
 
 class Transformer(nn.Module):
@@ -260,26 +299,42 @@ class Transformer(nn.Module):
         if self.graphs is not None and layer_ids is None and t <= self.graphs.max_tokens:
             logits = self.graphs.run(input_ids, start)
         else:
-            h = self.run_layers(self.embed_tokens(input_ids), start, layer_ids, use_cache=True)
-            logits = self.lm_head(self.norm(h)).float()
+            x, delta = self.run_layers(self.embed_tokens(input_ids), start, layer_ids, use_cache=True, pending=True)
+            logits = self.logits(x, delta)
         self.cache_len = start + t
         return logits
 
+    def logits(self, x, delta):
+        _, h = Elementwise.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)
+        return self.lm_head(h).float()
+
+    def uses_fused_attention(self, t: int) -> bool:
+        """Whether a cached forward of t tokens runs the fused attention kernels (FusedAttention)."""
+        a = self.args
+        return (FusedAttention.enabled and self.device.type in FusedAttention.devices and t <= FusedAttention.max_tokens
+                and hasattr(self.layers[0].self_attn, "qkv_proj") and a.head_dim >= 16
+                and a.head_dim & (a.head_dim - 1) == 0)
+
     def static_forward(self, input_ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
         """All layers at positions `pos` attending to the first `span` cache slots: fixed shapes."""
-        h = self.embed_tokens(input_ids)
-        cos, sin = self.rope_cos[pos].to(h.dtype), self.rope_sin[pos].to(h.dtype)
-        mask = causal_mask(pos, span)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
+        t = input_ids.shape[0]
+        mask = None if self.uses_fused_attention(t) else causal_mask(pos, span, x.dtype)
+        delta = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, (self.k_cache[i], self.v_cache[i]), pos, mask, span)
-        return self.lm_head(self.norm(h)).float()
+            x, delta = layer.forward_pending(x, delta, cos, sin, (self.k_cache[i], self.v_cache[i]), pos, mask, span)
+        return self.logits(x, delta)
 
     def enable_cuda_graphs(self, max_tokens: int = 16, max_len: int | None = None, bucket: int = 256) -> None:
         """Replay CUDA graphs for every forward of up to `max_tokens` tokens (AR steps and verify
         steps), so the measured time is the model's, not Python's launch overhead."""
         from .cuda_graphs import CUDAGraphs
 
-        self.graphs = CUDAGraphs(self, max_tokens, max_len or self.max_len, bucket)
+        max_len = max_len or self.max_len
+        if all(self.uses_fused_attention(t) for t in range(1, max_tokens + 1)):
+            bucket = max_len  # the fused attention reads the filled length itself: one span
+        self.graphs = CUDAGraphs(self, max_tokens, max_len, bucket)
         self.k_cache = None
 
     def release(self) -> None:
@@ -288,17 +343,24 @@ class Transformer(nn.Module):
         self.k_cache = self.v_cache = None
         self.cache_len = 0
 
-    def run_layers(self, h, start, layer_ids=None, use_cache=True, collect=None):
+    def run_layers(self, h, start, layer_ids=None, use_cache=True, collect=None, pending=False):
+        """The hidden state after the layers (all, or `layer_ids`), or with pending=True the
+        (residual, last block's un-added output) pair that `logits` finishes."""
         t = h.shape[0]
         cos = self.rope_cos[start : start + t].to(h.dtype)
         sin = self.rope_sin[start : start + t].to(h.dtype)
-        mask = causal_mask(start + torch.arange(t, device=h.device), start + t if use_cache else t)
+        fused = use_cache and self.uses_fused_attention(t)
+        mask = None if fused else causal_mask(start + torch.arange(t, device=h.device),
+                                              start + t if use_cache else t, h.dtype)
+        x, delta = h, None
         for i in range(self.num_layers) if layer_ids is None else layer_ids:
             kv = (self.k_cache[i], self.v_cache[i]) if use_cache else None
-            h = self.layers[i](h, cos, sin, kv, start, mask)
+            x, delta = self.layers[i].forward_pending(x, delta, cos, sin, kv, start, mask)
             if collect is not None:
-                collect.append(h)
-        return h
+                collect.append(x + delta)
+        if pending:
+            return x, delta if delta is not None else torch.zeros_like(x)
+        return x if delta is None else x + delta
 
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:

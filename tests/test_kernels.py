@@ -228,3 +228,97 @@ def test_autotune_cuda():
     for name in ("w4a16", "w8a8-auto"):
         cfg, t = TUNE_CACHE[(name, m_bucket(m), n, k, torch.bfloat16)]
         assert t is not None and t > 0
+
+
+# -- the fused attention kernels of decode / verify forwards (kernels/rope_cache.py, decode_attention.py)
+
+def _split_heads(qkv, hq, hkv, d):
+    t = qkv.shape[0]
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], -1)
+    return q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qkv_rope_cache_matches_unfused(qk_norm):
+    """Split + per-head RMSNorm + RoPE + cache write in one kernel == the runtime's unfused ops (fp32);
+    cache slots other than the written positions are left untouched."""
+    from kernels.rope_cache import qkv_rope_cache
+    from quasar_bench.runtime import rms_norm, rope
+
+    g = _gen(11)
+    hq, hkv, d, t, s = 6, 2, 32, 3, 40
+    qkv, cos, sin = g(t, (hq + 2 * hkv) * d), g(t, d), g(t, d)
+    qw, kw = (g(d), g(d)) if qk_norm else (None, None)
+    kc, vc = g(hkv, s, d), g(hkv, s, d)
+    k0, v0 = kc.clone(), vc.clone()
+    pos = torch.tensor([17, 18, 19], device=DEVICE)
+    q = qkv_rope_cache(qkv, qw, kw, 1e-6, cos, sin, kc, vc, pos)
+    rq, rk, rv = _split_heads(qkv, hq, hkv, d)
+    if qk_norm:
+        rq, rk = rms_norm(rq, qw, 1e-6), rms_norm(rk, kw, 1e-6)
+    torch.testing.assert_close(q, rope(rq, cos, sin).transpose(0, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc[:, 17:20], rope(rk, cos, sin).transpose(0, 1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(vc[:, 17:20], rv.transpose(0, 1))
+    untouched = torch.ones(s, dtype=torch.bool)
+    untouched[17:20] = False
+    assert torch.equal(kc[:, untouched], k0[:, untouched]) and torch.equal(vc[:, untouched], v0[:, untouched])
+
+
+@pytest.mark.parametrize("t,pos0", [(1, 0), (1, 63), (1, 64), (3, 70), (6, 129), (16, 200)])
+def test_decode_attention_matches_sdpa(t, pos0):
+    """Causal GQA attention of T new tokens over the filled cache == SDPA over the cache prefix with
+    an explicit mask; keys past the last position (poisoned with NaN) are never read."""
+    from kernels.decode_attention import decode_attention
+
+    g = _gen(12 + t)
+    hq, hkv, d, s = 8, 2, 32, 300
+    q, kc, vc = g(hq, t, d), g(hkv, s, d), g(hkv, s, d)
+    n = pos0 + t
+    kc[:, n:], vc[:, n:] = float("nan"), float("nan")
+    pos = torch.arange(pos0, n, device=DEVICE)
+    out = decode_attention(q, kc, vc, pos)
+    seen = torch.arange(n, device=DEVICE)[None, :] <= pos[:, None]
+    ref = F.scaled_dot_product_attention(q[None], kc[None, :, :n], vc[None, :, :n], attn_mask=seen, enable_gqa=True)
+    torch.testing.assert_close(out, ref[0].transpose(0, 1).reshape(t, hq * d), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["tiny_qwen3", "tiny_llama"])
+def test_fused_attention_runtime_equals_unfused_and_stays_lossless(family, monkeypatch):
+    """The runtime with the fused attention kernels computes the unfused runtime's logits (eager
+    forwards and the static path CUDA graphs capture), and greedy speculative decoding on it still
+    equals AR."""
+    import kernels.decode_attention as decode_attention_module
+    from quasar_bench import runtime as R
+    from quasar_bench.decode import generate, greedy_continuation
+    from quasar_bench.drafters import make_drafter
+    from quasar_bench.models import TINY_CONFIGS, random_hf_model
+    from quasar_bench.quant import fuse_projections
+
+    hf = random_hf_model({**TINY_CONFIGS[family], "initializer_range": 0.3}, 256, torch.float32, DEVICE, 3)
+    rt = fuse_projections(R.native_from_hf(hf, 256))
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], device=DEVICE)
+    prompt = [7, 8, 9, 7, 8, 9, 7, 8]
+    n_new = 8 if family == "tiny_qwen3" else 0  # the decode loop once (interpreted kernels are slow)
+
+    def run():
+        rt.reset(64)
+        steps = [rt.forward(ids[:8]), rt.forward(ids[8:9]), rt.forward(ids[9:])]
+        rt.rollback(9)
+        static = rt.static_forward(ids[9:], torch.arange(9, 12, device=DEVICE), span=64)
+        return torch.cat(steps), static, greedy_continuation(rt, prompt, n_new) if n_new else []
+
+    want, want_static, ar = run()
+    monkeypatch.setattr(R.FusedAttention, "devices", ("cuda", "cpu"))
+    monkeypatch.setattr(decode_attention_module, "NSPLIT", 4)  # fewer interpreted programs
+    R.fused_attention(True)
+    try:
+        assert rt.uses_fused_attention(1) and not rt.uses_fused_attention(17)
+        got, got_static, fused_ar = run()
+        spec = generate(rt, make_drafter({"name": "ngram", "k": 4}, rt), prompt, n_new, 4) if n_new else None
+    finally:
+        R.fused_attention(False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_static, want_static, rtol=1e-4, atol=1e-4)
+    assert fused_ar == ar
+    if spec is not None:
+        assert spec.output_ids == ar and spec.accepted > 0
