@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.step_speed import POS, build_engine, parse_configs, random_qwen3  # noqa: E402
+from experiments.step_speed import K, POS, build_engine, parse_configs, random_qwen3  # noqa: E402
 
 # kernel-name pattern -> what it does (first match wins)
 CATEGORIES = [
@@ -96,12 +96,63 @@ def report(label: str, t: int, ms: float, kernels, counts) -> str:
     return "\n".join(lines) + "\n"
 
 
+def subset_ms(rt, layer_ids, graphs: bool, n: int = 20) -> float:
+    """One-token forward over a layer subset (a self-speculative drafter's step), replayed from a
+    CUDA graph or eager, ms per call (CUDA events around n back-to-back calls)."""
+    saved = rt.graphs
+    rt.graphs = saved if graphs else None
+    ids = torch.randint(0, rt.vocab_size, (1,), device=rt.device)
+    try:
+        for _ in range(3):  # the first call captures the subset's graph
+            rt.cache_len = POS
+            rt.forward(ids, layer_ids=layer_ids)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            rt.cache_len = POS
+            rt.forward(ids, layer_ids=layer_ids)
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / n
+    finally:
+        rt.graphs = saved
+
+
+def loop_trace(rt, label: str, out: Path | None) -> str:
+    """The decode loop itself (synthetic drafter, forced alpha = 0.8, k = K) under the profiler:
+    verify wall time per step vs the GPU time of its kernels; the difference is the loop's own
+    latency (Python, host syncs, copies). Writes a Chrome trace when `out` is given."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof_ctx
+
+    from quasar_bench.decode import generate
+    from quasar_bench.drafters import make_drafter
+
+    drafter = make_drafter({"name": "synthetic", "alpha": 0.8, "k": K, "acceptance": "forced"}, rt)
+    prompt = list(range(100, 164))
+    run = lambda: generate(rt, drafter, prompt, 48, K, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    run()
+    with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        res = run()
+    if out:
+        prof.export_chrome_trace(str(out / ("trace_" + re.sub(r"[^A-Za-z0-9]+", "_", label) + ".json")))
+    gpu_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    steps = res.verify_steps
+    return (f"loop ({label}): {steps} verify steps, verify {1e3 * res.verify_s / steps:.3f} ms/step, draft "
+            f"{1e3 * res.draft_s / steps:.3f}, decode {1e3 * res.decode_s / steps:.3f} ms/step (profiled); GPU kernel "
+            f"time {gpu_us / 1e3 / steps:.3f} ms/step (prefill included)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="reference:-:1:1,int4:cuda:1:1")
     ap.add_argument("--tokens", default="1,6")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--loop", action="store_true", help="also profile the decode loop and a layer-subset forward")
     args = ap.parse_args(argv)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     loaded = random_qwen3()
     text = [f"# Decode-step profile, Qwen3-8B shapes, random weights, {torch.cuda.get_device_name()}, torch "
@@ -115,11 +166,17 @@ def main(argv=None):
             section = report(label, t, ms, *profile(rt, ids))
             print(section, flush=True)
             text.append(section)
+        if args.loop:
+            half = list(range(0, rt.num_layers, 2))
+            extra = [loop_trace(rt, label, Path(args.out) if args.out else None),
+                     f"half the layers, 1 token ({label}): graph {subset_ms(rt, half, True):.3f} ms, "
+                     f"eager {subset_ms(rt, half, False):.3f} ms"]
+            print("\n".join(extra), flush=True)
+            text.append("\n".join(f"- {x}" for x in extra) + "\n")
         rt.release()
         del rt
         torch.cuda.empty_cache()
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "profile_step.md").write_text("\n".join(text))
 
 

@@ -296,8 +296,8 @@ class Transformer(nn.Module):
         start, t = self.cache_len, input_ids.shape[0]
         if start + t > self.k_cache.shape[2]:
             raise RuntimeError(f"KV cache overflow: {start + t} > {self.k_cache.shape[2]}")
-        if self.graphs is not None and layer_ids is None and t <= self.graphs.max_tokens:
-            logits = self.graphs.run(input_ids, start)
+        if self.graphs is not None and t <= self.graphs.max_tokens:
+            logits = self.graphs.run(input_ids, start, layer_ids)
         else:
             x, delta = self.run_layers(self.embed_tokens(input_ids), start, layer_ids, use_cache=True, pending=True)
             logits = self.logits(x, delta)
@@ -315,16 +315,29 @@ class Transformer(nn.Module):
                 and hasattr(self.layers[0].self_attn, "qkv_proj") and a.head_dim >= 16
                 and a.head_dim & (a.head_dim - 1) == 0)
 
-    def static_forward(self, input_ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
-        """All layers at positions `pos` attending to the first `span` cache slots: fixed shapes."""
+    def static_forward(self, input_ids: torch.Tensor, pos: torch.Tensor, span: int, layer_ids=None) -> torch.Tensor:
+        """The layers (all, or `layer_ids`) at positions `pos` attending to the first `span` cache
+        slots: fixed shapes. In three stages, which CUDA graphs capture separately (cuda_graphs.py)."""
+        state = self.static_begin(input_ids, pos, span)
+        self.static_layers(state, range(self.num_layers) if layer_ids is None else layer_ids)
+        return self.static_end(state)
+
+    def static_begin(self, input_ids: torch.Tensor, pos: torch.Tensor, span: int) -> dict:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
         t = input_ids.shape[0]
-        mask = None if self.uses_fused_attention(t) else causal_mask(pos, span, x.dtype)
-        delta = None
-        for i, layer in enumerate(self.layers):
-            x, delta = layer.forward_pending(x, delta, cos, sin, (self.k_cache[i], self.v_cache[i]), pos, mask, span)
-        return self.logits(x, delta)
+        return {"x": x, "delta": None, "pos": pos, "span": span, "cos": self.rope_cos[pos].to(x.dtype),
+                "sin": self.rope_sin[pos].to(x.dtype),
+                "mask": None if self.uses_fused_attention(t) else causal_mask(pos, span, x.dtype)}
+
+    def static_layers(self, state: dict, layer_ids) -> None:
+        for i in layer_ids:
+            state["x"], state["delta"] = self.layers[i].forward_pending(
+                state["x"], state["delta"], state["cos"], state["sin"], (self.k_cache[i], self.v_cache[i]),
+                state["pos"], state["mask"], state["span"])
+
+    def static_end(self, state: dict) -> torch.Tensor:
+        delta = state["delta"]
+        return self.logits(state["x"], delta if delta is not None else torch.zeros_like(state["x"]))
 
     def enable_cuda_graphs(self, max_tokens: int = 16, max_len: int | None = None, bucket: int = 256) -> None:
         """Replay CUDA graphs for every forward of up to `max_tokens` tokens (AR steps and verify

@@ -159,3 +159,20 @@ def test_compiled_elementwise_equals_eager_and_stays_lossless():
     assert R.Elementwise.rms_norm is R.rms_norm  # switched back
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert spec.output_ids == ar and spec.accepted > 0
+
+
+def test_static_shape_path_runs_layer_subsets_like_eager():
+    """The fixed-shape forward CUDA graphs capture for a self-speculative drafter's layer subset
+    equals the eager forward over the same layers (logits, and the cache entries it writes)."""
+    _, rt = make("qwen3", seed=9)
+    ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(10))
+    keep = [0, 2]
+    rt.reset(64)
+    rt.forward(ids[:18])
+    eager = rt.forward(ids[18:], layer_ids=keep)
+    k_eager = rt.k_cache[:, :, 18:20].clone()
+    rt.rollback(18)
+    rt.k_cache[:, :, 18:].normal_()
+    static = rt.static_forward(ids[18:], torch.arange(18, 20), span=64, layer_ids=keep)
+    assert (static - eager).abs().max().item() < 1e-4
+    assert torch.allclose(rt.k_cache[keep, :, 18:20], k_eager[keep], atol=1e-5)

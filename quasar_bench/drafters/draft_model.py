@@ -63,6 +63,13 @@ class DraftModel(Drafter):
             raise QuasarError(f"the draft model's tokenizer differs from the verifier's ({why}); pick a draft "
                               "model of the same family (same tokenizer)")
         self.vocab = runtime.vocab_size
+        graphs = getattr(runtime, "graphs", None)
+        if graphs is not None and getattr(self.draft_rt, "is_native", False) and self.draft_rt.graphs is None:
+            # The draft model's forwards (one token per draft, catch-up feeds of up to k + 1) replay
+            # CUDA graphs like the verifier's: timed drafting must not pay eager launch costs.
+            self.draft_rt.enable_cuda_graphs(max_tokens=graphs.max_tokens, max_len=graphs.max_len)
+            self.draft_rt.reset(self.draft_rt.graphs.max_len)
+            self.draft_rt.graphs.capture_all()
         self.cached: list[int] = []  # token ids whose keys/values the draft cache holds
         self._ctx_len = None  # len(context) at this step's proposal
 
