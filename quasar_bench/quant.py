@@ -296,12 +296,12 @@ def concat_linears(mods):
     if len(kinds) != 1:
         return None
     kind = kinds.pop()
-    if kind is nn.Linear:
+    if issubclass(kind, nn.Linear):
         if len({m.in_features for m in mods}) != 1:
             return None
         w = torch.cat([m.weight.detach() for m in mods])
         biases = [m.bias for m in mods]
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=any(b is not None for b in biases), device="meta")
+        fused = kind(w.shape[1], w.shape[0], bias=any(b is not None for b in biases), device="meta")
         fused.weight = nn.Parameter(w, requires_grad=False)
         if fused.bias is not None:
             fused.bias = nn.Parameter(torch.cat([b.detach() if b is not None else torch.zeros(m.out_features, dtype=w.dtype,

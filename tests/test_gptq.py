@@ -6,7 +6,7 @@ from quasar_bench.gptq import HessianHook, gptq_quantize_weight, gptq_runtime
 from quasar_bench.models import TINY_CONFIGS, LoadedModel, random_hf_model
 from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
 from quasar_bench.quant import Int4Linear, clone_runtime
-from quasar_bench.runtime import native_from_hf
+from quasar_bench.runtime import Linear, native_from_hf
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_gptq_runtime_replaces_every_decoder_linear(tiny, seqs):
         for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                   layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
             assert isinstance(m, Int4Linear) and m.group_size == 32
-    assert type(tiny.runtime.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(tiny.runtime.layers[0].self_attn.q_proj) is Linear
     # end to end: the final hidden state is closer to fp32 than RTN's
     from quasar_bench.quant import rtn_transform
 

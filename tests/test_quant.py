@@ -85,3 +85,34 @@ def test_int8_and_w8a8_linear():
     ref = (xq @ a8.qweight.double().numpy().T) * a8.scales.double().numpy()[None, :] * sx[:, None]
     torch.testing.assert_close(y.double(), torch.from_numpy(ref), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y, lin(x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("precision", ["reference", "int8", "w8a8", "int4"])
+def test_fused_projections_compute_the_unfused_verifier(precision):
+    """q/k/v and gate/up as one GEMM each (quant.fuse_projections) give the unfused verifier's logits
+    (fp32, CPU, up to summation order) at 1 and several tokens, and greedy speculative decoding on
+    the fused verifier equals AR on the unfused one."""
+    from omegaconf import OmegaConf
+
+    from quasar_bench.decode import generate, greedy_continuation
+    from quasar_bench.drafters import make_drafter
+    from quasar_bench.models import TINY_CONFIGS, LoadedModel, random_hf_model
+    from quasar_bench.runtime import native_from_hf
+    from quasar_bench.verifiers import build_verifier
+
+    hf = random_hf_model({**TINY_CONFIGS["tiny_qwen3"], "initializer_range": 0.3}, 256, torch.float32, "cpu", 3)
+    loaded = LoadedModel(name="tiny", runtime=native_from_hf(hf, 256), tokenizer=None, eos_ids=[], chat=False)
+    vcfg = OmegaConf.create({"name": precision, **({"calibration": {"n_sequences": 2, "gen_tokens": 4}}
+                                                   if precision == "w8a8" else {})})
+    plain, fused = build_verifier(loaded, vcfg, None, False), build_verifier(loaded, vcfg, None, True)
+    assert hasattr(fused.layers[0].self_attn, "qkv_proj") and hasattr(fused.layers[0].mlp, "gate_up_proj")
+    assert not hasattr(plain.layers[0].self_attn, "qkv_proj")
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
+    for rt in (plain, fused):
+        rt.reset(32)
+    for chunk in (ids[:7], ids[7:8], ids[8:]):
+        torch.testing.assert_close(fused.forward(chunk), plain.forward(chunk), rtol=1e-5, atol=1e-5)
+    prompt = [7, 8, 9, 7, 8, 9, 7, 8]
+    ar = greedy_continuation(plain, prompt, 12)
+    spec = generate(fused, make_drafter({"name": "ngram", "k": 4}, fused), prompt, 12, 4)
+    assert spec.output_ids == ar and spec.accepted > 0

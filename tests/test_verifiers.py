@@ -8,7 +8,7 @@ from quasar_bench.errors import QuasarError
 from quasar_bench.fidelity import logit_fidelity, teacher_forced_logprobs
 from quasar_bench.models import TINY_CONFIGS, LoadedModel, random_hf_model
 from quasar_bench.quant import Int4Linear, Int8Linear, W8A8Linear
-from quasar_bench.runtime import native_from_hf
+from quasar_bench.runtime import Linear, native_from_hf
 from quasar_bench.verifiers import build_verifier, verifier_names
 
 CALIB = {"n_sequences": 4, "gen_tokens": 8, "max_tokens": 64, "seed": 0}
@@ -56,10 +56,10 @@ def test_identity_verifier_kl_zero_and_int4_kl_positive(tiny, tmp_path):
         assert f["kl_max"] == 0.0 and f["top1_agree"] == 1.0
     int4 = build_verifier(tiny, cfg("int4", group_size=32), tmp_path)
     assert isinstance(int4.layers[0].self_attn.q_proj, Int4Linear)
-    assert type(int4.lm_head) is torch.nn.Linear  # lm_head kept in high precision
+    assert type(int4.lm_head) is Linear  # lm_head kept in high precision
     assert fidelity(tiny.runtime, int4)["kl_mean"] > 0
     assert same_snapshot(before, snapshot(tiny.runtime))  # loaded.runtime untouched
-    assert type(tiny.runtime.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(tiny.runtime.layers[0].self_attn.q_proj) is Linear
 
 
 def test_every_precision_builds_without_touching_the_loaded_model(tiny, tmp_path):
