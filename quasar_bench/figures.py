@@ -3,8 +3,9 @@
     python -m quasar_bench.figures --results results --out results/figures
 
 reads each experiment directory `results/<experiment>/` (rows-*.parquet, via ResultStore) and
-`results/gpu/kernels*.csv`, and writes PNG + PDF per figure: `<out>/<experiment>/<figure>.*`
-and `<out>/kernel_roofline.*`. A figure whose inputs are absent is skipped with a note.
+`results/gpu/kernels*.csv`, `e2e.csv` and `step_speed*.csv`, and writes PNG + PDF per figure:
+`<out>/<experiment>/<figure>.*`, `<out>/kernel_roofline.*`, `<out>/gpu_speedup_by_drafter.*` and
+`<out>/gpu_step_by_backend.*`. A figure whose inputs are absent is skipped with a note.
 
 The plot functions take the rows table (or a `summarize` table where noted) and an optional
 axes, so notebooks reuse them.
@@ -298,6 +299,54 @@ def roofline_figure(kernels):
     return fig
 
 
+def plot_gpu_speedup_by_drafter(e2e: pd.DataFrame | None, ax=None):
+    """End-to-end tokens/s of each verifier over the bf16 reference with the same drafter (paired:
+    identical acceptance sequences), one group of bars per drafter, from results/gpu/e2e.csv."""
+    need = {"verifier", "drafter", "speedup_vs_ref_same_drafter"}
+    if e2e is None or e2e.empty or not need <= set(e2e.columns):
+        raise MissingInput("no results/gpu/e2e.csv (python experiments/gpu_speed.py)")
+    t = e2e.pivot_table(index="drafter", columns="verifier", values="speedup_vs_ref_same_drafter", sort=False)
+    ax = _ax(ax, (8, 4.5))
+    t.plot.bar(ax=ax, rot=0, width=0.8)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylabel("tokens/s ÷ bf16 verifier, same drafter")
+    gpu = e2e["gpu"].iloc[0] if "gpu" in e2e else "GPU"
+    ax.set_title(f"Verifier precision speedup per drafter, Qwen3-8B shapes, {gpu}", fontsize=10)
+    ax.legend(title="verifier", fontsize=8)
+    return ax
+
+
+def load_step_speed(results) -> pd.DataFrame | None:
+    """results/gpu/step_speed*.csv (experiments/step_speed.py), one row per engine and measure."""
+    frames = [pd.read_csv(f).assign(table=f.stem) for f in sorted((Path(results) / "gpu").glob("step_speed*.csv"))]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def plot_step_speed_by_backend(steps: pd.DataFrame | None, ax=None):
+    """Verify-step time (T = k + 1) per precision x kernel backend x engine switches, newest table
+    per configuration, with the bf16 reference of the same engine for scale."""
+    need = {"precision", "kernel", "measure", "ms"}
+    if steps is None or steps.empty or not need <= set(steps.columns):
+        raise MissingInput("no results/gpu/step_speed*.csv (python experiments/step_speed.py)")
+    v = steps[steps["measure"].str.fullmatch(r"step_T\d+") & (steps["measure"] != "step_T1")].copy()
+    flags = [c for c in ("fused", "compiled", "attention") if c in v]
+    v["engine"] = v[flags].fillna(False).astype(bool).apply(
+        lambda r: "+".join(c for c in flags if r[c]) or "eager", axis=1) if flags else "eager"
+    v["config"] = v["precision"] + " · " + v["kernel"].fillna("-") + " · " + v["engine"]
+    v = v.drop_duplicates("config", keep="last").sort_values("ms")
+    ax = _ax(ax, (8, 0.35 * len(v) + 1.5))
+    colors = [_vcolor("reference" if p == "reference" else p) for p in v["precision"]]
+    ax.barh(v["config"].str.replace("reference", "bf16"), v["ms"], color=colors)
+    for y, ms in enumerate(v["ms"]):
+        ax.annotate(f"{ms:.2f}", (ms, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")  # torch's int8 kernel is 20x slower than the rest
+    ax.set_xlabel(f"verify step ms ({v['measure'].iloc[0].removeprefix('step_')}, log scale)")
+    gpu = v["gpu"].iloc[0] if "gpu" in v else "GPU"
+    ax.set_title(f"Verify step per precision · kernel backend · engine, Qwen3-8B shapes, {gpu}", fontsize=10)
+    return ax
+
+
 PER_EXPERIMENT = {
     "speedup_by_category": plot_speedup_by_category,
     "tau_vs_precision": plot_tau_vs_precision,
@@ -344,6 +393,11 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
             _draw(f"{exp}/{name}", lambda: fn(data), out / exp / name, written, problems)
     _draw("kernel_roofline", lambda: roofline_figure(load_kernels(results)),
           out / "kernel_roofline", written, problems)
+    e2e = Path(results) / "gpu" / "e2e.csv"
+    _draw("gpu_speedup_by_drafter", lambda: plot_gpu_speedup_by_drafter(pd.read_csv(e2e) if e2e.exists() else None),
+          out / "gpu_speedup_by_drafter", written, problems)
+    _draw("gpu_step_by_backend", lambda: plot_step_speed_by_backend(load_step_speed(results)),
+          out / "gpu_step_by_backend", written, problems)
     return written, problems
 
 

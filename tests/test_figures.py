@@ -48,6 +48,33 @@ def test_make_figures_draws_everything(tmp_path):
     assert not list((out / "default").glob("figures*"))  # the output dir is not read as results
 
 
+def test_gpu_tables_give_speedup_and_backend_figures(tmp_path):
+    """results/gpu/e2e.csv -> bars whose heights are the table's speedups; step_speed*.csv -> one bar
+    per (precision, backend, engine), the newest row winning; absent tables are skipped notes."""
+    res = tmp_path / "results"
+    (res / "gpu").mkdir(parents=True)
+    e2e = pd.DataFrame([dict(verifier=v, drafter=d, speedup_vs_ref_same_drafter=x, gpu="H100")
+                        for d, xs in (("ar", (1.0, 1.6)), ("synthetic_a0.8", (1.0, 1.5)))
+                        for v, x in zip(("reference", "int4"), xs)])
+    ax = figures.plot_gpu_speedup_by_drafter(e2e)
+    heights = sorted(round(p.get_height(), 3) for p in ax.patches)
+    assert heights == [1.0, 1.0, 1.5, 1.6]
+    steps = pd.DataFrame([dict(precision=p, kernel=k, fused=True, compiled=True, attention=a, measure=m, ms=ms)
+                          for p, k, a, ms in (("reference", "-", False, 7.3), ("int4", "cuda", True, 4.3),
+                                              ("int4", "cuda", True, 4.1))
+                          for m in ("step_T1", "step_T6")])
+    ax = figures.plot_step_speed_by_backend(steps)
+    assert sorted(round(p.get_width(), 2) for p in ax.patches) == [4.1, 7.3]  # newest int4 row, T6 only
+    out = tmp_path / "figs"
+    figures.make_figures(res, out)
+    assert not (out / "gpu_speedup_by_drafter.png").exists()  # no tables yet: skipped
+    e2e.to_csv(res / "gpu" / "e2e.csv", index=False)
+    steps.to_csv(res / "gpu" / "step_speed.csv", index=False)
+    written, problems = figures.make_figures(res, out)
+    assert not problems
+    assert (out / "gpu_speedup_by_drafter.png").exists() and (out / "gpu_step_by_backend.png").exists()
+
+
 def test_missing_inputs_are_skipped_with_notes(tmp_path):
     res = tmp_path / "results"
     no_fid = synth.synthetic_rows(n_per_cat=2, categories=("qa",), fidelity=False)
