@@ -6,7 +6,7 @@ Runs `experiment=gpu_speed` (verifiers bf16 / int8 / w8a8 / int4 / pruned 25 % x
 synthetic alpha in {0.5, 0.7, 0.8, 0.9}, k = 5) through the normal harness (static KV cache, CUDA
 graphs), measures the device-to-device copy bandwidth in the same process, and writes e2e.csv and
 e2e.md: tokens/s, tau, step time split, speedups, and the share of copy bandwidth the verify pass
-achieves (weight bytes per forward x verify steps / verify time).
+achieves (weight bytes per forward x verify steps / verify time); e2e_rows.csv holds every row.
 """
 from __future__ import annotations
 
@@ -85,6 +85,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "e2e.csv", index=False)
+    # every row too (one per prompt x turn x cell, step-time split and versions included), not only
+    # the aggregates; token ids and text are dropped (random weights: they mean nothing)
+    rows.drop(columns=[c for c in ("prompt_ids", "output_ids", "output_text") if c in rows]).assign(
+        **{k: v for k, v in meta.items() if k not in rows}).to_csv(out / "e2e_rows.csv", index=False)
     cols = ["verifier", "drafter", "tokens_per_s", "tau", "alpha_measured", "draft_ms_per_step",
             "verify_ms_per_step", "other_ms_per_step", "speedup_vs_ref_ar", "speedup_vs_ref_same_drafter",
             "verify_gbps", "frac_copy_bw"]

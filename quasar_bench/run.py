@@ -114,6 +114,9 @@ class Experiment:
             if fidelity_wanted or any(d.replays == "reference" for d in made):
                 self.references.compute(fidelity_wanted, cfg.progress)
             max_k = max(d.k for d in made)
+            self.progress = {"done": 0, "total": sum(len(ds) for _, ds in self.plan), "start": time.perf_counter()}
+            log.info("setup (model, references, drafters) took %.0f s; %d cells to run",
+                     self.progress["start"] - t0, self.progress["total"])
             for vcfg, cell_drafters in self.plan:
                 self.run_verifier(vcfg, cell_drafters, max_k)
             return self.finish(time.perf_counter() - t0)
@@ -127,12 +130,25 @@ class Experiment:
         capture_graphs(runtime, self.cfg, max_k)
         self.references.new_verifier()
         for dcfg in cell_drafters:
+            t0 = time.perf_counter()
             run_cell(self, runtime, vcfg, dcfg, fidelity, entry.is_reference)
+            self.log_progress(f"{vcfg.get('label') or vcfg.name}/{dcfg.get('label') or dcfg.name}",
+                              time.perf_counter() - t0)
         if hasattr(runtime, "release"):  # the next verifier may copy the reference's modules
             runtime.release()
         del runtime
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def log_progress(self, label: str, cell_s: float) -> None:
+        """One line per finished cell: i of n, its time, and the time left at the mean pace so far
+        (the first cell of a verifier also pays its build and calibration)."""
+        p = self.progress
+        p["done"] += 1
+        elapsed = time.perf_counter() - p["start"]
+        left = elapsed / p["done"] * (p["total"] - p["done"])
+        log.info("cell %d/%d %s: %.0f s (cells so far %.0f s, ~%.0f s left)", p["done"], p["total"], label, cell_s,
+                 elapsed, left)
 
     def finish(self, wall_s: float) -> Path:
         from .summary import format_table, summarize
