@@ -306,7 +306,9 @@ def plot_gpu_speedup_by_drafter(e2e: pd.DataFrame | None, ax=None):
     if e2e is None or e2e.empty or not need <= set(e2e.columns):
         raise MissingInput("no results/gpu/e2e.csv (python experiments/gpu_speed.py)")
     t = e2e.pivot_table(index="drafter", columns="verifier", values="speedup_vs_ref_same_drafter", sort=False)
-    t = t.dropna(thresh=2).sort_index(key=lambda d: d.map(lambda x: (x != "ar", x)))  # drafters with a comparison
+    baseline = e2e.groupby("drafter")["baseline"].first() if "baseline" in e2e else pd.Series(dtype=bool)
+    t = t.dropna(thresh=2)  # drafters with something to compare; the baseline (AR) first
+    t = t.sort_index(key=lambda d: d.map(lambda x: (not bool(baseline.get(x, False)), x)))
     ax = _ax(ax, (8, 4.5))
     t.plot.bar(ax=ax, rot=15, width=0.8)
     ax.axhline(1.0, color="black", lw=0.8)
