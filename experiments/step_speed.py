@@ -108,7 +108,9 @@ def build_engine(loaded, engine: Engine):
     precision, kernel, fuse, compiled, attention = engine
     compile_elementwise(compiled)
     fused_attention(attention)
-    vcfg = {"name": precision, **({"kernel": kernel} if kernel else {}), **CALIBRATION.get(precision, {})}
+    name, *flags = precision.split("+")  # e.g. int4+lm_head: verifier.lm_head=true
+    vcfg = {"name": name, **dict.fromkeys(flags, True), **({"kernel": kernel} if kernel else {}),
+            **CALIBRATION.get(name, {})}
     rt = build_verifier(loaded, vcfg, None, fuse)
     ids = torch.randint(0, rt.vocab_size, (K + 1,), device=rt.device, generator=None)
     rel = float("nan")
@@ -127,7 +129,8 @@ def build_engine(loaded, engine: Engine):
 
 
 def parse_configs(text: str | None) -> list[tuple]:
-    """"precision:kernel:fused[:compiled[:attention]],..." (kernel - for none) -> Engines."""
+    """"precision:kernel:fused[:compiled[:attention]],..." (kernel - for none; precision may carry
+    boolean verifier settings: int4+lm_head) -> Engines."""
     if not text:
         return CONFIGS
     yes = ("1", "true", "True")

@@ -268,11 +268,14 @@ def cast_runtime(runtime, dtype: torch.dtype):
     return new
 
 
-def rtn_transform(runtime, make) -> object:
-    """Clone `runtime` and replace each decoder linear by make(linear)."""
+def rtn_transform(runtime, make, lm_head: bool = False) -> object:
+    """Clone `runtime` and replace each decoder linear (and with `lm_head`, the LM head: a separate
+    quantized copy when it is tied to the embeddings, which stay as they are) by make(linear)."""
     new = clone_runtime(runtime)
     for _, parent, name, lin in decoder_linears(new):
         setattr(parent, name, make(lin))
+    if lm_head:
+        new.lm_head = make(new.lm_head)
     return new
 
 

@@ -77,7 +77,7 @@ def weight_bytes(runtime) -> int:
     seen, total = set(), 0
     embed = getattr(module, "embed_tokens", None)
     skip = {id(embed.weight)} if embed is not None and getattr(module, "lm_head", None) is not None \
-        and module.lm_head.weight is not embed.weight else set()
+        and getattr(module.lm_head, "weight", None) is not embed.weight else set()
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         if id(t) in seen or id(t) in skip or "rope" in name:
             continue

@@ -192,3 +192,40 @@ def test_smollm2_speculative_equals_ar_of_quantized_model(smollm2, tmp_path, vc)
             continue
         assert vc["name"] == "w8a8", p.prompt_id
     assert drafted > 0 and exact >= (1 if vc["name"] == "w8a8" else len(prompts))
+
+
+@pytest.mark.parametrize("name", ["int4", "int8"])
+def test_lm_head_quantized_on_request(tiny, tmp_path, name):
+    """verifier.lm_head=true: the LM head is quantized too, and the logits are those of the same
+    verifier with its head replaced by the dequantized RTN weight (packing's functions, not the
+    module's); embeddings untouched; fewer weight bytes; the verifier cache reproduces it."""
+    from quasar_bench.packing import dequantize_int4, dequantize_int8, pack_int4, quantize_int4_rtn, quantize_int8_rtn
+    from quasar_bench.rows import weight_bytes
+
+    embed = tiny.runtime.embed_tokens.weight.detach().clone()
+    plain = build_verifier(tiny, cfg(name), None)
+    headq = build_verifier(tiny, cfg(name, lm_head=True), None)
+    assert isinstance(headq.lm_head, Int4Linear if name == "int4" else Int8Linear)
+    assert type(plain.lm_head) is Linear and torch.equal(headq.embed_tokens.weight, embed)
+    w = tiny.runtime.lm_head.weight.detach().float()
+    if name == "int4":
+        q, s, z = quantize_int4_rtn(w, 128)
+        deq = dequantize_int4(pack_int4(q), s, z, w.shape[1], 128)
+    else:
+        q, s = quantize_int8_rtn(w)
+        deq = dequantize_int8(q, s)
+    plain.lm_head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    plain.lm_head.weight = torch.nn.Parameter(deq.to(w.dtype), requires_grad=False)
+    ids = torch.tensor([5, 3, 9, 2, 7, 7, 1])
+    for rt in (plain, headq):
+        rt.reset(16)
+    torch.testing.assert_close(headq.forward(ids), plain.forward(ids), rtol=1e-5, atol=1e-5)
+    assert weight_bytes(headq) < weight_bytes(build_verifier(tiny, cfg(name), None))
+    first = build_verifier(tiny, cfg(name, lm_head=True), tmp_path)
+    again = build_verifier(tiny, cfg(name, lm_head=True), tmp_path)  # from the cache
+    assert isinstance(again.lm_head, type(headq.lm_head))
+    for rt in (first, again):
+        rt.reset(16)
+    assert torch.equal(first.forward(ids), again.forward(ids))
+    with pytest.raises(QuasarError, match="verifier.lm_head"):
+        build_verifier(tiny, cfg(name, lm_head="yes"), None)

@@ -16,7 +16,8 @@ NAME-<key>.safetensors + .json, the key hashing the parameters and the source of
 quantizes (so a change to that code never reuses a stale entry). The saved state is generic:
 every quantized module (its class name, info and buffers), every parameter the transform
 replaced (e.g. SmoothQuant's folded norm weights) and the kept layers of a pruned model.
-Embeddings, the final norm and lm_head stay in the loaded model's precision in every verifier.
+Embeddings and the final norm stay in the loaded model's precision in every verifier; so does
+lm_head, unless a weight-only verifier is asked to quantize it too (`verifier.lm_head=true`).
 After building, every quantized linear is pointed at the kernel backend `verifier.kernel`.
 """
 from __future__ import annotations
@@ -78,6 +79,15 @@ def code_version() -> str:
 # ------------------------------------------------------------------------------------------------
 # parameter helpers shared by the entries
 # ------------------------------------------------------------------------------------------------
+def lm_head_param(vcfg) -> bool:
+    """verifier.lm_head: quantize the LM head too (weight-only verifiers; RTN whatever the method)."""
+    value = vcfg.lm_head
+    if not isinstance(value, bool):
+        raise QuasarError(f"verifier.lm_head={value!r}; choose true (quantize the LM head too) or false (keep it "
+                          "in the model's precision)")
+    return value
+
+
 def check_bits(vcfg, bits: int) -> None:
     b = vcfg.get("bits", bits)
     if int(b) != bits:
