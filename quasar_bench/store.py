@@ -295,6 +295,8 @@ class ResultStore:
         self.root = Path(root)
         self._done: dict[str, set] = {}
         self._locks: dict[str, _Lock] = {}
+        self._pending: dict | None = None  # this run's manifest + session, written at its first cell lock
+        self._wait_s = 10.0
         # released by close(), when the store is garbage collected, or at interpreter exit
         self._finalizer = weakref.finalize(self, _release_all, self._locks)
 
@@ -312,6 +314,7 @@ class ResultStore:
         """
         if "identity" not in manifest:
             raise ValueError("manifest needs an 'identity' sub-dict")
+        self._wait_s = wait_s
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(prefix=tmp_prefix() + "probe-", dir=self.root)
@@ -329,7 +332,7 @@ class ResultStore:
                         state, info, _ = _lock_state(p)
                         if state == "held":
                             raise _in_use(self.root, info, f" (cell {p.stem})")
-            self._open_manifest(manifest)
+            self._open_manifest(manifest, log_session=exclusive)
             (self.root / "cells").mkdir(exist_ok=True)
             for tmp in _stale_temps(self.root):  # torn writes of killed runs
                 tmp.unlink(missing_ok=True)
@@ -343,7 +346,10 @@ class ResultStore:
             self._locks.pop("dir").release()
         return self
 
-    def _open_manifest(self, manifest: dict):
+    def _open_manifest(self, manifest: dict, log_session: bool):
+        """Create manifest.json, or check this run's identity against it. The run's session entry
+        (and its config / environment) is written now with `log_session`, else at its first cell
+        lock (`_log_session`): a run refused by another one's cell lock leaves no trace."""
         path = self.root / "manifest.json"
         new = _canon(manifest)
         new.setdefault("environment", _canon(environment()))
@@ -354,10 +360,29 @@ class ResultStore:
             self._compare_identity(old, new["identity"])
             if old.get("rebuilt"):
                 log.warning("%s was rebuilt by `%s`; this run's identity matches it", path, _REPAIR)
-            new["sessions"] = old.get("sessions", []) + [session]
-        else:
-            new["sessions"] = [session]
-        write_json(path, new)
+        self._pending = {**new, "sessions": [session]}
+        if log_session:
+            self._write_session(old)
+        elif old is None:
+            write_json(path, {**new, "sessions": []})
+
+    def _write_session(self, old: dict | None) -> None:
+        new, self._pending = self._pending, None
+        sessions = (old or {}).get("sessions", []) + new["sessions"]
+        write_json(self.root / "manifest.json", {**new, "sessions": sessions})
+
+    def _log_session(self) -> None:
+        """Append this run's session to the manifest (under the directory lock), once."""
+        if self._pending is None:
+            return
+        if "dir" in self._locks:  # exclusive runs hold it already
+            self._write_session(self._read_manifest(missing_ok=True))
+            return
+        lk = _Lock(self.root / ".lock", self.root).acquire(wait_s=self._wait_s)
+        try:
+            self._write_session(self._read_manifest(missing_ok=True))
+        finally:
+            lk.release()
 
     def _read_manifest(self, missing_ok: bool = False) -> dict | None:
         """The manifest, or None when there is none and nothing else is stored either."""
@@ -421,6 +446,7 @@ class ResultStore:
                    extra={"cell_id": cell_id})
         self._locks[cell_id] = lk.acquire()
         self._done.pop(cell_id, None)  # another run may have stored rows meanwhile: re-read
+        self._log_session()
 
     def record_cell(self, cell_id: str, config: dict):
         """Lock the cell for this run, then write cells/<cell_id>.json once; a different config

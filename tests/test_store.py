@@ -50,13 +50,15 @@ def test_resume_skips_done_rows(tmp_path):
     st.append([row("c1", "p1", 0)])
     st.close()  # a run's cell locks are held until close() (or exit): the next run may write c1
     st2 = ResultStore(root).open({"identity": IDENT})  # a resumed run
+    assert len(st2.manifest()["sessions"]) == 1  # not logged before it locks a cell
     assert st2.done_keys("c1") == {("p0", 0), ("p0", 1), ("p1", 0)}
     assert st2.done_keys("c2") == set()
     with pytest.raises(RuntimeError, match="twice"):
         st2.append([row("c1", "p1", 0)])
     todo = [(p, t) for p in ("p0", "p1", "p2") for t in (0, 1) if (p, t) not in st2.done_keys("c1")]
     assert todo == [("p1", 1), ("p2", 0), ("p2", 1)]
-    assert len(st2.manifest()["sessions"]) == 2
+    st2.append([row("c1", "p2", 0)])
+    assert len(st2.manifest()["sessions"]) == 2  # the resumed run, logged once it wrote
 
 
 def test_identity_mismatch_writes_nothing(tmp_path):
