@@ -91,6 +91,7 @@ def test_greedy_lossless_draft_model_tiny():
     d = mk({"name": "draft_model", "k": K,
             "model": {"name": "tiny_qwen3", "weights": "random", "shapes": "tiny_qwen3", "seed": 1}},
            verifier.runtime, verifier)
+    assert d.row_fields() == {"draft_same_weights": False}
     for prompt in ([1, 2, 3, 4], [100, 2000, 30000, 5, 5, 5, 9]):
         ref = ar_ids(verifier.runtime, prompt, 24)
         res = generate(verifier.runtime, d, prompt, 24, K, reference=ref)
@@ -103,6 +104,7 @@ def test_draft_model_identical_weights_accepts_everything():
     d = mk({"name": "draft_model", "k": K,
             "model": {"name": "tiny_llama", "weights": "random", "shapes": "tiny_llama", "seed": 0}},
            verifier.runtime, verifier)
+    assert d.row_fields() == {"draft_same_weights": True}  # labelled in every row of the cell
     prompt = [5, 6, 7, 8]
     ref = ar_ids(verifier.runtime, prompt, 36)
     res = generate(verifier.runtime, d, prompt, 36, K)
@@ -447,3 +449,17 @@ def test_layerskip_search_runs_once_on_the_reference_for_every_verifier(tmp_path
     assert make_drafter(OmegaConf.create({"name": "early_exit", "k": K, "layers": 2}), rt, loaded,
                         tools).row_fields() == {"draft_layers": [0, 1], "draft_layers_source": "static"}
     assert make_drafter(OmegaConf.create({"name": "ngram", "k": K}), rt, loaded, tools).row_fields() == {}
+
+
+def test_draft_model_at_the_verifiers_own_precision_is_labelled(tmp_path):
+    """drafter=draft_model precision=int4 on the int4 verifier drafts with the verifier's own weights:
+    its rows say so (draft_same_weights), while int8 drafts for the int4 verifier are a real drafter."""
+    from quasar_bench.verifiers import build_verifier
+
+    loaded = tiny_loaded("tiny_llama", seed=0)
+    tools = draft_tools(loaded, tmp_path, True)
+    int4 = build_verifier(loaded, OmegaConf.create({"name": "int4"}), tmp_path, True)
+    other = make_drafter(OmegaConf.create({"name": "draft_model", "k": K, "precision": "int8"}), int4, loaded, tools)
+    same = make_drafter(OmegaConf.create({"name": "draft_model", "k": K, "precision": "int4"}), int4, loaded, tools)
+    assert same.row_fields() == {"draft_same_weights": True}
+    assert other.row_fields() == {"draft_same_weights": False}

@@ -35,6 +35,14 @@ def same_tokenizer(a, b) -> str | None:
     return None
 
 
+def same_weights(a, b) -> bool:
+    """Whether two runtimes compute with the same weights: the same parameter and buffer names,
+    each equal (a draft model identical to its verifier accepts every draft: an oracle, not a drafter)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
 class DraftModel(Drafter):
     name = "draft_model"
 
@@ -63,6 +71,7 @@ class DraftModel(Drafter):
             raise QuasarError(f"the draft model's tokenizer differs from the verifier's ({why}); pick a draft "
                               "model of the same family (same tokenizer)")
         self.vocab = runtime.vocab_size
+        self.same_as_verifier = same_weights(self.draft_rt, runtime)
         graphs = getattr(runtime, "graphs", None)
         if graphs is not None and getattr(self.draft_rt, "is_native", False) and self.draft_rt.graphs is None:
             # The draft model's forwards (one token per draft, catch-up feeds of up to k + 1) replay
@@ -110,6 +119,10 @@ class DraftModel(Drafter):
         self.cached = list(context) + draft.tokens[:-1]
         self._ctx_len = len(context)
         return draft
+
+    def row_fields(self) -> dict:
+        """`draft_same_weights`: the draft model is the verifier itself (its tau is an oracle's)."""
+        return {"draft_same_weights": self.same_as_verifier}
 
     def observe(self, accepted, new_tokens):
         # Roll the draft cache back to the accepted context (context + accepted drafts); the
