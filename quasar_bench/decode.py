@@ -74,7 +74,7 @@ def generate(runtime, drafter: Drafter, prompt_ids: list[int], max_new_tokens: i
     runtime.reset(max_len + drafter.cache_room)  # drafters that write past the verify window
     t0 = timer.now()
     if len(prompt_ids) > 1:
-        runtime.forward(torch.tensor(prompt_ids[:-1], device=device))
+        runtime.prefill(torch.tensor(prompt_ids[:-1], device=device))
     drafter.setup(temperature, top_p, generator, max_len)
     drafter.start(prompt_ids, reference)
     t1 = timer.now()

@@ -5,6 +5,8 @@ Both expose the same small interface the decode loop and the drafters use:
 
     runtime.forward(input_ids [T], layer_ids=None) -> fp32 logits [T, V]
         appends T positions to the KV cache, starting at runtime.cache_len
+    runtime.prefill(input_ids [T])   the same, without the logits (a prompt's are never read:
+        the LM head over every prompt position is ~20 % of SmolLM2's prefill)
     runtime.rollback(n)      keep only the first n cached positions (rejected drafts vanish)
     runtime.reset(max_len)   empty cache able to hold max_len positions
     runtime.num_layers, runtime.vocab_size, runtime.device, runtime.dtype
@@ -314,6 +316,15 @@ class Transformer(nn.Module):
         self.cache_len = start + t
         return logits
 
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor) -> None:
+        start, t = self.cache_len, input_ids.shape[0]
+        if (self.graphs is not None and t <= self.graphs.max_tokens) or start + t > self.k_cache.shape[2]:
+            self.forward(input_ids)  # the captured graph (or forward's overflow error)
+            return
+        self.run_layers(self.embed_tokens(input_ids), start, use_cache=True, pending=True)
+        self.cache_len = start + t
+
     def logits(self, x, delta):
         _, h = Elementwise.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)
         return self.lm_head(h).float()
@@ -496,6 +507,14 @@ class HFRuntime:
                          position_ids=pos[None])
         self.cache_len += t
         return out.logits[0].float()
+
+    @torch.inference_mode()
+    def prefill(self, input_ids) -> None:
+        t = input_ids.shape[0]
+        pos = torch.arange(self.cache_len, self.cache_len + t, device=input_ids.device)
+        self.model(input_ids=input_ids[None], past_key_values=self.cache, use_cache=True, position_ids=pos[None],
+                   logits_to_keep=1)
+        self.cache_len += t
 
     def named_modules(self, *args, **kwargs):
         return self.model.named_modules(*args, **kwargs)

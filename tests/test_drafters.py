@@ -202,6 +202,9 @@ class TableRuntime:
         self.cache_len += t
         return out
 
+    def prefill(self, ids):
+        self.forward(ids)
+
 
 def accepted_moments(alpha: float, k: int) -> tuple[float, float]:
     """Mean and variance of the tokens per step, 1 + min(Geometric(alpha), k)."""

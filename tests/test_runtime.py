@@ -176,3 +176,20 @@ def test_static_shape_path_runs_layer_subsets_like_eager():
     static = rt.static_forward(ids[18:], torch.arange(18, 20), span=64, layer_ids=keep)
     assert (static - eager).abs().max().item() < 1e-4
     assert torch.allclose(rt.k_cache[keep, :, 18:20], k_eager[keep], atol=1e-5)
+
+
+@pytest.mark.parametrize("runtime_kind", ["native", "hf"])
+def test_prefill_fills_the_cache_like_forward(runtime_kind):
+    """prefill (no LM head) leaves the cache forward leaves: the next step's logits are equal."""
+    hf, rt = make("llama", seed=5)
+    if runtime_kind == "hf":
+        rt = HFRuntime(hf)
+    g = torch.Generator().manual_seed(4)
+    prompt, step = torch.randint(0, 300, (17,), generator=g), torch.randint(0, 300, (3,), generator=g)
+    rt.reset(32)
+    assert rt.prefill(prompt) is None and rt.cache_len == 17
+    after_prefill = rt.forward(step)
+    rt.reset(32)
+    rt.forward(prompt)
+    after_forward = rt.forward(step)
+    assert torch.equal(after_prefill, after_forward)

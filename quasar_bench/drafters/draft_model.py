@@ -94,7 +94,7 @@ class DraftModel(Drafter):
         self.cached = []
         self._ctx_len = None
         if len(prompt_ids) > 1:
-            self.draft_rt.forward(torch.tensor(prompt_ids[:-1], device=self.draft_rt.device))
+            self.draft_rt.prefill(torch.tensor(prompt_ids[:-1], device=self.draft_rt.device))
             self.cached = list(prompt_ids[:-1])
 
     def propose(self, context, k):

@@ -61,7 +61,7 @@ class SkipSearch:
             rt = runtime.with_layers(list(range(self.L)))
             rt.reset(len(prompt) + len(cont) + 1)
             if len(prompt) > 1:
-                rt.forward(torch.tensor(prompt[:-1], device=rt.device))
+                rt.prefill(torch.tensor(prompt[:-1], device=rt.device))
             feed = torch.tensor([prompt[-1]] + cont[:-1], device=rt.device)
             self.items.append((rt, len(prompt) - 1, feed, torch.tensor(cont, device=rt.device)))
         if not self.items:
