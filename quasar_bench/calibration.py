@@ -104,18 +104,56 @@ def calibration_ids(loaded, spec: CalibrationSpec, cache_dir: Path | None) -> li
         cached = read_json(path)
         if cached is not None and "sequences" in cached:
             return cached["sequences"]
-    from .decode import greedy_continuation
-    from .quant import clone_runtime
+    prompts = [ids[: spec.max_tokens] for ids in calibration_prompts(loaded, spec.n_sequences, spec.seed)]
+    lengths = [min(spec.gen_tokens, spec.max_tokens - len(ids)) for ids in prompts]
+    if loaded.hf_model is not None:
+        gens = batched_greedy(loaded.hf_model, prompts, lengths, loaded.eos_ids or ())
+    else:  # a runtime built without a transformers model (tests): one sequence at a time
+        from .decode import greedy_continuation
+        from .quant import clone_runtime
 
-    runtime = clone_runtime(loaded.runtime)  # own KV cache; loaded.runtime is not touched
-    seqs = []
-    for ids in calibration_prompts(loaded, spec.n_sequences, spec.seed):
-        ids = ids[: spec.max_tokens]
-        n = min(spec.gen_tokens, spec.max_tokens - len(ids))
-        gen = greedy_continuation(runtime, ids, n, loaded.eos_ids or ()) if n > 0 else []
-        seqs.append((ids + gen)[: spec.max_tokens])
-    del runtime
+        runtime = clone_runtime(loaded.runtime)  # own KV cache; loaded.runtime is not touched
+        gens = [greedy_continuation(runtime, ids, n, loaded.eos_ids or ()) if n > 0 else [] for ids, n in zip(prompts, lengths)]
+    seqs = [(ids + gen)[: spec.max_tokens] for ids, gen in zip(prompts, gens)]
     if path is not None:
         write_json(path, {"spec": spec.__dict__, "source": "calibration.jsonl prompts + greedy continuations", "sequences": seqs},
                    indent=None)
     return seqs
+
+
+@torch.inference_mode()
+def batched_greedy(hf_model, prompts: list[list[int]], lengths: list[int], eos_ids=(), batch: int = 16) -> list[list[int]]:
+    """Each prompt's greedy continuation of lengths[i] tokens (EOS included, then stop), `batch`
+    prompts at a time through the transformers model: left-padded, padding masked out and positions
+    counted from each prompt's first token, so every row is the continuation its prompt gets alone
+    (up to the summation order of batched products). A 2-core CPU makes SmolLM2's 16 x 48 tokens
+    ~8x faster than one sequence at a time."""
+    from transformers import DynamicCache
+
+    device, eos = hf_model.device, set(eos_ids)
+    out: list[list[int]] = [[] for _ in prompts]
+    for lo in range(0, len(prompts), batch):
+        rows = list(range(lo, min(lo + batch, len(prompts))))
+        steps = max(lengths[i] for i in rows)
+        if steps <= 0:
+            continue
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        for r, i in enumerate(rows):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i], device=device)
+            mask[r, width - len(prompts[i]):] = 1
+        cache, done = DynamicCache(config=hf_model.config), torch.zeros(len(rows), dtype=torch.bool)
+        for _ in range(steps):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+            logits = hf_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                              use_cache=True, logits_to_keep=1).logits[:, -1]
+            ids = logits.argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            for r, (i, tok) in enumerate(zip(rows, ids[:, 0].tolist())):
+                if not done[r] and len(out[i]) < lengths[i]:
+                    out[i].append(tok)
+                    done[r] = tok in eos
+            if all(done[r] or len(out[i]) >= lengths[i] for r, i in enumerate(rows)):
+                break
+    return out

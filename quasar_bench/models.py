@@ -46,6 +46,9 @@ class LoadedModel:
     eos_ids: list[int]
     chat: bool  # apply the chat template
     enable_thinking: bool = False  # Qwen3-style chat templates: the thinking switch (model.enable_thinking)
+    # The transformers model the runtime was built from (its weights are the runtime's own tensors,
+    # not a copy): calibration generates its continuations with it, batched.
+    hf_model: object = None
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -176,4 +179,4 @@ def load_model(cfg) -> LoadedModel:
                       *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
     chat = bool(cfg.get("chat", True)) and getattr(tokenizer, "chat_template", None) is not None
     return LoadedModel(name=name, runtime=runtime, tokenizer=tokenizer, eos_ids=eos_ids, chat=chat,
-                       enable_thinking=bool(cfg.get("enable_thinking", False)))
+                       enable_thinking=bool(cfg.get("enable_thinking", False)), hf_model=hf)

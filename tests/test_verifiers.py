@@ -229,3 +229,23 @@ def test_lm_head_quantized_on_request(tiny, tmp_path, name):
     assert torch.equal(first.forward(ids), again.forward(ids))
     with pytest.raises(QuasarError, match="verifier.lm_head"):
         build_verifier(tiny, cfg(name, lm_head="yes"), None)
+
+
+def test_batched_calibration_continuations_equal_one_at_a_time():
+    """calibration.batched_greedy (left-padded batches through transformers) gives each prompt the
+    greedy continuation the decode loop gives it alone: prompts of different lengths, a batch
+    smaller than the prompt count, per-prompt lengths (one of them 0) and an EOS stop."""
+    from quasar_bench.calibration import batched_greedy
+    from quasar_bench.decode import greedy_continuation
+
+    hf = random_hf_model(TINY_CONFIGS["tiny_qwen3"], 300, torch.float32, "cpu", 3)
+    rt = native_from_hf(hf, 128)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 19, 11, 2, 30)]
+    lengths = [12, 12, 7, 0, 12]
+    alone = [greedy_continuation(rt, p, n) if n else [] for p, n in zip(prompts, lengths)]
+    eos = alone[1][4]  # a token the second prompt emits: it must stop there, EOS included
+    alone[1] = greedy_continuation(rt, prompts[1], 12, [eos])
+    assert alone[1][-1] == eos and len(alone[1]) < 12
+    assert batched_greedy(hf, prompts, lengths, [eos], batch=3) == [
+        a if i == 1 or eos not in a else a[: a.index(eos) + 1] for i, a in enumerate(alone)]
