@@ -11,12 +11,17 @@ import torch
 
 
 def teacher_forced_logprobs(runtime, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
-    """Log-probs [len(continuation), V] predicting each continuation token, in one forward."""
+    """Log-probs [len(continuation), V] predicting each continuation token: the prompt but its last
+    token fills the cache (no LM head), then one forward over the positions that predict."""
     ids = list(prompt_ids) + list(continuation)
     runtime.reset(len(ids))
-    logits = runtime.forward(torch.tensor(ids[:-1] if continuation else ids, device=runtime.device))
+    if not continuation:
+        return torch.empty(0, runtime.vocab_size)
+    if len(prompt_ids) > 1:
+        runtime.prefill(torch.tensor(prompt_ids[:-1], device=runtime.device))
+    logits = runtime.forward(torch.tensor(ids[len(prompt_ids) - 1 : -1], device=runtime.device))
     runtime.reset(len(ids))  # leave an empty cache behind
-    return torch.log_softmax(logits[len(prompt_ids) - 1 :].float(), dim=-1).cpu()
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
 def logit_fidelity(ref_logprobs: torch.Tensor, ver_logprobs: torch.Tensor) -> dict:

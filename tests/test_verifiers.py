@@ -249,3 +249,18 @@ def test_batched_calibration_continuations_equal_one_at_a_time():
     assert alone[1][-1] == eos and len(alone[1]) < 12
     assert batched_greedy(hf, prompts, lengths, [eos], batch=3) == [
         a if i == 1 or eos not in a else a[: a.index(eos) + 1] for i, a in enumerate(alone)]
+
+
+def test_teacher_forced_logprobs_equal_transformers_full_forward():
+    """The KL's log-probs (prompt prefilled, then one forward over the predicting positions) equal
+    transformers' log-softmax over one forward of prompt + continuation at those positions."""
+    hf = random_hf_model(TINY_CONFIGS["tiny_qwen3"], 300, torch.float32, "cpu", 4)
+    rt = native_from_hf(hf, 128)
+    cont = [7, 250, 3, 99, 14]
+    got = teacher_forced_logprobs(rt, PROMPT, cont)
+    with torch.no_grad():
+        full = hf(torch.tensor([PROMPT + cont])).logits[0].float()
+    want = torch.log_softmax(full[len(PROMPT) - 1 : -1], dim=-1)
+    assert got.shape == (len(cont), 300)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert teacher_forced_logprobs(rt, PROMPT, []).shape == (0, 300)
