@@ -1,12 +1,18 @@
 """End-to-end verify speed at Qwen3-8B shapes (random weights) on one GPU.
 
     python experiments/gpu_speed.py [--out results/gpu] [hydra overrides...]
+    python experiments/gpu_speed.py --experiment gpu_replay --source results/default [...]
 
 Runs `experiment=gpu_speed` (verifiers bf16 / int8 / w8a8 / int4 / pruned 25 % x drafters ar and
 synthetic alpha in {0.5, 0.7, 0.8, 0.9}, k = 5) through the normal harness (static KV cache, CUDA
 graphs), measures the device-to-device copy bandwidth in the same process, and writes e2e.csv and
 e2e.md: tokens/s, tau, step time split, speedups, and the share of copy bandwidth the verify pass
 achieves (weight bytes per forward x verify steps / verify time); e2e_rows.csv holds every row.
+
+`--experiment gpu_replay --source DIR` runs the replay cells instead (drafter=replay: each cell
+replays the per-step acceptance its verifier and drafter reached in the source run on a real model)
+and writes replay.csv / replay.md / replay_rows.csv: the same columns, plus the source run's tau,
+KL, top-1 and exact match beside each GPU row.
 """
 from __future__ import annotations
 
@@ -54,10 +60,27 @@ def e2e_table(rows: pd.DataFrame, copy_gbps: float) -> pd.DataFrame:
     return t
 
 
+def join_source(table: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
+    """The source run's acceptance and fidelity per (verifier, drafter) label beside the GPU table."""
+    g = source.groupby(["verifier", "drafter"])
+    src = pd.DataFrame({"tau_source": g.new_tokens.sum() / g.verify_steps.sum(),
+                        "n_rows_source": g.size()}).reset_index()
+    for col in ("kl_mean", "top1_agree", "ref_exact_match"):
+        if col in source:
+            src = src.merge(g[col].mean().rename(f"{col}_source").reset_index(), on=["verifier", "drafter"])
+    out = table.merge(src, on=["verifier", "drafter"], how="left")
+    off = (out.tau - out.tau_source).abs() > 1e-9
+    if off.any():  # replay must reproduce tau exactly; say so loudly if it did not
+        print("warning: tau differs from the source for", out.loc[off, ["verifier", "drafter"]].values.tolist())
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu"))
     ap.add_argument("--runs", default="/tmp/quasar_gpu_speed", help="result store of the run")
+    ap.add_argument("--experiment", default="gpu_speed", help="gpu_speed, or gpu_replay (with --source)")
+    ap.add_argument("--source", default=None, help="gpu_replay: the real-model run whose traces are replayed")
     args, overrides = ap.parse_known_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu_speed: error: no CUDA device; this benchmark measures GPU speed")
@@ -69,12 +92,20 @@ def main(argv=None):
     copy_gbps = copy_bandwidth_gbps()
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=gpu_speed", "experiment_name=gpu_speed",
-                                           f"out_dir={args.runs}", *overrides])
+        extra = [f"traces={Path(args.source).resolve()}"] if args.source else []
+        cfg = compose("config", overrides=[f"experiment={args.experiment}", f"experiment_name={args.experiment}",
+                                           f"out_dir={args.runs}", *extra, *overrides])
     t0 = time.time()
     Experiment(cfg).run()
     rows = pd.read_parquet(Path(args.runs) / "rows.parquet")
     table = e2e_table(rows, copy_gbps)
+    name = "e2e" if args.experiment == "gpu_speed" else args.experiment.removeprefix("gpu_")
+    title = "End-to-end verify speed, Qwen3-8B shapes, random weights"
+    if args.source:
+        from quasar_bench.drafters.replay import read_rows
+
+        table = join_source(table, read_rows(args.source))
+        title = f"Real acceptance (replayed from {args.source}) at Qwen3-8B speed, random weights"
     import triton
 
     meta = {"gpu": torch.cuda.get_device_name(), "driver": driver_version(), "torch": torch.__version__,
@@ -84,17 +115,18 @@ def main(argv=None):
         table[k] = v
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "e2e.csv", index=False)
+    table.to_csv(out / f"{name}.csv", index=False)
     # every row too (one per prompt x turn x cell, step-time split and versions included), not only
     # the aggregates; token ids and text are dropped (random weights: they mean nothing)
     rows.drop(columns=[c for c in ("prompt_ids", "output_ids", "output_text") if c in rows]).assign(
-        **{k: v for k, v in meta.items() if k not in rows}).to_csv(out / "e2e_rows.csv", index=False)
+        **{k: v for k, v in meta.items() if k not in rows}).to_csv(out / f"{name}_rows.csv", index=False)
     cols = ["verifier", "drafter", "tokens_per_s", "tau", "alpha_measured", "draft_ms_per_step",
             "verify_ms_per_step", "other_ms_per_step", "speedup_vs_ref_ar", "speedup_vs_ref_same_drafter",
             "verify_gbps", "frac_copy_bw"]
+    cols += [c for c in table if c.endswith("_source") and c != "n_rows_source"]
     md = table[cols].to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else table[cols].to_string()
     head = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-    (out / "e2e.md").write_text(f"# End-to-end verify speed, Qwen3-8B shapes, random weights\n\n{head}\n\n{md}\n")
+    (out / f"{name}.md").write_text(f"# {title}\n\n{head}\n\n{md}\n")
     print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
 
 

@@ -67,6 +67,7 @@ def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool) -> No
     if cfg.warmup:  # compile/allocate once outside the timed region
         first = run.prompts[0]
         ids = encode_turn(loaded, first.turns[:1], [])
+        drafter.begin(cell.verifier, str(first.prompt_id), 1)
         generate(runtime, drafter, ids, **{**gen_kw, "max_new_tokens": min(8, gen_kw["max_new_tokens"])},
                  generator=torch.Generator().manual_seed(0),
                  reference=refs.replay(drafter, runtime, (first.prompt_id, 1), ids))
@@ -83,6 +84,7 @@ def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool) -> No
             replay = refs.replay(drafter, runtime, key, ids)
             if runtime.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            drafter.begin(cell.verifier, str(p.prompt_id), turn)
             res = generate(runtime, drafter, ids, **gen_kw, generator=torch.Generator().manual_seed(seed),
                            reference=replay)
             if cell.baseline and float(cfg.temperature) == 0:

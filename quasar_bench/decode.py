@@ -25,6 +25,10 @@ class GenerationResult:
     # attempts[i] / accepts[i]: draft position i+1 was verified / accepted (see metrics.py)
     attempts: list[int] = field(default_factory=list)
     accepts: list[int] = field(default_factory=list)
+    # Per verify step: drafts fed to the verifier, and how many of them it kept (the trace a
+    # `replay` drafter reproduces elsewhere; sums to drafted / accepted)
+    step_drafted: list[int] = field(default_factory=list)
+    step_accepted: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     draft_s: float = 0.0
@@ -47,6 +51,8 @@ def record_step(res: GenerationResult, drafted: int, accepted: int) -> None:
     res.verify_steps += 1
     res.drafted += drafted
     res.accepted += accepted
+    res.step_drafted.append(drafted)
+    res.step_accepted.append(accepted)
     # Positions 1..min(accepted+1, drafted) were tried; the first `accepted` of them passed.
     tried = min(accepted + 1, drafted)
     while len(res.attempts) < tried:
@@ -114,7 +120,9 @@ def generate(runtime, drafter: Drafter, prompt_ids: list[int], max_new_tokens: i
             if tok in eos:
                 res.stopped_by = "eos"
                 break
-        if res.stopped_by == "eos":
+        if draft.last and res.stopped_by != "eos":
+            res.stopped_by = draft.last
+        if res.stopped_by != "max_new_tokens":
             break
     res.decode_s = timer.now() - t1
     return res

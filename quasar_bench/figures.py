@@ -319,6 +319,31 @@ def plot_gpu_speedup_by_drafter(e2e: pd.DataFrame | None, ax=None):
     return ax
 
 
+def plot_gpu_replay(replay: pd.DataFrame | None, ax=None):
+    """Real acceptance at Qwen3-8B speed (results/gpu/replay.csv): tokens/s over the bf16 verifier's
+    AR, one group of bars per drafter, each bar labelled with the tau its verifier reached on the
+    source model; drafters that ran for only some verifiers show only those bars."""
+    need = {"verifier", "drafter", "speedup_vs_ref_ar", "tau_source"}
+    if replay is None or replay.empty or not need <= set(replay.columns):
+        raise MissingInput("no results/gpu/replay.csv (python experiments/gpu_speed.py --experiment gpu_replay "
+                           "--source results/default)")
+    t = replay.pivot_table(index="drafter", columns="verifier", values="speedup_vs_ref_ar", sort=False)
+    tau = replay.pivot_table(index="drafter", columns="verifier", values="tau_source", sort=False)
+    order = ["reference", "int8", "w8a8", "int4", "pruned"]  # by bytes per weight, the lossy one last
+    t = t[sorted(t.columns, key=lambda v: (order.index(v) if v in order else len(order), v))]
+    ax = _ax(ax, (9, 4.8))
+    t.plot.bar(ax=ax, rot=15, width=0.8, color=[_vcolor(v) for v in t.columns])
+    for container, verifier in zip(ax.containers, t.columns):
+        labels = [f"{tau.at[d, verifier]:.2f}" if pd.notna(tau.at[d, verifier]) else "" for d in t.index]
+        ax.bar_label(container, labels=labels, fontsize=6, rotation=90, padding=2)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylabel("tokens/s ÷ bf16 AR (bar labels: τ on the source model)")
+    gpu = replay["gpu"].iloc[0] if "gpu" in replay else "GPU"
+    ax.set_title(f"Real τ (SmolLM2-135M, CPU) at Qwen3-8B step times, {gpu}", fontsize=10)
+    ax.legend(title="verifier", fontsize=8)
+    return ax
+
+
 def load_step_speed(results) -> pd.DataFrame | None:
     """results/gpu/step_speed*.csv (experiments/step_speed.py), one row per engine and measure."""
     frames = [pd.read_csv(f).assign(table=f.stem) for f in sorted((Path(results) / "gpu").glob("step_speed*.csv"))]
@@ -399,6 +424,9 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
     e2e = Path(results) / "gpu" / "e2e.csv"
     _draw("gpu_speedup_by_drafter", lambda: plot_gpu_speedup_by_drafter(pd.read_csv(e2e) if e2e.exists() else None),
           out / "gpu_speedup_by_drafter", written, problems)
+    replay = Path(results) / "gpu" / "replay.csv"
+    _draw("gpu_replay", lambda: plot_gpu_replay(pd.read_csv(replay) if replay.exists() else None),
+          out / "gpu_replay", written, problems)
     _draw("gpu_step_by_backend", lambda: plot_step_speed_by_backend(load_step_speed(results)),
           out / "gpu_step_by_backend", written, problems)
     return written, problems

@@ -50,6 +50,7 @@ def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: st
         "tau": tau(n, res.verify_steps), "alpha": alpha(res.accepted, res.drafted),
         "accepted_per_position": per_position_acceptance(res.attempts, res.accepts),
         "drafted": res.drafted, "accepted": res.accepted, "stopped_by": res.stopped_by,
+        "drafted_lengths": list(res.step_drafted), "accepted_lengths": list(res.step_accepted),
         "prefill_s": res.prefill_s, "decode_s": res.decode_s, "draft_s": res.draft_s,
         "verify_s": res.verify_s, "other_s": res.decode_s - res.draft_s - res.verify_s,
         "tokens_per_s": n / res.decode_s if res.decode_s > 0 else math.nan,

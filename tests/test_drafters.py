@@ -466,3 +466,21 @@ def test_draft_model_at_the_verifiers_own_precision_is_labelled(tmp_path):
     same = make_drafter(OmegaConf.create({"name": "draft_model", "k": K, "precision": "int4"}), int4, loaded, tools)
     assert same.row_fields() == {"draft_same_weights": True}
     assert other.row_fields() == {"draft_same_weights": False}
+
+
+def test_replay_of_its_own_trace_is_lossless(tmp_path):
+    """drafter "replay" forces acceptance; replaying a trace the same verifier and drafter recorded
+    forces exactly the verdicts greedy verification gives, so the output is the AR output."""
+    import pandas as pd
+
+    rt = tiny_runtime("tiny_llama", seed=1)
+    prompt = [4, 5, 6, 4, 5, 6, 9]
+    inner = {"name": "layerskip", "mode": "static", "skip": [3], "k": 3}
+    src = generate(rt, mk(inner, rt), prompt, 24, 3)
+    pd.DataFrame([dict(verifier="v", drafter="layerskip", prompt_id="p", turn=1, new_tokens=len(src.output_ids),
+                       drafted_lengths=src.step_drafted, accepted_lengths=src.step_accepted,
+                       stopped_by=src.stopped_by)]).to_parquet(tmp_path / "rows.parquet")
+    d = mk({"name": "replay", "inner": inner, "traces": str(tmp_path), "k": 3}, rt)
+    d.begin("v", "p", 1)
+    out = generate(rt, d, prompt, 24, 3)
+    assert out.output_ids == ar_ids(rt, prompt, 24) and out.step_accepted == src.step_accepted

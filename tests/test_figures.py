@@ -75,6 +75,25 @@ def test_gpu_tables_give_speedup_and_backend_figures(tmp_path):
     assert (out / "gpu_speedup_by_drafter.png").exists() and (out / "gpu_step_by_backend.png").exists()
 
 
+def test_gpu_replay_figure_bars_and_tau_labels(tmp_path):
+    """results/gpu/replay.csv -> one bar per (drafter, verifier) that ran, height = speedup over
+    bf16 AR, label = the source model's tau; a drafter run for one verifier gets one bar."""
+    replay = pd.DataFrame([dict(verifier=v, drafter=d, speedup_vs_ref_ar=x, tau_source=t, gpu="H100")
+                           for v, d, x, t in (("reference", "ar", 1.0, 1.0), ("int4", "ar", 1.6, 1.0),
+                                              ("reference", "ngram", 1.3, 1.53), ("int4", "ngram", 2.1, 1.86),
+                                              ("reference", "draft_model", 0.6, 2.97))])
+    ax = figures.plot_gpu_replay(replay)
+    heights = sorted(round(p.get_height(), 3) for p in ax.patches if p.get_height() > 0)  # NaN: no bar
+    assert heights == [0.6, 1.0, 1.3, 1.6, 2.1]
+    labels = sorted(t.get_text() for t in ax.texts if t.get_text())
+    assert labels == ["1.00", "1.00", "1.53", "1.86", "2.97"]
+    res = tmp_path / "results"
+    (res / "gpu").mkdir(parents=True)
+    replay.to_csv(res / "gpu" / "replay.csv", index=False)
+    written, problems = figures.make_figures(res, tmp_path / "figs")
+    assert not problems and (tmp_path / "figs" / "gpu_replay.png").exists()
+
+
 def test_missing_inputs_are_skipped_with_notes(tmp_path):
     res = tmp_path / "results"
     no_fid = synth.synthetic_rows(n_per_cat=2, categories=("qa",), fidelity=False)

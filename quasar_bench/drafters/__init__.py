@@ -42,6 +42,9 @@ class Draft:
     # Set only by drafters with forces_acceptance: how many drafts the loop accepts, instead of the
     # verifier's verdict. The verify forward still runs over every drafted token.
     forced_accept: int | None = None
+    # Set only by drafters that replay a recorded generation which ended at this step: the reason
+    # it ended there (the loop stops after this step and records it as stopped_by).
+    last: str | None = None
 
 
 @dataclass
@@ -128,6 +131,10 @@ class Drafter:
         if self.temperature > 0 and tokens:
             return Draft(tokens=tokens, probs=torch.stack(probs))
         return Draft(tokens=tokens)
+
+    def begin(self, verifier: str, prompt_id: str, turn: int) -> None:
+        """The harness names the generation about to start (verifier label, prompt id, turn), for
+        drafters that keep per-prompt data (replay); called before setup()/start()."""
 
     def start(self, prompt_ids: list[int], reference: list[int] | None = None) -> None:
         """A new generation begins. `reference`: the continuation named by `replays`, if any."""
