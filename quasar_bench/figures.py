@@ -339,7 +339,9 @@ def plot_gpu_replay(replay: pd.DataFrame | None, ax=None):
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_ylabel("tokens/s ÷ bf16 AR (bar labels: τ on the source model)")
     gpu = replay["gpu"].iloc[0] if "gpu" in replay else "GPU"
-    ax.set_title(f"Real τ (SmolLM2-135M, CPU) at Qwen3-8B step times, {gpu}", fontsize=10)
+    size = (f"; {int(replay['n_prompts'].max())} prompts, {int(replay['new_tokens'].max())} tokens per cell"
+            if {"n_prompts", "new_tokens"} <= set(replay.columns) else "")
+    ax.set_title(f"Real τ (SmolLM2-135M, CPU) at Qwen3-8B step times, {gpu}{size}", fontsize=10)
     ax.legend(title="verifier", fontsize=8)
     return ax
 
