@@ -6,11 +6,17 @@ if every turn does. Ratio metrics are pooled over prompts (τ = Σ new_tokens / 
 α = Σ accepted / Σ drafted, tokens/s = Σ new_tokens / Σ decode_s), so long prompts weigh more;
 KL, top-1 and exact match are means of per-prompt values.
 
-95% confidence intervals (`<metric>_lo`, `<metric>_hi`) are percentile bootstraps over prompts
-(B = 2000 resamples, fixed seed, so a table is reproducible): each resample draws prompts with
-replacement and recomputes the pooled metric. Speedups are bootstrapped paired (the same drawn
-prompts for the run and its AR baseline) when both ran the same prompts, else independently.
-With fewer than 2 prompts the interval is NaN.
+`<metric>_lo`, `<metric>_hi` are what the number of prompts n supports, named per row in the
+`interval` column:
+- n >= MIN_CI_N (10): "95% CI", a percentile bootstrap over prompts (B = 2000 resamples, fixed
+  seed, so a table is reproducible): each resample draws prompts with replacement and recomputes
+  the pooled metric. Speedups are bootstrapped paired (the same drawn prompts for the run and its
+  AR baseline) when both ran the same prompts, else independently.
+- 2 <= n < MIN_CI_N: "range", the smallest and largest per-prompt value (speedups: per-prompt
+  paired ratios; NaN when the prompts differ). A bootstrap over 3 prompts would only restate these
+  extremes under the name of a 95 % interval; a pooled ratio can fall outside the range of its
+  per-prompt ratios when prompts differ in length.
+- n < 2: "none", NaN.
 
 The acceptance curve `accept_curve` is the mean over prompts (turns averaged first) of
 p_i = P(draft i accepted | drafts 1..i-1 accepted), position by position (NaN-skipping).
@@ -24,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 B, SEED = 2000, 0
+MIN_CI_N = 10  # prompts: fewer get the range of per-prompt values, never a "95 % interval"
 METRICS = ["tau", "alpha", "kl_mean", "top1_agree", "ref_exact_match", "tokens_per_s",
            "speedup_vs_ar", "speedup_vs_ref_ar"]
 SUMS = ["new_tokens", "verify_steps", "accepted", "drafted", "decode_s"]
@@ -74,6 +81,15 @@ def _boot_idx(n, rng):
     return rng.integers(0, n, size=(B, n))
 
 
+def interval_kind(n: int) -> str:
+    return "95% CI" if n >= MIN_CI_N else "range" if n >= 2 else "none"
+
+
+def _range(values):
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if len(values) >= 2 else (np.nan, np.nan)
+
+
 def _ci(values):
     values = values[np.isfinite(values)]
     if len(values) == 0:
@@ -104,12 +120,13 @@ def _per_prompt(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def _stats(pp: pd.DataFrame, rng) -> dict:
     """Point estimates and bootstrap CIs of one group's per-prompt table."""
     n = len(pp)
-    idx = _boot_idx(n, rng) if n >= 2 else None
-    out = {"n_prompts": n, "accept_curve": _curve(list(pp["curve"]))}
+    kind = interval_kind(n)
+    idx = _boot_idx(n, rng) if kind == "95% CI" else None
+    out = {"n_prompts": n, "interval": kind, "accept_curve": _curve(list(pp["curve"]))}
     for m, (a, b) in RATIOS.items():
         num, den = pp[a].to_numpy(float), pp[b].to_numpy(float)
         out[m] = float(_ratio(num.sum(), den.sum()))
-        lo, hi = _ci(_ratio(num[idx].sum(1), den[idx].sum(1))) if idx is not None else (np.nan,) * 2
+        lo, hi = _ci(_ratio(num[idx].sum(1), den[idx].sum(1))) if idx is not None else _range(_ratio(num, den))
         out[m + "_lo"], out[m + "_hi"] = lo, hi
     for m in MEANS + ["ref_exact_match"]:
         v = pp[m].to_numpy(float)
@@ -119,7 +136,7 @@ def _stats(pp: pd.DataFrame, rng) -> dict:
             vv = v[ok]
             out[m + "_lo"], out[m + "_hi"] = _ci(vv[_boot_idx(len(vv), rng)].mean(1))
         else:
-            out[m + "_lo"] = out[m + "_hi"] = np.nan
+            out[m + "_lo"], out[m + "_hi"] = _range(v)
     return out
 
 
@@ -133,10 +150,14 @@ def _speedup(pp: pd.DataFrame, base: pd.DataFrame, rng):
         return point, np.nan, np.nan
     k1 = list(zip(pp["category"], pp["prompt_id"]))
     k0 = list(zip(base["category"], base["prompt_id"]))
-    if sorted(k1) == sorted(k0):  # paired: align base to pp's prompt order
+    paired = sorted(k1) == sorted(k0)
+    if paired:  # align base to pp's prompt order
         pos = {k: i for i, k in enumerate(k0)}
         order = [pos[k] for k in k1]
         n0, d0 = n0[order], d0[order]
+    if interval_kind(len(pp)) != "95% CI":
+        return (point, *_range(_ratio(n1, d1) / _ratio(n0, d0))) if paired else (point, np.nan, np.nan)
+    if paired:
         i1 = i0 = _boot_idx(len(pp), rng)
     else:
         i1, i0 = _boot_idx(len(pp), rng), _boot_idx(len(base), rng)
@@ -194,7 +215,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                     rec["_pp"], base[0]["_pp"], np.random.default_rng(SEED))
             else:
                 rec[col] = rec[col + "_lo"] = rec[col + "_hi"] = np.nan
-    cols = keys + ["category", "n_prompts"]
+    cols = keys + ["category", "n_prompts", "interval"]
     cols += [c for m in METRICS for c in (m, m + "_lo", m + "_hi")] + ["accept_curve"]
     out = pd.DataFrame([{k: v for k, v in r.items() if k != "_pp"} for r in groups], columns=cols)
     if out.empty:
@@ -237,8 +258,9 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
             if spec is None:
                 line.append(str(r[c]))
             elif c in ci and np.isfinite(r.get(c + "_lo", np.nan)):
-                line.append(f"{_fmt(r[c], spec)} [{_fmt(r[c + '_lo'], spec)},"
-                            f"{_fmt(r[c + '_hi'], spec)}]")
+                ci_row = r.get("interval", "95% CI") == "95% CI"
+                lo, hi = _fmt(r[c + "_lo"], spec), _fmt(r[c + "_hi"], spec)
+                line.append(f"{_fmt(r[c], spec)} " + (f"[{lo},{hi}]" if ci_row else f"({lo}–{hi})"))
             else:
                 line.append(_fmt(r[c], spec))
         table.append(line)
@@ -246,6 +268,11 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
     text = ["  ".join(v.ljust(w) if i < len(extra) + 4 else v.rjust(w)
                       for i, (v, w) in enumerate(zip(row, widths))).rstrip() for row in table]
     text.insert(1, "-" * len(text[0]))
+    kinds = set(s["interval"]) if "interval" in s else set()
+    if "95% CI" in kinds:
+        text.append(f"[a,b]: 95 % bootstrap interval over prompts (n >= {MIN_CI_N})")
+    if "range" in kinds:
+        text.append(f"(a–b): smallest and largest per-prompt value (n < {MIN_CI_N}: too few prompts for an interval)")
     return "\n".join(text)
 
 

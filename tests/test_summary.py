@@ -156,7 +156,7 @@ def test_format_table_and_save(tmp_path):
     s = summarize(synthetic_rows())
     text = format_table(s, categories=["all"])
     lines = text.splitlines()
-    assert len(lines) == 2 + 12
+    assert len(lines) == 2 + 12 + 1 and lines[-1].startswith("[a,b]: 95 % bootstrap")  # n = 12: intervals
     assert all(h in lines[0] for h in ("τ", "α", "KL", "top-1", "exact", "tok/s", "speedup"))
     ls = s[(s.drafter == "layerskip") & (s.verifier == "int4") & (s.category == "all")].iloc[0]
     assert f"{ls.tau:.2f} [{ls.tau_lo:.2f},{ls.tau_hi:.2f}]" in text
@@ -185,3 +185,25 @@ def test_cells_of_other_configurations_never_pool():
     assert len(ngram) == 4 and ngram.drafter.nunique() == 4
     for _, r in ngram.iterrows():  # each ngram cell against the AR of its own context: 2x or 3x, never mixed
         assert r.speedup_vs_ar == pytest.approx(2.0 if r.drafter.endswith(("n3ctxA", "n3ctxB")) else 3.0)
+
+
+def test_few_prompts_get_the_per_prompt_range_not_an_interval():
+    """n < MIN_CI_N prompts: _lo/_hi are the smallest and largest per-prompt value (computed here
+    by hand), labelled "range" and printed as (a–b); from MIN_CI_N prompts on, a bootstrap "95% CI"."""
+    from quasar_bench.summary import MIN_CI_N
+
+    rows = [tiny(prompt_id=p, new_tokens=t, verify_steps=v, accepted=1, drafted=4, decode_s=d)
+            for p, t, v, d in (("a", 12, 6, 1.0), ("b", 30, 10, 2.0), ("c", 20, 4, 1.0))]
+    ar = [dict(r, drafter="ar", verifier="bf16", verify_steps=r["new_tokens"], accepted=0, drafted=0,
+               decode_s=2 * r["decode_s"], k=0) for r in rows]
+    s = summarize(pd.DataFrame(rows + ar))
+    r = s[(s.drafter == "ngram") & (s.category == "qa")].iloc[0]
+    assert r.interval == "range" and r.n_prompts == 3
+    assert (r.tau_lo, r.tau_hi) == pytest.approx((2.0, 5.0))  # 12/6, 30/10, 20/4
+    assert (r.tokens_per_s_lo, r.tokens_per_s_hi) == pytest.approx((12.0, 20.0))  # 12, 15, 20
+    assert (r.speedup_vs_ar_lo, r.speedup_vs_ar_hi) == pytest.approx((2.0, 2.0))  # paired, each prompt 2x
+    text = format_table(s, categories=["qa"])
+    assert f"{r.tau:.2f} (2.00–5.00)" in text and "(a–b): smallest and largest" in text and "[a,b]" not in text
+    many = summarize(pd.DataFrame([tiny(prompt_id=str(i), new_tokens=10 + i, verify_steps=5, accepted=1,
+                                        drafted=4, decode_s=1.0) for i in range(MIN_CI_N)]))
+    assert (many.interval == "95% CI").all()
