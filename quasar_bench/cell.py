@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 def describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference: bool) -> Cell:
     """The cell's identity (its full resolved configuration) and the fields its rows share."""
     cfg = run.cfg
-    config = {"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": run.identity_parts["weights"],
+    config = {"model": OmegaConf.to_container(cfg.model, resolve=True), "model_label": run.loaded.name,
+              "weights": run.identity_parts["weights"],
               "code": run.identity_parts["code"], "prompts": run.identity_parts["prompts"],
               "device": str(runtime.device), "engine": run.engine,
               "dtype": str(runtime.dtype), "verifier": OmegaConf.to_container(vcfg, resolve=True),
@@ -37,7 +38,7 @@ def describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference: bool) -> Cell
 
     context = cell_hash({k: v for k, v in config.items() if k not in ("drafter", "verifier")})
     return Cell(cell_id=cell_hash(config), context_id=context, config=config, experiment=cfg.experiment_name,
-                model=run.loaded.name,
+                model=run.loaded.name, model_weights=run.identity_parts["weights"],
                 verifier=vcfg.get("label") or vcfg.name, drafter=dcfg.get("label") or dcfg.name,
                 drafter_name=dcfg.name, is_reference=is_reference, baseline=not drafter.drafts,
                 forced_acceptance=drafter.forces_acceptance, k=drafter.k,

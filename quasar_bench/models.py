@@ -132,6 +132,28 @@ def random_hf_model(config_kwargs: dict, vocab_size: int, dtype, device, seed: i
     return model.eval()
 
 
+def model_label(cfg, hf) -> str:
+    """What rows call the model: `model.name`, unless weights from `model.path` replaced those of a
+    config group whose name it still is (`model=hf`, or `model=smollm2 model.path=...`): then the
+    folder (or hub id) and the architecture, e.g. `Llama-3.2-1B-Instruct (llama)`. A user-given
+    `model.name=` that names no config group always wins."""
+    from .config import choices
+
+    name, path = cfg.name, cfg.get("path")
+    if path is None or name not in {*choices("model"), *_group_names()}:
+        return name
+    return f"{Path(str(path)).name or str(path)} ({hf.config.model_type})"
+
+
+def _group_names() -> set[str]:
+    """The `name:` each conf/model/*.yaml sets (usually its file name)."""
+    from omegaconf import OmegaConf
+
+    from .config import CONF_DIR
+
+    return {str(OmegaConf.load(p).get("name")) for p in (CONF_DIR / "model").glob("*.yaml")}
+
+
 def load_model(cfg) -> LoadedModel:
     """cfg: the `model` config node (name, path, weights, device, dtype, runtime, max_seq_len, cache_dir)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,5 +200,5 @@ def load_model(cfg) -> LoadedModel:
     eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
                       *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
     chat = bool(cfg.get("chat", True)) and getattr(tokenizer, "chat_template", None) is not None
-    return LoadedModel(name=name, runtime=runtime, tokenizer=tokenizer, eos_ids=eos_ids, chat=chat,
+    return LoadedModel(name=model_label(cfg, hf), runtime=runtime, tokenizer=tokenizer, eos_ids=eos_ids, chat=chat,
                        enable_thinking=bool(cfg.get("enable_thinking", False)), hf_model=hf)

@@ -19,7 +19,8 @@ class Cell:
     context_id: str  # the identity without drafter and verifier: cells comparable with each other
     config: dict  # the full resolved configuration: the cell's identity
     experiment: str
-    model: str
+    model: str  # the loaded model's label (models.model_label)
+    model_weights: str  # <label>-<weights fingerprint>: which weights the label stood for
     verifier: str  # label
     drafter: str  # label
     drafter_name: str
@@ -41,6 +42,7 @@ def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: st
     n = len(res.output_ids)
     row = {
         "experiment": cell.experiment, "cell_id": cell.cell_id, "context_id": cell.context_id, "model": cell.model,
+        "model_weights": cell.model_weights,
         "drafter": cell.drafter, "drafter_name": cell.drafter_name, "verifier": cell.verifier,
         "reference_verifier": cell.is_reference, "baseline": cell.baseline,
         "forced_acceptance": cell.forced_acceptance, "kernel": cell.kernel, "k": cell.k,

@@ -58,6 +58,16 @@ def on_cuda_by_default(cfg, key: str, runtime) -> bool:
     return runtime.device.type in AUTO_ON[key] if value == "auto" else bool(value)
 
 
+def check_model_label(store: ResultStore, label: str, weights: str) -> None:
+    """Refuse to store rows of other weights under a model label the result set already uses."""
+    if not (store.root / "manifest.json").exists():
+        return
+    for cfg in store.cells().values():
+        if cfg.get("model_label") == label and cfg.get("weights") not in (None, weights):
+            raise QuasarError(f"{store.root} holds rows of model {label!r} with other weights ({cfg['weights']} vs "
+                              f"{weights} now); name this model model.name=<another name> or pick another out_dir=")
+
+
 class Experiment:
     def __init__(self, cfg):
         validate(cfg)
@@ -102,6 +112,7 @@ class Experiment:
             self.identity_parts = {"weights": model_fingerprint(self.loaded), "code": code_fingerprint(),
                                    "prompts": prompts_fingerprint(self.prompts)}
             self.env = environment()
+            check_model_label(self.store, self.loaded.name, self.identity_parts["weights"])
             verifiers = [v for v, _ in self.plan]
             drafters = {cell_hash(d): d for _, ds in self.plan for d in ds}.values()
             fidelity_wanted = cfg.fidelity is True or (
