@@ -253,6 +253,14 @@ def clone_runtime(runtime):
     return new
 
 
+def same_weights_runtime(runtime):
+    """A runtime on `runtime`'s weights, unchanged, with its own KV cache (the reference verifier):
+    clone_runtime on the native runtime; on the generic path, a new wrapper of the same model."""
+    if getattr(runtime, "is_native", False):
+        return clone_runtime(runtime)
+    return type(runtime)(runtime.model)
+
+
 def cast_runtime(runtime, dtype: torch.dtype):
     """Clone with every floating parameter cast to dtype (new tensors; RoPE tables stay fp32)."""
     new = clone_runtime(runtime)

@@ -120,7 +120,9 @@ class Experiment:
             self.references = References(self.loaded, self.prompts, int(cfg.max_new_tokens))
             from .drafters import make_drafter
 
-            # Instantiate every drafter once on the loaded model: bad settings fail before any row.
+            # Every cell the loaded model cannot run is known before references and verifier builds.
+            self.skipped = self.drop_unsupported(drafters)
+            drafters = {cell_hash(d): d for _, ds in self.plan for d in ds}.values()
             made = [make_drafter(d, self.loaded.runtime, self.loaded, self.tools) for d in drafters]
             if fidelity_wanted or any(d.replays == "reference" for d in made):
                 self.references.compute(fidelity_wanted, cfg.progress)
@@ -133,6 +135,49 @@ class Experiment:
             return self.finish(time.perf_counter() - t0)
         finally:
             self.store.close()
+
+    def drop_unsupported(self, drafters) -> list[str]:
+        """Cells the loaded model cannot run (a precision that needs the native runtime, a drafter
+        whose settings do not fit this model), found by instantiating each drafter once and asking
+        each precision: refused together in one line, or with skip_unsupported=true dropped from
+        the plan and returned ("verifier/drafter: reason") for the end of the run."""
+        from .drafters import make_drafter
+
+        bad_d = {}
+        for d in drafters:
+            try:
+                make_drafter(d, self.loaded.runtime, self.loaded, self.tools)
+            except QuasarError as e:
+                bad_d[cell_hash(d)] = str(e)
+        skipped, plan = [], []
+        for v, ds in self.plan:
+            v_reason = precision(v.name).unsupported(self.loaded)
+            keep = []
+            for d in ds:
+                reason = v_reason or bad_d.get(cell_hash(d))
+                if reason:
+                    skipped.append(f"{v.get('label') or v.name}/{d.get('label') or d.name}: {reason}")
+                else:
+                    keep.append(d)
+            if keep:
+                plan.append((v, keep))
+        if not skipped:
+            return []
+        if self.cfg.skip_unsupported is not True:
+            if self.cfg.skip_unsupported is not False:
+                raise QuasarError(f"skip_unsupported={self.cfg.skip_unsupported!r}; choose true or false")
+            raise QuasarError(f"{len(skipped)} of {self.plan_size()} cells cannot run on model {self.loaded.name}: "
+                              + " | ".join(skipped) + " -- drop them from the matrix, or skip_unsupported=true "
+                              "runs the rest")
+        if not plan:
+            raise QuasarError(f"no cell of the matrix can run on model {self.loaded.name}: " + " | ".join(skipped))
+        for line in skipped:
+            log.warning("skipped (skip_unsupported=true): %s", line)
+        self.plan = plan
+        return skipped
+
+    def plan_size(self) -> int:
+        return sum(len(ds) for _, ds in self.plan)
 
     def run_verifier(self, vcfg, cell_drafters, max_k: int) -> None:
         entry = precision(vcfg.name)
@@ -175,5 +220,7 @@ class Experiment:
             log_results(self.cfg, df, summary, self.out_dir)
         print(format_table(summary))
         print(f"\nresults: {self.out_dir.resolve()}  (rows.parquet, rows.csv, summary.csv)")
+        for line in getattr(self, "skipped", []):
+            print(f"skipped cell (skip_unsupported=true): {line}")
         print(f"wall time: {wall_s:.1f} s")
         return self.out_dir

@@ -48,6 +48,14 @@ class Precision:
     params: Callable = field(default=lambda vcfg: {})  # validated parameters: also the cache key
     cached: bool = False  # save the built state and reload it next time
     is_reference: bool = False  # the precision fidelity is measured against
+    generic: bool = False  # also runs on the generic transformers runtime (else: native runtime only)
+
+    def unsupported(self, loaded) -> str | None:
+        """Why this precision cannot be built on `loaded` (checked before any long work), or None."""
+        if self.generic or getattr(loaded.runtime, "is_native", False):
+            return None
+        return ("needs the native runtime (llama/qwen2/qwen3/mistral); this model runs on the generic "
+                "transformers path")
 
 
 def _registry() -> dict[str, Precision]:
