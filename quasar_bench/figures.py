@@ -329,7 +329,10 @@ def plot_gpu_replay(replay: pd.DataFrame | None, ax=None):
                            "--source results/default)")
     t = replay.pivot_table(index="drafter", columns="verifier", values="speedup_vs_ref_ar", sort=False)
     tau = replay.pivot_table(index="drafter", columns="verifier", values="tau_source", sort=False)
-    order = ["reference", "int8", "w8a8", "int4", "pruned"]  # by bytes per weight, the lossy one last
+    order = ["reference", "int8", "w8a8", "int4", "int4_gptq", "pruned"]  # by bytes per weight, the lossy one last
+    baseline = replay.groupby("drafter")["baseline"].first() if "baseline" in replay else pd.Series(dtype=bool)
+    t = t.loc[sorted(t.index, key=lambda d: not bool(baseline.get(d, False)))]  # the baseline (AR) first
+    tau = tau.loc[t.index]
     t = t[sorted(t.columns, key=lambda v: (order.index(v) if v in order else len(order), v))]
     ax = _ax(ax, (9, 4.8))
     t.plot.bar(ax=ax, rot=15, width=0.8, color=[_vcolor(v) for v in t.columns])
@@ -339,7 +342,7 @@ def plot_gpu_replay(replay: pd.DataFrame | None, ax=None):
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_ylabel("tokens/s ÷ bf16 AR (bar labels: τ on the source model)")
     gpu = replay["gpu"].iloc[0] if "gpu" in replay else "GPU"
-    size = (f"; {int(replay['n_prompts'].max())} prompts, {int(replay['new_tokens'].max())} tokens per cell"
+    size = (f"; {int(replay['n_prompts'].max())} prompts, {int(replay['new_tokens'].max())} new tokens per cell"
             if {"n_prompts", "new_tokens"} <= set(replay.columns) else "")
     ax.set_title(f"Real τ (SmolLM2-135M, CPU) at Qwen3-8B step times, {gpu}{size}", fontsize=10)
     ax.legend(title="verifier", fontsize=8)
