@@ -121,9 +121,7 @@ class Experiment:
             from .drafters import make_drafter
 
             # Every cell the loaded model cannot run is known before references and verifier builds.
-            self.skipped = self.drop_unsupported(drafters)
-            drafters = {cell_hash(d): d for _, ds in self.plan for d in ds}.values()
-            made = [make_drafter(d, self.loaded.runtime, self.loaded, self.tools) for d in drafters]
+            self.skipped, made = self.drop_unsupported(drafters)
             if fidelity_wanted or any(d.replays == "reference" for d in made):
                 self.references.compute(fidelity_wanted, cfg.progress)
             max_k = max(d.k for d in made)
@@ -140,13 +138,14 @@ class Experiment:
         """Cells the loaded model cannot run (a precision that needs the native runtime, a drafter
         whose settings do not fit this model), found by instantiating each drafter once and asking
         each precision: refused together in one line, or with skip_unsupported=true dropped from
-        the plan and returned ("verifier/drafter: reason") for the end of the run."""
+        the plan. Returns ("verifier/drafter: reason" per skipped cell, the drafters of the cells
+        that run, instantiated)."""
         from .drafters import make_drafter
 
-        bad_d = {}
+        bad_d, made = {}, {}
         for d in drafters:
             try:
-                make_drafter(d, self.loaded.runtime, self.loaded, self.tools)
+                made[cell_hash(d)] = make_drafter(d, self.loaded.runtime, self.loaded, self.tools)
             except QuasarError as e:
                 bad_d[cell_hash(d)] = str(e)
         skipped, plan = [], []
@@ -161,8 +160,9 @@ class Experiment:
                     keep.append(d)
             if keep:
                 plan.append((v, keep))
+        kept = [made[h] for h in {cell_hash(d) for _, ds in plan for d in ds}]
         if not skipped:
-            return []
+            return [], kept
         if self.cfg.skip_unsupported is not True:
             if self.cfg.skip_unsupported is not False:
                 raise QuasarError(f"skip_unsupported={self.cfg.skip_unsupported!r}; choose true or false")
@@ -174,7 +174,7 @@ class Experiment:
         for line in skipped:
             log.warning("skipped (skip_unsupported=true): %s", line)
         self.plan = plan
-        return skipped
+        return skipped, kept
 
     def plan_size(self) -> int:
         return sum(len(ds) for _, ds in self.plan)
