@@ -122,3 +122,20 @@ def test_replay_refuses_missing_or_short_traces(tmp_path):
     d = replay(rt, loaded, tmp_path, trace_verifier="reference")
     d.begin("int4", "p1", 1)
     assert generate(rt, d, PROMPT, 10, d.k).step_accepted == res.step_accepted
+
+
+def test_replay_on_a_quantized_verifier_keeps_the_recorded_steps(tmp_path):
+    """The pairing the GPU table relies on: the reference's trace replayed on the same model's int8
+    verifier (quantized linears, its own verdicts ignored) gives the recorded steps exactly."""
+    from quasar_bench.quant import Int8Linear
+    from quasar_bench.verifiers import build_verifier
+
+    src_rt, src = tiny(0)
+    res = generate(src_rt, make_drafter(OmegaConf.create(INNER), src_rt, src, draft_tools(src)), PROMPT, 24, 3)
+    q = build_verifier(src, OmegaConf.create({"name": "int8"}))
+    d = replay(q, src, trace_file(tmp_path, res), trace_verifier="reference")
+    d.begin("int8", "p1", 1)
+    got = generate(q, d, PROMPT, 24, d.k)
+    assert (got.verify_steps, got.step_accepted, got.step_drafted) == \
+        (res.verify_steps, res.step_accepted, res.step_drafted)
+    assert any(isinstance(m, Int8Linear) for m in q.modules())
