@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from .decode import generate
+from .decode import generate_batch
 from .drafters import make_drafter
 from .encode import decode_text, encode_turn
 from .fidelity import match_metrics
@@ -22,7 +22,7 @@ from .rows import Cell, device_name, make_row, peak_memory, weight_bytes
 log = logging.getLogger(__name__)
 
 
-def describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference: bool) -> Cell:
+def describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference: bool, batch_size: int = 1) -> Cell:
     """The cell's identity (its full resolved configuration) and the fields its rows share."""
     cfg = run.cfg
     config = {"model": OmegaConf.to_container(cfg.model, resolve=True), "model_label": run.loaded.name,
@@ -34,12 +34,15 @@ def describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference: bool) -> Cell
               "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
               "max_new_tokens": int(cfg.max_new_tokens), "temperature": float(cfg.temperature),
               "top_p": float(cfg.top_p), "seed": int(cfg.seed)}
+    if batch_size > 1:  # absent at 1: cells stored before the batch axis keep their identity
+        config["batch_size"] = batch_size
     from .plan import cell_hash
 
-    context = cell_hash({k: v for k, v in config.items() if k not in ("drafter", "verifier")})
+    # the comparable cells: all but drafter, verifier and batch size (speedups match the batch size)
+    context = cell_hash({k: v for k, v in config.items() if k not in ("drafter", "verifier", "batch_size")})
     return Cell(cell_id=cell_hash(config), context_id=context, config=config, experiment=cfg.experiment_name,
                 model=run.loaded.name, model_weights=run.identity_parts["weights"],
-                verifier=vcfg.get("label") or vcfg.name, drafter=dcfg.get("label") or dcfg.name,
+                verifier=vcfg.get("label") or vcfg.name, drafter=dcfg.get("label") or dcfg.name, batch_size=batch_size,
                 drafter_name=dcfg.name, is_reference=is_reference, baseline=not drafter.drafts,
                 forced_acceptance=drafter.forces_acceptance, k=drafter.k,
                 kernel=",".join(sorted({m.backend(runtime.device.type).name for m in runtime.modules()
@@ -53,53 +56,66 @@ def prompt_seed(seed: int, prompt_id, turn: int) -> int:
     return int(hashlib.sha256(f"{seed}/{prompt_id}/{turn}".encode()).hexdigest()[:8], 16)
 
 
-def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool) -> None:
+def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool, batch_size: int = 1) -> None:
     cfg, loaded, refs = run.cfg, run.loaded, run.references
     drafter = make_drafter(dcfg, runtime, loaded, run.tools)
-    cell = describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference)
+    cell = describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference, batch_size)
     done = run.store.done_keys(cell.cell_id) if (run.out_dir / "manifest.json").exists() else set()
     todo = [p for p in run.prompts if any((p.prompt_id, t + 1) not in done for t in range(len(p.turns)))]
-    label = f"{cell.verifier}/{cell.drafter}"
+    label = f"{cell.verifier}/{cell.drafter}" + (f"/B={batch_size}" if batch_size > 1 else "")
     if not todo:
         log.info("%s: all %d prompts already stored, skipping", label, len(run.prompts))
         return
     gen_kw = dict(max_new_tokens=int(cfg.max_new_tokens), k=drafter.k, eos_ids=loaded.eos_ids,
                   temperature=float(cfg.temperature), top_p=float(cfg.top_p))
-    if cfg.warmup:  # compile/allocate once outside the timed region
-        first = run.prompts[0]
-        ids = encode_turn(loaded, first.turns[:1], [])
-        drafter.begin(cell.verifier, str(first.prompt_id), 1)
-        generate(runtime, drafter, ids, **{**gen_kw, "max_new_tokens": min(8, gen_kw["max_new_tokens"])},
-                 generator=torch.Generator().manual_seed(0),
-                 reference=refs.replay(drafter, runtime, (first.prompt_id, 1), ids))
+    batch = run.batch_runtime(runtime, batch_size)
+    drafters = [drafter] if batch_size == 1 else [drafter.for_sequence(batch.seq(b)) for b in range(batch_size)]
+    if cfg.warmup:  # compile/allocate once outside the timed region: the first batch's first turns
+        first = run.prompts[:batch_size]
+        jobs = [(p, 1, encode_turn(loaded, p.turns[:1], [])) for p in first]
+        generate_jobs(run, runtime, batch, drafters, cell, jobs, {**gen_kw, "max_new_tokens": min(8, gen_kw["max_new_tokens"])})
     run.open_store()
     run.store.record_cell(cell.cell_id, cell.config)  # takes the cell's lock: re-read what is done under it
     done = run.store.done_keys(cell.cell_id)
     todo = [p for p in todo if any((p.prompt_id, t + 1) not in done for t in range(len(p.turns)))]
-    for p in tqdm(todo, desc=label, disable=not cfg.progress):
-        rows, answers = [], []
-        for turn in range(1, len(p.turns) + 1):
-            key = (p.prompt_id, turn)
-            ids = encode_turn(loaded, p.turns[:turn], answers)
-            seed = prompt_seed(int(cfg.seed), p.prompt_id, turn)
-            replay = refs.replay(drafter, runtime, key, ids)
+    chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    for chunk in tqdm(chunks, desc=label, disable=not cfg.progress):
+        # A later turn's prompt holds the cell's own earlier answers: turns run in order, the
+        # chunk's prompts side by side (those with fewer turns leave the batch: padding).
+        rows, answers = [], {p.prompt_id: [] for p in chunk}
+        for turn in range(1, max(len(p.turns) for p in chunk) + 1):
+            members = [p for p in chunk if len(p.turns) >= turn]
+            jobs = [(p, turn, encode_turn(loaded, p.turns[:turn], answers[p.prompt_id])) for p in members]
             if runtime.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            drafter.begin(cell.verifier, str(p.prompt_id), turn)
-            res = generate(runtime, drafter, ids, **gen_kw, generator=torch.Generator().manual_seed(seed),
-                           reference=replay)
-            if cell.baseline and float(cfg.temperature) == 0:
-                refs.remember_own(key, ids, res.output_ids)
-            text = decode_text(loaded.tokenizer, res.output_ids)
-            answers.append(text)
-            if key in done:
-                continue
-            row = make_row(cell, p, turn, ids, res, text, seed, peak_memory(runtime.device))
-            row.update(fidelity.get(key, {}))
-            if key in refs.continuations and refs.logprobs:
-                row.update(match_metrics(res.output_ids, refs.continuations[key][1]))
-            rows.append(row)
+            results = generate_jobs(run, runtime, batch, drafters, cell, jobs, gen_kw)
+            for (p, _, ids), res in zip(jobs, results):
+                key = (p.prompt_id, turn)
+                if cell.baseline and float(cfg.temperature) == 0:
+                    refs.remember_own(key, ids, res.output_ids)
+                text = decode_text(loaded.tokenizer, res.output_ids)
+                answers[p.prompt_id].append(text)
+                if key in done:
+                    continue
+                row = make_row(cell, p, turn, ids, res, text, prompt_seed(int(cfg.seed), p.prompt_id, turn),
+                               peak_memory(runtime.device))
+                row["batch_id"] = f"{jobs[0][0].prompt_id}/{turn}"  # the rows that shared its forwards
+                row.update(fidelity.get(key, {}))
+                if key in refs.continuations and refs.logprobs:
+                    row.update(match_metrics(res.output_ids, refs.continuations[key][1]))
+                rows.append(row)
         run.store.append(rows)
+
+
+def generate_jobs(run, runtime, batch, drafters, cell, jobs, gen_kw):
+    """Generate (prompt, turn, ids) jobs together (one per sequence of the batch), each with its
+    own seeded generator and its own replayed continuation."""
+    seeds = [prompt_seed(int(run.cfg.seed), p.prompt_id, turn) for p, turn, _ in jobs]
+    replays = [run.references.replay(drafters[i], runtime, (p.prompt_id, turn), ids) for i, (p, turn, ids) in enumerate(jobs)]
+    for d, (p, turn, _) in zip(drafters, jobs):
+        d.begin(cell.verifier, str(p.prompt_id), turn)
+    return generate_batch(batch, drafters[:len(jobs)], [ids for _, _, ids in jobs], **gen_kw,
+                          generators=[torch.Generator().manual_seed(s) for s in seeds], references=replays)
 
 
 def capture_graphs(runtime, cfg, max_k: int) -> None:

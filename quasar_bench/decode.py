@@ -13,7 +13,7 @@ import torch
 
 from .drafters import Draft, Drafter, baseline_drafter
 from .errors import QuasarError
-from .sampling import verify_greedy, verify_sampling
+from .sampling import accept_greedy, verify_sampling
 
 
 @dataclass
@@ -34,6 +34,7 @@ class GenerationResult:
     draft_s: float = 0.0
     verify_s: float = 0.0
     stopped_by: str = "max_new_tokens"
+    batch: "BatchStats | None" = None  # the batch it decoded in (set by generate_batch)
 
 
 class Timer:
@@ -63,69 +64,147 @@ def record_step(res: GenerationResult, drafted: int, accepted: int) -> None:
         res.accepts[i] += i < accepted
 
 
+class OneSequence:
+    """A runtime seen as a batch of one: the loop below serves batch_size = 1 and B > 1 alike
+    (batching.BatchRuntime is the B > 1 case)."""
+
+    size = 1
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.device = runtime.device
+
+    def reset(self, max_len: int) -> None:
+        self.runtime.reset(max_len)
+
+    def seq(self, b: int):
+        return self.runtime
+
+    def forward(self, rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+        return self.runtime.forward(torch.tensor(rows[0], device=self.device))[None]
+
+
+@dataclass
+class BatchStats:
+    """What the sequences of one batch share: the batch's wall time and how full its forwards were."""
+    size: int = 1  # rows of every verify forward (batch_size)
+    members: int = 1  # sequences in it (fewer than size: the rest of the rows are padding)
+    steps: int = 0  # verify forwards
+    fed: int = 0  # positions fed, padding included (sum over steps of size x tokens per row)
+    real: int = 0  # positions fed for an unfinished sequence's last token or drafts
+    decode_s: float = 0.0  # first verify step to the last sequence's last token
+    new_tokens: int = 0
+
+
 def generate(runtime, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int, k: int,
              eos_ids=(), temperature: float = 0.0, top_p: float = 1.0,
              generator: torch.Generator | None = None, reference: list[int] | None = None) -> GenerationResult:
+    """One sequence (batch size 1): the decode loop of generate_batch over the runtime itself."""
+    return generate_batch(OneSequence(runtime), [drafter], [prompt_ids], max_new_tokens, k, eos_ids, temperature,
+                          top_p, [generator], [reference])[0]
+
+
+def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max_new_tokens: int, k: int,
+                   eos_ids=(), temperature: float = 0.0, top_p: float = 1.0, generators=None,
+                   references=None) -> list[GenerationResult]:
+    """Decode len(prompts) <= batch.size sequences together: sequence b drafts with drafters[b]
+    (bound to its own view of the cache, batch.seq(b)), samples with generators[b], and keeps its
+    own accepted prefix. Rows of absent or finished sequences, and the tail of a row whose draft
+    is shorter than the longest, are padding: fed (their cache writes land past the row's kept
+    prefix, which the next forward overwrites) and counted in BatchStats."""
+    n = len(prompts)
+    if not 1 <= n <= batch.size:
+        raise QuasarError(f"{n} prompts for a batch of {batch.size}")
     if max_new_tokens < 1:
         raise QuasarError(f"max_new_tokens={max_new_tokens} is impossible: it must be >= 1")
-    if len(prompt_ids) < 1:
+    if any(len(p) < 1 for p in prompts):
         raise QuasarError("empty prompt: every prompt needs at least one token")
-    device = runtime.device
-    timer = Timer(device)
+    generators = list(generators or [None] * n)
+    references = list(references or [None] * n)
+    timer = Timer(batch.device)
     eos = set(eos_ids)
-    res = GenerationResult()
+    results = [GenerationResult() for _ in range(n)]
+    stats = BatchStats(size=batch.size, members=n)
     # The cache holds everything but the last token; the last one is fed by the first verify step,
     # so AR makes exactly one verifier forward per generated token (tau = 1).
-    max_len = len(prompt_ids) + max_new_tokens + k + 1
-    runtime.reset(max_len + drafter.cache_room)  # drafters that write past the verify window
+    max_len = max(map(len, prompts)) + max_new_tokens + k + 1
+    batch.reset(max_len + max(d.cache_room for d in drafters))  # drafters that write past the verify window
+    views = [batch.seq(b) for b in range(batch.size)]
     t0 = timer.now()
-    if len(prompt_ids) > 1:
-        runtime.prefill(torch.tensor(prompt_ids[:-1], device=device))
-    drafter.setup(temperature, top_p, generator, max_len)
-    drafter.start(prompt_ids, reference)
+    for b, ids in enumerate(prompts):
+        if len(ids) > 1:
+            views[b].prefill(torch.tensor(ids[:-1], device=batch.device))
+        drafters[b].setup(temperature, top_p, generators[b], max_len)
+        drafters[b].start(ids, references[b])
     t1 = timer.now()
-    res.prefill_s = t1 - t0
-
-    context = list(prompt_ids)
-    while len(res.output_ids) < max_new_tokens:
-        room = max_new_tokens - len(res.output_ids) - 1  # the verifier adds one token of its own
-        base = runtime.cache_len
-        draft = Draft(tokens=[])
-        if k > 0 and room > 0:
-            ta = timer.now()
-            draft = drafter.propose(context, min(k, room))
-            runtime.rollback(base)  # self-speculative drafters wrote past the verified prefix
-            res.draft_s += timer.now() - ta
-            draft.tokens = list(draft.tokens[: min(k, room)])
-            if draft.probs is not None:
-                draft.probs = draft.probs[: len(draft.tokens)]
+    contexts = [list(ids) for ids in prompts]
+    active = list(range(n))
+    while active:
+        base = [v.cache_len for v in views]
+        drafts = {}
+        for b in active:
+            room = max_new_tokens - len(results[b].output_ids) - 1  # the verifier adds one token of its own
+            draft = Draft(tokens=[])
+            if k > 0 and room > 0:
+                ta = timer.now()
+                draft = drafters[b].propose(contexts[b], min(k, room))
+                views[b].rollback(base[b])  # self-speculative drafters wrote past the verified prefix
+                results[b].draft_s += timer.now() - ta
+                draft.tokens = list(draft.tokens[: min(k, room)])
+                if draft.probs is not None:
+                    draft.probs = draft.probs[: len(draft.tokens)]
+            drafts[b] = draft
+        width = 1 + max(len(d.tokens) for d in drafts.values())
+        rows = []
+        for b in range(batch.size):
+            fed = [contexts[b][-1]] + drafts[b].tokens if b in drafts else [contexts[b][-1] if b < n else 0]
+            rows.append(fed + [fed[-1]] * (width - len(fed)))
         tv = timer.now()
-        logits = runtime.forward(torch.tensor([context[-1]] + draft.tokens, device=device))
-        if temperature > 0:
-            n_acc, next_token = verify_sampling(logits, draft, temperature, top_p, generator)
-        else:
-            n_acc, next_token = verify_greedy(logits, draft.tokens)
-            if draft.forced_accept is not None:  # a drafter that forces acceptance (speed-only runs)
+        logits = batch.forward(rows, base)
+        targets = logits.argmax(-1).tolist() if temperature <= 0 else None
+        verdicts = {}
+        for b in active:
+            draft = drafts[b]
+            if temperature > 0:
+                verdicts[b] = verify_sampling(logits[b, : 1 + len(draft.tokens)], draft, temperature, top_p,
+                                              generators[b])
+            elif draft.forced_accept is not None:  # a drafter that forces acceptance (speed-only runs)
                 n_acc = min(draft.forced_accept, len(draft.tokens))
-                next_token = int(logits[n_acc].argmax())
-        res.verify_s += timer.now() - tv
-        # Keep the cache for the fed last token and the accepted drafts; the rest was rejected.
-        runtime.rollback(base + 1 + n_acc)
-        new_tokens = draft.tokens[:n_acc] + [next_token]
-        record_step(res, len(draft.tokens), n_acc)
-        drafter.observe(n_acc, new_tokens)
-        for tok in new_tokens:
-            res.output_ids.append(tok)
-            context.append(tok)
-            if tok in eos:
-                res.stopped_by = "eos"
-                break
-        if draft.last and res.stopped_by != "eos":
-            res.stopped_by = draft.last
-        if res.stopped_by != "max_new_tokens":
-            break
-    res.decode_s = timer.now() - t1
-    return res
+                verdicts[b] = n_acc, targets[b][n_acc]
+            else:
+                verdicts[b] = accept_greedy(targets[b], draft.tokens)
+        dt = timer.now() - tv
+        for b in range(batch.size):
+            if b not in drafts:  # padding rows: absent or finished sequences keep their length
+                views[b].rollback(base[b])
+        stats.steps += 1
+        stats.fed += batch.size * width
+        stats.real += sum(1 + len(d.tokens) for d in drafts.values())
+        for b in list(active):
+            res, draft, (n_acc, next_token) = results[b], drafts[b], verdicts[b]
+            res.verify_s += dt
+            # Keep the cache for the fed last token and the accepted drafts; the rest was rejected.
+            views[b].rollback(base[b] + 1 + n_acc)
+            new_tokens = draft.tokens[:n_acc] + [next_token]
+            record_step(res, len(draft.tokens), n_acc)
+            drafters[b].observe(n_acc, new_tokens)
+            for tok in new_tokens:
+                res.output_ids.append(tok)
+                contexts[b].append(tok)
+                if tok in eos:
+                    res.stopped_by = "eos"
+                    break
+            if draft.last and res.stopped_by != "eos":
+                res.stopped_by = draft.last
+            if res.stopped_by != "max_new_tokens" or len(res.output_ids) >= max_new_tokens:
+                res.decode_s = timer.now() - t1
+                active.remove(b)
+    stats.decode_s = timer.now() - t1
+    stats.new_tokens = sum(len(r.output_ids) for r in results)
+    for res in results:
+        res.prefill_s = t1 - t0
+        res.batch = stats
+    return results
 
 
 def greedy_continuation(runtime, prompt_ids: list[int], max_new_tokens: int, eos_ids=()) -> list[int]:

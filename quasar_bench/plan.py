@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .config import entry_config
 from .drafters import drafter_class
@@ -91,12 +91,24 @@ def _number(value, key: str) -> float:
     return float(value)
 
 
+def batch_sizes(cfg) -> list[int]:
+    """`batch_size`: one size, or a list (every cell runs at each, the model loaded once)."""
+    value = cfg.get("batch_size", 1)
+    sizes = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    for size in sizes:
+        _integer(size, "batch_size", 1)
+    if not sizes or len(set(sizes)) != len(sizes):
+        raise QuasarError(f"batch_size={value} must name each size once (e.g. batch_size=4 or batch_size=[1,4,16])")
+    return sizes
+
+
 def validate(cfg) -> None:
     """Types and ranges of the run's own settings, one line naming the setting (the command line
     and direct API use both come through here, before any model is loaded)."""
     _integer(cfg.max_new_tokens, "max_new_tokens", 1)
     _integer(cfg.seed, "seed")
     _integer(cfg.get("k"), "k", 1, optional=True)
+    batch_sizes(cfg)
     if _number(cfg.temperature, "temperature") < 0:
         raise QuasarError(f"temperature={cfg.temperature} is impossible: use 0 (greedy) or > 0")
     if not 0 < _number(cfg.top_p, "top_p") <= 1:

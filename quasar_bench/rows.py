@@ -28,6 +28,7 @@ class Cell:
     baseline: bool  # the drafter drafts nothing (plain AR)
     forced_acceptance: bool
     k: int
+    batch_size: int  # sequences per verify forward (decode.generate_batch)
     kernel: str  # kernel backend of the quantized linears ("" when there are none)
     temperature: float
     top_p: float
@@ -46,6 +47,7 @@ def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: st
         "drafter": cell.drafter, "drafter_name": cell.drafter_name, "verifier": cell.verifier,
         "reference_verifier": cell.is_reference, "baseline": cell.baseline,
         "forced_acceptance": cell.forced_acceptance, "kernel": cell.kernel, "k": cell.k,
+        "batch_size": cell.batch_size,
         "temperature": cell.temperature, "top_p": cell.top_p,
         "dataset": prompt.dataset, "category": prompt.category, "prompt_id": str(prompt.prompt_id), "turn": turn,
         "prompt_tokens": len(prompt_ids), "new_tokens": n, "verify_steps": res.verify_steps,
@@ -56,6 +58,7 @@ def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: st
         "prefill_s": res.prefill_s, "decode_s": res.decode_s, "draft_s": res.draft_s,
         "verify_s": res.verify_s, "other_s": res.decode_s - res.draft_s - res.verify_s,
         "tokens_per_s": n / res.decode_s if res.decode_s > 0 else math.nan,
+        **batch_columns(res),
         "peak_mem_bytes": int(peak), "weight_bytes": cell.weight_bytes, "prompt_ids": list(prompt_ids),
         "output_ids": res.output_ids, "output_text": text, "seed": seed, "device": cell.device,
         "dtype": cell.dtype, "torch_version": torch.__version__, "git_commit": cell.git_commit,
@@ -64,6 +67,19 @@ def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: st
     if clash:
         raise ValueError(f"drafter {cell.drafter_name}: row_fields() {clash} clash with the row schema")
     return {**row, **cell.drafter_fields}
+
+
+def batch_columns(res) -> dict:
+    """What a row's batch shared (batch_size 1 included: a batch of one). decode_s is the
+    sequence's own latency (first verify step to its last token); the batch's throughput is
+    Σ new_tokens / Σ throughput_share_s over a cell's rows (each row holds its share of its
+    batch's wall time), M the rows of each verify GEMM (padding included)."""
+    b = res.batch
+    return {"batch_members": b.members, "batch_steps": b.steps, "batch_decode_s": b.decode_s,
+            "batch_new_tokens": b.new_tokens, "throughput_share_s": b.decode_s / b.members,
+            "batch_tokens_per_s": b.new_tokens / b.decode_s if b.decode_s > 0 else math.nan,
+            "gemm_rows_per_step": b.fed / b.steps if b.steps else math.nan,
+            "batch_padding": 1 - b.real / b.fed if b.fed else math.nan}
 
 
 def peak_memory(device: torch.device) -> int:

@@ -18,11 +18,12 @@ from omegaconf import OmegaConf
 from . import data
 from .calibration import check_disjoint
 from .cell import capture_graphs, run_cell
+from .decode import OneSequence
 from .errors import QuasarError
 from .fileio import cache_root
 from .fingerprint import code_fingerprint, model_fingerprint, prompts_fingerprint
 from .models import LoadedModel, load_model, pick_device
-from .plan import cell_hash, plan_cells, validate
+from .plan import batch_sizes, cell_hash, plan_cells, validate
 from .references import References, draft_tools
 from .runtime import compile_elementwise, fused_attention
 from .store import ResultStore, environment
@@ -100,6 +101,9 @@ class Experiment:
         cfg = self.cfg
         try:
             self.loaded = get_model(cfg)
+            if max(batch_sizes(cfg)) > 1 and not getattr(self.loaded.runtime, "is_native", False):
+                raise QuasarError(f"batch_size={cfg.batch_size} needs the native runtime (llama/qwen2/qwen3/mistral); "
+                                  f"model {self.loaded.name} runs on the generic transformers path: use batch_size=1")
             self.fuse = on_cuda_by_default(cfg, "fuse_projections", self.loaded.runtime)
             self.engine = {"fuse_projections": self.fuse,
                            "compile_elementwise": on_cuda_by_default(cfg, "compile_elementwise", self.loaded.runtime),
@@ -125,7 +129,8 @@ class Experiment:
             if fidelity_wanted or any(d.replays == "reference" for d in made):
                 self.references.compute(fidelity_wanted, cfg.progress)
             max_k = max(d.k for d in made)
-            self.progress = {"done": 0, "total": sum(len(ds) for _, ds in self.plan), "start": time.perf_counter()}
+            self.progress = {"done": 0, "total": sum(len(ds) for _, ds in self.plan) * len(batch_sizes(cfg)),
+                             "start": time.perf_counter()}
             log.info("setup (model, references, drafters) took %.0f s; %d cells to run",
                      self.progress["start"] - t0, self.progress["total"])
             for vcfg, cell_drafters in self.plan:
@@ -185,16 +190,40 @@ class Experiment:
         fidelity = self.references.fidelity(runtime) if self.references.logprobs else {}
         capture_graphs(runtime, self.cfg, max_k)
         self.references.new_verifier()
-        for dcfg in cell_drafters:
-            t0 = time.perf_counter()
-            run_cell(self, runtime, vcfg, dcfg, fidelity, entry.is_reference)
-            self.log_progress(f"{vcfg.get('label') or vcfg.name}/{dcfg.get('label') or dcfg.name}",
-                              time.perf_counter() - t0)
+        self.batches = {}
+        for size in batch_sizes(self.cfg):
+            for dcfg in cell_drafters:
+                t0 = time.perf_counter()
+                run_cell(self, runtime, vcfg, dcfg, fidelity, entry.is_reference, size)
+                self.log_progress(f"{vcfg.get('label') or vcfg.name}/{dcfg.get('label') or dcfg.name}"
+                                  + (f"/B={size}" if size > 1 else ""), time.perf_counter() - t0)
+            for batch in self.batches.values():
+                if hasattr(batch, "release"):
+                    batch.release()
+            self.batches = {}
         if hasattr(runtime, "release"):  # the next verifier may copy the reference's modules
             runtime.release()
         del runtime
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def batch_runtime(self, runtime, size: int):
+        """The verifier as a batch of `size` sequences (decode.generate_batch), made once per
+        verifier and size; on CUDA its verify forwards replay graphs captured here, untimed."""
+        if size == 1:
+            return OneSequence(runtime)
+        if size not in self.batches:
+            from .batching import BatchRuntime
+
+            batch = BatchRuntime(runtime, size)
+            graphs = getattr(runtime, "graphs", None)
+            if graphs is not None:
+                batch.enable_cuda_graphs(graphs.max_tokens, graphs.max_len)
+                batch.reset(batch.graphs.max_len)
+                log.info("capturing batch-%d CUDA graphs", size)
+                batch.graphs.capture_all(range(1, graphs.max_tokens + 1))
+            self.batches[size] = batch
+        return self.batches[size]
 
     def log_progress(self, label: str, cell_s: float) -> None:
         """One line per finished cell: i of n, its time, and the time left at the mean pace so far
@@ -207,7 +236,7 @@ class Experiment:
                  elapsed, left)
 
     def finish(self, wall_s: float) -> Path:
-        from .summary import format_table, summarize
+        from .summary import crossovers, format_table, summarize
 
         if not self.store_open and not (self.out_dir / "manifest.json").exists():
             raise QuasarError("nothing was run: the matrix is empty")
@@ -219,6 +248,8 @@ class Experiment:
 
             log_results(self.cfg, df, summary, self.out_dir)
         print(format_table(summary))
+        for line in crossovers(summary):
+            print(line)
         print(f"\nresults: {self.out_dir.resolve()}  (rows.parquet, rows.csv, summary.csv)")
         for line in getattr(self, "skipped", []):
             print(f"skipped cell (skip_unsupported=true): {line}")

@@ -165,6 +165,8 @@ class Attention(nn.Module):
         `start` is an int (eager), or a tensor of positions [T] with `span` keys attended (the
         static-shape path that CUDA graphs capture: no Python int may change between replays)."""
         a, t = self.a, x.shape[0]
+        if isinstance(start, torch.Tensor) and start.dim() == 2:
+            return self.forward_batch(x, cos, sin, kv, start, mask, span)
         if mask is None:  # the caller chose the fused kernels (Transformer.uses_fused_attention)
             from kernels.decode_attention import decode_attention
             from kernels.rope_cache import qkv_rope_cache
@@ -196,6 +198,29 @@ class Attention(nn.Module):
             k, v = k_cache[:, : start + t], v_cache[:, : start + t]
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
         return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
+
+    def forward_batch(self, x, cos, sin, kv, pos, mask, span: int):
+        """B sequences at once (Transformer.forward_batch): x [B*T, H] (the GEMMs see M = B*T rows),
+        pos [B, T] each row's own positions, kv = caches [B, n_kv, S, D], mask [B, 1, T, span]."""
+        a, (b, t) = self.a, pos.shape
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b * t, a.num_heads, a.head_dim)
+        k = k.view(b * t, a.num_kv_heads, a.head_dim)
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = Elementwise.rope(q, cos, sin), Elementwise.rope(k, cos, sin)
+        k_cache, v_cache = kv
+        rows = torch.arange(b, device=x.device)[:, None].expand(b, t)
+        # advanced indices around a slice: the indexed view is [B, T, n_kv, D]
+        k_cache[rows, :, pos] = k.view(b, t, a.num_kv_heads, a.head_dim)
+        v_cache[rows, :, pos] = v.reshape(b, t, a.num_kv_heads, a.head_dim)
+        out = F.scaled_dot_product_attention(q.view(b, t, a.num_heads, a.head_dim).transpose(1, 2),
+                                             k_cache[:, :, :span], v_cache[:, :, :span], attn_mask=mask,
+                                             enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b * t, -1))
 
 
 class MLP(nn.Module):
@@ -360,6 +385,24 @@ class Transformer(nn.Module):
         delta = state["delta"]
         return self.logits(state["x"], delta if delta is not None else torch.zeros_like(state["x"]))
 
+    @torch.inference_mode()
+    def forward_batch(self, input_ids: torch.Tensor, starts: torch.Tensor, k_cache, v_cache, span: int) -> torch.Tensor:
+        """Logits [B, T, V] (fp32) of B sequences, row b's tokens at positions starts[b]..starts[b]+T-1
+        of its own cache row (k_cache/v_cache [L, B, n_kv, S, D]), attending to its first `span` slots
+        (>= every row's end; later slots are masked). Fixed shapes for fixed (B, T, span): CUDA graphs
+        capture it (batching.py). Unfused attention: the fused kernels serve one sequence."""
+        b, t = input_ids.shape
+        pos = starts[:, None] + torch.arange(t, device=input_ids.device)
+        x = self.embed_tokens(input_ids).view(b * t, -1)
+        cos = self.rope_cos[pos].view(b * t, -1).to(x.dtype)
+        sin = self.rope_sin[pos].view(b * t, -1).to(x.dtype)
+        seen = torch.arange(span, device=x.device)[None, None, :] <= pos[:, :, None]
+        mask = torch.zeros(seen.shape, dtype=x.dtype, device=x.device).masked_fill_(~seen, float("-inf"))[:, None]
+        delta = None
+        for i, layer in enumerate(self.layers):
+            x, delta = layer.forward_pending(x, delta, cos, sin, (k_cache[i], v_cache[i]), pos, mask, span)
+        return self.logits(x, delta if delta is not None else torch.zeros_like(x)).view(b, t, -1)
+
     def enable_cuda_graphs(self, max_tokens: int = 16, max_len: int | None = None, bucket: int = 256) -> None:
         """Replay CUDA graphs for every forward of up to `max_tokens` tokens (AR steps and verify
         steps), so the measured time is the model's, not Python's launch overhead."""
@@ -403,6 +446,10 @@ class Transformer(nn.Module):
         out = [h]
         self.run_layers(h, 0, use_cache=False, collect=out)
         return out
+
+    def sibling(self) -> "Transformer":
+        """A runtime over these same weights with a cache of its own (one per sequence of a batch)."""
+        return self.with_layers(list(range(self.num_layers)))
 
     def with_layers(self, keep: list[int]) -> "Transformer":
         """A runtime sharing this one's weights that runs only the layers in `keep` (pruning)."""
@@ -515,6 +562,10 @@ class HFRuntime:
         self.model(input_ids=input_ids[None], past_key_values=self.cache, use_cache=True, position_ids=pos[None],
                    logits_to_keep=1)
         self.cache_len += t
+
+    def sibling(self) -> "HFRuntime":
+        """A runtime over these same weights with a cache of its own (one per sequence of a batch)."""
+        return HFRuntime(self.model)
 
     def named_modules(self, *args, **kwargs):
         return self.model.named_modules(*args, **kwargs)

@@ -8,7 +8,11 @@ import torch
 
 def verify_greedy(logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
     """logits [d+1, V] for (last token, draft...). Returns (accepted drafts, verifier's next token)."""
-    target = logits.argmax(-1).tolist()
+    return accept_greedy(logits.argmax(-1).tolist(), draft)
+
+
+def accept_greedy(target: list[int], draft: list[int]) -> tuple[int, int]:
+    """The same from the verifier's argmax per position (a batch takes every row's in one transfer)."""
     n = 0
     while n < len(draft) and draft[n] == target[n]:
         n += 1

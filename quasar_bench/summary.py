@@ -31,12 +31,12 @@ import pandas as pd
 
 B, SEED = 2000, 0
 MIN_CI_N = 10  # prompts: fewer get the range of per-prompt values, never a "95 % interval"
-METRICS = ["tau", "alpha", "kl_mean", "top1_agree", "ref_exact_match", "tokens_per_s",
+METRICS = ["tau", "alpha", "kl_mean", "top1_agree", "ref_exact_match", "tokens_per_s", "throughput",
            "speedup_vs_ar", "speedup_vs_ref_ar"]
-SUMS = ["new_tokens", "verify_steps", "accepted", "drafted", "decode_s"]
+SUMS = ["new_tokens", "verify_steps", "accepted", "drafted", "decode_s", "throughput_share_s"]
 MEANS = ["kl_mean", "top1_agree"]
 RATIOS = {"tau": ("new_tokens", "verify_steps"), "alpha": ("accepted", "drafted"),
-          "tokens_per_s": ("new_tokens", "decode_s")}
+          "tokens_per_s": ("new_tokens", "decode_s"), "throughput": ("new_tokens", "throughput_share_s")}
 
 
 def reference_verifier(df: pd.DataFrame) -> str | None:
@@ -100,6 +100,8 @@ def _ci(values):
 def _per_prompt(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """One row per (keys, category, prompt_id)."""
     d = df.copy()
+    if "throughput_share_s" not in d:  # rows from before the batch axis: every batch was one sequence
+        d["throughput_share_s"] = d["decode_s"] if "decode_s" in d else np.nan
     for c in SUMS + MEANS:
         d[c] = pd.to_numeric(d[c], errors="coerce") if c in d else np.nan
     em = d["ref_exact_match"] if "ref_exact_match" in d else pd.Series(np.nan, index=d.index)
@@ -141,9 +143,10 @@ def _stats(pp: pd.DataFrame, rng) -> dict:
 
 
 def _speedup(pp: pd.DataFrame, base: pd.DataFrame, rng):
-    """tokens/s ratio of a run over its baseline, with a (paired when possible) bootstrap CI."""
+    """Throughput ratio of a run over its baseline (tokens/s; at batch size 1 the same as the
+    sequence's own rate), with a (paired when possible) bootstrap CI."""
     def tps(x):
-        return x["new_tokens"].to_numpy(float), x["decode_s"].to_numpy(float)
+        return x["new_tokens"].to_numpy(float), x["throughput_share_s"].to_numpy(float)
     (n1, d1), (n0, d0) = tps(pp), tps(base)
     point = float(_ratio(n1.sum(), d1.sum()) / _ratio(n0.sum(), d0.sum()))
     if len(pp) < 2 or len(base) < 2:
@@ -189,7 +192,9 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     `k` and `temperature` join the key only when they vary across the rows.
     """
     keys = ["model", "drafter", "verifier"]
-    keys += [c for c in ("k", "temperature") if c in df and df[c].nunique(dropna=False) > 1]
+    if "batch_size" in df:  # rows from before the batch axis ran one sequence at a time
+        df = df.assign(batch_size=pd.to_numeric(df["batch_size"], errors="coerce").fillna(1).astype(int))
+    keys += [c for c in ("k", "temperature", "batch_size") if c in df and df[c].nunique(dropna=False) > 1]
     # Cells of other contexts (dataset, weights, code, decoding settings) are other tables:
     # never pooled, and each speedup's baseline comes from its own context.
     if "context_id" in df and df["context_id"].nunique(dropna=False) > 1:
@@ -203,12 +208,12 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             rec = dict(zip(keys + ["category"], gkey)) | _stats(g, np.random.default_rng(SEED))
             groups.append(rec | {"_pp": g})
     ref = reference_verifier(df)
-    match_t = "temperature" in keys
+    matched = [c for c in ("temperature", "batch_size") if c in keys]  # speedups at the same setting
     for rec in groups:
         for col, verifier in (("speedup_vs_ar", rec["verifier"]), ("speedup_vs_ref_ar", ref)):
             base = [b for b in groups if b["drafter"] in baseline_drafters and b["model"] == rec["model"]
                     and b["verifier"] == verifier and b["category"] == rec["category"]
-                    and (not match_t or _same(b["temperature"], rec["temperature"]))
+                    and all(_same(b[c], rec[c]) for c in matched)
                     and b.get("context_id") == rec.get("context_id")]
             if base:
                 rec[col], rec[col + "_lo"], rec[col + "_hi"] = _speedup(
@@ -243,14 +248,17 @@ def _fmt(x, spec):
 def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> str:
     """Fixed-width table for the terminal; `categories` limits the rows (e.g. ["all"])."""
     s = summary if categories is None else summary[summary["category"].isin(categories)]
-    extra = [c for c in ("k", "temperature") if c in s]
+    extra = [c for c in ("k", "temperature", "batch_size") if c in s]
     cols = [("model", "model", None), ("drafter", "drafter", None), ("verifier", "verifier", None)]
     cols += [(c, c, None) for c in extra] + [("category", "category", None), ("n", "n_prompts", "d")]
     cols += [("τ", "tau", ".2f"), ("α", "alpha", ".2f"), ("KL", "kl_mean", ".4f"),
              ("top-1", "top1_agree", ".3f"), ("exact", "ref_exact_match", ".2f"),
-             ("tok/s", "tokens_per_s", ".1f"), ("speedup", "speedup_vs_ar", ".2f"),
+             ("tok/s", "tokens_per_s", ".1f")]
+    if "batch_size" in s:  # batches: the per-sequence rate and the batch's throughput differ
+        cols += [("batch tok/s", "throughput", ".1f")]
+    cols += [("speedup", "speedup_vs_ar", ".2f"),
              ("vs ref AR", "speedup_vs_ref_ar", ".2f")]
-    ci = {"tau", "tokens_per_s", "speedup_vs_ar", "speedup_vs_ref_ar"}
+    ci = {"tau", "tokens_per_s", "throughput", "speedup_vs_ar", "speedup_vs_ref_ar"}
     table = [[h for h, _, _ in cols]]
     for _, r in s.iterrows():
         line = []
@@ -274,6 +282,37 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
     if "range" in kinds:
         text.append(f"(a–b): smallest and largest per-prompt value (n < {MIN_CI_N}: too few prompts for an interval)")
     return "\n".join(text)
+
+
+def crossovers(summary: pd.DataFrame) -> list[str]:
+    """Where, along the batch sizes run, speculation stops paying (a drafter's throughput falls
+    below its verifier's AR at the same batch size) and where a verifier stops beating the
+    reference verifier with the same drafter: one line per (model, verifier, drafter), from the
+    `all` rows of a summary that has a batch_size column."""
+    if "batch_size" not in summary:
+        return []
+    s = summary[summary["category"] == "all"].sort_values("batch_size")
+    ref = s.loc[s["reference_verifier"], ["model", "drafter", "batch_size", "throughput"]]
+    ref = {(r.model, r.drafter, r.batch_size): r.throughput for r in ref.itertuples()}
+    lines = []
+    for (model, verifier, drafter), g in s.groupby(["model", "verifier", "drafter"], sort=False):
+        sizes = g["batch_size"].tolist()
+        tests = []
+        if not g["baseline"].iloc[0]:
+            tests.append(("speculation", g["speedup_vs_ar"].tolist(), f"{verifier} AR"))
+        if not g["reference_verifier"].iloc[0]:
+            base = [ref.get((model, drafter, b), np.nan) for b in sizes]
+            tests.append((f"{verifier} verification", list(g["throughput"] / np.array(base, float)),
+                          f"the reference verifier with {drafter}"))
+        for what, ratios, against in tests:
+            known = [(b, r) for b, r in zip(sizes, ratios) if np.isfinite(r)]
+            if not known:
+                continue
+            lost = next((b for b, r in known if r < 1), None)
+            ratio_text = ", ".join(f"B={b} {r:.2f}x" for b, r in known)
+            verdict = f"stops paying at B={lost}" if lost is not None else f"pays at every batch size run (up to B={known[-1][0]})"
+            lines.append(f"{model} {verifier}/{drafter}: {what} {verdict} (throughput vs {against}: {ratio_text})")
+    return lines
 
 
 def save(summary: pd.DataFrame, path) -> None:

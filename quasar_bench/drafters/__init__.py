@@ -22,6 +22,7 @@ a verifier at another precision, calibration prompts) comes through `tools` (Dra
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -131,6 +132,15 @@ class Drafter:
         if self.temperature > 0 and tokens:
             return Draft(tokens=tokens, probs=torch.stack(probs))
         return Draft(tokens=tokens)
+
+    def for_sequence(self, runtime) -> "Drafter":
+        """This drafter for one sequence of a batch (batch_size > 1), drafting on `runtime`, that
+        sequence's view of the batched cache. A shallow copy: what was fitted at construction is
+        shared, per-generation state is made by start(). Drafters holding a KV cache of their own
+        override this to give each copy its own cache."""
+        twin = copy.copy(self)
+        twin.runtime = runtime
+        return twin
 
     def begin(self, verifier: str, prompt_id: str, turn: int) -> None:
         """The harness names the generation about to start (verifier label, prompt id, turn), for

@@ -82,6 +82,11 @@ class DraftModel(Drafter):
         self.cached: list[int] = []  # token ids whose keys/values the draft cache holds
         self._ctx_len = None  # len(context) at this step's proposal
 
+    def for_sequence(self, runtime):
+        twin = super().for_sequence(runtime)
+        twin.draft_rt = self.draft_rt.sibling()  # same draft weights, a cache per sequence (forwards run eagerly)
+        return twin
+
     def cheaper_verifier(self, cfg, precision):
         vcfg = OmegaConf.create({"name": precision, **(OmegaConf.to_container(OmegaConf.create(cfg.verifier))
                                                       if cfg.get("verifier") else {})})

@@ -86,6 +86,11 @@ class Replay(Drafter):
         self.source = str(cfg["traces"])
         self.trace = None
 
+    def for_sequence(self, runtime):
+        twin = super().for_sequence(runtime)
+        twin.inner = self.inner.for_sequence(runtime)
+        return twin
+
     def begin(self, verifier, prompt_id, turn):
         key = (self.trace_verifier or verifier, self.trace_drafter or self.inner_label, str(prompt_id), int(turn))
         if key not in self.traces:
