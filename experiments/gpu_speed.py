@@ -2,6 +2,7 @@
 
     python experiments/gpu_speed.py [--out results/gpu] [hydra overrides...]
     python experiments/gpu_speed.py --experiment gpu_replay --source results/default [...]
+    python experiments/gpu_speed.py --experiment gpu_batch dataset.path=<Spec-Bench question.jsonl> [...]
 
 Runs `experiment=gpu_speed` (verifiers bf16 / int8 / w8a8 / int4 / pruned 25 % x drafters ar and
 synthetic alpha in {0.5, 0.7, 0.8, 0.9}, k = 5) through the normal harness (static KV cache, CUDA
@@ -13,6 +14,10 @@ achieves (weight bytes per forward x verify steps / verify time); e2e_rows.csv h
 replays the per-step acceptance its verifier and drafter reached in the source run on a real model)
 and writes replay.csv / replay.md / replay_rows.csv: the same columns, plus the source run's tau,
 KL, top-1 and exact match beside each GPU row.
+
+`--experiment gpu_batch` runs every cell at batch sizes 1..32 and writes batch.csv / batch.md /
+batch_rows.csv: batch throughput, mean GEMM rows M per verify forward, step time, padding, speedups
+at the same batch size, and the shares of copy bandwidth and of peak bf16 tensor FLOPs reached.
 """
 from __future__ import annotations
 
@@ -34,6 +39,46 @@ from kernels.bench_kernels import copy_bandwidth, driver_version  # noqa: E402
 def copy_bandwidth_gbps() -> float:
     """Device-to-device copy bandwidth, bytes read plus written (the kernel benchmarks' probe)."""
     return copy_bandwidth(quick=False)
+
+
+# H100 SXM dense bf16 tensor-core peak (TFLOP/s), the denominator of frac_peak_bf16_flops
+PEAK_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4}
+
+
+def batch_table(rows: pd.DataFrame, copy_gbps: float) -> pd.DataFrame:
+    """Per (verifier, drafter, batch size): batch throughput, the verify forward's time, its GEMM
+    rows M, the share of copy bandwidth and of peak bf16 tensor FLOPs it reaches, and speedups at
+    the same batch size (vs the verifier's AR, vs the reference verifier's AR, vs the reference
+    verifier with the same drafter)."""
+    g = rows.groupby(["verifier", "drafter", "batch_size"], sort=False)
+    batches = rows.groupby(["verifier", "drafter", "batch_size", "batch_id"], sort=False).first()
+    b = batches.groupby(level=[0, 1, 2], sort=False)
+    t = pd.DataFrame({
+        "new_tokens": g.new_tokens.sum(), "batch_s": b.batch_decode_s.sum(), "steps": b.batch_steps.sum(),
+        "gemm_rows": (batches.gemm_rows_per_step * batches.batch_steps).groupby(level=[0, 1, 2], sort=False).sum(),
+        "padding": b.batch_padding.mean(),
+        "verify_steps": g.verify_steps.sum(), "weight_bytes": g.weight_bytes.first(), "baseline": g.baseline.first(),
+        "n_prompts": g.prompt_id.nunique(), "tau": g.new_tokens.sum() / g.verify_steps.sum(),
+    }).reset_index()
+    t["throughput"] = t.new_tokens / t.batch_s
+    t["mean_m"] = t.gemm_rows / t.steps
+    t["step_ms"] = 1e3 * t.batch_s / t.steps
+    t["frac_copy_bw"] = t.weight_bytes / (t.step_ms * 1e-3) / 1e9 / copy_gbps
+    ref = "reference"
+    params = t.loc[t.verifier == ref, "weight_bytes"].iloc[0] / 2  # bf16: 2 bytes per weight
+    peak = PEAK_BF16_TFLOPS.get(torch.cuda.get_device_name() if torch.cuda.is_available() else "", float("nan"))
+    t["tflops"] = 2 * params * t.mean_m / (t.step_ms * 1e-3) / 1e12
+    t["frac_peak_bf16_flops"] = t.tflops / peak
+    key = ["verifier", "batch_size"]
+    ar = t[t.baseline].set_index(key).throughput
+    t["speedup_vs_ar"] = t.throughput / pd.Series(list(zip(t.verifier, t.batch_size))).map(ar).to_numpy()
+    ref_ar = t[t.baseline & (t.verifier == ref)].set_index("batch_size").throughput
+    t["speedup_vs_ref_ar"] = t.throughput / t.batch_size.map(ref_ar)
+    same = t[t.verifier == ref].set_index(["drafter", "batch_size"]).throughput
+    t["speedup_vs_ref_same_drafter"] = t.throughput / pd.Series(list(zip(t.drafter, t.batch_size))).map(same).to_numpy()
+    order = {c: {v: i for i, v in enumerate(dict.fromkeys(rows[c]))} for c in ("verifier", "drafter")}
+    return t.sort_values(["verifier", "drafter", "batch_size"],
+                         key=lambda col: col.map(order[col.name]) if col.name in order else col).reset_index(drop=True)
 
 
 def e2e_table(rows: pd.DataFrame, copy_gbps: float) -> pd.DataFrame:
@@ -79,7 +124,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu"))
     ap.add_argument("--runs", default="/tmp/quasar_gpu_speed", help="result store of the run")
-    ap.add_argument("--experiment", default="gpu_speed", help="gpu_speed, or gpu_replay (with --source)")
+    ap.add_argument("--experiment", default="gpu_speed", help="gpu_speed, gpu_batch, or gpu_replay (with --source)")
     ap.add_argument("--source", default=None, help="gpu_replay: the real-model run whose traces are replayed")
     args, overrides = ap.parse_known_args(argv)
     if not torch.cuda.is_available():
@@ -98,9 +143,12 @@ def main(argv=None):
     t0 = time.time()
     Experiment(cfg).run()
     rows = pd.read_parquet(Path(args.runs) / "rows.parquet")
-    table = e2e_table(rows, copy_gbps)
+    batched = args.experiment == "gpu_batch"
+    table = batch_table(rows, copy_gbps) if batched else e2e_table(rows, copy_gbps)
     name = "e2e" if args.experiment == "gpu_speed" else args.experiment.removeprefix("gpu_")
     title = "End-to-end verify speed, Qwen3-8B shapes, random weights"
+    if batched:
+        title = "Batched verification at Qwen3-8B shapes, random weights (synthetic forced acceptance)"
     if args.source:
         from quasar_bench.drafters.replay import read_rows
 
@@ -124,6 +172,10 @@ def main(argv=None):
             "verify_ms_per_step", "other_ms_per_step", "speedup_vs_ref_ar", "speedup_vs_ref_same_drafter",
             "verify_gbps", "frac_copy_bw"]
     cols += [c for c in table if c.endswith("_source") and c != "n_rows_source"]
+    if batched:
+        cols = ["verifier", "drafter", "batch_size", "throughput", "tau", "mean_m", "step_ms", "padding",
+                "speedup_vs_ar", "speedup_vs_ref_ar", "speedup_vs_ref_same_drafter", "frac_copy_bw",
+                "frac_peak_bf16_flops"]
     md = table[cols].to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else table[cols].to_string()
     head = "\n".join(f"- {k}: {v}" for k, v in meta.items())
     (out / f"{name}.md").write_text(f"# {title}\n\n{head}\n\n{md}\n")
