@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels.bench_kernels import copy_bandwidth, driver_version  # noqa: E402
+from quasar_kernels.bench_kernels import copy_bandwidth, driver_version  # noqa: E402
 
 
 def copy_bandwidth_gbps() -> float:

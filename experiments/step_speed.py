@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.gpu_speed import copy_bandwidth_gbps  # noqa: E402
-from kernels.bench_kernels import driver_version  # noqa: E402
+from quasar_kernels.bench_kernels import driver_version  # noqa: E402
 from quasar_bench.decode import generate  # noqa: E402
 from quasar_bench.drafters import baseline_drafter, make_drafter  # noqa: E402
 from quasar_bench.models import QWEN3_8B_SHAPES, LoadedModel, random_hf_model  # noqa: E402

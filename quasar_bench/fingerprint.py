@@ -33,11 +33,11 @@ def model_fingerprint(loaded) -> str:
 
 def code_fingerprint() -> str:
     """The source of the package and its kernels: results of other code are other cells."""
-    import kernels
+    import quasar_kernels
 
     from . import __file__ as pkg
 
-    return source_fingerprint(Path(pkg).parent, Path(kernels.__file__).parent)
+    return source_fingerprint(Path(pkg).parent, Path(quasar_kernels.__file__).parent)
 
 
 def prompts_fingerprint(prompts) -> str:

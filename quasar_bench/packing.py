@@ -1,6 +1,6 @@
 """The project's one packed weight format for int4 and int8 linears.
 
-Both the CPU torch path and the Triton kernels (kernels/) read exactly these tensors.
+Both the CPU torch path and the Triton kernels (quasar_kernels/) read exactly these tensors.
 
 int4 (W4A16, asymmetric, groups along K):
   weight W [N, K] (nn.Linear layout: out_features x in_features) is split into groups of

@@ -10,7 +10,7 @@ Modules (drop-in replacements for nn.Linear inside the native runtime):
 
 forward(x) calls the kernel backend named by the module's `kernel` (verifier.kernel; `auto`
 picks per device: quasar_bench/backends). On CPU that is the pure-torch reference of
-kernels/reference.py. For W8A8 the reference quantizes the activations per token exactly like the
+quasar_kernels/reference.py. For W8A8 the reference quantizes the activations per token exactly like the
 kernels (absmax/127, round half away from zero) and sums the int8 products exactly, so W8A8 outputs
 do not depend on the batch size (T=1 AR steps and T=k+1 verify steps agree bit for bit).
 

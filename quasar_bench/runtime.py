@@ -107,8 +107,8 @@ def compile_elementwise(enable: bool) -> None:
 class FusedAttention:
     """Hand-written Triton kernels for the attention of decode and verify forwards (T <= 16 tokens)
     on CUDA: the q/k/v split, q/k norms, RoPE and KV-cache writes in one kernel
-    (kernels/rope_cache.py), and attention that reads only the filled cache, its length taken from
-    the device-side positions (kernels/decode_attention.py), so one CUDA graph per token count serves
+    (quasar_kernels/rope_cache.py), and attention that reads only the filled cache, its length taken from
+    the device-side positions (quasar_kernels/decode_attention.py), so one CUDA graph per token count serves
     every position. Off by default; `fused_attention(True)` turns it on (the harness: on CUDA).
     Prefill and CPU forwards keep the unfused path, the reference these kernels are tested against."""
 
@@ -123,10 +123,10 @@ def fused_attention(enable: bool) -> None:
 
 class Linear(nn.Linear):
     """nn.Linear whose CPU product takes the faster of two equal formulations for a few rows
-    (kernels.reference.linear): the CPU default's verify steps are 2..8-row GEMMs."""
+    (quasar_kernels.reference.linear): the CPU default's verify steps are 2..8-row GEMMs."""
 
     def forward(self, x):
-        from kernels.reference import linear
+        from quasar_kernels.reference import linear
 
         return linear(x, self.weight, self.bias)
 
@@ -168,8 +168,8 @@ class Attention(nn.Module):
         if isinstance(start, torch.Tensor) and start.dim() == 2:
             return self.forward_batch(x, cos, sin, kv, start, mask, span)
         if mask is None:  # the caller chose the fused kernels (Transformer.uses_fused_attention)
-            from kernels.decode_attention import decode_attention
-            from kernels.rope_cache import qkv_rope_cache
+            from quasar_kernels.decode_attention import decode_attention
+            from quasar_kernels.rope_cache import qkv_rope_cache
 
             pos = start if isinstance(start, torch.Tensor) else torch.arange(start, start + t, device=x.device)
             norms = (self.q_norm.weight, self.k_norm.weight) if a.qk_norm else (None, None)

@@ -1,8 +1,8 @@
-"""The Triton verify GEMMs (kernels/) against their pure-torch references.
+"""The Triton verify GEMMs (quasar_kernels/) against their pure-torch references.
 
 Without CUDA the kernels run through Triton's interpreter, which needs TRITON_INTERPRET=1 in the
 environment before `triton` is first imported (triton.language's own @jit helpers are decorated
-then) and before kernels/*.py are. This module sets it when it is the first to import triton.
+then) and before quasar_kernels/*.py are. This module sets it when it is the first to import triton.
 When something imported triton earlier without it (torch._dynamo and transformers do), the
 tests here are skipped and one test reruns this file in a subprocess with TRITON_INTERPRET=1.
 Setting TRITON_INTERPRET=1 for the whole pytest run on a machine without CUDA avoids the
@@ -24,14 +24,14 @@ if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         RERUN = True  # too late for this process: see test_rerun_in_interpreter_subprocess
     else:
         os.environ["TRITON_INTERPRET"] = "1"
-        # kernels/*.py imported earlier (without triton? impossible, but cheap to be safe)
-        for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+        # quasar_kernels/*.py imported earlier (without triton? impossible, but cheap to be safe)
+        for _name in [m for m in sys.modules if m == "quasar_kernels" or m.startswith("quasar_kernels.")]:
             del sys.modules[_name]
 
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import quantize_per_token, w4a16_linear, w8a8_linear, w8a16_linear  # noqa: E402
-from kernels.reference import (  # noqa: E402
+from quasar_kernels import quantize_per_token, w4a16_linear, w8a8_linear, w8a16_linear  # noqa: E402
+from quasar_kernels.reference import (  # noqa: E402
     quantize_per_token_ref,
     w4a16_linear_ref,
     w8a8_linear_ref,
@@ -213,7 +213,7 @@ def test_shape_errors():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="autotuning times candidates on CUDA only")
 def test_autotune_cuda():
-    from kernels.splitk import TUNE_CACHE, m_bucket
+    from quasar_kernels.splitk import TUNE_CACHE, m_bucket
 
     r = _gen(11)
     m, n, k, g = 5, 256, 512, 128
@@ -230,7 +230,7 @@ def test_autotune_cuda():
         assert t is not None and t > 0
 
 
-# -- the fused attention kernels of decode / verify forwards (kernels/rope_cache.py, decode_attention.py)
+# -- the fused attention kernels of decode / verify forwards (quasar_kernels/rope_cache.py, decode_attention.py)
 
 def _split_heads(qkv, hq, hkv, d):
     t = qkv.shape[0]
@@ -242,7 +242,7 @@ def _split_heads(qkv, hq, hkv, d):
 def test_qkv_rope_cache_matches_unfused(qk_norm):
     """Split + per-head RMSNorm + RoPE + cache write in one kernel == the runtime's unfused ops (fp32);
     cache slots other than the written positions are left untouched."""
-    from kernels.rope_cache import qkv_rope_cache
+    from quasar_kernels.rope_cache import qkv_rope_cache
     from quasar_bench.runtime import rms_norm, rope
 
     g = _gen(11)
@@ -268,7 +268,7 @@ def test_qkv_rope_cache_matches_unfused(qk_norm):
 def test_decode_attention_matches_sdpa(t, pos0):
     """Causal GQA attention of T new tokens over the filled cache == SDPA over the cache prefix with
     an explicit mask; keys past the last position (poisoned with NaN) are never read."""
-    from kernels.decode_attention import decode_attention
+    from quasar_kernels.decode_attention import decode_attention
 
     g = _gen(12 + t)
     hq, hkv, d, s = 8, 2, 32, 300
@@ -287,7 +287,7 @@ def test_fused_attention_runtime_equals_unfused_and_stays_lossless(family, monke
     """The runtime with the fused attention kernels computes the unfused runtime's logits (eager
     forwards and the static path CUDA graphs capture), and greedy speculative decoding on it still
     equals AR."""
-    import kernels.decode_attention as decode_attention_module
+    import quasar_kernels.decode_attention as decode_attention_module
     from quasar_bench import runtime as R
     from quasar_bench.decode import generate, greedy_continuation
     from quasar_bench.drafters import make_drafter

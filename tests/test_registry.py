@@ -102,7 +102,7 @@ class Echo(Drafter):
 '''
 
 TOY_BACKEND = '''
-from kernels.reference import w4a16_linear_ref
+from quasar_kernels.reference import w4a16_linear_ref
 from quasar_bench.backends import Backend
 
 

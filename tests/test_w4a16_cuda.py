@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.w4a16_cuda import prepack_w4a16, unpack_prepacked
+from quasar_kernels.w4a16_cuda import prepack_w4a16, unpack_prepacked
 from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
 
 SHAPES = [  # (N, K, G)
@@ -98,7 +98,7 @@ def test_fragment_mapping(n, k, g):
 
 
 def test_cpu_raises():
-    from kernels.w4a16_cuda import w4a16_cuda_linear
+    from quasar_kernels.w4a16_cuda import w4a16_cuda_linear
 
     qweight, scales, zeros = _weights(64, 128, 128)
     packed = prepack_w4a16(qweight, scales, zeros, 128, 128)
@@ -111,7 +111,7 @@ def test_cpu_raises():
 @pytest.mark.parametrize("n,k,g", SHAPES + [(1024, 4096, 128), (4096, 1536, 128)])
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 37])
 def test_kernel_vs_reference(n, k, g, m, dtype):
-    from kernels.w4a16_cuda import available, candidate_configs, w4a16_cuda_linear
+    from quasar_kernels.w4a16_cuda import available, candidate_configs, w4a16_cuda_linear
 
     ok, why = available()
     if not ok:

@@ -9,8 +9,8 @@ that implements the ops it supports (each takes the quantized module and the inp
     w8a16(mod, x)   Int8Linear: int8 weights per output channel
     w8a8(mod, x)    W8A8Linear: int8 weights x per-token int8 activations (x already smoothed)
 
-Built in: `reference` (the pure-torch reference of kernels/reference.py: the CPU path, and the
-function every kernel is tested against), `triton` (ours, kernels/), `torch` (torch's own int4
+Built in: `reference` (the pure-torch reference of quasar_kernels/reference.py: the CPU path, and the
+function every kernel is tested against), `triton` (ours, quasar_kernels/), `torch` (torch's own int4
 / int8 weight-only kernels). `auto` picks, per device and op, the first available backend in
 AUTO (below). A backend kept outside the package is named by its module: `verifier.kernel=
 my_pkg.my_backend` imports it and uses its BACKEND (or call register_backend()).

@@ -1,4 +1,4 @@
-"""Our CUDA W4A16 kernel (kernels/w4a16_cuda.py: mma.sync on re-laid-out int4 weights, built with
+"""Our CUDA W4A16 kernel (quasar_kernels/w4a16_cuda.py: mma.sync on re-laid-out int4 weights, built with
 torch.utils.cpp_extension on first use and cached on disk). The weights are re-laid out once per
 module (`prepack_w4a16`); the packed format they come from is unchanged."""
 from __future__ import annotations
@@ -14,12 +14,12 @@ class Cuda(Backend):
     def available(self):
         if not torch.cuda.is_available():
             return False, "the CUDA kernel needs a CUDA device; none is visible"
-        from kernels.w4a16_cuda import available
+        from quasar_kernels.w4a16_cuda import available
 
         return available()
 
     def w4a16(self, mod, x):
-        from kernels.w4a16_cuda import prepack_w4a16, w4a16_cuda_linear
+        from quasar_kernels.w4a16_cuda import prepack_w4a16, w4a16_cuda_linear
 
         packed = self.prepared(mod, lambda: prepack_w4a16(mod.qweight, mod.scales, mod.zeros, mod.in_features,
                                                             mod.group_size))

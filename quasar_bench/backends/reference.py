@@ -1,4 +1,4 @@
-"""The pure-torch reference backend: dequantize, then matmul in fp32 (kernels/reference.py).
+"""The pure-torch reference backend: dequantize, then matmul in fp32 (quasar_kernels/reference.py).
 
 It is the CPU path of every quantized verifier and the function every kernel is tested against.
 On CPU the dequantized fp32 weight (or, for W8A8, the transposed codes as fp32) is computed once
@@ -7,7 +7,7 @@ recomputed per call (a correctness path, not a fast one: a float copy of every w
 """
 from __future__ import annotations
 
-from kernels.reference import linear_dequantized, w8a8_from_codes
+from quasar_kernels.reference import linear_dequantized, w8a8_from_codes
 
 from . import Backend
 

@@ -1,4 +1,4 @@
-"""Our Triton kernels (kernels/): W4A16, W8A16, W8A8, autotuned per shape on first use."""
+"""Our Triton kernels (quasar_kernels/): W4A16, W8A16, W8A8, autotuned per shape on first use."""
 from __future__ import annotations
 
 from . import Backend
@@ -9,9 +9,9 @@ _KERNELS = None
 def _kernels():
     global _KERNELS
     if _KERNELS is None:
-        import kernels  # noqa: PLC0415 (imports triton: only when a CUDA forward needs it)
+        import quasar_kernels  # noqa: PLC0415 (imports triton: only when a CUDA forward needs it)
 
-        _KERNELS = kernels
+        _KERNELS = quasar_kernels
     return _KERNELS
 
 

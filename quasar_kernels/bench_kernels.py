@@ -1,6 +1,6 @@
 """Benchmark the verify GEMMs at Qwen3-8B linear shapes x M = 1..64 on one CUDA GPU.
 
-    python -m kernels.bench_kernels --out results/gpu [--quick] [--ms 1,2,4] [--shapes q/o,k/v]
+    python -m quasar_kernels.bench_kernels --out results/gpu [--quick] [--ms 1,2,4] [--shapes q/o,k/v]
 
 Measures the device-to-device copy bandwidth (bytes read + written) first, then for each shape
 and M: cuBLAS bf16 F.linear, the Triton W4A16 / W8A16 / W8A8 kernels (W8A8 with its Triton and
@@ -110,14 +110,14 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET to benchmark compiled kernels")
 
-    from kernels import w4a16_linear, w8a8_linear, w8a16_linear
-    from kernels import reference as ref
-    from kernels.splitk import TUNE_CACHE, graph_time_us, m_bucket
+    from quasar_kernels import w4a16_linear, w8a8_linear, w8a16_linear
+    from quasar_kernels import reference as ref
+    from quasar_kernels.splitk import TUNE_CACHE, graph_time_us, m_bucket
     from quasar_bench.packing import pack_int4, quantize_int4_rtn, quantize_int8_rtn
 
     ms_list = [int(m) for m in args.ms.split(",")]
     shapes = [s for s in args.shapes.split(",")]
-    cmd = "python -m kernels.bench_kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m quasar_kernels.bench_kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     info = env_info(cmd)
     try:
         import gemlite  # noqa: F401

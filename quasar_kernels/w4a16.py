@@ -14,7 +14,7 @@ The split-K epilogue, configs and the autotuner shared with the int8 kernels are
 
 On CUDA, call these under CUDA graphs in a decode loop: an eager call costs 70-130 µs of Python
 and launch time on the H100 machine here, more than the kernel. Warm up (one eager call per
-shape and M bucket, which autotunes) before capturing; kernels/NOTES.md has the measurements.
+shape and M bucket, which autotunes) before capturing; quasar_kernels/NOTES.md has the measurements.
 
 CPU tensors run through Triton's interpreter: set TRITON_INTERPRET=1 before triton is first
 imported (tests/test_kernels.py does, or reruns itself in a subprocess).

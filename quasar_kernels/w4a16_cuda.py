@@ -6,7 +6,7 @@
 
 Input format: quasar_bench/packing.py (qweight int32 [Kp//8, N], scales/zeros fp16 [Kp//G, N],
 W[n, k] = (code - zero) * scale). `prepack_w4a16` re-lays it out for the kernel
-(kernels/csrc/w4a16_marlin.cu); `unpack_prepacked` inverts that exactly (the CPU tests check the
+(quasar_kernels/csrc/w4a16_marlin.cu); `unpack_prepacked` inverts that exactly (the CPU tests check the
 round trip, which is how CI checks the layout of a kernel that only runs on a GPU).
 
 Packed layout (NT = ceil(N / 64) column tiles of 64, each group padded to Gp = ceil(G / 16) * 16
@@ -31,7 +31,7 @@ of each column block to arrive sums them in split order and resets its counter (
 and counters persist per device and are left ready for the next call: no per-call memset, safe
 under CUDA-graph replay; do not run two calls concurrently on different streams of one device).
 M > 16 runs one launch per 16-row chunk. The launch configuration comes from a small cost
-model (`plan`); `config=` overrides it. See kernels/NOTES.md for measurements.
+model (`plan`); `config=` overrides it. See quasar_kernels/NOTES.md for measurements.
 """
 from __future__ import annotations
 
@@ -300,7 +300,7 @@ def plan(m: int, packed: dict, dev: torch.device) -> dict:
         if not capturing:
             _PLANS[key] = cfg
         return cfg
-    from kernels.splitk import graph_time_us
+    from quasar_kernels.splitk import graph_time_us
 
     n, k, _ = packed_dims(packed)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)

@@ -1,5 +1,5 @@
 // W4A16 GEMM for the verify regime (M = 1..16 rows), Marlin-style: int4 codes re-laid out offline
-// (kernels/w4a16_cuda.py::prepack_w4a16) so that one 16-byte load per lane holds exactly the
+// (quasar_kernels/w4a16_cuda.py::prepack_w4a16) so that one 16-byte load per lane holds exactly the
 // nibbles of its mma.sync.m16n8k16 B fragments for 8 n8-subtiles (one n64 x k16 tile per warp-load);
 // lop3 turns two nibbles into a bf16x2 / half2 (0x4300|code = 128+code, 0x6400|code = 1024+code),
 // one x2 sub removes (magic + zero) exactly, one x2 mul applies the group scale; fp32 accumulators.

@@ -1,4 +1,4 @@
-// Torch binding of the W4A16 verify GEMM (kernel: w4a16_marlin.cu; layout: kernels/w4a16_cuda.py).
+// Torch binding of the W4A16 verify GEMM (kernel: w4a16_marlin.cu; layout: quasar_kernels/w4a16_cuda.py).
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>

@@ -1,14 +1,14 @@
 """Benchmark the CUDA W4A16 verify GEMM against every alternative at Qwen3-8B shapes, M = 1..16.
 
-    python -m kernels.bench_w4a16_cuda --out results/gpu [--ms 1,2,4,6,8,12,16] [--shapes q/o,...]
+    python -m quasar_kernels.bench_w4a16_cuda --out results/gpu [--ms 1,2,4,6,8,12,16] [--shapes q/o,...]
         [--sweep N] [--quick]
 
-Kernels: cuBLAS bf16 F.linear, ours (kernels/w4a16_cuda.py, planned config), our Triton
+Kernels: cuBLAS bf16 F.linear, ours (quasar_kernels/w4a16_cuda.py, planned config), our Triton
 w4a16_linear, torch._weight_int4pack_mm (tinygemm), gemlite A16W4 (if importable). Each is first
 checked against the fp32 dequantize-then-matmul reference on fresh random inputs (rel err
 ||out - ref|| / ||ref|| < 1e-2, NaN fails, allocator blocks NaN-poisoned before the call), then timed
 under CUDA-graph replay of >= 24 back-to-back calls rotating over weight copies (>= 3 x L2 per
-round: weights come from HBM), median of the replays (kernels.w4a16.graph_time_us). --sweep N also
+round: weights come from HBM), median of the replays (quasar_kernels.w4a16.graph_time_us). --sweep N also
 times the N best configs of our kernel's cost model plus a fixed grid (w4a16_cuda_sweep rows).
 Writes w4a16_cuda.csv / w4a16_cuda.md (+ w4a16_cuda_log.txt) under --out; prints a table last.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.bench_kernels import GROUP, check_lines, copy_bandwidth, env_info, fmt, lookup, rel_err, torch_int4pack, write_csv
-from kernels.bench_kernels import SHAPES as BENCH_SHAPES
+from quasar_kernels.bench_kernels import GROUP, check_lines, copy_bandwidth, env_info, fmt, lookup, rel_err, torch_int4pack, write_csv
+from quasar_kernels.bench_kernels import SHAPES as BENCH_SHAPES
 
 # the Qwen3-8B shapes of the Triton benchmark plus the fused projections (q/k/v, gate+up)
 SHAPES = {**BENCH_SHAPES, "qkv": (6144, 4096), "gate+up": (24576, 4096)}
@@ -75,15 +75,15 @@ def main(argv=None):
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from kernels import w4a16_cuda as wc
-    from kernels.splitk import graph_time_us
-    from kernels.w4a16 import w4a16_linear
+    from quasar_kernels import w4a16_cuda as wc
+    from quasar_kernels.splitk import graph_time_us
+    from quasar_kernels.w4a16 import w4a16_linear
     from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
 
     ms_list = [int(m) for m in args.ms.split(",")]
     shapes = args.shapes.split(",")
     kern_sel = args.kernels.split(",")
-    cmd = "python -m kernels.bench_w4a16_cuda " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m quasar_kernels.bench_w4a16_cuda " + " ".join(argv if argv is not None else sys.argv[1:])
     info = env_info(cmd)
     log(info)
     t0 = time.time()
@@ -263,7 +263,7 @@ def sass_summary(out_dir: Path) -> None:
     import collections
     import re
 
-    from kernels import w4a16_cuda as wc
+    from quasar_kernels import w4a16_cuda as wc
 
     sos = list(wc._build_dir().glob("*.so"))
     if not sos:

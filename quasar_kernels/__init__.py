@@ -1,8 +1,8 @@
 """Triton verify-pass GEMMs for quantized verifiers (W4A16, W8A16, W8A8), each with a pure-torch
-reference in kernels/reference.py. Weight formats: quasar_bench/packing.py.
+reference in quasar_kernels/reference.py. Weight formats: quasar_bench/packing.py.
 
 CUDA tensors run compiled kernels (autotuned per (M bucket, N, K) on first use; run them under
-CUDA graphs: see kernels/NOTES.md); CPU tensors run through Triton's interpreter, which needs
+CUDA graphs: see quasar_kernels/NOTES.md); CPU tensors run through Triton's interpreter, which needs
 TRITON_INTERPRET=1 in the environment before triton is first imported.
 
     w4a16_linear(x, qweight, scales, zeros, in_features, group_size, bias=None, *, config=None)
