@@ -45,7 +45,7 @@ def copy_bandwidth_gbps() -> float:
 PEAK_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4}
 
 
-def batch_table(rows: pd.DataFrame, copy_gbps: float) -> pd.DataFrame:
+def batch_table(rows: pd.DataFrame, copy_gbps: float, gpu: str = "") -> pd.DataFrame:
     """Per (verifier, drafter, batch size): batch throughput, the verify forward's time, its GEMM
     rows M, the share of copy bandwidth and of peak bf16 tensor FLOPs it reaches, and speedups at
     the same batch size (vs the verifier's AR, vs the reference verifier's AR, vs the reference
@@ -59,14 +59,18 @@ def batch_table(rows: pd.DataFrame, copy_gbps: float) -> pd.DataFrame:
         "padding": b.batch_padding.mean(),
         "verify_steps": g.verify_steps.sum(), "weight_bytes": g.weight_bytes.first(), "baseline": g.baseline.first(),
         "n_prompts": g.prompt_id.nunique(), "tau": g.new_tokens.sum() / g.verify_steps.sum(),
+        **({"kernel": g.kernel.first().fillna("cublas")} if "kernel" in rows else {}),
     }).reset_index()
     t["throughput"] = t.new_tokens / t.batch_s
     t["mean_m"] = t.gemm_rows / t.steps
     t["step_ms"] = 1e3 * t.batch_s / t.steps
     t["frac_copy_bw"] = t.weight_bytes / (t.step_ms * 1e-3) / 1e9 / copy_gbps
     ref = "reference"
+    if not (t.verifier == ref).any():
+        raise SystemExit("gpu_speed: error: the batch table needs the reference verifier's rows (speedups and "
+                         "FLOPs are counted against it); add them with --from-rows")
     params = t.loc[t.verifier == ref, "weight_bytes"].iloc[0] / 2  # bf16: 2 bytes per weight
-    peak = PEAK_BF16_TFLOPS.get(torch.cuda.get_device_name() if torch.cuda.is_available() else "", float("nan"))
+    peak = PEAK_BF16_TFLOPS.get(gpu, float("nan"))
     t["tflops"] = 2 * params * t.mean_m / (t.step_ms * 1e-3) / 1e12
     t["frac_peak_bf16_flops"] = t.tflops / peak
     key = ["verifier", "batch_size"]
@@ -126,26 +130,33 @@ def main(argv=None):
     ap.add_argument("--runs", default="/tmp/quasar_gpu_speed", help="result store of the run")
     ap.add_argument("--experiment", default="gpu_speed", help="gpu_speed, gpu_batch, or gpu_replay (with --source)")
     ap.add_argument("--source", default=None, help="gpu_replay: the real-model run whose traces are replayed")
+    ap.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_CSV",
+                    help="no run: rebuild the table from *_rows.csv files this script wrote (several GPU "
+                         "calls' rows joined; needs no GPU). The hardware columns come from the rows.")
     args, overrides = ap.parse_known_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("gpu_speed: error: no CUDA device; this benchmark measures GPU speed")
-    from hydra import compose, initialize_config_dir
-
-    from quasar_bench.run import Experiment
-
-    command = "python experiments/gpu_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    copy_gbps = copy_bandwidth_gbps()
-    print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        extra = [f"traces={Path(args.source).resolve()}"] if args.source else []
-        cfg = compose("config", overrides=[f"experiment={args.experiment}", f"experiment_name={args.experiment}",
-                                           f"out_dir={args.runs}", *extra, *overrides])
-    t0 = time.time()
-    Experiment(cfg).run()
-    rows = pd.read_parquet(Path(args.runs) / "rows.parquet")
+    command = "python experiments/gpu_speed.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     batched = args.experiment == "gpu_batch"
-    table = batch_table(rows, copy_gbps) if batched else e2e_table(rows, copy_gbps)
     name = "e2e" if args.experiment == "gpu_speed" else args.experiment.removeprefix("gpu_")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.from_rows:
+        rows = pd.concat([pd.read_csv(f) for f in args.from_rows], ignore_index=True)
+        meta = {k: rows[k].iloc[0] for k in ("gpu", "driver", "torch", "triton", "copy_gbps") if k in rows}
+        meta["command"] = command
+        meta["source_commands"] = " ; ".join(dict.fromkeys(rows["command"].dropna())) if "command" in rows else ""
+        copy_gbps = float(meta["copy_gbps"])
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu_speed: error: no CUDA device; this benchmark measures GPU speed")
+        rows, meta, copy_gbps = run_cells(args, overrides, command)
+        # every row first (one per prompt x turn x cell, step-time split and versions included), so
+        # a failure in the table below loses nothing; token ids and text are dropped (random
+        # weights: they mean nothing)
+        rows = rows.drop(columns=[c for c in ("prompt_ids", "output_ids", "output_text") if c in rows]).assign(
+            **{k: v for k, v in meta.items() if k not in rows})
+        rows.to_csv(out / f"{name}_rows.csv", index=False)
+    table = batch_table(rows, copy_gbps, str(meta.get("gpu", ""))) if batched else e2e_table(rows, copy_gbps)
+    table["max_new_tokens"] = int(rows["max_new_tokens"].max()) if "max_new_tokens" in rows else None
     title = "End-to-end verify speed, Qwen3-8B shapes, random weights"
     if batched:
         title = "Batched verification at Qwen3-8B shapes, random weights (synthetic forced acceptance)"
@@ -154,20 +165,9 @@ def main(argv=None):
 
         table = join_source(table, read_rows(args.source))
         title = f"Real acceptance (replayed from {args.source}) at Qwen3-8B speed, random weights"
-    import triton
-
-    meta = {"gpu": torch.cuda.get_device_name(), "driver": driver_version(), "torch": torch.__version__,
-            "triton": triton.__version__, "copy_gbps": round(copy_gbps, 1), "command": command,
-            "wall_s": round(time.time() - t0, 1)}
     for k, v in meta.items():
         table[k] = v
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / f"{name}.csv", index=False)
-    # every row too (one per prompt x turn x cell, step-time split and versions included), not only
-    # the aggregates; token ids and text are dropped (random weights: they mean nothing)
-    rows.drop(columns=[c for c in ("prompt_ids", "output_ids", "output_text") if c in rows]).assign(
-        **{k: v for k, v in meta.items() if k not in rows}).to_csv(out / f"{name}_rows.csv", index=False)
     cols = ["verifier", "drafter", "tokens_per_s", "tau", "alpha_measured", "draft_ms_per_step",
             "verify_ms_per_step", "other_ms_per_step", "speedup_vs_ref_ar", "speedup_vs_ref_same_drafter",
             "verify_gbps", "frac_copy_bw"]
@@ -176,10 +176,35 @@ def main(argv=None):
         cols = ["verifier", "drafter", "batch_size", "throughput", "tau", "mean_m", "step_ms", "padding",
                 "speedup_vs_ar", "speedup_vs_ref_ar", "speedup_vs_ref_same_drafter", "frac_copy_bw",
                 "frac_peak_bf16_flops"]
+        if "kernel" in table:
+            cols.insert(2, "kernel")
     md = table[cols].to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else table[cols].to_string()
     head = "\n".join(f"- {k}: {v}" for k, v in meta.items())
     (out / f"{name}.md").write_text(f"# {title}\n\n{head}\n\n{md}\n")
     print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+
+
+def run_cells(args, overrides, command):
+    """Run the experiment's cells through the normal harness; returns (rows, hardware meta, copy GB/s)."""
+    from hydra import compose, initialize_config_dir
+
+    from quasar_bench.run import Experiment
+
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        extra = [f"traces={Path(args.source).resolve()}"] if args.source else []
+        cfg = compose("config", overrides=[f"experiment={args.experiment}", f"experiment_name={args.experiment}",
+                                           f"out_dir={args.runs}", *extra, *overrides])
+    t0 = time.time()
+    Experiment(cfg).run()
+    rows = pd.read_parquet(Path(args.runs) / "rows.parquet").assign(max_new_tokens=int(cfg.max_new_tokens))
+    import triton
+
+    meta = {"gpu": torch.cuda.get_device_name(), "driver": driver_version(), "torch": torch.__version__,
+            "triton": triton.__version__, "copy_gbps": round(copy_gbps, 1), "command": command,
+            "wall_s": round(time.time() - t0, 1)}
+    return rows, meta, copy_gbps
 
 
 def _has_tabulate() -> bool:

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from .backends import describe
 from .decode import generate_batch
 from .drafters import make_drafter
 from .encode import decode_text, encode_turn
@@ -45,7 +46,7 @@ def describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference: bool, batch_s
                 verifier=vcfg.get("label") or vcfg.name, drafter=dcfg.get("label") or dcfg.name, batch_size=batch_size,
                 drafter_name=dcfg.name, is_reference=is_reference, baseline=not drafter.drafts,
                 forced_acceptance=drafter.forces_acceptance, k=drafter.k,
-                kernel=",".join(sorted({m.backend(runtime.device.type).name for m in runtime.modules()
+                kernel=",".join(sorted({describe(m.kernel, runtime.device.type, m.op) for m in runtime.modules()
                                         if hasattr(m, "backend")})) if getattr(runtime, "kernel_ops", None) else "",
                 temperature=float(cfg.temperature), top_p=float(cfg.top_p), device=device_name(runtime.device),
                 dtype=str(runtime.dtype).removeprefix("torch."), weight_bytes=weight_bytes(runtime),

@@ -3,8 +3,9 @@
     python -m quasar_bench.figures --results results --out results/figures
 
 reads each experiment directory `results/<experiment>/` (rows-*.parquet, via ResultStore) and
-`results/gpu/kernels*.csv`, `e2e.csv` and `step_speed*.csv`, and writes PNG + PDF per figure:
-`<out>/<experiment>/<figure>.*`, `<out>/kernel_roofline.*`, `<out>/gpu_speedup_by_drafter.*` and
+`results/gpu/kernels*.csv`, `e2e.csv`, `replay.csv`, `batch.csv` and `step_speed*.csv`, and writes
+PNG + PDF per figure: `<out>/<experiment>/<figure>.*`, `<out>/kernel_roofline.*`,
+`<out>/gpu_speedup_by_drafter.*`, `<out>/gpu_replay.*`, `<out>/gpu_batch.*` and
 `<out>/gpu_step_by_backend.*`. A figure whose inputs are absent is skipped with a note.
 
 The plot functions take the rows table (or a `summarize` table where noted) and an optional
@@ -26,7 +27,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from quasar_bench.store import ResultStore  # noqa: E402
-from quasar_bench.summary import reference_verifier, summarize  # noqa: E402
+from quasar_bench.summary import first_loss, reference_verifier, summarize  # noqa: E402
 
 
 class MissingInput(Exception):
@@ -349,6 +350,63 @@ def plot_gpu_replay(replay: pd.DataFrame | None, ax=None):
     return ax
 
 
+def plot_gpu_batch(batch: pd.DataFrame | None):
+    """Batch throughput vs batch size per verifier precision, one panel per drafter, from
+    results/gpu/batch.csv (experiments/gpu_speed.py --experiment gpu_batch). Crossovers are marked
+    where they fall inside the batch sizes run: a cross on a verifier's line at the first B where it
+    falls below the bf16 reference with the same drafter, and a dotted vertical line at the first B
+    where the drafter falls below AR on the reference verifier. Lines join only measured points."""
+    need = {"verifier", "drafter", "batch_size", "throughput", "speedup_vs_ar", "baseline"}
+    if batch is None or batch.empty or not need <= set(batch.columns):
+        raise MissingInput("no results/gpu/batch.csv (python experiments/gpu_speed.py --experiment gpu_batch)")
+    drafters = list(dict.fromkeys(batch.sort_values("baseline", ascending=False, kind="stable")["drafter"]))
+    order = ["reference", "int8", "w8a8", "int4", "int4_gptq", "pruned"]  # by bytes per weight
+    verifiers = sorted(batch["verifier"].unique(), key=lambda v: (order.index(v) if v in order else len(order), v))
+    cols = min(3, len(drafters))
+    rows_n = -(-len(drafters) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), layout="constrained",
+                             sharex=True, sharey=True, squeeze=False)
+    for ax, drafter in zip(axes.flat, drafters):
+        d = batch[batch["drafter"] == drafter]
+        ref = d[d["verifier"] == "reference"].set_index("batch_size")["throughput"]
+        for v in verifiers:
+            g = d[d["verifier"] == v].sort_values("batch_size")
+            if g.empty:
+                continue
+            ax.plot(g["batch_size"], g["throughput"], marker="o", ms=3, color=_vcolor(v),
+                    label="bf16" if v == "reference" else v)
+            if v != "reference" and len(ref):
+                lost = first_loss(g["batch_size"], (g["throughput"] / g["batch_size"].map(ref)).to_numpy(float))
+                if lost is not None:
+                    y = g.loc[g["batch_size"] == lost, "throughput"].iloc[0]
+                    ax.plot([lost], [y], marker="X", ms=10, color=_vcolor(v), mec="black", mew=0.6)
+        spec = d[d["verifier"] == "reference"]
+        if len(spec) and not spec["baseline"].iloc[0]:
+            lost = first_loss(spec["batch_size"], spec["speedup_vs_ar"].to_numpy(float))
+            if lost is not None:
+                ax.axvline(lost, color="grey", ls=":", lw=1)
+                ax.annotate(f"< AR from B={lost}", (lost, 0.02), xycoords=("data", "axes fraction"),
+                            fontsize=7, color="grey", rotation=90, ha="right", va="bottom")
+        ax.set_title(drafter, fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.grid(True, which="major", lw=0.3)
+    for ax in axes.flat[len(drafters):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("batch size B")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("batch tokens/s")
+    axes.flat[0].legend(title="verifier", fontsize=7, title_fontsize=7)
+    gpu = batch["gpu"].iloc[0] if "gpu" in batch else "GPU"
+    size = (f", {int(batch['n_prompts'].max())} prompts × {int(batch['max_new_tokens'].max())} new tokens"
+            if {"n_prompts", "max_new_tokens"} <= set(batch.columns) else "")
+    fig.suptitle(f"Throughput vs batch size, Qwen3-8B shapes (random weights), {gpu}{size}\n"
+                 "X: first B where the verifier falls below bf16 with the same drafter", fontsize=9)
+    return fig
+
+
 def load_step_speed(results) -> pd.DataFrame | None:
     """results/gpu/step_speed*.csv (experiments/step_speed.py), one row per engine and measure."""
     frames = [pd.read_csv(f).assign(table=f.stem) for f in sorted((Path(results) / "gpu").glob("step_speed*.csv"))]
@@ -432,6 +490,9 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
     replay = Path(results) / "gpu" / "replay.csv"
     _draw("gpu_replay", lambda: plot_gpu_replay(pd.read_csv(replay) if replay.exists() else None),
           out / "gpu_replay", written, problems)
+    batch = Path(results) / "gpu" / "batch.csv"
+    _draw("gpu_batch", lambda: plot_gpu_batch(pd.read_csv(batch) if batch.exists() else None),
+          out / "gpu_batch", written, problems)
     _draw("gpu_step_by_backend", lambda: plot_step_speed_by_backend(load_step_speed(results)),
           out / "gpu_step_by_backend", written, problems)
     return written, problems

@@ -59,18 +59,22 @@ class _QuantLinear(nn.Module):
             self.bias = None
         self.kernel = "auto"
         self.prepared: dict = {}  # backend name -> what it derived from the packed weights
-        self._backend = None
+        self._backends: dict = {}  # (device type, rows) -> backend
 
     def set_kernel(self, name: str) -> None:
-        self.kernel, self._backend, self.prepared = name, None, {}
+        self.kernel, self._backends, self.prepared = name, {}, {}
 
-    def backend(self, device_type: str):
-        if self._backend is None or self._backend[0] != device_type:
-            self._backend = (device_type, resolve(self.kernel, device_type, self.op))
-        return self._backend[1]
+    def backend(self, device_type: str, rows: int | None = None):
+        """The backend this module's kernel setting picks for an input of `rows` activation rows
+        (`auto` may pick by M: backends.Backend.max_rows)."""
+        key = (device_type, rows)
+        if key not in self._backends:
+            self._backends[key] = resolve(self.kernel, device_type, self.op, rows)
+        return self._backends[key]
 
     def forward(self, x):
-        return getattr(self.backend(x.device.type), self.op)(self, self._prepare_input(x))
+        rows = x.numel() // x.shape[-1]
+        return getattr(self.backend(x.device.type, rows), self.op)(self, self._prepare_input(x))
 
     def _prepare_input(self, x):
         return x
@@ -79,7 +83,7 @@ class _QuantLinear(nn.Module):
         raise NotImplementedError
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda(): re-derive prepared weights on the new device
-        self.prepared, self._backend = {}, None
+        self.prepared, self._backends = {}, {}
         return super()._apply(fn, recurse)
 
     @classmethod

@@ -284,6 +284,12 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
     return "\n".join(text)
 
 
+def first_loss(sizes, ratios):
+    """The smallest batch size whose throughput ratio is below 1 (None if none is): where, along
+    the batch sizes run, a method stops paying. Unmeasured (non-finite) ratios are passed over."""
+    return next((b for b, r in sorted(zip(sizes, ratios)) if np.isfinite(r) and r < 1), None)
+
+
 def crossovers(summary: pd.DataFrame) -> list[str]:
     """Where, along the batch sizes run, speculation stops paying (a drafter's throughput falls
     below its verifier's AR at the same batch size) and where a verifier stops beating the
@@ -308,7 +314,7 @@ def crossovers(summary: pd.DataFrame) -> list[str]:
             known = [(b, r) for b, r in zip(sizes, ratios) if np.isfinite(r)]
             if not known:
                 continue
-            lost = next((b for b, r in known if r < 1), None)
+            lost = first_loss(*zip(*known))
             ratio_text = ", ".join(f"B={b} {r:.2f}x" for b, r in known)
             verdict = f"stops paying at B={lost}" if lost is not None else f"pays at every batch size run (up to B={known[-1][0]})"
             lines.append(f"{model} {verifier}/{drafter}: {what} {verdict} (throughput vs {against}: {ratio_text})")

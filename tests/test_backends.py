@@ -92,3 +92,33 @@ def test_gpu_backend_matches_reference_on_cuda(name, m):
         out = mod(x).float()
         assert torch.isfinite(out).all()
         assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_auto_picks_by_row_count_and_explicit_backend_does_not(monkeypatch):
+    """`auto` gives a backend only inputs of at most its max_rows activation rows (rows = all
+    leading dims), the next backend in AUTO the rest; the row label says so; a backend named
+    explicitly runs at every M."""
+    import quasar_bench.backends as backends
+    from quasar_bench.backends import Backend, describe, register_backend
+
+    calls = []
+
+    class SmallM(Backend):
+        name, devices, max_rows = "small_m_test", ("cpu",), 4
+
+        def w4a16(self, mod, x):
+            calls.append(x.numel() // x.shape[-1])
+            return get_backend("reference").w4a16(mod, x)
+
+    register_backend(SmallM())
+    monkeypatch.setitem(backends.AUTO, "cpu", ("small_m_test", "reference"))
+    torch.manual_seed(3)
+    mod = Int4Linear.from_linear(nn.Linear(64, 8, bias=False), 32)
+    for shape in ((3, 64), (1, 4, 64), (5, 64), (2, 3, 64)):
+        mod(torch.randn(*shape))
+    assert calls == [3, 4]  # 5 and 2 x 3 = 6 rows went to the reference
+    assert describe("auto", "cpu", "w4a16") == "small_m_test(M<=4)>reference"
+    assert describe("small_m_test", "cpu", "w4a16") == "small_m_test"
+    mod.set_kernel("small_m_test")
+    mod(torch.randn(9, 64))
+    assert calls == [3, 4, 9]

@@ -179,3 +179,38 @@ def test_varying_k_gets_its_own_series_and_exported_rows_are_read(tmp_path):
     both.to_parquet(tmp_path / "store" / "rows.parquet")  # export beside the store files
     got = figures.load_results(tmp_path)
     assert len(got["exp"]) == len(both) and len(got["store"]) == len(df)
+
+
+def test_gpu_batch_figure_marks_crossovers_where_they_fall(tmp_path):
+    """results/gpu/batch.csv -> one panel per drafter, one line per verifier through the measured
+    batch sizes only; a cross at the first B where int4 falls below bf16 with the same drafter
+    (here B = 8 for the drafter, never for AR), and a dotted line where the drafter falls below AR on
+    bf16 (B = 16). The expected B are read off the hand-written throughputs, not recomputed."""
+    tput = {  # (verifier, drafter) -> throughput at B = 1, 2, 4, 8, 16
+        ("reference", "ar"): [150, 290, 560, 1100, 2100],
+        ("int4", "ar"): [220, 420, 800, 1500, 2600],
+        ("reference", "spec"): [400, 760, 1300, 1900, 2000],
+        ("int4", "spec"): [520, 900, 1350, 1700, 1800],
+    }
+    rows = []
+    for (v, d), ys in tput.items():
+        for b, y in zip((1, 2, 4, 8, 16), ys):
+            ar = tput[(v, "ar")][(1, 2, 4, 8, 16).index(b)]
+            rows.append(dict(verifier=v, drafter=d, batch_size=b, throughput=y, speedup_vs_ar=y / ar,
+                             baseline=d == "ar", gpu="H200", n_prompts=32, max_new_tokens=32))
+    batch = pd.DataFrame(rows).query("not (verifier == 'int4' and drafter == 'ar' and batch_size == 4)")
+    fig = figures.plot_gpu_batch(batch)
+    ar_ax, spec_ax = [a for a in fig.axes if a.get_visible()]
+    assert (ar_ax.get_title(), spec_ax.get_title()) == ("ar", "spec")
+    crosses = lambda ax: [tuple(l.get_xydata()[0]) for l in ax.lines if l.get_marker() == "X"]
+    assert crosses(ar_ax) == [] and crosses(spec_ax) == [(8.0, 1700.0)]
+    int4_ar = next(l for l in ar_ax.lines if l.get_label() == "int4")
+    assert list(int4_ar.get_xdata()) == [1, 2, 8, 16]  # B = 4 not run: no point invented there
+    vlines = [l.get_xdata()[0] for l in spec_ax.lines if l.get_linestyle() == ":"]
+    assert vlines == [16] and not [l for l in ar_ax.lines if l.get_linestyle() == ":"]
+    assert "H200" in fig._suptitle.get_text() and "32 prompts" in fig._suptitle.get_text()
+    res = tmp_path / "results"
+    (res / "gpu").mkdir(parents=True)
+    batch.to_csv(res / "gpu" / "batch.csv", index=False)
+    written, problems = figures.make_figures(res, tmp_path / "figs")
+    assert not problems and (tmp_path / "figs" / "gpu_batch.png").exists()

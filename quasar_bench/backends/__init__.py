@@ -12,7 +12,10 @@ that implements the ops it supports (each takes the quantized module and the inp
 Built in: `reference` (the pure-torch reference of quasar_kernels/reference.py: the CPU path, and the
 function every kernel is tested against), `triton` (ours, quasar_kernels/), `torch` (torch's own int4
 / int8 weight-only kernels). `auto` picks, per device and op, the first available backend in
-AUTO (below). A backend kept outside the package is named by its module: `verifier.kernel=
+AUTO (below) whose kernel is built for the input's row count M (`Backend.max_rows`: our CUDA
+W4A16 kernel computes one 16-row tile per weight pass, so at M > 16 it re-reads the weights per
+tile and `auto` hands such inputs to the next backend; an explicit `verifier.kernel=` always uses
+the named backend, at every M). A backend kept outside the package is named by its module: `verifier.kernel=
 my_pkg.my_backend` imports it and uses its BACKEND (or call register_backend()).
 A backend that cannot run (missing package, no GPU, op not supported) is refused with one line
 naming the reason: never a silent switch to another backend.
@@ -33,6 +36,8 @@ _REGISTERED: dict[str, "Backend"] = {}
 class Backend:
     name = "base"
     devices: tuple[str, ...] = ("cuda",)
+    # the most activation rows (M = tokens in the forward) `auto` gives this backend; None: any
+    max_rows: int | None = None
 
     def available(self) -> tuple[bool, str]:
         """(True, "") or (False, why not: one line naming the fix)."""
@@ -87,14 +92,23 @@ def get_backend(name: str) -> Backend:
     return register_backend(backend)
 
 
-def resolve(name: str, device_type: str, op: str) -> Backend:
-    """The backend that runs `op` on `device_type` for verifier.kernel=name; QuasarError if none."""
-    if name in (None, "auto"):
-        for candidate in AUTO.get(device_type, ("reference",)):
-            b = get_backend(candidate)
-            if b.supports(op) and device_type in b.devices and b.available()[0]:
-                return b
+def _auto_candidates(device_type: str, op: str) -> list[Backend]:
+    found = []
+    for candidate in AUTO.get(device_type, ("reference",)):
+        b = get_backend(candidate)
+        if b.supports(op) and device_type in b.devices and b.available()[0]:
+            found.append(b)
+    if not found:
         raise QuasarError(f"no kernel backend runs {op} on {device_type}")
+    return found
+
+
+def resolve(name: str, device_type: str, op: str, rows: int | None = None) -> Backend:
+    """The backend that runs `op` on `device_type` for verifier.kernel=name, for an input of `rows`
+    activation rows (None: the smallest); QuasarError if none."""
+    if name in (None, "auto"):
+        found = _auto_candidates(device_type, op)
+        return next((b for b in found if b.max_rows is None or rows is None or rows <= b.max_rows), found[-1])
     b = get_backend(name)
     if device_type not in b.devices:
         raise QuasarError(f"verifier.kernel={name} runs on {', '.join(b.devices)}, not {device_type}; "
@@ -105,3 +119,16 @@ def resolve(name: str, device_type: str, op: str) -> Backend:
     if not ok:
         raise QuasarError(f"verifier.kernel={name} is unavailable: {why}")
     return b
+
+
+def describe(name: str, device_type: str, op: str) -> str:
+    """What rows record as the kernel of `op`: the backend's name, or for `auto` the choice per M,
+    e.g. `cuda(M<=16)>triton` (the CUDA kernel up to 16 rows, Triton above)."""
+    if name not in (None, "auto"):
+        return name
+    parts = []
+    for b in _auto_candidates(device_type, op):
+        parts.append(b.name if b.max_rows is None else f"{b.name}(M<={b.max_rows})")
+        if b.max_rows is None:
+            break
+    return ">".join(parts)
