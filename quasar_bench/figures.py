@@ -373,8 +373,10 @@ def plot_gpu_batch(batch: pd.DataFrame | None):
             g = d[d["verifier"] == v].sort_values("batch_size")
             if g.empty:
                 continue
+            name = "bf16" if v == "reference" else v
+            kernel = g["kernel"].iloc[0] if "kernel" in g and pd.notna(g["kernel"].iloc[0]) else ""
             ax.plot(g["batch_size"], g["throughput"], marker="o", ms=3, color=_vcolor(v),
-                    label="bf16" if v == "reference" else v)
+                    label=f"{name} ({kernel})" if kernel else name)
             if v != "reference" and len(ref):
                 lost = first_loss(g["batch_size"], (g["throughput"] / g["batch_size"].map(ref)).to_numpy(float))
                 if lost is not None:
@@ -390,7 +392,10 @@ def plot_gpu_batch(batch: pd.DataFrame | None):
         ax.set_title(drafter, fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        sizes = sorted(batch["batch_size"].unique())
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sizes))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(int(b)) for b in sizes]))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(True, which="major", lw=0.3)
     for ax in axes.flat[len(drafters):]:
         ax.set_visible(False)
