@@ -48,7 +48,7 @@ from quasar_bench.errors import QuasarError
 from quasar_bench.fileio import (atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir, host_tag,  # noqa: F401
                                  tmp_prefix, write_json)
 from quasar_bench.rowfiles import BAD_READ as _BAD_READ
-from quasar_bench.rowfiles import LIST_COLS, read_table, reason, rows_frame
+from quasar_bench.rowfiles import KEY, LIST_COLS, read_table, reason, rows_frame  # noqa: F401 (KEY: the store's row key)
 from quasar_bench.rowfiles import REPAIR as _REPAIR
 
 try:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from quasar_bench.specbench import main, step_lengths
+from quasar_bench.specbench import file_names, main, step_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,6 +160,16 @@ def test_step_lengths_cut_at_eos():
            "new_tokens": 5}
     assert step_lengths(row) == [3, 2]
     assert step_lengths({**row, "new_tokens": 7}) == [3, 4]
+
+
+def test_cells_sharing_a_name_get_their_id():
+    """Two cells with the same labels (other drafter settings): each name gets its cell id, before
+    the batch suffix; a cell of its own keeps the plain name."""
+    df = pd.DataFrame([dict(cell_id=c, model="Qwen/Qwen3 8B", verifier="int4", drafter="ngram", baseline=False, k=5,
+                            temperature=0.0, batch_size=b) for c, b in (("aa", 4), ("bb", 4), ("cc", 1))])
+    assert file_names(df) == {"aa": "Qwen_Qwen3_8B-int4-ngram-k5-temp-0.0-aa-b4",
+                              "bb": "Qwen_Qwen3_8B-int4-ngram-k5-temp-0.0-bb-b4",
+                              "cc": "Qwen_Qwen3_8B-int4-ngram-k5-temp-0.0"}
 
 
 def write(path: Path, lines) -> Path:
