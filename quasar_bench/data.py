@@ -34,8 +34,10 @@ class Prompt:
     turns: list[str]
 
 
-def _parse_lines(lines: list[str], source: str, dataset: str, id_key: str) -> list[Prompt]:
-    prompts, seen = [], set()
+def jsonl_records(lines: list[str], source: str) -> list[tuple[str, dict]]:
+    """(where, object) for every non-blank line of a jsonl text; `where` is `<source> line N`, the
+    prefix of every error about that line. A line that is not one JSON object is a QuasarError."""
+    out = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -46,6 +48,28 @@ def _parse_lines(lines: list[str], source: str, dataset: str, id_key: str) -> li
             raise QuasarError(f"{where}: bad JSON ({e.msg}); fix or remove that line") from None
         if not isinstance(rec, dict):
             raise QuasarError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        out.append((where, rec))
+    return out
+
+
+def read_jsonl(path, what: str, fix: str) -> list[tuple[str, dict]]:
+    """jsonl_records of the file at `path`; an unreadable file is a QuasarError naming `what` it
+    was and `fix` (the setting or argument that named it)."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuasarError(f"cannot read {what} file {p} ({e.__class__.__name__}); {fix}") from None
+    return jsonl_records(text.splitlines(), str(p))
+
+
+def _parse_lines(lines: list[str], source: str, dataset: str, id_key: str) -> list[Prompt]:
+    return _prompts(jsonl_records(lines, source), dataset, id_key)
+
+
+def _prompts(records: list[tuple[str, dict]], dataset: str, id_key: str) -> list[Prompt]:
+    prompts, seen = [], set()
+    for where, rec in records:
         for key in (id_key, "category", "turns"):
             if key not in rec:
                 raise QuasarError(f"{where}: missing key {key!r}; each line needs "
@@ -113,13 +137,7 @@ def _read_jsonl(name: str, path: str | None) -> list[Prompt]:
             raise QuasarError(f"dataset {name!r} is read from a question.jsonl file: "
                               f"set dataset.path=/path/to/question.jsonl")
         path = str(fetch_dataset(name))
-    p = Path(path).expanduser()
-    try:
-        text = p.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise QuasarError(f"cannot read {name} file {p} ({e.__class__.__name__}); "
-                          f"check dataset.path=") from None
-    return _parse_lines(text.splitlines(), str(p), name, "question_id")
+    return _prompts(read_jsonl(path, name, "check dataset.path="), name, "question_id")
 
 
 def load_prompts(name: str, path: str | None = None, categories: list[str] | None = None,

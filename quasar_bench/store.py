@@ -47,6 +47,9 @@ import pyarrow.parquet as pq
 from quasar_bench.errors import QuasarError
 from quasar_bench.fileio import (atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir, host_tag,  # noqa: F401
                                  tmp_prefix, write_json)
+from quasar_bench.rowfiles import BAD_READ as _BAD_READ
+from quasar_bench.rowfiles import KEY, LIST_COLS, read_table, reason, rows_frame  # noqa: F401 (KEY: the store's row key)
+from quasar_bench.rowfiles import REPAIR as _REPAIR
 
 try:
     import fcntl
@@ -55,16 +58,11 @@ except ImportError:  # pragma: no cover - not on POSIX
 
 log = logging.getLogger(__name__)
 
-KEY = ["cell_id", "prompt_id", "turn"]
-# Fidelity columns may be all-missing in some files (stored as null): load them as float.
-FLOAT_COLS = ["kl_mean", "kl_p50", "kl_p95", "kl_max", "top1_agree", "tau", "alpha"]
 _CELL_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _TMP_RE = re.compile(r"^\.tmp-(\d+)@([A-Za-z0-9]*)-")
 _ROWS_RE = re.compile(r"^rows-([A-Za-z0-9_]+)-[^.]+\.parquet$")
-_REPAIR = "python -m quasar_bench.store repair"
 OTHER_HOST_TEMP_AGE_S = 24 * 3600  # a temp file of another host is stale after this long
 LEGACY_TEMP_AGE_S = 600            # a temp file without a pid tag is stale after this long
-_BAD_READ = (OSError, ValueError, KeyError, TypeError, pa.ArrowException)
 
 
 def _canon(obj):
@@ -489,22 +487,17 @@ class ResultStore:
     def _read(self, f: Path, columns=None) -> pa.Table | None:
         """One rows file, or None after moving an unreadable one aside (with a warning)."""
         try:
-            t = pq.read_table(f, columns=columns)
-            missing = [c for c in ("prompt_id", "turn") if c not in t.column_names]
-            if missing:
-                raise ValueError(f"no column {missing[0]}")
-            return t
+            return read_table(f, columns)
         except FileNotFoundError:
             return None  # moved aside by another reader meanwhile
         except _BAD_READ as e:
-            reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
             dest = _move_aside(self.root, f)
             if dest is not None:
                 log.warning("%s is unreadable (%s); moved it to %s: its rows count as not stored "
-                            "and a run of the same command re-runs them", f, reason, dest.parent)
+                            "and a run of the same command re-runs them", f, reason(e), dest.parent)
             else:
                 log.warning("%s is unreadable (%s), skipped: its rows count as not stored; "
-                            "`%s %s` moves it aside", f, reason, _REPAIR, self.root)
+                            "`%s %s` moves it aside", f, reason(e), _REPAIR, self.root)
             return None
 
     def done_keys(self, cell_id: str) -> set[tuple[str, int]]:
@@ -545,40 +538,19 @@ class ResultStore:
     def load(self) -> pd.DataFrame:
         """All rows of this result set; raises if a (cell_id, prompt_id, turn) appears twice.
         An unreadable rows file is moved to damaged/ with a warning (its rows are missing)."""
-        files, tables = [], []
-        for f in self._files():
-            t = self._read(f)
-            if t is not None:
-                files.append(f)
-                tables.append(t)
-        if not tables:
-            return pd.DataFrame(columns=KEY)
-        tables = [t.append_column("_file", pa.array([f.name] * len(t), pa.string()))
-                  for t, f in zip(tables, files)]
-        try:  # one conversion; null columns (no fidelity measured) promote to their type
-            df = pa.concat_tables(tables, promote_options="permissive").to_pandas()
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            df = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
-        dup = df[df.duplicated(KEY, keep=False)]
-        if len(dup):
-            k = dup.iloc[0]
-            raise QuasarError(f"{self.root}: {len(dup)} rows share (cell_id, prompt_id, turn), "
-                              f"e.g. {tuple(k[KEY])} in {sorted(set(dup['_file']))[:4]}; "
-                              f"delete the extra rows-*.parquet files, or `{_REPAIR} {self.root}` "
-                              f"moves them aside")
-        for c in FLOAT_COLS:
-            if c in df:
-                df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
-        return df.drop(columns="_file")
+        tables = {f: t for f in self._files() if (t := self._read(f)) is not None}
+        return rows_frame(tables, self.root)
 
     # -- exports --------------------------------------------------------------------------
     def export(self, df: pd.DataFrame, summary_df: pd.DataFrame | None = None) -> list[Path]:
         """Write rows.parquet, rows.csv and (given a summary) summary.csv, each atomically: a
         reader or a killed run sees the previous file or the whole new one. List-valued cells
-        of the summary (the acceptance curve) are written as JSON lists."""
+        (per-step acceptance, token ids, the acceptance curve) are written as JSON lists, whole
+        (numpy's print form would elide long ones)."""
         out = [self.root / "rows.parquet", self.root / "rows.csv"]
         atomic_write(out[0], lambda f: df.to_parquet(f, index=False))
-        atomic_write_text(out[1], df.to_csv(index=False))
+        lists = {c: df[c].map(_json_cell) for c in LIST_COLS if c in df}
+        atomic_write_text(out[1], df.assign(**lists).to_csv(index=False))
         if summary_df is not None:
             s = summary_df.copy()
             for c in s.columns:

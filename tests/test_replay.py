@@ -83,6 +83,11 @@ def test_replay_reproduces_the_recorded_steps_on_another_model(tmp_path):
     # the same trace on this model's own drafts differs: the replay, not chance, made them equal
     own = generate(rt, make_drafter(OmegaConf.create(INNER), rt, loaded, draft_tools(loaded)), PROMPT, 24, 3)
     assert own.step_accepted != res.step_accepted
+    # the same trace from a rows.csv whose lists numpy printed ("[3 0 2]", as exports before JSON lists)
+    pd.read_parquet(tmp_path / "rows.parquet").to_csv(tmp_path / "rows.csv", index=False)
+    d = replay(rt, loaded, tmp_path / "rows.csv")
+    d.begin("reference", "p1", 1)
+    assert generate(rt, d, PROMPT, 24, d.k).step_accepted == res.step_accepted
 
 
 def test_replay_stops_where_the_recording_ended_by_eos(tmp_path):

@@ -19,8 +19,7 @@ the end of its step's accepted drafts, that last step keeps fewer). Greedy only.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
+from .. import rowfiles
 from ..errors import QuasarError
 from . import Draft, Drafter, make_drafter
 
@@ -29,22 +28,12 @@ TRACE_COLUMNS = ["verifier", "drafter", "prompt_id", "turn", "drafted_lengths", 
 
 
 def read_rows(source):
-    """The rows of a result directory (its rows.parquet export, else its row store's rows-*.parquet
-    files, read without touching them) or of one rows .parquet / .csv file."""
-    import pandas as pd
-
-    path = Path(str(source)).expanduser()
-    files = [path] if path.is_file() else [path / "rows.parquet"] if (path / "rows.parquet").is_file() \
-        else sorted(path.glob("rows-*.parquet")) if path.is_dir() else []
-    if not files:
-        raise QuasarError(f"drafter.traces={source}: no such result directory or rows file; run the source "
-                          "experiment first (its out_dir holds the rows)")
+    """The rows of a result directory (its row store, else its rows.parquet / rows.csv export) or
+    of one rows .parquet / .csv file (rowfiles.read_rows); errors name drafter.traces=."""
     try:
-        return pd.concat([pd.read_parquet(f) if f.suffix == ".parquet" else pd.read_csv(f) for f in files],
-                         ignore_index=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise QuasarError(f"drafter.traces={path}: unreadable ({type(e).__name__}); "
-                          "check it with python -m quasar_bench.store check <dir>") from None
+        return rowfiles.read_rows(source)
+    except QuasarError as e:
+        raise QuasarError(f"drafter.traces={source}: {e}") from None
 
 
 def load_traces(source) -> dict:

@@ -1,0 +1,128 @@
+"""Result rows read back from files, without changing them: a result directory's row store
+(rows-*.parquet), its rows.parquet / rows.csv export, or one rows file.
+
+The store (store.py) writes these files; every reader shares this module (the store's own `load`,
+the replay drafter's traces, the Spec-Bench export), so a table reads the same whichever file holds
+it. rows.csv holds list columns (per-step acceptance, token ids) as JSON text; files exported before
+that hold numpy's print form (`[4 1 1 0]`), which is read too unless numpy elided part of it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import QuasarError
+
+KEY = ["cell_id", "prompt_id", "turn"]
+# Fidelity columns may be all-missing in some files (stored as null): load them as float.
+FLOAT_COLS = ["kl_mean", "kl_p50", "kl_p95", "kl_max", "top1_agree", "tau", "alpha"]
+LIST_COLS = ["accepted_per_position", "drafted_lengths", "accepted_lengths", "prompt_ids", "output_ids"]
+REPAIR = "python -m quasar_bench.store repair"
+BAD_READ = (OSError, ValueError, KeyError, TypeError, pa.ArrowException)
+
+
+def read_table(f: Path, columns=None) -> pa.Table:
+    """One rows-*.parquet file; a damaged one raises one of BAD_READ."""
+    t = pq.read_table(f, columns=columns)
+    missing = [c for c in ("prompt_id", "turn") if c not in t.column_names]
+    if missing:
+        raise ValueError(f"no column {missing[0]}")
+    return t
+
+
+def reason(e: Exception) -> str:
+    return str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+
+
+def rows_frame(tables: dict[Path, pa.Table], root: Path) -> pd.DataFrame:
+    """The rows of the row store's files as one table; a (cell_id, prompt_id, turn) stored twice
+    is a QuasarError naming the files."""
+    if not tables:
+        return pd.DataFrame(columns=KEY)
+    named = [t.append_column("_file", pa.array([f.name] * len(t), pa.string())) for f, t in tables.items()]
+    try:  # one conversion; null columns (no fidelity measured) promote to their type
+        df = pa.concat_tables(named, promote_options="permissive").to_pandas()
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        df = pd.concat([t.to_pandas() for t in named], ignore_index=True)
+    dup = df[df.duplicated(KEY, keep=False)]
+    if len(dup):
+        k = dup.iloc[0]
+        raise QuasarError(f"{root}: {len(dup)} rows share (cell_id, prompt_id, turn), "
+                          f"e.g. {tuple(k[KEY])} in {sorted(set(dup['_file']))[:4]}; "
+                          f"delete the extra rows-*.parquet files, or `{REPAIR} {root}` moves them aside")
+    for c in FLOAT_COLS:
+        if c in df:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    return df.drop(columns="_file")
+
+
+def read_rows(source) -> pd.DataFrame:
+    """The rows of a result directory (its row store, else its rows.parquet, else its rows.csv) or
+    of one rows .parquet / .csv file. A damaged file is a QuasarError naming it, never skipped."""
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        store = sorted(path.glob("rows-*.parquet"))
+        if store:
+            tables = {}
+            for f in store:
+                try:
+                    tables[f] = read_table(f)
+                except BAD_READ as e:
+                    raise QuasarError(f"{f} is unreadable ({reason(e)}); `{REPAIR} {path}` moves it aside "
+                                      "and the same run command then re-runs its rows") from None
+            return rows_frame(tables, path)
+        exports = [f for f in (path / "rows.parquet", path / "rows.csv") if f.is_file()]
+    else:
+        exports = [path] if path.is_file() and path.suffix in (".parquet", ".csv") else []
+    if not exports and path.is_dir():
+        raise QuasarError(f"{path} holds no rows (no rows-*.parquet, rows.parquet or rows.csv); run the "
+                          "experiment with out_dir= there first")
+    if not exports:
+        raise QuasarError(f"{path}: no such result directory (rows-*.parquet, rows.parquet or rows.csv) or "
+                          "rows .parquet / .csv file; pass the out_dir of a run (run it first)")
+    f = exports[0]
+    try:
+        return pd.read_parquet(f) if f.suffix == ".parquet" else _read_csv(f)
+    except QuasarError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever pandas or pyarrow raise, one line naming the file
+        raise QuasarError(f"{f} is unreadable ({type(e).__name__}: {reason(e)}); re-export it from the "
+                          "run's rows-*.parquet (re-running the run command exports again)") from None
+
+
+def _read_csv(f: Path) -> pd.DataFrame:
+    df = pd.read_csv(f, dtype={"prompt_id": str}, keep_default_na=False, na_values=[""])
+    for c in LIST_COLS:
+        if c in df:
+            df[c] = [_list_cell(v, c, f) for v in df[c]]
+    return df
+
+
+def _list_cell(v, column: str, f: Path):
+    if not isinstance(v, str):
+        return v  # missing: a row without this column
+    text = v.strip()
+    try:
+        out = json.loads(text)
+    except ValueError:
+        out = None
+    if isinstance(out, list):
+        return out
+    if text.startswith("[") and text.endswith("]") and "..." not in text:
+        try:  # numpy's print form, in files exported before list columns were written as JSON
+            return [_number(x) for x in text[1:-1].split()]
+        except ValueError:
+            pass
+    raise QuasarError(f"{f}: column {column} holds {text[:40]!r}, not a whole list; read the run's "
+                      "rows-*.parquet (pass its directory) instead")
+
+
+def _number(x: str):
+    try:
+        return int(x)
+    except ValueError:
+        return float(x)
