@@ -3,6 +3,11 @@
 Per prompt, the turns run in order (a later turn's prompt holds the cell's own earlier answers);
 stored (prompt, turn) pairs are skipped on resume but their answers are regenerated so later
 turns see the same text. One untimed warm-up generation per cell comes first.
+
+Teacher-forced acceptance (τ_tf): for a drafting cell of a non-reference verifier, each (prompt,
+turn) is decoded a second time, untimed, by the same loop, drafter and verifier held to the
+reference verifier's continuation of that (prompt, turn) (decode.py, `teachers`): the acceptance
+the verifier reaches on the reference's text rather than on its own.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from .decode import generate_batch
 from .drafters import make_drafter
 from .encode import decode_text, encode_turn
 from .fidelity import match_metrics
+from .metrics import tau
 from .rows import Cell, device_name, make_row, peak_memory, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -71,6 +77,7 @@ def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool, batch
                   temperature=float(cfg.temperature), top_p=float(cfg.top_p))
     batch = run.batch_runtime(runtime, batch_size)
     drafters = [drafter] if batch_size == 1 else [drafter.for_sequence(batch.seq(b)) for b in range(batch_size)]
+    forced = getattr(run, "teacher_forced", False) and not (is_reference or cell.baseline or drafter.forces_acceptance)
     if cfg.warmup:  # compile/allocate once outside the timed region: the first batch's first turns
         first = run.prompts[:batch_size]
         jobs = [(p, 1, encode_turn(loaded, p.turns[:1], [])) for p in first]
@@ -90,6 +97,7 @@ def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool, batch
             if runtime.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             results = generate_jobs(run, runtime, batch, drafters, cell, jobs, gen_kw)
+            tf = teacher_forced(run, runtime, batch, drafters, cell, members, turn, gen_kw) if forced else {}
             for (p, _, ids), res in zip(jobs, results):
                 key = (p.prompt_id, turn)
                 if cell.baseline and float(cfg.temperature) == 0:
@@ -102,21 +110,44 @@ def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool, batch
                                peak_memory(runtime.device))
                 row["batch_id"] = f"{jobs[0][0].prompt_id}/{turn}"  # the rows that shared its forwards
                 row.update(fidelity.get(key, {}))
+                row.update(tf.get(key, {}))
                 if key in refs.continuations and refs.logprobs:
                     row.update(match_metrics(res.output_ids, refs.continuations[key][1]))
                 rows.append(row)
         run.store.append(rows)
 
 
-def generate_jobs(run, runtime, batch, drafters, cell, jobs, gen_kw):
+def generate_jobs(run, runtime, batch, drafters, cell, jobs, gen_kw, teachers=None):
     """Generate (prompt, turn, ids) jobs together (one per sequence of the batch), each with its
-    own seeded generator and its own replayed continuation."""
+    own seeded generator and its own replayed continuation; with `teachers`, each held to its
+    teacher continuation, which is then also what a replaying drafter replays."""
     seeds = [prompt_seed(int(run.cfg.seed), p.prompt_id, turn) for p, turn, _ in jobs]
-    replays = [run.references.replay(drafters[i], runtime, (p.prompt_id, turn), ids) for i, (p, turn, ids) in enumerate(jobs)]
+    if teachers is None:
+        replays = [run.references.replay(drafters[i], runtime, (p.prompt_id, turn), ids)
+                   for i, (p, turn, ids) in enumerate(jobs)]
+    else:
+        replays = [t if drafters[i].replays else None for i, t in enumerate(teachers)]
     for d, (p, turn, _) in zip(drafters, jobs):
         d.begin(cell.verifier, str(p.prompt_id), turn)
     return generate_batch(batch, drafters[:len(jobs)], [ids for _, _, ids in jobs], **gen_kw,
-                          generators=[torch.Generator().manual_seed(s) for s in seeds], references=replays)
+                          generators=[torch.Generator().manual_seed(s) for s in seeds], references=replays,
+                          teachers=teachers)
+
+
+def teacher_forced(run, runtime, batch, drafters, cell, prompts, turn: int, gen_kw) -> dict:
+    """(prompt_id, turn) -> τ_tf columns: each prompt's reference prompt ids and reference
+    continuation (the reference verifier's, so a later turn holds the reference's earlier answers,
+    not this cell's), decoded by the cell's drafter and verifier held to that continuation."""
+    refs = run.references.continuations
+    jobs = [(p, turn, refs[(p.prompt_id, turn)][0]) for p in prompts if (p.prompt_id, turn) in refs]
+    teachers = [refs[(p.prompt_id, turn)][1] for p, _, _ in jobs]
+    jobs, teachers = [j for j, t in zip(jobs, teachers) if t], [t for t in teachers if t]
+    if not jobs:
+        return {}
+    results = generate_jobs(run, runtime, batch, drafters, cell, jobs, gen_kw, teachers=teachers)
+    return {(p.prompt_id, turn): {"tau_tf": tau(len(r.output_ids), r.verify_steps), "tf_new_tokens": len(r.output_ids),
+                                  "tf_verify_steps": r.verify_steps, "tf_accepted": r.accepted, "tf_drafted": r.drafted}
+            for (p, turn, _), r in zip(jobs, results)}
 
 
 def capture_graphs(runtime, cfg, max_k: int) -> None:

@@ -3,6 +3,12 @@
 Each verify step feeds the last accepted token plus the drafted ones through the verifier
 (AR is the case of zero drafts), keeps the longest accepted prefix plus the verifier's own next
 token, and rolls the KV cache back over the rejected positions.
+
+Teacher forcing (`teachers`): a sequence can instead be held to a fixed continuation (the
+reference verifier's greedy output). Each step keeps only the drafts the verifier accepts *and*
+that the continuation holds, then appends the continuation's next token in place of the
+verifier's, so the text is the continuation's whatever the verifier would have said: the
+acceptance the verifier reaches on the reference's text (τ_tf), measured by this same loop.
 """
 from __future__ import annotations
 
@@ -98,20 +104,23 @@ class BatchStats:
 
 def generate(runtime, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int, k: int,
              eos_ids=(), temperature: float = 0.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, reference: list[int] | None = None) -> GenerationResult:
+             generator: torch.Generator | None = None, reference: list[int] | None = None,
+             teacher: list[int] | None = None) -> GenerationResult:
     """One sequence (batch size 1): the decode loop of generate_batch over the runtime itself."""
     return generate_batch(OneSequence(runtime), [drafter], [prompt_ids], max_new_tokens, k, eos_ids, temperature,
-                          top_p, [generator], [reference])[0]
+                          top_p, [generator], [reference], [teacher])[0]
 
 
 def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max_new_tokens: int, k: int,
                    eos_ids=(), temperature: float = 0.0, top_p: float = 1.0, generators=None,
-                   references=None) -> list[GenerationResult]:
+                   references=None, teachers=None) -> list[GenerationResult]:
     """Decode len(prompts) <= batch.size sequences together: sequence b drafts with drafters[b]
     (bound to its own view of the cache, batch.seq(b)), samples with generators[b], and keeps its
     own accepted prefix. Rows of absent or finished sequences, and the tail of a row whose draft
     is shorter than the longest, are padding: fed (their cache writes land past the row's kept
-    prefix, which the next forward overwrites) and counted in BatchStats."""
+    prefix, which the next forward overwrites) and counted in BatchStats. teachers[b], when given,
+    holds sequence b to that continuation (teacher forcing, greedy only: see the module doc); it
+    then ends where the continuation does."""
     n = len(prompts)
     if not 1 <= n <= batch.size:
         raise QuasarError(f"{n} prompts for a batch of {batch.size}")
@@ -121,6 +130,13 @@ def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max
         raise QuasarError("empty prompt: every prompt needs at least one token")
     generators = list(generators or [None] * n)
     references = list(references or [None] * n)
+    teachers = list(teachers or [None] * n)
+    if temperature > 0 and any(t is not None for t in teachers):
+        raise QuasarError("teacher-forced decoding follows a greedy continuation: use temperature=0")
+    if any(t is not None and len(t) < 1 for t in teachers):
+        raise QuasarError("empty teacher continuation: teacher forcing needs at least one token to follow")
+    # where each sequence ends: its teacher's length, else the token budget
+    limits = [max_new_tokens if t is None else len(t) for t in teachers]
     timer = Timer(batch.device)
     eos = set(eos_ids)
     results = [GenerationResult() for _ in range(n)]
@@ -143,7 +159,7 @@ def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max
         base = [v.cache_len for v in views]
         drafts = {}
         for b in active:
-            room = max_new_tokens - len(results[b].output_ids) - 1  # the verifier adds one token of its own
+            room = limits[b] - len(results[b].output_ids) - 1  # the verifier adds one token of its own
             draft = Draft(tokens=[])
             if k > 0 and room > 0:
                 ta = timer.now()
@@ -173,6 +189,8 @@ def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max
                 verdicts[b] = n_acc, targets[b][n_acc]
             else:
                 verdicts[b] = accept_greedy(targets[b], draft.tokens)
+            if teachers[b] is not None:
+                verdicts[b] = follow_teacher(verdicts[b][0], draft.tokens, teachers[b], len(results[b].output_ids))
         dt = timer.now() - tv
         for b in range(batch.size):
             if b not in drafts:  # padding rows: absent or finished sequences keep their length
@@ -196,7 +214,7 @@ def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max
                     break
             if draft.last and res.stopped_by != "eos":
                 res.stopped_by = draft.last
-            if res.stopped_by != "max_new_tokens" or len(res.output_ids) >= max_new_tokens:
+            if res.stopped_by != "max_new_tokens" or len(res.output_ids) >= limits[b]:
                 res.decode_s = timer.now() - t1
                 active.remove(b)
     stats.decode_s = timer.now() - t1
@@ -205,6 +223,16 @@ def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max
         res.prefill_s = t1 - t0
         res.batch = stats
     return results
+
+
+def follow_teacher(n_acc: int, draft: list[int], teacher: list[int], pos: int) -> tuple[int, int]:
+    """Teacher forcing: of the n_acc drafts the verifier accepted, keep those the teacher
+    continuation also holds (from position pos), and continue with the teacher's next token. The
+    kept drafts are the teacher's tokens, so the KV cache stays the teacher's text."""
+    kept = 0
+    while kept < n_acc and draft[kept] == teacher[pos + kept]:
+        kept += 1
+    return kept, teacher[pos + kept]
 
 
 def greedy_continuation(runtime, prompt_ids: list[int], max_new_tokens: int, eos_ids=()) -> list[int]:

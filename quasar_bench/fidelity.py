@@ -1,7 +1,9 @@
 """Fidelity of a verifier against the reference precision (definitions in the README).
 
 logit KL = KL(p_ref || p_ver) at temperature 1 in fp32 at every position of the reference's greedy
-continuation, teacher-forced; top-1 agreement = share of those positions whose argmax agrees.
+continuation, teacher-forced; top-1 agreement = share of those positions whose argmax agrees. The
+logits come from the runtime's forward_fp32_head: the final norm and the LM head run in fp32 (on a
+bf16 GPU model the head would otherwise round every logit to bf16 before the softmax).
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ def teacher_forced_logprobs(runtime, prompt_ids: list[int], continuation: list[i
         return torch.empty(0, runtime.vocab_size)
     if len(prompt_ids) > 1:
         runtime.prefill(torch.tensor(prompt_ids[:-1], device=runtime.device))
-    logits = runtime.forward(torch.tensor(ids[len(prompt_ids) - 1 : -1], device=runtime.device))
+    logits = runtime.forward_fp32_head(torch.tensor(ids[len(prompt_ids) - 1 : -1], device=runtime.device))
     runtime.reset(len(ids))  # leave an empty cache behind
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+    return torch.log_softmax(logits, dim=-1).cpu()
 
 
 def logit_fidelity(ref_logprobs: torch.Tensor, ver_logprobs: torch.Tensor) -> dict:

@@ -113,6 +113,8 @@ def validate(cfg) -> None:
         raise QuasarError(f"temperature={cfg.temperature} is impossible: use 0 (greedy) or > 0")
     if not 0 < _number(cfg.top_p, "top_p") <= 1:
         raise QuasarError(f"top_p={cfg.top_p} must lie in (0, 1]")
+    if not 0 <= _number(cfg.get("min_exact_match", 0.5), "min_exact_match") <= 1:
+        raise QuasarError(f"min_exact_match={cfg.min_exact_match} is a share of prompts: it must lie in [0, 1]")
     ds = cfg.dataset
     for key in ("limit", "per_category"):
         _integer(ds.get(key), f"dataset.{key}", 1, optional=True)

@@ -59,6 +59,19 @@ def on_cuda_by_default(cfg, key: str, runtime) -> bool:
     return runtime.device.type in AUTO_ON[key] if value == "auto" else bool(value)
 
 
+def teacher_forcing(cfg, fidelity_wanted: bool) -> bool:
+    """Whether drafting cells of non-reference verifiers also measure τ_tf (cell.py): true, false,
+    or auto (when fidelity is measured and decoding is greedy: the reference's continuation is its
+    greedy output, so at temperature > 0 there is no one text to hold a verifier to)."""
+    value = cfg.get("teacher_forced", "auto")
+    if value not in (True, False, "auto"):
+        raise QuasarError(f"teacher_forced={value!r}; choose auto, true or false")
+    if value is True and float(cfg.temperature) > 0:
+        raise QuasarError(f"teacher_forced=true follows the reference's greedy continuation; it needs temperature=0 "
+                          f"(got {cfg.temperature}), or teacher_forced=false")
+    return bool(fidelity_wanted and float(cfg.temperature) == 0) if value == "auto" else bool(value)
+
+
 def check_model_label(store: ResultStore, label: str, weights: str) -> None:
     """Refuse to store rows of other weights under a model label the result set already uses."""
     if not (store.root / "manifest.json").exists():
@@ -121,12 +134,12 @@ class Experiment:
             drafters = {cell_hash(d): d for _, ds in self.plan for d in ds}.values()
             fidelity_wanted = cfg.fidelity is True or (
                 cfg.fidelity == "auto" and any(not precision(v.name).is_reference for v in verifiers))
+            self.teacher_forced = teacher_forcing(cfg, fidelity_wanted)
             self.references = References(self.loaded, self.prompts, int(cfg.max_new_tokens))
-            from .drafters import make_drafter
 
             # Every cell the loaded model cannot run is known before references and verifier builds.
             self.skipped, made = self.drop_unsupported(drafters)
-            if fidelity_wanted or any(d.replays == "reference" for d in made):
+            if fidelity_wanted or self.teacher_forced or any(d.replays == "reference" for d in made):
                 self.references.compute(fidelity_wanted, cfg.progress)
             max_k = max(d.k for d in made)
             self.progress = {"done": 0, "total": sum(len(ds) for _, ds in self.plan) * len(batch_sizes(cfg)),
@@ -241,7 +254,7 @@ class Experiment:
         if not self.store_open and not (self.out_dir / "manifest.json").exists():
             raise QuasarError("nothing was run: the matrix is empty")
         df = self.store.load()
-        summary = summarize(df)
+        summary = summarize(df, float(self.cfg.get("min_exact_match", 0.5)))
         self.store.export(df, summary)
         if self.cfg.logger is not None and self.cfg.logger.get("name") == "wandb":
             from .wandb_logger import log_results

@@ -5,6 +5,8 @@ Both expose the same small interface the decode loop and the drafters use:
 
     runtime.forward(input_ids [T], layer_ids=None) -> fp32 logits [T, V]
         appends T positions to the KV cache, starting at runtime.cache_len
+    runtime.forward_fp32_head(input_ids [T])   forward(), the final norm and LM head in fp32
+        (the fidelity pass)
     runtime.prefill(input_ids [T])   the same, without the logits (a prompt's are never read:
         the LM head over every prompt position is ~20 % of SmolLM2's prefill)
     runtime.rollback(n)      keep only the first n cached positions (rejected drafts vanish)
@@ -129,6 +131,17 @@ class Linear(nn.Linear):
         from quasar_kernels.reference import linear
 
         return linear(x, self.weight, self.bias)
+
+
+def linear_fp32(mod, h: torch.Tensor) -> torch.Tensor:
+    """mod(h) computed in fp32: a float linear's weight cast to fp32, a quantized linear (quant.py,
+    which names its `op`) through the reference backend (its dequantized weight in an fp32 matmul;
+    W8A8 still quantizes h per token, as it does when served)."""
+    if hasattr(mod, "op"):
+        from .backends import get_backend
+
+        return getattr(get_backend("reference"), mod.op)(mod, h.float()).float()
+    return F.linear(h.float(), mod.weight.float(), None if mod.bias is None else mod.bias.float())
 
 
 class RMSNorm(nn.Module):
@@ -354,6 +367,20 @@ class Transformer(nn.Module):
         _, h = Elementwise.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)
         return self.lm_head(h).float()
 
+    @torch.inference_mode()
+    def forward_fp32_head(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """forward() with the last residual add, the final norm and the LM head in fp32 (never a
+        CUDA graph): the fidelity pass's logits, so a bf16 or quantized verifier's KL is not the
+        rounding of a bf16 LM head. A quantized head (verifier.lm_head=true) keeps its quantized
+        weight, applied in fp32 by the reference backend."""
+        start, t = self.cache_len, input_ids.shape[0]
+        if start + t > self.k_cache.shape[2]:
+            raise RuntimeError(f"KV cache overflow: {start + t} > {self.k_cache.shape[2]}")
+        x, delta = self.run_layers(self.embed_tokens(input_ids), start, use_cache=True, pending=True)
+        self.cache_len = start + t
+        h = rms_norm(x.float() + delta.float(), self.norm.weight.float(), self.norm.eps)
+        return linear_fp32(self.lm_head, h)
+
     def uses_fused_attention(self, t: int) -> bool:
         """Whether a cached forward of t tokens runs the fused attention kernels (FusedAttention)."""
         a = self.args
@@ -554,6 +581,11 @@ class HFRuntime:
                          position_ids=pos[None])
         self.cache_len += t
         return out.logits[0].float()
+
+    def forward_fp32_head(self, input_ids):
+        """forward(): the generic path serves the reference verifier alone (quantized, cast and
+        pruned verifiers need the native runtime), whose KL against itself is 0 at any head precision."""
+        return self.forward(input_ids)
 
     @torch.inference_mode()
     def prefill(self, input_ids) -> None:

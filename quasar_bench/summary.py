@@ -18,6 +18,12 @@ KL, top-1 and exact match are means of per-prompt values.
   per-prompt ratios when prompts differ in length.
 - n < 2: "none", NaN.
 
+τ_tf (`tau_tf`) is pooled like τ over the teacher-forced decodes (Σ tf_new_tokens / Σ tf_verify_steps);
+rows without one (reference verifier, baselines, runs without teacher forcing) leave it NaN.
+`below_exact_match` flags a non-reference row whose exact-match rate with the reference is below
+`min_exact_match` (a column too, so the CSV says which threshold made the flag): its speedups
+were measured on text other than the reference's, and the table marks them with `*`.
+
 The acceptance curve `accept_curve` is the mean over prompts (turns averaged first) of
 p_i = P(draft i accepted | drafts 1..i-1 accepted), position by position (NaN-skipping).
 """
@@ -31,11 +37,13 @@ import pandas as pd
 
 B, SEED = 2000, 0
 MIN_CI_N = 10  # prompts: fewer get the range of per-prompt values, never a "95 % interval"
-METRICS = ["tau", "alpha", "kl_mean", "top1_agree", "ref_exact_match", "tokens_per_s", "throughput",
+MIN_EXACT_MATCH = 0.5  # the default of conf/config.yaml's min_exact_match
+METRICS = ["tau", "tau_tf", "alpha", "kl_mean", "kl_p95", "top1_agree", "ref_exact_match", "tokens_per_s", "throughput",
            "speedup_vs_ar", "speedup_vs_ref_ar"]
-SUMS = ["new_tokens", "verify_steps", "accepted", "drafted", "decode_s", "throughput_share_s"]
-MEANS = ["kl_mean", "top1_agree"]
-RATIOS = {"tau": ("new_tokens", "verify_steps"), "alpha": ("accepted", "drafted"),
+SUMS = ["new_tokens", "verify_steps", "accepted", "drafted", "decode_s", "throughput_share_s", "tf_new_tokens",
+        "tf_verify_steps"]
+MEANS = ["kl_mean", "kl_p95", "top1_agree"]
+RATIOS = {"tau": ("new_tokens", "verify_steps"), "tau_tf": ("tf_new_tokens", "tf_verify_steps"), "alpha": ("accepted", "drafted"),
           "tokens_per_s": ("new_tokens", "decode_s"), "throughput": ("new_tokens", "throughput_share_s")}
 
 
@@ -186,7 +194,7 @@ def _same(a, b):
     return a == b or (a != a and b != b)
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
+def summarize(df: pd.DataFrame, min_exact_match: float = MIN_EXACT_MATCH) -> pd.DataFrame:
     """One row per (model, drafter, verifier[, k, temperature], category) plus category `all`.
 
     `k` and `temperature` join the key only when they vary across the rows.
@@ -234,6 +242,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     rank = {v: i for i, v in enumerate(dict.fromkeys([ref] + order))}
     out["baseline"] = out["drafter"].isin(baseline_drafters)
     out["reference_verifier"] = out["verifier"].eq(ref)
+    out["min_exact_match"] = float(min_exact_match)
+    out["below_exact_match"] = ~out["reference_verifier"] & (out["ref_exact_match"] < min_exact_match).fillna(False)
     out["_d"] = ~out["baseline"]
     out["_v"] = out["verifier"].map(lambda v: rank.get(v, len(rank)))
     out["_c"] = out["category"].eq("all")
@@ -251,7 +261,8 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
     extra = [c for c in ("k", "temperature", "batch_size") if c in s]
     cols = [("model", "model", None), ("drafter", "drafter", None), ("verifier", "verifier", None)]
     cols += [(c, c, None) for c in extra] + [("category", "category", None), ("n", "n_prompts", "d")]
-    cols += [("τ", "tau", ".2f"), ("α", "alpha", ".2f"), ("KL", "kl_mean", ".4f"),
+    cols += [("τ", "tau", ".2f")] + ([("τ_tf", "tau_tf", ".2f")] if "tau_tf" in s and s["tau_tf"].notna().any() else [])
+    cols += [("α", "alpha", ".2f"), ("KL", "kl_mean", ".4f"),
              ("top-1", "top1_agree", ".3f"), ("exact", "ref_exact_match", ".2f"),
              ("tok/s", "tokens_per_s", ".1f")]
     if "batch_size" in s:  # batches: the per-sequence rate and the batch's throughput differ
@@ -259,23 +270,31 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
     cols += [("speedup", "speedup_vs_ar", ".2f"),
              ("vs ref AR", "speedup_vs_ref_ar", ".2f")]
     ci = {"tau", "tokens_per_s", "throughput", "speedup_vs_ar", "speedup_vs_ref_ar"}
+    speedups = {"speedup_vs_ar", "speedup_vs_ref_ar"}
     table = [[h for h, _, _ in cols]]
+    marked = False
     for _, r in s.iterrows():
         line = []
+        mark = "*" if bool(r.get("below_exact_match", False)) else ""
         for _, c, spec in cols:
             if spec is None:
                 line.append(str(r[c]))
             elif c in ci and np.isfinite(r.get(c + "_lo", np.nan)):
                 ci_row = r.get("interval", "95% CI") == "95% CI"
                 lo, hi = _fmt(r[c + "_lo"], spec), _fmt(r[c + "_hi"], spec)
-                line.append(f"{_fmt(r[c], spec)} " + (f"[{lo},{hi}]" if ci_row else f"({lo}–{hi})"))
+                line.append(f"{_fmt(r[c], spec)}{mark if c in speedups else ''} "
+                            + (f"[{lo},{hi}]" if ci_row else f"({lo}–{hi})"))
             else:
-                line.append(_fmt(r[c], spec))
+                line.append(_fmt(r[c], spec) + (mark if c in speedups and np.isfinite(r[c]) else ""))
+            marked |= bool(mark) and c in speedups and np.isfinite(r[c])
         table.append(line)
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     text = ["  ".join(v.ljust(w) if i < len(extra) + 4 else v.rjust(w)
                       for i, (v, w) in enumerate(zip(row, widths))).rstrip() for row in table]
     text.insert(1, "-" * len(text[0]))
+    if marked:
+        text.append(f"*: exact match with the reference below {s['min_exact_match'].iloc[0]:g} of prompts: the speedup "
+                    "was measured on other text than the reference's (τ_tf: the acceptance on the reference's text)")
     kinds = set(s["interval"]) if "interval" in s else set()
     if "95% CI" in kinds:
         text.append(f"[a,b]: 95 % bootstrap interval over prompts (n >= {MIN_CI_N})")

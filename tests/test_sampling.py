@@ -2,7 +2,9 @@
 
 Method: a tiny random model with a 16-token vocabulary (weights drawn with std 0.3 so p is far
 from uniform), prompt fixed. The exact p of the first token and of the first two tokens is computed
-from the verifier's logits (softmax(logits / T), top-p); speculative decoding through the one
+from the verifier's logits by `np_target`, written here in numpy float64 from the definition
+(softmax(logits / T), then the smallest most-likely set reaching mass top_p, renormalised), not by
+the decoder's own sampling.target_probs; speculative decoding through the one
 decode loop (max_new_tokens=3, k=2, so both draft positions and the bonus token are exercised) is
 sampled N times with one seeded generator, and a chi-square goodness-of-fit test compares the
 counts with N * p (cells with expected count < 5 are pooled). Pass: p-value > 1e-3. The seeds are
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -45,16 +48,43 @@ def rt():
     return native_from_hf(hf, 64)
 
 
+def np_target(logits, temperature: float, top_p: float) -> np.ndarray:
+    """The verifier's sampling distribution over one logits row, from the definition (numpy,
+    float64): softmax(logits / T); with top_p < 1 only the most likely tokens are kept, the fewest
+    whose probabilities sum to at least top_p (ties in file order), then renormalised."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        n_keep = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1  # first prefix reaching top_p
+        kept = np.zeros_like(p)
+        kept[order[:n_keep]] = p[order[:n_keep]]
+        p = kept / kept.sum()
+    return p
+
+
 def exact_two_token(rt, temperature, top_p):
     """p(x1) [V] and p(x1, x2) [V, V] of the verifier, from its logits."""
     rt.reset(16)
-    p1 = target_probs(rt.forward(torch.tensor(PROMPT))[-1:], temperature, top_p)[0]
-    joint = torch.zeros(V, V)
+    p1 = np_target(rt.forward(torch.tensor(PROMPT))[-1].tolist(), temperature, top_p)
+    joint = np.zeros((V, V))
     for x1 in range(V):
         rt.rollback(len(PROMPT))
-        p2 = target_probs(rt.forward(torch.tensor([x1]))[-1:], temperature, top_p)[0]
-        joint[x1] = p1[x1] * p2
-    return p1.double(), joint.double()
+        joint[x1] = p1[x1] * np_target(rt.forward(torch.tensor([x1]))[-1].tolist(), temperature, top_p)
+    return torch.from_numpy(p1), torch.from_numpy(joint)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9), (0.8, 0.5), (1.0, 0.05)])
+def test_target_probs_is_the_definition(temperature, top_p):
+    """The decoder's sampling distribution (sampling.target_probs) equals np_target's."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(4)) * 3
+    logits[0, :5] = 2.0  # ties at the top
+    got = target_probs(logits, temperature, top_p)
+    want = np.stack([np_target(row.tolist(), temperature, top_p) for row in logits])
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-7)
+    if top_p <= 0.5:  # the nucleus really cut tokens in every row
+        assert ((got > 0).sum(-1) < 50).all()
 
 
 def gof(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -113,7 +143,7 @@ def early_exit(rt):
 def test_verify_sampling_first_token_matches_p(one_hot, top_p):
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, V, generator=g) * 2
-    p = target_probs(logits, 1.0, top_p)[0]
+    p = torch.from_numpy(np_target(logits[0].tolist(), 1.0, top_p))
     q_row = torch.softmax(torch.randn(V, generator=g) * 2, -1)  # q != p, mass outside p's nucleus too
     counts = torch.zeros(V)
     gen = torch.Generator().manual_seed(2)

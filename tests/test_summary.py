@@ -207,3 +207,35 @@ def test_few_prompts_get_the_per_prompt_range_not_an_interval():
     many = summarize(pd.DataFrame([tiny(prompt_id=str(i), new_tokens=10 + i, verify_steps=5, accepted=1,
                                         drafted=4, decode_s=1.0) for i in range(MIN_CI_N)]))
     assert (many.interval == "95% CI").all()
+
+
+def test_tau_tf_pooled_and_speedups_of_diverged_text_marked():
+    """τ_tf pools like τ (Σ tf tokens / Σ tf steps, by hand here); a non-reference verifier whose
+    exact-match share is below min_exact_match gets its speedups marked `*` with a footnote, the
+    reference never (its share is set below the threshold here on purpose); the threshold is a
+    parameter and the CSV columns name it."""
+    rows = []
+    for v, exact in (("fp32", [True, False]), ("int4", [True, False]), ("int8", [True, True])):
+        for i, (new, steps, tf_new, tf_steps) in enumerate(((12, 6, 12, 8), (30, 10, 24, 12))):
+            tf = {} if v == "fp32" else dict(tf_new_tokens=tf_new, tf_verify_steps=tf_steps, tau_tf=tf_new / tf_steps)
+            rows.append(tiny(verifier=v, prompt_id=f"p{i}", new_tokens=new, verify_steps=steps, accepted=1, drafted=4,
+                             decode_s=1.0, reference_verifier=v == "fp32", ref_exact_match=exact[i], **tf))
+            rows.append(tiny(verifier=v, drafter="ar", k=0, baseline=True, prompt_id=f"p{i}", new_tokens=new,
+                             verify_steps=new, accepted=0, drafted=0, decode_s=2.0, reference_verifier=v == "fp32",
+                             ref_exact_match=exact[i]))
+    df = pd.DataFrame(rows)
+    s = summarize(df).set_index(["drafter", "verifier", "category"])
+    assert s.loc[("ngram", "int4", "qa"), "tau_tf"] == pytest.approx((12 + 24) / (8 + 12))
+    assert np.isnan(s.loc[("ngram", "fp32", "qa"), "tau_tf"]) and np.isnan(s.loc[("ar", "int4", "qa"), "tau_tf"])
+    assert not s["below_exact_match"].any()  # int4's share 0.5 is not below the default 0.5
+    assert "*" not in format_table(summarize(df))
+    strict = summarize(df, min_exact_match=0.6)
+    flagged = strict.loc[strict.below_exact_match, ["drafter", "verifier"]].drop_duplicates()
+    assert sorted(map(tuple, flagged.to_numpy())) == [("ar", "int4"), ("ngram", "int4")]
+    assert (strict.min_exact_match == 0.6).all()
+    text = format_table(strict, categories=["qa"])
+    line = next(x for x in text.splitlines() if x.startswith("m ") and " ngram " in x and " int4 " in x)
+    assert line.count("*") == 2  # both speedups of int4/ngram
+    assert next(x for x in text.splitlines() if " ngram " in x and " fp32 " in x).count("*") == 0
+    assert "*: exact match with the reference below 0.6 of prompts" in text
+    assert "τ_tf" in text.splitlines()[0] and f"{(12 + 24) / (8 + 12):.2f}" in line

@@ -1,3 +1,6 @@
+import copy
+
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -19,9 +22,13 @@ def cfg(name, **kw):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    hf = random_hf_model(TINY_CONFIGS["tiny_llama"], 1000, torch.float32, "cpu", 0)
-    return LoadedModel("tiny_llama", native_from_hf(hf, 256), None, [], False)
+def tiny_hf():
+    return random_hf_model(TINY_CONFIGS["tiny_llama"], 1000, torch.float32, "cpu", 0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf):
+    return LoadedModel("tiny_llama", native_from_hf(tiny_hf, 256), None, [], False)
 
 
 PROMPT = [5, 17, 99, 3, 42, 7, 5, 17, 99, 3, 8, 250, 11, 5, 17]
@@ -35,11 +42,6 @@ def same_snapshot(a, b):
     return a.keys() == b.keys() and all(a[k][0] == b[k][0] and torch.equal(a[k][1], b[k][1]) for k in a)
 
 
-def fidelity(ref_rt, ver_rt, prompt=PROMPT, n=24):
-    cont = generate(ref_rt, make_drafter(cfg("ar"), ref_rt), prompt, n, 0).output_ids
-    return logit_fidelity(teacher_forced_logprobs(ref_rt, prompt, cont), teacher_forced_logprobs(ver_rt, prompt, cont))
-
-
 def test_names_and_configs_agree():
     from pathlib import Path
 
@@ -49,37 +51,82 @@ def test_names_and_configs_agree():
         assert OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "verifier" / f"{name}.yaml").name == name
 
 
-def test_identity_verifier_kl_zero_and_int4_kl_positive(tiny, tmp_path):
-    before = snapshot(tiny.runtime)
-    for name in ("reference", "fp32"):
-        f = fidelity(tiny.runtime, build_verifier(tiny, cfg(name), tmp_path))
-        assert f["kl_max"] == 0.0 and f["top1_agree"] == 1.0
-    int4 = build_verifier(tiny, cfg("int4", group_size=32), tmp_path)
-    assert isinstance(int4.layers[0].self_attn.q_proj, Int4Linear)
-    assert type(int4.lm_head) is Linear  # lm_head kept in high precision
-    assert fidelity(tiny.runtime, int4)["kl_mean"] > 0
-    assert same_snapshot(before, snapshot(tiny.runtime))  # loaded.runtime untouched
-    assert type(tiny.runtime.layers[0].self_attn.q_proj) is Linear
+def np_int8(w: np.ndarray) -> np.ndarray:
+    """Symmetric per-output-channel int8 RTN, dequantized (numpy, fp32 arithmetic, scale stored fp16)."""
+    s = (np.abs(w).max(1) / np.float32(127)).clip(1e-8).astype(np.float16).astype(np.float32)
+    return np.clip(np.round(w / s[:, None]), -127, 127) * s[:, None]
 
 
-def test_every_precision_builds_without_touching_the_loaded_model(tiny, tmp_path):
-    before = snapshot(tiny.runtime)
-    kinds = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}
+def np_int4(w: np.ndarray, g: int) -> np.ndarray:
+    """Asymmetric int4 RTN in groups of g input channels (the range always holds 0, integer zero
+    point, scale stored fp16), dequantized (numpy, fp32 arithmetic)."""
+    out = np.empty_like(w)
+    for a in range(0, w.shape[1], g):
+        blk = w[:, a:a + g]
+        lo, hi = np.minimum(blk.min(1), 0), np.maximum(blk.max(1), 0)
+        s = ((hi - lo) / np.float32(15)).clip(1e-8).astype(np.float16).astype(np.float32)
+        z = np.clip(np.round(-lo / s), 0, 15)
+        out[:, a:a + g] = (np.clip(np.round(blk / s[:, None] + z[:, None]), 0, 15) - z[:, None]) * s[:, None]
+    return out
+
+
+def hf_logits(hf, edit, ids):
+    """Logits of a copy of the transformers model after edit(copy): the independent reference."""
+    other = copy.deepcopy(hf)
+    edit(other)
+    with torch.no_grad():
+        return other(torch.tensor([ids])).logits[0].float()
+
+
+def quantized_linears(quantize):
+    def edit(model):
+        for layer in model.model.layers:
+            for mod in [*layer.self_attn.children(), *layer.mlp.children()]:
+                if isinstance(mod, torch.nn.Linear):
+                    mod.weight.data = torch.from_numpy(quantize(mod.weight.detach().float().numpy()))
+    return edit
+
+
+def without_last_layer(model):
+    model.model.layers = model.model.layers[:-1]
+    model.config.num_hidden_layers -= 1
+
+
+def test_every_precision_computes_its_definition(tmp_path):
+    """Each verifier against an independent definition: int8 / int4 RTN give the logits of the
+    transformers model whose decoder linears hold numpy-quantized weights (LM head, embeddings and
+    norms untouched), pruned `last` those of the model without its last layer, bf16 / fp16 run in
+    their dtype, w8a8 / block-influence pruning have their module kinds and layer count (their
+    arithmetic: test_quant, test_pruning). Each reference differs from the fp32 model by far more
+    than the tolerance, and no build touches the loaded model."""
+    hf = random_hf_model({**TINY_CONFIGS["tiny_llama"], "initializer_range": 0.1}, 300, torch.float32, "cpu", 1)
+    loaded = LoadedModel("tiny", native_from_hf(hf, 128), None, [], False)
+    before = snapshot(loaded.runtime)
+    fp32 = hf_logits(hf, lambda m: None, PROMPT)
+    expect = {"int8": (cfg("int8"), quantized_linears(np_int8)),
+              "int4": (cfg("int4", group_size=32), quantized_linears(lambda w: np_int4(w, 32))),
+              "pruned": (cfg("pruned", criterion="last"), without_last_layer)}
     for name in verifier_names():
-        extra = {"calibration": CALIB} if name in ("w8a8", "pruned") else {}
-        rt = build_verifier(tiny, cfg(name, **extra), tmp_path)
-        assert rt is not tiny.runtime
+        vc = expect[name][0] if name in expect else cfg(name, **({"calibration": CALIB} if name in ("w8a8", "pruned") else {}))
+        rt = build_verifier(loaded, vc, tmp_path)
+        assert rt is not loaded.runtime
         rt.reset(32)
-        logits = rt.forward(torch.tensor(PROMPT))
-        assert logits.shape == (len(PROMPT), 1000) and torch.isfinite(logits).all()
-        if name in kinds:
-            assert all(isinstance(getattr(rt.layers[i].mlp, "down_proj"), kinds[name]) for i in range(4))
+        got = rt.forward(torch.tensor(PROMPT))
+        if name in expect:
+            want = hf_logits(hf, expect[name][1], PROMPT)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+            assert (want - fp32).abs().max() > 1e-2, name  # the check can tell the precision from fp32
+        if name in ("int8", "w8a8", "int4"):
+            kind = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}[name]
+            assert all(type(rt.layers[i].mlp.down_proj) is kind for i in range(4))
+            assert type(rt.lm_head) is Linear  # the LM head stays in high precision
         if name in ("bf16", "fp16"):
             assert rt.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+            assert {p.dtype for p in rt.parameters()} == {rt.dtype}
         if name == "pruned":
-            assert rt.num_layers == 3  # round(0.25 * 4)
-    assert same_snapshot(before, snapshot(tiny.runtime))
-    assert tiny.runtime.dtype == torch.float32
+            assert rt.num_layers == 3  # round(0.25 * 4) dropped
+    assert same_snapshot(before, snapshot(loaded.runtime))
+    assert loaded.runtime.dtype == torch.float32
 
 
 @pytest.mark.parametrize("vc", [dict(name="int4", method="rtn", group_size=32),
@@ -90,13 +137,13 @@ def test_every_precision_builds_without_touching_the_loaded_model(tiny, tmp_path
 def test_speculative_equals_ar_of_the_same_verifier(tiny, tmp_path, vc):
     rt = build_verifier(tiny, OmegaConf.create(vc), tmp_path)
     prompts = [PROMPT, [1, 2, 3, 1, 2, 3, 1, 2], list(range(40, 60)) * 2]
-    drafted = 0
+    accepted = 0
     for p in prompts:
         ar = generate(rt, make_drafter(cfg("ar"), rt), p, 40, 0)
         spec = generate(rt, make_drafter(cfg("ngram", k=5), rt), p, 40, 5)
         assert spec.output_ids == ar.output_ids
-        drafted += spec.drafted
-    assert drafted > 0
+        accepted += spec.accepted
+    assert accepted > 0  # drafts were kept, so equality says something about verification
 
 
 def test_bad_input(tiny, tmp_path):
@@ -152,46 +199,94 @@ def test_second_build_loads_from_cache(tiny, tmp_path, monkeypatch):
 # `smollm2` comes from conftest.py: loaded once per session; a missing model fails, never skips.
 
 
-def test_smollm2_int8_closer_than_int4_g128(smollm2, tmp_path):
-    """SmolLM2's weights come from GGUF Q4_1 (blocks of 32): int4 uses groups of 128."""
-    tok = smollm2.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": "Name three uses of a paperclip."}],
-                                   add_generation_prompt=True, tokenize=False)
-    prompt = tok(text, add_special_tokens=False)["input_ids"]
-    ref = smollm2.runtime
-    kl = {}
-    for name in ("int8", "int4"):
-        rt = build_verifier(smollm2, cfg(name, group_size=128) if name == "int4" else cfg(name), tmp_path)
-        kl[name] = fidelity(ref, rt, prompt, n=24)
-        del rt
-    assert 0 < kl["int8"]["kl_mean"] < kl["int4"]["kl_mean"]
-    assert kl["int8"]["top1_agree"] >= kl["int4"]["top1_agree"]
+# KL(p_ref || p_ver) mean on SmolLM2 over the first 2 builtin prompts x 24 teacher-forced tokens.
+# Measured: bf16 0.0015, int8 0.0055, int4 RTN g128 0.64 (int8 with one linear's scales off by 10 %:
+# 0.021; int4 with every zero point off by one code: see the test). Bounds leave ~3x room either way.
+KL_BOUNDS = {"bf16": (0.0, 0.005), "int8": (5e-4, 0.015), "int4": (0.2, 1.2)}
 
 
-@pytest.mark.parametrize("vc", [dict(name="w8a8", calibration=CALIB), dict(name="int4", group_size=128)])
-def test_smollm2_speculative_equals_ar_of_quantized_model(smollm2, tmp_path, vc):
-    """Lossless w.r.t. the served model on the real model. int4 (weight-only) must match exactly.
-    W8A8 quantizes activations per token: a 1-ulp difference between the T=1 and T=k+1 forwards
-    (CPU attention blocking) can move an int8 code, and 30 layers amplify it (measured on SmolLM2:
-    KL 4e-3 and top-1 0.90 between T=1 and whole-sequence forwards of the same W8A8 model, against
-    7e-8 and 1.0 in fp32), so W8A8 is only held to one prompt identical here; the README reports
-    this, and runs report the match rate (ref_exact_match)."""
+@pytest.fixture(scope="module")
+def smollm2_teacher(smollm2):
+    """Prompts, reference continuations and reference log-probs, computed once for the module."""
     from conftest import chat_ids
     from quasar_bench.data import load_prompts
+    from quasar_bench.decode import greedy_continuation
 
-    rt = build_verifier(smollm2, OmegaConf.create(vc), tmp_path)
-    drafted, exact = 0, 0
-    prompts = load_prompts("builtin", limit=4)
-    for p in prompts:
-        ids = chat_ids(smollm2, p.turns[0])
+    prompts = [chat_ids(smollm2, p.turns[0]) for p in load_prompts("builtin", limit=2)]
+    conts = [greedy_continuation(smollm2.runtime, ids, 24, smollm2.eos_ids) for ids in prompts]
+    return prompts, conts, torch.cat([teacher_forced_logprobs(smollm2.runtime, i, c) for i, c in zip(prompts, conts)])
+
+
+def smollm2_kl(rt, teacher) -> float:
+    prompts, conts, ref = teacher
+    return logit_fidelity(ref, torch.cat([teacher_forced_logprobs(rt, i, c) for i, c in zip(prompts, conts)]))["kl_mean"]
+
+
+def corrupt(mod, scales=1.0, zeros=0.0):
+    """A broken quantizer's output: a quantized linear's scales scaled, zero points shifted."""
+    with torch.no_grad():
+        mod.scales.mul_(scales)
+        if zeros:
+            mod.zeros.add_(zeros)
+    mod.prepared.clear()  # the reference backend's cached dequantized weight
+
+
+def test_smollm2_kl_within_each_precisions_bounds_and_broken_quantizers_leave_them(smollm2, smollm2_teacher):
+    """SmolLM2's weights come from GGUF Q4_1 (blocks of 32): int4 uses groups of 128."""
+    kl = {}
+    for name in KL_BOUNDS:
+        rt = build_verifier(smollm2, cfg(name), None)
+        kl[name] = smollm2_kl(rt, smollm2_teacher)
+        lo, hi = KL_BOUNDS[name]
+        assert lo <= kl[name] <= hi, (name, kl[name])
+        if name == "int8":  # one linear's scales 10 % off: out of int8's bound
+            corrupt(rt.layers[0].mlp.down_proj, scales=1.1)
+            assert smollm2_kl(rt, smollm2_teacher) > hi
+        if name == "int4":  # every zero point of one layer one code off: out of int4's bound
+            for mod in [rt.layers[0].self_attn.q_proj, rt.layers[0].self_attn.k_proj, rt.layers[0].self_attn.v_proj,
+                        rt.layers[0].self_attn.o_proj, rt.layers[0].mlp.gate_proj, rt.layers[0].mlp.up_proj,
+                        rt.layers[0].mlp.down_proj]:
+                corrupt(mod, zeros=1.0)
+            assert smollm2_kl(rt, smollm2_teacher) > hi
+        del rt
+    assert kl["bf16"] < kl["int8"] < kl["int4"]
+
+
+FOUR = ["multi_turn-1", "translation-1", "summarization-1", "qa-1"]  # the first four builtin prompts
+TWO = ["summarization-1", "rag-1"]  # prompts whose text the n-gram drafter finds repeats in, on every verifier
+
+
+@pytest.mark.parametrize("vc,prompt_ids", [
+    (dict(name="w8a8", calibration=CALIB), FOUR), (dict(name="int4", group_size=128), FOUR),
+    (dict(name="int8"), TWO), (dict(name="int4", method="gptq", calibration=CALIB), TWO),
+    (dict(name="pruned", calibration=CALIB), TWO)], ids=["w8a8", "int4", "int8", "int4_gptq", "pruned"])
+def test_smollm2_speculative_equals_ar_of_quantized_model(smollm2, tmp_path, vc, prompt_ids):
+    """Lossless w.r.t. the served model on the real model: int4 RTN, int8, int4 GPTQ and pruned must
+    match exactly (24 tokens), with drafts accepted. W8A8 quantizes activations per token: a 1-ulp
+    difference between the T=1 and T=k+1 forwards (CPU attention blocking) can move an int8 code,
+    and 30 layers amplify it (measured on SmolLM2: KL 4e-3 and top-1 0.90 between T=1 and
+    whole-sequence forwards of the same W8A8 model, against 7e-8 and 1.0 in fp32), so W8A8 is only
+    held to one prompt identical here; the README reports this, and runs report the match rate
+    (ref_exact_match). GPTQ (~30 s on 2 cores) is built once into the project's verifier cache, the
+    one the runs use (its key holds the quantization code's hash), and loaded from there after."""
+    from conftest import chat_ids
+    from quasar_bench.data import load_prompts
+    from quasar_bench.fileio import cache_root
+
+    cache = cache_root(None) if vc.get("method") == "gptq" else tmp_path
+    rt = build_verifier(smollm2, OmegaConf.create(vc), cache)
+    accepted, exact = 0, 0
+    prompts = {p.prompt_id: p for p in load_prompts("builtin")}
+    for pid in prompt_ids:
+        ids = chat_ids(smollm2, prompts[pid].turns[0])
         ar = generate(rt, make_drafter(cfg("ar"), rt), ids, 24, 0, smollm2.eos_ids)
         spec = generate(rt, make_drafter(cfg("ngram", k=5), rt), ids, 24, 5, smollm2.eos_ids)
-        drafted += spec.drafted
+        accepted += spec.accepted
         if spec.output_ids == ar.output_ids:
             exact += 1
             continue
-        assert vc["name"] == "w8a8", p.prompt_id
-    assert drafted > 0 and exact >= (1 if vc["name"] == "w8a8" else len(prompts))
+        assert vc["name"] == "w8a8", pid
+    assert accepted > 0 and exact >= (1 if vc["name"] == "w8a8" else len(prompt_ids))
 
 
 @pytest.mark.parametrize("name", ["int4", "int8"])
