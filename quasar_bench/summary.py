@@ -275,18 +275,20 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
     marked = False
     for _, r in s.iterrows():
         line = []
-        mark = "*" if bool(r.get("below_exact_match", False)) else ""
+        diverged = bool(r.get("below_exact_match", False))
         for _, c, spec in cols:
+            # a baseline's speedup over itself is 1 by definition: nothing to mark
+            mark = "*" if diverged and c in speedups and np.isfinite(r[c]) and not (
+                c == "speedup_vs_ar" and bool(r.get("baseline", False))) else ""
+            marked |= bool(mark)
             if spec is None:
                 line.append(str(r[c]))
             elif c in ci and np.isfinite(r.get(c + "_lo", np.nan)):
                 ci_row = r.get("interval", "95% CI") == "95% CI"
                 lo, hi = _fmt(r[c + "_lo"], spec), _fmt(r[c + "_hi"], spec)
-                line.append(f"{_fmt(r[c], spec)}{mark if c in speedups else ''} "
-                            + (f"[{lo},{hi}]" if ci_row else f"({lo}–{hi})"))
+                line.append(f"{_fmt(r[c], spec)}{mark} " + (f"[{lo},{hi}]" if ci_row else f"({lo}–{hi})"))
             else:
-                line.append(_fmt(r[c], spec) + (mark if c in speedups and np.isfinite(r[c]) else ""))
-            marked |= bool(mark) and c in speedups and np.isfinite(r[c])
+                line.append(_fmt(r[c], spec) + mark)
         table.append(line)
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     text = ["  ".join(v.ljust(w) if i < len(extra) + 4 else v.rjust(w)

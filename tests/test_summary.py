@@ -237,5 +237,7 @@ def test_tau_tf_pooled_and_speedups_of_diverged_text_marked():
     line = next(x for x in text.splitlines() if x.startswith("m ") and " ngram " in x and " int4 " in x)
     assert line.count("*") == 2  # both speedups of int4/ngram
     assert next(x for x in text.splitlines() if " ngram " in x and " fp32 " in x).count("*") == 0
+    ar_line = next(x for x in text.splitlines() if x.startswith("m ") and " ar " in x and " int4 " in x)
+    assert ar_line.count("*") == 1  # vs the reference's AR; its speedup over itself (1.00) is not marked
     assert "*: exact match with the reference below 0.6 of prompts" in text
     assert "τ_tf" in text.splitlines()[0] and f"{(12 + 24) / (8 + 12):.2f}" in line
