@@ -135,3 +135,19 @@ def test_experiment_rows_carry_tau_tf(tmp_path):
     exp_off = Experiment(off)
     exp_off.run()
     assert "tau_tf" not in exp_off.store.load() or exp_off.store.load().tau_tf.isna().all()
+
+
+def test_teacher_forcing_in_a_batch_equals_one_at_a_time(tiny):
+    """Sequences of one batch, each held to its own teacher (of different lengths), keep the
+    drafts and steps they keep alone."""
+    from quasar_bench.batching import BatchRuntime
+    from quasar_bench.decode import generate_batch
+
+    ver = build_verifier(tiny, OmegaConf.create({"name": "int4", "group_size": 32}), None)
+    prompts = [PROMPT, [1, 2, 3, 4, 1, 2]]
+    teachers = [greedy_continuation(tiny.runtime, p, n) for p, n in zip(prompts, (30, 17))]
+    alone = [generate(ver, Oracle(t, len(p)), p, 30, K, teacher=t) for p, t in zip(prompts, teachers)]
+    together = generate_batch(BatchRuntime(ver, 2), [Oracle(t, len(p)) for p, t in zip(prompts, teachers)], prompts,
+                              30, K, teachers=teachers)
+    for a, b, t in zip(alone, together, teachers):
+        assert a.output_ids == b.output_ids == t and a.step_accepted == b.step_accepted
