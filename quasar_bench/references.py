@@ -33,7 +33,7 @@ class References:
         self.loaded, self.prompts, self.max_new_tokens = loaded, prompts, max_new_tokens
         self.continuations: dict = {}  # (prompt_id, turn) -> (prompt ids, reference continuation)
         self.logprobs: dict = {}  # (prompt_id, turn) -> teacher-forced log-probs of the reference
-        self.own: dict = {}  # (prompt_id, turn, prompt ids) -> this verifier's greedy output
+        self.own: dict = {}  # (verifier key, prompt_id, turn, prompt ids) -> that verifier's greedy output
 
     def compute(self, with_logprobs: bool, progress: bool) -> None:
         """The reference verifier's greedy AR continuation for every (prompt, turn)."""
@@ -53,20 +53,18 @@ class References:
         return {key: logit_fidelity(lp, teacher_forced_logprobs(runtime, *self.continuations[key]))
                 for key, lp in self.logprobs.items()}
 
-    def new_verifier(self) -> None:
-        self.own = {}
+    def remember_own(self, verifier: str, key, ids, output_ids) -> None:
+        self.own[(verifier, *key, tuple(ids))] = output_ids
 
-    def remember_own(self, key, ids, output_ids) -> None:
-        self.own[(*key, tuple(ids))] = output_ids
-
-    def replay(self, drafter, runtime, key, ids):
-        """What `drafter` replays for this (prompt_id, turn), or None when it replays nothing."""
+    def replay(self, drafter, runtime, verifier: str, key, ids):
+        """What `drafter` replays for this (prompt_id, turn), or None when it replays nothing;
+        `verifier` names `runtime` (the cells of every verifier interleave)."""
         if drafter.replays is None:
             return None
         if drafter.replays == "reference":
             ref = self.continuations.get(key)
             return ref[1] if ref else None
-        own = (*key, tuple(ids))  # a later turn's prompt holds this cell's own earlier answers
+        own = (verifier, *key, tuple(ids))  # a later turn's prompt holds this cell's own earlier answers
         if own not in self.own:
             self.own[own] = greedy_continuation(runtime, ids, self.max_new_tokens, self.loaded.eos_ids)
         return self.own[own]

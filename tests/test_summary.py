@@ -156,7 +156,8 @@ def test_format_table_and_save(tmp_path):
     s = summarize(synthetic_rows())
     text = format_table(s, categories=["all"])
     lines = text.splitlines()
-    assert len(lines) == 2 + 12 + 1 and lines[-1].startswith("[a,b]: 95 % bootstrap")  # n = 12: intervals
+    assert len(lines) == 2 + 12 + 2 and lines[-2].startswith("[a,b]: 95 % bootstrap")  # n = 12: intervals
+    assert lines[-1].startswith("SB tok/s: Spec-Bench's mean ± std over repeats (R=1)")  # rows without repeats
     assert all(h in lines[0] for h in ("τ", "α", "KL", "top-1", "exact", "tok/s", "speedup"))
     ls = s[(s.drafter == "layerskip") & (s.verifier == "int4") & (s.category == "all")].iloc[0]
     assert f"{ls.tau:.2f} [{ls.tau_lo:.2f},{ls.tau_hi:.2f}]" in text
@@ -203,7 +204,8 @@ def test_few_prompts_get_the_per_prompt_range_not_an_interval():
     assert (r.tokens_per_s_lo, r.tokens_per_s_hi) == pytest.approx((12.0, 20.0))  # 12, 15, 20
     assert (r.speedup_vs_ar_lo, r.speedup_vs_ar_hi) == pytest.approx((2.0, 2.0))  # paired, each prompt 2x
     text = format_table(s, categories=["qa"])
-    assert f"{r.tau:.2f} (2.00–5.00)" in text and "(a–b): smallest and largest" in text and "[a,b]" not in text
+    assert f"{r.tau:.2f} (2.00–5.00)" in text and "(a–b): range (n=3)" in text and "[a,b]" not in text
+    assert "95 %" not in text
     many = summarize(pd.DataFrame([tiny(prompt_id=str(i), new_tokens=10 + i, verify_steps=5, accepted=1,
                                         drafted=4, decode_s=1.0) for i in range(MIN_CI_N)]))
     assert (many.interval == "95% CI").all()
