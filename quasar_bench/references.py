@@ -17,12 +17,25 @@ from .fidelity import logit_fidelity, teacher_forced_logprobs
 
 
 def draft_tools(loaded, cache_dir=None, fuse: bool = False) -> DraftTools:
+    """What the harness lends drafters. A verifier built for a drafter (draft_model's `precision`)
+    is built once per configuration and shared by every cell's drafter: the run holds every
+    verifier's drafters at once (its cells interleave), and one cell runs at a time, each
+    generation resetting the draft model's cache."""
     from .calibration import calibration_prompts
+    from .plan import cell_hash
     from .verifiers import build_verifier
+
+    built = {}
+
+    def build_once(vcfg):
+        key = cell_hash(vcfg)
+        if key not in built:
+            built[key] = build_verifier(loaded, vcfg, cache_dir, fuse)
+        return built[key]
 
     return DraftTools(
         greedy=lambda runtime, ids, n: greedy_continuation(runtime, ids, n, loaded.eos_ids),
-        build_verifier=lambda vcfg: build_verifier(loaded, vcfg, cache_dir, fuse),
+        build_verifier=build_once,
         calibration_prompts=lambda n, seed=0: calibration_prompts(loaded, n, seed),
         reference_runtime=loaded.runtime,
     )

@@ -124,3 +124,25 @@ def test_a_repeat_generating_other_tokens_stops_the_run(full, tmp_path):
     assert "\n" not in str(e.value)
     after = ResultStore(out).load()
     assert after[(after.cell_id == cell) & (after.prompt_id == pid) & (after.repeat == 1)].empty
+
+
+SPEC = CONF.parent.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+@pytest.mark.skipif(not SPEC.exists(), reason="shared Spec-Bench data not present")
+def test_full_and_spec_bench_experiments_evaluate_48_prompts_or_more_timed_3_times():
+    from collections import Counter
+
+    from quasar_bench.cli_checks import compose_first_job
+    from quasar_bench.data import load_prompts
+    from quasar_bench.summary import MIN_CI_N
+
+    for name in ("smollm2_full", "gpu_batch", "qwen3_int4", "quasar_repro"):
+        cfg, _ = compose_first_job([f"experiment={name}", f"dataset.path={SPEC}"], CONF)
+        ds = cfg.dataset
+        prompts = load_prompts(ds.name, ds.path, ds.categories, ds.limit, ds.per_category, int(ds.seed))
+        assert len(prompts) >= 48 and cfg.repeats >= 3, name
+        if name == "smollm2_full":  # every category reaches an interval, not only `all`
+            assert min(Counter(p.category for p in prompts).values()) >= MIN_CI_N
+    cfg, _ = compose_first_job(["experiment=replay_source"], CONF)
+    assert cfg.repeats == 1  # acceptance traces only: identical in every repeat
