@@ -146,3 +146,24 @@ def test_full_and_spec_bench_experiments_evaluate_48_prompts_or_more_timed_3_tim
             assert min(Counter(p.category for p in prompts).values()) >= MIN_CI_N
     cfg, _ = compose_first_job(["experiment=replay_source"], CONF)
     assert cfg.repeats == 1  # acceptance traces only: identical in every repeat
+
+
+def test_spec_bench_export_writes_one_answer_set_per_repeat(full, tmp_path):
+    """Several repeats export as Spec-Bench's run_1, run_2, ... folders (what speed.py --mean-report
+    reads), each holding that repeat's rows."""
+    import json
+
+    from quasar_bench.specbench import main
+
+    src, rows = full
+    assert main(["export", str(src), str(tmp_path / "ans"), "--wall-time", "decode"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ans").iterdir()) == ["run_1", "run_2"]
+    for r in (0, 1):
+        files = sorted((tmp_path / "ans" / f"run_{r + 1}").glob("*.jsonl"))
+        assert len(files) == 8
+        got = {(a["answer_id"], t): (w, n) for f in files for line in f.read_text().splitlines()
+               for a in [json.loads(line)]
+               for t, (w, n) in enumerate(zip(a["choices"][0]["wall_time"], a["choices"][0]["new_tokens"]), 1)}
+        mine = rows[rows.repeat == r]
+        assert got == {(f"{c}/{p}", t): (pytest.approx(d, rel=1e-12), n)
+                       for c, p, t, d, n in mine[["cell_id", "prompt_id", "turn", "decode_s", "new_tokens"]].itertuples(index=False)}
