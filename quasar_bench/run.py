@@ -76,8 +76,8 @@ def check_model_label(store: ResultStore, label: str, weights: str) -> None:
 class LiveVerifier:
     """A verifier built for the run and held until its end: the cells of every verifier interleave
     (plan.schedule), so each is built once, not once per visit. Holds what its cells reuse across
-    visits: the batch runtimes, the drafters (a model-based drafter is built once per cell) and the
-    cells' descriptions."""
+    visits: the batch runtimes, the drafters (built once per verifier and drafter config, so a
+    model-based drafter is not rebuilt every repeat) and the cells' descriptions."""
     vcfg: object
     runtime: object
     fidelity: dict
