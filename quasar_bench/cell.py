@@ -1,18 +1,24 @@
-"""Running one cell: (verifier runtime, drafter) over the prompts, timed, rows to the store.
+"""One visit of a cell: (verifier, drafter, batch size) over the prompts, each timed once as
+repeat r, rows to the store.
 
 Per prompt, the turns run in order (a later turn's prompt holds the cell's own earlier answers);
-stored (prompt, turn) pairs are skipped on resume but their answers are regenerated so later
-turns see the same text. One untimed warm-up generation per cell comes first.
+stored (prompt, turn, repeat) rows are skipped on resume but their answers are regenerated so
+later turns see the same text. One untimed warm-up generation comes first in every visit (the
+visit before it may have been another verifier's). At temperature 0 every repeat must generate
+the tokens of the cell's other repeats (stored or generated in this process): repeated timings
+time the same work, and a nondeterministic kernel is reported instead of averaged over.
 
 Teacher-forced acceptance (τ_tf): for a drafting cell of a non-reference verifier, each (prompt,
 turn) is decoded a second time, untimed, by the same loop, drafter and verifier held to the
 reference verifier's continuation of that (prompt, turn) (decode.py, `teachers`): the acceptance
-the verifier reaches on the reference's text rather than on its own.
+the verifier reaches on the reference's text rather than on its own. It does not depend on the
+timing, so it runs in repeat 0 only and sits in repeat 0's rows.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 import torch
 from omegaconf import OmegaConf
@@ -22,6 +28,7 @@ from .backends import describe
 from .decode import generate_batch
 from .drafters import make_drafter
 from .encode import decode_text, encode_turn
+from .errors import QuasarError
 from .fidelity import match_metrics
 from .metrics import tau
 from .rows import Cell, device_name, make_row, peak_memory, weight_bytes
@@ -63,29 +70,46 @@ def prompt_seed(seed: int, prompt_id, turn: int) -> int:
     return int(hashlib.sha256(f"{seed}/{prompt_id}/{turn}".encode()).hexdigest()[:8], 16)
 
 
-def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool, batch_size: int = 1) -> None:
-    cfg, loaded, refs = run.cfg, run.loaded, run.references
-    drafter = make_drafter(dcfg, runtime, loaded, run.tools)
-    cell = describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference, batch_size)
-    done = run.store.done_keys(cell.cell_id) if (run.out_dir / "manifest.json").exists() else set()
-    todo = [p for p in run.prompts if any((p.prompt_id, t + 1) not in done for t in range(len(p.turns)))]
-    label = f"{cell.verifier}/{cell.drafter}" + (f"/B={batch_size}" if batch_size > 1 else "")
+def run_cell(run, live, dcfg, batch_size: int, repeat: int) -> None:
+    """Visit `repeat` of the cell (live verifier, drafter config, batch size): time every prompt
+    whose (prompt, turn, repeat) rows are not stored yet, and append their rows."""
+    from .plan import cell_hash
+
+    cfg, loaded, refs, runtime = run.cfg, run.loaded, run.references, live.runtime
+    dkey = cell_hash(dcfg)
+    if dkey not in live.drafters:  # made once per verifier: a model-based drafter's build is not repeated
+        live.drafters[dkey] = make_drafter(dcfg, runtime, loaded, run.tools)
+    drafter = live.drafters[dkey]
+    if (dkey, batch_size) not in live.cells:
+        live.cells[(dkey, batch_size)] = describe_cell(run, runtime, live.vcfg, dcfg, drafter, live.is_reference,
+                                                       batch_size)
+    cell = live.cells[(dkey, batch_size)]
+    label = f"{cell.verifier}/{cell.drafter}" + (f"/B={batch_size}" if batch_size > 1 else "") + f" repeat {repeat}"
+
+    def missing(done):
+        return [p for p in run.prompts if any((p.prompt_id, t + 1, repeat) not in done for t in range(len(p.turns)))]
+    stored = (run.out_dir / "manifest.json").exists()
+    todo = missing(run.store.done_keys(cell.cell_id) if stored else set())
     if not todo:
         log.info("%s: all %d prompts already stored, skipping", label, len(run.prompts))
         return
     gen_kw = dict(max_new_tokens=int(cfg.max_new_tokens), k=drafter.k, eos_ids=loaded.eos_ids,
                   temperature=float(cfg.temperature), top_p=float(cfg.top_p))
-    batch = run.batch_runtime(runtime, batch_size)
+    batch = live.batch_runtime(batch_size)
     drafters = [drafter] if batch_size == 1 else [drafter.for_sequence(batch.seq(b)) for b in range(batch_size)]
-    forced = getattr(run, "teacher_forced", False) and not (is_reference or cell.baseline or drafter.forces_acceptance)
+    forced = (getattr(run, "teacher_forced", False) and repeat == 0
+              and not (live.is_reference or cell.baseline or drafter.forces_acceptance))
     if cfg.warmup:  # compile/allocate once outside the timed region: the first batch's first turns
         first = run.prompts[:batch_size]
         jobs = [(p, 1, encode_turn(loaded, p.turns[:1], [])) for p in first]
-        generate_jobs(run, runtime, batch, drafters, cell, jobs, {**gen_kw, "max_new_tokens": min(8, gen_kw["max_new_tokens"])})
+        generate_jobs(run, live, batch, drafters, cell, jobs, {**gen_kw, "max_new_tokens": min(8, gen_kw["max_new_tokens"])})
     run.open_store()
     run.store.record_cell(cell.cell_id, cell.config)  # takes the cell's lock: re-read what is done under it
     done = run.store.done_keys(cell.cell_id)
-    todo = [p for p in todo if any((p.prompt_id, t + 1) not in done for t in range(len(p.turns)))]
+    todo = missing(done)
+    if cell.cell_id not in run.outputs:  # what earlier sessions' repeats generated
+        run.outputs[cell.cell_id] = run.store.outputs(cell.cell_id)
+    seen = run.outputs[cell.cell_id]
     chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     for chunk in tqdm(chunks, desc=label, disable=not cfg.progress):
         # A later turn's prompt holds the cell's own earlier answers: turns run in order, the
@@ -96,20 +120,23 @@ def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool, batch
             jobs = [(p, turn, encode_turn(loaded, p.turns[:turn], answers[p.prompt_id])) for p in members]
             if runtime.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            results = generate_jobs(run, runtime, batch, drafters, cell, jobs, gen_kw)
-            tf = teacher_forced(run, runtime, batch, drafters, cell, members, turn, gen_kw) if forced else {}
+            timed_at = time.time()
+            results = generate_jobs(run, live, batch, drafters, cell, jobs, gen_kw)
+            tf = teacher_forced(run, live, batch, drafters, cell, members, turn, gen_kw) if forced else {}
             for (p, _, ids), res in zip(jobs, results):
                 key = (p.prompt_id, turn)
+                if float(cfg.temperature) == 0:
+                    check_repeat(seen.setdefault(key, res.output_ids), res.output_ids, label, key)
                 if cell.baseline and float(cfg.temperature) == 0:
-                    refs.remember_own(key, ids, res.output_ids)
+                    refs.remember_own(live.key, key, ids, res.output_ids)
                 text = decode_text(loaded.tokenizer, res.output_ids)
                 answers[p.prompt_id].append(text)
-                if key in done:
+                if (*key, repeat) in done:
                     continue
                 row = make_row(cell, p, turn, ids, res, text, prompt_seed(int(cfg.seed), p.prompt_id, turn),
-                               peak_memory(runtime.device))
-                row["batch_id"] = f"{jobs[0][0].prompt_id}/{turn}"  # the rows that shared its forwards
-                row.update(fidelity.get(key, {}))
+                               peak_memory(runtime.device), repeat, timed_at)
+                row["batch_id"] = f"{jobs[0][0].prompt_id}/{turn}/{repeat}"  # the rows that shared its forwards
+                row.update(live.fidelity.get(key, {}))
                 row.update(tf.get(key, {}))
                 if key in refs.continuations and refs.logprobs:
                     row.update(match_metrics(res.output_ids, refs.continuations[key][1]))
@@ -117,13 +144,26 @@ def run_cell(run, runtime, vcfg, dcfg, fidelity: dict, is_reference: bool, batch
         run.store.append(rows)
 
 
-def generate_jobs(run, runtime, batch, drafters, cell, jobs, gen_kw, teachers=None):
+def check_repeat(first: list[int], now: list[int], label: str, key) -> None:
+    """Greedy decoding is deterministic: a repeat generating other tokens than the cell's earlier
+    repeats would time other work (a nondeterministic kernel, or a change between sessions)."""
+    if list(first) == list(now):
+        return
+    at = next((i for i, (a, b) in enumerate(zip(first, now)) if a != b), min(len(first), len(now)))
+    raise QuasarError(f"{label}: prompt {key[0]} turn {key[1]} generated other tokens than the cell's earlier repeat "
+                      f"(first difference at new token {at}): greedy decoding is not deterministic here, so "
+                      "repeated timings would time different work; find the nondeterministic kernel, or time "
+                      "once with repeats=1 into a new out_dir=")
+
+
+def generate_jobs(run, live, batch, drafters, cell, jobs, gen_kw, teachers=None):
     """Generate (prompt, turn, ids) jobs together (one per sequence of the batch), each with its
-    own seeded generator and its own replayed continuation; with `teachers`, each held to its
-    teacher continuation, which is then also what a replaying drafter replays."""
+    own seeded generator (the same in every repeat) and its own replayed continuation; with
+    `teachers`, each held to its teacher continuation, which is then also what a replaying
+    drafter replays."""
     seeds = [prompt_seed(int(run.cfg.seed), p.prompt_id, turn) for p, turn, _ in jobs]
     if teachers is None:
-        replays = [run.references.replay(drafters[i], runtime, (p.prompt_id, turn), ids)
+        replays = [run.references.replay(drafters[i], live.runtime, live.key, (p.prompt_id, turn), ids)
                    for i, (p, turn, ids) in enumerate(jobs)]
     else:
         replays = [t if drafters[i].replays else None for i, t in enumerate(teachers)]
@@ -134,7 +174,7 @@ def generate_jobs(run, runtime, batch, drafters, cell, jobs, gen_kw, teachers=No
                           teachers=teachers)
 
 
-def teacher_forced(run, runtime, batch, drafters, cell, prompts, turn: int, gen_kw) -> dict:
+def teacher_forced(run, live, batch, drafters, cell, prompts, turn: int, gen_kw) -> dict:
     """(prompt_id, turn) -> τ_tf columns: each prompt's reference prompt ids and reference
     continuation (the reference verifier's, so a later turn holds the reference's earlier answers,
     not this cell's), decoded by the cell's drafter and verifier held to that continuation."""
@@ -144,7 +184,7 @@ def teacher_forced(run, runtime, batch, drafters, cell, prompts, turn: int, gen_
     jobs, teachers = [j for j, t in zip(jobs, teachers) if t], [t for t in teachers if t]
     if not jobs:
         return {}
-    results = generate_jobs(run, runtime, batch, drafters, cell, jobs, gen_kw, teachers=teachers)
+    results = generate_jobs(run, live, batch, drafters, cell, jobs, gen_kw, teachers=teachers)
     return {(p.prompt_id, turn): {"tau_tf": tau(len(r.output_ids), r.verify_steps), "tf_new_tokens": len(r.output_ids),
                                   "tf_verify_steps": r.verify_steps, "tf_accepted": r.accepted, "tf_drafted": r.drafted}
             for (p, turn, _), r in zip(jobs, results)}

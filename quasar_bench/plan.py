@@ -1,14 +1,17 @@
-"""Planning: the run's configuration -> the cells to run, (verifier, [drafters]) in order.
+"""Planning: the run's configuration -> the cells to run, (verifier, [drafters]), and the order
+their timed visits run in (`schedule`).
 
 A matrix entry is a config name (`ngram`) or a mapping with `name` plus overrides, merged over
-conf/<group>/<name>.yaml. The baseline drafter (one that drafts nothing) runs first in each
-verifier's list, the reference verifier first among verifiers: the first is every speedup's
-denominator, the second produces the reference continuations.
+conf/<group>/<name>.yaml. The plan lists the baseline drafter (one that drafts nothing) first in
+each verifier's list and the reference verifier first among verifiers (verifiers are built in
+that order; the reference's continuations come first). The timed visits do not follow the plan:
+`schedule` shuffles them, repeat by repeat, so drift over a run is not confounded with a cell.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -75,6 +78,28 @@ def plan_cells(cfg) -> list[tuple[DictConfig, list[DictConfig]]]:
     return [(v, sorted(ds, key=drafts)) for v, ds in plan]
 
 
+def schedule(plan, sizes: list[int], n_repeats: int, seed: int) -> list[tuple[int, int, int, DictConfig]]:
+    """The timed visits of a run in the order they run: (repeat, index of the verifier in `plan`,
+    batch size, drafter config). A cell is (verifier, batch size, drafter), listed in plan order
+    (verifier, then size, then drafter); repeat r visits every cell once, in the order of that list
+    shuffled by random.Random(f"{seed}/repeat/{r}"), and all of repeat r runs before any of repeat
+    r + 1. Each visit times every prompt of the cell once."""
+    cells = [(vi, size, d) for vi, (_, ds) in enumerate(plan) for size in sizes for d in ds]
+    visits = []
+    for r in range(n_repeats):
+        order = list(range(len(cells)))
+        random.Random(f"{seed}/repeat/{r}").shuffle(order)
+        visits += [(r, *cells[i]) for i in order]
+    return visits
+
+
+def repeats(cfg) -> int:
+    """`repeats`: how many times each prompt of each cell is timed (configs without it: once)."""
+    value = cfg.get("repeats", 1)
+    _integer(value, "repeats", 1)
+    return value
+
+
 def _integer(value, key: str, minimum: int | None = None, optional: bool = False):
     if value is None and optional:
         return
@@ -109,6 +134,7 @@ def validate(cfg) -> None:
     _integer(cfg.seed, "seed")
     _integer(cfg.get("k"), "k", 1, optional=True)
     batch_sizes(cfg)
+    repeats(cfg)
     if _number(cfg.temperature, "temperature") < 0:
         raise QuasarError(f"temperature={cfg.temperature} is impossible: use 0 (greedy) or > 0")
     if not 0 < _number(cfg.top_p, "top_p") <= 1:

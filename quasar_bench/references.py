@@ -17,12 +17,25 @@ from .fidelity import logit_fidelity, teacher_forced_logprobs
 
 
 def draft_tools(loaded, cache_dir=None, fuse: bool = False) -> DraftTools:
+    """What the harness lends drafters. A verifier built for a drafter (draft_model's `precision`)
+    is built once per configuration and shared by every cell's drafter: the run holds every
+    verifier's drafters at once (its cells interleave), and one cell runs at a time, each
+    generation resetting the draft model's cache."""
     from .calibration import calibration_prompts
+    from .plan import cell_hash
     from .verifiers import build_verifier
+
+    built = {}
+
+    def build_once(vcfg):
+        key = cell_hash(vcfg)
+        if key not in built:
+            built[key] = build_verifier(loaded, vcfg, cache_dir, fuse)
+        return built[key]
 
     return DraftTools(
         greedy=lambda runtime, ids, n: greedy_continuation(runtime, ids, n, loaded.eos_ids),
-        build_verifier=lambda vcfg: build_verifier(loaded, vcfg, cache_dir, fuse),
+        build_verifier=build_once,
         calibration_prompts=lambda n, seed=0: calibration_prompts(loaded, n, seed),
         reference_runtime=loaded.runtime,
     )
@@ -33,7 +46,7 @@ class References:
         self.loaded, self.prompts, self.max_new_tokens = loaded, prompts, max_new_tokens
         self.continuations: dict = {}  # (prompt_id, turn) -> (prompt ids, reference continuation)
         self.logprobs: dict = {}  # (prompt_id, turn) -> teacher-forced log-probs of the reference
-        self.own: dict = {}  # (prompt_id, turn, prompt ids) -> this verifier's greedy output
+        self.own: dict = {}  # (verifier key, prompt_id, turn, prompt ids) -> that verifier's greedy output
 
     def compute(self, with_logprobs: bool, progress: bool) -> None:
         """The reference verifier's greedy AR continuation for every (prompt, turn)."""
@@ -53,20 +66,18 @@ class References:
         return {key: logit_fidelity(lp, teacher_forced_logprobs(runtime, *self.continuations[key]))
                 for key, lp in self.logprobs.items()}
 
-    def new_verifier(self) -> None:
-        self.own = {}
+    def remember_own(self, verifier: str, key, ids, output_ids) -> None:
+        self.own[(verifier, *key, tuple(ids))] = output_ids
 
-    def remember_own(self, key, ids, output_ids) -> None:
-        self.own[(*key, tuple(ids))] = output_ids
-
-    def replay(self, drafter, runtime, key, ids):
-        """What `drafter` replays for this (prompt_id, turn), or None when it replays nothing."""
+    def replay(self, drafter, runtime, verifier: str, key, ids):
+        """What `drafter` replays for this (prompt_id, turn), or None when it replays nothing;
+        `verifier` names `runtime` (the cells of every verifier interleave)."""
         if drafter.replays is None:
             return None
         if drafter.replays == "reference":
             ref = self.continuations.get(key)
             return ref[1] if ref else None
-        own = (*key, tuple(ids))  # a later turn's prompt holds this cell's own earlier answers
+        own = (verifier, *key, tuple(ids))  # a later turn's prompt holds this cell's own earlier answers
         if own not in self.own:
             self.own[own] = greedy_continuation(runtime, ids, self.max_new_tokens, self.loaded.eos_ids)
         return self.own[own]

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from .errors import QuasarError
 
-KEY = ["cell_id", "prompt_id", "turn"]
+KEY = ["cell_id", "prompt_id", "turn", "repeat"]  # `repeat` numbers a prompt's timings (0, 1, ...)
 # Fidelity columns may be all-missing in some files (stored as null): load them as float.
 FLOAT_COLS = ["kl_mean", "kl_p50", "kl_p95", "kl_max", "top1_agree", "tau", "alpha"]
 LIST_COLS = ["accepted_per_position", "drafted_lengths", "accepted_lengths", "prompt_ids", "output_ids"]
@@ -26,12 +26,25 @@ BAD_READ = (OSError, ValueError, KeyError, TypeError, pa.ArrowException)
 
 
 def read_table(f: Path, columns=None) -> pa.Table:
-    """One rows-*.parquet file; a damaged one raises one of BAD_READ."""
+    """One rows-*.parquet file (of `columns`, those it has), with its `repeat` column; a damaged
+    one raises one of BAD_READ."""
+    if columns is not None:  # older files lack newer columns
+        names = set(pq.read_schema(f).names)
+        columns = [c for c in columns if c in names or c in ("prompt_id", "turn")]
     t = pq.read_table(f, columns=columns)
     missing = [c for c in ("prompt_id", "turn") if c not in t.column_names]
     if missing:
         raise ValueError(f"no column {missing[0]}")
-    return t
+    return with_repeat(t)
+
+
+def with_repeat(t: pa.Table) -> pa.Table:
+    """The table with an int64 `repeat` column: rows written before timings were repeated (no
+    column, or nulls) were timed once, as repeat 0."""
+    if "repeat" not in t.column_names:
+        return t.append_column("repeat", pa.array([0] * len(t), pa.int64()))
+    i = t.column_names.index("repeat")
+    return t.set_column(i, "repeat", t["repeat"].fill_null(0).cast(pa.int64()))
 
 
 def reason(e: Exception) -> str:
@@ -39,8 +52,8 @@ def reason(e: Exception) -> str:
 
 
 def rows_frame(tables: dict[Path, pa.Table], root: Path) -> pd.DataFrame:
-    """The rows of the row store's files as one table; a (cell_id, prompt_id, turn) stored twice
-    is a QuasarError naming the files."""
+    """The rows of the row store's files (read with read_table) as one table; a (cell_id,
+    prompt_id, turn, repeat) stored twice is a QuasarError naming the files."""
     if not tables:
         return pd.DataFrame(columns=KEY)
     named = [t.append_column("_file", pa.array([f.name] * len(t), pa.string())) for f, t in tables.items()]
@@ -51,7 +64,7 @@ def rows_frame(tables: dict[Path, pa.Table], root: Path) -> pd.DataFrame:
     dup = df[df.duplicated(KEY, keep=False)]
     if len(dup):
         k = dup.iloc[0]
-        raise QuasarError(f"{root}: {len(dup)} rows share (cell_id, prompt_id, turn), "
+        raise QuasarError(f"{root}: {len(dup)} rows share (cell_id, prompt_id, turn, repeat), "
                           f"e.g. {tuple(k[KEY])} in {sorted(set(dup['_file']))[:4]}; "
                           f"delete the extra rows-*.parquet files, or `{REPAIR} {root}` moves them aside")
     for c in FLOAT_COLS:

@@ -1,4 +1,4 @@
-"""The result row: one (cell, prompt, turn), its schema in one place."""
+"""The result row: one (cell, prompt, turn, repeat), its schema in one place."""
 from __future__ import annotations
 
 import math
@@ -39,7 +39,10 @@ class Cell:
     drafter_fields: dict = field(default_factory=dict)  # the drafter's row_fields(): extra columns
 
 
-def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: str, seed: int, peak: int) -> dict:
+def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: str, seed: int, peak: int,
+             repeat: int = 0, timed_at: float = math.nan) -> dict:
+    """`repeat`: which timing of this (cell, prompt, turn) the row is (0, 1, ...); `timed_at`: the
+    wall-clock time (Unix seconds) its timed generation began, for reading drift over a run."""
     n = len(res.output_ids)
     row = {
         "experiment": cell.experiment, "cell_id": cell.cell_id, "context_id": cell.context_id, "model": cell.model,
@@ -50,6 +53,7 @@ def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: st
         "batch_size": cell.batch_size,
         "temperature": cell.temperature, "top_p": cell.top_p,
         "dataset": prompt.dataset, "category": prompt.category, "prompt_id": str(prompt.prompt_id), "turn": turn,
+        "repeat": int(repeat), "timed_at": float(timed_at),
         "prompt_tokens": len(prompt_ids), "new_tokens": n, "verify_steps": res.verify_steps,
         "tau": tau(n, res.verify_steps), "alpha": alpha(res.accepted, res.drafted),
         "accepted_per_position": per_position_acceptance(res.attempts, res.accepts),

@@ -1,15 +1,18 @@
 """Run one experiment: a matrix of verifiers x drafters over a prompt set, one loaded model.
 
-The path of a run: plan.py turns the config into cells; per verifier (reference first), the
-verifier is built (verifiers/), references.py supplies the untimed greedy continuations (fidelity,
-replays), cell.py runs each drafter's cell and appends rows (rows.py) to the resumable store;
-at the end rows are exported and summarised (summary.py) in the same directory.
+The path of a run: plan.py turns the config into cells; references.py supplies the untimed
+greedy continuations (fidelity, replays); every verifier is built (verifiers/, reference first)
+and held for the whole run; then the timed visits run in plan.schedule's order (repeat by
+repeat, cells shuffled within each repeat), cell.py timing each cell's prompts once per visit and
+appending rows (rows.py) to the resumable store; at the end rows are exported and summarised
+(summary.py) in the same directory.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from .errors import QuasarError
 from .fileio import cache_root
 from .fingerprint import code_fingerprint, model_fingerprint, prompts_fingerprint
 from .models import LoadedModel, load_model, pick_device
-from .plan import batch_sizes, cell_hash, plan_cells, validate
+from .plan import batch_sizes, cell_hash, plan_cells, repeats, schedule, validate
 from .references import References, draft_tools
 from .runtime import compile_elementwise, fused_attention
 from .store import ResultStore, environment
@@ -80,6 +83,55 @@ def check_model_label(store: ResultStore, label: str, weights: str) -> None:
         if cfg.get("model_label") == label and cfg.get("weights") not in (None, weights):
             raise QuasarError(f"{store.root} holds rows of model {label!r} with other weights ({cfg['weights']} vs "
                               f"{weights} now); name this model model.name=<another name> or pick another out_dir=")
+
+
+@dataclass
+class LiveVerifier:
+    """A verifier built for the run and held until its end: the cells of every verifier interleave
+    (plan.schedule), so each is built once, not once per visit. Holds what its cells reuse across
+    visits: the batch runtimes, the drafters (built once per verifier and drafter config, so a
+    model-based drafter is not rebuilt every repeat) and the cells' descriptions."""
+    vcfg: object
+    runtime: object
+    fidelity: dict
+    is_reference: bool
+    batches: dict = field(default_factory=dict)  # batch size -> BatchRuntime
+    drafters: dict = field(default_factory=dict)  # cell_hash(drafter config) -> Drafter
+    cells: dict = field(default_factory=dict)  # (cell_hash(drafter config), batch size) -> rows.Cell
+
+    @property
+    def label(self) -> str:
+        return self.vcfg.get("label") or self.vcfg.name
+
+    @property
+    def key(self) -> str:  # labels may repeat (two int4 settings); configs do not
+        return cell_hash(self.vcfg)
+
+    def batch_runtime(self, size: int):
+        """The verifier as a batch of `size` sequences (decode.generate_batch), made once per
+        size; on CUDA its verify forwards replay graphs captured here, untimed."""
+        if size == 1:
+            return OneSequence(self.runtime)
+        if size not in self.batches:
+            from .batching import BatchRuntime
+
+            batch = BatchRuntime(self.runtime, size)
+            graphs = getattr(self.runtime, "graphs", None)
+            if graphs is not None:
+                batch.enable_cuda_graphs(graphs.max_tokens, graphs.max_len)
+                batch.reset(batch.graphs.max_len)
+                log.info("capturing batch-%d CUDA graphs", size)
+                batch.graphs.capture_all(range(1, graphs.max_tokens + 1))
+            self.batches[size] = batch
+        return self.batches[size]
+
+    def release(self) -> None:
+        for batch in self.batches.values():
+            if hasattr(batch, "release"):
+                batch.release()
+        if hasattr(self.runtime, "release"):
+            self.runtime.release()
+        self.batches, self.drafters, self.runtime = {}, {}, None
 
 
 class Experiment:
@@ -142,15 +194,38 @@ class Experiment:
             if fidelity_wanted or self.teacher_forced or any(d.replays == "reference" for d in made):
                 self.references.compute(fidelity_wanted, cfg.progress)
             max_k = max(d.k for d in made)
-            self.progress = {"done": 0, "total": sum(len(ds) for _, ds in self.plan) * len(batch_sizes(cfg)),
-                             "start": time.perf_counter()}
-            log.info("setup (model, references, drafters) took %.0f s; %d cells to run",
-                     self.progress["start"] - t0, self.progress["total"])
-            for vcfg, cell_drafters in self.plan:
-                self.run_verifier(vcfg, cell_drafters, max_k)
+            self.live = [self.build_live(vcfg, max_k) for vcfg, _ in self.plan]
+            visits = schedule(self.plan, batch_sizes(cfg), repeats(cfg), int(cfg.seed))
+            self.outputs = {}  # cell_id -> {(prompt_id, turn): output ids}: every repeat must give the same
+            self.progress = {"done": 0, "total": len(visits), "start": time.perf_counter()}
+            log.info("setup (model, references, drafters, verifiers) took %.0f s; %d cells x %d repeats to run, "
+                     "shuffled within each repeat (seed %d)", self.progress["start"] - t0,
+                     len(visits) // repeats(cfg), repeats(cfg), int(cfg.seed))
+            for repeat, vi, size, dcfg in visits:
+                live, t1 = self.live[vi], time.perf_counter()
+                run_cell(self, live, dcfg, size, repeat)
+                self.log_progress(f"{live.label}/{dcfg.get('label') or dcfg.name}" + (f"/B={size}" if size > 1 else "")
+                                  + f" repeat {repeat}", time.perf_counter() - t1)
+            self.release_verifiers()
             return self.finish(time.perf_counter() - t0)
         finally:
+            self.release_verifiers()
             self.store.close()
+
+    def build_live(self, vcfg, max_k: int) -> LiveVerifier:
+        """Build a verifier (cached builds load from disk), measure its fidelity against the
+        reference, and capture its CUDA graphs, before any timing."""
+        runtime = build_verifier(self.loaded, vcfg, cache_root(self.cfg.model.cache_dir), self.fuse)
+        fidelity = self.references.fidelity(runtime) if self.references.logprobs else {}
+        capture_graphs(runtime, self.cfg, max_k)
+        return LiveVerifier(vcfg, runtime, fidelity, precision(vcfg.name).is_reference)
+
+    def release_verifiers(self) -> None:
+        for live in getattr(self, "live", []):
+            live.release()
+        self.live = []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def drop_unsupported(self, drafters) -> list[str]:
         """Cells the loaded model cannot run (a precision that needs the native runtime, a drafter
@@ -197,50 +272,8 @@ class Experiment:
     def plan_size(self) -> int:
         return sum(len(ds) for _, ds in self.plan)
 
-    def run_verifier(self, vcfg, cell_drafters, max_k: int) -> None:
-        entry = precision(vcfg.name)
-        runtime = build_verifier(self.loaded, vcfg, cache_root(self.cfg.model.cache_dir), self.fuse)
-        fidelity = self.references.fidelity(runtime) if self.references.logprobs else {}
-        capture_graphs(runtime, self.cfg, max_k)
-        self.references.new_verifier()
-        self.batches = {}
-        for size in batch_sizes(self.cfg):
-            for dcfg in cell_drafters:
-                t0 = time.perf_counter()
-                run_cell(self, runtime, vcfg, dcfg, fidelity, entry.is_reference, size)
-                self.log_progress(f"{vcfg.get('label') or vcfg.name}/{dcfg.get('label') or dcfg.name}"
-                                  + (f"/B={size}" if size > 1 else ""), time.perf_counter() - t0)
-            for batch in self.batches.values():
-                if hasattr(batch, "release"):
-                    batch.release()
-            self.batches = {}
-        if hasattr(runtime, "release"):  # the next verifier may copy the reference's modules
-            runtime.release()
-        del runtime
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def batch_runtime(self, runtime, size: int):
-        """The verifier as a batch of `size` sequences (decode.generate_batch), made once per
-        verifier and size; on CUDA its verify forwards replay graphs captured here, untimed."""
-        if size == 1:
-            return OneSequence(runtime)
-        if size not in self.batches:
-            from .batching import BatchRuntime
-
-            batch = BatchRuntime(runtime, size)
-            graphs = getattr(runtime, "graphs", None)
-            if graphs is not None:
-                batch.enable_cuda_graphs(graphs.max_tokens, graphs.max_len)
-                batch.reset(batch.graphs.max_len)
-                log.info("capturing batch-%d CUDA graphs", size)
-                batch.graphs.capture_all(range(1, graphs.max_tokens + 1))
-            self.batches[size] = batch
-        return self.batches[size]
-
     def log_progress(self, label: str, cell_s: float) -> None:
-        """One line per finished cell: i of n, its time, and the time left at the mean pace so far
-        (the first cell of a verifier also pays its build and calibration)."""
+        """One line per finished visit of a cell: i of n, its time, and the time left at the mean pace so far."""
         p = self.progress
         p["done"] += 1
         elapsed = time.perf_counter() - p["start"]

@@ -115,7 +115,9 @@ def file_names(df: pd.DataFrame) -> dict[str, str]:
 
 
 def export(run_dir, out_dir, wall_time: str = "total") -> list[tuple[Path, int]]:
-    """Write one Spec-Bench answer file per cell of the run at run_dir into out_dir; every file is
+    """Write one Spec-Bench answer file per cell of the run at run_dir into out_dir, or, when the
+    run timed its prompts several times (`repeat`), one per cell and repeat r into
+    out_dir/run_<r+1>/ (the layout of Spec-Bench's runs for speed.py --mean-report); every file is
     built (and every row checked) before the first is written. Returns (file, questions) pairs."""
     if wall_time not in WALL_TIMES:
         raise QuasarError(f"--wall-time {wall_time!r}: choose one of {', '.join(WALL_TIMES)}")
@@ -126,25 +128,28 @@ def export(run_dir, out_dir, wall_time: str = "total") -> list[tuple[Path, int]]
     if missing:
         raise QuasarError(f"the rows of {run_dir} have no {', '.join(missing)} column(s), which Spec-Bench's "
                           "format needs (rows recorded before the harness stored them); re-run the experiment")
-    df = df.assign(prompt_id=df["prompt_id"].astype(str))
+    repeat = pd.to_numeric(df["repeat"], errors="coerce").fillna(0).astype(int) if "repeat" in df else 0
+    df = df.assign(prompt_id=df["prompt_id"].astype(str), repeat=repeat)
     # a prompt's turn count is the most turns any cell stored for it: fewer is an interrupted cell
     key = ["dataset", "prompt_id"] if "dataset" in df else ["prompt_id"]
     most = df.groupby(key)["turn"].transform("max")
-    short = df.groupby(["cell_id"] + key)["turn"].transform("max") < most
+    short = df.groupby(["cell_id", "repeat"] + key)["turn"].transform("max") < most
     if short.any():
         r = df[short].iloc[0]
         raise QuasarError(f"cell {r['cell_id']} ({r['verifier']}/{r['drafter']}) lacks later turns of prompt "
                           f"{r['prompt_id']} that other cells hold: an interrupted run; re-run its command to finish it")
     names, tstamp = file_names(df), time.time()
-    files = {names[cid]: answer_lines(cell, names[cid], wall_time, tstamp)
-             for cid, cell in df.groupby("cell_id", sort=False)}
     out = Path(out_dir).expanduser()
+    several = df["repeat"].nunique() > 1
+    files = {(out / f"run_{r + 1}" if several else out) / f"{names[cid]}.jsonl":
+             answer_lines(cell, names[cid], wall_time, tstamp)
+             for (r, cid), cell in df.groupby(["repeat", "cell_id"], sort=False)}
     try:
-        out.mkdir(parents=True, exist_ok=True)
         written = []
-        for name in sorted(files):
-            text = "".join(json.dumps(a) + "\n" for a in files[name])
-            written.append((atomic_write_text(out / f"{name}.jsonl", text), len(files[name])))
+        for path in sorted(files):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = "".join(json.dumps(a) + "\n" for a in files[path])
+            written.append((atomic_write_text(path, text), len(files[path])))
     except OSError as e:
         raise QuasarError(f"cannot write to {out} ({e.strerror or e}); pick a writable OUT_DIR") from None
     return written
@@ -271,7 +276,7 @@ def parser() -> argparse.ArgumentParser:
                                  description="Export a run as Spec-Bench answer files; compute Spec-Bench's "
                                              "speedup table over answer files.")
     sub = ap.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="one Spec-Bench answer .jsonl per cell of a run")
+    ex = sub.add_parser("export", help="one Spec-Bench answer .jsonl per cell of a run (per repeat: run_<r+1>/)")
     ex.add_argument("run_dir", help="a run's out_dir (its rows)")
     ex.add_argument("out_dir", help="where the answer files go")
     ex.add_argument("--wall-time", choices=WALL_TIMES, default="total",

@@ -13,7 +13,9 @@ Layout of a result set (`results/<experiment>/` or a chosen `out_dir`):
 Every file is written to a temp file `.tmp-<pid>@<host>-*` in the same directory, fsynced and
 `os.replace`d into place, so a killed run leaves either the whole file or nothing; readers ignore
 temp files, and `open` removes those whose writer is gone.
-Resuming reads `done_keys(cell_id)` and skips those (prompt_id, turn) pairs.
+A row is one (cell_id, prompt_id, turn, repeat): `repeat` numbers the timings of a prompt
+(rows written before timings were repeated have no such column and read as repeat 0).
+Resuming reads `done_keys(cell_id)` and skips those (prompt_id, turn, repeat) triples.
 
 Locks: a cell is written by one live process at a time (`cells/<cell_id>.lock`, taken by
 `record_cell` or the first `append` of that cell and held until `close()` or interpreter exit), so
@@ -48,7 +50,8 @@ from quasar_bench.errors import QuasarError
 from quasar_bench.fileio import (atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir, host_tag,  # noqa: F401
                                  tmp_prefix, write_json)
 from quasar_bench.rowfiles import BAD_READ as _BAD_READ
-from quasar_bench.rowfiles import KEY, LIST_COLS, read_table, reason, rows_frame  # noqa: F401 (KEY: the store's row key)
+from quasar_bench.rowfiles import (KEY, LIST_COLS, read_table, reason, rows_frame,  # noqa: F401 (KEY: the store's row key)
+                                   with_repeat)
 from quasar_bench.rowfiles import REPAIR as _REPAIR
 
 try:
@@ -485,7 +488,8 @@ class ResultStore:
         return sorted(self.root.glob(f"rows-{cell_id}-*.parquet" if cell_id else "rows-*.parquet"))
 
     def _read(self, f: Path, columns=None) -> pa.Table | None:
-        """One rows file, or None after moving an unreadable one aside (with a warning)."""
+        """One rows file (with its `repeat` column, 0 for rows from before repeats), or None after
+        moving an unreadable one aside (with a warning)."""
         try:
             return read_table(f, columns)
         except FileNotFoundError:
@@ -500,17 +504,31 @@ class ResultStore:
                             "`%s %s` moves it aside", f, reason(e), _REPAIR, self.root)
             return None
 
-    def done_keys(self, cell_id: str) -> set[tuple[str, int]]:
-        """(prompt_id, turn) pairs already stored for this cell."""
+    def done_keys(self, cell_id: str) -> set[tuple[str, int, int]]:
+        """(prompt_id, turn, repeat) triples already stored for this cell."""
         self._check_cell(cell_id)
         if cell_id not in self._done:
             done = set()
             for f in self._files(cell_id):
-                t = self._read(f, columns=["prompt_id", "turn"])
+                t = self._read(f, columns=["prompt_id", "turn", "repeat"])
                 if t is not None:
-                    done.update(zip(map(str, t["prompt_id"].to_pylist()), t["turn"].to_pylist()))
+                    done.update(_keys(t))
             self._done[cell_id] = done
         return set(self._done[cell_id])
+
+    def outputs(self, cell_id: str) -> dict[tuple[str, int], list[int]]:
+        """(prompt_id, turn) -> the output ids stored for this cell (its lowest repeat): what a
+        later repeat of a greedy cell must generate again."""
+        self._check_cell(cell_id)
+        found = {}
+        for f in self._files(cell_id):
+            t = self._read(f, columns=["prompt_id", "turn", "repeat", "output_ids"])
+            if t is None or "output_ids" not in t.column_names:
+                continue
+            for (pid, turn, rep), ids in zip(_keys(t), t["output_ids"].to_pylist()):
+                if (pid, turn) not in found or rep < found[(pid, turn)][0]:
+                    found[(pid, turn)] = (rep, list(ids))
+        return {k: ids for k, (_, ids) in found.items()}
 
     def append(self, rows: list[dict]) -> Path | None:
         """Atomically write rows (all of one cell) as one new parquet file."""
@@ -522,13 +540,14 @@ class ResultStore:
         cell_id = cell_ids.pop()
         self._check_cell(cell_id)
         self._lock_cell(cell_id)
-        keys = [(str(r["prompt_id"]), int(r["turn"])) for r in rows]
+        keys = [(str(r["prompt_id"]), int(r["turn"]), int(r.get("repeat", 0))) for r in rows]
         done = self.done_keys(cell_id)
         twice = sorted(set(k for k in keys if k in done or keys.count(k) > 1))
         if twice:
             raise RuntimeError(f"rows {twice} of cell {cell_id} would be stored twice")
         df = pd.DataFrame(rows)
         df["prompt_id"] = df["prompt_id"].astype(str)
+        df["repeat"] = pd.to_numeric(df["repeat"]).astype("int64") if "repeat" in df else 0
         table = pa.Table.from_pandas(df, preserve_index=False)
         path = self.root / f"rows-{cell_id}-{uuid.uuid4().hex}.parquet"
         atomic_write(path, lambda f: pq.write_table(table, f))
@@ -536,7 +555,7 @@ class ResultStore:
         return path
 
     def load(self) -> pd.DataFrame:
-        """All rows of this result set; raises if a (cell_id, prompt_id, turn) appears twice.
+        """All rows of this result set; raises if a (cell_id, prompt_id, turn, repeat) appears twice.
         An unreadable rows file is moved to damaged/ with a warning (its rows are missing)."""
         tables = {f: t for f in self._files() if (t := self._read(f)) is not None}
         return rows_frame(tables, self.root)
@@ -559,6 +578,11 @@ class ResultStore:
             out.append(self.root / "summary.csv")
             atomic_write_text(out[2], s.to_csv(index=False))
         return out
+
+
+def _keys(t: pa.Table) -> list[tuple[str, int, int]]:
+    """(prompt_id, turn, repeat) of every row of a rows table read through with_repeat."""
+    return list(zip(map(str, t["prompt_id"].to_pylist()), t["turn"].to_pylist(), t["repeat"].to_pylist()))
 
 
 def _json_cell(v):
@@ -635,9 +659,8 @@ def _scan(root: Path) -> dict:
     keys = {}
     for f in sorted(root.glob("rows-*.parquet")):
         try:
-            t = pq.read_table(f)
-            cell = t["cell_id"].to_pylist()
-            ks = list(zip(cell, map(str, t["prompt_id"].to_pylist()), t["turn"].to_pylist()))
+            t = with_repeat(pq.read_table(f))
+            ks = [(c, *k) for c, k in zip(t["cell_id"].to_pylist(), _keys(t))]
         except _BAD_READ as e:
             rep["unreadable"].append((f, (str(e).splitlines() or [type(e).__name__])[0][:100]))
             continue
@@ -665,7 +688,7 @@ def _problems(rep: dict) -> list[str]:
     out += [f"unreadable: {f} ({why})" for f, why in rep["unreadable"]]
     out += [f"damaged: {p} ({why})" for p, why in rep["damaged_cells"]]
     if rep["dup_keys"]:
-        out.append(f"duplicated: {rep['dup_keys']} (cell_id, prompt_id, turn) keys stored more than "
+        out.append(f"duplicated: {rep['dup_keys']} (cell_id, prompt_id, turn, repeat) keys stored more than "
                    f"once, in {', '.join(f.name for f in rep['dup_files'][:6])}")
     out += [f"rows of cell {c} have no cells/{c}.json" for c in rep["orphan_cells"]]
     out += [f"stale temp file: {p}" for p in rep["temps"]]

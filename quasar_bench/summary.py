@@ -17,6 +17,21 @@ KL, top-1 and exact match are means of per-prompt values.
   extremes under the name of a 95 % interval; a pooled ratio can fall outside the range of its
   per-prompt ratios when prompts differ in length.
 - n < 2: "none", NaN.
+The prompt is the unit whatever the number of repeats: a prompt's repeats (rows with `repeat`
+0, 1, ...) are summed into its per-prompt values like its turns, so repeats narrow each prompt's
+timing noise but never count as more prompts.
+
+Beside that, Spec-Bench's statistic over repeats (its evaluation/speed.py, mean report): per
+repeat, the mean over prompts of each prompt's tokens/s (Σ tokens / Σ decode_s over its turns),
+then the mean and the sample standard deviation (ddof = 1) of those per-repeat values over the
+`n_repeats` repeats every prompt of the group completed (`sb_tokens_per_s`, `_std`); speedups
+likewise, per repeat the ratio of those means to the baseline's in the same repeat
+(`sb_speedup_vs_ar`, `sb_speedup_vs_ref_ar`, `_std`). It measures run-to-run timing noise, not the
+uncertainty from which prompts were drawn (the intervals above).
+
+Cells whose draft model is the verifier itself (rows' `draft_same_weights`, e.g. draft_model at
+int4 on the int4 verifier: every draft accepted) keep their rows, but their drafter label gets
+" (draft = verifier)": an oracle, not a drafter.
 
 τ_tf (`tau_tf`) is pooled like τ over the teacher-forced decodes (Σ tf_new_tokens / Σ tf_verify_steps);
 rows without one (reference verifier, baselines, runs without teacher forcing) leave it NaN.
@@ -36,12 +51,19 @@ import numpy as np
 import pandas as pd
 
 B, SEED = 2000, 0
-MIN_CI_N = 10  # prompts: fewer get the range of per-prompt values, never a "95 % interval"
+# Prompts: fewer get the range of per-prompt values, never a "95 % interval". Why 10: for a mean,
+# the percentile bootstrap behaves like mean ± 1.96·s·sqrt((n-1)/n)/sqrt(n), whose coverage with
+# normal per-prompt values is P(|t_(n-1)| <= 1.96·sqrt((n-1)/n)): 75 % at n = 3, 85 % at 5, 90 %
+# at 10, 93 % at 20 (its width is 0.37, 0.63, 0.82, 0.91 of the exact t interval's). Below 10 the
+# label "95 %" would overstate it badly; from 10 on it is within ~5 points (and tightens with n).
+MIN_CI_N = 10
 MIN_EXACT_MATCH = 0.5  # the default of conf/config.yaml's min_exact_match
 METRICS = ["tau", "tau_tf", "alpha", "kl_mean", "kl_p95", "top1_agree", "ref_exact_match", "tokens_per_s", "throughput",
            "speedup_vs_ar", "speedup_vs_ref_ar"]
 SUMS = ["new_tokens", "verify_steps", "accepted", "drafted", "decode_s", "throughput_share_s", "tf_new_tokens",
         "tf_verify_steps"]
+ORACLE = " (draft = verifier)"  # drafter label suffix of cells whose rows say draft_same_weights
+SB = ["sb_tokens_per_s", "sb_speedup_vs_ar", "sb_speedup_vs_ref_ar"]  # Spec-Bench's mean ± std over repeats
 MEANS = ["kl_mean", "kl_p95", "top1_agree"]
 RATIOS = {"tau": ("new_tokens", "verify_steps"), "tau_tf": ("tf_new_tokens", "tf_verify_steps"), "alpha": ("accepted", "drafted"),
           "tokens_per_s": ("new_tokens", "decode_s"), "throughput": ("new_tokens", "throughput_share_s")}
@@ -114,9 +136,12 @@ def _per_prompt(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         d[c] = pd.to_numeric(d[c], errors="coerce") if c in d else np.nan
     em = d["ref_exact_match"] if "ref_exact_match" in d else pd.Series(np.nan, index=d.index)
     d["ref_exact_match"] = em.map(lambda x: np.nan if x is None or x != x else float(bool(x)))
+    d["repeat"] = pd.to_numeric(d["repeat"], errors="coerce").fillna(0).astype(int) if "repeat" in d else 0
     agg = {c: "sum" for c in SUMS} | {c: "mean" for c in MEANS} | {"ref_exact_match": "min"}
     g = d.groupby(keys + ["category", "prompt_id"], dropna=False, sort=False)
     out = g.agg(agg)
+    d["_timing"] = list(zip(d["repeat"], d["new_tokens"], d["decode_s"]))
+    out["by_repeat"] = g["_timing"].agg(lambda s: _by_repeat(list(s)))
     if "accepted_per_position" in d:
         out["curve"] = g["accepted_per_position"].agg(lambda s: _curve(list(s)))
     else:
@@ -127,12 +152,40 @@ def _per_prompt(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return out.reset_index()
 
 
+def _by_repeat(timings) -> dict:
+    """One prompt's (repeat, new_tokens, decode_s) per row -> {repeat: its tokens/s in that repeat
+    (Σ tokens / Σ decode_s over its turns)}."""
+    sums: dict[int, list[float]] = {}
+    for r, t, sec in timings:
+        acc = sums.setdefault(int(r), [0.0, 0.0])
+        acc[0] += float(t)
+        acc[1] += float(sec)
+    return {r: float(_ratio(t, sec)) for r, (t, sec) in sorted(sums.items())}
+
+
+def repeat_means(pp: pd.DataFrame) -> dict[int, float]:
+    """{repeat: mean over the group's prompts of their tokens/s}, for the repeats every prompt has."""
+    per = list(pp["by_repeat"])
+    common = set.intersection(*(set(r) for r in per)) if per else set()
+    return {r: float(np.mean([p[r] for p in per])) for r in sorted(common)}
+
+
+def _mean_std(values) -> tuple[float, float]:
+    v = np.asarray(list(values), float)
+    if len(v) == 0:
+        return np.nan, np.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) >= 2 else np.nan
+
+
 def _stats(pp: pd.DataFrame, rng) -> dict:
     """Point estimates and bootstrap CIs of one group's per-prompt table."""
     n = len(pp)
     kind = interval_kind(n)
     idx = _boot_idx(n, rng) if kind == "95% CI" else None
     out = {"n_prompts": n, "interval": kind, "accept_curve": _curve(list(pp["curve"]))}
+    means = repeat_means(pp)
+    out["n_repeats"] = len(means)
+    out["sb_tokens_per_s"], out["sb_tokens_per_s_std"] = _mean_std(means.values())
     for m, (a, b) in RATIOS.items():
         num, den = pp[a].to_numpy(float), pp[b].to_numpy(float)
         out[m] = float(_ratio(num.sum(), den.sum()))
@@ -208,6 +261,11 @@ def summarize(df: pd.DataFrame, min_exact_match: float = MIN_EXACT_MATCH) -> pd.
     if "context_id" in df and df["context_id"].nunique(dropna=False) > 1:
         keys.append("context_id")
     df = separate_cells(df, keys)
+    if "draft_same_weights" in df:  # a draft model that is the verifier itself: an oracle, labelled as one
+        same = df["draft_same_weights"].eq(True)
+        if same.any():
+            df = df.copy()
+            df.loc[same, "drafter"] = df.loc[same, "drafter"].astype(str) + ORACLE
     baseline_drafters = set(df.loc[is_baseline(df), "drafter"])
     pp = _per_prompt(df, keys)
     groups = []
@@ -226,10 +284,15 @@ def summarize(df: pd.DataFrame, min_exact_match: float = MIN_EXACT_MATCH) -> pd.
             if base:
                 rec[col], rec[col + "_lo"], rec[col + "_hi"] = _speedup(
                     rec["_pp"], base[0]["_pp"], np.random.default_rng(SEED))
+                run, ref_run = repeat_means(rec["_pp"]), repeat_means(base[0]["_pp"])
+                rec["sb_" + col], rec["sb_" + col + "_std"] = _mean_std(
+                    run[r] / ref_run[r] for r in sorted(set(run) & set(ref_run)))
             else:
                 rec[col] = rec[col + "_lo"] = rec[col + "_hi"] = np.nan
+                rec["sb_" + col] = rec["sb_" + col + "_std"] = np.nan
     cols = keys + ["category", "n_prompts", "interval"]
-    cols += [c for m in METRICS for c in (m, m + "_lo", m + "_hi")] + ["accept_curve"]
+    cols += [c for m in METRICS for c in (m, m + "_lo", m + "_hi")]
+    cols += ["n_repeats"] + [c for m in SB for c in (m, m + "_std")] + ["accept_curve"]
     out = pd.DataFrame([{k: v for k, v in r.items() if k != "_pp"} for r in groups], columns=cols)
     if out.empty:
         return out
@@ -264,7 +327,7 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
     cols += [("τ", "tau", ".2f")] + ([("τ_tf", "tau_tf", ".2f")] if "tau_tf" in s and s["tau_tf"].notna().any() else [])
     cols += [("α", "alpha", ".2f"), ("KL", "kl_mean", ".4f"),
              ("top-1", "top1_agree", ".3f"), ("exact", "ref_exact_match", ".2f"),
-             ("tok/s", "tokens_per_s", ".1f")]
+             ("tok/s", "tokens_per_s", ".1f"), ("SB tok/s", "sb_tokens_per_s", "±")]
     if "batch_size" in s:  # batches: the per-sequence rate and the batch's throughput differ
         cols += [("batch tok/s", "throughput", ".1f")]
     cols += [("speedup", "speedup_vs_ar", ".2f"),
@@ -283,6 +346,9 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
             marked |= bool(mark)
             if spec is None:
                 line.append(str(r[c]))
+            elif spec == "±":  # Spec-Bench's mean ± std over repeats (std needs two)
+                line.append(_fmt(r.get(c, np.nan), ".1f") + ("±" + _fmt(r[c + "_std"], ".1f")
+                                                             if np.isfinite(r.get(c + "_std", np.nan)) else ""))
             elif c in ci and np.isfinite(r.get(c + "_lo", np.nan)):
                 ci_row = r.get("interval", "95% CI") == "95% CI"
                 lo, hi = _fmt(r[c + "_lo"], spec), _fmt(r[c + "_hi"], spec)
@@ -301,7 +367,13 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
     if "95% CI" in kinds:
         text.append(f"[a,b]: 95 % bootstrap interval over prompts (n >= {MIN_CI_N})")
     if "range" in kinds:
-        text.append(f"(a–b): smallest and largest per-prompt value (n < {MIN_CI_N}: too few prompts for an interval)")
+        ns = "/".join(map(str, sorted(set(s.loc[s["interval"] == "range", "n_prompts"]))))
+        text.append(f"(a–b): range (n={ns}): smallest and largest per-prompt value, not an interval "
+                    f"(an interval needs n >= {MIN_CI_N} prompts)")
+    if "n_repeats" in s and len(s):
+        reps = "/".join(map(str, sorted(set(s["n_repeats"].fillna(0).astype(int)))))
+        text.append(f"SB tok/s: Spec-Bench's mean ± std over repeats (R={reps}) of the mean per-prompt tok/s: "
+                    "timing noise between repeats, not prompt sampling")
     return "\n".join(text)
 
 

@@ -10,8 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-TINY = ["model=tiny_llama", "dataset.limit=3", "max_new_tokens=6", "progress=false",
-        "matrix.verifiers=[reference]", "matrix.extra=[]"]  # the default matrix, narrowed to the core
+TINY = ["model=tiny_llama", "dataset.limit=3", "max_new_tokens=6", "progress=false", "repeats=1",
+        "matrix.verifiers=[reference]", "matrix.extra=[]"]  # the default matrix, narrowed to the core, timed once
 
 
 def cli(*args, cwd=ROOT):
@@ -96,7 +96,7 @@ def test_shared_spec_bench_runs(tmp_path):
     out = tmp_path / "sb"
     r = cli("model=tiny_qwen3", "dataset=spec_bench", f"dataset.path={path}", "dataset.categories=[translation]",
             "dataset.limit=2", "max_new_tokens=4", "drafter=ngram", "verifier=reference", "progress=false",
-            f"out_dir={out}")
+            "repeats=1", f"out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = pd.read_parquet(out / "rows.parquet")
     assert set(rows.category) == {"translation"} and len(rows) == 2 and set(rows.drafter) == {"ngram"}
@@ -118,17 +118,19 @@ def test_matrix_extra_cells_and_narrowing():
 
 
 def test_layerskip_rows_carry_the_one_searched_layer_set(tmp_path):
-    """mode=search runs once on the reference model; every verifier's rows carry the same layers."""
+    """mode=search runs once on the reference model, for every verifier and every repeat; every
+    verifier's rows carry the same layers."""
     out = tmp_path / "ls"
     drafter = (f"{{name:layerskip,mode:search,cache_dir:'{tmp_path}',"
                "search:{objective:acceptance,candidates:0,prompts:2,gen_tokens:8}}")
     r = cli("model=tiny_llama", "dataset.limit=2", "max_new_tokens=6", "progress=false", "matrix.extra=[]",
-            "matrix.verifiers=[reference,int8]", f"matrix.drafters=[ar,{drafter}]", f"out_dir={out}")
+            "repeats=2", "matrix.verifiers=[reference,int8]", f"matrix.drafters=[ar,{drafter}]", f"out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "prompts: 2 from builtin (multi_turn 1, translation 1)" in r.stdout + r.stderr  # printed before the run
+    assert (r.stdout + r.stderr).count("layerskip: searching a skip set") == 1  # one search, not one per verifier
     rows = pd.read_parquet(out / "rows.parquet")
     ls = rows[rows.drafter == "layerskip"]
-    assert set(ls.verifier) == {"reference", "int8"} and len(ls) == 2 * 3  # 2 prompts, the first 2-turn
+    assert set(ls.verifier) == {"reference", "int8"} and len(ls) == 2 * 3 * 2  # 2 prompts (the first 2-turn), 2 repeats
     layers = {tuple(x) for x in ls.draft_layers}
     assert len(layers) == 1 and len(next(iter(layers))) == 2 and set(ls.draft_layers_source) == {"search:reference"}
     assert rows[rows.drafter == "ar"].draft_layers.isna().all()
@@ -140,7 +142,7 @@ def test_other_settings_in_one_out_dir_are_other_cells_not_pooled(tmp_path):
     as two cells and the summary shows both, never their average."""
     out = tmp_path / "shared"
     base = ["model=tiny_llama", "verifier=reference", "drafter=ngram", "dataset.limit=1", "max_new_tokens=8",
-            "progress=false", f"out_dir={out}"]
+            "progress=false", "repeats=1", f"out_dir={out}"]
     for extra in ([], ["drafter.ngram_max=1"]):
         r = cli(*base, *extra)
         assert r.returncode == 0, r.stderr[-2000:]

@@ -418,8 +418,13 @@ def test_synthetic_accepted_length_follows_truncated_geometric_law(acceptance):
 
 # -- layerskip: one search, on the reference model, for every verifier -----------------------------
 
-def test_layerskip_search_runs_once_on_the_reference_for_every_verifier(tmp_path):
+def test_layerskip_search_runs_once_on_the_reference_for_every_verifier(tmp_path, monkeypatch):
     from quasar_bench.drafters.layerskip import SkipSearch
+
+    searches = []  # the runtime of every search, recorded where it happens (not inferred from the cache files)
+    search_init = SkipSearch.__init__
+    monkeypatch.setattr(SkipSearch, "__init__", lambda self, runtime, *a: searches.append(runtime)
+                        or search_init(self, runtime, *a))
     from quasar_bench.verifiers import build_verifier
 
     rt = tiny_runtime("tiny_llama", seed=2)
@@ -435,6 +440,7 @@ def test_layerskip_search_runs_once_on_the_reference_for_every_verifier(tmp_path
                             "search": {"objective": "acceptance", "target_skip_ratio": 0.5, "candidates": 0,
                                        "prompts": 3, "gen_tokens": 16}})
     made = {name: make_drafter(cfg, v, loaded, tools) for name, v in verifiers.items()}
+    assert searches == [rt]  # once for three verifiers, on the reference model
     assert len(list((tmp_path / "ls" / "layerskip").glob("*.json"))) == 1  # searched once, then cached
     # the independent reference: the same search run by hand on the reference model
     prompts = tools.calibration_prompts(3, 0)
@@ -456,6 +462,24 @@ def test_layerskip_search_runs_once_on_the_reference_for_every_verifier(tmp_path
     assert make_drafter(OmegaConf.create({"name": "early_exit", "k": K, "layers": 2}), rt, loaded,
                         tools).row_fields() == {"draft_layers": [0, 1], "draft_layers_source": "static"}
     assert make_drafter(OmegaConf.create({"name": "ngram", "k": K}), rt, loaded, tools).row_fields() == {}
+
+
+def test_layerskip_warns_when_even_perfect_acceptance_could_not_pay(caplog):
+    """Cost model: k drafts at kept/L of a forward each plus one verify forward; at acceptance 1 a
+    step yields k + 1 tokens, so the best case is (k + 1) / (1 + k·kept/L) of AR. Below 1.2 the cell
+    is degenerate (e.g. 29 of 30 layers kept) and the run says so."""
+    import logging
+
+    rt = tiny_runtime("tiny_llama")
+    assert rt.num_layers == 4
+    for skip, warned in (([], True), ([0], False), ([0, 1], False)):  # best cases 1.00, 1.26, 1.71
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="quasar_bench.drafters.layerskip"):
+            mk({"name": "layerskip", "k": K, "mode": "static", "skip": skip}, rt)
+        best = (K + 1) / (1 + K * (4 - len(skip)) / 4)
+        assert ("keeps" in caplog.text) == warned, (skip, caplog.text)
+        if warned:
+            assert f"keeps {4 - len(skip)} of 4 layers" in caplog.text and f"{best:.2f}x AR" in caplog.text
 
 
 def test_draft_model_at_the_verifiers_own_precision_is_labelled(tmp_path):

@@ -23,7 +23,7 @@ from quasar_bench.errors import QuasarError
 from quasar_bench.store import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny_llama", "dataset.limit=2", "max_new_tokens=4", "progress=false",
+TINY = ["model=tiny_llama", "dataset.limit=2", "max_new_tokens=4", "progress=false", "repeats=1",
         "matrix.verifiers=[reference]", "matrix.extra=[]"]
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: refused at once, never the internet
 
@@ -223,7 +223,8 @@ def test_dataset_fetched_once_then_cached(cache, monkeypatch):
 # -- the real CLI killed at random moments, then resumed ------------------------------------------
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     # long enough (~20-30 s) that the kills land in a live run even on an idle machine
-    args = ["model=tiny_llama", "dataset.limit=8", "max_new_tokens=64", "progress=false",
+    # two interleaved repeats: resume must fill in (cell, prompt, turn, repeat) rows, none twice
+    args = ["model=tiny_llama", "dataset.limit=8", "max_new_tokens=32", "progress=false", "repeats=2",
             "matrix.verifiers=[reference]", "matrix.extra=[]"]
     env = env_for(tmp_path, OMP_NUM_THREADS="1")  # two processes share the cores: one thread each
     ref_dir, kill_dir = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -263,14 +264,14 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     assert ref.returncode == 0, ref_err[-2000:]
     info = f"seed {seed}, kills (s after start, row files, finished early) {kills}"
     assert sum(not k[2] for k in kills) >= 2, info  # at least 2 of the 3 kills hit a live run
-    key = ["cell_id", "prompt_id", "turn"]
+    key = ["cell_id", "prompt_id", "turn", "repeat"]
     a = pd.read_parquet(ref_dir / "rows.parquet").sort_values(key).reset_index(drop=True)
     b = pd.read_parquet(kill_dir / "rows.parquet").sort_values(key).reset_index(drop=True)
     assert not b.duplicated(key).any() and not a.duplicated(key).any(), info
     assert a[key].values.tolist() == b[key].values.tolist(), info  # same keys: none missing, none extra
     from quasar_bench.data import load_prompts
 
-    assert len(a) == 2 * sum(len(p.turns) for p in load_prompts("builtin", limit=8))  # x 2 drafters
+    assert len(a) == 2 * 2 * sum(len(p.turns) for p in load_prompts("builtin", limit=8))  # x 2 drafters x 2 repeats
     assert [list(x) for x in a.output_ids] == [list(x) for x in b.output_ids], info  # greedy: identical
     assert len(ResultStore(kill_dir).load()) == len(b)
     print(f"kill test: {time.monotonic() - t_start:.0f} s; {info}")  # ~60 s on 2 idle cores
@@ -338,7 +339,7 @@ def test_cells_the_model_cannot_run_fail_before_the_wait_or_are_skipped(tmp_path
     verifier included, KL 0 against itself) and the skipped cells are listed at the end."""
     args = ["model=tiny_llama", "model.runtime=hf", "matrix.verifiers=[reference,int8]",
             "matrix.drafters=[ar,layerskip]", "matrix.extra=[]", "max_new_tokens=4", "dataset.limit=1",
-            f"out_dir={tmp_path / 'out'}", "progress=false"]
+            f"out_dir={tmp_path / 'out'}", "progress=false", "repeats=1"]
     line = one_line(cli(tmp_path, *args))
     assert "3 of 4 cells cannot run on model tiny_llama" in line and "int8/ar: needs the native runtime" in line
     assert "reference/layerskip:" in line and "skip_unsupported=true" in line

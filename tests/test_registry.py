@@ -140,7 +140,7 @@ def test_outside_drafter_is_lossless_and_runs_through_the_cli(plugins, tmp_path)
     env = {**os.environ, "PYTHONPATH": f"{plugins}{os.pathsep}{ROOT}", "QUASAR_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "quasar_bench", "model=tiny_llama", "verifier=reference",
                         "matrix.drafters=[ar,{name:echo,module:toy_drafter_mod,k:3}]", "dataset.limit=1",
-                        "max_new_tokens=8", f"out_dir={out}", "progress=false"],
+                        "max_new_tokens=8", f"out_dir={out}", "progress=false", "repeats=1"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = pd.read_parquet(out / "rows.parquet")

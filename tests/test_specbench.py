@@ -32,7 +32,7 @@ def run(tmp_path_factory):
         cfg = compose("config", overrides=["model=tiny_llama", "dataset.limit=2", "max_new_tokens=6",
                                            "progress=false", "matrix.verifiers=[reference]", "matrix.extra=[]",
                                            "matrix.drafters=[ar,ngram]", "batch_size=[1,2]", f"out_dir={out}",
-                                           "experiment_name=t"])
+                                           "repeats=1", "experiment_name=t"])
     Experiment(cfg).run()
     rows = pd.concat([pd.read_parquet(f) for f in sorted(out.glob("rows-*.parquet"))], ignore_index=True)
     return out, rows

@@ -51,11 +51,11 @@ def test_resume_skips_done_rows(tmp_path):
     st.close()  # a run's cell locks are held until close() (or exit): the next run may write c1
     st2 = ResultStore(root).open({"identity": IDENT})  # a resumed run
     assert len(st2.manifest()["sessions"]) == 1  # not logged before it locks a cell
-    assert st2.done_keys("c1") == {("p0", 0), ("p0", 1), ("p1", 0)}
+    assert st2.done_keys("c1") == {("p0", 0, 0), ("p0", 1, 0), ("p1", 0, 0)}  # (prompt, turn, repeat)
     assert st2.done_keys("c2") == set()
     with pytest.raises(RuntimeError, match="twice"):
         st2.append([row("c1", "p1", 0)])
-    todo = [(p, t) for p in ("p0", "p1", "p2") for t in (0, 1) if (p, t) not in st2.done_keys("c1")]
+    todo = [(p, t) for p in ("p0", "p1", "p2") for t in (0, 1) if (p, t, 0) not in st2.done_keys("c1")]
     assert todo == [("p1", 1), ("p2", 0), ("p2", 1)]
     st2.append([row("c1", "p2", 0)])
     assert len(st2.manifest()["sessions"]) == 2  # the resumed run, logged once it wrote
@@ -112,7 +112,7 @@ WRITER = textwrap.dedent("""
     for cell in ("c1", "c2"):
         done = st.done_keys(cell)
         for i in range(n):
-            if (str(i), 0) in done:
+            if (str(i), 0, 0) in done:
                 continue
             rows = [{"cell_id": cell, "prompt_id": str(i), "turn": t, "value": i * 10 + t,
                      "output_text": "x" * 200_000} for t in (0, 1)]

@@ -189,7 +189,7 @@ def test_truncated_rows_file_moved_aside_and_rerun(tmp_path, caplog):
     caplog.set_level(logging.WARNING, "quasar_bench.store")
     st = ResultStore(root).open({"identity": IDENT})
     done = st.done_keys("c1")
-    assert len(done) == 4 and not lost & done  # its rows count as not done
+    assert len(done) == 4 and not lost & {(p, t) for p, t, _ in done}  # its rows count as not done
     assert f.name in caplog.text and "re-run" in caplog.text and "damaged" in caplog.text
     assert not f.exists() and (root / "damaged" / f.name).read_bytes() == data[: len(data) // 2]
     st.append([row("c1", p, t) for p, t in sorted(lost)])  # the engine re-runs them
@@ -225,7 +225,7 @@ def test_missing_manifest_with_rows_names_the_fix_and_repair_rebuilds_it(tmp_pat
     m = json.loads((root / "manifest.json").read_text())
     assert m["rebuilt"] is True and m["identity"] == IDENT
     with ResultStore(root).open({"identity": IDENT}) as st:
-        assert st.done_keys("c1") == {(f"p{i}", t) for i in range(3) for t in (1, 2)}
+        assert st.done_keys("c1") == {(f"p{i}", t, 0) for i in range(3) for t in (1, 2)}
     with pytest.raises(QuasarError, match="different configuration"):
         ResultStore(root).open({"identity": {**IDENT, "seed": 1}})
 
@@ -363,7 +363,7 @@ WRITER = textwrap.dedent("""
             st.record_cell(cell, {"cell": cell})
             done = st.done_keys(cell)
             for i in range(n):
-                if (str(i), 1) in done:
+                if (str(i), 1, 0) in done:
                     continue
                 time.sleep(random.uniform(0, 0.01))
                 st.append([{"cell_id": cell, "prompt_id": str(i), "turn": t, "value": i * 10 + t,

@@ -156,7 +156,8 @@ def test_format_table_and_save(tmp_path):
     s = summarize(synthetic_rows())
     text = format_table(s, categories=["all"])
     lines = text.splitlines()
-    assert len(lines) == 2 + 12 + 1 and lines[-1].startswith("[a,b]: 95 % bootstrap")  # n = 12: intervals
+    assert len(lines) == 2 + 12 + 2 and lines[-2].startswith("[a,b]: 95 % bootstrap")  # n = 12: intervals
+    assert lines[-1].startswith("SB tok/s: Spec-Bench's mean ± std over repeats (R=1)")  # rows without repeats
     assert all(h in lines[0] for h in ("τ", "α", "KL", "top-1", "exact", "tok/s", "speedup"))
     ls = s[(s.drafter == "layerskip") & (s.verifier == "int4") & (s.category == "all")].iloc[0]
     assert f"{ls.tau:.2f} [{ls.tau_lo:.2f},{ls.tau_hi:.2f}]" in text
@@ -203,7 +204,8 @@ def test_few_prompts_get_the_per_prompt_range_not_an_interval():
     assert (r.tokens_per_s_lo, r.tokens_per_s_hi) == pytest.approx((12.0, 20.0))  # 12, 15, 20
     assert (r.speedup_vs_ar_lo, r.speedup_vs_ar_hi) == pytest.approx((2.0, 2.0))  # paired, each prompt 2x
     text = format_table(s, categories=["qa"])
-    assert f"{r.tau:.2f} (2.00–5.00)" in text and "(a–b): smallest and largest" in text and "[a,b]" not in text
+    assert f"{r.tau:.2f} (2.00–5.00)" in text and "(a–b): range (n=3)" in text and "[a,b]" not in text
+    assert "95 %" not in text
     many = summarize(pd.DataFrame([tiny(prompt_id=str(i), new_tokens=10 + i, verify_steps=5, accepted=1,
                                         drafted=4, decode_s=1.0) for i in range(MIN_CI_N)]))
     assert (many.interval == "95% CI").all()
@@ -241,3 +243,81 @@ def test_tau_tf_pooled_and_speedups_of_diverged_text_marked():
     assert ar_line.count("*") == 1  # vs the reference's AR; its speedup over itself (1.00) is not marked
     assert "*: exact match with the reference below 0.6 of prompts" in text
     assert "τ_tf" in text.splitlines()[0] and f"{(12 + 24) / (8 + 12):.2f}" in line
+
+
+def test_spec_bench_mean_and_std_over_repeats_beside_prompt_intervals():
+    """Repeats never count as prompts; Spec-Bench's statistic (per repeat the mean of per-prompt
+    tok/s, then mean and sample std over repeats) is computed here by hand. A repeat that not every
+    prompt completed (a partial run) is left out of it."""
+    import statistics
+
+    rng = np.random.default_rng(1)
+    rows, rates = [], {}
+    for d, speed in (("ar", 10.0), ("ngram", 25.0)):
+        for i in range(4):
+            for r in range(3 if not (d == "ngram" and i == 3) else 4):  # ngram prompt 3 has a 4th repeat
+                for turn in (1, 2):
+                    tok = int(rng.integers(8, 40))
+                    sec = tok / (speed * rng.uniform(0.7, 1.3))
+                    rows.append(tiny(drafter=d, k=5 if d == "ngram" else 0, cell_id=d, prompt_id=f"p{i}", turn=turn,
+                                     repeat=r, new_tokens=tok, verify_steps=tok, accepted=0, drafted=1, decode_s=sec))
+                    acc = rates.setdefault((d, i, r), [0, 0.0])
+                    acc[0] += tok
+                    acc[1] += sec
+    df = pd.DataFrame(rows)
+    s = summarize(df)
+    row = {d: s[(s.drafter == d) & (s.category == "all")].iloc[0] for d in ("ar", "ngram")}
+    per_repeat = {d: [statistics.fmean(rates[(d, i, r)][0] / rates[(d, i, r)][1] for i in range(4))
+                      for r in range(3)] for d in ("ar", "ngram")}
+    for d in ("ar", "ngram"):
+        assert row[d].n_prompts == 4 and row[d].n_repeats == 3 and row[d].interval == "range"
+        assert row[d].sb_tokens_per_s == pytest.approx(statistics.fmean(per_repeat[d]))
+        assert row[d].sb_tokens_per_s_std == pytest.approx(statistics.stdev(per_repeat[d]))
+        sub = df[df.drafter == d]
+        assert row[d].tokens_per_s == pytest.approx(sub.new_tokens.sum() / sub.decode_s.sum())  # ours: pooled
+    ratios = [n / a for n, a in zip(per_repeat["ngram"], per_repeat["ar"])]
+    assert row["ngram"].sb_speedup_vs_ar == pytest.approx(statistics.fmean(ratios))
+    assert row["ngram"].sb_speedup_vs_ar_std == pytest.approx(statistics.stdev(ratios))
+    text = format_table(s, categories=["all"])
+    assert f"{row['ngram'].sb_tokens_per_s:.1f}±{row['ngram'].sb_tokens_per_s_std:.1f}" in text
+    assert "SB tok/s: Spec-Bench's mean ± std over repeats (R=3)" in text
+
+
+@pytest.mark.parametrize("n", [9, 10, 24])
+def test_interval_or_range_by_the_number_of_prompts(n):
+    """Below MIN_CI_N prompts the summary gives the per-prompt range (by hand here) labelled
+    "range (n=…)"; from MIN_CI_N on a 95 % interval, checked against scipy's percentile bootstrap
+    of the same pooled statistic (Σ tokens / Σ seconds over resampled prompts)."""
+    from scipy import stats
+
+    from quasar_bench.summary import MIN_CI_N
+
+    rng = np.random.default_rng(n)
+    tok = rng.integers(10, 60, n).astype(float)
+    sec = tok / rng.uniform(5, 30, n)
+    s = summarize(pd.DataFrame([tiny(prompt_id=f"p{i}", new_tokens=t, verify_steps=t, accepted=0, drafted=1,
+                                     decode_s=d) for i, (t, d) in enumerate(zip(tok, sec))]))
+    r = s[s.category == "all"].iloc[0]
+    text = format_table(s, categories=["all"])
+    if n < MIN_CI_N:
+        assert r.interval == "range" and f"range (n={n})" in text and "95 %" not in text
+        assert (r.tokens_per_s_lo, r.tokens_per_s_hi) == pytest.approx(((tok / sec).min(), (tok / sec).max()))
+        return
+    assert r.interval == "95% CI" and "[a,b]: 95 % bootstrap interval over prompts" in text and "range (" not in text
+    ref = stats.bootstrap((tok, sec), lambda t, d: t.sum() / d.sum(), paired=True, vectorized=False,
+                          n_resamples=20000, method="percentile", rng=np.random.default_rng(99)).confidence_interval
+    width = ref.high - ref.low
+    assert abs(r.tokens_per_s_lo - ref.low) < 0.1 * width and abs(r.tokens_per_s_hi - ref.high) < 0.1 * width
+    assert r.tokens_per_s_hi - r.tokens_per_s_lo < 0.8 * ((tok / sec).max() - (tok / sec).min())  # not the range
+
+
+def test_a_draft_model_that_is_the_verifier_is_labelled_an_oracle():
+    rows = [tiny(drafter=d, cell_id=f"{d}{v}", verifier=v, prompt_id="a", new_tokens=12, verify_steps=2 if d != "ar" else 12,
+                 accepted=10 if d != "ar" else 0, drafted=10 if d != "ar" else 0, decode_s=1.0, k=0 if d == "ar" else 5,
+                 draft_same_weights=None if d == "ar" else v == "int4")
+            for d in ("ar", "draft_model") for v in ("bf16", "int4")]
+    s = summarize(pd.DataFrame(rows))
+    labels = set(zip(s.drafter, s.verifier))
+    assert labels == {("ar", "bf16"), ("ar", "int4"), ("draft_model", "bf16"), ("draft_model (draft = verifier)", "int4")}
+    oracle = s[s.drafter == "draft_model (draft = verifier)"].iloc[0]
+    assert oracle.speedup_vs_ar == pytest.approx(1.0)  # still measured against its own verifier's AR

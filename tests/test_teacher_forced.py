@@ -99,7 +99,7 @@ def test_teacher_forcing_needs_greedy_decoding(tiny):
 
 
 def test_experiment_rows_carry_tau_tf(tmp_path):
-    """In a run, a drafting cell of a non-reference verifier gets τ_tf from the reference's
+    """In a run, a drafting cell of a non-reference verifier gets τ_tf (in its repeat-0 rows) from the reference's
     continuation (checked against a direct teacher-forced decode of the first turn); the
     reference verifier's and AR's rows leave it empty; teacher_forced=false measures none."""
     from pathlib import Path
@@ -121,6 +121,8 @@ def test_experiment_rows_carry_tau_tf(tmp_path):
     exp.run()
     rows = exp.store.load()
     tf = rows[(rows.verifier == "int4") & (rows.drafter == "ngram")]
+    assert tf.loc[tf.repeat > 0, "tau_tf"].isna().all()  # untimed and deterministic: repeat 0 only
+    tf = tf[tf.repeat == 0]
     assert len(tf) >= 2 and tf.tau_tf.notna().all()
     assert rows[(rows.verifier == "reference") | (rows.drafter == "ar")].tau_tf.isna().all()
     ver = build_verifier(exp.loaded, OmegaConf.create({"name": "int4", "group_size": 32}), None)

@@ -53,7 +53,8 @@ class DraftTools:
     """Services the harness lends to drafters (None where a caller has none to give).
 
     greedy(runtime, prompt_ids, n) -> ids       the runtime's greedy AR continuation (decode.generate)
-    build_verifier(vcfg) -> runtime             the loaded model at another precision (verifiers.py)
+    build_verifier(vcfg) -> runtime             the loaded model at another precision (verifiers.py; the
+                                                harness builds each configuration once and shares it)
     calibration_prompts(n) -> list[list[int]]   n encoded prompts disjoint from evaluation data
     reference_runtime                           the reference verifier's runtime (the loaded model):
                                                 what a drafter fits once (layerskip's search) is fitted

@@ -90,7 +90,8 @@ class DraftModel(Drafter):
     def cheaper_verifier(self, cfg, precision):
         vcfg = OmegaConf.create({"name": precision, **(OmegaConf.to_container(OmegaConf.create(cfg.verifier))
                                                       if cfg.get("verifier") else {})})
-        # The harness's build_verifier returns a new runtime; the verifier itself is untouched.
+        # The harness's build_verifier returns a runtime of its own (shared by the run's draft
+        # models of that precision, never the verifier's); the verifier itself is untouched.
         return self.tools.need("build_verifier", self.name)(vcfg)
 
     def start(self, prompt_ids, reference=None):

@@ -16,7 +16,7 @@ The search runs once, on the reference verifier's runtime when the harness lends
 verifier's numbers are not mixed with a search of its own; a pruned verifier gets the same set
 mapped through the layers it kept (`kept_layers`). Without a reference (direct API use), or when
 a verifier's layers cannot be mapped to the reference's, the search runs on the verifier itself. Objective `speed` maximises the expected tokens
-per unit cost E[tau](a) / (1 + k * kept/L), E[tau](a) = (1 - a^(k+1)) / (1 - a) (one verify forward
+per unit cost E[tau](a) / (1 + k * kept/L) (`predicted_speed`), E[tau](a) = (1 - a^(k+1)) / (1 - a) (one verify forward
 costs 1, a draft forward kept/L; 1.0 = AR), over the non-empty sets on the greedy path (skipping
 nothing is not self-speculation; a warning says when even the best is predicted slower than AR);
 objective `acceptance` maximises `a` at `target_skip_ratio`.
@@ -26,6 +26,8 @@ by their single-layer score (0 = all). The result is cached as json under
 the searched weights (the reference's: one entry for all verifiers), a hash of the calibration
 prompt ids, `cache_key` and the search settings. Rows carry the layers drafted with, in the loaded
 model's numbering, and where they came from (`row_fields`: draft_layers, draft_layers_source).
+A skip set that could not pay even if every draft were accepted (predicted speed at a = 1 below
+USEFUL_BEST_SPEED, e.g. 29 of 30 layers kept) is logged as a warning when the drafter is built.
 """
 from __future__ import annotations
 
@@ -46,6 +48,18 @@ log = logging.getLogger(__name__)
 def expected_tau(a: float, k: int) -> float:
     """Expected tokens per verify step with k drafts each accepted independently with probability a."""
     return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def predicted_speed(a: float, k: int, kept_share: float) -> float:
+    """Tokens per unit cost relative to AR (1.0 = AR): one verify forward costs 1, each of the k
+    draft forwards `kept_share` of it. Optimistic: a verify forward over k + 1 tokens is taken to
+    cost what a 1-token forward does (memory-bound decoding)."""
+    return expected_tau(a, k) / (1.0 + k * kept_share)
+
+
+# Below this predicted speed at perfect acceptance (every draft accepted) a skip set cannot pay:
+# real acceptance is lower and a wider verify forward costs more than 1.
+USEFUL_BEST_SPEED = 1.2
 
 
 class SkipSearch:
@@ -81,7 +95,7 @@ class SkipSearch:
         return agree / total
 
     def speed(self, a: float, n_skip: int) -> float:
-        return expected_tau(a, self.k) / (1.0 + self.k * (self.L - n_skip) / self.L)
+        return predicted_speed(a, self.k, (self.L - n_skip) / self.L)
 
     def run(self, objective: str, target_ratio: float, max_ratio: float, candidates: int) -> dict:
         L = self.L
@@ -126,6 +140,12 @@ class LayerSkip(Drafter):
         if getattr(runtime, "is_native", False) is False:
             raise QuasarError(f"the {self.name} drafter runs a subset of layers, which needs the native "
                               "runtime (llama/qwen2/qwen3/mistral); use model.runtime=native or another drafter")
+        best = predicted_speed(1.0, self.k, len(self.kept) / runtime.num_layers)
+        if best < USEFUL_BEST_SPEED:  # a degenerate cell: say so where the run is read
+            log.warning("layerskip keeps %d of %d layers: even accepting every draft it would reach %.2fx AR "
+                        "(k=%d drafts at %d/%d of a forward each); it drafts at nearly the verifier's cost. "
+                        "Skip more layers (README: minimum useful layerskip settings)", len(self.kept),
+                        runtime.num_layers, best, self.k, len(self.kept), runtime.num_layers)
 
     # -- which layers --------------------------------------------------------------------------
     def choose_layers(self, cfg) -> list[int]:
