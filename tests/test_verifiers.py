@@ -2,6 +2,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ckpt_writers import write_gptq
+
 from quasar_bench.decode import generate
 from quasar_bench.drafters import make_drafter
 from quasar_bench.errors import QuasarError
@@ -64,9 +66,12 @@ def test_identity_verifier_kl_zero_and_int4_kl_positive(tiny, tmp_path):
 
 def test_every_precision_builds_without_touching_the_loaded_model(tiny, tmp_path):
     before = snapshot(tiny.runtime)
-    kinds = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}
+    kinds = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear, "checkpoint": Int4Linear}
+    # "checkpoint" reads a GPTQ checkpoint of the same shapes (its own tests: tests/test_checkpoints.py)
+    write_gptq(tmp_path / "gptq", random_hf_model(TINY_CONFIGS["tiny_llama"], 1000, torch.float32, "cpu", 5), 32)
     for name in verifier_names():
         extra = {"calibration": CALIB} if name in ("w8a8", "pruned") else {}
+        extra = {"path": str(tmp_path / "gptq")} if name == "checkpoint" else extra
         rt = build_verifier(tiny, cfg(name, **extra), tmp_path)
         assert rt is not tiny.runtime
         rt.reset(32)
