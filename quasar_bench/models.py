@@ -49,6 +49,9 @@ class LoadedModel:
     # The transformers model the runtime was built from (its weights are the runtime's own tensors,
     # not a copy): calibration generates its continuations with it, batched.
     hf_model: object = None
+    # model.path when it was a quantized checkpoint (loaded from model.reference_path instead):
+    # verifier=checkpoint reads its weights from here.
+    checkpoint_path: Path | None = None
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -154,6 +157,35 @@ def _group_names() -> set[str]:
     return {str(OmegaConf.load(p).get("name")) for p in (CONF_DIR / "model").glob("*.yaml")}
 
 
+def reference_for(path, reference_path) -> tuple[str, Path | None]:
+    """(what to load as the model, the quantized checkpoint or None). A quantized model.path
+    (GPTQ, compressed-tensors: checkpoints.py) is read by verifier=checkpoint, while the model
+    loaded -- the reference every verifier is measured against -- is model.reference_path's."""
+    from .checkpoints import check_supported, describe, quantization_config
+
+    local = Path(os.path.expanduser(str(path)))
+    q = quantization_config(local) if local.is_dir() else None
+    if q is None:
+        if reference_path is not None:
+            raise QuasarError(f"model.reference_path={reference_path} is given but model.path={path} is not a "
+                              "quantized checkpoint; drop model.reference_path (it names the full-precision "
+                              "model of a quantized model.path)")
+        return path, None
+    if reference_path is None:
+        raise QuasarError(f"model.path={path} is a {describe(q)} checkpoint; the harness measures it against "
+                          "the full-precision model it was quantized from: pass model.reference_path=<that "
+                          "folder> and verifier=checkpoint")
+    check_supported(q, local)
+    ref = Path(os.path.expanduser(str(reference_path)))
+    if not ref.is_dir():
+        raise QuasarError(f"model.reference_path={reference_path} is not a folder; pass the full-precision "
+                          "model's local folder")
+    if quantization_config(ref) is not None:
+        raise QuasarError(f"model.reference_path={reference_path} is itself quantized; pass the full-precision "
+                          "model")
+    return str(ref), local.resolve()
+
+
 def load_model(cfg) -> LoadedModel:
     """cfg: the `model` config node (name, path, weights, device, dtype, runtime, max_seq_len, cache_dir)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,10 +210,13 @@ def load_model(cfg) -> LoadedModel:
             if name != "smollm2":
                 raise QuasarError(f"model {name} needs model.path=<hub id or local folder>")
             path = smollm2_folder(cache)
+        path, checkpoint = reference_for(path, cfg.get("reference_path"))
         local = Path(os.path.expanduser(str(path)))
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            # device_map: the weights are read from the files straight onto the device (a 16 GB
+            # model never passes through host RAM on its way to the GPU).
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device)).eval()
         except (OSError, ValueError) as e:
             where = "folder" if local.exists() else "hub id (no hub reachable offline?)"
             raise QuasarError(f"cannot load model {path} as a {where}: {str(e).splitlines()[0][:160]}; "
@@ -201,4 +236,5 @@ def load_model(cfg) -> LoadedModel:
                       *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
     chat = bool(cfg.get("chat", True)) and getattr(tokenizer, "chat_template", None) is not None
     return LoadedModel(name=model_label(cfg, hf), runtime=runtime, tokenizer=tokenizer, eos_ids=eos_ids, chat=chat,
-                       enable_thinking=bool(cfg.get("enable_thinking", False)), hf_model=hf)
+                       enable_thinking=bool(cfg.get("enable_thinking", False)), hf_model=hf,
+                       checkpoint_path=checkpoint if weights != "random" else None)

@@ -243,7 +243,7 @@ class Experiment:
                 bad_d[cell_hash(d)] = str(e)
         skipped, plan = [], []
         for v, ds in self.plan:
-            v_reason = precision(v.name).unsupported(self.loaded)
+            v_reason = precision(v.name).unsupported(self.loaded, v)
             keep = []
             for d in ds:
                 reason = v_reason or bad_d.get(cell_hash(d))

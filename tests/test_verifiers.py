@@ -5,6 +5,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ckpt_writers import write_gptq
+
 from quasar_bench.decode import generate
 from quasar_bench.drafters import make_drafter
 from quasar_bench.errors import QuasarError
@@ -109,8 +111,12 @@ def test_every_precision_computes_its_definition(tmp_path):
               "int8": (cfg("int8"), quantized_linears(np_int8)),
               "int4": (cfg("int4", group_size=32), quantized_linears(lambda w: np_int4(w, 32))),
               "pruned": (cfg("pruned", criterion="last"), without_last_layer)}
+    # "checkpoint" reads a GPTQ checkpoint of this model (its own tests: tests/test_checkpoints.py)
+    write_gptq(tmp_path / "gptq", hf, 32)
     for name in verifier_names():
-        vc = expect[name][0] if name in expect else cfg(name, **({"calibration": CALIB} if name in ("w8a8", "pruned") else {}))
+        extra = {"calibration": CALIB} if name in ("w8a8", "pruned") else {}
+        extra = {"path": str(tmp_path / "gptq")} if name == "checkpoint" else extra
+        vc = expect[name][0] if name in expect else cfg(name, **extra)
         rt = build_verifier(loaded, vc, tmp_path)
         assert rt is not loaded.runtime
         rt.reset(32)
@@ -120,8 +126,8 @@ def test_every_precision_computes_its_definition(tmp_path):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
             if expect[name][1] is not unchanged:  # the check can tell the precision from fp32
                 assert (want - fp32).abs().max() > 1e-2, name
-        if name in ("int8", "w8a8", "int4"):
-            kind = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}[name]
+        if name in ("int8", "w8a8", "int4", "checkpoint"):
+            kind = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear, "checkpoint": Int4Linear}[name]
             assert all(type(rt.layers[i].mlp.down_proj) is kind for i in range(4))
             assert type(rt.lm_head) is Linear  # the LM head stays in high precision
         if name in ("bf16", "fp16"):

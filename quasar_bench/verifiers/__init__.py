@@ -49,13 +49,16 @@ class Precision:
     cached: bool = False  # save the built state and reload it next time
     is_reference: bool = False  # the precision fidelity is measured against
     generic: bool = False  # also runs on the generic transformers runtime (else: native runtime only)
+    check: Callable | None = None  # (loaded, vcfg) -> why it cannot be built (its inputs), or None
 
-    def unsupported(self, loaded) -> str | None:
+    def unsupported(self, loaded, vcfg=None) -> str | None:
         """Why this precision cannot be built on `loaded` (checked before any long work), or None."""
-        if self.generic or getattr(loaded.runtime, "is_native", False):
-            return None
-        return ("needs the native runtime (llama/qwen2/qwen3/mistral); this model runs on the generic "
-                "transformers path")
+        if not (self.generic or getattr(loaded.runtime, "is_native", False)):
+            return ("needs the native runtime (llama/qwen2/qwen3/mistral); this model runs on the generic "
+                    "transformers path")
+        if self.check is not None and vcfg is not None:
+            return self.check(loaded, vcfg)
+        return None
 
 
 def _registry() -> dict[str, Precision]:
