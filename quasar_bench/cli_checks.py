@@ -132,8 +132,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def needs_hub(model) -> bool:
     if model is None or model.get("weights", "pretrained") == "random":
         return False
+    from .config import is_local_path
+
     path = model.get("path")
-    return isinstance(path, str) and path != "???" and not Path(os.path.expanduser(path)).exists()
+    return isinstance(path, str) and path != "???" and not is_local_path(path)
 
 
 def check_hub(cfg) -> None:

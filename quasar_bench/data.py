@@ -5,6 +5,7 @@ one JSON object a line, `{"question_id": int, "category": str, "turns": [str, ..
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -18,10 +19,28 @@ from quasar_bench.errors import QuasarError, unknown
 from quasar_bench.fileio import atomic_write_bytes, cache_root
 
 DATASETS = ("builtin", "spec_bench", "mt_bench")
-# Public sources, fetched once (dataset.path=null) into <cache>/data/<name>/question.jsonl.
+# Public sources, fetched once (dataset.path=null) into <cache>/data/<name>/question.jsonl: each
+# pinned to a commit of its repository and to the sha256 of the file at that commit, so every
+# machine evaluates the same questions and a changed or damaged download is refused.
+@dataclass(frozen=True)
+class Source:
+    repo: str
+    commit: str
+    path: str
+    sha256: str
+
+    @property
+    def url(self) -> str:
+        return f"https://raw.githubusercontent.com/{self.repo}/{self.commit}/{self.path}"
+
+
 SOURCES = {
-    "spec_bench": "https://raw.githubusercontent.com/hemingkx/Spec-Bench/main/data/spec_bench/question.jsonl",
-    "mt_bench": "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/mt_bench/question.jsonl",
+    "spec_bench": Source("hemingkx/Spec-Bench", "fd2c1cd7d2201ef71db4c5f4e455008f017967bf",
+                         "data/spec_bench/question.jsonl",
+                         "4b6d33e79484f9841c487ee87d1cf6aa8c6066f61d5d482ff09e5a007fafdf04"),
+    "mt_bench": Source("lm-sys/FastChat", "0e6d3e4beaab66f4d3f93db72541a4abab8af28d",
+                       "fastchat/llm_judge/data/mt_bench/question.jsonl",
+                       "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7"),
 }
 FETCH_TIMEOUT_S = 10
 
@@ -107,26 +126,31 @@ def _download(url: str, timeout: float) -> bytes:
         return r.read()
 
 
+def _sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
 def fetch_dataset(name: str) -> Path:
-    """The cached question.jsonl of `name`, fetched once from its public source.
+    """The cached question.jsonl of `name`, fetched once from its pinned source.
 
     Offline (no network, or QUASAR_OFFLINE=1 / HF_HUB_OFFLINE=1): a QuasarError naming dataset.path=.
-    A fetched file is parsed before it is cached, so a bad download is never reused."""
+    Only a file whose sha256 is the pinned one is cached or read back from the cache."""
+    src = SOURCES[name]
     target = data_cache_dir() / name / "question.jsonl"
-    if target.exists():
-        return target
-    url = SOURCES[name]
-    hint = f"set dataset.path=/path/to/question.jsonl (a local copy of {url})"
+    if target.exists() and _sha256(target.read_bytes()) == src.sha256:
+        return target  # a cached file that no longer matches is fetched again
+    hint = f"pass dataset.path=/path/to/question.jsonl (a local copy of {src.url})"
     if os.environ.get("QUASAR_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         raise QuasarError(f"dataset {name!r} is not cached in {target.parent} and offline mode is set; {hint}")
     try:
-        body = _download(url, FETCH_TIMEOUT_S)
+        body = _download(src.url, FETCH_TIMEOUT_S)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise QuasarError(f"cannot fetch dataset {name!r} ({str(reason).splitlines()[0][:120]}; offline?); "
                           f"{hint}") from None
-    text = body.decode("utf-8", errors="replace")
-    _parse_lines(text.splitlines(), url, name, "question_id")  # refuse to cache a bad download
+    if _sha256(body) != src.sha256:
+        raise QuasarError(f"the download of dataset {name!r} from {src.url} has sha256 {_sha256(body)[:12]}…, not the "
+                          f"pinned {src.sha256[:12]}… (a proxy or error page?); nothing cached; {hint}")
     atomic_write_bytes(target, body)
     return target
 

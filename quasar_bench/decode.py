@@ -144,7 +144,14 @@ def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max
     # The cache holds everything but the last token; the last one is fed by the first verify step,
     # so AR makes exactly one verifier forward per generated token (tau = 1).
     max_len = max(map(len, prompts)) + max_new_tokens + k + 1
-    batch.reset(max_len + max(d.cache_room for d in drafters))  # drafters that write past the verify window
+    room = max(d.cache_room for d in drafters)  # drafters that write past the verify window
+    model = batch.model if hasattr(batch, "model") else batch.seq(0)
+    capacity = getattr(model, "max_len", None)  # the native runtime's RoPE table (None: a cache that grows)
+    if capacity is not None and max_len + room > capacity:
+        raise QuasarError(f"the longest prompt ({max(map(len, prompts))} tokens) + max_new_tokens={max_new_tokens} + "
+                          f"k={k} + 1{f' + {room} (drafter)' if room else ''} = {max_len + room} positions exceed "
+                          f"model.max_seq_len={capacity}; lower max_new_tokens= or k=, or raise model.max_seq_len=")
+    batch.reset(max_len + room)
     views = [batch.seq(b) for b in range(batch.size)]
     t0 = timer.now()
     for b, ids in enumerate(prompts):

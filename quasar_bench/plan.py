@@ -15,9 +15,10 @@ import random
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .config import entry_config
+from .config import check_local_paths, entry_config
 from .drafters import drafter_class
 from .errors import QuasarError
+from .schema import check_settings
 from .verifiers import precision
 
 
@@ -95,55 +96,31 @@ def schedule(plan, sizes: list[int], n_repeats: int, seed: int) -> list[tuple[in
 
 def repeats(cfg) -> int:
     """`repeats`: how many times each prompt of each cell is timed (configs without it: once)."""
-    value = cfg.get("repeats", 1)
-    _integer(value, "repeats", 1)
-    return value
-
-
-def _integer(value, key: str, minimum: int | None = None, optional: bool = False):
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise QuasarError(f"{key}={value!r} must be an integer{'' if minimum is None else f' >= {minimum}'}"
-                          f"{' (or null)' if optional else ''}")
-    if minimum is not None and value < minimum:
-        raise QuasarError(f"{key}={value} is impossible: {key} must be an integer >= {minimum}")
-
-
-def _number(value, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise QuasarError(f"{key}={value!r} must be a number")
-    return float(value)
+    return cfg.get("repeats", 1)  # its type and range: schema.RunSettings
 
 
 def batch_sizes(cfg) -> list[int]:
     """`batch_size`: one size, or a list (every cell runs at each, the model loaded once)."""
     value = cfg.get("batch_size", 1)
     sizes = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    for size in sizes:
-        _integer(size, "batch_size", 1)
     if not sizes or len(set(sizes)) != len(sizes):
         raise QuasarError(f"batch_size={value} must name each size once (e.g. batch_size=4 or batch_size=[1,4,16])")
     return sizes
 
 
 def validate(cfg) -> None:
-    """Types and ranges of the run's own settings, one line naming the setting (the command line
-    and direct API use both come through here, before any model is loaded)."""
-    _integer(cfg.max_new_tokens, "max_new_tokens", 1)
-    _integer(cfg.seed, "seed")
-    _integer(cfg.get("k"), "k", 1, optional=True)
+    """Types and ranges of the run's settings (schema.py), then what no single type says, one line
+    naming the setting (the command line and direct API use both come through here, before any
+    model is loaded)."""
+    check_settings(cfg)
     batch_sizes(cfg)
-    repeats(cfg)
-    if _number(cfg.temperature, "temperature") < 0:
-        raise QuasarError(f"temperature={cfg.temperature} is impossible: use 0 (greedy) or > 0")
-    if not 0 < _number(cfg.top_p, "top_p") <= 1:
-        raise QuasarError(f"top_p={cfg.top_p} must lie in (0, 1]")
-    if not 0 <= _number(cfg.get("min_exact_match", 0.5), "min_exact_match") <= 1:
-        raise QuasarError(f"min_exact_match={cfg.min_exact_match} is a share of prompts: it must lie in [0, 1]")
-    ds = cfg.dataset
-    for key in ("limit", "per_category"):
-        _integer(ds.get(key), f"dataset.{key}", 1, optional=True)
+    ds, model = cfg.dataset, cfg.model
     if ds.name == "builtin" and ds.get("path"):
         raise QuasarError(f"dataset.path={ds.path} is not read by the builtin prompt set; pick dataset=spec_bench "
                           "or dataset=mt_bench to read a question.jsonl, or drop dataset.path=")
+    check_local_paths(model)
+    k, room = cfg.get("k"), model.get("max_seq_len")
+    if k is not None and isinstance(room, int) and k + cfg.max_new_tokens + 1 > room:
+        raise QuasarError(f"k={k} + max_new_tokens={cfg.max_new_tokens} + 1 = {k + cfg.max_new_tokens + 1} positions "
+                          f"exceed model.max_seq_len={room} before any prompt token; lower k= or max_new_tokens=, "
+                          "or raise model.max_seq_len=")

@@ -47,7 +47,7 @@ def test_end_to_end_and_resume(tmp_path):
     assert len(pd.read_parquet(out / "rows.parquet")) == 8
 
 
-BAD = {
+BAD = {  # command line -> what the one line must say (the setting, the value, what it must be)
     "unknown model": (["model=nope"], "unknown model 'nope'"),
     "unknown drafter": (["drafter=nope"], "unknown drafter 'nope'"),
     "unknown verifier": (["verifier=nope"], "unknown verifier 'nope'"),
@@ -55,25 +55,67 @@ BAD = {
     "unknown drafter in matrix": (["matrix.drafters=[ar,nope]"], "unknown drafter 'nope'"),
     "missing dataset file": (["dataset=spec_bench", "dataset.path=/nonexistent/q.jsonl"], "/nonexistent/q.jsonl"),
     "dataset without path": (["dataset=mt_bench"], "dataset.path="),
-    "k < 1": (["k=0"], "k must be an integer >= 1"),
-    "k not an integer": (["k=2.5"], "k=2.5 must be an integer"),
-    "max_new_tokens not a number": (["max_new_tokens=abc"], "max_new_tokens='abc' must be an integer"),
-    "max_new_tokens fractional": (["max_new_tokens=2.5"], "max_new_tokens=2.5 must be an integer"),
-    "temperature not a number": (["temperature=abc"], "temperature='abc' must be a number"),
+    "k < 1": (["k=0"], "k=0 must be an integer >= 1 or null"),
+    "k not a number": (["k=abc"], "k='abc' must be an integer >= 1 or null"),
+    "k fractional": (["k=2.5"], "k=2.5 must be an integer >= 1 or null"),
+    "k past the cache": (["k=10000"], "k=10000 + max_new_tokens=6 + 1 = 10007 positions exceed model.max_seq_len=2048"),
+    "max_new_tokens not a number": (["max_new_tokens=abc"], "max_new_tokens='abc' must be an integer >= 1"),
+    "max_new_tokens fractional": (["max_new_tokens=2.5"], "max_new_tokens=2.5 must be an integer >= 1"),
+    "max_new_tokens < 1": (["max_new_tokens=0"], "max_new_tokens=0 must be an integer >= 1"),
+    "max_new_tokens null": (["max_new_tokens=null"], "max_new_tokens=null must be an integer >= 1"),
+    "temperature not a number": (["temperature=abc"], "temperature='abc' must be a number >= 0"),
+    "temperature negative": (["temperature=-0.5"], "temperature=-0.5 must be a number >= 0"),
+    "top_p out of range": (["top_p=1.5"], "top_p=1.5 must be a number > 0 and <= 1"),
+    "batch_size not a number": (["batch_size=x"], "batch_size='x' must be an integer >= 1 or a list, each an integer"),
+    "batch_size list item": (["batch_size=[1,x]"], "batch_size=[1, 'x'] must be an integer >= 1 or a list"),
     "seed fractional": (["seed=1.5"], "seed=1.5 must be an integer"),
+    "switch not a switch": (["fidelity=maybe"], "fidelity='maybe' must be true or false or auto"),
+    "bool not a bool": (["warmup=1"], "warmup=1 must be true or false"),
+    "model setting type": (["model.max_seq_len=abc"], "model.max_seq_len='abc' must be an integer >= 1"),
+    "model enum": (["model.dtype=int3"], "model.dtype='int3' must be one of auto, fp32"),
+    "dataset setting type": (["dataset.limit=2.5"], "dataset.limit=2.5 must be an integer >= 1 or null"),
+    "drafter setting type": (["matrix.drafters=[{name:ngram,ngram_max:2.5}]"],
+                             "drafter.ngram_max=2.5 must be an integer (drafter ngram; its default is 3)"),
+    "verifier setting type": (["matrix.verifiers=[{name:int4,lm_head:1}]"],
+                              "verifier.lm_head=1 must be true or false (verifier int4; its default is false)"),
     "path ignored by builtin": (["dataset.path=/missing.jsonl"], "is not read by the builtin prompt set"),
-    "max_new_tokens < 1": (["max_new_tokens=0"], "max_new_tokens"),
+    "missing model folder": (["model=hf", "model.path=/no/such/model"], "model.path=/no/such/model: no such file"),
+    "missing relative model folder": (["model=hf", "model.path=./no_such_model"], "model.path=./no_such_model: no such"),
+    "missing tokenizer folder": (["model.tokenizer=no/such/tokenizer"], "model.tokenizer=no/such/tokenizer: no such"),
 }
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test: bad input is judged without the network."""
+    import socket
+
+    def refuse(*a, **k):
+        raise AssertionError(f"network access: {a[:2]}")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_one_line_no_results(case, tmp_path):
+def test_bad_input_one_line_no_results(case, tmp_path, monkeypatch, capsys, no_network):
+    """The real entry point, in process: one line on stderr, exit 2, nothing written, no network."""
+    from quasar_bench.__main__ import main
+
     args, needle = BAD[case]
     out = tmp_path / "never"
-    r = cli(*TINY, f"out_dir={out}", *args)
-    assert r.returncode != 0
-    err = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(err) == 1, r.stderr[-2000:]
+    for var in ("QUASAR_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)  # the model-path cases must fail before any probe
+    if case.startswith("dataset without"):
+        monkeypatch.setenv("QUASAR_OFFLINE", "1")  # the dataset fetch is tested with a mock in test_harness
+    monkeypatch.setenv("QUASAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # Hydra's outputs/ folder
+    monkeypatch.setattr(sys, "argv", ["quasar_bench", *TINY, f"out_dir={out}", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1, err
     assert needle in err[0] and err[0].startswith("quasar_bench: error:")
     assert not out.exists()
 

@@ -179,11 +179,22 @@ def cache(tmp_path, monkeypatch):
     return tmp_path, calls
 
 
+SHARED = ROOT.parent / "shared" / "data"  # the published files, read in place (never copied here)
+needs_shared = pytest.mark.skipif(not (SHARED / "mt_bench" / "question.jsonl").exists(),
+                                  reason="shared MT-Bench / Spec-Bench data not present")
+
+
+def test_dataset_sources_are_pinned_to_a_commit_and_a_checksum():
+    for name, src in data.SOURCES.items():
+        assert len(src.commit) == 40 and f"/{src.commit}/" in src.url and "/main/" not in src.url
+        assert len(src.sha256) == 64
+
+
 def test_dataset_fetch_offline_names_dataset_path(cache):
     tmp, calls = cache
     with pytest.raises(QuasarError, match=r"dataset\.path=") as e:
         data.load_prompts("spec_bench")
-    assert "\n" not in str(e.value) and calls == [data.SOURCES["spec_bench"]]
+    assert "\n" not in str(e.value) and calls == [data.SOURCES["spec_bench"].url]
     assert not (tmp / "data" / "spec_bench" / "question.jsonl").exists()
     assert data.FETCH_TIMEOUT_S <= 15
 
@@ -196,28 +207,37 @@ def test_dataset_offline_env_never_fetches(cache, monkeypatch):
     assert calls == []
 
 
-def test_dataset_cached_file_is_used(cache):
+@needs_shared
+def test_dataset_cached_file_is_used_only_while_its_checksum_holds(cache):
     tmp, calls = cache
     f = tmp / "data" / "mt_bench" / "question.jsonl"
     f.parent.mkdir(parents=True)
-    f.write_text('{"question_id": 81, "category": "writing", "turns": ["a", "b"]}\n'
-                 '{"question_id": 82, "category": "math", "turns": ["c", "d"]}\n')
+    f.write_bytes((SHARED / "mt_bench" / "question.jsonl").read_bytes())
     prompts = data.load_prompts("mt_bench", limit=1)
-    assert calls == [] and [(p.prompt_id, p.turns) for p in prompts] == [("81", ["a", "b"])]
+    assert calls == [] and prompts[0].prompt_id == "81" and len(prompts[0].turns) == 2
+    f.write_bytes(f.read_bytes().replace(b"Compose", b"Write", 1))  # a changed cache is not trusted
+    with pytest.raises(QuasarError, match=r"dataset\.path="):
+        data.load_prompts("mt_bench")
+    assert calls == [data.SOURCES["mt_bench"].url]
 
 
-def test_dataset_fetched_once_then_cached(cache, monkeypatch):
+@needs_shared
+def test_dataset_fetched_once_then_cached_and_a_changed_download_refused(cache, monkeypatch):
     tmp, _ = cache
     calls = []
-    body = b'{"question_id": 1, "category": "qa", "turns": ["x"]}\n'
+    body = (SHARED / "spec_bench" / "question.jsonl").read_bytes()
     monkeypatch.setattr(data, "_download", lambda url, timeout: calls.append(url) or body)
-    assert [p.prompt_id for p in data.load_prompts("spec_bench")] == ["1"]
-    assert [p.prompt_id for p in data.load_prompts("spec_bench")] == ["1"]
-    assert len(calls) == 1 and (tmp / "data" / "spec_bench" / "question.jsonl").read_bytes() == body
-    monkeypatch.setattr(data, "_download", lambda url, timeout: b"<html>rate limited</html>\n")
-    with pytest.raises(QuasarError, match="bad JSON"):
+    assert len(data.load_prompts("spec_bench")) == 480
+    assert len(data.load_prompts("spec_bench", limit=2)) == 2
+    assert calls == [data.SOURCES["spec_bench"].url]
+    assert (tmp / "data" / "spec_bench" / "question.jsonl").read_bytes() == body
+    # the same questions with one changed (a moved branch, a proxy's rewrite): refused, not cached
+    changed = (SHARED / "mt_bench" / "question.jsonl").read_bytes().replace(b"Compose", b"Write", 1)
+    monkeypatch.setattr(data, "_download", lambda url, timeout: changed)
+    with pytest.raises(QuasarError, match=r"sha256 .*not the pinned.*dataset\.path=") as e:
         data.load_prompts("mt_bench")
-    assert not (tmp / "data" / "mt_bench" / "question.jsonl").exists()  # a bad download is not cached
+    assert "\n" not in str(e.value)
+    assert not (tmp / "data" / "mt_bench" / "question.jsonl").exists()
 
 
 # -- the real CLI killed at random moments, then resumed ------------------------------------------
