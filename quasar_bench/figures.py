@@ -102,14 +102,30 @@ def _err(s, m):
     return np.where(np.isfinite(e), np.clip(e, 0, None), 0)
 
 
-def _model_note(s, ax):
-    models = sorted(s["model"].unique())
-    if len(models) == 1:
-        ax.set_title(f"{ax.get_title()}\n{models[0]}", fontsize=10)
+def run_caption(df) -> str:
+    """What a per-experiment figure was measured on: `model · device · n prompts, ≤ T new tokens
+    per turn`, from the rows table (a summary table holds no device or token counts: it says so)."""
+    models = ", ".join(map(str, sorted(df["model"].unique()))) if "model" in df else "model not recorded"
+    if "prompt_id" in df:  # rows: prompts counted per dataset (ids repeat across datasets)
+        keys = ["dataset", "prompt_id"] if "dataset" in df else ["prompt_id"]
+        n = len(df[keys].drop_duplicates())
+        device = ", ".join(map(str, sorted(df["device"].dropna().unique()))) if "device" in df else "device not recorded"
+        tokens = f"≤ {int(df['new_tokens'].max())} new tokens per turn" if "new_tokens" in df else ""
+    else:  # a summary table
+        n = int(df.loc[df["category"] == "all", "n_prompts"].max()) if "n_prompts" in df else 0
+        device, tokens = "device and tokens not in a summary table", ""
+    return " · ".join(x for x in (models, device, f"{n} prompts" + (f", {tokens}" if tokens else "")) if x)
+
+
+def _caption(ax, caption: str) -> None:
+    """The figure's title, then what it was measured on (wrapped to the axes' width)."""
+    import textwrap
+
+    ax.set_title(ax.get_title() + "\n" + "\n".join(textwrap.wrap(caption, 90)), fontsize=9)
 
 
 # -- figures -----------------------------------------------------------------------------------
-def plot_speedup_by_category(df, ax=None):
+def plot_speedup_by_category(df, ax=None, caption=None):
     """Grouped bars: speedup over AR at the reference precision, per task category, one bar
     per (drafter, verifier); error bars are 95% bootstrap CIs over prompts."""
     s = _summary(df)
@@ -139,13 +155,13 @@ def plot_speedup_by_category(df, ax=None):
     ref = reference_verifier(_summary(df)) or "reference"
     ax.set_ylabel(f"speedup over AR {ref} (× tokens/s)")
     ax.set_title("Speedup by task category")
-    _model_note(s, ax)
+    _caption(ax, caption or run_caption(df))
     ax.legend(fontsize=7, title="drafter · verifier", title_fontsize=7, loc="upper left",
               bbox_to_anchor=(1.01, 1))
     return ax
 
 
-def plot_tau_vs_precision(df, ax=None):
+def plot_tau_vs_precision(df, ax=None, caption=None):
     """τ (generated tokens per verify step, all categories) against verifier precision."""
     s = _summary(df)
     s = s[(s["category"] == "all") & ~s["baseline"]]
@@ -154,20 +170,21 @@ def plot_tau_vs_precision(df, ax=None):
     order = _vorder(s)
     ax = _ax(ax)
     for (model, d), g in s.groupby(["model", "dlabel"]):
-        g = g.set_index("verifier").reindex([v for v in order if v in set(g["verifier"])])
+        # every precision of the axis, NaN where this drafter did not run: the line breaks there
+        # instead of joining two precisions across one that was not measured
+        g = g.set_index("verifier").reindex(order)
         label = d if s["model"].nunique() == 1 else f"{d} ({model})"
-        ax.errorbar([order.index(v) for v in g.index], g["tau"], yerr=_err(g, "tau"),
-                    marker="o", capsize=3, label=label)
+        ax.errorbar(range(len(order)), g["tau"], yerr=_err(g, "tau"), marker="o", capsize=3, label=label)
     ax.set_xticks(range(len(order)), order)
     ax.set_xlabel("verifier precision")
     ax.set_ylabel("τ (tokens / verify step)")
     ax.set_title("Acceptance length vs verifier precision")
-    _model_note(s, ax)
+    _caption(ax, caption or run_caption(df))
     ax.legend(title="drafter", fontsize=8)
     return ax
 
 
-def plot_kl_distribution(df, ax=None):
+def plot_kl_distribution(df, ax=None, caption=None):
     """Box plot of per-prompt mean logit KL(p_ref ‖ p_ver) per verifier precision."""
     if "kl_mean" not in df or df["kl_mean"].notna().sum() == 0:
         raise MissingInput("no fidelity columns (kl_mean)")
@@ -188,11 +205,11 @@ def plot_kl_distribution(df, ax=None):
     ax.set_xlabel("verifier precision")
     ax.set_ylabel("per-prompt mean KL(p_ref ‖ p_ver) (nats)")
     ax.set_title("Logit KL per verifier precision")
-    _model_note(pp, ax)
+    _caption(ax, caption or run_caption(df))
     return ax
 
 
-def plot_pareto(df, ax=None, fidelity=None):
+def plot_pareto(df, ax=None, fidelity=None, caption=None):
     """Speed–fidelity plane: tokens/s against mean KL (or top-1 agreement), all categories;
     the Pareto front (faster and more faithful) is drawn as a step line."""
     s = _summary(df)
@@ -230,11 +247,11 @@ def plot_pareto(df, ax=None, fidelity=None):
     else:
         ax.set_ylabel("top-1 agreement with reference (share of positions)")
     ax.set_title("Speed vs fidelity")
-    _model_note(s, ax)
+    _caption(ax, caption or run_caption(df))
     return ax
 
 
-def plot_acceptance_curves(df, ax=None):
+def plot_acceptance_curves(df, ax=None, caption=None):
     """Mean per-position acceptance p_i per drafter, at the reference verifier when it ran."""
     s = _summary(df)
     s = s[(s["category"] == "all") & ~s["baseline"]]
@@ -253,7 +270,7 @@ def plot_acceptance_curves(df, ax=None):
     ax.set_xlabel("draft position i")
     ax.set_ylabel("p_i = P(draft i accepted | 1..i−1 accepted)")
     ax.set_title("Per-position acceptance")
-    _model_note(s, ax)
+    _caption(ax, caption or run_caption(df))
     ax.legend(title="drafter (verifier)", fontsize=8)
     return ax
 
@@ -296,7 +313,8 @@ def roofline_figure(kernels):
     for ax in axes.flat[len(shapes):]:
         ax.axis("off")
     device = ", ".join(sorted(kernels["gpu_name"].dropna().unique())) if "gpu_name" in kernels else ""
-    fig.suptitle(f"Kernel roofline: achieved GB/s per weight shape{f' ({device})' if device else ''}")
+    fig.suptitle(f"Kernel roofline: achieved GB/s per weight shape, Qwen3-8B linear shapes, {device or 'GPU not recorded'}\n"
+                 "single GEMMs of M activation rows (tokens), no prompts", fontsize=10)
     return fig
 
 
@@ -315,7 +333,10 @@ def plot_gpu_speedup_by_drafter(e2e: pd.DataFrame | None, ax=None):
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_ylabel("tokens/s ÷ bf16 verifier, same drafter")
     gpu = e2e["gpu"].iloc[0] if "gpu" in e2e else "GPU"
-    ax.set_title(f"Verifier precision speedup per drafter, Qwen3-8B shapes, {gpu}", fontsize=10)
+    size = (f" · {int(e2e['n_prompts'].max())} prompts, {int(e2e['new_tokens'].max())} new tokens per cell"
+            if {"n_prompts", "new_tokens"} <= set(e2e.columns) else " · prompts and tokens not in the table")
+    ax.set_title("Verifier precision speedup per drafter")
+    _caption(ax, f"Qwen3-8B shapes (random weights) · {gpu}{size}")
     ax.legend(title="verifier", fontsize=8)
     return ax
 
@@ -343,9 +364,10 @@ def plot_gpu_replay(replay: pd.DataFrame | None, ax=None):
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_ylabel("tokens/s ÷ bf16 AR (bar labels: τ on the source model)")
     gpu = replay["gpu"].iloc[0] if "gpu" in replay else "GPU"
-    size = (f"; {int(replay['n_prompts'].max())} prompts, {int(replay['new_tokens'].max())} new tokens per cell"
-            if {"n_prompts", "new_tokens"} <= set(replay.columns) else "")
-    ax.set_title(f"Real τ (SmolLM2-135M, CPU) at Qwen3-8B step times, {gpu}{size}", fontsize=10)
+    size = (f" · {int(replay['n_prompts'].max())} prompts, {int(replay['new_tokens'].max())} new tokens per cell"
+            if {"n_prompts", "new_tokens"} <= set(replay.columns) else " · prompts and tokens not in the table")
+    ax.set_title("Real τ at Qwen3-8B step times")
+    _caption(ax, f"τ of SmolLM2-135M (CPU) · Qwen3-8B shapes · {gpu}{size}")
     ax.legend(title="verifier", fontsize=8)
     return ax
 
@@ -439,7 +461,10 @@ def plot_step_speed_by_backend(steps: pd.DataFrame | None, ax=None):
     ax.set_xscale("log")  # torch's int8 kernel is 20x slower than the rest
     ax.set_xlabel(f"verify step ms ({v['measure'].iloc[0].removeprefix('step_')}, log scale)")
     gpu = v["gpu"].iloc[0] if "gpu" in v else "GPU"
-    ax.set_title(f"Verify step per precision · kernel backend · engine, Qwen3-8B shapes, {gpu}", fontsize=10)
+    tokens = v["measure"].iloc[0].removeprefix("step_T")
+    ax.set_title("Verify step per precision · kernel backend · engine")
+    _caption(ax, f"Qwen3-8B shapes (random weights) · {gpu} · one step of {tokens} tokens, no prompts "
+                 "(a CUDA-graph replay timed alone)")
     return ax
 
 
@@ -484,9 +509,10 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
         return written, problems
     for exp, df in load_results(results).items():
         s = summarize(df) if len(df) else df
+        caption = run_caption(df)  # the rows know the device and tokens; the summary does not
         for name, fn in PER_EXPERIMENT.items():
             data = df if name == "kl_distribution" else s
-            _draw(f"{exp}/{name}", lambda: fn(data), out / exp / name, written, problems)
+            _draw(f"{exp}/{name}", lambda: fn(data, caption=caption), out / exp / name, written, problems)
     _draw("kernel_roofline", lambda: roofline_figure(load_kernels(results)),
           out / "kernel_roofline", written, problems)
     e2e = Path(results) / "gpu" / "e2e.csv"

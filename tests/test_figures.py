@@ -214,3 +214,52 @@ def test_gpu_batch_figure_marks_crossovers_where_they_fall(tmp_path):
     batch.to_csv(res / "gpu" / "batch.csv", index=False)
     written, problems = figures.make_figures(res, tmp_path / "figs")
     assert not problems and (tmp_path / "figs" / "gpu_batch.png").exists()
+
+
+def test_every_figure_says_model_device_prompts_and_tokens(tmp_path, monkeypatch):
+    """Each figure make_figures writes names what it was measured on: the per-experiment ones the
+    model, the device, the number of prompts and the new-token budget (from the rows), the GPU
+    ones the GPU, the model shapes, and prompts and tokens (or that a single step / GEMM has none)."""
+    rows = synth.synthetic_rows(n_per_cat=3, categories=("qa", "rag")).assign(device="cpu (testbox, 2 cores)")
+    longest = int(rows.new_tokens.max())  # the synthetic generator draws 20..63 tokens a turn
+    res = tmp_path / "results"
+    write_results(res, "default", rows)
+    (res / "gpu").mkdir()
+    kernels().assign(gpu_name="H100").to_csv(res / "gpu" / "kernels.csv", index=False)
+    pd.DataFrame([dict(verifier=v, drafter="ar", speedup_vs_ref_same_drafter=x, gpu="H100", n_prompts=4,
+                       new_tokens=640) for v, x in (("reference", 1.0), ("int4", 1.6))]
+                 ).to_csv(res / "gpu" / "e2e.csv", index=False)
+    pd.DataFrame([dict(precision="reference", kernel="-", measure="step_T6", ms=6.5, gpu="H100")]
+                 ).to_csv(res / "gpu" / "step_speed.csv", index=False)
+    texts = {}
+    save = figures._save
+
+    def record(fig, stem):
+        texts[stem.name] = " ".join([fig._suptitle.get_text() if fig._suptitle else ""]
+                                    + [ax.get_title() for ax in fig.axes]).replace("\n", " ")
+        return save(fig, stem)
+
+    monkeypatch.setattr(figures, "_save", record)
+    written, problems = figures.make_figures(res, tmp_path / "figs")
+    assert not problems
+    assert set(texts) == set(EXP_FIGS) | {"kernel_roofline", "gpu_speedup_by_drafter", "gpu_step_by_backend"}
+    for name in EXP_FIGS:  # 3 prompts in each of 2 categories
+        assert all(s in texts[name] for s in ("smollm2-135m", "cpu (testbox, 2 cores)", "6 prompts",
+                                              f"≤ {longest} new tokens")), (name, texts[name])
+    assert all(s in texts["gpu_speedup_by_drafter"] for s in ("H100", "Qwen3-8B", "4 prompts", "640 new tokens"))
+    assert all(s in texts["gpu_step_by_backend"] for s in ("H100", "Qwen3-8B", "6 tokens", "no prompts"))
+    assert all(s in texts["kernel_roofline"] for s in ("H100", "Qwen3-8B", "no prompts"))
+
+
+def test_tau_lines_never_join_precisions_not_run():
+    """A drafter run on fp32 and int4 only: its points sit at fp32 and int4 and nothing is drawn
+    through bf16 and int8 (run for another drafter), where it has no value."""
+    both = synth.synthetic_rows(n_per_cat=2, categories=("qa",), drafters=("ar", "ngram"))
+    some = synth.synthetic_rows(n_per_cat=2, categories=("qa",), drafters=("layerskip",), verifiers=("fp32", "int4"))
+    ax = figures.plot_tau_vs_precision(pd.concat([both, some], ignore_index=True))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["fp32", "bf16", "int8", "int4"]
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar: (data line, caps, bars)
+    y = np.asarray(lines["layerskip"].get_ydata(), float)
+    assert np.isfinite(y[[0, 3]]).all() and np.isnan(y[[1, 2]]).all()  # a NaN breaks a Line2D
+    assert np.isfinite(np.asarray(lines["ngram"].get_ydata(), float)).all()
+    plt.close("all")

@@ -2,6 +2,7 @@ import importlib.util
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
@@ -31,12 +32,25 @@ def run(results: Path, monkeypatch):
 def test_notebook_runs_on_synthetic_results(tmp_path, monkeypatch):
     res = tmp_path / "results"
     tf.write_results(res, "synthetic", tf.synth.synthetic_rows(n_per_cat=2))
-    (res / "gpu").mkdir()
-    tf.kernels().to_csv(res / "gpu" / "kernels.csv", index=False)
+    gpu = res / "gpu"
+    gpu.mkdir()
+    tf.kernels().to_csv(gpu / "kernels.csv", index=False)
+    cells = [dict(verifier=v, drafter=d, baseline=d == "ar", gpu="H200", n_prompts=4, new_tokens=256, tau=t,
+                  tokens_per_s=x * 150, speedup_vs_ref_ar=x * t, speedup_vs_ref_same_drafter=x, tau_source=t)
+             for d, t in (("ar", 1.0), ("ngram", 1.5)) for v, x in (("reference", 1.0), ("int4", 1.5))]
+    pd.DataFrame(cells).to_csv(gpu / "e2e.csv", index=False)
+    pd.DataFrame(cells).to_csv(gpu / "replay.csv", index=False)
+    pd.DataFrame([dict(c, batch_size=b, throughput=c["tokens_per_s"] * b, speedup_vs_ar=c["tau"], max_new_tokens=32)
+                  for c in cells for b in (1, 4)]).to_csv(gpu / "batch.csv", index=False)
+    pd.DataFrame([dict(precision="reference", kernel="-", measure="step_T6", ms=6.5, gpu="H200")]).to_csv(
+        gpu / "step_speed.csv", index=False)
     text, images = run(res, monkeypatch)
     assert "== synthetic ==" in text and "τ" in text and "tok/s" in text
     assert "layerskip" in text and "skipped" not in text
-    assert images == 6  # five per-experiment figures + the roofline
+    for table in ("e2e.csv: 4 rows, H200", "replay.csv: 4 rows, H200", "batch.csv: 8 rows, H200"):
+        assert f"== gpu/{table} ==" in text
+    # five per-experiment figures, one per GPU table (e2e, replay, batch), step times, the roofline
+    assert images == 5 + 3 + 1 + 1
 
 
 def test_notebook_runs_on_committed_reference_results(monkeypatch):
@@ -45,3 +59,6 @@ def test_notebook_runs_on_committed_reference_results(monkeypatch):
         pytest.skip("no committed reference results under results/ yet")
     text, images = run(res, monkeypatch)
     assert "tok/s" in text and images >= 1
+    for table in ("e2e", "replay", "batch"):  # the committed GPU tables are drawn too
+        if (res / "gpu" / f"{table}.csv").exists():
+            assert f"== gpu/{table}.csv:" in text
