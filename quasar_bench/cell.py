@@ -92,6 +92,8 @@ def run_cell(run, live, dcfg, batch_size: int, repeat: int) -> None:
     todo = missing(run.store.done_keys(cell.cell_id) if stored else set())
     if not todo:
         log.info("%s: all %d prompts already stored, skipping", label, len(run.prompts))
+        if not run.store.has_cell(cell.cell_id):  # its config file was lost or damaged: this run knows it
+            run.store.record_cell(cell.cell_id, cell.config)
         return
     gen_kw = dict(max_new_tokens=int(cfg.max_new_tokens), k=drafter.k, eos_ids=loaded.eos_ids,
                   temperature=float(cfg.temperature), top_p=float(cfg.top_p))

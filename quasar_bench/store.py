@@ -468,6 +468,14 @@ class ResultStore:
                 return
         write_json(path, cfg)
 
+    def has_cell(self, cell_id: str) -> bool:
+        """Whether cells/<cell_id>.json exists and reads as JSON."""
+        try:
+            json.loads((self.root / "cells" / f"{cell_id}.json").read_text())
+            return True
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False
+
     def cells(self) -> dict[str, dict]:
         out = {}
         for p in sorted((self.root / "cells").glob("*.json")):

@@ -267,6 +267,26 @@ def test_truncated_cell_json_reported_then_rewritten(tmp_path, caplog, capsys):
     assert store_mod.main(["check", str(root)]) == 0
 
 
+def test_rerun_of_a_fully_stored_cell_rewrites_its_damaged_config(tmp_path, monkeypatch):
+    """The damaged-cell warning says "re-run that cell's command to rewrite it": a re-run whose rows
+    are all stored (nothing to generate) still rewrites the file, and check is clean after it."""
+    from quasar_bench.__main__ import main
+
+    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # Hydra's outputs/
+    monkeypatch.setenv("QUASAR_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", ["quasar_bench", "model=tiny_llama", "verifier=reference", "drafter=ngram",
+                                      "dataset.limit=1", "max_new_tokens=4", "progress=false", f"out_dir={out}"])
+    main()
+    (path,) = (out / "cells").glob("*.json")
+    good = path.read_text()
+    path.write_text(good[:10])
+    assert store_mod.main(["check", str(out)]) == 1
+    main()
+    assert json.loads(path.read_text()) == json.loads(good)
+    assert store_mod.main(["check", str(out)]) == 0
+
+
 # -- check / repair ------------------------------------------------------------------------------
 def test_check_and_repair_exit_codes_and_output(tmp_path):
     root = tmp_path / "r"
