@@ -385,7 +385,9 @@ WRITER = textwrap.dedent("""
             for i in range(n):
                 if (str(i), 1, 0) in done:
                     continue
-                time.sleep(random.uniform(0, 0.01))
+                # >= 12 ms a row: 75 appends outlast the test's 0.69 s of kill delays on any machine,
+                # so every kill lands mid-run however fast the disk is (a fast CI box once finished)
+                time.sleep(random.uniform(0.012, 0.02))
                 st.append([{"cell_id": cell, "prompt_id": str(i), "turn": t, "value": i * 10 + t,
                             "output_text": "x" * 100_000} for t in (1, 2)])
         st.close()
