@@ -116,7 +116,7 @@ WRITER = textwrap.dedent("""
                 continue
             rows = [{"cell_id": cell, "prompt_id": str(i), "turn": t, "value": i * 10 + t,
                      "output_text": "x" * 200_000} for t in (0, 1)]
-            # >= 15 ms a prompt: 80 appends outlast the test's 0.79 s of kill delays on any machine,
+            # >= 15 ms a prompt: 80 appends outlast the test's 1.0 s of kill delays on any machine,
             # so every kill lands mid-run however fast the disk is
             time.sleep(random.uniform(0.015, 0.025))
             st.append(rows)
