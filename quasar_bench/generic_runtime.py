@@ -23,6 +23,7 @@ batch sizes above 1, and the checkpoint verifier.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -42,12 +43,6 @@ def decoder_layer_path(hf_model) -> str:
         raise QuasarError(f"cannot tell the decoder layers of {type(hf_model).__name__} (lists of {n} modules: "
                           f"{found or 'none'}); this model is not a plain decoder-only causal LM")
     return found[0]
-
-
-def _resolve(root, path: str):
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
 
 
 class SubsetCache:
@@ -71,15 +66,16 @@ class SubsetCache:
         return super().get_mask_sizes(query_length, self._running(layer_idx))
 
 
-_SUBSET_CACHES: dict[type, type] = {}
+@functools.cache
+def _subset_cache_class() -> type:
+    from transformers import DynamicCache  # imported on first use: transformers is slow to import
+
+    return type("SubsetDynamicCache", (SubsetCache, DynamicCache), {})
 
 
 def subset_cache(config):
-    from transformers import DynamicCache
-
-    if DynamicCache not in _SUBSET_CACHES:
-        _SUBSET_CACHES[DynamicCache] = type("SubsetDynamicCache", (SubsetCache, DynamicCache), {})
-    cache = _SUBSET_CACHES[DynamicCache](config=config)
+    """An empty DynamicCache (layer kinds from the config) that sizes masks from running layers."""
+    cache = _subset_cache_class()(config=config)
     cache.activate_past_recording()  # sliding-window layers: keep what a rollback may need
     return cache
 
@@ -98,7 +94,7 @@ class HFRuntime(nn.Module):
         super().__init__()
         self.model = hf_model.eval()
         self.layers_path = decoder_layer_path(hf_model)
-        total = len(_resolve(hf_model, self.layers_path))
+        total = len(hf_model.get_submodule(self.layers_path))
         self.layer_map = list(range(total)) if layer_map is None else list(layer_map)
         self.cache = None
         self.cache_len = 0
@@ -108,7 +104,7 @@ class HFRuntime(nn.Module):
     # -- what the transforms and drafters see --------------------------------------------------
     @property
     def all_layers(self) -> nn.ModuleList:
-        return _resolve(self.model, self.layers_path)
+        return self.model.get_submodule(self.layers_path)
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -141,6 +137,13 @@ class HFRuntime(nn.Module):
     @property
     def dtype(self):
         return self.model.dtype
+
+    def state_dict(self, *args, **kwargs):
+        """The weights this runtime computes with: the layers it leaves out are not part of it (a
+        pruned runtime shares the model, all layers included)."""
+        out = super().state_dict(*args, **kwargs)
+        dropped = tuple(f"model.{self.layers_path}.{i}." for i in range(len(self.all_layers)) if i not in self.layer_map)
+        return type(out)((k, v) for k, v in out.items() if not k.startswith(dropped)) if dropped else out
 
     def unused_tensors(self) -> set[int]:
         """ids of the weights of layers this runtime never runs (rows.weight_bytes leaves them out)."""

@@ -86,10 +86,7 @@ class Family:
         return self.verifiers[label]
 
     def layers_of(self, model):
-        mod = model
-        for part in self.layers_path.split("."):
-            mod = getattr(mod, part)
-        return mod
+        return model.get_submodule(self.layers_path)
 
 
 _MADE = {}
@@ -334,3 +331,42 @@ def test_layer_subset_keeps_the_cache_consistent(gemma):
             rt.forward(torch.tensor(ids[start + j: start + j + 1]), layer_ids=[0, 2])
         rt.rollback(start)
         close(rt.forward(torch.tensor(ids[start:start + 5])), want[start:start + 5], 1e-5)
+
+
+# -- the default experiment on a saved model of another family ---------------------------------------
+
+def test_default_experiment_on_a_saved_gemma3_folder(tmp_path):
+    """`python -m quasar_bench model=hf model.path=<tiny Gemma-3 folder>`: the default matrix (every
+    verifier precision, every drafter of conf/experiment/default.yaml) runs every cell, each
+    drafter's output equals AR of the same verifier, the reference's KL is 0, and the rows name
+    the loaded model. Shortened: one prompt, 12 tokens, one repeat."""
+    import pandas as pd
+    from test_harness import cli, env_for
+    from transformers import AutoTokenizer
+
+    from quasar_bench.fileio import cache_root
+    from quasar_bench.models import smollm2_folder
+
+    tok = AutoTokenizer.from_pretrained(smollm2_folder(cache_root(None)))
+    config = dict(FAMILIES["gemma3_text"][0], num_hidden_layers=6, initializer_range=0.2, layer_types=None,
+                  sliding_window=16, max_position_embeddings=4096)  # layerskip's default skips layer 5
+    hf = random_hf_model(config, len(tok), torch.float32, "cpu", 0)
+    hf.generation_config.eos_token_id = tok.eos_token_id
+    folder = tmp_path / "tiny_gemma3"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    r = cli(tmp_path, "model=hf", f"model.path={folder}", f"out_dir={tmp_path / 'out'}", "repeats=1",
+            "dataset.limit=1", "max_new_tokens=12", "progress=false",
+            env=env_for(tmp_path, QUASAR_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
+    cells = set(zip(rows.verifier, rows.drafter))
+    assert cells == {(v, d) for v in ("reference", "int8", "w8a8", "int4", "pruned") for d in ("ar", "ngram")} | \
+        {(v, d) for v in ("reference", "int4") for d in ("lookahead", "layerskip", "synthetic")} | \
+        {("reference", "draft_model")}
+    assert set(rows.model) == {"tiny_gemma3 (gemma3_text)"}
+    ar = {(r.verifier, r.prompt_id, r.turn): list(r.output_ids) for r in rows[rows.drafter == "ar"].itertuples()}
+    for row in rows.itertuples():
+        assert list(row.output_ids) == ar[(row.verifier, row.prompt_id, row.turn)], (row.verifier, row.drafter)
+    assert (rows[rows.verifier == "reference"].kl_max == 0).all()
+    assert rows[rows.drafter != "ar"].accepted.sum() > 0
