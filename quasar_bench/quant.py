@@ -235,9 +235,13 @@ def decoder_linears(runtime):
         if not getattr(runtime, "is_native", False):
             found = [(i, parent, name, mod) for parent in layer.modules() for name, mod in parent.named_children()
                      if isinstance(mod, nn.Linear)]
-            if not found:
-                raise QuasarError(f"decoder layer {i} ({type(layer).__name__}) holds no nn.Linear (e.g. GPT-2's "
-                                  "Conv1D): the quantized verifiers replace nn.Linear modules; pick another verifier")
+            in_linears = {id(p) for *_, mod in found for p in mod.parameters()}
+            other = [n for n, p in layer.named_parameters() if p.dim() >= 2 and id(p) not in in_linears]
+            if not found or other:  # quantizing only part of a layer's matrices would be another precision
+                raise QuasarError(f"decoder layer {i} ({type(layer).__name__}) holds weight matrices outside "
+                                  f"nn.Linear ({', '.join(other[:3]) or 'all of them'}: e.g. GPT-2's Conv1D, fused MoE "
+                                  "experts); the quantized verifiers replace nn.Linear modules only: pick int8/int4/"
+                                  "w8a8 on another model, or verifier=pruned / a cast")
             out += found
             continue
         for name in ATTN_LINEARS:

@@ -370,3 +370,17 @@ def test_default_experiment_on_a_saved_gemma3_folder(tmp_path):
         assert list(row.output_ids) == ar[(row.verifier, row.prompt_id, row.turn)], (row.verifier, row.drafter)
     assert (rows[rows.verifier == "reference"].kl_max == 0).all()
     assert rows[rows.drafter != "ar"].accepted.sum() > 0
+
+
+def test_a_layer_with_matrices_outside_nn_linear_is_refused():
+    """GPT-2 keeps its projections in Conv1D: quantizing none (or only some) of a layer's matrices
+    would silently be another precision, so the quantized verifiers refuse in one line."""
+    from quasar_bench.errors import QuasarError
+
+    hf = random_hf_model(dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=64), VOCAB,
+                         torch.float32, "cpu", 0)
+    loaded = LoadedModel("gpt2", HFRuntime(hf), None, [], False, hf_model=hf)
+    with pytest.raises(QuasarError, match=r"outside nn\.Linear \(attn\.c_attn\.weight.*Conv1D"):
+        build_verifier(loaded, OmegaConf.create({"name": "int8"}))
+    pruned = build_verifier(loaded, OmegaConf.create({"name": "pruned", "criterion": "last"}))
+    assert pruned.num_layers == 1  # a layer subset needs no nn.Linear
