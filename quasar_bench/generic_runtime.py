@@ -142,7 +142,8 @@ class HFRuntime(nn.Module):
         """The weights this runtime computes with: the layers it leaves out are not part of it (a
         pruned runtime shares the model, all layers included)."""
         out = super().state_dict(*args, **kwargs)
-        dropped = tuple(f"model.{self.layers_path}.{i}." for i in range(len(self.all_layers)) if i not in self.layer_map)
+        kept = set(self.layer_map)
+        dropped = tuple(f"model.{self.layers_path}.{i}." for i in range(len(self.all_layers)) if i not in kept)
         return type(out)((k, v) for k, v in out.items() if not k.startswith(dropped)) if dropped else out
 
     def unused_tensors(self) -> set[int]:
@@ -192,8 +193,8 @@ class HFRuntime(nn.Module):
 
     def _call(self, active: list[int], **kwargs):
         """The model's forward running only the model layers in `active` (the rest pass their input on)."""
-        every = self.all_layers
-        left_out = [every[i] for i in range(len(every)) if i not in set(active)]
+        every, running = self.all_layers, set(active)
+        left_out = [every[i] for i in range(len(every)) if i not in running]
         if self.cache is not None:
             self.cache.active = None if not left_out else active
         fns = [self._skip_fn(layer) for layer in left_out]
