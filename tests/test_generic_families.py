@@ -357,7 +357,7 @@ def test_default_experiment_on_a_saved_gemma3_folder(tmp_path):
     tok.save_pretrained(folder)
     r = cli(tmp_path, "model=hf", f"model.path={folder}", f"out_dir={tmp_path / 'out'}", "repeats=1",
             "dataset.limit=1", "max_new_tokens=12", "progress=false",
-            env=env_for(tmp_path, QUASAR_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2"))
+            env=env_for(tmp_path, QUASAR_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
     cells = set(zip(rows.verifier, rows.drafter))
