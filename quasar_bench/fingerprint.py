@@ -11,8 +11,9 @@ def weights_fingerprint(runtime) -> str:
     module = getattr(runtime, "model", runtime)
     h = hashlib.sha256()
     h.update(repr(getattr(runtime, "args", None)).encode())
-    for name, t in sorted(module.state_dict().items()):
-        if "cache" in name:
+    unused = runtime.unused_tensors() if hasattr(runtime, "unused_tensors") else set()  # generic: pruned layers
+    for name, t in sorted(module.state_dict(keep_vars=bool(unused)).items()):
+        if "cache" in name or id(t) in unused:
             continue
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         flat = t.detach().reshape(-1)

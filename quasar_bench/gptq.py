@@ -14,7 +14,14 @@ Layers are processed in order, and inside a layer "true sequential" ([q,k,v], [o
 Linears sharing an input (q/k/v, gate/up) share H and are quantized as one stacked matrix (GPTQ
 treats rows independently, so this is the same result, with fewer column steps).
 Output: the packed int4 format of packing.py.
+
+On the generic runtime (any transformers family, `gptq_generic`) the same algorithm runs the
+family's own decoder layers: each layer's call (attention masks, position embeddings) is captured
+once from a forward, then replayed layer by layer on the partly quantized hidden states; the
+groups are found rather than named: the linears a layer calls on one and the same input tensor
+(q/k/v, gate/up, Falcon's parallel query_key_value and dense_h_to_4h) form a group, in call order.
 """
+
 from __future__ import annotations
 
 import torch
@@ -115,6 +122,8 @@ def gptq_runtime(runtime, seqs: list[list[int]], group_size: int = 128, damp: fl
     on calibration sequences `seqs`. Returns the runtime."""
     from .quant import Int4Linear
 
+    if not getattr(runtime, "is_native", False):
+        return gptq_generic(runtime, seqs, group_size, damp, log)
     device = runtime.device
     hs = [runtime.embed_tokens(torch.tensor(s, device=device)) for s in seqs]
     for li, layer in enumerate(runtime.layers):
@@ -139,4 +148,94 @@ def gptq_runtime(runtime, seqs: list[list[int]], group_size: int = 128, damp: fl
         hs = _run_block(runtime, layer, hs)
         if log is not None:
             log(f"gptq: layer {li + 1}/{len(runtime.layers)} done")
+    return runtime
+
+
+def _layer_calls(runtime, seqs) -> tuple[list, list[list]]:
+    """(input hidden states of the first layer per sequence [1, T, H], per layer per sequence the
+    rest of its call (args, kwargs)), captured from one forward per sequence."""
+    layers, first, calls = runtime.layers, [], [[] for _ in runtime.layers]
+
+    def catch(li):
+        def hook(mod, args, kwargs):
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states")
+            if li == 0:
+                first.append(h)
+            calls[li].append((args[1:] if args else (), kwargs))
+        return hook
+    handles = [layer.register_forward_pre_hook(catch(li), with_kwargs=True) for li, layer in enumerate(layers)]
+    try:
+        for s in seqs:
+            runtime.run_uncached(torch.tensor(s, device=runtime.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return first, calls
+
+
+def _run_layer(layer, h, call):
+    args, kwargs = call
+    out = layer(h, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _input_groups(layer, linears, h, call) -> list[list]:
+    """The layer's linears (parent, name, module) grouped by the input tensor they are called on,
+    in call order; linears the layer never calls are left out."""
+    seen = []  # (input tensor, [linears]); the tensors are held so no id is reused meanwhile
+    handles = []
+    for entry in linears:
+        def hook(mod, args, entry=entry):
+            for x, group in seen:
+                if x is args[0]:
+                    group.append(entry)
+                    return
+            seen.append((args[0], [entry]))
+        handles.append(entry[2].register_forward_pre_hook(hook))
+    try:
+        _run_layer(layer, h, call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [group for _, group in seen]
+
+
+@torch.inference_mode()
+def gptq_generic(runtime, seqs: list[list[int]], group_size: int = 128, damp: float = 0.01, log=None):
+    """gptq_runtime on the generic runtime (module docstring); linears never called in a forward
+    have no Hessian and are rounded to nearest."""
+    from .quant import Int4Linear, decoder_linears
+
+    device = runtime.device
+    hs, calls = _layer_calls(runtime, seqs)
+    by_layer = {}
+    for li, parent, name, lin in decoder_linears(runtime):
+        by_layer.setdefault(li, []).append((parent, name, lin))
+    for li, layer in enumerate(runtime.layers):
+        linears = by_layer.get(li, [])
+        groups = _input_groups(layer, linears, hs[0], calls[li][0])
+        for group in groups:
+            hook = HessianHook(group[0][2].in_features)
+            handle = group[0][2].register_forward_pre_hook(hook)
+            try:
+                for h, call in zip(hs, calls[li]):
+                    _run_layer(layer, h, call)
+            finally:
+                handle.remove()
+            W = torch.cat([lin.weight.detach().float().cpu() for _, _, lin in group], 0)
+            codes, scales, zeros = gptq_quantize_weight(W, hook.H, group_size, damp)
+            row = 0
+            for parent, name, lin in group:
+                n = lin.out_features
+                setattr(parent, name, Int4Linear(pack_int4(codes[row : row + n]), scales[:, row : row + n],
+                                                 zeros[:, row : row + n], lin.in_features, group_size, lin.bias).to(device))
+                row += n
+        called = {id(lin) for group in groups for _, _, lin in group}
+        for parent, name, lin in linears:
+            if id(lin) not in called:
+                setattr(parent, name, Int4Linear.from_linear(lin, group_size))
+        hs = [_run_layer(layer, h, call) for h, call in zip(hs, calls[li])]
+        if log is not None:
+            log(f"gptq: layer {li + 1}/{runtime.num_layers} done")
     return runtime

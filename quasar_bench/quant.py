@@ -1,6 +1,6 @@
 """Quantized linear modules holding the packed tensors of packing.py, and the RTN transforms.
 
-Modules (drop-in replacements for nn.Linear inside the native runtime):
+Modules (drop-in replacements for nn.Linear inside the native runtime or a transformers model):
 
     Int4Linear  W4A16: qweight int32 [Kp//8, N], scales/zeros fp16 [Kp//G, N], in_features, group_size
     Int8Linear  W8A16: qweight int8 [N, K], scales fp16 [N]
@@ -227,9 +227,23 @@ class W8A8Linear(Int8Linear):
 
 def decoder_linears(runtime):
     """(layer index, parent module, attribute name, nn.Linear) for every decoder-layer linear;
-    lm_head and embeddings are not included (kept in high precision)."""
+    lm_head and embeddings are not included (kept in high precision). On the native runtime the
+    seven Llama projections; on the generic one every nn.Linear inside a decoder layer, whatever
+    the family names it (q_proj, qkv_proj, query_key_value, dense_h_to_4h, ...)."""
     out = []
     for i, layer in enumerate(runtime.layers):
+        if not getattr(runtime, "is_native", False):
+            found = [(i, parent, name, mod) for parent in layer.modules() for name, mod in parent.named_children()
+                     if isinstance(mod, nn.Linear)]
+            in_linears = {id(p) for *_, mod in found for p in mod.parameters()}
+            other = [n for n, p in layer.named_parameters() if p.dim() >= 2 and id(p) not in in_linears]
+            if not found or other:  # quantizing only part of a layer's matrices would be another precision
+                raise QuasarError(f"decoder layer {i} ({type(layer).__name__}) holds weight matrices outside "
+                                  f"nn.Linear ({', '.join(other[:3]) or 'all of them'}: e.g. GPT-2's Conv1D, fused MoE "
+                                  "experts); the quantized verifiers replace nn.Linear modules only: pick int8/int4/"
+                                  "w8a8 on another model, or verifier=pruned / a cast")
+            out += found
+            continue
         for name in ATTN_LINEARS:
             out.append((i, layer.self_attn, name, getattr(layer.self_attn, name)))
         for name in MLP_LINEARS:
@@ -237,22 +251,25 @@ def decoder_linears(runtime):
     return out
 
 
+# Per-runtime state a clone never shares: the native KV cache and CUDA graphs, the generic cache.
+_PER_RUNTIME = ("k_cache", "v_cache", "graphs", "cache")
+
+
 def clone_runtime(runtime):
-    """A new native runtime object with its own module tree and KV cache, sharing every tensor with
-    `runtime` (which is left untouched). Replace submodules of the clone freely."""
+    """A new runtime object (native or generic) with its own module tree and KV cache, sharing
+    every tensor with `runtime` (which is left untouched). Replace submodules of the clone freely."""
     import copy
 
-    if not getattr(runtime, "is_native", False):
-        raise QuasarError("this verifier transform needs the native runtime (llama/qwen2/qwen3/mistral); "
-                          "the loaded model uses the generic transformers path (model.runtime=hf)")
     memo = {}
     for t in list(runtime.parameters()) + list(runtime.buffers()):
         memo[id(t)] = t
-    for attr in ("k_cache", "v_cache", "graphs"):  # per-runtime state, never copied
-        if getattr(runtime, attr, None) is not None:
+    state = [attr for attr in _PER_RUNTIME if hasattr(runtime, attr)]
+    for attr in state:
+        if getattr(runtime, attr) is not None:
             memo[id(getattr(runtime, attr))] = None
     new = copy.deepcopy(runtime, memo)
-    new.k_cache = new.v_cache = new.graphs = None
+    for attr in state:
+        setattr(new, attr, None)
     new.cache_len = 0
     return new
 
@@ -262,7 +279,7 @@ def same_weights_runtime(runtime):
     clone_runtime on the native runtime; on the generic path, a new wrapper of the same model."""
     if getattr(runtime, "is_native", False):
         return clone_runtime(runtime)
-    return type(runtime)(runtime.model)
+    return runtime.sibling()
 
 
 def cast_runtime(runtime, dtype: torch.dtype):

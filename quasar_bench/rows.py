@@ -98,9 +98,12 @@ def weight_bytes(runtime) -> int:
     and the KV cache. Divided by the verify time, it gives the bandwidth a step achieves."""
     module = getattr(runtime, "model", runtime)
     seen, total = set(), 0
-    embed = getattr(module, "embed_tokens", None)
-    skip = {id(embed.weight)} if embed is not None and getattr(module, "lm_head", None) is not None \
-        and getattr(module.lm_head, "weight", None) is not embed.weight else set()
+    embed = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else getattr(module, "embed_tokens", None)
+    head = getattr(runtime, "lm_head", None)
+    skip = {id(embed.weight)} if embed is not None and head is not None \
+        and getattr(head, "weight", None) is not embed.weight else set()
+    if hasattr(runtime, "unused_tensors"):  # a pruned generic runtime shares the model, all layers included
+        skip |= runtime.unused_tensors()
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         if id(t) in seen or id(t) in skip or "rope" in name:
             continue

@@ -169,10 +169,13 @@ class Experiment:
             if max(batch_sizes(cfg)) > 1 and not getattr(self.loaded.runtime, "is_native", False):
                 raise QuasarError(f"batch_size={cfg.batch_size} needs the native runtime (llama/qwen2/qwen3/mistral); "
                                   f"model {self.loaded.name} runs on the generic transformers path: use batch_size=1")
-            self.fuse = on_cuda_by_default(cfg, "fuse_projections", self.loaded.runtime)
+            # The speed switches act on the native runtime only; rows record what was applied.
+            native = getattr(self.loaded.runtime, "is_native", False)
+            self.fuse = on_cuda_by_default(cfg, "fuse_projections", self.loaded.runtime) and native
             self.engine = {"fuse_projections": self.fuse,
-                           "compile_elementwise": on_cuda_by_default(cfg, "compile_elementwise", self.loaded.runtime),
-                           "fused_attention": on_cuda_by_default(cfg, "fused_attention", self.loaded.runtime)}
+                           "compile_elementwise": on_cuda_by_default(cfg, "compile_elementwise", self.loaded.runtime)
+                           and native,
+                           "fused_attention": on_cuda_by_default(cfg, "fused_attention", self.loaded.runtime) and native}
             compile_elementwise(self.engine["compile_elementwise"])
             fused_attention(self.engine["fused_attention"])
             self.tools = draft_tools(self.loaded, cache_root(cfg.model.cache_dir), self.fuse)

@@ -1,5 +1,5 @@
 """Model runtimes: a lean native Llama/Qwen2/Qwen3/Mistral implementation with a static KV cache,
-and a generic transformers-backed one for every other causal LM.
+and a generic transformers-backed one for every other causal LM (generic_runtime.HFRuntime).
 
 Both expose the same small interface the decode loop and the drafters use:
 
@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import QuasarError
+from .generic_runtime import HFRuntime  # noqa: F401 (the generic path, re-exported beside the native one)
 
 NATIVE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -529,75 +530,3 @@ def native_from_hf(hf_model, max_len: int = 4096) -> Transformer:
     model = model.to(device=device, dtype=dtype).eval()
     model.rope_cos, model.rope_sin = cos, sin  # kept in fp32; cast per forward like transformers
     return model
-
-
-class HFRuntime:
-    """Generic path: any transformers causal LM, cache rolled back with DynamicCache.crop."""
-
-    is_native = False
-
-    def __init__(self, hf_model):
-        from transformers import DynamicCache
-
-        self.model = hf_model.eval()
-        self._cache_cls = DynamicCache
-        self.cache = None
-        self.cache_len = 0
-
-    @property
-    def num_layers(self):
-        return self.model.config.num_hidden_layers
-
-    @property
-    def vocab_size(self):
-        return self.model.config.vocab_size
-
-    @property
-    def device(self):
-        return self.model.device
-
-    @property
-    def dtype(self):
-        return self.model.dtype
-
-    def reset(self, max_len: int) -> None:
-        self.cache = self._cache_cls(config=self.model.config)
-        self.cache_len = 0
-
-    def rollback(self, n: int) -> None:
-        assert 0 <= n <= self.cache_len
-        if n < self.cache_len:  # a negative count removes that many positions (transformers 4.x-5.x)
-            self.cache.crop(n - self.cache_len)
-        self.cache_len = n
-
-    @torch.inference_mode()
-    def forward(self, input_ids, layer_ids=None):
-        if layer_ids is not None:
-            raise QuasarError("running a subset of layers needs the native runtime (llama/qwen2/qwen3/mistral); "
-                              "this model uses the generic transformers path")
-        t = input_ids.shape[0]
-        pos = torch.arange(self.cache_len, self.cache_len + t, device=input_ids.device)
-        out = self.model(input_ids=input_ids[None], past_key_values=self.cache, use_cache=True,
-                         position_ids=pos[None])
-        self.cache_len += t
-        return out.logits[0].float()
-
-    def forward_fp32_head(self, input_ids):
-        """forward(): the generic path serves the reference verifier alone (quantized, cast and
-        pruned verifiers need the native runtime), whose KL against itself is 0 at any head precision."""
-        return self.forward(input_ids)
-
-    @torch.inference_mode()
-    def prefill(self, input_ids) -> None:
-        t = input_ids.shape[0]
-        pos = torch.arange(self.cache_len, self.cache_len + t, device=input_ids.device)
-        self.model(input_ids=input_ids[None], past_key_values=self.cache, use_cache=True, position_ids=pos[None],
-                   logits_to_keep=1)
-        self.cache_len += t
-
-    def sibling(self) -> "HFRuntime":
-        """A runtime over these same weights with a cache of its own (one per sequence of a batch)."""
-        return HFRuntime(self.model)
-
-    def named_modules(self, *args, **kwargs):
-        return self.model.named_modules(*args, **kwargs)

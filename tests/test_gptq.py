@@ -79,3 +79,24 @@ def test_gptq_runtime_replaces_every_decoder_linear(tiny, seqs):
         e_g += (rt.hidden_states(ids)[-1] - ref).pow(2).sum().item()
         e_r += (rtn.hidden_states(ids)[-1] - ref).pow(2).sum().item()
     assert e_g < e_r
+
+
+def test_gptq_on_the_generic_runtime_equals_the_native_one(tiny, seqs):
+    """The generic driver (any family: each layer's captured call replayed, groups found by shared
+    input) quantizes a Llama exactly as the native one does (named groups, native blocks): the
+    same codes, but for rounding ties of float summation order."""
+    from quasar_bench.generic_runtime import HFRuntime
+    from quasar_bench.packing import unpack_int4
+
+    hf = random_hf_model(TINY_CONFIGS["tiny_llama"], 1000, torch.float32, "cpu", 0)  # the fixture's weights
+    native = gptq_runtime(clone_runtime(tiny.runtime), seqs, 32)
+    generic = gptq_runtime(clone_runtime(HFRuntime(hf)), seqs, 32)
+    same = total = 0
+    for a, b in zip(native.layers, generic.layers):
+        for parent, name in [("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                            [("mlp", n) for n in ("gate_proj", "up_proj", "down_proj")]:
+            qa, qb = getattr(getattr(a, parent), name), getattr(getattr(b, parent), name)
+            assert type(qb) is Int4Linear
+            same += (unpack_int4(qa.qweight) == unpack_int4(qb.qweight)).sum().item()
+            total += qa.qweight.numel() * 8
+    assert same / total > 0.999, same / total

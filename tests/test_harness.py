@@ -354,19 +354,20 @@ def test_precheck_judges_the_whole_sweep():
 
 
 def test_cells_the_model_cannot_run_fail_before_the_wait_or_are_skipped(tmp_path):
-    """On the generic transformers path, int8 and layerskip cannot run: the run names every such
-    cell in one line and writes nothing; with skip_unsupported=true the rest runs (the reference
+    """On the generic transformers path the checkpoint verifier cannot run (it maps tensors onto the
+    native runtime), nor can a layerskip drafter naming a layer the model lacks: the run names every
+    such cell in one line and writes nothing; with skip_unsupported=true the rest runs (the reference
     verifier included, KL 0 against itself) and the skipped cells are listed at the end."""
-    args = ["model=tiny_llama", "model.runtime=hf", "matrix.verifiers=[reference,int8]",
-            "matrix.drafters=[ar,layerskip]", "matrix.extra=[]", "max_new_tokens=4", "dataset.limit=1",
-            f"out_dir={tmp_path / 'out'}", "progress=false", "repeats=1"]
+    args = ["model=tiny_llama", "model.runtime=hf", "matrix.verifiers=[reference,checkpoint]",
+            "matrix.drafters=[ar,{name:layerskip,mode:static,skip:[9]}]", "matrix.extra=[]", "max_new_tokens=4",
+            "dataset.limit=1", f"out_dir={tmp_path / 'out'}", "progress=false", "repeats=1"]
     line = one_line(cli(tmp_path, *args))
-    assert "3 of 4 cells cannot run on model tiny_llama" in line and "int8/ar: needs the native runtime" in line
-    assert "reference/layerskip:" in line and "skip_unsupported=true" in line
+    assert "3 of 4 cells cannot run on model tiny_llama" in line and "checkpoint/ar: needs the native runtime" in line
+    assert "reference/layerskip: drafter.skip names layers [9]" in line and "skip_unsupported=true" in line
     assert not (tmp_path / "out").exists()
     r = cli(tmp_path, *args, "skip_unsupported=true")
     assert r.returncode == 0, r.stderr[-1500:]
     skipped = [x for x in r.stdout.splitlines() if x.startswith("skipped cell")]
-    assert len(skipped) == 3 and any("int8/layerskip" in x for x in skipped)
+    assert len(skipped) == 3 and any("checkpoint/layerskip" in x for x in skipped)
     rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
     assert set(zip(rows.verifier, rows.drafter)) == {("reference", "ar")} and (rows.kl_mean == 0).all()

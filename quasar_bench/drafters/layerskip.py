@@ -137,9 +137,6 @@ class LayerSkip(Drafter):
         if not self.kept:
             raise QuasarError(f"{self.name} would run no layer at all; keep at least one of the "
                               f"{runtime.num_layers} layers")
-        if getattr(runtime, "is_native", False) is False:
-            raise QuasarError(f"the {self.name} drafter runs a subset of layers, which needs the native "
-                              "runtime (llama/qwen2/qwen3/mistral); use model.runtime=native or another drafter")
         best = predicted_speed(1.0, self.k, len(self.kept) / runtime.num_layers)
         if best < USEFUL_BEST_SPEED:  # a degenerate cell: say so where the run is read
             log.warning("layerskip keeps %d of %d layers: even accepting every draft it would reach %.2fx AR "
@@ -182,8 +179,6 @@ class LayerSkip(Drafter):
         if params["prompts"] < 1 or params["gen_tokens"] < 1:
             raise QuasarError("drafter.search.prompts and drafter.search.gen_tokens must be >= 1")
         target, numbering = self.search_target()
-        if not getattr(target, "is_native", False) or not hasattr(target, "with_layers"):
-            raise QuasarError("layerskip search needs the native runtime (llama/qwen2/qwen3/mistral)")
         self.layers_source = "search:reference" if numbering is not None else "search:verifier"
         model = getattr(self.loaded, "name", None) or "model"
         prompts = self.tools.need("calibration_prompts", self.name)(params["prompts"], params["seed"])

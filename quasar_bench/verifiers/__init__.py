@@ -48,12 +48,12 @@ class Precision:
     params: Callable = field(default=lambda vcfg: {})  # validated parameters: also the cache key
     cached: bool = False  # save the built state and reload it next time
     is_reference: bool = False  # the precision fidelity is measured against
-    generic: bool = False  # also runs on the generic transformers runtime (else: native runtime only)
+    native_only: bool = False  # needs the native runtime (else: also the generic transformers one)
     check: Callable | None = None  # (loaded, vcfg) -> why it cannot be built (its inputs), or None
 
     def unsupported(self, loaded, vcfg=None) -> str | None:
         """Why this precision cannot be built on `loaded` (checked before any long work), or None."""
-        if not (self.generic or getattr(loaded.runtime, "is_native", False)):
+        if self.native_only and not getattr(loaded.runtime, "is_native", False):
             return ("needs the native runtime (llama/qwen2/qwen3/mistral); this model runs on the generic "
                     "transformers path")
         if self.check is not None and vcfg is not None:
@@ -232,7 +232,7 @@ def build_verifier(loaded, vcfg, cache_dir: Path | None = None, fuse: bool = Fal
         if cache is not None:
             cache.save(*state_of(runtime, loaded.runtime))
     kernel = vcfg.get("kernel") or "auto"
-    ops = set_kernel(runtime, kernel) if getattr(runtime, "is_native", False) else []
+    ops = set_kernel(runtime, kernel)
     if kernel != "auto" and not ops:
         raise QuasarError(f"verifier.kernel={kernel} has no effect on verifier {entry.name}: it has no quantized "
                           "linears; drop verifier.kernel=")

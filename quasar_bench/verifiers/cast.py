@@ -14,5 +14,5 @@ def _cast(dtype):
 
 
 PRECISIONS = [Precision("reference", lambda loaded, vcfg, params, cache_dir: same_weights_runtime(loaded.runtime),
-                        is_reference=True, generic=True)]
+                        is_reference=True)]
 PRECISIONS += [Precision(name, _cast(dtype)) for name, dtype in _DTYPES.items()]

@@ -52,5 +52,6 @@ def _build(loaded, vcfg, params, cache_dir):
     return checkpoint_runtime(loaded.runtime, checkpoint_folder(loaded, vcfg))
 
 
-# Not cached: the checkpoint already is the packed weights, read in seconds.
-PRECISIONS = [Precision("checkpoint", _build, _params, check=_check)]
+# Not cached: the checkpoint already is the packed weights, read in seconds. Native only: the
+# checkpoint's tensor names are mapped onto the native runtime's (checkpoints.py).
+PRECISIONS = [Precision("checkpoint", _build, _params, check=_check, native_only=True)]

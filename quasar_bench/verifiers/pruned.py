@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import QuasarError, unknown
+from ..errors import unknown
 from . import Precision, calibration_params
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,6 @@ def _build(loaded, vcfg, params, cache_dir):
     from ..pruning import block_influence, choose_layers
 
     rt = loaded.runtime
-    if not hasattr(rt, "with_layers"):
-        raise QuasarError("verifier=pruned needs the native runtime (llama/qwen2/qwen3/mistral); "
-                          "the loaded model uses the generic transformers path")
     influence = None
     if params["criterion"] == "block_influence":
         influence = block_influence(rt, calibration_ids(loaded, CalibrationSpec(**params["calibration"]), cache_dir))

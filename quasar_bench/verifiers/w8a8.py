@@ -19,14 +19,26 @@ def _params(vcfg) -> dict:
     return {"alpha": alpha, "calibration": calibration_params(vcfg)}
 
 
+def keyed_linears(runtime) -> list[tuple[str, object, str, object]]:
+    """(statistics key, parent, attribute, linear) of every decoder linear. The key names the same
+    linear in every clone of the runtime: native, layer/block/name; generic, layer/position in it."""
+    out, position = [], {}
+    for i, parent, name, lin in decoder_linears(runtime):
+        if getattr(runtime, "is_native", False):
+            key = f"layers.{i}.{'self_attn' if name in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{name}"
+        else:
+            position[i] = position.get(i, -1) + 1
+            key = f"layers.{i}.{position[i]}"
+        out.append((key, parent, name, lin))
+    return out
+
+
 @torch.inference_mode()
 def activation_absmax(runtime, seqs) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| entering each decoder linear, over the calibration sequences."""
     stats, handles = {}, []
     probe = clone_runtime(runtime)
-    for i, parent, name, lin in decoder_linears(probe):
-        key = f"layers.{i}.{'self_attn' if name in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{name}"
-
+    for key, _, _, lin in keyed_linears(probe):
         def hook(mod, args, key=key):
             m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float().cpu()
             stats[key] = m if key not in stats else torch.maximum(stats[key], m)
@@ -56,6 +68,14 @@ def _build(loaded, vcfg, params, cache_dir):
     stats = activation_absmax(loaded.runtime, seqs)
     new = clone_runtime(loaded.runtime)
     device, dtype = new.device, new.dtype
+    if not getattr(new, "is_native", False):
+        # Any family: every linear divides its input by its own smoothing vector inside the module
+        # (norms differ by family: Gemma's 1 + w, LayerNorm biases, Falcon's one norm for attention
+        # and MLP), the same product as folding it into the norm in front.
+        for key, parent, name, lin in keyed_linears(new):
+            s = smooth_scales(stats[key], [lin.weight], alpha).to(device) if key in stats else None
+            setattr(parent, name, W8A8Linear.from_linear(lin, smooth=s))
+        return new
     for i, layer in enumerate(new.layers):
         # q/k/v and gate/up: smoothing folded into the preceding RMSNorm weight (exact)
         for norm_name, parent, names in (("input_layernorm", layer.self_attn, ("q_proj", "k_proj", "v_proj")),
