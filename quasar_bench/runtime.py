@@ -125,8 +125,8 @@ def fused_attention(enable: bool) -> None:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose CPU product takes the faster of two equal formulations for a few rows
-    (quasar_kernels.reference.linear): the CPU default's verify steps are 2..8-row GEMMs."""
+    """nn.Linear whose CPU fp32 product of 3+ rows (verify steps, prefill) runs on a weight packed
+    once for oneDNN (quasar_kernels.reference.linear) instead of MKL repacking it every call."""
 
     def forward(self, x):
         from quasar_kernels.reference import linear

@@ -3,30 +3,56 @@
 Each `*_ref` function takes the same arguments as its kernel and returns [..., N] in x's dtype.
 They are also the `reference` kernel backend (quasar_bench/backends/reference.py) and so the CPU
 path of every quantized verifier: the function the kernel tests compare against is the one that
-runs, not a copy. The building blocks take an already-dequantized (or transposed) weight so the
+runs, not a copy. The building blocks take an already-dequantized (or chunked) weight so the
 backend can compute it once per module instead of every call.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from quasar_bench.packing import dequantize_int4, dequantize_int8
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 # Sums of int8 x int8 products stay exact in fp32 while |sum| < 2^24: 1024 products of at most
 # 127^2 each reach 16.5e6 < 16.78e6. Longer dot products are split into chunks of this length.
 EXACT_F32_CHUNK = 1024
 
+# CPU fp32 products of 3+ rows go through a copy of the weight that oneDNN packed once (its blocked
+# layout), not F.linear: MKL's sgemm repacks the weight on every call above 2 rows, which made a
+# 6-token SmolLM2 verify step 50 ms instead of 39 (2-core EPYC, torch 2.13; T = 1 and 2 are equal or
+# faster with F.linear). Same product up to fp32 summation order. Switch off to compare.
+CPU_PACKED = True
+PACK_MIN_ROWS = 3
+_packed = WeakTensorKeyDictionary()  # weight -> (its version, data pointer, packed copy)
+
+
+def _cpu_packed(w: torch.Tensor) -> torch.Tensor:
+    """oneDNN-packed copy of w, made on first use and remade when w is changed in place."""
+    # inference tensors (made under torch.inference_mode) keep no version counter
+    key = (None if w.is_inference() else w._version, w.data_ptr())
+    hit = _packed.get(w)
+    if hit is None or hit[0] != key:
+        hit = _packed[w] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8))
+    return hit[1]
+
+
+def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (CPU_PACKED and _ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and w.dim() == 2 and x.numel() >= PACK_MIN_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
-    """F.linear(x, w, bias). On the CPU, for 2..64 rows, computed as (w @ x^T)^T: the same product,
-    but MKL's small-M sgemm in the x @ w^T form is 1.1-3.6x slower here (2-core EPYC: SmolLM2's
-    lm_head at 6 rows 46 ms vs 17 ms; every verify step of the CPU default runs 2..8 rows). Equal to
-    F.linear up to summation order (bitwise at 1 row, where F.linear is kept)."""
-    if x.device.type == "cpu" and x.dim() == 2 and 1 < x.shape[0] <= 64:
-        out = (w @ x.t()).t().contiguous()
-        return out + bias if bias is not None else out
-    return F.linear(x, w, bias)
+    """F.linear(x, w, bias); on the CPU in fp32 with 3+ rows, through the oneDNN-packed weight."""
+    if not _packable(x, w):
+        return F.linear(x, w, bias)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    b = None if bias is None else bias.detach()
+    out = torch.ops.mkldnn._linear_pointwise(x2, _cpu_packed(w), b, "none", [], "")
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def linear_dequantized(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
@@ -53,25 +79,31 @@ def quantize_per_token_ref(x: torch.Tensor):
     return q, scale
 
 
-def int8_matmul_exact(xq: torch.Tensor, wq_t: torch.Tensor) -> torch.Tensor:
-    """Exact integer sums of int8 products, float64 [M, N]: xq int8 [M, K] times wq_t [K, N] (int8
-    codes, any float or int dtype). fp32 matmuls over K-chunks short enough to stay exact, chunk
-    sums in float64: the same integers as int32 accumulation, for any M and on any device."""
+def exact_chunks(wq: torch.Tensor) -> tuple:
+    """Int8 weight codes [N, K] (any float or int dtype) as fp32 [N, <= EXACT_F32_CHUNK] column
+    chunks: the form int8_matmul_exact takes (kept per module on the CPU, so each is packed once)."""
+    wf = wq.float()
+    return tuple(wf[:, s : s + EXACT_F32_CHUNK].contiguous() for s in range(0, wf.shape[1], EXACT_F32_CHUNK))
+
+
+def int8_matmul_exact(xq: torch.Tensor, chunks: tuple) -> torch.Tensor:
+    """Exact integer sums of int8 products, float64 [M, N]: xq int8 [M, K] times the weight codes
+    given as exact_chunks(wq). fp32 products over K-chunks short enough to stay exact, chunk sums in
+    float64: the same integers as int32 accumulation, for any M and on any device."""
     a = xq.float()
-    b = wq_t.float()
-    k = a.shape[-1]
-    acc = None
-    for s in range(0, k, EXACT_F32_CHUNK):
-        part = (a[:, s : s + EXACT_F32_CHUNK] @ b[s : s + EXACT_F32_CHUNK]).double()
+    acc, s = None, 0
+    for w in chunks:
+        part = linear(a[:, s : s + w.shape[1]], w).double()
         acc = part if acc is None else acc + part
+        s += w.shape[1]
     return acc
 
 
-def w8a8_from_codes(x: torch.Tensor, wq_t: torch.Tensor, scales, bias=None) -> torch.Tensor:
-    """W8A8 with the weight codes given transposed [K, N]: per-token int8 activations, exact
+def w8a8_from_codes(x: torch.Tensor, chunks: tuple, scales, bias=None) -> torch.Tensor:
+    """W8A8 with the weight codes given as exact_chunks(qweight): per-token int8 activations, exact
     integer products, then the two scales."""
     q, xs = quantize_per_token_ref(x)
-    acc = int8_matmul_exact(q.reshape(-1, x.shape[-1]), wq_t)
+    acc = int8_matmul_exact(q.reshape(-1, x.shape[-1]), chunks)
     y = (acc * scales.double()[None, :]).float().reshape(*x.shape[:-1], -1) * xs[..., None]
     if bias is not None:
         y = y + bias.float()
@@ -79,4 +111,4 @@ def w8a8_from_codes(x: torch.Tensor, wq_t: torch.Tensor, scales, bias=None) -> t
 
 
 def w8a8_linear_ref(x, qweight, scales, bias=None):
-    return w8a8_from_codes(x, qweight.t(), scales, bias)
+    return w8a8_from_codes(x, exact_chunks(qweight), scales, bias)

@@ -9,6 +9,16 @@ from quasar_bench.models import TINY_CONFIGS, load_model, random_hf_model
 from quasar_bench.runtime import native_from_hf
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny forwards only pay overhead (and contend) with more.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct, fp32 on CPU (converted from the GGUF once, then cached)."""

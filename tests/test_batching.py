@@ -16,12 +16,7 @@ from quasar_bench.drafters import Draft, Drafter
 from quasar_bench.errors import QuasarError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompts_of(lengths, seed=0, vocab=256):

@@ -20,12 +20,7 @@ from quasar_bench.runtime import native_from_hf
 K = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small forwards: extra threads only add overhead (and contention)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mk(cfg: dict, rt, loaded=None):

@@ -62,12 +62,7 @@ PROMPTS = [[5, 17, 99, 3, 42, 7, 5, 17, 99, 3, 8, 250, 11, 5, 17, 99, 3, 42, 7, 
 IDS = PROMPTS[0] + [61, 62, 200, 7, 9, 130, 44, 5, 17, 99, 3, 12]  # 32 positions: past the sliding window
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Family:

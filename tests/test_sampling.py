@@ -34,12 +34,7 @@ PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 P_MIN = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards: threads only add overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,11 @@ V, K = 64, 4
 PROMPT = [5, 17, 9, 3, 42, 7, 5, 17, 9, 3, 8]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(1)
     hf = random_hf_model({**TINY_CONFIGS["tiny_llama"], "initializer_range": 0.3}, V, torch.float32, "cpu", 0)
     return LoadedModel("tiny", native_from_hf(hf, 256), None, [], False)
 

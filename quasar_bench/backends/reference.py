@@ -7,7 +7,7 @@ recomputed per call (a correctness path, not a fast one: a float copy of every w
 """
 from __future__ import annotations
 
-from quasar_kernels.reference import linear_dequantized, w8a8_from_codes
+from quasar_kernels.reference import exact_chunks, linear_dequantized, w8a8_from_codes
 
 from . import Backend
 
@@ -26,7 +26,7 @@ class Reference(Backend):
         return linear_dequantized(x, self._weight(mod, lambda: mod.dequantize().float()), mod.bias)
 
     def w8a8(self, mod, x):
-        return w8a8_from_codes(x, self._weight(mod, lambda: mod.qweight.t().float().contiguous()), mod.scales, mod.bias)
+        return w8a8_from_codes(x, self._weight(mod, lambda: exact_chunks(mod.qweight)), mod.scales, mod.bias)
 
 
 BACKEND = Reference()
