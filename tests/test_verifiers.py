@@ -275,10 +275,15 @@ def test_smollm2_speculative_equals_ar_of_quantized_model(smollm2, tmp_path, vc,
     match exactly (24 tokens), with drafts accepted. W8A8 quantizes activations per token: a 1-ulp
     difference between the T=1 and T=k+1 forwards (CPU attention blocking) can move an int8 code,
     and 30 layers amplify it (measured on SmolLM2: KL 4e-3 and top-1 0.90 between T=1 and
-    whole-sequence forwards of the same W8A8 model, against 7e-8 and 1.0 in fp32), so W8A8 is only
-    held to one prompt identical here; the README reports this, and runs report the match rate
-    (ref_exact_match). GPTQ (~30 s on 2 cores) is built once into the project's verifier cache, the
-    one the runs use (its key holds the quantization code's hash), and loaded from there after."""
+    whole-sequence forwards of the same W8A8 model, against 7e-8 and 1.0 in fp32), so how many
+    prompts match exactly is a property of the machine's fp32 rounding (0 to 2 of these 4 across
+    code versions), not of the loop. W8A8 is held instead to what a correct loop guarantees: the
+    outputs agree up to a first divergence where both tokens are near-ties of the W8A8 model's best
+    (each within 1 nat of its top log-prob in a whole-prefix forward; gaps measured 0.01-0.28 on 7
+    divergences, one a 3-way tie). A loop that accepted a wrong draft emits a token the model ranks
+    far lower. The README reports this; runs report the match rate (ref_exact_match).
+    GPTQ (~30 s on 2 cores) is built once into the project's verifier cache, the one the runs use
+    (its key holds the quantization code's hash), and loaded from there after."""
     from conftest import chat_ids
     from quasar_bench.data import load_prompts
     from quasar_bench.fileio import cache_root
@@ -292,11 +297,20 @@ def test_smollm2_speculative_equals_ar_of_quantized_model(smollm2, tmp_path, vc,
         ar = generate(rt, make_drafter(cfg("ar"), rt), ids, 24, 0, smollm2.eos_ids)
         spec = generate(rt, make_drafter(cfg("ngram", k=5), rt), ids, 24, 5, smollm2.eos_ids)
         accepted += spec.accepted
-        if spec.output_ids == ar.output_ids:
+        a, b = list(ar.output_ids), list(spec.output_ids)
+        if a == b:
             exact += 1
             continue
         assert vc["name"] == "w8a8", pid
-    assert accepted > 0 and exact >= (1 if vc["name"] == "w8a8" else len(prompt_ids))
+        j = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
+        assert j is not None, (pid, "one output is a prefix of the other: a stop that differs")
+        prefix = ids + a[:j]
+        rt.reset(len(prefix) + 8)
+        logp = torch.log_softmax(rt.forward(torch.tensor(prefix))[-1].float(), -1)
+        top = float(logp.max())  # both tokens within 1 nat of the model's best there (3-way ties occur)
+        assert top - float(logp[a[j]]) < 1.0 and top - float(logp[b[j]]) < 1.0, (pid, j, top, float(logp[a[j]]),
+                                                                                float(logp[b[j]]))
+    assert accepted > 0 and exact >= (0 if vc["name"] == "w8a8" else len(prompt_ids))
 
 
 @pytest.mark.parametrize("name", ["int4", "int8"])
