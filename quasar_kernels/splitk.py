@@ -275,6 +275,19 @@ def tile_candidates(x, n, k_total, tiles, default_tile, block_m=None, extra=None
     return out
 
 
+# Tried with 128-row blocks once M > 64 (batched verification: M = B (k+1) reaches ~200): each
+# weight tile is then loaded and dequantized once per 128 rows instead of once per 64. Candidates
+# only: the autotuner keeps them where they time faster (block_m_for's 64 stays the default).
+LARGE_M_TILES = [(64, 64, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3)]  # (BLOCK_N, BLOCK_K, warps, stages)
+
+
+def large_m_candidates(x, n, k_total, extra=None):
+    """tile_candidates with BLOCK_M = 128 over LARGE_M_TILES when M > 64 and autotuning; else []."""
+    if x.shape[0] <= 64 or not autotune_enabled(x):
+        return []
+    return tile_candidates(x, n, k_total, LARGE_M_TILES, None, block_m=128, extra=extra)
+
+
 def with_defaults(config: dict, m: int) -> dict:
     """An explicit config, completed: BLOCK_M from M (<= 4 rows for the FMA path), split 1."""
     bm = min(4, m_bucket(m)) if config.get("MODE") == 0 else block_m_for(m)  # FMA_SLICES: <= 4 rows

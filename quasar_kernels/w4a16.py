@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .splitk import _epilogue, as_2d, check_device, dot_precision, launch_splitk, m_bucket, pick_config, tile_candidates, with_defaults
+from .splitk import (_epilogue, as_2d, check_device, dot_precision, large_m_candidates, launch_splitk, m_bucket,
+                     pick_config, tile_candidates, with_defaults)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +178,7 @@ def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, b
         if m <= 4:
             cands += tile_candidates(x2, n, kp, _W4_TILES[FMA_SLICES], None, block_m=m_bucket(m),
                                      extra=dict(MODE=FMA_SLICES))
+        cands += large_m_candidates(x2, n, kp, extra=dict(MODE=DOT_RESHAPE))
         return cands
 
     if config is None:

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .splitk import _epilogue, as_2d, check_device, dot_precision, launch_splitk, pick_config, tile_candidates, with_defaults
+from .splitk import (_epilogue, as_2d, check_device, dot_precision, large_m_candidates, launch_splitk, pick_config,
+                     tile_candidates, with_defaults)
 
 
 @triton.jit
@@ -76,7 +77,8 @@ def w8a16_linear(x, qweight, scales, bias=None, *, config=None):
                              K=k, stride_xm=x2.stride(0), PRECISION=dot_precision(x2.dtype))
 
     if config is None:
-        config = pick_config("w8a16", x2, n, k, lambda: tile_candidates(x2, n, k, _W8_TILES, _W8_DEFAULT), launch)
+        config = pick_config("w8a16", x2, n, k, lambda: tile_candidates(x2, n, k, _W8_TILES, _W8_DEFAULT)
+                             + large_m_candidates(x2, n, k), launch)
     else:
         config = with_defaults(config, x2.shape[0])
     return launch(config).reshape(*lead, n)

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .splitk import _epilogue, TUNE_CACHE, as_2d, check_device, launch_splitk, m_bucket, pick_config, tile_candidates, with_defaults
+from .splitk import (_epilogue, TUNE_CACHE, as_2d, check_device, large_m_candidates, launch_splitk, m_bucket, pick_config,
+                     tile_candidates, with_defaults)
 
 
 @triton.jit
@@ -127,6 +128,7 @@ def w8a8_linear(x, qweight, scales, bias=None, *, backend: str = "auto", config=
     elif config is None:
         def candidates():
             cands = tile_candidates(x2, n, k, _W8A8_TILES, _W8A8_DEFAULT)
+            cands += large_m_candidates(x2, n, k)
             if backend == "auto" and x2.is_cuda and k % 8 == 0 and n % 8 == 0:
                 cands.append(_INT_MM)
             return cands

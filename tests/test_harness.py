@@ -242,7 +242,7 @@ def test_dataset_fetched_once_then_cached_and_a_changed_download_refused(cache, 
 
 # -- the real CLI killed at random moments, then resumed ------------------------------------------
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
-    # long enough (~20-30 s) that the kills land in a live run even on an idle machine
+    # 32 row files (8 prompts x 2 drafters x 2 repeats): kills land in a live run at any speed
     # two interleaved repeats: resume must fill in (cell, prompt, turn, repeat) rows, none twice
     args = ["model=tiny_llama", "dataset.limit=8", "max_new_tokens=32", "progress=false", "repeats=2",
             "matrix.verifiers=[reference]", "matrix.extra=[]"]
@@ -260,11 +260,13 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
         p = subprocess.Popen(cli_cmd(tmp_path / "b", *args, f"out_dir={kill_dir}"), cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.monotonic()
-        if attempt == 0:  # anywhere from start-up to the first rows
-            deadline, need = t0 + rng.uniform(1.0, 6.0), None
+        # every kill point is tied to the run's own progress, not to wall time alone: the whole run
+        # takes ~5 s on an idle 2-core machine, so a fixed deadline could land after it finished
+        if attempt == 0:  # anywhere from start-up to the first rows (at the latest when they appear)
+            deadline, need = t0 + rng.uniform(1.0, 6.0), n_before + 1
         else:  # after this run has stored 1-2 new prompts, plus a random part of the next one
             deadline, need = None, n_before + rng.randint(1, 2)
-        delay = rng.uniform(0.0, 1.0)
+        delay = 0.0 if attempt == 0 else rng.uniform(0.0, 0.3)
         while p.poll() is None and time.monotonic() - t0 < 60:
             if deadline is not None and time.monotonic() >= deadline:
                 break

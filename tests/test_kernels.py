@@ -202,6 +202,37 @@ def test_w8a8(m, n, k, dtype, cfg, backend):
     _check(out, w8a8_linear_ref(x, qweight, scales, bias=bias), dtype, (m, n))
 
 
+@pytest.mark.parametrize("kernel", ["w4a16", "w8a16", "w8a8"])
+def test_block_m_128_tiles_for_large_m(kernel):
+    """The 128-row tiles the autotuner adds past M = 64 (splitk.LARGE_M_TILES): rows of two row
+    blocks, the second partial, split K, N not a multiple of the block."""
+    from quasar_kernels.splitk import LARGE_M_TILES, large_m_candidates
+
+    m, n, k, g = 130, 40, 256, 128
+    r = _gen(4000 + len(kernel))
+    w, x, bias = r(n, k), r(m, k, dtype=torch.bfloat16), r(n, dtype=torch.bfloat16)
+    cfg = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, num_warps=8)
+    _poison()
+    if kernel == "w4a16":
+        codes, scales, zeros = quantize_int4_rtn(w, g)
+        qw = pack_int4(codes)
+        out = w4a16_linear(x, qw, scales, zeros, k, g, bias=bias, config=dict(MODE=2, **cfg))
+        ref = w4a16_linear_ref(x, qw, scales, zeros, k, g, bias=bias)
+    else:
+        qw, s8 = quantize_int8_rtn(w)
+        if kernel == "w8a16":
+            out, ref = w8a16_linear(x, qw, s8, bias=bias, config=cfg), w8a16_linear_ref(x, qw, s8, bias=bias)
+        else:
+            out = w8a8_linear(x, qw, s8, bias=bias, backend="triton", config=cfg)
+            ref = w8a8_linear_ref(x, qw, s8, bias=bias)
+    _check(out, ref, torch.bfloat16, (m, n))
+    # offered to the autotuner only past 64 rows, and only where it times (CUDA)
+    assert large_m_candidates(x[:64], n, k) == []
+    cands = large_m_candidates(x, n, k)
+    assert (cands == []) != (x.is_cuda and os.environ.get("QUASAR_KERNEL_AUTOTUNE", "1") != "0")
+    assert all(c["BLOCK_M"] == 128 for c in cands) and len(LARGE_M_TILES) == 3
+
+
 def test_shape_errors():
     r = _gen(5)
     qweight, scales = quantize_int8_rtn(r(16, 64))
