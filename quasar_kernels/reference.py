@@ -21,7 +21,7 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_r
 EXACT_F32_CHUNK = 1024
 
 # CPU fp32 products of 3+ rows go through a copy of the weight that oneDNN packed once (its blocked
-# layout), not F.linear: MKL's sgemm repacks the weight on every call above 2 rows, which made a
+# layout), not F.linear, whose sgemm (we infer: packing the weight on every call above 2 rows) made a
 # 6-token SmolLM2 verify step 50 ms instead of 39 (2-core EPYC, torch 2.13; T = 1 and 2 are equal or
 # faster with F.linear). Same product up to fp32 summation order. Switch off to compare.
 CPU_PACKED = True
