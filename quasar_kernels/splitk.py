@@ -249,10 +249,10 @@ def pick_config(name: str, x: torch.Tensor, n: int, k: int, candidates_fn, launc
     return best
 
 
-def tile_candidates(x, n, k_total, tiles, default_tile, block_m=None, extra=None):
+def tile_candidates(x, n, k_total, tiles, default_tile, block_m=None, extra=None, waves=(0, 1, 2, 4)):
     """Configs {BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages} (+ `extra`): the default
-    tile first (split to ~2 waves), then each tile in `tiles` with splits that fill about 1, 2
-    and 4 waves of SMs, and no split."""
+    tile first (split to ~2 waves), then each tile in `tiles` with the K-split that fills about each
+    of `waves` waves of SMs (0: no split)."""
     m = x.shape[0]
     sms = num_sms(x.device)
     bm = block_m or block_m_for(m)
@@ -268,8 +268,8 @@ def tile_candidates(x, n, k_total, tiles, default_tile, block_m=None, extra=None
     out = [cfg(*default_tile, 2)] if default_tile else []
     if autotune_enabled(x):
         for t in tiles:
-            for waves in (0, 1, 2, 4):
-                c = cfg(*t, waves)
+            for w in waves:
+                c = cfg(*t, w)
                 if c not in out:
                     out.append(c)
     return out
@@ -285,7 +285,8 @@ def large_m_candidates(x, n, k_total, extra=None):
     """tile_candidates with BLOCK_M = 128 over LARGE_M_TILES when M > 64 and autotuning; else []."""
     if x.shape[0] <= 64 or not autotune_enabled(x):
         return []
-    return tile_candidates(x, n, k_total, LARGE_M_TILES, None, block_m=128, extra=extra)
+    # 2+ row blocks already fill the GPU with few K-splits: no split or ~1 wave (6 compiles at most)
+    return tile_candidates(x, n, k_total, LARGE_M_TILES, None, block_m=128, extra=extra, waves=(0, 1))
 
 
 def with_defaults(config: dict, m: int) -> dict:

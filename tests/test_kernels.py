@@ -206,8 +206,6 @@ def test_w8a8(m, n, k, dtype, cfg, backend):
 def test_block_m_128_tiles_for_large_m(kernel):
     """The 128-row tiles the autotuner adds past M = 64 (splitk.LARGE_M_TILES): rows of two row
     blocks, the second partial, split K, N not a multiple of the block."""
-    from quasar_kernels.splitk import LARGE_M_TILES, large_m_candidates
-
     m, n, k, g = 130, 40, 256, 128
     r = _gen(4000 + len(kernel))
     w, x, bias = r(n, k), r(m, k, dtype=torch.bfloat16), r(n, dtype=torch.bfloat16)
@@ -226,11 +224,23 @@ def test_block_m_128_tiles_for_large_m(kernel):
             out = w8a8_linear(x, qw, s8, bias=bias, backend="triton", config=cfg)
             ref = w8a8_linear_ref(x, qw, s8, bias=bias)
     _check(out, ref, torch.bfloat16, (m, n))
-    # offered to the autotuner only past 64 rows, and only where it times (CUDA)
-    assert large_m_candidates(x[:64], n, k) == []
-    cands = large_m_candidates(x, n, k)
-    assert (cands == []) != (x.is_cuda and os.environ.get("QUASAR_KERNEL_AUTOTUNE", "1") != "0")
-    assert all(c["BLOCK_M"] == 128 for c in cands) and len(LARGE_M_TILES) == 3
+
+
+
+def test_large_m_candidates_offered_past_64_rows_only(monkeypatch):
+    """What the autotuner gets past M = 64: each LARGE_M_TILES tile with 128-row blocks, unsplit or
+    split to ~1 wave (6 configs at most: each is a compile on first use); nothing at M <= 64."""
+    import quasar_kernels.splitk as sk
+
+    monkeypatch.setattr(sk, "autotune_enabled", lambda x: True)
+    x = torch.zeros(130, 4096)
+    assert sk.large_m_candidates(x[:64], 12288, 4096) == []
+    cands = sk.large_m_candidates(x, 12288, 4096, extra=dict(MODE=2))
+    assert 3 <= len(cands) <= 6 and all(c["BLOCK_M"] == 128 and c["MODE"] == 2 for c in cands)
+    assert {(c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]) for c in cands} == set(sk.LARGE_M_TILES)
+    assert min(c["SPLIT_K"] for c in cands) == 1
+    monkeypatch.setattr(sk, "autotune_enabled", lambda x: False)
+    assert sk.large_m_candidates(x, 12288, 4096) == []  # no timing (CPU, capture, autotune off): none
 
 
 def test_shape_errors():
