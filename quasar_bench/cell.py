@@ -63,7 +63,8 @@ def describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference: bool, batch_s
                                         if hasattr(m, "backend")})) if getattr(runtime, "kernel_ops", None) else "",
                 temperature=float(cfg.temperature), top_p=float(cfg.top_p), device=device_name(runtime.device),
                 dtype=str(runtime.dtype).removeprefix("torch."), weight_bytes=weight_bytes(runtime),
-                git_commit=run.env.get("git_commit", "unknown"), drafter_fields=drafter.row_fields())
+                git_commit=run.env.get("git_commit", "unknown"), drafter_fields=drafter.row_fields(),
+                runtime="native" if getattr(runtime, "is_native", False) else "generic")
 
 
 def prompt_seed(seed: int, prompt_id, turn: int) -> int:

@@ -37,6 +37,7 @@ class Cell:
     weight_bytes: int
     git_commit: str
     drafter_fields: dict = field(default_factory=dict)  # the drafter's row_fields(): extra columns
+    runtime: str = "native"  # which engine timed it: native (runtime.py) or generic (generic_runtime.py)
 
 
 def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: str, seed: int, peak: int,
@@ -65,7 +66,7 @@ def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: st
         **batch_columns(res),
         "peak_mem_bytes": int(peak), "weight_bytes": cell.weight_bytes, "prompt_ids": list(prompt_ids),
         "output_ids": res.output_ids, "output_text": text, "seed": seed, "device": cell.device,
-        "dtype": cell.dtype, "torch_version": torch.__version__, "git_commit": cell.git_commit,
+        "dtype": cell.dtype, "runtime": cell.runtime, "torch_version": torch.__version__, "git_commit": cell.git_commit,
     }
     clash = sorted(set(cell.drafter_fields) & set(row))
     if clash:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from quasar_kernels.reference import cpu_packed
+
 from . import data
 from .calibration import check_disjoint
 from .cell import capture_graphs, run_cell
@@ -175,7 +177,10 @@ class Experiment:
             self.engine = {"fuse_projections": self.fuse,
                            "compile_elementwise": on_cuda_by_default(cfg, "compile_elementwise", self.loaded.runtime)
                            and native,
-                           "fused_attention": on_cuda_by_default(cfg, "fused_attention", self.loaded.runtime) and native}
+                           "fused_attention": on_cuda_by_default(cfg, "fused_attention", self.loaded.runtime) and native,
+                           # CPU fp32 products on oneDNN-packed weights (QUASAR_CPU_PACKED): another
+                           # summation order, which GPTQ and W8A8 results follow, so part of the identity
+                           "cpu_packed_linears": self.loaded.runtime.device.type == "cpu" and cpu_packed()}
             compile_elementwise(self.engine["compile_elementwise"])
             fused_attention(self.engine["fused_attention"])
             self.tools = draft_tools(self.loaded, cache_root(cfg.model.cache_dir), self.fuse)

@@ -8,6 +8,8 @@ backend can compute it once per module instead of every call.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -23,10 +25,17 @@ EXACT_F32_CHUNK = 1024
 # CPU fp32 products of 3+ rows go through a copy of the weight that oneDNN packed once (its blocked
 # layout), not F.linear, whose sgemm (we infer: packing the weight on every call above 2 rows) made a
 # 6-token SmolLM2 verify step 50 ms instead of 39 (2-core EPYC, torch 2.13; T = 1 and 2 are equal or
-# faster with F.linear). Same product up to fp32 summation order. Switch off to compare.
-CPU_PACKED = True
+# faster with F.linear). Same product up to fp32 summation order. The packed copies double the fp32
+# weight memory of a CPU run: QUASAR_CPU_PACKED=0 turns them off (slower; the same products in
+# another summation order, which GPTQ's codes and W8A8's roundings follow: runs record the switch).
+CPU_PACKED = os.environ.get("QUASAR_CPU_PACKED", "1") != "0"
 PACK_MIN_ROWS = 3
 _packed = WeakTensorKeyDictionary()  # weight -> (its version, data pointer, packed copy)
+
+
+def cpu_packed() -> bool:
+    """Whether CPU fp32 products of 3+ rows run on oneDNN-packed weights here."""
+    return CPU_PACKED and _ONEDNN
 
 
 def _cpu_packed(w: torch.Tensor) -> torch.Tensor:
@@ -40,7 +49,7 @@ def _cpu_packed(w: torch.Tensor) -> torch.Tensor:
 
 
 def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (CPU_PACKED and _ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+    return (cpu_packed() and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
             and w.dim() == 2 and x.numel() >= PACK_MIN_ROWS * x.shape[-1]
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 

@@ -28,8 +28,9 @@ def test_end_to_end_and_resume(tmp_path):
     required = ["model", "drafter", "verifier", "k", "dataset", "category", "prompt_id", "turn", "new_tokens",
                 "verify_steps", "tau", "alpha", "accepted_per_position", "prefill_s", "decode_s", "draft_s",
                 "verify_s", "tokens_per_s", "peak_mem_bytes", "output_ids", "output_text", "seed", "device",
-                "torch_version", "git_commit"]
+                "runtime", "torch_version", "git_commit"]
     assert not set(required) - set(rows.columns)
+    assert set(rows.runtime) == {"native"}  # tiny_llama: a native family
     # 3 prompts, the first is 2-turn (multi_turn) -> 4 rows per drafter, drafters ar and ngram
     assert len(rows) == 8 and set(rows.drafter) == {"ar", "ngram"}
     assert (rows[rows.drafter == "ar"].tau == 1.0).all()

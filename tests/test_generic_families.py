@@ -359,7 +359,7 @@ def test_default_experiment_on_a_saved_gemma3_folder(tmp_path):
     assert cells == {(v, d) for v in ("reference", "int8", "w8a8", "int4", "pruned") for d in ("ar", "ngram")} | \
         {(v, d) for v in ("reference", "int4") for d in ("lookahead", "layerskip", "synthetic")} | \
         {("reference", "draft_model")}
-    assert set(rows.model) == {"tiny_gemma3 (gemma3_text)"}
+    assert set(rows.model) == {"tiny_gemma3 (gemma3_text)"} and set(rows.runtime) == {"generic"}
     ar = {(r.verifier, r.prompt_id, r.turn): list(r.output_ids) for r in rows[rows.drafter == "ar"].itertuples()}
     for row in rows.itertuples():
         assert list(row.output_ids) == ar[(row.verifier, row.prompt_id, row.turn)], (row.verifier, row.drafter)

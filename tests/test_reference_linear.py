@@ -1,6 +1,10 @@
 """The CPU product every native-runtime linear and every reference-backend verifier runs
 (quasar_kernels.reference.linear: a oneDNN-packed weight from 3 rows on) against float64 numpy, and
 the exact int8 products of W8A8 against int64 numpy."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +61,19 @@ def test_int8_products_are_exact_integers(k):
     got = R.int8_matmul_exact(xq, R.exact_chunks(wq))
     ref = xq.numpy().astype(np.int64) @ wq.numpy().astype(np.int64).T
     assert got.dtype == torch.float64 and np.array_equal(got.numpy().astype(np.int64), ref)
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_packing_switch_from_the_environment(value):
+    """QUASAR_CPU_PACKED=0 (the packs double fp32 weight memory) sends every product to F.linear:
+    no packed copy is made."""
+    code = ("import torch; from quasar_kernels import reference as R; w = torch.randn(64, 32); "
+            "R.linear(torch.randn(5, 32), w); print(R.cpu_packed(), R._ONEDNN, len(R._packed))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "QUASAR_CPU_PACKED": value})
+    assert r.returncode == 0, r.stderr
+    on, onednn, packs = r.stdout.split()
+    if value == "0":
+        assert (on, packs) == ("False", "0")
+    else:
+        assert on == onednn and packs == ("1" if onednn == "True" else "0")
