@@ -193,9 +193,10 @@ def teacher_forced(run, live, batch, drafters, cell, prompts, turn: int, gen_kw)
             for (p, turn, _), r in zip(jobs, results)}
 
 
-def capture_graphs(runtime, cfg, max_k: int) -> None:
-    """CUDA graphs for every AR / verify forward shape, captured (and kernels autotuned) before
-    any timing, when the device and runtime allow."""
+def capture_graphs(runtime, cfg, widths: list[int]) -> None:
+    """CUDA graphs for the forwards of `widths` tokens (AR and verify steps: 1 .. k + 1; a drafter's
+    own wider forward on the verifier), captured (and kernels autotuned) before any timing, when
+    the device and runtime allow."""
     use = cfg.cuda_graphs
     if runtime.device.type != "cuda" or use is False or not getattr(runtime, "is_native", False):
         if use is True and runtime.device.type != "cuda":
@@ -203,6 +204,6 @@ def capture_graphs(runtime, cfg, max_k: int) -> None:
 
             raise QuasarError("cuda_graphs=true needs a CUDA device; use cuda_graphs=auto")
         return
-    runtime.enable_cuda_graphs(max_tokens=max_k + 1, max_len=int(cfg.model.max_seq_len))
+    runtime.enable_cuda_graphs(max_tokens=max(widths), max_len=int(cfg.model.max_seq_len))
     runtime.reset(runtime.graphs.max_len)  # allocate the cache the graphs will address
-    runtime.graphs.capture_all()
+    runtime.graphs.capture_all(widths)

@@ -66,12 +66,13 @@ class CUDAGraphs:
                 graphs.append(graph)
         return graphs, out, state  # `state` keeps the tensors chunk i + 1 reads alive
 
-    def capture_all(self) -> None:
-        """Capture every (tokens, span) graph up front (and let the Triton kernels autotune every
-        row count), so no capture or tuning ever lands inside a timed decode step. The warm-up
-        forwards write KV slots 0..t-1, which the next generation's prefill overwrites."""
+    def capture_all(self, widths=None) -> None:
+        """Capture every (tokens, span) graph up front for the token counts `widths` (default 1 ..
+        max_tokens), letting the Triton kernels autotune every row count, so no capture or tuning
+        lands inside a timed decode step. The warm-up forwards write KV slots 0..t-1, which the
+        next generation's prefill overwrites."""
         self.start.fill_(0)
-        for t in range(1, self.max_tokens + 1):
+        for t in sorted(set(widths or range(1, self.max_tokens + 1))):
             for span in range(self.bucket, self.max_len + 1, self.bucket):
                 if (t, span, None) not in self.graphs:
                     self.graphs[(t, span, None)] = self.capture(t, span)

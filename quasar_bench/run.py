@@ -97,6 +97,7 @@ class LiveVerifier:
     runtime: object
     fidelity: dict
     is_reference: bool
+    verify_tokens: int = 0  # the widest verify forward (max k + 1): what batched graphs capture
     batches: dict = field(default_factory=dict)  # batch size -> BatchRuntime
     drafters: dict = field(default_factory=dict)  # cell_hash(drafter config) -> Drafter
     cells: dict = field(default_factory=dict)  # (cell_hash(drafter config), batch size) -> rows.Cell
@@ -120,10 +121,11 @@ class LiveVerifier:
             batch = BatchRuntime(self.runtime, size)
             graphs = getattr(self.runtime, "graphs", None)
             if graphs is not None:
-                batch.enable_cuda_graphs(graphs.max_tokens, graphs.max_len)
+                width = self.verify_tokens or graphs.max_tokens  # batched drafter forwards run per sequence
+                batch.enable_cuda_graphs(width, graphs.max_len)
                 batch.reset(batch.graphs.max_len)
                 log.info("capturing batch-%d CUDA graphs", size)
-                batch.graphs.capture_all(range(1, graphs.max_tokens + 1))
+                batch.graphs.capture_all(range(1, width + 1))
             self.batches[size] = batch
         return self.batches[size]
 
@@ -201,8 +203,11 @@ class Experiment:
             self.skipped, made = self.drop_unsupported(drafters)
             if fidelity_wanted or self.teacher_forced or any(d.replays == "reference" for d in made):
                 self.references.compute(fidelity_wanted, cfg.progress)
-            max_k = max(d.k for d in made)
-            self.live = [self.build_live(vcfg, max_k) for vcfg, _ in self.plan]
+            verify_tokens = max(d.k for d in made) + 1
+            # CUDA graphs cover every forward a cell makes: verify steps, and any wider forward a
+            # drafter runs on the verifier (lookahead's Jacobi window)
+            widths = sorted(set(range(1, verify_tokens + 1)) | {d.forward_tokens for d in made if d.forward_tokens})
+            self.live = [self.build_live(vcfg, widths, verify_tokens) for vcfg, _ in self.plan]
             visits = schedule(self.plan, batch_sizes(cfg), repeats(cfg), int(cfg.seed))
             self.outputs = {}  # cell_id -> {(prompt_id, turn): output ids}: every repeat must give the same
             self.progress = {"done": 0, "total": len(visits), "start": time.perf_counter()}
@@ -220,13 +225,13 @@ class Experiment:
             self.release_verifiers()
             self.store.close()
 
-    def build_live(self, vcfg, max_k: int) -> LiveVerifier:
+    def build_live(self, vcfg, widths: list[int], verify_tokens: int) -> LiveVerifier:
         """Build a verifier (cached builds load from disk), measure its fidelity against the
         reference, and capture its CUDA graphs, before any timing."""
         runtime = build_verifier(self.loaded, vcfg, cache_root(self.cfg.model.cache_dir), self.fuse)
         fidelity = self.references.fidelity(runtime) if self.references.logprobs else {}
-        capture_graphs(runtime, self.cfg, max_k)
-        return LiveVerifier(vcfg, runtime, fidelity, precision(vcfg.name).is_reference)
+        capture_graphs(runtime, self.cfg, widths)
+        return LiveVerifier(vcfg, runtime, fidelity, precision(vcfg.name).is_reference, verify_tokens=verify_tokens)
 
     def release_verifiers(self) -> None:
         for live in getattr(self, "live", []):

@@ -30,7 +30,10 @@ from quasar_kernels.bench_kernels import SHAPES as BENCH_SHAPES
 # the Qwen3-8B shapes of the Triton benchmark plus the fused projections (q/k/v, gate+up)
 SHAPES = {**BENCH_SHAPES, "qkv": (6144, 4096), "gate+up": (24576, 4096)}
 MS = [1, 2, 4, 6, 8, 12, 16]
-KERNELS = ["bf16_cublas", "w4a16_cuda", "w4a16_triton", "int4pack_mm_torch", "gemlite_a16w4"]
+# w4a16_cuda: ours with the planner's pick of both weight rings; _reg / _cpa: the register ring
+# (ld.global.nc) or the cp.async shared-memory ring only
+KERNELS = ["bf16_cublas", "w4a16_cuda", "w4a16_cuda_reg", "w4a16_cuda_cpa", "w4a16_triton", "int4pack_mm_torch",
+           "gemlite_a16w4"]
 TARGET = {"gate/up": 3.0, "gate+up": 3.0, "down": 3.0, "lm_head": 3.0, "q/o": 2.5, "qkv": 2.5}
 
 LOG: list[str] = []
@@ -128,7 +131,8 @@ def main(argv=None):
                 log(f"gemlite pack failed: {e!r}"[:300])
         del codes
         w4_bytes = n * kp // 2 + 2 * (kp // GROUP) * n * 2
-        w_bytes = {"bf16_cublas": n * k * 2, "w4a16_cuda": w4_bytes, "w4a16_triton": w4_bytes,
+        w_bytes = {"bf16_cublas": n * k * 2, "w4a16_cuda": w4_bytes, "w4a16_cuda_reg": w4_bytes,
+                   "w4a16_cuda_cpa": w4_bytes, "w4a16_triton": w4_bytes,
                    "int4pack_mm_torch": n * k // 2 + (k // GROUP) * n * 4, "gemlite_a16w4": w4_bytes}
 
         def copies(objs, nbytes, clone):
@@ -139,6 +143,7 @@ def main(argv=None):
                 "w4a16_triton": copies((qweight, scales, zeros), w4_bytes, lambda ts: tuple(t.clone() for t in ts))}
         if packed is not None:
             sets["w4a16_cuda"] = copies(packed, w4_bytes, lambda d: {a: b.clone() for a, b in d.items()})
+            sets["w4a16_cuda_reg"] = sets["w4a16_cuda_cpa"] = sets["w4a16_cuda"]
             wc.prepare(packed, ms_list)
         if i4 is not None:
             sets["int4pack_mm_torch"] = copies(i4, w_bytes["int4pack_mm_torch"], lambda ts: tuple(t.clone() for t in ts))
@@ -169,6 +174,8 @@ def main(argv=None):
             ops = {
                 "bf16_cublas": lambda ws: F.linear(x, ws),
                 "w4a16_cuda": lambda d: wc.w4a16_cuda_linear(x, d),
+                "w4a16_cuda_reg": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, pipe=0)),
+                "w4a16_cuda_cpa": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, pipe=1)),
                 "w4a16_triton": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP),
                 "int4pack_mm_torch": lambda ts: torch._weight_int4pack_mm(x, ts[0], GROUP, ts[1]),
                 "gemlite_a16w4": lambda layer: layer(x),
@@ -192,13 +199,13 @@ def main(argv=None):
                     checks.append((kname, name, m, err, good))
                     if not good:
                         log(f"CHECK FAILED {kname} {name} M={m}: rel err {err:.2e}")
-                        if kname in ("w4a16_cuda", "w4a16_triton"):
+                        if kname.startswith("w4a16_"):
                             continue
                     fns = [(lambda ws=ws: fn_of(ws)) for ws in wsets]
                     t = graph_time_us(fns, calls=max(24, len(fns)), replays=args.replays)
-                    if kname == "w4a16_cuda":
-                        c = wc.plan(m, packed, dev)
-                        cfg = f"WN={c['WN']} S={c['S']} gx={c['gx']} occ={c['occ']}"
+                    if kname.startswith("w4a16_cuda"):
+                        c = wc.plan(m, packed, dev, pipe={"w4a16_cuda_reg": 0, "w4a16_cuda_cpa": 1}.get(kname))
+                        cfg = f"WN={c['WN']} S={c['S']} gx={c['gx']} occ={c['occ']} pipe={c['pipe']}"
                 except Exception as e:  # noqa: BLE001
                     log(f"{kname} {name} M={m} failed: {e!r}"[:400])
                     continue
@@ -217,7 +224,7 @@ def main(argv=None):
                 nt, kt = packed["qpk"].shape[:2]
                 ng = packed["scales_fp16"].shape[1]
                 scored = sorted(cands, key=lambda c: wc.plan_cost(m, nt, ng, kt // ng, c["WN"], c["S"], c["occ"],
-                                                                  wc._num_sms(dev))[0])
+                                                                  wc._num_sms(dev), pipe=c["pipe"])[0])
                 pick = scored[:args.sweep]
                 grid = [c for c in cands if c["S"] in (1, 2, 4, 8, 16, 32)]
                 for c in grid:
@@ -243,7 +250,7 @@ def main(argv=None):
                         continue
                     sweep_rows.append(dict(shape=name, M=m, time_us=round(t, 2), **c,
                                            model_us=round(wc.plan_cost(m, nt, ng, kt // ng, c["WN"], c["S"], c["occ"],
-                                                                       wc._num_sms(dev))[0], 2),
+                                                                       wc._num_sms(dev), pipe=c["pipe"])[0], 2),
                                            speedup_vs_bf16=round(t_bf16 / t, 3) if t_bf16 else ""))
                     if best is None or t < best[0]:
                         best = (t, c)

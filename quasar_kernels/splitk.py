@@ -200,6 +200,23 @@ def _disk_entries(device) -> dict:
     return _DISK["entries"]
 
 
+def disk_get(device, key: str):
+    """A tuned entry {"config", "us"} stored under `key` for this kind of GPU, or None (also for
+    other kernels than the Triton ones: the CUDA W4A16 planner keeps its choices here too)."""
+    return _disk_entries(device).get(key)
+
+
+def disk_put(device, key: str, cfg, t) -> None:
+    from quasar_bench.fileio import write_json
+
+    entries = _disk_entries(device)
+    entries[key] = {"config": cfg, "us": t}
+    try:
+        write_json(_DISK["path"], entries)
+    except OSError:  # a read-only cache: tuning still works, it is just not kept
+        pass
+
+
 def _disk_save(key, cfg, t) -> None:
     from quasar_bench.fileio import write_json
 

@@ -24,8 +24,9 @@ input channels, KT = NG * Gp / 16 k16 steps, NG = Kp / G groups):
         without touching the device: safe under CUDA-graph capture, survives .to(device)).
 
 The kernel: 8 warps per CTA (WN warps along N x WK along K), S K-splits, a persistent grid;
-activations of the CTA's K range in shared memory, weights streamed with 16-byte ld.global.nc
-several steps ahead in registers, dequant in registers (lop3 + bf16x2 sub + mul), mma.sync
+activations of the CTA's K range in shared memory, weights streamed several steps ahead with
+16-byte ld.global.nc into a register ring (pipe=0) or with cp.async into a shared-memory ring
+(pipe=1; both timed by the planner), dequant in registers (lop3 + bf16x2 sub + mul), mma.sync
 m16n8k16 with fp32 accumulators. With S > 1 partials go to an fp32 workspace and the last CTA
 of each column block to arrive sums them in split order and resets its counter (the workspace
 and counters persist per device and are left ready for the next call: no per-call memset, safe
@@ -224,16 +225,23 @@ def _num_sms(dev: torch.device) -> int:
     return _SMS[dev]
 
 
-def _smem_bytes(m: int, gps: int, spg: int) -> int:
+def ring_depth(occ: int) -> int:
+    """512-byte weight loads in flight per warp in the build for `occ` CTAs per SM (csrc/w4a16_marlin.h)."""
+    return 8 if occ == 2 else 16
+
+
+def _smem_bytes(m: int, gps: int, spg: int, occ: int = 2, pipe: int = 0) -> int:
     r = 16 if m > 8 else 8
-    return r * (gps * spg * 16 + 8) * 2 + r * NWARPS * 64 * 4
+    ring = NWARPS * ring_depth(occ) * 512 if pipe else 0  # the cp.async ring (pipe=1)
+    return r * (gps * spg * 16 + 8) * 2 + r * NWARPS * 64 * 4 + ring
 
 
-def plan_cost(m, nt, ng, spg, wn, s, occ, sms, bw=2.9e6):
-    """Modelled time (µs) of one launch with (WN, S, occ); inf if it does not fit. bw in B/µs."""
+def plan_cost(m, nt, ng, spg, wn, s, occ, sms, bw=2.9e6, pipe=0):
+    """Modelled time (µs) of one launch with (WN, S, occ, pipe); inf if it does not fit. bw in B/µs.
+    pipe: 0 = the register ring, 1 = the cp.async shared-memory ring."""
     gps = -(-ng // s)
     s = -(-ng // gps)
-    smem = _smem_bytes(m, gps, spg)
+    smem = _smem_bytes(m, gps, spg, occ, pipe)
     if smem > 227 * 1024 or (occ == 2 and smem > 113 * 1024):
         return math.inf, None
     slots = sms * occ
@@ -242,37 +250,41 @@ def plan_cost(m, nt, ng, spg, wn, s, occ, sms, bw=2.9e6):
     tiles = -(-nblocks // gx)
     steps = gps * spg
     tile_bytes = wn * 64 * steps * 8 + wn * gps * 192
-    pf = 8 if occ == 2 else 16  # register ring depth of the two builds (csrc/w4a16_marlin.cu)
-    cap = NWARPS * pf * 512 / 3.0  # bytes in flight per CTA / effective latency (µs; run 1 fit)
+    pf = ring_depth(occ)
+    # bytes in flight per CTA / effective latency (µs): the register ring's loads are issued ~3
+    # steps before use (run 1 fit); the cp.async ring's exactly pf - 1 ahead (~1 µs latency assumed)
+    cap = NWARPS * pf * 512 / 3.0 if not pipe else NWARPS * (pf - 1) * 512 / 1.0
     bw_cta = min(bw / (gx * s), cap)
     t_stream = tiles * tile_bytes / bw_cta
     t_a = m * steps * 32 / 60e3  # activations of the K range from L2, per CTA
     t_flush = tiles * 0.25
     if s > 1:
         t_flush += tiles * 0.6 + s * m * nt * 64 * 4 * 2 / 5e6
-    return 1.5 + t_a + t_stream + t_flush, dict(WN=wn, S=s, gx=gx, occ=occ)
+    return 1.5 + t_a + t_stream + t_flush, dict(WN=wn, S=s, gx=gx, occ=occ, pipe=pipe)
 
 
-def model_plan(m: int, packed: dict, dev: torch.device) -> dict:
-    """The cheapest configuration under plan_cost (no timing)."""
+def model_plan(m: int, packed: dict, dev: torch.device, pipe: int | None = None) -> dict:
+    """The cheapest configuration under plan_cost (no timing); `pipe` restricts the ring kind."""
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
     ng = packed["scales_fp16"].shape[1]
     best = (math.inf, None)
-    for cfg in candidate_configs(m, packed, dev):
-        c = plan_cost(m, nt, ng, kt // ng, cfg["WN"], cfg["S"], cfg["occ"], _num_sms(dev))
+    for cfg in candidate_configs(m, packed, dev, pipe):
+        c = plan_cost(m, nt, ng, kt // ng, cfg["WN"], cfg["S"], cfg["occ"], _num_sms(dev), pipe=cfg["pipe"])
         if c[0] < best[0]:
             best = c
     return best[1]
 
 
-def tune_candidates(m: int, packed: dict, dev: torch.device, top: int = 4) -> list[dict]:
-    """The model's `top` best plus a small grid (WN 1/2/4 x S 1/2/4/8, 2 CTAs/SM): what plan() times."""
+def tune_candidates(m: int, packed: dict, dev: torch.device, top: int = 4, pipe: int | None = None) -> list[dict]:
+    """The model's `top` best plus a small grid (WN 1/2/4 x S 1/2/4/8, 2 CTAs/SM, both rings):
+    what plan() times."""
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
     ng = packed["scales_fp16"].shape[1]
-    cands = candidate_configs(m, packed, dev)
-    scored = sorted(cands, key=lambda c: plan_cost(m, nt, ng, kt // ng, c["WN"], c["S"], c["occ"], _num_sms(dev))[0])
+    cands = candidate_configs(m, packed, dev, pipe)
+    scored = sorted(cands, key=lambda c: plan_cost(m, nt, ng, kt // ng, c["WN"], c["S"], c["occ"], _num_sms(dev),
+                                                   pipe=c["pipe"])[0])
     pick = scored[:top]
     for c in cands:
         if c["WN"] in (1, 2, 4) and c["S"] in (1, 2, 4, 8) and c["occ"] == 2 and c not in pick:
@@ -280,32 +292,40 @@ def tune_candidates(m: int, packed: dict, dev: torch.device, top: int = 4) -> li
     return pick
 
 
-def plan(m: int, packed: dict, dev: torch.device) -> dict:
+def plan(m: int, packed: dict, dev: torch.device, pipe: int | None = None) -> dict:
     """Launch configuration for a chunk of m <= 16 rows, cached per (m, geometry, device).
 
     On first use (outside CUDA-graph capture, unless QUASAR_KERNEL_AUTOTUNE=0) the candidates of
     tune_candidates are timed under a CUDA graph with L2 flushed before each call (as the weights
     of one layer are not in L2 during a forward) and the fastest is kept; otherwise the cost
-    model's choice is used (and not cached while capturing)."""
+    model's choice is used (and not cached while capturing). `pipe` (0 / 1) restricts the choice
+    to one ring kind (benchmarks compare them); None lets the timing pick."""
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
     ng = packed["scales_fp16"].shape[1]
-    key = (m, nt, kt, ng, dev)
+    if pipe is None and os.environ.get("QUASAR_W4A16_PIPE", "") in ("0", "1"):  # diagnostics: one ring only
+        pipe = int(os.environ["QUASAR_W4A16_PIPE"])
+    key = (m, nt, kt, ng, dev, pipe)
     hit = _PLANS.get(key)
     if hit is not None:
         return hit
+    from quasar_kernels.splitk import disk_get, disk_put, graph_time_us
+
+    disk_key = f"w4a16_cuda|{_source_hash()}|m={m}|nt={nt}|kt={kt}|ng={ng}|pipe={pipe}"
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    stored = disk_get(dev, disk_key) if dev.type == "cuda" else None
+    if stored is not None:  # timed by an earlier run on this kind of GPU with this kernel source
+        _PLANS[key] = stored["config"]
+        return stored["config"]
     if capturing or os.environ.get("QUASAR_KERNEL_AUTOTUNE", "1") == "0" or dev.type != "cuda":
-        cfg = model_plan(m, packed, dev)
+        cfg = model_plan(m, packed, dev, pipe)
         if not capturing:
             _PLANS[key] = cfg
         return cfg
-    from quasar_kernels.splitk import graph_time_us
-
     n, k, _ = packed_dims(packed)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     best, best_t = None, math.inf
-    for cfg in tune_candidates(m, packed, dev):
+    for cfg in tune_candidates(m, packed, dev, pipe=pipe):
         try:
             _workspace(dev, cfg["S"] * 16 * nt * TILE_N, -(-nt // cfg["WN"]))
             t = graph_time_us([lambda c=cfg: w4a16_cuda_linear(x, packed, config=c)], calls=10, flush=True, replays=5)
@@ -314,13 +334,31 @@ def plan(m: int, packed: dict, dev: torch.device) -> dict:
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
-        best = model_plan(m, packed, dev)
+        best = model_plan(m, packed, dev, pipe)
+    else:
+        disk_put(dev, disk_key, best, best_t)
     _PLANS[key] = best
     return best
 
 
-def candidate_configs(m: int, packed: dict, dev: torch.device) -> list[dict]:
-    """Every valid (WN, S, occ) with its persistent grid size (for sweeps)."""
+def _source_hash() -> str:
+    """Of the kernel's sources: a tuned configuration is reused only for the code it was timed on."""
+    import hashlib
+
+    global _SRC_HASH
+    if _SRC_HASH is None:
+        h = hashlib.sha256()
+        for f in sorted(_SOURCES + [_HERE / "csrc" / "w4a16_marlin.h"]):
+            h.update(f.read_bytes())
+        _SRC_HASH = h.hexdigest()[:12]
+    return _SRC_HASH
+
+
+_SRC_HASH: str | None = None
+
+
+def candidate_configs(m: int, packed: dict, dev: torch.device, pipe: int | None = None) -> list[dict]:
+    """Every valid (WN, S, occ, pipe) with its persistent grid size (for sweeps)."""
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
     ng = packed["scales_fp16"].shape[1]
@@ -333,9 +371,10 @@ def candidate_configs(m: int, packed: dict, dev: torch.device) -> list[dict]:
             if s > 64:
                 continue
             for occ in (2, 1):
-                c, cfg = plan_cost(m, nt, ng, spg, wn, s, occ, sms)
-                if cfg is not None:
-                    out.append(cfg)
+                for p in (0, 1) if pipe is None else (pipe,):
+                    c, cfg = plan_cost(m, nt, ng, spg, wn, s, occ, sms, pipe=p)
+                    if cfg is not None:
+                        out.append(cfg)
     return out
 
 
@@ -407,5 +446,5 @@ def w4a16_cuda_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict 
         cfg = config or plan(mc, packed, x.device)
         ws, cnt = _workspace(x.device, cfg["S"] * 16 * nt * TILE_N if cfg["S"] > 1 else 0, -(-nt // cfg["WN"]))
         ext.w4a16_verify_gemm(x2[m0:m0 + mc], qpk, scl, packed["zeros"], out[m0:m0 + mc], bias, ws, cnt,
-                              n, k, g, cfg["WN"], cfg["S"], cfg["gx"], cfg["occ"])
+                              n, k, g, cfg["WN"], cfg["S"], cfg["gx"], cfg["occ"], cfg.get("pipe", 0))
     return out.view(*lead, n)

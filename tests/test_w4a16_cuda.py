@@ -124,7 +124,9 @@ def test_kernel_vs_reference(n, k, g, m, dtype):
     ref = x.float() @ w.t()
     if bias is not None:
         ref = ref + bias.float()
-    configs = [None] + (candidate_configs(min(m, 16), packed, x.device)[::7] if m <= 16 else [])
+    # the planner's pick, and a spread of configurations of both weight rings (register / cp.async)
+    configs = [None] + ([c for p in (0, 1) for c in candidate_configs(min(m, 16), packed, x.device, pipe=p)[::9]]
+                        if m <= 16 else [])
     for cfg in configs:
         torch.full((m * n + 4096,), float("nan"), device="cuda", dtype=dtype)  # freed: poisons the next block
         out = w4a16_cuda_linear(x, packed, bias, config=cfg)

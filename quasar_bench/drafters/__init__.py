@@ -10,6 +10,9 @@ What a drafter declares:
     drafts        False for the plain-AR baseline (k = 0: one verify forward per token)
     k             drafts per verify step (from the config; 0 when `drafts` is False)
     cache_room    KV positions it writes past the verify window (the loop sizes the cache)
+    forward_tokens  the widest forward it runs on the verifier's runtime itself, in tokens (0: none
+                  wider than a verify step); on CUDA the harness captures graphs up to this width,
+                  so those forwards replay a graph like the verify steps do
     replays       None, or which greedy continuation it replays, passed to start(): "own" (this
                   verifier's greedy AR output) or "reference" (the reference verifier's)
     forces_acceptance  True when the drafter, not the verifier, decides acceptance (speed-only
@@ -79,6 +82,7 @@ class Drafter:
     name = "base"
     drafts = True
     cache_room = 0
+    forward_tokens = 0
     replays: str | None = None
     forces_acceptance = False
 

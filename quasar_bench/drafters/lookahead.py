@@ -52,6 +52,7 @@ class Lookahead(Drafter):
         self.pool_from_context = bool(cfg.pool_from_context)
         self.seed = int(cfg.seed)
         self.cache_room = self.W  # the lookahead forward writes 1 + W positions past the verified prefix
+        self.forward_tokens = 1 + self.W  # that forward's width: CUDA graphs are captured up to it
 
     def start(self, prompt_ids, reference=None):
         self.pool: dict[int, OrderedDict] = {}

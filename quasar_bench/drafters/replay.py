@@ -67,6 +67,7 @@ class Replay(Drafter):
                               "(ngram, lookahead, layerskip, early_exit, draft_model)")
         super().__init__(cfg, runtime, loaded, tools)
         self.replays, self.cache_room = self.inner.replays, self.inner.cache_room
+        self.forward_tokens = self.inner.forward_tokens
         self.traces = load_traces(cfg["traces"]) if cfg.get("traces") else None
         if self.traces is None:
             raise QuasarError("drafter=replay needs drafter.traces=<result directory or rows file of a run "

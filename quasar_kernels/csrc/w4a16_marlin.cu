@@ -43,6 +43,23 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #endif
 }
 
+// cp.async weight ring (CPA builds): each lane copies its own 16 bytes of a 512-byte warp load into
+// its warp's shared-memory ring and later reads back exactly those 16 bytes, so no other lane's
+// copy is ever waited for (no barrier); one commit group per ring slot visit keeps the count uniform.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(dst), "l"(__cvta_generic_to_global(src))
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr)
+               : "memory");
+  return r;
+}
+
 template <uint32_t EX>
 __device__ __forceinline__ uint32_t nib2(uint32_t q) {  // (q & 0x000f000f) | EX
   uint32_t d;
@@ -94,6 +111,11 @@ template <>
 __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
 // PF: weight loads in flight per warp (x 512 B); MINB: CTAs per SM the registers are capped for.
+// CPA: the ring lives in shared memory, filled by cp.async (PF slots of 512 B per warp after the
+// activations and the reduction buffer): its loads are issued exactly PF steps ahead whatever ptxas
+// schedules (the register ring's loads were sunk to the end of each chunk, ~3 steps before use:
+// NOTES.md, run 3), and the ring costs no registers. Slot visits, refills and the tail are the same
+// as the register ring's; the slot read becomes wait_group(PF - 1) + one 16-byte shared load.
 //
 // Main loop (per warp, per tile of `wcnt` k16 steps, padded to nswp = PF * nchunks): the ring buf[PF]
 // is indexed with compile-time constants only (step base + i lives in slot i), consumed before it is
@@ -103,7 +125,7 @@ __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_
 // (step j of tile ti+1 into slot j), so the ring crosses tile boundaries with the same phase. The
 // group (scale/zero) is entered when the step counter reaches the group's end (one compare per step);
 // its scales were prefetched one group ahead with a precomputed offset (+8 per group, no division).
-template <bool BF16, bool R16, int PF, int MINB>
+template <bool BF16, bool R16, int PF, int MINB, bool CPA>
 __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A16Params p) {
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
   constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;
@@ -125,6 +147,9 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
   const int AST = p.gps * p.SPG * 16 + 8;        // smem row stride (elements): odd multiple of 16 B
   T* sA = reinterpret_cast<T*>(smem);
   float* red = reinterpret_cast<float*>(smem + (size_t)R * AST * sizeof(T));
+  // CPA: this lane's 16 bytes of slot 0 of its warp's ring (slot i at + i * 512)
+  const uint32_t ring = (uint32_t)__cvta_generic_to_shared(
+      smem + (size_t)R * AST * sizeof(T) + (size_t)R * W4A16_NWARPS * 64 * 4 + ((size_t)warp * PF * 32 + lane) * 16);
   const int NBC = p.WN * 64;
   const int gx = gridDim.x;
   const int ntiles = (p.nblocks - (int)blockIdx.x + gx - 1) / gx;
@@ -140,17 +165,28 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
   auto sofs = [&](int ti) { return (tile_nt(ti) * p.NG + gi0) * 8 + g; };
 
   // ---- prefetch the first PF weight loads and the first group's scales (before the activations)
-  uint4 buf[PF];
+  uint4 buf[PF];  // the register ring (unused by CPA builds)
 #pragma unroll
   for (int i = 0; i < PF; ++i) buf[i] = make_uint4(0, 0, 0, 0);
+  // FILL(i, q): slot i <- the weight load at q (CPA: a cp.async of this lane's 16 bytes; the visit
+  // commits). SLOT(i): the weights of slot i. Macros, so that i stays a compile-time constant of the
+  // unrolled loops and the register ring never spills to local memory.
+#define FILL(i, q)                              \
+  do {                                          \
+    if constexpr (CPA) cp_async16(ring + (i) * 512, (q)); \
+    else buf[i] = ld_stream(q);                 \
+  } while (0)
+#define SLOT(i) (CPA ? (cp_async_wait<PF - 1>(), lds128(ring + (i) * 512)) : buf[i])
   uint4 sc_nxt = make_uint4(0, 0, 0, 0);
   uint2 z_nxt = make_uint2(0, 0);
   if (active && ntiles > 0) {
     const uint4* wp = wptr(0);
 #pragma unroll
-    for (int i = 0; i < PF; ++i)
-      if (i < wcnt) buf[i] = ld_stream(wp + i * 32);
-    if (lane == 0 && wcnt > PF) prefetch_l2(wp + PF * 32, (uint32_t)min(PF, wcnt - PF) * 512u);
+    for (int i = 0; i < PF; ++i) {
+      if (i < wcnt) FILL(i, wp + i * 32);
+      if constexpr (CPA) cp_async_commit();
+    }
+    if (!CPA && lane == 0 && wcnt > PF) prefetch_l2(wp + PF * 32, (uint32_t)min(PF, wcnt - PF) * 512u);
     const int o = sofs(0);
     sc_nxt = __ldg(p.scl + o);
     z_nxt = __ldg(p.zp + o);
@@ -257,33 +293,35 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
       int base = 0;
       for (; base < nmain; base += PF) {
         // chunk base/PF + 2 (inside this tile: base + 2 PF < nswp) into L2
-        if (lane == 0) prefetch_l2(lp - lane + PF * 32, (uint32_t)min(PF, wcnt - base - 2 * PF) * 512u);
+        if (!CPA && lane == 0) prefetch_l2(lp - lane + PF * 32, (uint32_t)min(PF, wcnt - base - 2 * PF) * 512u);
 #pragma unroll
         for (int i = 0; i < PF; ++i) {
           if (base + i == gs) enter();
-          step(buf[i], aa + i * ASTEP);
-          buf[i] = ld_stream(lp + i * 32);
+          step(SLOT(i), aa + i * ASTEP);
+          FILL(i, lp + i * 32);
+          if constexpr (CPA) cp_async_commit();
         }
         lp += PF * 32;
         aa += PF * ASTEP;
       }
       // tail: the last (up to) two chunks; steps past wcnt skipped, refills past the tile go to the
       // next tile's first steps (slot i <- its step i). Its first two chunks into L2 now.
-      if (lane == 0 && has_next) prefetch_l2(wq - lane, (uint32_t)min(2 * PF, wcnt) * 512u);
+      if (!CPA && lane == 0 && has_next) prefetch_l2(wq - lane, (uint32_t)min(2 * PF, wcnt) * 512u);
       for (; base < nswp; base += PF) {
 #pragma unroll
         for (int i = 0; i < PF; ++i) {
           const int s = base + i;
           if (s < wcnt) {
             if (s == gs) enter();
-            step(buf[i], aa + i * ASTEP);
+            step(SLOT(i), aa + i * ASTEP);
           }
           const int t = s + PF;
           if (t < wcnt) {
-            buf[i] = ld_stream(wp + t * 32);
+            FILL(i, wp + t * 32);
           } else if (t >= nswp && has_next && t - nswp < wcnt) {
-            buf[i] = ld_stream(wq + (t - nswp) * 32);
+            FILL(i, wq + (t - nswp) * 32);
           }
+          if constexpr (CPA) cp_async_commit();
         }
         aa += PF * ASTEP;
       }
@@ -350,11 +388,13 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
       }
     }
   }
+#undef FILL
+#undef SLOT
 }
 
-template <bool BF16, bool R16, int PF, int MINB>
+template <bool BF16, bool R16, int PF, int MINB, bool CPA>
 cudaError_t launch_t(const W4A16Params& p, int gx, int smem, cudaStream_t stream) {
-  auto kern = w4a16_verify_kernel<BF16, R16, PF, MINB>;
+  auto kern = w4a16_verify_kernel<BF16, R16, PF, MINB, CPA>;
   static int configured = 0;  // max dynamic smem set so far for this instantiation
   if (smem > 48 * 1024 && smem > configured) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -368,15 +408,22 @@ cudaError_t launch_t(const W4A16Params& p, int gx, int smem, cudaStream_t stream
 
 }  // namespace
 
-cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf, bool r16, int occ, int gx, int smem, cudaStream_t stream) {
+template <bool CPA>
+cudaError_t launch_occ(const W4A16Params& p, bool bf, bool r16, int occ, int gx, int smem, cudaStream_t stream) {
   if (occ == 2) {
-    if (bf && r16) return launch_t<true, true, 8, 2>(p, gx, smem, stream);
-    if (bf) return launch_t<true, false, 8, 2>(p, gx, smem, stream);
-    if (r16) return launch_t<false, true, 8, 2>(p, gx, smem, stream);
-    return launch_t<false, false, 8, 2>(p, gx, smem, stream);
+    if (bf && r16) return launch_t<true, true, 8, 2, CPA>(p, gx, smem, stream);
+    if (bf) return launch_t<true, false, 8, 2, CPA>(p, gx, smem, stream);
+    if (r16) return launch_t<false, true, 8, 2, CPA>(p, gx, smem, stream);
+    return launch_t<false, false, 8, 2, CPA>(p, gx, smem, stream);
   }
-  if (bf && r16) return launch_t<true, true, 16, 1>(p, gx, smem, stream);
-  if (bf) return launch_t<true, false, 16, 1>(p, gx, smem, stream);
-  if (r16) return launch_t<false, true, 16, 1>(p, gx, smem, stream);
-  return launch_t<false, false, 16, 1>(p, gx, smem, stream);
+  if (bf && r16) return launch_t<true, true, 16, 1, CPA>(p, gx, smem, stream);
+  if (bf) return launch_t<true, false, 16, 1, CPA>(p, gx, smem, stream);
+  if (r16) return launch_t<false, true, 16, 1, CPA>(p, gx, smem, stream);
+  return launch_t<false, false, 16, 1, CPA>(p, gx, smem, stream);
+}
+
+cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf, bool r16, int occ, bool cpa, int gx, int smem,
+                                cudaStream_t stream) {
+  return cpa ? launch_occ<true>(p, bf, r16, occ, gx, smem, stream)
+             : launch_occ<false>(p, bf, r16, occ, gx, smem, stream);
 }

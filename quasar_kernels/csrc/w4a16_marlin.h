@@ -19,7 +19,12 @@ struct W4A16Params {
   int WN, WK, nblocks, S, gps, vec;
 };
 
+// Ring depth (512-byte weight loads in flight per warp) of the build for `occ` CTAs per SM.
+inline int w4a16_ring_depth(int occ) { return occ == 2 ? 8 : 16; }
+
 // Launch one verify GEMM (M <= 16). occ: CTAs per SM the kernel is built for (2: a ring of 8 loads
-// per warp, <= 128 registers; 1: 16 loads). Returns the launch's error.
-cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int occ, int gx, int smem,
+// per warp, <= 128 registers; 1: 16 loads). cpa: the ring in shared memory filled by cp.async
+// (smem must then include W4A16_NWARPS * depth * 512 bytes) instead of registers. Returns the
+// launch's error.
+cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int occ, bool cpa, int gx, int smem,
                                 cudaStream_t stream);

@@ -1,0 +1,48 @@
+"""Which forward widths the harness captures CUDA graphs for (CPU: the capture itself is recorded,
+not run). A drafter that runs a wider forward on the verifier than a verify step (lookahead's
+Jacobi window) must get a graph for that width too, or its forwards run eagerly on the GPU."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import quasar_bench.run as run_mod
+from quasar_bench.run import Experiment
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def captured_widths(tmp_path, monkeypatch, drafters: str, batch: str = "[1]"):
+    seen = []
+    monkeypatch.setattr(run_mod, "capture_graphs", lambda runtime, cfg, widths: seen.append(list(widths)))
+    built = []
+    real = run_mod.Experiment.build_live
+
+    def build_live(self, vcfg, widths, verify_tokens):
+        live = real(self, vcfg, widths, verify_tokens)
+        built.append(live.verify_tokens)
+        return live
+
+    monkeypatch.setattr(run_mod.Experiment, "build_live", build_live)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "model=tiny_llama", "dataset.limit=1", "max_new_tokens=3", "progress=false", "matrix.extra=[]",
+            "matrix.verifiers=[reference,int8]", f"matrix.drafters={drafters}", f"batch_size={batch}",
+            "experiment_name=widths", f"out_dir={tmp_path / 'out'}"])
+    Experiment(cfg).run()
+    return seen, built
+
+
+def test_verify_widths_only_without_wider_drafter(tmp_path, monkeypatch):
+    seen, built = captured_widths(tmp_path, monkeypatch, "[ar,{name:ngram,k:3}]")
+    assert seen == [[1, 2, 3, 4]] * 2  # one capture per verifier: AR (1) and verify (k + 1 = 4)
+    assert built == [4, 4]
+
+
+def test_lookahead_window_gets_its_own_graph_width(tmp_path, monkeypatch):
+    seen, built = captured_widths(
+        tmp_path, monkeypatch, "[{name:ngram,k:2},{name:lookahead,k:3,window:6}]", batch="[1,2]")
+    # verify widths 1..4 (k = 3 is the largest) plus the Jacobi forward: last token + 6 guesses
+    assert seen == [[1, 2, 3, 4, 7]] * 2
+    assert built == [4, 4]  # batched graphs capture the verify widths only
