@@ -6,14 +6,15 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import quasar_bench.run as run_mod
-from quasar_bench.run import Experiment
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def captured_widths(tmp_path, monkeypatch, drafters: str, batch: str = "[1]"):
+    # imported here, not at collection: quasar_bench.run imports triton, and test_kernels.py must be
+    # the first to import it (it sets TRITON_INTERPRET=1 on CPU)
+    import quasar_bench.run as run_mod
+
     seen = []
     monkeypatch.setattr(run_mod, "capture_graphs", lambda runtime, cfg, widths: seen.append(list(widths)))
     built = []
@@ -30,7 +31,7 @@ def captured_widths(tmp_path, monkeypatch, drafters: str, batch: str = "[1]"):
             "model=tiny_llama", "dataset.limit=1", "max_new_tokens=3", "progress=false", "matrix.extra=[]",
             "matrix.verifiers=[reference,int8]", f"matrix.drafters={drafters}", f"batch_size={batch}",
             "experiment_name=widths", f"out_dir={tmp_path / 'out'}"])
-    Experiment(cfg).run()
+    run_mod.Experiment(cfg).run()
     return seen, built
 
 
