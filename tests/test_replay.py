@@ -144,3 +144,30 @@ def test_replay_on_a_quantized_verifier_keeps_the_recorded_steps(tmp_path):
     assert (got.verify_steps, got.step_accepted, got.step_drafted) == \
         (res.verify_steps, res.step_accepted, res.step_drafted)
     assert any(isinstance(m, Int8Linear) for m in q.modules())
+
+
+def test_replay_runs_the_inner_drafter_at_steps_that_drafted_nothing(tmp_path, monkeypatch):
+    """Lookahead runs its Jacobi forward every step, finding a draft or not. The replay must do the
+    same (else its draft time counts only the steps that drafted): its forward count equals the
+    recording's, including the steps whose recorded draft count is 0."""
+    from quasar_bench.drafters.lookahead import Lookahead
+
+    inner = {"name": "lookahead", "k": 3, "window": 4, "ngram": 3, "guesses": 2, "pool_from_context": False}
+    calls = []
+    real = Lookahead.propose
+    monkeypatch.setattr(Lookahead, "propose", lambda self, context, k: calls.append(k) or real(self, context, k))
+    src_rt, src = tiny(0)
+    res = generate(src_rt, make_drafter(OmegaConf.create(inner), src_rt, src, draft_tools(src)), PROMPT, 24, 3)
+    asked = list(calls)  # k per step in the source run (fewer near the end: positions left)
+    assert 0 in res.step_drafted and any(res.step_drafted)  # steps with and without a draft
+    calls.clear()
+    rt, loaded = tiny(7)
+    d = make_drafter(OmegaConf.create({"name": "replay", "inner": inner, "traces": str(trace_file(
+        tmp_path, res, drafter="lookahead"))}), rt, loaded, draft_tools(loaded))
+    d.begin("reference", "p1", 1)
+    got = generate(rt, d, PROMPT, 24, d.k)
+    assert got.step_drafted == res.step_drafted and got.step_accepted == res.step_accepted
+    # one Jacobi forward wherever the source ran one (every step with a position left to draft),
+    # asked for one token more than that step drafted, at most what the source was asked for
+    assert len(calls) == len(asked) >= res.verify_steps - 1
+    assert calls == [min(k, n + 1) for k, n in zip(asked, res.step_drafted)]

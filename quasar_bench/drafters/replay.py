@@ -5,8 +5,9 @@ real model gives honest acceptance but the wrong step times. `replay` joins the 
 real model records, in every row, each verify step's drafted and accepted counts
 (`drafted_lengths`, `accepted_lengths`). A replay run wraps the same kind of drafter (`inner`): at
 every step the inner drafter does its real work at this run's shapes (a layer subset runs k times, a
-draft model runs, the n-gram table is searched), its proposal is cut or padded to the step's recorded
-draft count, and the loop accepts the recorded number of drafts (`forced_accept`), whatever this
+draft model runs, the n-gram table is searched, lookahead's Jacobi forward runs — also at steps that
+drafted nothing: it is asked for one token more than the step drafted), its proposal is cut or padded
+to the step's recorded draft count, and the loop accepts the recorded number of drafts (`forced_accept`), whatever this
 run's verifier says. So the verify forward sees the same number of tokens as in the recorded run,
 and `verify_steps`, τ and new tokens equal the recording's, while every time is this run's.
 
@@ -117,7 +118,12 @@ class Replay(Drafter):
         # Fewer positions left than recorded: only when this generation is shorter than the source's
         # (the untimed warm-up, or a smaller max_new_tokens), near its end.
         want, keep = min(want, k), min(keep, k)
-        tokens = list(self.inner.propose(context, want).tokens[:want]) if want else []
+        # The inner drafter does the work the source's did at this step, drafts or not: a step that
+        # drafted nothing still ran lookahead's Jacobi forward or ngram's search, and one that
+        # stopped early (a confidence threshold) ran one more draft forward than it kept. Asking for
+        # one token more than recorded (at most k; k = 0 where no position is left, as the source's
+        # loop asked then too) and keeping the recorded count reproduces both.
+        tokens = list(self.inner.propose(context, min(k, want + 1)).tokens[:want])
         tokens += [context[-1]] * (want - len(tokens))  # the verify forward sees the recorded width
         self.step += 1
         last = None
