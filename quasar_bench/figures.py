@@ -3,9 +3,10 @@
     python -m quasar_bench.figures --results results --out results/figures
 
 reads each experiment directory `results/<experiment>/` (rows-*.parquet, via ResultStore) and
-`results/gpu/kernels*.csv`, `e2e.csv`, `replay.csv`, `batch.csv` and `step_speed*.csv`, and writes
-PNG + PDF per figure: `<out>/<experiment>/<figure>.*`, `<out>/kernel_roofline.*`,
-`<out>/gpu_speedup_by_drafter.*`, `<out>/gpu_replay.*`, `<out>/gpu_batch.*` and
+`results/gpu/kernels*.csv`, `e2e.csv`, `replay*.csv`, `batch.csv` (+ `batch_<name>.csv` per-cell
+tables) and `step_speed*.csv`, and writes PNG + PDF per figure: `<out>/<experiment>/<figure>.*`,
+`<out>/kernel_roofline.*`, `<out>/gpu_speedup_by_drafter.*`, `<out>/gpu_replay*.*` (one per replay
+table), `<out>/gpu_batch.*` and
 `<out>/gpu_step_by_backend.*`. A figure whose inputs are absent is skipped with a note.
 
 The plot functions take the rows table (or a `summarize` table where noted) and an optional
@@ -372,6 +373,29 @@ def plot_gpu_replay(replay: pd.DataFrame | None, ax=None):
     return ax
 
 
+def load_batch_tables(gpu_dir: Path) -> pd.DataFrame | None:
+    """batch.csv (the table gpu_speed.py builds from rows), joined with per-cell tables of other GPU
+    calls, `batch_<name>.csv` (one row per verifier x drafter x B with at least throughput and
+    speedup_vs_ar: e.g. cells read off a run log when its rows did not come back). A verifier
+    already in batch.csv is never replaced by another table's."""
+    main = gpu_dir / "batch.csv"
+    if not main.exists():
+        return None
+    batch = pd.read_csv(main)
+    need = {"verifier", "drafter", "batch_size", "throughput", "speedup_vs_ar"}
+    for extra in sorted(gpu_dir.glob("batch_*.csv")):
+        if "_rows" in extra.stem:
+            continue
+        t = pd.read_csv(extra)
+        if not need <= set(t.columns):
+            continue
+        t = t[~t["verifier"].isin(set(batch["verifier"]))]
+        if "baseline" not in t:
+            t = t.assign(baseline=t["drafter"] == "ar")
+        batch = pd.concat([batch, t[[c for c in t.columns if c in batch.columns]]], ignore_index=True)
+    return batch
+
+
 def plot_gpu_batch(batch: pd.DataFrame | None):
     """Batch throughput vs batch size per verifier precision, one panel per drafter, from
     results/gpu/batch.csv (experiments/gpu_speed.py --experiment gpu_batch). Crossovers are marked
@@ -518,11 +542,14 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
     e2e = Path(results) / "gpu" / "e2e.csv"
     _draw("gpu_speedup_by_drafter", lambda: plot_gpu_speedup_by_drafter(pd.read_csv(e2e) if e2e.exists() else None),
           out / "gpu_speedup_by_drafter", written, problems)
-    replay = Path(results) / "gpu" / "replay.csv"
-    _draw("gpu_replay", lambda: plot_gpu_replay(pd.read_csv(replay) if replay.exists() else None),
-          out / "gpu_replay", written, problems)
-    batch = Path(results) / "gpu" / "batch.csv"
-    _draw("gpu_batch", lambda: plot_gpu_batch(pd.read_csv(batch) if batch.exists() else None),
+    # one figure per replay table (replay.csv, replay_<machine>.csv: the same source re-measured)
+    for replay in sorted((Path(results) / "gpu").glob("replay*.csv")) or [Path(results) / "gpu" / "replay.csv"]:
+        if "_rows" in replay.stem:
+            continue
+        name = "gpu_" + replay.stem
+        _draw(name, lambda r=replay: plot_gpu_replay(pd.read_csv(r) if r.exists() else None), out / name,
+              written, problems)
+    _draw("gpu_batch", lambda: plot_gpu_batch(load_batch_tables(Path(results) / "gpu")),
           out / "gpu_batch", written, problems)
     _draw("gpu_step_by_backend", lambda: plot_step_speed_by_backend(load_step_speed(results)),
           out / "gpu_step_by_backend", written, problems)

@@ -216,6 +216,23 @@ def test_gpu_batch_figure_marks_crossovers_where_they_fall(tmp_path):
     assert not problems and (tmp_path / "figs" / "gpu_batch.png").exists()
 
 
+def test_batch_tables_of_other_gpu_calls_join_the_figure(tmp_path):
+    """batch_<name>.csv tables (per-cell, no rows) add their verifiers to batch.csv's; row files and
+    a table repeating a verifier batch.csv already has do not."""
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    base = dict(batch_size=1, throughput=100.0, speedup_vs_ar=1.0, gpu="H200")
+    pd.DataFrame([dict(base, verifier="reference", drafter="ar", baseline=True)]).to_csv(gpu / "batch.csv", index=False)
+    pd.DataFrame([dict(base, verifier="int8", drafter="ar", throughput=130.0),
+                  dict(base, verifier="int8", drafter="spec", throughput=300.0, speedup_vs_ar=2.3),
+                  dict(base, verifier="reference", drafter="ar", throughput=1.0)]).to_csv(gpu / "batch_int8.csv", index=False)
+    pd.DataFrame([dict(base, verifier="w8a8", drafter="ar")]).to_csv(gpu / "batch_w8a8_rows.csv", index=False)
+    got = figures.load_batch_tables(gpu)
+    assert sorted(zip(got.verifier, got.drafter, got.throughput, got.baseline)) == [
+        ("int8", "ar", 130.0, True), ("int8", "spec", 300.0, False), ("reference", "ar", 100.0, True)]
+    assert figures.load_batch_tables(tmp_path / "nothing") is None
+
+
 def test_every_figure_says_model_device_prompts_and_tokens(tmp_path, monkeypatch):
     """Each figure make_figures writes names what it was measured on: the per-experiment ones the
     model, the device, the number of prompts and the new-token budget (from the rows), the GPU
