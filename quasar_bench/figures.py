@@ -5,7 +5,8 @@
 reads each experiment directory `results/<experiment>/` (rows-*.parquet, via ResultStore) and
 `results/gpu/kernels*.csv`, `e2e.csv`, `replay*.csv`, `batch.csv` (+ `batch_<name>.csv` per-cell
 tables) and `step_speed*.csv`, and writes PNG + PDF per figure: `<out>/<experiment>/<figure>.*`,
-`<out>/kernel_roofline.*`, `<out>/gpu_speedup_by_drafter.*`, `<out>/gpu_replay*.*` (one per replay
+`<out>/kernel_roofline.*` (+ `kernel_roofline_<machine>.*` per `w4a16_cuda_<machine>.csv`),
+`<out>/gpu_speedup_by_drafter.*`, `<out>/gpu_replay*.*` (one per replay
 table), `<out>/gpu_batch.*` and
 `<out>/gpu_step_by_backend.*`. A figure whose inputs are absent is skipped with a note.
 
@@ -539,6 +540,13 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
             _draw(f"{exp}/{name}", lambda: fn(data, caption=caption), out / exp / name, written, problems)
     _draw("kernel_roofline", lambda: roofline_figure(load_kernels(results)),
           out / "kernel_roofline", written, problems)
+    # the CUDA kernel's benchmarks on other machines (w4a16_cuda_<machine>.csv: all its kernels and
+    # baselines measured side by side there), one roofline each: never mixed with another GPU's
+    for table in sorted((Path(results) / "gpu").glob("w4a16_cuda_*.csv")):
+        if table.stem.endswith(("_sweep", "_log")):
+            continue
+        name = "kernel_roofline_" + table.stem.removeprefix("w4a16_cuda_")
+        _draw(name, lambda t=table: roofline_figure(pd.read_csv(t)), out / name, written, problems)
     e2e = Path(results) / "gpu" / "e2e.csv"
     _draw("gpu_speedup_by_drafter", lambda: plot_gpu_speedup_by_drafter(pd.read_csv(e2e) if e2e.exists() else None),
           out / "gpu_speedup_by_drafter", written, problems)

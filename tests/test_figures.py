@@ -280,3 +280,20 @@ def test_tau_lines_never_join_precisions_not_run():
     assert np.isfinite(y[[0, 3]]).all() and np.isnan(y[[1, 2]]).all()  # a NaN breaks a Line2D
     assert np.isfinite(np.asarray(lines["ngram"].get_ydata(), float)).all()
     plt.close("all")
+
+
+def test_each_machine_gets_its_own_kernel_roofline(tmp_path):
+    """w4a16_cuda_<machine>.csv (a benchmark of every kernel on one machine) draws
+    kernel_roofline_<machine>, titled with that GPU only; its sweep table draws nothing."""
+    gpu = tmp_path / "results" / "gpu"
+    gpu.mkdir(parents=True)
+    rows = [dict(kernel=k, shape="q/o", M=m, gbps=g * m ** -0.1, copy_gbps=4200.0, gpu_name="NVIDIA H200")
+            for k, g in (("bf16_cublas", 2500.0), ("w4a16_cuda", 900.0)) for m in (1, 6, 16)]
+    pd.DataFrame(rows).to_csv(gpu / "w4a16_cuda_h200.csv", index=False)
+    pd.DataFrame([dict(shape="q/o", M=1, time_us=1.0)]).to_csv(gpu / "w4a16_cuda_h200_sweep.csv", index=False)
+    written, problems = figures.make_figures(tmp_path / "results", tmp_path / "figs")
+    assert (tmp_path / "figs" / "kernel_roofline_h200.png").exists()
+    assert not (tmp_path / "figs" / "kernel_roofline_h200_sweep.png").exists()
+    assert not [p for p in problems if "h200" in str(p)]
+    fig = figures.roofline_figure(pd.DataFrame(rows))
+    assert "NVIDIA H200" in fig._suptitle.get_text() and "H100" not in fig._suptitle.get_text()
