@@ -391,8 +391,8 @@ def load_batch_tables(gpu_dir: Path) -> pd.DataFrame | None:
         if not need <= set(t.columns):
             continue
         t = t[~t["verifier"].isin(set(batch["verifier"]))]
-        if "baseline" not in t:
-            t = t.assign(baseline=t["drafter"] == "ar")
+        if "baseline" not in t:  # the baseline drafters are the ones batch.csv marks so
+            t = t.assign(baseline=t["drafter"].isin(set(batch.loc[batch["baseline"].astype(bool), "drafter"])))
         batch = pd.concat([batch, t[[c for c in t.columns if c in batch.columns]]], ignore_index=True)
     return batch
 
