@@ -18,11 +18,15 @@ KL, top-1 and exact match beside each GPU row.
 `--experiment gpu_batch` runs every cell at batch sizes 1..32 and writes batch.csv / batch.md /
 batch_rows.csv: batch throughput, mean GEMM rows M per verify forward, step time, padding, speedups
 at the same batch size, and the shares of copy bandwidth and of peak bf16 tensor FLOPs reached.
+
+A run stopped early (Ctrl-C, or SIGTERM from `timeout`) still writes `<name>_rows_partial.csv`
+under --out: every row the result store holds, with the hardware columns, in one file.
 """
 from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -148,12 +152,17 @@ def main(argv=None):
     else:
         if not torch.cuda.is_available():
             sys.exit("gpu_speed: error: no CUDA device; this benchmark measures GPU speed")
-        rows, meta, copy_gbps = run_cells(args, overrides, command)
+        signal.signal(signal.SIGTERM, _stop)  # `timeout`'s SIGTERM: unwind, keeping the rows so far
+        meta = hardware_meta(command)
+        try:
+            rows, copy_gbps = run_cells(args, overrides, meta)
+        except (KeyboardInterrupt, SystemExit):
+            saved = save_partial_rows(Path(args.runs), out, name, meta)
+            print(f"gpu_speed: stopped early; {saved or 'no rows yet'}", file=sys.stderr, flush=True)
+            raise
         # every row first (one per prompt x turn x cell, step-time split and versions included), so
-        # a failure in the table below loses nothing; token ids and text are dropped (random
-        # weights: they mean nothing)
-        rows = rows.drop(columns=[c for c in ("prompt_ids", "output_ids", "output_text") if c in rows]).assign(
-            **{k: v for k, v in meta.items() if k not in rows})
+        # a failure in the table below loses nothing
+        rows = export_rows(rows, meta)
         rows.to_csv(out / f"{name}_rows.csv", index=False)
     table = batch_table(rows, copy_gbps, str(meta.get("gpu", ""))) if batched else e2e_table(rows, copy_gbps)
     table["max_new_tokens"] = int(rows["max_new_tokens"].max()) if "max_new_tokens" in rows else None
@@ -184,14 +193,52 @@ def main(argv=None):
     print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
 
 
-def run_cells(args, overrides, command):
-    """Run the experiment's cells through the normal harness; returns (rows, hardware meta, copy GB/s)."""
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def hardware_meta(command: str) -> dict:
+    """GPU, driver, versions, copy bandwidth and the command: the columns every row file carries."""
+    import triton
+
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
+    return {"gpu": torch.cuda.get_device_name(), "driver": driver_version(), "torch": torch.__version__,
+            "triton": triton.__version__, "copy_gbps": round(copy_gbps, 1), "command": command}
+
+
+def save_partial_rows(runs: Path, out: Path, name: str, meta: dict) -> Path | None:
+    """The rows a stopped run's store holds, as one CSV beside the tables (token ids and text
+    dropped, hardware columns added); None when it holds none."""
+    from quasar_bench.store import ResultStore
+
+    try:
+        rows = ResultStore(runs).load() if runs.exists() else pd.DataFrame()
+    except Exception as e:  # noqa: BLE001 - a damaged store: say so, lose nothing else
+        print(f"gpu_speed: the store {runs} could not be read ({e})", file=sys.stderr)
+        return None
+    if rows.empty:
+        return None
+    path = out / f"{name}_rows_partial.csv"
+    export_rows(rows, meta).to_csv(path, index=False)
+    return path
+
+
+def export_rows(rows: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    """Rows as the CSVs keep them: token ids and text dropped (random weights: they mean nothing),
+    the hardware columns added."""
+    rows = rows.drop(columns=[c for c in ("prompt_ids", "output_ids", "output_text") if c in rows])
+    return rows.assign(**{k: v for k, v in meta.items() if k not in rows})
+
+
+def run_cells(args, overrides, meta):
+    """Run the experiment's cells through the normal harness; returns (rows, copy GB/s) and adds the
+    run's wall time to `meta`."""
     from hydra import compose, initialize_config_dir
 
     from quasar_bench.run import Experiment
 
-    copy_gbps = copy_bandwidth_gbps()
-    print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
+    copy_gbps = float(meta["copy_gbps"])
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         extra = [f"traces={Path(args.source).resolve()}"] if args.source else []
         cfg = compose("config", overrides=[f"experiment={args.experiment}", f"experiment_name={args.experiment}",
@@ -199,12 +246,8 @@ def run_cells(args, overrides, command):
     t0 = time.time()
     Experiment(cfg).run()
     rows = pd.read_parquet(Path(args.runs) / "rows.parquet").assign(max_new_tokens=int(cfg.max_new_tokens))
-    import triton
-
-    meta = {"gpu": torch.cuda.get_device_name(), "driver": driver_version(), "torch": torch.__version__,
-            "triton": triton.__version__, "copy_gbps": round(copy_gbps, 1), "command": command,
-            "wall_s": round(time.time() - t0, 1)}
-    return rows, meta, copy_gbps
+    meta["wall_s"] = round(time.time() - t0, 1)
+    return rows, copy_gbps
 
 
 def _has_tabulate() -> bool:

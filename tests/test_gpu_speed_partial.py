@@ -1,0 +1,55 @@
+"""experiments/gpu_speed.py keeps what a stopped GPU run measured: the rows its result store holds
+are written as one CSV with the hardware columns (a device that returns few files, or a `timeout`,
+must not lose a call's measurements). CPU: the store comes from a real tiny run."""
+import importlib.util
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_speed():
+    spec = importlib.util.spec_from_file_location("gpu_speed", ROOT / "experiments" / "gpu_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stopped_run_leaves_its_rows_in_one_csv(tmp_path):
+    from quasar_bench.run import Experiment
+    from quasar_bench.store import ResultStore
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    out.mkdir()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny_llama", "dataset.limit=2", "max_new_tokens=4", "progress=false",
+                                           "matrix.extra=[]", "matrix.verifiers=[reference]", "matrix.drafters=[ar,ngram]",
+                                           "repeats=1", "experiment_name=partial", f"out_dir={runs}"])
+    Experiment(cfg).run()
+    (runs / "rows.parquet").unlink()  # as if stopped before the run's own export
+    gs = gpu_speed()
+    meta = {"gpu": "NVIDIA H200", "driver": "580", "copy_gbps": 4246.0, "command": "python experiments/gpu_speed.py x"}
+    path = gs.save_partial_rows(runs, out, "batch", meta)
+    assert path == out / "batch_rows_partial.csv"
+    got = pd.read_csv(path)
+    stored = ResultStore(runs).load()
+    assert len(got) == len(stored) > 0
+    assert sorted(zip(got.cell_id, got.prompt_id, got.turn)) == sorted(zip(stored.cell_id, stored.prompt_id, stored.turn))
+    assert (got.gpu == "NVIDIA H200").all() and (got.copy_gbps == 4246.0).all()
+    assert not {"prompt_ids", "output_ids", "output_text"} & set(got.columns)
+    # nothing stored yet: no file, no error
+    assert gs.save_partial_rows(tmp_path / "empty", out, "e2e", meta) is None
+    assert not (out / "e2e_rows_partial.csv").exists()
+
+
+def test_sigterm_unwinds_as_an_exit():
+    """`timeout` sends SIGTERM: the handler turns it into SystemExit so the finally/except blocks run."""
+    gs = gpu_speed()
+    with pytest.raises(SystemExit) as e:
+        gs._stop(signal.SIGTERM, None)
+    assert e.value.code == 128 + signal.SIGTERM
