@@ -218,14 +218,7 @@ def disk_put(device, key: str, cfg, t) -> None:
 
 
 def _disk_save(key, cfg, t) -> None:
-    from quasar_bench.fileio import write_json
-
-    entries = _disk_entries(None)
-    entries[_disk_key(key)] = {"config": cfg, "us": t}
-    try:
-        write_json(_DISK["path"], entries)
-    except OSError:  # a read-only cache: tuning still works, it is just not kept
-        pass
+    disk_put(None, _disk_key(key), cfg, t)
 
 
 def pick_config(name: str, x: torch.Tensor, n: int, k: int, candidates_fn, launch) -> dict:
