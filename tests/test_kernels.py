@@ -364,3 +364,23 @@ def test_fused_attention_runtime_equals_unfused_and_stays_lossless(family, monke
     assert fused_ar == ar
     if spec is not None:
         assert spec.output_ids == ar and spec.accepted > 0
+
+
+def test_tuned_configs_persist_on_disk_per_key(tmp_path, monkeypatch):
+    """What the tuners keep on disk (the Triton kernels' pick_config and the CUDA W4A16 planner) is
+    read back by key in a fresh process (the in-memory copy dropped), and a read-only cache only
+    loses the saving, never the run."""
+    from quasar_kernels import splitk
+
+    path = tmp_path / "autotune" / "GPU-tritonX.json"
+    monkeypatch.setattr(splitk, "_disk_path", lambda device: path)
+    monkeypatch.setattr(splitk, "_DISK", {"path": None, "entries": None})
+    splitk.disk_put(None, "w4a16_cuda|abc|m=6", {"WN": 2, "S": 4}, 12.5)
+    splitk._disk_save(("w8a16", 16, 4096, 1024, torch.bfloat16), {"BLOCK_N": 64}, 7.0)
+    monkeypatch.setattr(splitk, "_DISK", {"path": None, "entries": None})  # as a new process
+    assert splitk.disk_get(None, "w4a16_cuda|abc|m=6") == {"config": {"WN": 2, "S": 4}, "us": 12.5}
+    assert splitk.disk_get(None, "w8a16|16|4096|1024|bfloat16") == {"config": {"BLOCK_N": 64}, "us": 7.0}
+    assert splitk.disk_get(None, "w4a16_cuda|abc|m=7") is None
+    monkeypatch.setattr(splitk, "_DISK", {"path": tmp_path / "missing_dir_file" / "x" / "y.json", "entries": {}})
+    monkeypatch.setattr("quasar_bench.fileio.write_json", lambda *a, **k: (_ for _ in ()).throw(OSError("read-only")))
+    splitk.disk_put(None, "k", {}, 1.0)  # no exception
