@@ -47,9 +47,39 @@ def test_stopped_run_leaves_its_rows_in_one_csv(tmp_path):
     assert not (out / "e2e_rows_partial.csv").exists()
 
 
-def test_sigterm_unwinds_as_an_exit():
-    """`timeout` sends SIGTERM: the handler turns it into SystemExit so the finally/except blocks run."""
+def test_run_stopped_by_sigterm_writes_its_partial_rows(tmp_path, monkeypatch):
+    """main() as on the GPU, with the GPU parts replaced: the run stores rows, then `timeout`'s
+    SIGTERM arrives (the installed handler is called); the exit still leaves <name>_rows_partial.csv."""
+    from quasar_bench.run import Experiment
+
     gs = gpu_speed()
-    with pytest.raises(SystemExit) as e:
-        gs._stop(signal.SIGTERM, None)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    meta = {"gpu": "NVIDIA H200", "copy_gbps": 4246.0, "command": "python experiments/gpu_speed.py"}
+
+    def cells_then_sigterm(args, overrides, m):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["model=tiny_llama", "dataset.limit=1", "max_new_tokens=3",
+                                               "progress=false", "matrix.extra=[]", "matrix.verifiers=[reference]",
+                                               "matrix.drafters=[ar]", "repeats=1", "experiment_name=stopped",
+                                               f"out_dir={args.runs}"])
+        with monkeypatch.context() as m:  # the tiny run itself on the CPU
+            m.setattr(gs.torch.cuda, "is_available", cpu_only)
+            Experiment(cfg).run()
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # what the OS would call
+
+    cpu_only = gs.torch.cuda.is_available
+    monkeypatch.setattr(gs.torch.cuda, "is_available", lambda: True)  # main()'s check: "on a GPU"
+    monkeypatch.setattr(gs, "hardware_meta", lambda command: dict(meta))
+    monkeypatch.setattr(gs, "run_cells", cells_then_sigterm)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            gs.main(["--experiment", "gpu_batch", "--out", str(out), "--runs", str(runs)])
+    finally:
+        signal.signal(signal.SIGTERM, old)
     assert e.value.code == 128 + signal.SIGTERM
+    rows = pd.read_csv(out / "batch_rows_partial.csv")
+    from quasar_bench.store import ResultStore
+
+    assert len(rows) == len(ResultStore(runs).load()) > 0 and (rows.gpu == "NVIDIA H200").all()
+    assert not (out / "batch_rows.csv").exists()  # the complete-run file is not faked
