@@ -32,8 +32,10 @@ SHAPES = {**BENCH_SHAPES, "qkv": (6144, 4096), "gate+up": (24576, 4096)}
 MS = [1, 2, 4, 6, 8, 12, 16]
 # w4a16_cuda: ours with the planner's pick of both weight rings; _reg / _cpa: the register ring
 # (ld.global.nc) or the cp.async shared-memory ring only
-KERNELS = ["bf16_cublas", "w4a16_cuda", "w4a16_cuda_reg", "w4a16_cuda_cpa", "w4a16_triton", "int4pack_mm_torch",
-           "gemlite_a16w4"]
+# (ld.global.nc) or the cp.async shared-memory ring only; _swap: weights as the MMA's A operand, zero
+# point and scale after the MMA (M <= 8)
+KERNELS = ["bf16_cublas", "w4a16_cuda", "w4a16_cuda_reg", "w4a16_cuda_cpa", "w4a16_cuda_swap", "w4a16_triton",
+           "int4pack_mm_torch", "gemlite_a16w4"]
 TARGET = {"gate/up": 3.0, "gate+up": 3.0, "down": 3.0, "lm_head": 3.0, "q/o": 2.5, "qkv": 2.5}
 
 LOG: list[str] = []
@@ -132,7 +134,7 @@ def main(argv=None):
         del codes
         w4_bytes = n * kp // 2 + 2 * (kp // GROUP) * n * 2
         w_bytes = {"bf16_cublas": n * k * 2, "w4a16_cuda": w4_bytes, "w4a16_cuda_reg": w4_bytes,
-                   "w4a16_cuda_cpa": w4_bytes, "w4a16_triton": w4_bytes,
+                   "w4a16_cuda_cpa": w4_bytes, "w4a16_cuda_swap": w4_bytes, "w4a16_triton": w4_bytes,
                    "int4pack_mm_torch": n * k // 2 + (k // GROUP) * n * 4, "gemlite_a16w4": w4_bytes}
 
         def copies(objs, nbytes, clone):
@@ -143,7 +145,7 @@ def main(argv=None):
                 "w4a16_triton": copies((qweight, scales, zeros), w4_bytes, lambda ts: tuple(t.clone() for t in ts))}
         if packed is not None:
             sets["w4a16_cuda"] = copies(packed, w4_bytes, lambda d: {a: b.clone() for a, b in d.items()})
-            sets["w4a16_cuda_reg"] = sets["w4a16_cuda_cpa"] = sets["w4a16_cuda"]
+            sets["w4a16_cuda_reg"] = sets["w4a16_cuda_cpa"] = sets["w4a16_cuda_swap"] = sets["w4a16_cuda"]
             wc.prepare(packed, ms_list)
         if i4 is not None:
             sets["int4pack_mm_torch"] = copies(i4, w_bytes["int4pack_mm_torch"], lambda ts: tuple(t.clone() for t in ts))
@@ -174,8 +176,9 @@ def main(argv=None):
             ops = {
                 "bf16_cublas": lambda ws: F.linear(x, ws),
                 "w4a16_cuda": lambda d: wc.w4a16_cuda_linear(x, d),
-                "w4a16_cuda_reg": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, pipe=0)),
-                "w4a16_cuda_cpa": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, pipe=1)),
+                "w4a16_cuda_reg": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, pipe=0, swap=0)),
+                "w4a16_cuda_cpa": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, pipe=1, swap=0)),
+                "w4a16_cuda_swap": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, swap=1)),
                 "w4a16_triton": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP),
                 "int4pack_mm_torch": lambda ts: torch._weight_int4pack_mm(x, ts[0], GROUP, ts[1]),
                 "gemlite_a16w4": lambda layer: layer(x),
@@ -186,6 +189,8 @@ def main(argv=None):
                 if kname not in kern_sel or kname not in sets:
                     continue
                 if over and kname == "gemlite_a16w4":
+                    continue
+                if kname == "w4a16_cuda_swap" and m > 8:  # the swapped kernel serves M <= 8
                     continue
                 fn_of, wsets = ops[kname], sets[kname]
                 cfg = ""
@@ -204,8 +209,9 @@ def main(argv=None):
                     fns = [(lambda ws=ws: fn_of(ws)) for ws in wsets]
                     t = graph_time_us(fns, calls=max(24, len(fns)), replays=args.replays)
                     if kname.startswith("w4a16_cuda"):
-                        c = wc.plan(m, packed, dev, pipe={"w4a16_cuda_reg": 0, "w4a16_cuda_cpa": 1}.get(kname))
-                        cfg = f"WN={c['WN']} S={c['S']} gx={c['gx']} occ={c['occ']} pipe={c['pipe']}"
+                        pick = {"w4a16_cuda_reg": (0, 0), "w4a16_cuda_cpa": (1, 0), "w4a16_cuda_swap": (None, 1)}
+                        c = wc.plan(m, packed, dev, *pick.get(kname, (None, None)))
+                        cfg = f"WN={c['WN']} S={c['S']} gx={c['gx']} occ={c['occ']} pipe={c['pipe']} swap={c['swap']}"
                 except Exception as e:  # noqa: BLE001
                     log(f"{kname} {name} M={m} failed: {e!r}"[:400])
                     continue

@@ -36,6 +36,7 @@ model (`plan`); `config=` overrides it. See quasar_kernels/NOTES.md for measurem
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -45,6 +46,7 @@ import torch
 
 from quasar_bench.packing import pack_int4, unpack_int4
 
+log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
 _SOURCES = [_HERE / "csrc" / "w4a16_marlin.cu", _HERE / "csrc" / "w4a16_binding.cpp"]
 _EXT = None
@@ -230,18 +232,23 @@ def ring_depth(occ: int) -> int:
     return 8 if occ == 2 else 16
 
 
-def _smem_bytes(m: int, gps: int, spg: int, occ: int = 2, pipe: int = 0) -> int:
+def _smem_bytes(m: int, gps: int, spg: int, occ: int = 2, pipe: int = 0, swap: int = 0) -> int:
     r = 16 if m > 8 else 8
     ring = NWARPS * ring_depth(occ) * 512 if pipe else 0  # the cp.async ring (pipe=1)
-    return r * (gps * spg * 16 + 8) * 2 + r * NWARPS * 64 * 4 + ring
+    sums = gps * spg * 32 if swap else 0  # per-step sums of x (swap=1)
+    return r * (gps * spg * 16 + 8) * 2 + r * NWARPS * 64 * 4 + ring + sums
 
 
-def plan_cost(m, nt, ng, spg, wn, s, occ, sms, bw=2.9e6, pipe=0):
-    """Modelled time (µs) of one launch with (WN, S, occ, pipe); inf if it does not fit. bw in B/µs.
-    pipe: 0 = the register ring, 1 = the cp.async shared-memory ring."""
+def plan_cost(m, nt, ng, spg, wn, s, occ, sms, bw=2.9e6, pipe=0, swap=0):
+    """Modelled time (µs) of one launch with (WN, S, occ, pipe, swap); inf if it does not fit. bw in
+    B/µs. pipe: 0 = the register ring, 1 = the cp.async shared-memory ring. swap: 1 = weights as the
+    MMA's A operand with the zero point and scale applied after it (M <= 8; modelled like swap=0,
+    so the cost model alone never prefers it: only timing does)."""
+    if swap and m > 8:
+        return math.inf, None
     gps = -(-ng // s)
     s = -(-ng // gps)
-    smem = _smem_bytes(m, gps, spg, occ, pipe)
+    smem = _smem_bytes(m, gps, spg, occ, pipe, swap)
     if smem > 227 * 1024 or (occ == 2 and smem > 113 * 1024):
         return math.inf, None
     slots = sms * occ
@@ -260,31 +267,33 @@ def plan_cost(m, nt, ng, spg, wn, s, occ, sms, bw=2.9e6, pipe=0):
     t_flush = tiles * 0.25
     if s > 1:
         t_flush += tiles * 0.6 + s * m * nt * 64 * 4 * 2 / 5e6
-    return 1.5 + t_a + t_stream + t_flush, dict(WN=wn, S=s, gx=gx, occ=occ, pipe=pipe)
+    return 1.5 + t_a + t_stream + t_flush, dict(WN=wn, S=s, gx=gx, occ=occ, pipe=pipe, swap=swap)
 
 
-def model_plan(m: int, packed: dict, dev: torch.device, pipe: int | None = None) -> dict:
+def model_plan(m: int, packed: dict, dev: torch.device, pipe: int | None = None, swap: int | None = None) -> dict:
     """The cheapest configuration under plan_cost (no timing); `pipe` restricts the ring kind."""
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
     ng = packed["scales_fp16"].shape[1]
     best = (math.inf, None)
-    for cfg in candidate_configs(m, packed, dev, pipe):
-        c = plan_cost(m, nt, ng, kt // ng, cfg["WN"], cfg["S"], cfg["occ"], _num_sms(dev), pipe=cfg["pipe"])
+    for cfg in candidate_configs(m, packed, dev, pipe, swap):
+        c = plan_cost(m, nt, ng, kt // ng, cfg["WN"], cfg["S"], cfg["occ"], _num_sms(dev), pipe=cfg["pipe"],
+                      swap=cfg["swap"])
         if c[0] < best[0]:
             best = c
     return best[1]
 
 
-def tune_candidates(m: int, packed: dict, dev: torch.device, top: int = 4, pipe: int | None = None) -> list[dict]:
+def tune_candidates(m: int, packed: dict, dev: torch.device, top: int = 4, pipe: int | None = None,
+                    swap: int | None = None) -> list[dict]:
     """The model's `top` best plus a small grid (WN 1/2/4 x S 1/2/4/8, 2 CTAs/SM, both rings):
     what plan() times."""
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
     ng = packed["scales_fp16"].shape[1]
-    cands = candidate_configs(m, packed, dev, pipe)
+    cands = candidate_configs(m, packed, dev, pipe, swap)
     scored = sorted(cands, key=lambda c: plan_cost(m, nt, ng, kt // ng, c["WN"], c["S"], c["occ"], _num_sms(dev),
-                                                   pipe=c["pipe"])[0])
+                                                   pipe=c["pipe"], swap=c["swap"])[0])
     pick = scored[:top]
     for c in cands:
         if c["WN"] in (1, 2, 4) and c["S"] in (1, 2, 4, 8) and c["occ"] == 2 and c not in pick:
@@ -292,49 +301,60 @@ def tune_candidates(m: int, packed: dict, dev: torch.device, top: int = 4, pipe:
     return pick
 
 
-def plan(m: int, packed: dict, dev: torch.device, pipe: int | None = None) -> dict:
+def plan(m: int, packed: dict, dev: torch.device, pipe: int | None = None, swap: int | None = None) -> dict:
     """Launch configuration for a chunk of m <= 16 rows, cached per (m, geometry, device).
 
     On first use (outside CUDA-graph capture, unless QUASAR_KERNEL_AUTOTUNE=0) the candidates of
     tune_candidates are timed under a CUDA graph with L2 flushed before each call (as the weights
     of one layer are not in L2 during a forward) and the fastest is kept; otherwise the cost
     model's choice is used (and not cached while capturing). `pipe` (0 / 1) restricts the choice
-    to one ring kind (benchmarks compare them); None lets the timing pick."""
+    to one ring kind and `swap` (0 / 1) to one operand order (benchmarks compare them); None lets
+    the timing pick. A candidate whose output differs from the plainest configuration's (rel err
+    >= 1e-2) is logged and never chosen."""
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
     ng = packed["scales_fp16"].shape[1]
     if pipe is None and os.environ.get("QUASAR_W4A16_PIPE", "") in ("0", "1"):  # diagnostics: one ring only
         pipe = int(os.environ["QUASAR_W4A16_PIPE"])
-    key = (m, nt, kt, ng, dev, pipe)
+    key = (m, nt, kt, ng, dev, pipe, swap)
     hit = _PLANS.get(key)
     if hit is not None:
         return hit
     from quasar_kernels.splitk import disk_get, disk_put, graph_time_us
 
-    disk_key = f"w4a16_cuda|{_source_hash()}|m={m}|nt={nt}|kt={kt}|ng={ng}|pipe={pipe}"
+    disk_key = f"w4a16_cuda|{_source_hash()}|m={m}|nt={nt}|kt={kt}|ng={ng}|pipe={pipe}|swap={swap}"
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     stored = disk_get(dev, disk_key) if dev.type == "cuda" else None
     if stored is not None:  # timed by an earlier run on this kind of GPU with this kernel source
         _PLANS[key] = stored["config"]
         return stored["config"]
     if capturing or os.environ.get("QUASAR_KERNEL_AUTOTUNE", "1") == "0" or dev.type != "cuda":
-        cfg = model_plan(m, packed, dev, pipe)
+        cfg = model_plan(m, packed, dev, pipe, swap)
         if not capturing:
             _PLANS[key] = cfg
         return cfg
     n, k, _ = packed_dims(packed)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    # every candidate must compute what the plainest configuration computes before it is timed
+    plain = dict(model_plan(m, packed, dev, 0), swap=0)
+    _workspace(dev, plain["S"] * 16 * nt * TILE_N, -(-nt // plain["WN"]))
+    want = w4a16_cuda_linear(x, packed, config=plain).float()
     best, best_t = None, math.inf
-    for cfg in tune_candidates(m, packed, dev, pipe=pipe):
+    for cfg in tune_candidates(m, packed, dev, pipe=pipe, swap=swap):
         try:
             _workspace(dev, cfg["S"] * 16 * nt * TILE_N, -(-nt // cfg["WN"]))
+            got = w4a16_cuda_linear(x, packed, config=cfg).float()
+            err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+            if not err < 1e-2:  # a wrong kernel variant must never win on speed
+                log.warning("W4A16 CUDA config %s disagrees with %s (rel err %.2e): not used", cfg, plain, err)
+                continue
             t = graph_time_us([lambda c=cfg: w4a16_cuda_linear(x, packed, config=c)], calls=10, flush=True, replays=5)
         except Exception:  # noqa: BLE001
             continue
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
-        best = model_plan(m, packed, dev, pipe)
+        best = model_plan(m, packed, dev, pipe, swap)
     else:
         disk_put(dev, disk_key, best, best_t)
     _PLANS[key] = best
@@ -357,7 +377,8 @@ def _source_hash() -> str:
 _SRC_HASH: str | None = None
 
 
-def candidate_configs(m: int, packed: dict, dev: torch.device, pipe: int | None = None) -> list[dict]:
+def candidate_configs(m: int, packed: dict, dev: torch.device, pipe: int | None = None,
+                      swap: int | None = None) -> list[dict]:
     """Every valid (WN, S, occ, pipe) with its persistent grid size (for sweeps)."""
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
@@ -365,6 +386,9 @@ def candidate_configs(m: int, packed: dict, dev: torch.device, pipe: int | None 
     spg = kt // ng
     sms = _num_sms(dev)
     splits = sorted({-(-ng // gps) for gps in range(1, ng + 1)})
+    swaps = (0, 1) if m <= 8 and os.environ.get("QUASAR_W4A16_SWAP", "1") != "0" else (0,)
+    if swap is not None:
+        swaps = tuple(v for v in swaps if v == swap)
     out = []
     for wn in (1, 2, 4, 8):
         for s in splits:
@@ -372,9 +396,10 @@ def candidate_configs(m: int, packed: dict, dev: torch.device, pipe: int | None 
                 continue
             for occ in (2, 1):
                 for p in (0, 1) if pipe is None else (pipe,):
-                    c, cfg = plan_cost(m, nt, ng, spg, wn, s, occ, sms, pipe=p)
-                    if cfg is not None:
-                        out.append(cfg)
+                    for sw in swaps:
+                        c, cfg = plan_cost(m, nt, ng, spg, wn, s, occ, sms, pipe=p, swap=sw)
+                        if cfg is not None:
+                            out.append(cfg)
     return out
 
 
@@ -446,5 +471,6 @@ def w4a16_cuda_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict 
         cfg = config or plan(mc, packed, x.device)
         ws, cnt = _workspace(x.device, cfg["S"] * 16 * nt * TILE_N if cfg["S"] > 1 else 0, -(-nt // cfg["WN"]))
         ext.w4a16_verify_gemm(x2[m0:m0 + mc], qpk, scl, packed["zeros"], out[m0:m0 + mc], bias, ws, cnt,
-                              n, k, g, cfg["WN"], cfg["S"], cfg["gx"], cfg["occ"], cfg.get("pipe", 0))
+                              n, k, g, cfg["WN"], cfg["S"], cfg["gx"], cfg["occ"], cfg.get("pipe", 0),
+                              cfg.get("swap", 0))
     return out.view(*lead, n)

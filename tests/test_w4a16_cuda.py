@@ -97,6 +97,80 @@ def test_fragment_mapping(n, k, g):
     assert (wf[:n][:, ~keep] == 0).all()
 
 
+def _swapped_codes(packed):
+    """Codes W'[Np, K'] (and per-column scale / zero index) read the way the swapped kernel (swap=1)
+    reads the same words: word j of lane l = 4 g + t is the A fragment of n16-tile j, registers in
+    the order (q, q >> 8, q >> 4, q >> 12) -> a0 = {A[g][2t], A[g][2t+1]}, a1 = {A[g+8][2t], ..},
+    a2 = {A[g][2t+8], ..}, a3 = {A[g+8][2t+8], ..} (mma.m16n8k16 A, row-major), A[r][c] the code of
+    W'[64 nt + 16 j + r][16 kt + c]; the scale of column 16 j + 8 h + g is scales[.., g, 2 j + h]."""
+    qpk = packed["qpk"].to(torch.int64) & 0xFFFFFFFF
+    nt, kt = qpk.shape[:2]
+    codes = torch.full((nt * 64, kt * 16), -1, dtype=torch.int64)
+    sub = torch.full((nt * 64,), -1, dtype=torch.int64)  # which [g, s] scale slot each column uses
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for j in range(4):
+            q = qpk[:, :, lane, j]
+            for reg, shift in enumerate((0, 8, 4, 12)):
+                row = g + 8 * (reg % 2)
+                col = 2 * t + 8 * (reg // 2)
+                n_idx = torch.arange(nt) * 64 + 16 * j + row
+                for half in (0, 1):
+                    k_idx = torch.arange(kt) * 16 + col + half
+                    codes[n_idx[:, None], k_idx[None, :]] = (q >> (shift + 16 * half)) & 0xF
+                sub[n_idx] = (g * 8 + 2 * j + reg % 2)
+    return codes, sub
+
+
+@pytest.mark.parametrize("n,k,g", [(130, 576, 128), (72, 200, 24), (200, 384, 32)])
+def test_swapped_operands_fold_the_zero_point_after_the_mma(n, k, g):
+    """The swapped kernel's arithmetic, emulated in float64 from the packed tensors: codes read as
+    A fragments, 128 + code accumulated per group over whatever K slices the warps take (a slice may
+    start or end inside a group), then s * (acc - (128 + z) * sum x) per group — equals x @ W^T."""
+    qweight, scales, zeros = _weights(n, k, g, seed=11)
+    packed = prepack_w4a16(qweight, scales, zeros, k, g)
+    codes, slot = _swapped_codes(packed)
+    assert (codes >= 0).all() and (slot >= 0).all()  # every element read exactly where expected
+    ng = scales.shape[0]
+    gp = -(-g // 16) * 16
+    nt, kt = packed["qpk"].shape[:2]
+    # the same codes the (already verified) B-order reading gives
+    wf = _fragment_weights(packed)
+    sc = packed["scales_fp16"].double().reshape(nt, ng, 64)  # [nt, gi, 8 g + s]
+    zp = packed["zeros"].double().reshape(nt, ng, 64)
+    col_tile = torch.arange(nt * 64) // 64
+    s_col = sc[col_tile, :, slot]  # [Np, NG]
+    z_col = zp[col_tile, :, slot]
+    grp = torch.arange(kt * 16) // gp
+    assert torch.equal((codes.float() - z_col[:, grp].float()) * s_col[:, grp].float(), wf)
+    # fold-zero over random warp slices of the K' steps
+    gen = torch.Generator().manual_seed(3)
+    m = 5
+    x = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    xs = torch.zeros(m, kt * 16, dtype=torch.float64)  # staged: group channels >= G are zero
+    kq = torch.arange(kt * 16)
+    keep = (kq % gp) < g
+    src = (kq // gp) * g + kq % gp
+    keep &= src < k
+    xs[:, keep] = x[:, src[keep]]
+    cuts = sorted(set(torch.randint(1, kt, (3,), generator=gen).tolist())) if kt > 1 else []
+    y = torch.zeros(m, nt * 64, dtype=torch.float64)
+    for a, b in zip([0] + cuts, cuts + [kt]):  # one warp's K slice: steps a..b-1
+        acc_g = torch.zeros_like(y)
+        sx = torch.zeros(m, 1, dtype=torch.float64)
+        for step in range(a, b):
+            ks = slice(16 * step, 16 * step + 16)
+            acc_g += xs[:, ks] @ (128.0 + codes[:, ks].double()).t()
+            sx += xs[:, ks].sum(1, keepdim=True)
+            gi = step * 16 // gp
+            if (step + 1) * 16 % gp == 0 or step == b - 1:  # the group's end or the slice's: flush
+                y += s_col[:, gi] * (acc_g - (128.0 + z_col[:, gi]) * sx)
+                acc_g.zero_()
+                sx.zero_()
+    ref = x @ dequantize_int4(qweight, scales, zeros, k, g).double().t()
+    assert torch.allclose(y[:, :n], ref, rtol=1e-9, atol=1e-9)
+
+
 def test_cpu_raises():
     from quasar_kernels.w4a16_cuda import w4a16_cuda_linear
 
@@ -125,8 +199,12 @@ def test_kernel_vs_reference(n, k, g, m, dtype):
     if bias is not None:
         ref = ref + bias.float()
     # the planner's pick, and a spread of configurations of both weight rings (register / cp.async)
-    configs = [None] + ([c for p in (0, 1) for c in candidate_configs(min(m, 16), packed, x.device, pipe=p)[::9]]
+    # and both operand orders (weights as B with the dequantization per weight; as A with the zero
+    # point and scale after the MMA, M <= 8)
+    configs = [None] + ([c for p in (0, 1) for sw in (0, 1)
+                         for c in candidate_configs(min(m, 16), packed, x.device, pipe=p, swap=sw)[::9]]
                         if m <= 16 else [])
+    assert m > 8 or any(c and c["swap"] for c in configs)
     for cfg in configs:
         torch.full((m * n + 4096,), float("nan"), device="cuda", dtype=dtype)  # freed: poisons the next block
         out = w4a16_cuda_linear(x, packed, bias, config=cfg)

@@ -10,7 +10,7 @@
 void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, torch::Tensor zp,
                        torch::Tensor out, c10::optional<torch::Tensor> bias, torch::Tensor ws,
                        torch::Tensor cnt, int64_t N, int64_t K, int64_t G, int64_t WN, int64_t S,
-                       int64_t gx, int64_t occ, int64_t pipe) {
+                       int64_t gx, int64_t occ, int64_t pipe, int64_t swap) {
   TORCH_CHECK(x.is_cuda() && qpk.is_cuda() && scl.is_cuda() && zp.is_cuda() && out.is_cuda() &&
                   ws.is_cuda() && cnt.is_cuda(),
               "w4a16_verify_gemm: CUDA tensors expected");
@@ -30,6 +30,7 @@ void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, to
   TORCH_CHECK(M >= 1 && M <= 16, "M must be 1..16 per launch");
   TORCH_CHECK(occ == 1 || occ == 2, "occ must be 1 or 2");
   TORCH_CHECK(pipe == 0 || pipe == 1, "pipe must be 0 (register ring) or 1 (cp.async ring)");
+  TORCH_CHECK(swap == 0 || (swap == 1 && x.size(0) <= 8), "swap=1 (weights as the MMA's A operand) serves M <= 8");
   TORCH_CHECK(WN == 1 || WN == 2 || WN == 4 || WN == 8, "WN must be 1, 2, 4 or 8");
   const c10::cuda::CUDAGuard guard(x.device());
   W4A16Params p;
@@ -70,12 +71,12 @@ void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, to
   const int R = r16 ? 16 : 8;
   const int AST = p.gps * p.SPG * 16 + 8;
   const int smem = R * AST * 2 + R * W4A16_NWARPS * 64 * 4 +
-                   (pipe ? W4A16_NWARPS * w4a16_ring_depth((int)occ) * 512 : 0);
+                   (pipe ? W4A16_NWARPS * w4a16_ring_depth((int)occ) * 512 : 0) + (swap ? p.gps * p.SPG * 4 * 8 : 0);
   TORCH_CHECK(smem <= 227 * 1024, "w4a16_verify_gemm: shared memory ", smem, " B over the limit (use more splits)");
   TORCH_CHECK(occ == 1 || smem <= 113 * 1024, "occ=2 needs <= 113 KB of shared memory, got ", smem);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(w4a16_verify_launch(p, x.scalar_type() == at::kBFloat16, r16, (int)occ, pipe == 1, (int)gx, smem,
-                                     stream));
+  C10_CUDA_CHECK(w4a16_verify_launch(p, x.scalar_type() == at::kBFloat16, r16, (int)occ, pipe == 1, swap == 1,
+                                     (int)gx, smem, stream));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -125,8 +125,19 @@ __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_
 // (step j of tile ti+1 into slot j), so the ring crosses tile boundaries with the same phase. The
 // group (scale/zero) is entered when the step counter reaches the group's end (one compare per step);
 // its scales were prefetched one group ahead with a precomputed offset (+8 per group, no division).
-template <bool BF16, bool R16, int PF, int MINB, bool CPA>
+// SWAP (M <= 8 only; same packed layout): the weights are the MMA's A operand (m16 = 16 output
+// columns, k16) and x^T its B operand (n8 = the up-to-8 rows of x), so no MMA rows are wasted and a
+// n64 x k16 step is 4 MMAs instead of 8. The word that held the B fragments of n8-subtiles 2j, 2j+1
+// holds, read in the order (q, q>>8, q>>4, q>>12), the A fragment of n16-tile j. The zero point and
+// scale are not applied per weight: the MMA sees 128 + code (bf16; 1024 + code for fp16) straight
+// from lop3, accumulates per group into acc[4 + j], and at the group's end
+//   acc[j] += s * (acc_g - (magic + zero) * sum_k x)   (sum over the group, per row of x)
+// so the per-weight work is 1 lop3 (+ shift) instead of lop3 + 2 x2-FMAs. sum_k x runs over exactly
+// the k16 steps this warp multiplied in that group (a warp's K slice may start or end inside a
+// group): per-step sums of x are staged once per CTA, and each step adds its two (rows 2 t4, 2 t4 + 1).
+template <bool BF16, bool R16, int PF, int MINB, bool CPA, bool SWAP>
 __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A16Params p) {
+  static_assert(!(SWAP && R16), "the swapped kernel serves M <= 8");
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
   constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;
   constexpr int R = R16 ? 16 : 8;
@@ -218,6 +229,31 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
     }
   }
   __syncthreads();
+  // SWAP: per k16 step of the CTA's K range, the sums of x over the step's 16 channels for rows
+  // (2 t, 2 t + 1), t = 0..3, in fp32 from the staged values the MMA reads: sXp[step * 4 + t]
+  float2* sXp = reinterpret_cast<float2*>(smem + (size_t)R * AST * sizeof(T) + (size_t)R * W4A16_NWARPS * 64 * 4 +
+                                          (CPA ? (size_t)W4A16_NWARPS * PF * 512 : 0));
+  if constexpr (SWAP) {
+    for (int e = tid; e < L * 4; e += NTHREADS) {
+      const int c = e >> 2, t = e & 3;
+      float sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const T* src = sA + (size_t)(2 * t + h) * AST + (size_t)c * 16;
+#pragma unroll
+        for (int i = 0; i < 16; i += 8) {
+          union { uint4 u; T v[8]; } w;
+          w.u = *reinterpret_cast<const uint4*>(src + i);
+#pragma unroll
+          for (int q = 0; q < 8; ++q) sum[h] += to_f<T>(w.v[q]);
+        }
+      }
+      sXp[e] = make_float2(sum[0], sum[1]);
+    }
+    __syncthreads();
+  }
+  // this lane's pair for this warp's first step; + 32 bytes per step
+  const uint32_t sx_base = (uint32_t)__cvta_generic_to_shared(sXp + (ws0 - c0) * 4 + t4);
 
   // ldmatrix address of this lane for this warp's first step
   uint32_t a_base;
@@ -225,7 +261,9 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
     // x4: matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15) -> a0..a3. With R = 8 the row-8..15 matrices
     // repeat rows 0-7 (their products land in acc[][2..3], which are never read): the fragment
     // registers are then written in place by one ldmatrix, with no moves or zeroing per step.
-    int mat = lane >> 3, r = lane & 7, col = (mat >> 1) * 8;
+    // SWAP: x2, matrices (rows 0-7) x (k 0-7 | 8-15) -> the B fragment b0, b1 of x^T (lanes 16-31
+    // repeat lanes 0-15's addresses: ldmatrix.x2 ignores them)
+    int mat = lane >> 3, r = lane & 7, col = SWAP ? (mat & 1) * 8 : (mat >> 1) * 8;
     if (R16) r += (mat & 1) * 8;
     a_base = (uint32_t)__cvta_generic_to_shared(sA + (size_t)r * AST + col + (ws0 - c0) * 16);
   }
@@ -236,9 +274,13 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
   for (int s = 0; s < 8; ++s)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[s][e] = 0.f;
+  // the group's scales: bf16x2 / half2 pairs and -(magic + zero) pairs; SWAP: fp32 bits of the scale
+  // and of scale * (magic + zero), per column of the thread's A fragments
   uint32_t s2[8], zz[8];
 #pragma unroll
-  for (int s = 0; s < 8; ++s) { s2[s] = 0; zz[s] = EX; }
+  for (int s = 0; s < 8; ++s) { s2[s] = 0; zz[s] = SWAP ? 0 : EX; }
+  float sx0 = 0.f, sx1 = 0.f;  // SWAP: sums of x for rows 2 t4, 2 t4 + 1 over the group's steps so far
+  constexpr float MAGIC = BF16 ? 128.f : 1024.f;
 
   for (int ti = 0; ti < ntiles; ++ti) {
     const int nb = blockIdx.x + ti * gx;
@@ -250,16 +292,44 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
     int so = sofs(ti);                 // scales of the group starting at gs
     int gs = gs0;                      // tile-local step where the next group starts
 
+    // SWAP: fold the finished group's MMA sums (acc[4 + j]) into acc[j], scaled and zero-corrected
+    auto flush = [&]() {
+      if constexpr (SWAP) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int s = 2 * j + (e >> 1);
+            const float sxm = (e & 1) ? sx1 : sx0;
+            acc[j][e] = fmaf(__uint_as_float(s2[s]), acc[4 + j][e], acc[j][e]);
+            acc[j][e] = fmaf(-__uint_as_float(zz[s]), sxm, acc[j][e]);
+            acc[4 + j][e] = 0.f;
+          }
+        sx0 = sx1 = 0.f;
+      }
+    };
+
     // take the prefetched scales of the group starting at gs, prefetch the following group's
     auto enter = [&]() {
       const uint32_t sw[4] = {sc_nxt.x, sc_nxt.y, sc_nxt.z, sc_nxt.w};
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
-        s2[s] = __byte_perm(sw[s >> 1], 0, (s & 1) ? 0x3232 : 0x1010);
         const uint32_t zw = (s < 4) ? z_nxt.x : z_nxt.y;
         const uint32_t b = s & 3;
-        zz[s] = __byte_perm(zw, 0, 0x4040 | b | (b << 8)) | EX | 0x80008000u;  // -(magic + zero)
+        if constexpr (SWAP) {
+          const uint32_t bits = (sw[s >> 1] >> ((s & 1) * 16)) & 0xffffu;
+          float sc;
+          if constexpr (BF16) sc = __uint_as_float(bits << 16);
+          else sc = __half2float(__ushort_as_half((unsigned short)bits));
+          const float z = (float)((zw >> (8 * b)) & 0xffu);
+          s2[s] = __float_as_uint(sc);
+          zz[s] = __float_as_uint(sc * (MAGIC + z));
+        } else {
+          s2[s] = __byte_perm(sw[s >> 1], 0, (s & 1) ? 0x3232 : 0x1010);
+          zz[s] = __byte_perm(zw, 0, 0x4040 | b | (b << 8)) | EX | 0x80008000u;  // -(magic + zero)
+        }
       }
+
       gs += SPG;
       so += 8;
       const int o = gs < wcnt ? so : so_next;
@@ -267,7 +337,24 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
       z_nxt = __ldg(p.zp + o);
     };
 
-    auto step = [&](const uint4 w, uint32_t addr) {
+    // addr: the step's ldmatrix address; xs: its sums of x (SWAP), both shared-space byte addresses
+    auto step = [&](const uint4 w, uint32_t addr, uint32_t xs) {
+      if constexpr (SWAP) {
+        uint32_t b0, b1;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(b0), "=r"(b1) : "r"(addr));
+        float2 xsum;
+        asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];" : "=f"(xsum.x), "=f"(xsum.y) : "r"(xs));
+        sx0 += xsum.x;
+        sx1 += xsum.y;
+        const uint32_t wq4[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t q = wq4[j];
+          const uint32_t a[4] = {nib2<EX>(q), nib2<EX>(q >> 8), nib2<EX>(q >> 4), nib2<EX>(q >> 12)};
+          mma16816<BF16>(acc[4 + j], a, b0, b1);
+        }
+        return;
+      }
       uint32_t a[4];
       asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                    : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
@@ -296,8 +383,8 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
         if (!CPA && lane == 0) prefetch_l2(lp - lane + PF * 32, (uint32_t)min(PF, wcnt - base - 2 * PF) * 512u);
 #pragma unroll
         for (int i = 0; i < PF; ++i) {
-          if (base + i == gs) enter();
-          step(SLOT(i), aa + i * ASTEP);
+          if (base + i == gs) { flush(); enter(); }
+          step(SLOT(i), aa + i * ASTEP, sx_base + (uint32_t)(base + i) * 32u);
           FILL(i, lp + i * 32);
           if constexpr (CPA) cp_async_commit();
         }
@@ -312,8 +399,8 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
         for (int i = 0; i < PF; ++i) {
           const int s = base + i;
           if (s < wcnt) {
-            if (s == gs) enter();
-            step(SLOT(i), aa + i * ASTEP);
+            if (s == gs) { flush(); enter(); }
+            step(SLOT(i), aa + i * ASTEP, sx_base + (uint32_t)s * 32u);
           }
           const int t = s + PF;
           if (t < wcnt) {
@@ -327,9 +414,19 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
       }
     }
 
+    flush();  // SWAP: the tile's last group (a no-op otherwise, and for inactive warps: all zero)
+
     // ---- tile epilogue (every warp of the CTA gets here the same number of times)
     __syncthreads();  // previous epilogue done reading red
-    if (nt_ok) {
+    if (SWAP && nt_ok) {
+      // acc[j][e] = y[row 2 t4 + (e & 1)][column 16 j + 8 (e >> 1) + g of this warp's 64]
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          red[(size_t)(wk * R + 2 * t4 + (e & 1)) * NBC + wn * 64 + 16 * j + 8 * (e >> 1) + g] = acc[j][e];
+    }
+    if (!SWAP && nt_ok) {
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         const int col = wn * 64 + s * 8 + t4 * 2;
@@ -392,9 +489,9 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
 #undef SLOT
 }
 
-template <bool BF16, bool R16, int PF, int MINB, bool CPA>
+template <bool BF16, bool R16, int PF, int MINB, bool CPA, bool SWAP = false>
 cudaError_t launch_t(const W4A16Params& p, int gx, int smem, cudaStream_t stream) {
-  auto kern = w4a16_verify_kernel<BF16, R16, PF, MINB, CPA>;
+  auto kern = w4a16_verify_kernel<BF16, R16, PF, MINB, CPA, SWAP>;
   static int configured = 0;  // max dynamic smem set so far for this instantiation
   if (smem > 48 * 1024 && smem > configured) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -422,8 +519,22 @@ cudaError_t launch_occ(const W4A16Params& p, bool bf, bool r16, int occ, int gx,
   return launch_t<false, false, 16, 1, CPA>(p, gx, smem, stream);
 }
 
-cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf, bool r16, int occ, bool cpa, int gx, int smem,
-                                cudaStream_t stream) {
+template <bool CPA>
+cudaError_t launch_swap(const W4A16Params& p, bool bf, int occ, int gx, int smem, cudaStream_t stream) {
+  if (occ == 2) {
+    if (bf) return launch_t<true, false, 8, 2, CPA, true>(p, gx, smem, stream);
+    return launch_t<false, false, 8, 2, CPA, true>(p, gx, smem, stream);
+  }
+  if (bf) return launch_t<true, false, 16, 1, CPA, true>(p, gx, smem, stream);
+  return launch_t<false, false, 16, 1, CPA, true>(p, gx, smem, stream);
+}
+
+cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf, bool r16, int occ, bool cpa, bool swap, int gx,
+                                int smem, cudaStream_t stream) {
+  if (swap) {
+    if (r16) return cudaErrorInvalidValue;  // the swapped kernel serves M <= 8
+    return cpa ? launch_swap<true>(p, bf, occ, gx, smem, stream) : launch_swap<false>(p, bf, occ, gx, smem, stream);
+  }
   return cpa ? launch_occ<true>(p, bf, r16, occ, gx, smem, stream)
              : launch_occ<false>(p, bf, r16, occ, gx, smem, stream);
 }

@@ -24,7 +24,8 @@ inline int w4a16_ring_depth(int occ) { return occ == 2 ? 8 : 16; }
 
 // Launch one verify GEMM (M <= 16). occ: CTAs per SM the kernel is built for (2: a ring of 8 loads
 // per warp, <= 128 registers; 1: 16 loads). cpa: the ring in shared memory filled by cp.async
-// (smem must then include W4A16_NWARPS * depth * 512 bytes) instead of registers. Returns the
-// launch's error.
-cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int occ, bool cpa, int gx, int smem,
-                                cudaStream_t stream);
+// (smem must then include W4A16_NWARPS * depth * 512 bytes) instead of registers. swap (M <= 8):
+// weights as the MMA's A operand, zero point and scale applied per group after the MMA (smem must
+// then also hold 32 bytes per k16 step of the CTA's K range, sums of x, after the ring). Returns the launch's error.
+cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int occ, bool cpa, bool swap, int gx,
+                                int smem, cudaStream_t stream);
