@@ -31,10 +31,12 @@ from quasar_kernels.bench_kernels import SHAPES as BENCH_SHAPES
 SHAPES = {**BENCH_SHAPES, "qkv": (6144, 4096), "gate+up": (24576, 4096)}
 MS = [1, 2, 4, 6, 8, 12, 16]
 # w4a16_cuda: ours with the planner's pick of both weight rings; _reg / _cpa: the register ring
-# (ld.global.nc) or the cp.async shared-memory ring only
 # (ld.global.nc) or the cp.async shared-memory ring only; _swap: weights as the MMA's A operand, zero
 # point and scale after the MMA (M <= 8)
+# w4a16_triton: our Triton kernel, autotuned over all its modes; _reshape / _swapped: tuned within mode 2
+# (x @ W^T) or mode 3 (W @ x^T: the weights stay in registers as wgmma's first operand) only
 KERNELS = ["bf16_cublas", "w4a16_cuda", "w4a16_cuda_reg", "w4a16_cuda_cpa", "w4a16_cuda_swap", "w4a16_triton",
+           "w4a16_triton_reshape", "w4a16_triton_swapped",
            "int4pack_mm_torch", "gemlite_a16w4"]
 TARGET = {"gate/up": 3.0, "gate+up": 3.0, "down": 3.0, "lm_head": 3.0, "q/o": 2.5, "qkv": 2.5}
 
@@ -81,7 +83,7 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     from quasar_kernels import w4a16_cuda as wc
-    from quasar_kernels.splitk import graph_time_us
+    from quasar_kernels.splitk import TUNE_CACHE, graph_time_us, m_bucket
     from quasar_kernels.w4a16 import w4a16_linear
     from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
 
@@ -135,6 +137,7 @@ def main(argv=None):
         w4_bytes = n * kp // 2 + 2 * (kp // GROUP) * n * 2
         w_bytes = {"bf16_cublas": n * k * 2, "w4a16_cuda": w4_bytes, "w4a16_cuda_reg": w4_bytes,
                    "w4a16_cuda_cpa": w4_bytes, "w4a16_cuda_swap": w4_bytes, "w4a16_triton": w4_bytes,
+                   "w4a16_triton_reshape": w4_bytes, "w4a16_triton_swapped": w4_bytes,
                    "int4pack_mm_torch": n * k // 2 + (k // GROUP) * n * 4, "gemlite_a16w4": w4_bytes}
 
         def copies(objs, nbytes, clone):
@@ -143,6 +146,7 @@ def main(argv=None):
 
         sets = {"bf16_cublas": copies(w, n * k * 2, lambda t: t.clone()),
                 "w4a16_triton": copies((qweight, scales, zeros), w4_bytes, lambda ts: tuple(t.clone() for t in ts))}
+        sets["w4a16_triton_reshape"] = sets["w4a16_triton_swapped"] = sets["w4a16_triton"]
         if packed is not None:
             sets["w4a16_cuda"] = copies(packed, w4_bytes, lambda d: {a: b.clone() for a, b in d.items()})
             sets["w4a16_cuda_reg"] = sets["w4a16_cuda_cpa"] = sets["w4a16_cuda_swap"] = sets["w4a16_cuda"]
@@ -180,6 +184,8 @@ def main(argv=None):
                 "w4a16_cuda_cpa": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, pipe=1, swap=0)),
                 "w4a16_cuda_swap": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, swap=1)),
                 "w4a16_triton": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP),
+                "w4a16_triton_reshape": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP, mode=2),
+                "w4a16_triton_swapped": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP, mode=3),
                 "int4pack_mm_torch": lambda ts: torch._weight_int4pack_mm(x, ts[0], GROUP, ts[1]),
                 "gemlite_a16w4": lambda layer: layer(x),
             }
@@ -212,6 +218,11 @@ def main(argv=None):
                         pick = {"w4a16_cuda_reg": (0, 0), "w4a16_cuda_cpa": (1, 0), "w4a16_cuda_swap": (None, 1)}
                         c = wc.plan(m, packed, dev, *pick.get(kname, (None, None)))
                         cfg = f"WN={c['WN']} S={c['S']} gx={c['gx']} occ={c['occ']} pipe={c['pipe']} swap={c['swap']}"
+                    if kname.startswith("w4a16_triton"):
+                        key = {"w4a16_triton": "w4a16", "w4a16_triton_reshape": "w4a16_mode2",
+                               "w4a16_triton_swapped": "w4a16_mode3"}[kname]
+                        hit = TUNE_CACHE.get((key, m_bucket(m), n, k, x.dtype))
+                        cfg = " ".join(f"{a}={b}" for a, b in hit[0].items()) if hit else ""
                 except Exception as e:  # noqa: BLE001
                     log(f"{kname} {name} M={m} failed: {e!r}"[:400])
                     continue
@@ -223,7 +234,8 @@ def main(argv=None):
                                  gbps=round(gbps, 1), frac_of_copy_bw=round(gbps / copy_bw, 3),
                                  speedup_vs_bf16=round(t_bf16 / t, 3) if t_bf16 else "",
                                  rel_err=f"{err:.2e}", bytes=nbytes, copy_gbps=round(copy_bw, 1),
-                                 weight_copies=len(wsets), config=cfg))
+                                 weight_copies=len(wsets), config=cfg,
+                                 tflops=round(2 * m * n * k / (t * 1e-6) / 1e12, 1)))
             sweep_ms = [int(v) for v in args.sweep_ms.split(",")]
             if args.sweep and packed is not None and m in sweep_ms and not over:
                 cands = wc.candidate_configs(m, packed, dev)
@@ -266,9 +278,25 @@ def main(argv=None):
         del w, qweight, scales, zeros, wdq, packed, sets, i4, gl
         torch.cuda.empty_cache()
         md = write_results(out_dir, rows, sweep_rows, info, copy_bw, checks, gemlite_note, ms_list, shapes)
+    triton_ptx_summary()
     print(md)
     log(f"wrote {out_dir}/w4a16_cuda.csv and .md in {time.time() - t0:.0f}s")
     (out_dir / "w4a16_cuda_log.txt").write_text("\n".join(LOG) + "\n")
+
+
+def triton_ptx_summary() -> None:
+    """Log which MMA instructions each compiled W4A16 Triton kernel uses (from Triton's cache): on
+    Hopper, whether mode 3 got wgmma with its first operand in registers ({...}) or in shared memory
+    (a descriptor)."""
+    import os
+
+    root = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    for ptx in sorted(root.glob("*/_w4a16*kernel.ptx")):
+        text = ptx.read_text(errors="replace")
+        wg = [ln.strip() for ln in text.splitlines() if "wgmma.mma_async" in ln]
+        n_mma = text.count("mma.sync")
+        first = wg[0][:160] if wg else ""
+        log(f"ptx {ptx.parent.name[:10]} {ptx.stem}: {len(wg)} wgmma, {n_mma} mma.sync; {first}")
 
 
 def sass_summary(out_dir: Path) -> None:

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .splitk import (_epilogue, as_2d, check_device, dot_precision, large_m_candidates, launch_splitk, m_bucket,
-                     pick_config, tile_candidates, with_defaults)
+from .splitk import (_epilogue, as_2d, autotune_enabled, check_device, dot_precision, large_m_candidates,
+                     launch_splitk, m_bucket, pick_config, tile_candidates, with_defaults)
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ from .splitk import (_epilogue, as_2d, check_device, dot_precision, large_m_cand
 MAGIC_F32_BITS = tl.constexpr(0x4B000000)
 MAGIC_F32 = tl.constexpr(8388608.0)
 
-FMA_SLICES, DOT_SLICES, DOT_RESHAPE = 0, 1, 2  # MODE
+FMA_SLICES, DOT_SLICES, DOT_RESHAPE, DOT_SWAPPED = 0, 1, 2, 3  # MODE
 
 
 @triton.jit
@@ -64,6 +64,7 @@ def _w4a16_kernel(
       2 DOT_RESHAPE the 8 slices reshaped to the natural [BLOCK_K, BLOCK_N] order and one
                     tl.dot with a contiguous activation tile (larger M: strided x loads cost
                     BLOCK_M x BLOCK_K scattered loads per tile in modes 0/1)
+      3 DOT_SWAPPED _w4a16_swapped_kernel below (batched verification, M > 16)
     """
     BLOCK_P: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
@@ -131,25 +132,106 @@ def _w4a16_kernel(
     _epilogue(acc, offs_m, offs_n, M, N, n_split, bias_ptr, out_ptr, part_ptr, cnt_ptr, HAS_BIAS, SPLIT_MODE)
 
 
+@triton.jit
+def _w4a16_swapped_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K_SPLIT, n_split,
+    K, Kp, stride_xm,
+    G: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """MODE 3, for many rows (batched verification): the transposed product
+    acc^T [BLOCK_N, BLOCK_M] += W [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M].
+
+    Why swapped: Hopper's wgmma reads its first operand from registers and only its second from
+    shared memory. With x @ W^T (mode 2) the freshly dequantized weights are the second operand and
+    make a round trip through shared memory every K step; here they stay in registers and x^T,
+    which the pipeliner stages in shared memory anyway, is the second. The weight rows fill the
+    MMA's 64-row side, the tokens its N side (8..256), so BLOCK_M can be as small as 16.
+    """
+    BLOCK_P: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    shifts = tl.arange(0, 8) * 4
+    acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    k_begin = pid_k * K_SPLIT
+    k_end = tl.minimum(k_begin + K_SPLIT, Kp)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_p = k0 // 8 + tl.arange(0, BLOCK_P)
+        q = tl.load(qw_ptr + offs_p[None, :] * N + offs_n[:, None],  # [BLOCK_N, BLOCK_P], N contiguous
+                    mask=(offs_p[None, :] < Kp // 8) & mask_n[:, None], other=0)
+        if G % BLOCK_K == 0:  # one group per K step: a scale per weight row
+            g = k0 // G
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        else:
+            g = (offs_p * 8) // G
+            gmask = (offs_p[None, :] < Kp // 8) & mask_n[:, None]
+            s = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=gmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g[None, :] * N + offs_n[:, None], mask=gmask, other=0.0).to(tl.float32)
+        zm = z + MAGIC_F32
+        bits = ((q[:, :, None] >> shifts[None, None, :]) & 0xF) | MAGIC_F32_BITS
+        w = (bits.to(tl.float32, bitcast=True) - zm[:, :, None]) * s[:, :, None]  # [BLOCK_N, BLOCK_P, 8]
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))  # column 8i + j = nibble j of packed row i
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],  # x^T [BLOCK_K, BLOCK_M]
+                     mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
+        w = w.to(xt.dtype)
+        if PRECISION == "upcast":  # interpreter only, see dot_precision
+            acc_t += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        else:
+            acc_t += tl.dot(w, xt, input_precision=PRECISION)
+    _epilogue(tl.trans(acc_t), offs_m, offs_n, M, N, n_split, bias_ptr, out_ptr, part_ptr, cnt_ptr, HAS_BIAS,
+              SPLIT_MODE)
+
+
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per MODE: the default, then what the autotuner tries.
 # BLOCK_K >= 128 in the slice modes: each of the 8 slices feeds tl.dot a K of BLOCK_K // 8 >= 16.
 _W4_TILES = {
     FMA_SLICES: [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)],
     DOT_SLICES: [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)],
     DOT_RESHAPE: [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)],
+    # BLOCK_N here is the wgmma's 64-row side (64 rows per warpgroup of num_warps // 4)
+    DOT_SWAPPED: [(128, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 4), (256, 64, 8, 3)],
 }
+
+
+def swapped_block_m(m: int) -> int:
+    """Tokens per program in mode 3: all of them up to 256 (the MMA's N side), so each weight tile is
+    dequantized once per forward; a power of two for tl.arange."""
+    return min(256, max(16, 1 << (m - 1).bit_length()))
+
+
+def swapped_candidates(x, n, k_total, any_m: bool = False) -> list[dict]:
+    """Mode-3 configs the autotuner adds past M = 16 (at every M with any_m), the first tile unsplit
+    first; none without timing (CPU, capture, tuning off) unless any_m."""
+    m = x.shape[0]
+    if not any_m and (m <= 16 or not autotune_enabled(x)):
+        return []
+    bm = swapped_block_m(m)
+    # a 256 x 256 fp32 accumulator would take all 255 registers of 256 threads
+    tiles = [t for t in _W4_TILES[DOT_SWAPPED] if t[0] * bm <= 128 * 256]
+    return tile_candidates(x, n, k_total, tiles, None, block_m=bm, extra=dict(MODE=DOT_SWAPPED), waves=(0, 1))
 
 
 def _w4_default_mode(m: int) -> int:
     return DOT_SLICES if m <= 16 else DOT_RESHAPE
 
 
-def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, bias=None, *, config=None):
+def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, bias=None, *, config=None,
+                 mode: int | None = None):
     """y = x @ dequantize_int4(qweight, scales, zeros)^T (+ bias), in x's dtype.
 
     x [..., K] (bf16/fp16/fp32, K = in_features); qweight int32 [Kp//8, N]; scales/zeros fp16
     [Kp//G, N]. `config` (dict of BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) overrides the
-    tuned choice (tests and benchmarks).
+    tuned choice (tests and benchmarks); `mode` (2 or 3) tunes among that MODE's configs only
+    (benchmarks comparing the modes; tuned under its own key).
     """
     check_device(x)
     x2, lead = as_2d(x)
@@ -164,12 +246,18 @@ def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, b
         raise ValueError("qweight must be a contiguous int32 tensor [Kp//8, N]")
 
     def launch(cfg):
-        return launch_splitk(_w4a16_kernel, x2, n, bias, cfg, kp,
+        kernel = _w4a16_swapped_kernel if cfg["MODE"] == DOT_SWAPPED else _w4a16_kernel
+        return launch_splitk(kernel, x2, n, bias, cfg, kp,
                              (x2, qweight, scales, zeros), K=k, Kp=kp, stride_xm=x2.stride(0),
                              G=group_size, PRECISION=dot_precision(x2.dtype), MODE=cfg["MODE"])
 
     def candidates():
         m = x2.shape[0]
+        if mode == DOT_SWAPPED:
+            return swapped_candidates(x2, n, kp, any_m=True)
+        if mode == DOT_RESHAPE:
+            return tile_candidates(x2, n, kp, _W4_TILES[DOT_RESHAPE], _W4_TILES[DOT_RESHAPE][1],
+                                   extra=dict(MODE=DOT_RESHAPE)) + large_m_candidates(x2, n, kp, extra=dict(MODE=2))
         dm = _w4_default_mode(m)
         tiles = _W4_TILES[dm]
         cands = tile_candidates(x2, n, kp, tiles, tiles[1], extra=dict(MODE=dm))
@@ -179,10 +267,13 @@ def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, b
             cands += tile_candidates(x2, n, kp, _W4_TILES[FMA_SLICES], None, block_m=m_bucket(m),
                                      extra=dict(MODE=FMA_SLICES))
         cands += large_m_candidates(x2, n, kp, extra=dict(MODE=DOT_RESHAPE))
+        cands += swapped_candidates(x2, n, kp)
         return cands
 
+    if mode not in (None, DOT_RESHAPE, DOT_SWAPPED):
+        raise ValueError(f"w4a16_linear: mode must be None, {DOT_RESHAPE} or {DOT_SWAPPED}, got {mode!r}")
     if config is None:
-        config = pick_config("w4a16", x2, n, k, candidates, launch)
+        config = pick_config("w4a16" if mode is None else f"w4a16_mode{mode}", x2, n, k, candidates, launch)
     else:
         config = {"MODE": _w4_default_mode(x2.shape[0]), **config}
         config = with_defaults(config, x2.shape[0])

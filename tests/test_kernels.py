@@ -62,7 +62,11 @@ W4_CONFIGS = {"default": None, "dot_slices_splitk": dict(MODE=1, BLOCK_N=32, BLO
               "reshape_direct": dict(MODE=2, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),
               "reshape_splitk": dict(MODE=2, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2),
               "fma_splitk": dict(MODE=0, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2),
-              "reshape_reduce_kernel": dict(MODE=2, **SPLIT_REDUCE_KERNEL)}
+              "reshape_reduce_kernel": dict(MODE=2, **SPLIT_REDUCE_KERNEL),
+              # mode 3 (weights as the dot's first operand): one group per K step, and groups
+              # smaller than / not dividing BLOCK_K (per-column scales), split K
+              "swapped_direct": dict(MODE=3, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
+              "swapped_splitk": dict(MODE=3, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2)}
 
 
 @pytest.fixture(autouse=True)
@@ -202,7 +206,7 @@ def test_w8a8(m, n, k, dtype, cfg, backend):
     _check(out, w8a8_linear_ref(x, qweight, scales, bias=bias), dtype, (m, n))
 
 
-@pytest.mark.parametrize("kernel", ["w4a16", "w8a16", "w8a8"])
+@pytest.mark.parametrize("kernel", ["w4a16", "w4a16_swapped", "w8a16", "w8a8"])
 def test_block_m_128_tiles_for_large_m(kernel):
     """The 128-row tiles the autotuner adds past M = 64 (splitk.LARGE_M_TILES): rows of two row
     blocks, the second partial, split K, N not a multiple of the block."""
@@ -211,10 +215,10 @@ def test_block_m_128_tiles_for_large_m(kernel):
     w, x, bias = r(n, k), r(m, k, dtype=torch.bfloat16), r(n, dtype=torch.bfloat16)
     cfg = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, num_warps=8)
     _poison()
-    if kernel == "w4a16":
+    if kernel.startswith("w4a16"):
         codes, scales, zeros = quantize_int4_rtn(w, g)
         qw = pack_int4(codes)
-        out = w4a16_linear(x, qw, scales, zeros, k, g, bias=bias, config=dict(MODE=2, **cfg))
+        out = w4a16_linear(x, qw, scales, zeros, k, g, bias=bias, config=dict(MODE=3 if "swapped" in kernel else 2, **cfg))
         ref = w4a16_linear_ref(x, qw, scales, zeros, k, g, bias=bias)
     else:
         qw, s8 = quantize_int8_rtn(w)
@@ -384,3 +388,27 @@ def test_tuned_configs_persist_on_disk_per_key(tmp_path, monkeypatch):
     monkeypatch.setattr(splitk, "_DISK", {"path": tmp_path / "missing_dir_file" / "x" / "y.json", "entries": {}})
     monkeypatch.setattr("quasar_bench.fileio.write_json", lambda *a, **k: (_ for _ in ()).throw(OSError("read-only")))
     splitk.disk_put(None, "k", {}, 1.0)  # no exception
+
+
+def test_swapped_candidates_past_16_rows(monkeypatch):
+    """Mode 3 (weights as the dot's first operand) is offered past M = 16 with every token in one
+    row block (a power of two >= M, at most 256), never a 256 x 256 accumulator; nothing at M <= 16
+    or without timing; `mode=` outside 2/3 is refused."""
+    import quasar_kernels.splitk as sk
+    import quasar_kernels.w4a16 as w4
+
+    monkeypatch.setattr(w4, "autotune_enabled", lambda x: True)
+    monkeypatch.setattr(sk, "autotune_enabled", lambda x: True)
+    assert w4.swapped_candidates(torch.zeros(16, 64), 4096, 4096) == []
+    for m, bm in ((17, 32), (64, 64), (100, 128), (190, 256), (600, 256)):
+        cands = w4.swapped_candidates(torch.zeros(m, 64), 24576, 4096)
+        assert cands and all(c["MODE"] == 3 and c["BLOCK_M"] == bm for c in cands), m
+        assert all(c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 256 for c in cands)
+        assert min(c["SPLIT_K"] for c in cands) == 1
+    monkeypatch.setattr(w4, "autotune_enabled", lambda x: False)
+    assert w4.swapped_candidates(torch.zeros(64, 64), 4096, 4096) == []
+    assert w4.swapped_candidates(torch.zeros(8, 64), 4096, 4096, any_m=True)[0]["BLOCK_M"] == 16
+    x = torch.zeros(2, 64)
+    with pytest.raises(ValueError, match="mode must be"):
+        w4a16_linear(x, torch.zeros(8, 16, dtype=torch.int32), torch.ones(1, 16, dtype=torch.float16),
+                     torch.zeros(1, 16, dtype=torch.float16), 64, 64, mode=1)
