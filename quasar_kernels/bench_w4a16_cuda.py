@@ -251,7 +251,7 @@ def main(argv=None):
                 best = None
                 for c in pick:
                     try:
-                        wc._workspace(dev, c["S"] * wc.ws_rows(m) * nt * 64, -(-nt // c["WN"]))
+                        wc._workspace(dev, c["S"] * 16 * nt * 64, -(-nt // c["WN"]))
                         poison(m * n * 4)
                         out = wc.w4a16_cuda_linear(x, packed, config=c)
                         torch.cuda.synchronize()

@@ -31,11 +31,8 @@ m16n8k16 with fp32 accumulators. With S > 1 partials go to an fp32 workspace and
 of each column block to arrive sums them in split order and resets its counter (the workspace
 and counters persist per device and are left ready for the next call: no per-call memset, safe
 under CUDA-graph replay; do not run two calls concurrently on different streams of one device).
-Up to 16 rows a launch computes one 16-row tile (8 for M <= 8); 17..64 rows (batched
-verification) run as 2 or 4 tiles of 16 per pass over the weights, each weight step dequantized
-once for all of them (WN = 8, the cp.async ring, one CTA per SM); more rows run one launch per
-64-row chunk. The launch configuration comes from a small cost model and timing (`plan`);
-`config=` overrides it. See quasar_kernels/NOTES.md for measurements.
+M > 16 runs one launch per 16-row chunk. The launch configuration comes from a small cost
+model (`plan`); `config=` overrides it. See quasar_kernels/NOTES.md for measurements.
 """
 from __future__ import annotations
 
@@ -58,25 +55,6 @@ _LOCK = threading.Lock()
 
 TILE_N = 64
 NWARPS = 8
-CHUNK_ROWS = 64  # rows of x per launch at most (4 m16 tiles per pass over the weights)
-MT_RING_DEPTH = 8  # cp.async ring depth of the multi-tile builds (W4A16_MT_RING_DEPTH)
-
-
-def row_tiles(m: int) -> int:
-    """m16 tiles per pass for a launch of m rows: 1 up to 16 rows, then 2 (<= 32) or 4 (<= 64)."""
-    if not 1 <= m <= CHUNK_ROWS:
-        raise ValueError(f"a launch takes 1..{CHUNK_ROWS} rows, got {m}")
-    return 1 if m <= 16 else (2 if m <= 32 else 4)
-
-
-def ws_rows(m: int) -> int:
-    """Rows per split of the fp32 split-K workspace for a launch of m rows."""
-    return 16 * row_tiles(m)
-
-
-def chunks(m_all: int) -> list[int]:
-    """Row counts of the launches for m_all rows: 64-row chunks, the remainder last."""
-    return [min(CHUNK_ROWS, m_all - m0) for m0 in range(0, m_all, CHUNK_ROWS)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -255,12 +233,10 @@ def ring_depth(occ: int) -> int:
 
 
 def _smem_bytes(m: int, gps: int, spg: int, occ: int = 2, pipe: int = 0, swap: int = 0) -> int:
-    mt = row_tiles(m)
-    r = 16 * mt if mt > 1 else (16 if m > 8 else 8)
-    ring = NWARPS * (MT_RING_DEPTH if mt > 1 else ring_depth(occ)) * 512 if pipe else 0  # the cp.async ring
+    r = 16 if m > 8 else 8
+    ring = NWARPS * ring_depth(occ) * 512 if pipe else 0  # the cp.async ring (pipe=1)
     sums = gps * spg * 32 if swap else 0  # per-step sums of x (swap=1)
-    red = 0 if mt > 1 else r * NWARPS * 64 * 4  # the WK reduction buffer (none in multi-tile builds)
-    return r * (gps * spg * 16 + 8) * 2 + red + ring + sums
+    return r * (gps * spg * 16 + 8) * 2 + r * NWARPS * 64 * 4 + ring + sums
 
 
 def plan_cost(m, nt, ng, spg, wn, s, occ, sms, bw=2.9e6, pipe=0, swap=0):
@@ -269,9 +245,6 @@ def plan_cost(m, nt, ng, spg, wn, s, occ, sms, bw=2.9e6, pipe=0, swap=0):
     MMA's A operand with the zero point and scale applied after it (M <= 8; modelled like swap=0,
     so the cost model alone never prefers it: only timing does)."""
     if swap and m > 8:
-        return math.inf, None
-    mt = row_tiles(m)
-    if mt > 1 and (wn != 8 or occ != 1 or pipe != 1 or swap):  # the only multi-tile build
         return math.inf, None
     gps = -(-ng // s)
     s = -(-ng // gps)
@@ -287,13 +260,9 @@ def plan_cost(m, nt, ng, spg, wn, s, occ, sms, bw=2.9e6, pipe=0, swap=0):
     pf = ring_depth(occ)
     # bytes in flight per CTA / effective latency (µs): the register ring's loads are issued ~3
     # steps before use (run 1 fit); the cp.async ring's exactly pf - 1 ahead (~1 µs latency assumed)
-    if mt > 1:
-        pf = MT_RING_DEPTH
     cap = NWARPS * pf * 512 / 3.0 if not pipe else NWARPS * (pf - 1) * 512 / 1.0
     bw_cta = min(bw / (gx * s), cap)
     t_stream = tiles * tile_bytes / bw_cta
-    if mt > 1:  # mma.sync at ~2.7k FLOP/clk/SM x 1.75 GHz: the tensor work of 16 mt rows per tile
-        t_stream = max(t_stream, tiles * 2 * 16 * mt * wn * 64 * steps * 16 / 4.7e6)
     t_a = m * steps * 32 / 60e3  # activations of the K range from L2, per CTA
     t_flush = tiles * 0.25
     if s > 1:
@@ -312,9 +281,6 @@ def model_plan(m: int, packed: dict, dev: torch.device, pipe: int | None = None,
                       swap=cfg["swap"])
         if c[0] < best[0]:
             best = c
-    if best[1] is None:
-        raise ValueError(f"no W4A16 CUDA launch configuration for m={m} rows with pipe={pipe} swap={swap} "
-                         "(more than 16 rows run the cp.async ring only: pipe=1)")
     return best[1]
 
 
@@ -330,14 +296,13 @@ def tune_candidates(m: int, packed: dict, dev: torch.device, top: int = 4, pipe:
                                                    pipe=c["pipe"], swap=c["swap"])[0])
     pick = scored[:top]
     for c in cands:
-        grid = c["S"] in (1, 2, 4, 8) and (c["WN"] == 8 if m > 16 else (c["WN"] in (1, 2, 4) and c["occ"] == 2))
-        if grid and c not in pick:
+        if c["WN"] in (1, 2, 4) and c["S"] in (1, 2, 4, 8) and c["occ"] == 2 and c not in pick:
             pick.append(c)
     return pick
 
 
 def plan(m: int, packed: dict, dev: torch.device, pipe: int | None = None, swap: int | None = None) -> dict:
-    """Launch configuration for a launch of m <= 64 rows, cached per (m, geometry, device).
+    """Launch configuration for a chunk of m <= 16 rows, cached per (m, geometry, device).
 
     On first use (outside CUDA-graph capture, unless QUASAR_KERNEL_AUTOTUNE=0) the candidates of
     tune_candidates are timed under a CUDA graph with L2 flushed before each call (as the weights
@@ -349,7 +314,7 @@ def plan(m: int, packed: dict, dev: torch.device, pipe: int | None = None, swap:
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
     ng = packed["scales_fp16"].shape[1]
-    if pipe is None and m <= 16 and os.environ.get("QUASAR_W4A16_PIPE", "") in ("0", "1"):  # diagnostics
+    if pipe is None and os.environ.get("QUASAR_W4A16_PIPE", "") in ("0", "1"):  # diagnostics: one ring only
         pipe = int(os.environ["QUASAR_W4A16_PIPE"])
     key = (m, nt, kt, ng, dev, pipe, swap)
     hit = _PLANS.get(key)
@@ -370,15 +335,14 @@ def plan(m: int, packed: dict, dev: torch.device, pipe: int | None = None, swap:
         return cfg
     n, k, _ = packed_dims(packed)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-    # every candidate must compute what the plainest configuration computes before it is timed: the
-    # register ring, unswapped, one 16-row tile per launch (multi-tile launches are checked against
-    # 16-row launches)
-    want = torch.cat([w4a16_cuda_linear(x[m0:m0 + 16], packed, config=_plain(min(16, m - m0), packed, dev))
-                      for m0 in range(0, m, 16)]).float()
+    # every candidate must compute what the plainest configuration computes before it is timed
+    plain = dict(model_plan(m, packed, dev, 0), swap=0)
+    _workspace(dev, plain["S"] * 16 * nt * TILE_N, -(-nt // plain["WN"]))
+    want = w4a16_cuda_linear(x, packed, config=plain).float()
     best, best_t = None, math.inf
     for cfg in tune_candidates(m, packed, dev, pipe=pipe, swap=swap):
         try:
-            _workspace(dev, cfg["S"] * ws_rows(m) * nt * TILE_N, -(-nt // cfg["WN"]))
+            _workspace(dev, cfg["S"] * 16 * nt * TILE_N, -(-nt // cfg["WN"]))
             got = w4a16_cuda_linear(x, packed, config=cfg).float()
             err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
             if not err < 1e-2:  # a wrong kernel variant must never win on speed
@@ -395,14 +359,6 @@ def plan(m: int, packed: dict, dev: torch.device, pipe: int | None = None, swap:
         disk_put(dev, disk_key, best, best_t)
     _PLANS[key] = best
     return best
-
-
-def _plain(m: int, packed: dict, dev: torch.device) -> dict:
-    """The reference configuration for m <= 16 rows (the cost model's register-ring pick, unswapped),
-    with its workspace sized."""
-    cfg = dict(model_plan(m, packed, dev, 0), swap=0)
-    _workspace(dev, cfg["S"] * ws_rows(m) * packed["qpk"].shape[0] * TILE_N, -(-packed["qpk"].shape[0] // cfg["WN"]))
-    return cfg
 
 
 def _source_hash() -> str:
@@ -477,9 +433,8 @@ def prepare(packed: dict, ms=range(1, 17)) -> None:
     dev = packed["qpk"].device
     nt = packed["qpk"].shape[0]
     for m in ms:
-        for mc in set(chunks(m)):
-            cfg = plan(mc, packed, dev)
-            _workspace(dev, cfg["S"] * ws_rows(mc) * nt * TILE_N, -(-nt // cfg["WN"]))
+        cfg = plan(min(16, m), packed, dev)
+        _workspace(dev, cfg["S"] * 16 * nt * TILE_N, -(-nt // cfg["WN"]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -511,11 +466,10 @@ def w4a16_cuda_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict 
     if bias is not None:
         bias = bias.to(dtype=x.dtype).contiguous()
     nt = qpk.shape[0]
-    for m0 in range(0, m_all, CHUNK_ROWS):
-        mc = min(CHUNK_ROWS, m_all - m0)
+    for m0 in range(0, m_all, 16):
+        mc = min(16, m_all - m0)
         cfg = config or plan(mc, packed, x.device)
-        ws, cnt = _workspace(x.device, cfg["S"] * ws_rows(mc) * nt * TILE_N if cfg["S"] > 1 else 0,
-                             -(-nt // cfg["WN"]))
+        ws, cnt = _workspace(x.device, cfg["S"] * 16 * nt * TILE_N if cfg["S"] > 1 else 0, -(-nt // cfg["WN"]))
         ext.w4a16_verify_gemm(x2[m0:m0 + mc], qpk, scl, packed["zeros"], out[m0:m0 + mc], bias, ws, cnt,
                               n, k, g, cfg["WN"], cfg["S"], cfg["gx"], cfg["occ"], cfg.get("pipe", 0),
                               cfg.get("swap", 0))

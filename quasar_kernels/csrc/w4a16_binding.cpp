@@ -1,5 +1,4 @@
 // Torch binding of the W4A16 verify GEMM (kernel: w4a16_marlin.cu; layout: quasar_kernels/w4a16_cuda.py).
-#include <algorithm>
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -7,9 +6,7 @@
 
 #include "w4a16_marlin.h"
 
-// out[M, N] = x[M, K] @ W^T (+ bias) for M <= 64 rows of x (the caller loops over 64-row chunks):
-// M <= 16 one 16-row tile (any WN, both rings, occ 1/2, swap for M <= 8); 17..64 as 2 or 4 tiles per
-// pass over the weights (WN = 8, the cp.async ring, occ = 1, no swap).
+// out[M, N] = x[M, K] @ W^T (+ bias) for M <= 16 rows of x (the caller loops over 16-row chunks).
 void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, torch::Tensor zp,
                        torch::Tensor out, c10::optional<torch::Tensor> bias, torch::Tensor ws,
                        torch::Tensor cnt, int64_t N, int64_t K, int64_t G, int64_t WN, int64_t S,
@@ -30,10 +27,7 @@ void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, to
   TORCH_CHECK(qpk.is_contiguous() && scl.is_contiguous() && zp.is_contiguous(), "packed tensors must be contiguous");
   TORCH_CHECK(ws.scalar_type() == at::kFloat && cnt.scalar_type() == at::kInt, "bad workspace dtypes");
   const int M = x.size(0);
-  TORCH_CHECK(M >= 1 && M <= 64, "M must be 1..64 per launch");
-  const int mt = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
-  TORCH_CHECK(mt == 1 || (WN == 8 && pipe == 1 && occ == 1 && swap == 0),
-              "M > 16 needs WN=8, pipe=1 (cp.async ring), occ=1, swap=0");
+  TORCH_CHECK(M >= 1 && M <= 16, "M must be 1..16 per launch");
   TORCH_CHECK(occ == 1 || occ == 2, "occ must be 1 or 2");
   TORCH_CHECK(pipe == 0 || pipe == 1, "pipe must be 0 (register ring) or 1 (cp.async ring)");
   TORCH_CHECK(swap == 0 || (swap == 1 && x.size(0) <= 8), "swap=1 (weights as the MMA's A operand) serves M <= 8");
@@ -70,22 +64,21 @@ void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, to
   p.gps = (p.NG + S - 1) / S;
   TORCH_CHECK((p.NG + p.gps - 1) / p.gps == S, "S must equal ceil(NG / ceil(NG / S))");
   TORCH_CHECK(gx >= 1 && gx <= p.nblocks, "bad gx");
-  const int R = mt > 1 ? 16 * mt : (M > 8 ? 16 : 8);
-  TORCH_CHECK(S == 1 || (ws.numel() >= (int64_t)S * std::max(R, 16) * p.NT * 64 && cnt.numel() >= p.nblocks),
+  TORCH_CHECK(S == 1 || (ws.numel() >= (int64_t)S * 16 * p.NT * 64 && cnt.numel() >= p.nblocks),
               "workspace too small");
   p.vec = (x.stride(0) % 8 == 0) && (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0);
   const bool r16 = M > 8;
+  const int R = r16 ? 16 : 8;
   const int AST = p.gps * p.SPG * 16 + 8;
-  const int ring = mt > 1 ? W4A16_MT_RING_DEPTH : w4a16_ring_depth((int)occ);
-  const int smem = R * AST * 2 + (mt > 1 ? 0 : R * W4A16_NWARPS * 64 * 4) + (pipe ? W4A16_NWARPS * ring * 512 : 0) +
-                   (swap ? p.gps * p.SPG * 4 * 8 : 0);
+  const int smem = R * AST * 2 + R * W4A16_NWARPS * 64 * 4 +
+                   (pipe ? W4A16_NWARPS * w4a16_ring_depth((int)occ) * 512 : 0) + (swap ? p.gps * p.SPG * 4 * 8 : 0);
   TORCH_CHECK(smem <= 227 * 1024, "w4a16_verify_gemm: shared memory ", smem, " B over the limit (use more splits)");
   TORCH_CHECK(occ == 1 || smem <= 113 * 1024, "occ=2 needs <= 113 KB of shared memory, got ", smem);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(w4a16_verify_launch(p, x.scalar_type() == at::kBFloat16, r16, (int)occ, pipe == 1, swap == 1,
-                                     (int)gx, smem, stream, mt));
+                                     (int)gx, smem, stream));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("w4a16_verify_gemm", &w4a16_verify_gemm, "W4A16 verify GEMM (M <= 64 per launch), Marlin-style layout");
+  m.def("w4a16_verify_gemm", &w4a16_verify_gemm, "W4A16 verify GEMM (M <= 16), Marlin-style layout");
 }

@@ -135,20 +135,12 @@ __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_
 // so the per-weight work is 1 lop3 (+ shift) instead of lop3 + 2 x2-FMAs. sum_k x runs over exactly
 // the k16 steps this warp multiplied in that group (a warp's K slice may start or end inside a
 // group): per-step sums of x are staged once per CTA, and each step adds its two (rows 2 t4, 2 t4 + 1).
-// MT > 1 (batched verification, 17..64 rows): MT m16 tiles of x per pass over the weights. Each
-// weight step is dequantized once and multiplied into all MT row tiles (acc for tile 0, accx for the
-// others), so the unpacking, the scales and the weight stream are shared by up to 64 rows. Built with
-// the cp.async ring only, one CTA per SM and WK = 1 (the warps split N, not K): the accumulators go
-// straight from registers to the output or the split-K workspace, with no shared-memory reduction
-// buffer (at 64 rows it would take 128 KB).
-template <bool BF16, bool R16, int PF, int MINB, bool CPA, bool SWAP, int MT = 1>
+template <bool BF16, bool R16, int PF, int MINB, bool CPA, bool SWAP>
 __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A16Params p) {
   static_assert(!(SWAP && R16), "the swapped kernel serves M <= 8");
-  static_assert(MT == 1 || (R16 && CPA && !SWAP), "multi-tile builds: 16-row tiles, cp.async ring");
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
   constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;
-  constexpr int R = MT > 1 ? 16 * MT : (R16 ? 16 : 8);
-  constexpr int RR = MT > 1 ? 0 : R;  // rows of the shared-memory reduction buffer
+  constexpr int R = R16 ? 16 : 8;
   extern __shared__ __align__(16) unsigned char smem[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -168,7 +160,7 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
   float* red = reinterpret_cast<float*>(smem + (size_t)R * AST * sizeof(T));
   // CPA: this lane's 16 bytes of slot 0 of its warp's ring (slot i at + i * 512)
   const uint32_t ring = (uint32_t)__cvta_generic_to_shared(
-      smem + (size_t)R * AST * sizeof(T) + (size_t)RR * W4A16_NWARPS * 64 * 4 + ((size_t)warp * PF * 32 + lane) * 16);
+      smem + (size_t)R * AST * sizeof(T) + (size_t)R * W4A16_NWARPS * 64 * 4 + ((size_t)warp * PF * 32 + lane) * 16);
   const int NBC = p.WN * 64;
   const int gx = gridDim.x;
   const int ntiles = (p.nblocks - (int)blockIdx.x + gx - 1) / gx;
@@ -239,7 +231,7 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
   __syncthreads();
   // SWAP: per k16 step of the CTA's K range, the sums of x over the step's 16 channels for rows
   // (2 t, 2 t + 1), t = 0..3, in fp32 from the staged values the MMA reads: sXp[step * 4 + t]
-  float2* sXp = reinterpret_cast<float2*>(smem + (size_t)R * AST * sizeof(T) + (size_t)RR * W4A16_NWARPS * 64 * 4 +
+  float2* sXp = reinterpret_cast<float2*>(smem + (size_t)R * AST * sizeof(T) + (size_t)R * W4A16_NWARPS * 64 * 4 +
                                           (CPA ? (size_t)W4A16_NWARPS * PF * 512 : 0));
   if constexpr (SWAP) {
     for (int e = tid; e < L * 4; e += NTHREADS) {
@@ -276,18 +268,12 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
     a_base = (uint32_t)__cvta_generic_to_shared(sA + (size_t)r * AST + col + (ws0 - c0) * 16);
   }
   constexpr uint32_t ASTEP = 16 * sizeof(T);  // bytes of one k16 step of an activation row
-  const uint32_t MSTEP = 16u * (uint32_t)AST * sizeof(T);  // bytes of 16 activation rows (next m16 tile)
 
   float acc[8][4];
-  float accx[MT > 1 ? MT - 1 : 1][8][4];  // row tiles 1 .. MT - 1 (MT > 1)
 #pragma unroll
   for (int s = 0; s < 8; ++s)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      acc[s][e] = 0.f;
-#pragma unroll
-      for (int t = 0; t < (MT > 1 ? MT - 1 : 1); ++t) accx[t][s][e] = 0.f;
-    }
+    for (int e = 0; e < 4; ++e) acc[s][e] = 0.f;
   // the group's scales: bf16x2 / half2 pairs and -(magic + zero) pairs; SWAP: fp32 bits of the scale
   // and of scale * (magic + zero), per column of the thread's A fragments
   uint32_t s2[8], zz[8];
@@ -374,29 +360,6 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
                    : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
                    : "r"(addr));
       const uint32_t wq4[4] = {w.x, w.y, w.z, w.w};
-      if constexpr (MT > 1) {  // dequantize the step once, multiply it into every row tile
-        uint32_t b[8][2];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint32_t q = wq4[j];
-          const int sa = 2 * j, sb = 2 * j + 1;
-          b[sa][0] = sub_mul<BF16>(nib2<EX>(q), zz[sa], s2[sa]);
-          b[sa][1] = sub_mul<BF16>(nib2<EX>(q >> 4), zz[sa], s2[sa]);
-          b[sb][0] = sub_mul<BF16>(nib2<EX>(q >> 8), zz[sb], s2[sb]);
-          b[sb][1] = sub_mul<BF16>(nib2<EX>(q >> 12), zz[sb], s2[sb]);
-        }
-#pragma unroll
-        for (int s = 0; s < 8; ++s) mma16816<BF16>(acc[s], a, b[s][0], b[s][1]);
-#pragma unroll
-        for (int t = 0; t < MT - 1; ++t) {
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                       : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                       : "r"(addr + (uint32_t)(t + 1) * MSTEP));
-#pragma unroll
-          for (int s = 0; s < 8; ++s) mma16816<BF16>(accx[t][s], a, b[s][0], b[s][1]);
-        }
-        return;
-      }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const uint32_t q = wq4[j];
@@ -455,41 +418,6 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
 
     // ---- tile epilogue (every warp of the CTA gets here the same number of times)
     __syncthreads();  // previous epilogue done reading red
-    const int n0 = nb * NBC;
-    T* out = reinterpret_cast<T*>(p.out);
-    const T* bias = reinterpret_cast<const T*>(p.bias);
-    const int total = p.M * NBC;
-    const int WSN = NT * 64;
-    if constexpr (MT > 1) {
-      // WK = 1: this warp holds the full sums of its 64 columns; write them (S = 1) or the split's
-      // partial (S > 1) straight from the registers
-      if (nt_ok) {
-#pragma unroll
-        for (int t = 0; t < MT; ++t)
-#pragma unroll
-          for (int s = 0; s < 8; ++s)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int row = 16 * t + g + 8 * (e >> 1), n = n0 + wn * 64 + s * 8 + t4 * 2 + (e & 1);
-              const float v = t == 0 ? acc[s][e] : accx[t > 0 ? t - 1 : 0][s][e];
-              if (row < p.M && n < p.N) {
-                if (p.S == 1) {
-                  out[(size_t)row * p.N + n] = from_f<T>(bias ? v + to_f<T>(bias[n]) : v);
-                } else {
-                  __stcg(p.ws + ((size_t)split * R + row) * WSN + n, v);
-                }
-              }
-            }
-      }
-#pragma unroll
-      for (int s = 0; s < 8; ++s)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          acc[s][e] = 0.f;
-#pragma unroll
-          for (int t = 0; t < MT - 1; ++t) accx[t][s][e] = 0.f;
-        }
-    } else {
     if (SWAP && nt_ok) {
       // acc[j][e] = y[row 2 t4 + (e & 1)][column 16 j + 8 (e >> 1) + g of this warp's 64]
 #pragma unroll
@@ -513,6 +441,10 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[s][e] = 0.f;
     __syncthreads();
+    const int n0 = nb * NBC;
+    T* out = reinterpret_cast<T*>(p.out);
+    const T* bias = reinterpret_cast<const T*>(p.bias);
+    const int total = p.M * NBC;
     if (p.S == 1) {
       for (int idx = tid; idx < total; idx += NTHREADS) {
         const int row = idx / NBC, col = idx - row * NBC, n = n0 + col;
@@ -524,17 +456,15 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
         }
       }
     } else {
+      const int WSN = NT * 64;
       for (int idx = tid; idx < total; idx += NTHREADS) {
         const int row = idx / NBC, col = idx - row * NBC, n = n0 + col;
         if (n < p.N) {
           float v = 0.f;
           for (int q = 0; q < p.WK; ++q) v += red[(size_t)(q * R + row) * NBC + col];
-          __stcg(p.ws + ((size_t)split * R + row) * WSN + n, v);
+          __stcg(p.ws + ((size_t)split * 16 + row) * WSN + n, v);
         }
       }
-    }
-    }  // MT == 1
-    if (p.S > 1) {  // the split's partial is in the workspace: the last CTA of the n-block sums them
       __threadfence();
       __syncthreads();
       __shared__ int s_last;
@@ -546,7 +476,7 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
           const int row = idx / NBC, col = idx - row * NBC, n = n0 + col;
           if (n < p.N) {
             float v = 0.f;
-            for (int q = 0; q < p.S; ++q) v += __ldcg(p.ws + ((size_t)q * R + row) * WSN + n);
+            for (int q = 0; q < p.S; ++q) v += __ldcg(p.ws + ((size_t)q * 16 + row) * WSN + n);
             if (bias) v += to_f<T>(bias[n]);
             out[(size_t)row * p.N + n] = from_f<T>(v);
           }
@@ -559,9 +489,9 @@ __global__ void __launch_bounds__(NTHREADS, MINB) w4a16_verify_kernel(const W4A1
 #undef SLOT
 }
 
-template <bool BF16, bool R16, int PF, int MINB, bool CPA, bool SWAP = false, int MT = 1>
+template <bool BF16, bool R16, int PF, int MINB, bool CPA, bool SWAP = false>
 cudaError_t launch_t(const W4A16Params& p, int gx, int smem, cudaStream_t stream) {
-  auto kern = w4a16_verify_kernel<BF16, R16, PF, MINB, CPA, SWAP, MT>;
+  auto kern = w4a16_verify_kernel<BF16, R16, PF, MINB, CPA, SWAP>;
   static int configured = 0;  // max dynamic smem set so far for this instantiation
   if (smem > 48 * 1024 && smem > configured) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -600,15 +530,7 @@ cudaError_t launch_swap(const W4A16Params& p, bool bf, int occ, int gx, int smem
 }
 
 cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf, bool r16, int occ, bool cpa, bool swap, int gx,
-                                int smem, cudaStream_t stream, int mt) {
-  if (mt > 1) {  // 17..64 rows: the cp.async ring of W4A16_MT_RING_DEPTH loads, 1 CTA per SM, WK = 1
-    if (!cpa || swap || occ != 1 || p.WK != 1) return cudaErrorInvalidValue;
-    if (mt == 2) return bf ? launch_t<true, true, W4A16_MT_RING_DEPTH, 1, true, false, 2>(p, gx, smem, stream)
-                           : launch_t<false, true, W4A16_MT_RING_DEPTH, 1, true, false, 2>(p, gx, smem, stream);
-    if (mt == 4) return bf ? launch_t<true, true, W4A16_MT_RING_DEPTH, 1, true, false, 4>(p, gx, smem, stream)
-                           : launch_t<false, true, W4A16_MT_RING_DEPTH, 1, true, false, 4>(p, gx, smem, stream);
-    return cudaErrorInvalidValue;
-  }
+                                int smem, cudaStream_t stream) {
   if (swap) {
     if (r16) return cudaErrorInvalidValue;  // the swapped kernel serves M <= 8
     return cpa ? launch_swap<true>(p, bf, occ, gx, smem, stream) : launch_swap<false>(p, bf, occ, gx, smem, stream);

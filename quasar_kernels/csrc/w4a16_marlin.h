@@ -12,7 +12,7 @@ struct W4A16Params {
   const void* x;        // [M][x_stride] (x dtype)
   void* out;            // [M][N]
   const void* bias;     // [N] or null
-  float* ws;            // [S][R][NT*64], R = 16 (M <= 16) or 16 mt
+  float* ws;            // [S][16][NT*64]
   int* cnt;             // [nblocks]
   long long x_stride;
   int M, N, K, G, Gp, NG, KT, NT, SPG;
@@ -21,15 +21,11 @@ struct W4A16Params {
 
 // Ring depth (512-byte weight loads in flight per warp) of the build for `occ` CTAs per SM.
 inline int w4a16_ring_depth(int occ) { return occ == 2 ? 8 : 16; }
-// ... and of the multi-tile builds (mt = 2 or 4 row tiles of 16 per pass; 1 CTA per SM)
-#define W4A16_MT_RING_DEPTH 8
 
 // Launch one verify GEMM (M <= 16). occ: CTAs per SM the kernel is built for (2: a ring of 8 loads
 // per warp, <= 128 registers; 1: 16 loads). cpa: the ring in shared memory filled by cp.async
 // (smem must then include W4A16_NWARPS * depth * 512 bytes) instead of registers. swap (M <= 8):
 // weights as the MMA's A operand, zero point and scale applied per group after the MMA (smem must
-// then also hold 32 bytes per k16 step of the CTA's K range, sums of x, after the ring). mt (2 or 4):
-// 17..64 rows as mt tiles of 16 per pass (cpa, occ = 1, WN = 8: no reduction buffer in smem; ws holds
-// [S][16 mt][NT*64]); mt = 1: the M <= 16 kernels above. Returns the launch's error.
+// then also hold 32 bytes per k16 step of the CTA's K range, sums of x, after the ring). Returns the launch's error.
 cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int occ, bool cpa, bool swap, int gx,
-                                int smem, cudaStream_t stream, int mt);
+                                int smem, cudaStream_t stream);
