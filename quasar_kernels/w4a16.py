@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .splitk import (_epilogue, as_2d, autotune_enabled, check_device, dot_precision, large_m_candidates,
-                     launch_splitk, m_bucket, pick_config, tile_candidates, with_defaults)
+from .splitk import (_epilogue, as_2d, check_device, dot_precision, large_m_candidates, launch_splitk, m_bucket,
+                     pick_config, tile_candidates, with_defaults)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,12 +208,12 @@ def swapped_block_m(m: int) -> int:
     return min(256, max(16, 1 << (m - 1).bit_length()))
 
 
-def swapped_candidates(x, n, k_total, any_m: bool = False) -> list[dict]:
-    """Mode-3 configs the autotuner adds past M = 16 (at every M with any_m), the first tile unsplit
-    first; none without timing (CPU, capture, tuning off) unless any_m."""
+def swapped_candidates(x, n, k_total) -> list[dict]:
+    """Mode-3 configs, the first tile unsplit first: what w4a16_linear(mode=3) tunes over. The
+    autotuner of the default path does not try them: on the H200 mode 3 was slower than mode 2 at
+    every M from 16 to 192 (0.47x vs 0.80x cuBLAS for gate+up at M = 64; results/gpu/
+    w4a16_large_m_notes.md), and each is a compile on first use."""
     m = x.shape[0]
-    if not any_m and (m <= 16 or not autotune_enabled(x)):
-        return []
     bm = swapped_block_m(m)
     # a 256 x 256 fp32 accumulator would take all 255 registers of 256 threads
     tiles = [t for t in _W4_TILES[DOT_SWAPPED] if t[0] * bm <= 128 * 256]
@@ -254,7 +254,7 @@ def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, b
     def candidates():
         m = x2.shape[0]
         if mode == DOT_SWAPPED:
-            return swapped_candidates(x2, n, kp, any_m=True)
+            return swapped_candidates(x2, n, kp)
         if mode == DOT_RESHAPE:
             return tile_candidates(x2, n, kp, _W4_TILES[DOT_RESHAPE], _W4_TILES[DOT_RESHAPE][1],
                                    extra=dict(MODE=DOT_RESHAPE)) + large_m_candidates(x2, n, kp, extra=dict(MODE=2))
@@ -267,7 +267,6 @@ def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, b
             cands += tile_candidates(x2, n, kp, _W4_TILES[FMA_SLICES], None, block_m=m_bucket(m),
                                      extra=dict(MODE=FMA_SLICES))
         cands += large_m_candidates(x2, n, kp, extra=dict(MODE=DOT_RESHAPE))
-        cands += swapped_candidates(x2, n, kp)
         return cands
 
     if mode not in (None, DOT_RESHAPE, DOT_SWAPPED):

@@ -390,25 +390,24 @@ def test_tuned_configs_persist_on_disk_per_key(tmp_path, monkeypatch):
     splitk.disk_put(None, "k", {}, 1.0)  # no exception
 
 
-def test_swapped_candidates_past_16_rows(monkeypatch):
-    """Mode 3 (weights as the dot's first operand) is offered past M = 16 with every token in one
-    row block (a power of two >= M, at most 256), never a 256 x 256 accumulator; nothing at M <= 16
-    or without timing; `mode=` outside 2/3 is refused."""
+def test_swapped_candidates():
+    """Mode 3 (weights as the dot's first operand) tunes with every token in one row block (a power of
+    two >= M, at most 256, 16 at least), never a 256 x 256 accumulator, unsplit first; the default
+    autotuner never offers it (slower than mode 2 on the H200); `mode=` outside 2/3 is refused."""
     import quasar_kernels.splitk as sk
     import quasar_kernels.w4a16 as w4
 
-    monkeypatch.setattr(w4, "autotune_enabled", lambda x: True)
+    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(sk, "autotune_enabled", lambda x: True)
-    assert w4.swapped_candidates(torch.zeros(16, 64), 4096, 4096) == []
-    for m, bm in ((17, 32), (64, 64), (100, 128), (190, 256), (600, 256)):
-        cands = w4.swapped_candidates(torch.zeros(m, 64), 24576, 4096)
-        assert cands and all(c["MODE"] == 3 and c["BLOCK_M"] == bm for c in cands), m
-        assert all(c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 256 for c in cands)
-        assert min(c["SPLIT_K"] for c in cands) == 1
-    monkeypatch.setattr(w4, "autotune_enabled", lambda x: False)
-    assert w4.swapped_candidates(torch.zeros(64, 64), 4096, 4096) == []
-    assert w4.swapped_candidates(torch.zeros(8, 64), 4096, 4096, any_m=True)[0]["BLOCK_M"] == 16
-    x = torch.zeros(2, 64)
+    try:
+        for m, bm in ((8, 16), (17, 32), (64, 64), (100, 128), (190, 256), (600, 256)):
+            cands = w4.swapped_candidates(torch.zeros(m, 64), 24576, 4096)
+            assert cands and all(c["MODE"] == 3 and c["BLOCK_M"] == bm for c in cands), m
+            assert all(c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 256 for c in cands)
+            assert cands[0]["SPLIT_K"] == 1
+    finally:
+        monkeypatch.undo()
+    x = torch.zeros(2, 64, device=DEVICE)
+    qw, s16 = torch.zeros(8, 16, dtype=torch.int32, device=DEVICE), torch.ones(1, 16, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="mode must be"):
-        w4a16_linear(x, torch.zeros(8, 16, dtype=torch.int32), torch.ones(1, 16, dtype=torch.float16),
-                     torch.zeros(1, 16, dtype=torch.float16), 64, 64, mode=1)
+        w4a16_linear(x, qw, s16, torch.zeros_like(s16), 64, 64, mode=1)
