@@ -377,8 +377,8 @@ def plot_gpu_replay(replay: pd.DataFrame | None, ax=None):
 def load_batch_tables(gpu_dir: Path) -> pd.DataFrame | None:
     """batch.csv (the table gpu_speed.py builds from rows), joined with per-cell tables of other GPU
     calls, `batch_<name>.csv` (one row per verifier x drafter x B with at least throughput and
-    speedup_vs_ar: e.g. cells read off a run log when its rows did not come back). A verifier
-    already in batch.csv is never replaced by another table's."""
+    speedup_vs_ar: e.g. cells read off a run log when its rows did not come back). A cell (verifier,
+    drafter, batch size) already in batch.csv is never replaced by another table's."""
     main = gpu_dir / "batch.csv"
     if not main.exists():
         return None
@@ -390,7 +390,8 @@ def load_batch_tables(gpu_dir: Path) -> pd.DataFrame | None:
         t = pd.read_csv(extra)
         if not need <= set(t.columns):
             continue
-        t = t[~t["verifier"].isin(set(batch["verifier"]))]
+        have = set(zip(batch["verifier"], batch["drafter"], batch["batch_size"]))
+        t = t[[c not in have for c in zip(t["verifier"], t["drafter"], t["batch_size"])]]
         if "baseline" not in t:  # the baseline drafters are the ones batch.csv marks so
             t = t.assign(baseline=t["drafter"].isin(set(batch.loc[batch["baseline"].astype(bool), "drafter"])))
         batch = pd.concat([batch, t[[c for c in t.columns if c in batch.columns]]], ignore_index=True)
@@ -456,6 +457,48 @@ def plot_gpu_batch(batch: pd.DataFrame | None):
             if {"n_prompts", "max_new_tokens"} <= set(batch.columns) else "")
     fig.suptitle(f"Throughput vs batch size, Qwen3-8B shapes (random weights), {gpu}{size}\n"
                  "X: first B where the verifier falls below bf16 with the same drafter", fontsize=9)
+    return fig
+
+
+def plot_kernel_backends_vs_m(table: pd.DataFrame | None):
+    """Speedup over cuBLAS bf16 vs rows M, one line per int4 kernel backend, one panel per shape, from
+    one machine's bench_w4a16_cuda table (e.g. results/gpu/w4a16_backends_large_m_h200.csv): where
+    each backend wins as the verify GEMM grows. The 1x line is cuBLAS; points only where measured."""
+    need = {"kernel", "shape", "M", "speedup_vs_bf16"}
+    if table is None or table.empty or not need <= set(table.columns):
+        raise MissingInput("no int4 backend table (python -m quasar_kernels.bench_w4a16_cuda --ms 16,32,64,128,192)")
+    t = table[table["kernel"] != "bf16_cublas"].copy()
+    t["speedup_vs_bf16"] = pd.to_numeric(t["speedup_vs_bf16"], errors="coerce")
+    t = t.dropna(subset=["speedup_vs_bf16"])
+    shapes = list(dict.fromkeys(t["shape"]))
+    cols = min(3, len(shapes))
+    rows_n = -(-len(shapes) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.0 * cols, 3.2 * rows_n), layout="constrained",
+                             sharex=True, sharey=True, squeeze=False)
+    for ax, shape in zip(axes.flat, shapes):
+        d = t[t["shape"] == shape]
+        for kernel, g in d.groupby("kernel", sort=False):
+            g = g.sort_values("M")
+            ax.plot(g["M"], g["speedup_vs_bf16"], marker="o", ms=3, label=kernel)
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        n, k = int(d["N"].iloc[0]), int(d["K"].iloc[0])
+        ax.set_title(f"{shape} ({n}×{k})", fontsize=9)
+        ax.set_xscale("log", base=2)
+        ms = sorted(d["M"].unique())
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ms))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(int(m)) for m in ms]))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.grid(True, lw=0.3)
+    for ax in axes.flat[len(shapes):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("rows M = B (k + 1)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("speedup over cuBLAS bf16")
+    axes.flat[0].legend(fontsize=7)
+    gpu = table["gpu_name"].iloc[0] if "gpu_name" in table else "GPU"
+    fig.suptitle(f"int4 (W4A16, group 128) GEMM backends vs rows, Qwen3-8B shapes, {gpu}; "
+                 "single GEMMs, weights from HBM, no prompts", fontsize=9)
     return fig
 
 
@@ -559,6 +602,10 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
               written, problems)
     _draw("gpu_batch", lambda: plot_gpu_batch(load_batch_tables(Path(results) / "gpu")),
           out / "gpu_batch", written, problems)
+    # int4 backends as M grows (w4a16_backends_<what>_<machine>.csv), one figure per table
+    for table in sorted((Path(results) / "gpu").glob("w4a16_backends_*.csv")):
+        name = "kernel_backends_" + table.stem.removeprefix("w4a16_backends_")
+        _draw(name, lambda t=table: plot_kernel_backends_vs_m(pd.read_csv(t)), out / name, written, problems)
     _draw("gpu_step_by_backend", lambda: plot_step_speed_by_backend(load_step_speed(results)),
           out / "gpu_step_by_backend", written, problems)
     return written, problems

@@ -217,19 +217,23 @@ def test_gpu_batch_figure_marks_crossovers_where_they_fall(tmp_path):
 
 
 def test_batch_tables_of_other_gpu_calls_join_the_figure(tmp_path):
-    """batch_<name>.csv tables (per-cell, no rows) add their verifiers to batch.csv's; row files and
-    a table repeating a verifier batch.csv already has do not."""
+    """batch_<name>.csv tables (per-cell, no rows) add their cells to batch.csv's; row files and a
+    cell (verifier, drafter, B) batch.csv already has do not."""
     gpu = tmp_path / "gpu"
     gpu.mkdir()
     base = dict(batch_size=1, throughput=100.0, speedup_vs_ar=1.0, gpu="H200")
-    pd.DataFrame([dict(base, verifier="reference", drafter="ar", baseline=True)]).to_csv(gpu / "batch.csv", index=False)
+    pd.DataFrame([dict(base, verifier="reference", drafter="ar", baseline=True),
+                  dict(base, verifier="int8", drafter="spec2", baseline=False, throughput=250.0)]
+                 ).to_csv(gpu / "batch.csv", index=False)
     pd.DataFrame([dict(base, verifier="int8", drafter="ar", throughput=130.0),
                   dict(base, verifier="int8", drafter="spec", throughput=300.0, speedup_vs_ar=2.3),
+                  dict(base, verifier="int8", drafter="spec2", throughput=1.0),
                   dict(base, verifier="reference", drafter="ar", throughput=1.0)]).to_csv(gpu / "batch_int8.csv", index=False)
     pd.DataFrame([dict(base, verifier="w8a8", drafter="ar")]).to_csv(gpu / "batch_w8a8_rows.csv", index=False)
     got = figures.load_batch_tables(gpu)
     assert sorted(zip(got.verifier, got.drafter, got.throughput, got.baseline)) == [
-        ("int8", "ar", 130.0, True), ("int8", "spec", 300.0, False), ("reference", "ar", 100.0, True)]
+        ("int8", "ar", 130.0, True), ("int8", "spec", 300.0, False), ("int8", "spec2", 250.0, False),
+        ("reference", "ar", 100.0, True)]
     assert figures.load_batch_tables(tmp_path / "nothing") is None
 
 
@@ -297,3 +301,28 @@ def test_each_machine_gets_its_own_kernel_roofline(tmp_path):
     assert not [p for p in problems if "h200" in str(p)]
     fig = figures.roofline_figure(pd.DataFrame(rows))
     assert "NVIDIA H200" in fig._suptitle.get_text() and "H100" not in fig._suptitle.get_text()
+
+
+def test_kernel_backends_vs_rows_figure(tmp_path):
+    """w4a16_backends_<name>.csv -> kernel_backends_<name>: a panel per shape, a line per int4 backend
+    through its measured M only (cuBLAS is the dashed 1x line, not a series), titled with the GPU."""
+    gpu = tmp_path / "results" / "gpu"
+    gpu.mkdir(parents=True)
+    rows = [dict(kernel=k, shape=sh, N=n, K=4096, M=m, speedup_vs_bf16=sp / m ** 0.3, gpu_name="NVIDIA H200")
+            for sh, n in (("gate+up", 24576), ("down", 4096)) for k, sp in (("w4a16_cuda", 2.0), ("w4a16_triton", 1.5))
+            for m in (16, 32, 64)]
+    rows += [dict(kernel="bf16_cublas", shape=sh, N=1, K=1, M=m, speedup_vs_bf16="", gpu_name="NVIDIA H200")
+             for sh in ("gate+up", "down") for m in (16, 32, 64)]
+    rows = [r for r in rows if not (r["kernel"] == "w4a16_triton" and r["shape"] == "down" and r["M"] == 32)]
+    pd.DataFrame(rows).to_csv(gpu / "w4a16_backends_large_m_h200.csv", index=False)
+    written, problems = figures.make_figures(tmp_path / "results", tmp_path / "figs")
+    assert not problems and (tmp_path / "figs" / "kernel_backends_large_m_h200.png").exists()
+    fig = figures.plot_kernel_backends_vs_m(pd.read_csv(gpu / "w4a16_backends_large_m_h200.csv"))
+    panels = [a for a in fig.axes if a.get_visible()]
+    assert [a.get_title() for a in panels] == ["gate+up (24576×4096)", "down (4096×4096)"]
+    series = {l.get_label(): l for l in panels[1].lines if not l.get_label().startswith("_")}
+    assert set(series) == {"w4a16_cuda", "w4a16_triton"}
+    assert list(series["w4a16_triton"].get_xdata()) == [16, 64]
+    assert np.allclose(series["w4a16_cuda"].get_ydata(), [2.0 / m ** 0.3 for m in (16, 32, 64)])
+    assert "NVIDIA H200" in fig._suptitle.get_text()
+    plt.close("all")
