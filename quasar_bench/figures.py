@@ -398,6 +398,25 @@ def load_batch_tables(gpu_dir: Path) -> pd.DataFrame | None:
     return batch
 
 
+def _panels(n: int, width: float, height: float):
+    """A figure of n panels, 3 per row, shared axes; the unused ones hidden."""
+    cols = min(3, n)
+    rows_n = -(-n // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(width * cols, height * rows_n), layout="constrained",
+                             sharex=True, sharey=True, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _log2_ticks(ax, values) -> None:
+    """A base-2 log x axis labelled at exactly these values (batch sizes, row counts)."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(values))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(int(v)) for v in values]))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
 def plot_gpu_batch(batch: pd.DataFrame | None):
     """Batch throughput vs batch size per verifier precision, one panel per drafter, from
     results/gpu/batch.csv (experiments/gpu_speed.py --experiment gpu_batch). Crossovers are marked
@@ -410,10 +429,7 @@ def plot_gpu_batch(batch: pd.DataFrame | None):
     drafters = list(dict.fromkeys(batch.sort_values("baseline", ascending=False, kind="stable")["drafter"]))
     order = ["reference", "int8", "w8a8", "int4", "int4_gptq", "pruned"]  # by bytes per weight
     verifiers = sorted(batch["verifier"].unique(), key=lambda v: (order.index(v) if v in order else len(order), v))
-    cols = min(3, len(drafters))
-    rows_n = -(-len(drafters) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), layout="constrained",
-                             sharex=True, sharey=True, squeeze=False)
+    fig, axes = _panels(len(drafters), 4.2, 3.4)
     for ax, drafter in zip(axes.flat, drafters):
         d = batch[batch["drafter"] == drafter]
         ref = d[d["verifier"] == "reference"].set_index("batch_size")["throughput"]
@@ -438,15 +454,9 @@ def plot_gpu_batch(batch: pd.DataFrame | None):
                 ax.annotate(f"< AR from B={lost}", (lost, 0.02), xycoords=("data", "axes fraction"),
                             fontsize=7, color="grey", rotation=90, ha="right", va="bottom")
         ax.set_title(drafter, fontsize=9)
-        ax.set_xscale("log", base=2)
+        _log2_ticks(ax, sorted(batch["batch_size"].unique()))
         ax.set_yscale("log")
-        sizes = sorted(batch["batch_size"].unique())
-        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sizes))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(int(b)) for b in sizes]))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(True, which="major", lw=0.3)
-    for ax in axes.flat[len(drafters):]:
-        ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("batch size B")
     for ax in axes[:, 0]:
@@ -471,10 +481,7 @@ def plot_kernel_backends_vs_m(table: pd.DataFrame | None):
     t["speedup_vs_bf16"] = pd.to_numeric(t["speedup_vs_bf16"], errors="coerce")
     t = t.dropna(subset=["speedup_vs_bf16"])
     shapes = list(dict.fromkeys(t["shape"]))
-    cols = min(3, len(shapes))
-    rows_n = -(-len(shapes) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.0 * cols, 3.2 * rows_n), layout="constrained",
-                             sharex=True, sharey=True, squeeze=False)
+    fig, axes = _panels(len(shapes), 4.0, 3.2)
     for ax, shape in zip(axes.flat, shapes):
         d = t[t["shape"] == shape]
         for kernel, g in d.groupby("kernel", sort=False):
@@ -483,14 +490,8 @@ def plot_kernel_backends_vs_m(table: pd.DataFrame | None):
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
         n, k = int(d["N"].iloc[0]), int(d["K"].iloc[0])
         ax.set_title(f"{shape} ({n}×{k})", fontsize=9)
-        ax.set_xscale("log", base=2)
-        ms = sorted(d["M"].unique())
-        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ms))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(int(m)) for m in ms]))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        _log2_ticks(ax, sorted(d["M"].unique()))
         ax.grid(True, lw=0.3)
-    for ax in axes.flat[len(shapes):]:
-        ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("rows M = B (k + 1)")
     for ax in axes[:, 0]:

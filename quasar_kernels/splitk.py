@@ -90,6 +90,15 @@ def _write_out(acc, idx, mask, offs_n, N, bias_ptr, out_ptr, HAS_BIAS: tl.conste
 
 
 @triton.jit
+def _tile(M, N, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output tile over grid (N blocks, K splits, M blocks): its row and column
+    offsets, their masks, and where its K range starts (split program_id(1) of K_SPLIT each)."""
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N, tl.program_id(1) * K_SPLIT
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, n_split, bias_ptr, out_ptr, part_ptr, cnt_ptr,
               HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr):
     """Write one fp32 [BLOCK_M, BLOCK_N] tile. SPLIT_MODE 0: no split, (+ bias) cast and store.

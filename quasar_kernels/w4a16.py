@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .splitk import (_epilogue, as_2d, check_device, dot_precision, large_m_candidates, launch_splitk, m_bucket,
+from .splitk import (_epilogue, _tile, as_2d, check_device, dot_precision, large_m_candidates, launch_splitk, m_bucket,
                      pick_config, tile_candidates, with_defaults)
 
 
@@ -67,19 +67,12 @@ def _w4a16_kernel(
       3 DOT_SWAPPED _w4a16_swapped_kernel below (batched verification, M > 16)
     """
     BLOCK_P: tl.constexpr = BLOCK_K // 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n, k_begin = _tile(M, N, K_SPLIT, BLOCK_M, BLOCK_N)
 
     if MODE == 0:
         acc3 = tl.zeros([BLOCK_M, BLOCK_P, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, Kp)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_p = k0 // 8 + tl.arange(0, BLOCK_P)  # packed rows
@@ -151,16 +144,9 @@ def _w4a16_swapped_kernel(
     MMA's 64-row side, the tokens its N side (8..256), so BLOCK_M can be as small as 16.
     """
     BLOCK_P: tl.constexpr = BLOCK_K // 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n, k_begin = _tile(M, N, K_SPLIT, BLOCK_M, BLOCK_N)
     shifts = tl.arange(0, 8) * 4
     acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, Kp)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_p = k0 // 8 + tl.arange(0, BLOCK_P)

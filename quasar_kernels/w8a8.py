@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .splitk import (_epilogue, TUNE_CACHE, as_2d, check_device, large_m_candidates, launch_splitk, m_bucket, pick_config,
-                     tile_candidates, with_defaults)
+from .splitk import (_epilogue, _tile, TUNE_CACHE, as_2d, check_device, large_m_candidates, launch_splitk, m_bucket,
+                     pick_config, tile_candidates, with_defaults)
 
 
 @triton.jit
@@ -59,16 +59,9 @@ def _w8a8_kernel(
     HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n, k_begin = _tile(M, N, K_SPLIT, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
