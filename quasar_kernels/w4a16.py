@@ -203,7 +203,10 @@ def swapped_candidates(x, n, k_total) -> list[dict]:
     bm = swapped_block_m(m)
     # a 256 x 256 fp32 accumulator would take all 255 registers of 256 threads
     tiles = [t for t in _W4_TILES[DOT_SWAPPED] if t[0] * bm <= 128 * 256]
-    return tile_candidates(x, n, k_total, tiles, None, block_m=bm, extra=dict(MODE=DOT_SWAPPED), waves=(0, 1))
+    timed = tile_candidates(x, n, k_total, tiles, None, block_m=bm, extra=dict(MODE=DOT_SWAPPED), waves=(0, 1))
+    bn, bk, warps, stages = tiles[0]  # without timing (CPU, capture, tuning off): the first tile, unsplit
+    return timed or [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=warps, num_stages=stages,
+                          MODE=DOT_SWAPPED)]
 
 
 def _w4_default_mode(m: int) -> int:

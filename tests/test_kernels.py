@@ -407,6 +407,13 @@ def test_swapped_candidates():
             assert cands[0]["SPLIT_K"] == 1
     finally:
         monkeypatch.undo()
+    if not HAS_CUDA:  # no timing here: one unsplit config, and it computes the product
+        assert [c["SPLIT_K"] for c in w4.swapped_candidates(torch.zeros(40, 64), 4096, 4096)] == [1]
+        r = _gen(77)
+        codes, scales, zeros = quantize_int4_rtn(r(48, 256), 64)
+        qw, x = pack_int4(codes), r(40, 256, dtype=torch.bfloat16)
+        _check(w4a16_linear(x, qw, scales, zeros, 256, 64, mode=3),
+               w4a16_linear_ref(x, qw, scales, zeros, 256, 64), torch.bfloat16, (40, 48))
     x = torch.zeros(2, 64, device=DEVICE)
     qw, s16 = torch.zeros(8, 16, dtype=torch.int32, device=DEVICE), torch.ones(1, 16, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="mode must be"):
