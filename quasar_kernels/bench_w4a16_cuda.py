@@ -1,10 +1,11 @@
-"""Benchmark the CUDA W4A16 verify GEMM against every alternative at Qwen3-8B shapes, M = 1..16.
+"""Benchmark the W4A16 verify GEMMs against every alternative at Qwen3-8B shapes (M = 1..16 by default).
 
     python -m quasar_kernels.bench_w4a16_cuda --out results/gpu [--ms 1,2,4,6,8,12,16] [--shapes q/o,...]
         [--sweep N] [--quick]
 
-Kernels: cuBLAS bf16 F.linear, ours (quasar_kernels/w4a16_cuda.py, planned config), our Triton
-w4a16_linear, torch._weight_int4pack_mm (tinygemm), gemlite A16W4 (if importable). Each is first
+Kernels: cuBLAS bf16 F.linear, ours (quasar_kernels/w4a16_cuda.py, planned config; M > 16 in 16-row
+passes), our Triton w4a16_linear (batched verification: --ms 16,32,64,128,192), torch._weight_int4pack_mm
+(tinygemm), gemlite A16W4 (if importable). Each is first
 checked against the fp32 dequantize-then-matmul reference on fresh random inputs (rel err
 ||out - ref|| / ||ref|| < 1e-2, NaN fails, allocator blocks NaN-poisoned before the call), then timed
 under CUDA-graph replay of >= 24 back-to-back calls rotating over weight copies (>= 3 x L2 per
