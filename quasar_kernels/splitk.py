@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 import triton
@@ -188,9 +189,13 @@ _DISK: dict = {"path": None, "entries": None}
 def _disk_path(device) -> "os.PathLike":
     """One JSON file of tuned configs per GPU model and triton version under the cache root
     ($QUASAR_CACHE or ~/.cache/quasar_bench/autotune/): a second run on the same kind of GPU starts
-    timing without re-tuning."""
+    timing without re-tuning. $QUASAR_AUTOTUNE_FILE names the file instead: GPU calls on different
+    machines of one kind then run the same kernel configurations (a committed file pins them;
+    autotuning is timed, so two fresh tunings can pick different tiles)."""
     from quasar_bench.fileio import cache_root
 
+    if os.environ.get("QUASAR_AUTOTUNE_FILE"):
+        return Path(os.path.expanduser(os.environ["QUASAR_AUTOTUNE_FILE"]))
     gpu = torch.cuda.get_device_name(device).replace(" ", "_")
     return cache_root() / "autotune" / f"{gpu}-triton{triton.__version__}.json"
 

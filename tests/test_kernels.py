@@ -418,3 +418,18 @@ def test_swapped_candidates():
     qw, s16 = torch.zeros(8, 16, dtype=torch.int32, device=DEVICE), torch.ones(1, 16, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="mode must be"):
         w4a16_linear(x, qw, s16, torch.zeros_like(s16), 64, 64, mode=1)
+
+
+def test_autotune_file_pins_the_tuned_configs(tmp_path, monkeypatch):
+    """$QUASAR_AUTOTUNE_FILE replaces the per-GPU file under the cache root, for reading and for
+    writing: a file carried to another machine of the same kind hands its configurations back."""
+    from quasar_kernels import splitk
+
+    pinned = tmp_path / "pinned.json"
+    pinned.write_text('{"w8a16|16|4096|1024|bfloat16": {"config": {"BLOCK_N": 128}, "us": 9.0}}')
+    monkeypatch.setenv("QUASAR_AUTOTUNE_FILE", str(pinned))
+    monkeypatch.setattr(splitk, "_DISK", {"path": None, "entries": None})
+    assert splitk._disk_path(None) == pinned  # no GPU name needed: the file is named
+    assert splitk.disk_get(None, "w8a16|16|4096|1024|bfloat16") == {"config": {"BLOCK_N": 128}, "us": 9.0}
+    splitk.disk_put(None, "w4a16_cuda|abc|m=6", {"WN": 2}, 3.0)
+    assert "w4a16_cuda|abc|m=6" in pinned.read_text() and "w8a16|16|4096" in pinned.read_text()
