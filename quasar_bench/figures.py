@@ -7,7 +7,7 @@ reads each experiment directory `results/<experiment>/` (rows-*.parquet, via Res
 tables) and `step_speed*.csv`, and writes PNG + PDF per figure: `<out>/<experiment>/<figure>.*`,
 `<out>/kernel_roofline.*` (+ `kernel_roofline_<machine>.*` per `w4a16_cuda_<machine>.csv`),
 `<out>/gpu_speedup_by_drafter.*`, `<out>/gpu_replay*.*` (one per replay
-table), `<out>/gpu_batch.*` and
+table), `<out>/gpu_batch.*`, `<out>/kernel_backends_<name>.*` (per `w4a16_backends_<name>.csv`) and
 `<out>/gpu_step_by_backend.*`. A figure whose inputs are absent is skipped with a note.
 
 The plot functions take the rows table (or a `summarize` table where noted) and an optional

@@ -112,7 +112,7 @@ def main(argv=None):
 
     from quasar_kernels import w4a16_linear, w8a8_linear, w8a16_linear
     from quasar_kernels import reference as ref
-    from quasar_kernels.splitk import TUNE_CACHE, graph_time_us, m_bucket
+    from quasar_kernels.splitk import graph_time_us, tuned_config
     from quasar_bench.packing import pack_int4, quantize_int4_rtn, quantize_int8_rtn
 
     ms_list = [int(m) for m in args.ms.split(",")]
@@ -220,10 +220,9 @@ def main(argv=None):
                 cfg = ""
                 key_name = {"w4a16_triton": "w4a16", "w8a16_triton": "w8a16", "w8a8_triton": "w8a8-triton",
                             "w8a8_auto": "w8a8-auto"}.get(kname)
-                if key_name:
-                    hit = TUNE_CACHE.get((key_name, m_bucket(m), n, k, x.dtype))
-                    if hit:
-                        cfg = " ".join(f"{a}={b}" for a, b in hit[0].items())
+                tuned = tuned_config(key_name, m, n, k, x.dtype) if key_name else None
+                if tuned:
+                    cfg = " ".join(f"{a}={b}" for a, b in tuned.items())
                 rows.append(dict(info, kernel=kname, shape=name, M=m, N=n, K=k, time_us=round(t, 2),
                                  gbps=round(gbps, 1), frac_of_copy_bw=round(gbps / copy_bw, 3),
                                  speedup_vs_bf16=round(t_bf16 / t, 3) if t_bf16 else "",

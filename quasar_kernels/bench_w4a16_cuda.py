@@ -84,8 +84,8 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     from quasar_kernels import w4a16_cuda as wc
-    from quasar_kernels.splitk import TUNE_CACHE, graph_time_us, m_bucket
-    from quasar_kernels.w4a16 import w4a16_linear
+    from quasar_kernels.splitk import graph_time_us, tuned_config
+    from quasar_kernels.w4a16 import tune_name, w4a16_linear
     from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
 
     ms_list = [int(m) for m in args.ms.split(",")]
@@ -220,10 +220,9 @@ def main(argv=None):
                         c = wc.plan(m, packed, dev, *pick.get(kname, (None, None)))
                         cfg = f"WN={c['WN']} S={c['S']} gx={c['gx']} occ={c['occ']} pipe={c['pipe']} swap={c['swap']}"
                     if kname.startswith("w4a16_triton"):
-                        key = {"w4a16_triton": "w4a16", "w4a16_triton_reshape": "w4a16_mode2",
-                               "w4a16_triton_swapped": "w4a16_mode3"}[kname]
-                        hit = TUNE_CACHE.get((key, m_bucket(m), n, k, x.dtype))
-                        cfg = " ".join(f"{a}={b}" for a, b in hit[0].items()) if hit else ""
+                        mode = {"w4a16_triton_reshape": 2, "w4a16_triton_swapped": 3}.get(kname)
+                        c = tuned_config(tune_name(mode), m, n, k, x.dtype)
+                        cfg = " ".join(f"{a}={b}" for a, b in c.items()) if c else ""
                 except Exception as e:  # noqa: BLE001
                     log(f"{kname} {name} M={m} failed: {e!r}"[:400])
                     continue

@@ -235,6 +235,17 @@ def _disk_save(key, cfg, t) -> None:
     disk_put(None, _disk_key(key), cfg, t)
 
 
+def tune_key(name: str, m: int, n: int, k: int, dtype) -> tuple:
+    """The autotuner's key: (kernel name, M bucket, N, K, dtype)."""
+    return (name, m_bucket(m), n, k, dtype)
+
+
+def tuned_config(name: str, m: int, n: int, k: int, dtype) -> dict | None:
+    """The configuration the autotuner picked for this key in this process, or None (not tuned yet)."""
+    hit = TUNE_CACHE.get(tune_key(name, m, n, k, dtype))
+    return hit[0] if hit is not None else None
+
+
 def pick_config(name: str, x: torch.Tensor, n: int, k: int, candidates_fn, launch) -> dict:
     """Return the config to use for this (M bucket, N, K).
 
@@ -243,7 +254,7 @@ def pick_config(name: str, x: torch.Tensor, n: int, k: int, candidates_fn, launc
     once per key by graph_time_us with L2 flushed before each call (the weights of one layer are
     not in L2 during a real forward) and the fastest is kept. `launch(cfg)` runs the op once.
     """
-    key = (name, m_bucket(x.shape[0]), n, k, x.dtype)
+    key = tune_key(name, x.shape[0], n, k, x.dtype)
     hit = TUNE_CACHE.get(key)
     if hit is not None:
         return hit[0]

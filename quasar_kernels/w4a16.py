@@ -213,6 +213,11 @@ def _w4_default_mode(m: int) -> int:
     return DOT_SLICES if m <= 16 else DOT_RESHAPE
 
 
+def tune_name(mode: int | None = None) -> str:
+    """The autotuner's kernel name for w4a16_linear(mode=...): modes restricted by `mode` tune apart."""
+    return "w4a16" if mode is None else f"w4a16_mode{mode}"
+
+
 def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, bias=None, *, config=None,
                  mode: int | None = None):
     """y = x @ dequantize_int4(qweight, scales, zeros)^T (+ bias), in x's dtype.
@@ -261,7 +266,7 @@ def w4a16_linear(x, qweight, scales, zeros, in_features: int, group_size: int, b
     if mode not in (None, DOT_RESHAPE, DOT_SWAPPED):
         raise ValueError(f"w4a16_linear: mode must be None, {DOT_RESHAPE} or {DOT_SWAPPED}, got {mode!r}")
     if config is None:
-        config = pick_config("w4a16" if mode is None else f"w4a16_mode{mode}", x2, n, k, candidates, launch)
+        config = pick_config(tune_name(mode), x2, n, k, candidates, launch)
     else:
         config = {"MODE": _w4_default_mode(x2.shape[0]), **config}
         config = with_defaults(config, x2.shape[0])

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .splitk import (_epilogue, _tile, TUNE_CACHE, as_2d, check_device, large_m_candidates, launch_splitk, m_bucket,
-                     pick_config, tile_candidates, with_defaults)
+from .splitk import (_epilogue, _tile, as_2d, check_device, large_m_candidates, launch_splitk, pick_config,
+                     tile_candidates, tuned_config, with_defaults)
 
 
 @triton.jit
@@ -134,7 +134,5 @@ def w8a8_linear(x, qweight, scales, bias=None, *, backend: str = "auto", config=
 
 def chosen_backend(m: int, n: int, k: int, dtype=torch.bfloat16) -> str | None:
     """Which backend backend="auto" picked for this shape (None if not tuned yet)."""
-    hit = TUNE_CACHE.get(("w8a8-auto", m_bucket(m), n, k, dtype))
-    if hit is None:
-        return None
-    return hit[0].get("backend", "triton")
+    cfg = tuned_config("w8a8-auto", m, n, k, dtype)
+    return None if cfg is None else cfg.get("backend", "triton")

@@ -433,3 +433,15 @@ def test_autotune_file_pins_the_tuned_configs(tmp_path, monkeypatch):
     assert splitk.disk_get(None, "w8a16|16|4096|1024|bfloat16") == {"config": {"BLOCK_N": 128}, "us": 9.0}
     splitk.disk_put(None, "w4a16_cuda|abc|m=6", {"WN": 2}, 3.0)
     assert "w4a16_cuda|abc|m=6" in pinned.read_text() and "w8a16|16|4096" in pinned.read_text()
+
+
+def test_tuned_config_reads_the_autotuners_pick_per_m_bucket(monkeypatch):
+    """What the benches report as a kernel's configuration: the autotuner's entry for the M bucket
+    (rows 5..8 share one), None for a bucket or a mode not tuned."""
+    import quasar_kernels.splitk as sk
+    from quasar_kernels.w4a16 import tune_name
+
+    monkeypatch.setattr(sk, "TUNE_CACHE", {("w4a16_mode3", 8, 4096, 1024, torch.bfloat16): ({"BLOCK_N": 128}, 5.0)})
+    assert sk.tuned_config(tune_name(3), 6, 4096, 1024, torch.bfloat16) == {"BLOCK_N": 128}
+    assert sk.tuned_config(tune_name(3), 9, 4096, 1024, torch.bfloat16) is None
+    assert sk.tuned_config(tune_name(None), 6, 4096, 1024, torch.bfloat16) is None
