@@ -212,3 +212,47 @@ def test_kernel_vs_reference(n, k, g, m, dtype):
         assert torch.isfinite(out).all(), cfg
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), (cfg, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,g", [(64, 128, 128), (130, 576, 128), (200, 384, 32), (40, 256, 64),
+                                   (1024, 4096, 128), (4096, 1536, 128)])
+@pytest.mark.parametrize("m", [1, 17, 37, 64, 100, 130, 256])
+def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
+    """The Hopper wgmma kernel against the fp32 reference: every tokens-per-CTA size with the planner's
+    pick and the first split counts (partial token blocks, N not a multiple of 128, a K padded past
+    the last group, groups smaller than a pipeline stage), output poisoned first."""
+    from quasar_kernels.w4a16_cuda import _wgmma_splits, w4a16_wgmma_linear, wgmma_available
+
+    ok, why = wgmma_available()
+    if not ok:
+        pytest.skip(why)
+    qweight, scales, zeros = _weights(n, k, g, seed=m * 17 + n, device="cuda")
+    packed = prepack_w4a16(qweight, scales, zeros, k, g)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if m % 2 else None
+    ref = x.float() @ dequantize_int4(qweight, scales, zeros, k, g).t()
+    if bias is not None:
+        ref = ref + bias.float()
+    splits = _wgmma_splits(packed["scales_fp16"].shape[1])
+    for cfg in [None] + [dict(S=s, tb=tb) for s in splits[:3] for tb in (32, 64, 128)]:
+        torch.full((m * n + 4096,), float("nan"), device="cuda", dtype=dtype)
+        out = w4a16_wgmma_linear(x, packed, bias, config=cfg)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), cfg
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), (cfg, err)
+
+
+def test_wgmma_refuses_groups_it_cannot_stage():
+    """Groups that are not a multiple of 16 channels are refused with the alternative named."""
+    from quasar_kernels.w4a16_cuda import w4a16_wgmma_linear
+
+    qweight, scales, zeros = _weights(72, 200, 24)
+    packed = prepack_w4a16(qweight, scales, zeros, 200, 24)
+    with pytest.raises(ValueError, match="group_size % 16 == 0.*use w4a16_cuda_linear"):
+        w4a16_wgmma_linear(torch.randn(2, 200, dtype=torch.bfloat16), packed)
+    qweight, scales, zeros = _weights(64, 128, 128)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        w4a16_wgmma_linear(torch.randn(2, 128, dtype=torch.bfloat16), prepack_w4a16(qweight, scales, zeros, 128, 128))

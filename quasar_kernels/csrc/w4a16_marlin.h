@@ -29,3 +29,9 @@ inline int w4a16_ring_depth(int occ) { return occ == 2 ? 8 : 16; }
 // then also hold 32 bytes per k16 step of the CTA's K range, sums of x, after the ring). Returns the launch's error.
 cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int occ, bool cpa, bool swap, int gx,
                                 int smem, cudaStream_t stream);
+
+// Batched verification on sm_90a (w4a16_wgmma.cu): wgmma with the dequantized weights as the register
+// operand, tb tokens (32, 64 or 128) per CTA, the same packed tensors and params (WN, WK, nblocks,
+// vec unused; ws holds [S][M][NT*64]; cnt needs ceil(NT/2) * ceil(M/tb) counters). Group size a
+// multiple of 16, K a multiple of 8, x rows 16-byte aligned.
+cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, cudaStream_t stream);

@@ -1,0 +1,217 @@
+// W4A16 GEMM for batched verification (17..256+ rows of x) on Hopper (sm_90a): warpgroup MMAs
+// (wgmma.mma_async m64nTBk16) with the dequantized weights as the register operand A and the
+// activations as the shared-memory operand B, so the weights never make a round trip through
+// shared memory after dequantization and one CTA multiplies each weight into up to 128 tokens.
+//
+// Reads the same prepacked tensors as the mma.sync kernel (quasar_kernels/w4a16_cuda.py): the word
+// j of a lane's 16 bytes at (column tile nt, k16 step kt) holds, read in the order (q, q>>8, q>>4,
+// q>>12), the mma.m16n8k16 A fragment of rows 16 j .. 16 j + 15 of the tile — exactly what warp j of
+// a warpgroup supplies to an m64 wgmma. Scales / zeros of rows 16 j + g and 16 j + 8 + g sit side by
+// side ([nt][group][g][2 j], [2 j + 1]).
+//
+// CTA = 2 warpgroups = 128 weight rows (2 column tiles) x TB tokens, grid (column blocks, S K-splits
+// of whole groups, token blocks). A 4-stage cp.async pipeline brings, per stage of 4 k16 steps, the
+// packed weights (4 KB) and the activation tile (TB x 64 channels, laid out as the canonical
+// no-swizzle K-major core matrices: 8 tokens x 16 bytes, LBO 128 B along K, SBO 256 B along tokens)
+// into shared memory; each warp dequantizes its 4 A fragments (lop3 + two bf16x2 FMAs per pair),
+// then the warpgroup issues 4 wgmmas and waits for them before the stage's buffer is reused. With
+// S > 1 the fp32 partials go to a workspace [S][M][NT*64] and the last CTA of a tile sums them in
+// split order (deterministic) and resets its counter, as in the mma.sync kernel.
+// Requirements (checked by the binding): group size a multiple of 16, K a multiple of 8, x rows
+// 16-byte aligned.
+#include <type_traits>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "w4a16_device.cuh"
+#include "w4a16_marlin.h"
+
+namespace {
+
+#include "w4a16_wgmma_ops.inc"
+
+constexpr int WG_NWG = 2;                  // warpgroups per CTA (64 weight rows each)
+constexpr int WG_THREADS = WG_NWG * 128;
+constexpr int WG_STAGES = 4;
+constexpr int WG_KSTEPS = 4;               // k16 steps per stage
+constexpr int WG_W_BYTES = WG_NWG * WG_KSTEPS * 512;
+
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(__cvta_generic_to_global(src)),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+// Shared-memory matrix descriptor: K-major, no swizzle (start, LBO, SBO in 16-byte units).
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(256 >> 4) << 32);
+}
+
+template <bool BF16, int TB>
+__device__ __forceinline__ void wgmma_tb(float* d, const uint32_t* a, uint64_t desc) {
+  if constexpr (BF16) {
+    if constexpr (TB == 32) wgmma_m64n32k16_bf16(d, a, desc, 1);
+    else if constexpr (TB == 64) wgmma_m64n64k16_bf16(d, a, desc, 1);
+    else wgmma_m64n128k16_bf16(d, a, desc, 1);
+  } else {
+    if constexpr (TB == 32) wgmma_m64n32k16_f16(d, a, desc, 1);
+    else if constexpr (TB == 64) wgmma_m64n64k16_f16(d, a, desc, 1);
+    else wgmma_m64n128k16_f16(d, a, desc, 1);
+  }
+}
+
+template <bool BF16, int TB, int MINB>
+__global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A16Params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
+  constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;
+  constexpr uint32_t NEG = BF16 ? 0xC300C300u : 0xE400E400u;  // -(magic), a zero code ORed into each half
+  constexpr int X_BYTES = TB * WG_KSTEPS * 16 * 2;
+  constexpr int STAGE_BYTES = WG_W_BYTES + X_BYTES;
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t4 = lane & 3;
+  const int nb = blockIdx.x, split = blockIdx.y, tok0 = blockIdx.z * TB;
+  const bool nt_ok = 2 * nb + wg < p.NT;
+  const int nt = min(2 * nb + wg, p.NT - 1);  // clamped: an out-of-range warpgroup's output is dropped
+  const int g0 = split * p.gps, g1 = min(p.NG, g0 + p.gps);
+  const int c0 = g0 * p.SPG, c1 = g1 * p.SPG;  // k16 steps of this split
+  const int nst = (c1 - c0 + WG_KSTEPS - 1) / WG_KSTEPS;
+  const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(smem);
+  const T* x = reinterpret_cast<const T*>(p.x);
+
+  auto load_stage = [&](int st) {
+    const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * STAGE_BYTES;
+    const int kt0 = c0 + st * WG_KSTEPS;
+    {  // packed weights: WG_THREADS chunks of 16 B = (warpgroup v, step i, lane l)
+      const int v = tid >> 7, i = (tid >> 5) & 3, l = tid & 31;
+      const int ntv = min(2 * nb + v, p.NT - 1);
+      const int kt = min(kt0 + i, c1 - 1);  // past the split: a valid address, never multiplied
+      cp_async16(buf + tid * 16, p.qpk + ((size_t)ntv * p.KT + kt) * 32 + l);
+    }
+    // activations: TB tokens x 8 chunks of 8 channels, zero past M, past K and past the split
+    for (int c = tid; c < TB * 8; c += WG_THREADS) {
+      const int tok = c >> 3, kc = c & 7;
+      const int k = kt0 * 16 + kc * 8;  // G % 16 == 0: padded and true channel indices agree
+      const bool ok = tok0 + tok < p.M && k < c1 * 16 && k + 8 <= p.K;
+      const uint32_t dst = buf + WG_W_BYTES + (kc >> 1) * (TB * 32) + (tok >> 3) * 256 + (kc & 1) * 128 + (tok & 7) * 16;
+      cp_async16_zfill(dst, ok ? x + (size_t)(tok0 + tok) * p.x_stride + k : x, ok);
+    }
+  };
+
+  float acc[TB / 2];
+#pragma unroll
+  for (int i = 0; i < TB / 2; ++i) acc[i] = 0.f;
+  uint32_t s_lo = 0, s_hi = 0, z_lo = NEG, z_hi = NEG;
+  int cur_g = -1;
+
+#pragma unroll
+  for (int st = 0; st < WG_STAGES - 1; ++st) {
+    if (st < nst) load_stage(st);
+    cp_async_commit();
+  }
+  for (int st = 0; st < nst; ++st) {
+    cp_async_wait<WG_STAGES - 2>();
+    __syncthreads();  // stage st is in for every thread; every warpgroup is done with stage st - 1
+    if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);
+    cp_async_commit();
+    const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * STAGE_BYTES;
+    const int kt0 = c0 + st * WG_KSTEPS;
+    uint32_t a[WG_KSTEPS][4];
+#pragma unroll
+    for (int i = 0; i < WG_KSTEPS; ++i) {
+      const int gi = min(kt0 + i, c1 - 1) / p.SPG;
+      if (gi != cur_g) {  // rows 16 wq + g (low half) and 16 wq + 8 + g (high half) of tile nt
+        const size_t idx = ((size_t)(nt * p.NG + gi) * 8 + g) * 8 + 2 * wq;
+        const uint32_t sw = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const T*>(p.scl) + idx);
+        const uint32_t zw = *reinterpret_cast<const uint16_t*>(reinterpret_cast<const uint8_t*>(p.zp) + idx);
+        s_lo = __byte_perm(sw, 0, 0x1010);
+        s_hi = __byte_perm(sw, 0, 0x3232);
+        z_lo = NEG | (zw & 0xffu) | ((zw & 0xffu) << 16);
+        z_hi = NEG | (zw >> 8) | ((zw >> 8) << 16);
+        cur_g = gi;
+      }
+      const uint4 w4 = lds128(buf + (uint32_t)(((wg * WG_KSTEPS + i) * 32 + lane) * 16));
+      const uint32_t q = wq == 0 ? w4.x : (wq == 1 ? w4.y : (wq == 2 ? w4.z : w4.w));
+      a[i][0] = sub_mul<BF16>(nib2<EX>(q), z_lo, s_lo);
+      a[i][1] = sub_mul<BF16>(nib2<EX>(q >> 8), z_hi, s_hi);
+      a[i][2] = sub_mul<BF16>(nib2<EX>(q >> 4), z_lo, s_lo);
+      a[i][3] = sub_mul<BF16>(nib2<EX>(q >> 12), z_hi, s_hi);
+    }
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int i = 0; i < WG_KSTEPS; ++i)
+      if (kt0 + i < c1) wgmma_tb<BF16, TB>(acc, a[i], smem_desc(buf + WG_W_BYTES + (uint32_t)(i * TB * 32)));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  }
+
+  // acc[4 j + e]: weight row (output column) 64 nt + 16 wq + g + 8 (e >> 1), token tok0 + 8 j + 2 t4 + (e & 1)
+  T* out = reinterpret_cast<T*>(p.out);
+  const T* bias = reinterpret_cast<const T*>(p.bias);
+  const int WSN = p.NT * 64;
+  if (nt_ok) {
+#pragma unroll
+    for (int j = 0; j < TB / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = nt * 64 + 16 * wq + g + 8 * (e >> 1), tok = tok0 + 8 * j + 2 * t4 + (e & 1);
+        if (n < p.N && tok < p.M) {
+          const float v = acc[4 * j + e];
+          if (p.S == 1) out[(size_t)tok * p.N + n] = from_f<T>(bias ? v + to_f<T>(bias[n]) : v);
+          else __stcg(p.ws + ((size_t)split * p.M + tok) * WSN + n, v);
+        }
+      }
+  }
+  if (p.S > 1) {
+    __threadfence();
+    __syncthreads();
+    __shared__ int s_last;
+    const int cidx = blockIdx.z * gridDim.x + blockIdx.x;
+    if (tid == 0) s_last = (atomicAdd(p.cnt + cidx, 1) == p.S - 1);
+    __syncthreads();
+    if (s_last) {
+      __threadfence();
+      for (int idx = tid; idx < TB * 128; idx += WG_THREADS) {
+        const int tok = tok0 + idx / 128, n = nb * 128 + idx % 128;
+        if (tok < p.M && n < p.N) {
+          float v = 0.f;
+          for (int q = 0; q < p.S; ++q) v += __ldcg(p.ws + ((size_t)q * p.M + tok) * WSN + n);
+          if (bias) v += to_f<T>(bias[n]);
+          out[(size_t)tok * p.N + n] = from_f<T>(v);
+        }
+      }
+      if (tid == 0) p.cnt[cidx] = 0;  // ready for the next call
+    }
+  }
+#else
+  __trap();  // built for a target without wgmma: never launched (w4a16_wgmma_launch checks sm_90a)
+#endif
+}
+
+template <bool BF16, int TB, int MINB>
+cudaError_t launch_wg(const W4A16Params& p, cudaStream_t stream) {
+  auto kern = w4a16_wgmma_kernel<BF16, TB, MINB>;
+  const int smem = WG_STAGES * (WG_W_BYTES + TB * WG_KSTEPS * 16 * 2);
+  static bool configured = false;
+  if (!configured) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    configured = true;
+  }
+  dim3 grid((p.NT + 1) / 2, p.S, (p.M + TB - 1) / TB);
+  kern<<<grid, WG_THREADS, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, cudaStream_t stream) {
+  if (tb == 32) return bf16 ? launch_wg<true, 32, 2>(p, stream) : launch_wg<false, 32, 2>(p, stream);
+  if (tb == 64) return bf16 ? launch_wg<true, 64, 2>(p, stream) : launch_wg<false, 64, 2>(p, stream);
+  if (tb == 128) return bf16 ? launch_wg<true, 128, 1>(p, stream) : launch_wg<false, 128, 1>(p, stream);
+  return cudaErrorInvalidValue;
+}
