@@ -29,7 +29,7 @@ from ..errors import QuasarError
 
 OPS = ("w4a16", "w8a16", "w8a8")
 # auto: per device type, the backends tried in order for each op (the first that supports it).
-AUTO = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
+AUTO = {"cuda": ("cuda", "cuda_wgmma", "triton", "reference"), "cpu": ("reference",)}
 _REGISTERED: dict[str, "Backend"] = {}
 
 
