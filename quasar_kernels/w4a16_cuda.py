@@ -531,7 +531,7 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     n, k, _ = packed_dims(packed)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     want = w4a16_cuda_linear(x, packed).float()  # the mma.sync kernel's 16-row passes
-    best, best_t = model, math.inf
+    best, best_t, wrong = model, math.inf, []
     for s in splits:
         cfg = dict(S=s, tb=tb)
         try:
@@ -539,13 +539,19 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
             err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
             if not err < 1e-2:
                 log.warning("W4A16 wgmma config %s disagrees with the mma.sync kernel (rel err %.2e)", cfg, err)
+                wrong.append(cfg)
                 continue
             t = graph_time_us([lambda c=cfg: w4a16_wgmma_linear(x, packed, config=c)], calls=10, flush=True, replays=5)
         except Exception:  # noqa: BLE001
             continue
         if t < best_t:
             best, best_t = cfg, t
-    if best_t < math.inf:
+    if best_t == math.inf:
+        if wrong:  # never hand out a configuration that computed something else
+            raise RuntimeError(f"the W4A16 wgmma kernel disagrees with the mma.sync kernel at m={m} rows for a "
+                               f"{n}x{k} weight in every configuration tried (a kernel bug); use "
+                               "verifier.kernel=triton or cuda")
+    else:
         disk_put(dev, disk_key, best, best_t)
     _PLANS[key] = best
     return best
