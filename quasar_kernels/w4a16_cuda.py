@@ -502,7 +502,8 @@ def _wgmma_splits(ng: int) -> list[int]:
 
 
 def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
-    """{"S": K-splits, "tb": tokens per CTA} for m rows: timed once per (m, geometry, device) and kept
+    """{"S": K-splits, "tb": tokens per CTA, "ov": overlapped pipeline} for m rows: timed once per
+    (m, geometry, device) and kept
     on disk like plan(); while capturing or without autotuning, the split that brings the grid
     nearest 2 CTAs per SM."""
     qpk = packed["qpk"]
@@ -517,7 +518,7 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
 
     splits = [s for s in _wgmma_splits(ng) if s <= 16]
     tiles = -(-nt // 2) * -(-m // tb)
-    model = dict(S=min(splits, key=lambda s: abs(tiles * s - 2 * _num_sms(dev))), tb=tb)
+    model = dict(S=min(splits, key=lambda s: abs(tiles * s - 2 * _num_sms(dev))), tb=tb, ov=1)
     disk_key = f"w4a16_wgmma|{_source_hash()}|m={m}|nt={nt}|kt={kt}|ng={ng}"
     stored = disk_get(dev, disk_key)
     if stored is not None:
@@ -532,8 +533,7 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     want = w4a16_cuda_linear(x, packed).float()  # the mma.sync kernel's 16-row passes
     best, best_t, wrong = model, math.inf, []
-    for s in splits:
-        cfg = dict(S=s, tb=tb)
+    for cfg in [dict(S=s, tb=tb, ov=ov) for s in splits for ov in (0, 1)]:
         try:
             got = w4a16_wgmma_linear(x, packed, config=cfg).float()
             err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
@@ -586,5 +586,6 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
     scl = packed["scales_bf16"] if x.dtype == torch.bfloat16 else packed["scales_fp16"]
     if bias is not None:
         bias = bias.to(dtype=x.dtype).contiguous()
-    ext.w4a16_wgmma_gemm(x2, packed["qpk"], scl, packed["zeros"], out, bias, ws, cnt, n, k, g, cfg["S"], cfg["tb"])
+    ext.w4a16_wgmma_gemm(x2, packed["qpk"], scl, packed["zeros"], out, bias, ws, cnt, n, k, g, cfg["S"], cfg["tb"],
+                         cfg.get("ov", 1))
     return out.view(*lead, n)

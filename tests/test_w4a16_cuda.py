@@ -237,7 +237,7 @@ def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
     if bias is not None:
         ref = ref + bias.float()
     splits = _wgmma_splits(packed["scales_fp16"].shape[1])
-    for cfg in [None] + [dict(S=s, tb=tb) for s in splits[:3] for tb in (32, 64, 128)]:
+    for cfg in [None] + [dict(S=s, tb=tb, ov=ov) for s in splits[:3] for tb in (32, 64, 128) for ov in (0, 1)]:
         torch.full((m * n + 4096,), float("nan"), device="cuda", dtype=dtype)
         out = w4a16_wgmma_linear(x, packed, bias, config=cfg)
         torch.cuda.synchronize()

@@ -82,7 +82,7 @@ void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, to
 // out[M, N] = x[M, K] @ W^T (+ bias) through warpgroup MMAs (sm_90a), any M, tb tokens per CTA.
 void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, torch::Tensor zp, torch::Tensor out,
                       c10::optional<torch::Tensor> bias, torch::Tensor ws, torch::Tensor cnt, int64_t N, int64_t K,
-                      int64_t G, int64_t S, int64_t tb) {
+                      int64_t G, int64_t S, int64_t tb, int64_t overlap) {
   TORCH_CHECK(x.is_cuda() && qpk.is_cuda() && out.is_cuda() && ws.is_cuda() && cnt.is_cuda(), "CUDA tensors expected");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
@@ -126,7 +126,8 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, tor
   const int64_t tiles = (int64_t)((p.NT + 1) / 2) * ((p.M + tb - 1) / tb);
   TORCH_CHECK(S == 1 || (ws.numel() >= (int64_t)S * p.M * p.NT * 64 && cnt.numel() >= tiles), "workspace too small");
   TORCH_CHECK(p.M >= 1 && (p.M + tb - 1) / tb <= 65535, "bad M");
-  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, overlap != 0,
+                                    c10::cuda::getCurrentCUDAStream()));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

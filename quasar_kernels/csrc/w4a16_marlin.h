@@ -34,4 +34,5 @@ cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int o
 // operand, tb tokens (32, 64 or 128) per CTA, the same packed tensors and params (WN, WK, nblocks,
 // vec unused; ws holds [S][M][NT*64]; cnt needs ceil(NT/2) * ceil(M/tb) counters). Group size a
 // multiple of 16, K a multiple of 8, x rows 16-byte aligned.
-cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, cudaStream_t stream);
+// overlap: dequantize stage s + 1 while stage s's wgmmas run (two sets of A registers).
+cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, bool overlap, cudaStream_t stream);

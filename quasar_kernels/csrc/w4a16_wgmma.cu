@@ -62,7 +62,8 @@ __device__ __forceinline__ void wgmma_tb(float* d, const uint32_t* a, uint64_t d
   }
 }
 
-template <bool BF16, int TB, int MINB>
+// OV: overlap the dequantization of stage s + 1 with the wgmmas of stage s (two sets of A registers)
+template <bool BF16, int TB, int MINB, bool OV>
 __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A16Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
@@ -113,14 +114,10 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     if (st < nst) load_stage(st);
     cp_async_commit();
   }
-  for (int st = 0; st < nst; ++st) {
-    cp_async_wait<WG_STAGES - 2>();
-    __syncthreads();  // stage st is in for every thread; every warpgroup is done with stage st - 1
-    if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);
-    cp_async_commit();
+  // the A fragments of stage st's 4 k16 steps, dequantized from buffer st % WG_STAGES
+  auto dequant = [&](int st, uint32_t (&a)[WG_KSTEPS][4]) {
     const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * STAGE_BYTES;
     const int kt0 = c0 + st * WG_KSTEPS;
-    uint32_t a[WG_KSTEPS][4];
 #pragma unroll
     for (int i = 0; i < WG_KSTEPS; ++i) {
       const int gi = min(kt0 + i, c1 - 1) / p.SPG;
@@ -141,12 +138,49 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
       a[i][2] = sub_mul<BF16>(nib2<EX>(q >> 4), z_lo, s_lo);
       a[i][3] = sub_mul<BF16>(nib2<EX>(q >> 12), z_hi, s_hi);
     }
+  };
+  // issue (not wait for) stage st's wgmmas with these A fragments
+  auto multiply = [&](int st, const uint32_t (&a)[WG_KSTEPS][4]) {
+    const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * STAGE_BYTES;
+    const int kt0 = c0 + st * WG_KSTEPS;
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
     for (int i = 0; i < WG_KSTEPS; ++i)
       if (kt0 + i < c1) wgmma_tb<BF16, TB>(acc, a[i], smem_desc(buf + WG_W_BYTES + (uint32_t)(i * TB * 32)));
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  };
+
+  if constexpr (!OV) {  // dequantize, multiply, wait: the tensor cores idle while this warpgroup dequantizes
+    for (int st = 0; st < nst; ++st) {
+      cp_async_wait<WG_STAGES - 2>();
+      __syncthreads();  // stage st is in for every thread; every warpgroup is done with stage st - 1
+      if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);
+      cp_async_commit();
+      uint32_t a[WG_KSTEPS][4];
+      dequant(st, a);
+      multiply(st, a);
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    }
+  } else {  // stage st + 1 is dequantized (and its copy waited for) while stage st's wgmmas run
+    uint32_t a_cur[WG_KSTEPS][4], a_nxt[WG_KSTEPS][4];
+    if (nst > 0) {
+      cp_async_wait<WG_STAGES - 2>();
+      __syncthreads();
+      dequant(0, a_cur);
+    }
+    for (int st = 0; st < nst; ++st) {
+      multiply(st, a_cur);
+      cp_async_wait<WG_STAGES - 3>();
+      __syncthreads();  // stage st + 1 is in for every thread; every warpgroup waited for stage st - 1
+      if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);  // into stage st - 1's buffer
+      cp_async_commit();
+      if (st + 1 < nst) dequant(st + 1, a_nxt);
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+      for (int i = 0; i < WG_KSTEPS; ++i)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a_cur[i][r] = a_nxt[i][r];
+    }
   }
 
   // acc[4 j + e]: weight row (output column) 64 nt + 16 wq + g + 8 (e >> 1), token tok0 + 8 j + 2 t4 + (e & 1)
@@ -192,9 +226,9 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
 #endif
 }
 
-template <bool BF16, int TB, int MINB>
+template <bool BF16, int TB, int MINB, bool OV>
 cudaError_t launch_wg(const W4A16Params& p, cudaStream_t stream) {
-  auto kern = w4a16_wgmma_kernel<BF16, TB, MINB>;
+  auto kern = w4a16_wgmma_kernel<BF16, TB, MINB, OV>;
   const int smem = WG_STAGES * (WG_W_BYTES + TB * WG_KSTEPS * 16 * 2);
   static bool configured = false;
   if (!configured) {
@@ -207,11 +241,16 @@ cudaError_t launch_wg(const W4A16Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <bool OV>
+cudaError_t launch_tb(const W4A16Params& p, bool bf16, int tb, cudaStream_t stream) {
+  if (tb == 32) return bf16 ? launch_wg<true, 32, 2, OV>(p, stream) : launch_wg<false, 32, 2, OV>(p, stream);
+  if (tb == 64) return bf16 ? launch_wg<true, 64, 2, OV>(p, stream) : launch_wg<false, 64, 2, OV>(p, stream);
+  if (tb == 128) return bf16 ? launch_wg<true, 128, 1, OV>(p, stream) : launch_wg<false, 128, 1, OV>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
-cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, cudaStream_t stream) {
-  if (tb == 32) return bf16 ? launch_wg<true, 32, 2>(p, stream) : launch_wg<false, 32, 2>(p, stream);
-  if (tb == 64) return bf16 ? launch_wg<true, 64, 2>(p, stream) : launch_wg<false, 64, 2>(p, stream);
-  if (tb == 128) return bf16 ? launch_wg<true, 128, 1>(p, stream) : launch_wg<false, 128, 1>(p, stream);
-  return cudaErrorInvalidValue;
+cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, bool overlap, cudaStream_t stream) {
+  return overlap ? launch_tb<true>(p, bf16, tb, stream) : launch_tb<false>(p, bf16, tb, stream);
 }
