@@ -345,3 +345,35 @@ def test_wgmma_index_math_emulated(m, S, TB):
     y = _emulate_wgmma(x.numpy(), packed, S, TB)
     ref = (x @ dequantize_int4(qweight, scales, zeros, k, g).double().t()).numpy()
     assert np.allclose(y[:, :n], ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_wgmma_probe_layouts():
+    """One wgmma with the wgmma kernel's layout assumptions — A fragments in registers as in
+    mma.m16n8k16 per warp, B as no-swizzle K-major core matrices (LBO 128 B, SBO 256 B), the D
+    fragment mapping of the epilogue — on small integers (exact in bf16 and fp32): D = A @ B. Run
+    before the kernel's own tests: a failure here is a layout assumption, not the pipeline; the
+    message says whether swapping LBO and SBO would have matched."""
+    from quasar_kernels.w4a16_cuda import _load, wgmma_available
+
+    ok, why = wgmma_available()
+    if not ok:
+        pytest.skip(why)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-4, 5, (64, 16), generator=gen).to(torch.bfloat16)
+    b = torch.randint(-4, 5, (16, 32), generator=gen).to(torch.bfloat16)
+    d = _load().wgmma_probe(a.cuda(), b.cuda()).cpu()
+    ref = a.float() @ b.float()
+    # what the hardware would read if LBO and SBO meant the other way round (offsets past the
+    # 1 KB tile read as zero here; the real read is undefined there)
+    flat = torch.zeros(1024 // 2)
+    for k in range(16):
+        for n in range(32):
+            flat[((n >> 3) * 256 + (k >> 3) * 128 + (n & 7) * 16) // 2 + (k & 7)] = b[k, n].float()
+    alt = torch.zeros(16, 32)
+    for k in range(16):
+        for n in range(32):
+            off = ((n >> 3) * 128 + (k >> 3) * 256 + (n & 7) * 16) // 2 + (k & 7)
+            alt[k, n] = flat[off] if off < flat.numel() else 0.0
+    hint = " (it matches LBO/SBO swapped)" if torch.equal(d, a.float() @ alt) else ""
+    assert torch.equal(d, ref), f"wgmma layout probe: max |D - A @ B| = {(d - ref).abs().max():.1f}{hint}"

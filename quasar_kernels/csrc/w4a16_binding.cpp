@@ -130,7 +130,19 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, tor
                                     c10::cuda::getCurrentCUDAStream()));
 }
 
+// Tests only: one wgmma with the wgmma kernel's layouts (sm_90a).
+torch::Tensor wgmma_probe(torch::Tensor A, torch::Tensor B) {
+  TORCH_CHECK(A.is_cuda() && B.is_cuda() && A.scalar_type() == at::kBFloat16 && B.scalar_type() == at::kBFloat16 &&
+                  A.is_contiguous() && B.is_contiguous() && A.size(0) == 64 && A.size(1) == 16 && B.size(0) == 16 &&
+                  B.size(1) == 32, "wgmma_probe: bf16 A [64, 16] and B [16, 32], contiguous, on the GPU");
+  const c10::cuda::CUDAGuard guard(A.device());
+  auto D = torch::empty({64, 32}, A.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(wgmma_probe_launch(A.data_ptr(), B.data_ptr(), D.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  return D;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("wgmma_probe", &wgmma_probe, "tests: one wgmma with the wgmma kernel's layouts");
   m.def("w4a16_wgmma_gemm", &w4a16_wgmma_gemm, "W4A16 GEMM through wgmma (sm_90a), batched verification");
   m.def("w4a16_verify_gemm", &w4a16_verify_gemm, "W4A16 verify GEMM (M <= 16), Marlin-style layout");
 }

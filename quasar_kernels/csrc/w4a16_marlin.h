@@ -36,3 +36,6 @@ cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int o
 // multiple of 16, K a multiple of 8, x rows 16-byte aligned.
 // overlap: dequantize stage s + 1 while stage s's wgmmas run (two sets of A registers).
 cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, bool overlap, cudaStream_t stream);
+// Tests only: D[64][32] (fp32) = A[64][16] @ B[16][32] (bf16, row-major) through one wgmma with the
+// kernel's fragment and shared-memory layouts.
+cudaError_t wgmma_probe_launch(const void* A, const void* B, float* D, cudaStream_t stream);

@@ -44,6 +44,10 @@ __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, 
                : "memory");
 }
 
+// Shared memory written through the generic proxy (cp.async, st.shared) is read by wgmma through the
+// async proxy: each thread fences its own writes before the barrier that publishes them.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
 // Shared-memory matrix descriptor: K-major, no swizzle (start, LBO, SBO in 16-byte units).
 __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
   return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(256 >> 4) << 32);
@@ -153,6 +157,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   if constexpr (!OV) {  // dequantize, multiply, wait: the tensor cores idle while this warpgroup dequantizes
     for (int st = 0; st < nst; ++st) {
       cp_async_wait<WG_STAGES - 2>();
+      fence_async_smem();
       __syncthreads();  // stage st is in for every thread; every warpgroup is done with stage st - 1
       if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);
       cp_async_commit();
@@ -165,12 +170,14 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     uint32_t a_cur[WG_KSTEPS][4], a_nxt[WG_KSTEPS][4];
     if (nst > 0) {
       cp_async_wait<WG_STAGES - 2>();
+      fence_async_smem();
       __syncthreads();
       dequant(0, a_cur);
     }
     for (int st = 0; st < nst; ++st) {
       multiply(st, a_cur);
       cp_async_wait<WG_STAGES - 3>();
+      fence_async_smem();
       __syncthreads();  // stage st + 1 is in for every thread; every warpgroup waited for stage st - 1
       if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);  // into stage st - 1's buffer
       cp_async_commit();
@@ -241,6 +248,42 @@ cudaError_t launch_wg(const W4A16Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Layout probe (tests only): D[64][32] = A[64][16] @ B[16][32] with one warpgroup and one wgmma,
+// A loaded into registers, B staged into shared memory and D written back exactly as the kernel
+// above does, so a GPU test can tell a wrong layout assumption from a wrong pipeline.
+__global__ void wgmma_probe_kernel(const __nv_bfloat16* A, const __nv_bfloat16* B, float* D) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ __align__(128) __nv_bfloat16 sb[16 * 32];
+  const int tid = threadIdx.x, lane = tid & 31, wq = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  // B[k][n] -> core matrices: slice 0, token group n / 8 at 256 B, k half at 128 B, row n % 8 at 16 B
+  for (int e = tid; e < 16 * 32; e += 128) {
+    const int k = e / 32, n = e % 32;
+    sb[((n >> 3) * 256 + (k >> 3) * 128 + (n & 7) * 16) / 2 + (k & 7)] = B[k * 32 + n];
+  }
+  fence_async_smem();
+  __syncthreads();
+  auto pack = [&](int r, int c) {  // A[r][c], A[r][c + 1] as one bf16x2 register
+    const uint32_t lo = __bfloat16_as_ushort(A[r * 16 + c]), hi = __bfloat16_as_ushort(A[r * 16 + c + 1]);
+    return lo | (hi << 16);
+  };
+  const int r0 = 16 * wq + g;
+  const uint32_t a[4] = {pack(r0, 2 * t4), pack(r0 + 8, 2 * t4), pack(r0, 2 * t4 + 8), pack(r0 + 8, 2 * t4 + 8)};
+  float d[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) d[i] = 0.f;
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+  wgmma_m64n32k16_bf16(d, a, smem_desc((uint32_t)__cvta_generic_to_shared(sb)), 1);
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) D[(r0 + 8 * (e >> 1)) * 32 + 8 * j + 2 * t4 + (e & 1)] = d[4 * j + e];
+#else
+  __trap();
+#endif
+}
+
 template <bool OV>
 cudaError_t launch_tb(const W4A16Params& p, bool bf16, int tb, cudaStream_t stream) {
   if (tb == 32) return bf16 ? launch_wg<true, 32, 2, OV>(p, stream) : launch_wg<false, 32, 2, OV>(p, stream);
@@ -250,6 +293,12 @@ cudaError_t launch_tb(const W4A16Params& p, bool bf16, int tb, cudaStream_t stre
 }
 
 }  // namespace
+
+cudaError_t wgmma_probe_launch(const void* A, const void* B, float* D, cudaStream_t stream) {
+  wgmma_probe_kernel<<<1, 128, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(A),
+                                            reinterpret_cast<const __nv_bfloat16*>(B), D);
+  return cudaGetLastError();
+}
 
 cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, bool overlap, cudaStream_t stream) {
   return overlap ? launch_tb<true>(p, bf16, tb, stream) : launch_tb<false>(p, bf16, tb, stream);
