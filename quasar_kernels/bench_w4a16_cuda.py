@@ -16,6 +16,7 @@ Writes w4a16_cuda.csv / w4a16_cuda.md (+ w4a16_cuda_log.txt) under --out; prints
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def main(argv=None):
     p.add_argument("--replays", type=int, default=7)
     p.add_argument("--kernels", default=",".join(KERNELS))
     args = p.parse_args(argv)
+    # the planners' per-configuration timings (wgmma) go to the console beside the table
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
         sys.exit("bench_w4a16_cuda needs a CUDA GPU")
     out_dir = Path(args.out)

@@ -542,8 +542,10 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
                 wrong.append(cfg)
                 continue
             t = graph_time_us([lambda c=cfg: w4a16_wgmma_linear(x, packed, config=c)], calls=10, flush=True, replays=5)
-        except Exception:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001
+            log.info("W4A16 wgmma m=%d %dx%d %s: failed (%s)", m, n, k, cfg, e)
             continue
+        log.info("W4A16 wgmma m=%d %dx%d %s: %.1f us", m, n, k, cfg, t)
         if t < best_t:
             best, best_t = cfg, t
     if best_t == math.inf:
