@@ -48,6 +48,11 @@ __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, 
 // async proxy: each thread fences its own writes before the barrier that publishes them.
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
+// wgmma reads its register operands (A and the accumulators) asynchronously, until wait_group: an
+// empty asm that "redefines" a register keeps the compiler from reusing or moving it across that point.
+__device__ __forceinline__ void hold(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void hold(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
 // Shared-memory matrix descriptor: K-major, no swizzle (start, LBO, SBO in 16-byte units).
 __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
   return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(256 >> 4) << 32);
@@ -147,11 +152,25 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   auto multiply = [&](int st, const uint32_t (&a)[WG_KSTEPS][4]) {
     const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * STAGE_BYTES;
     const int kt0 = c0 + st * WG_KSTEPS;
+#pragma unroll
+    for (int i = 0; i < TB / 2; ++i) hold(acc[i]);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    // no branch between the wgmmas (one makes ptxas serialize them, warning C7519): k16 steps past
+    // the split multiply clamped weights by zero-filled activations
 #pragma unroll
     for (int i = 0; i < WG_KSTEPS; ++i)
-      if (kt0 + i < c1) wgmma_tb<BF16, TB>(acc, a[i], smem_desc(buf + WG_W_BYTES + (uint32_t)(i * TB * 32)));
+      wgmma_tb<BF16, TB>(acc, a[i], smem_desc(buf + WG_W_BYTES + (uint32_t)(i * TB * 32)));
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  };
+  // wait for this warpgroup's wgmmas; until then neither the accumulators nor a may be touched
+  auto settle = [&](uint32_t (&a)[WG_KSTEPS][4]) {
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+    for (int i = 0; i < TB / 2; ++i) hold(acc[i]);
+#pragma unroll
+    for (int i = 0; i < WG_KSTEPS; ++i)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) hold(a[i][r]);
   };
 
   if constexpr (!OV) {  // dequantize, multiply, wait: the tensor cores idle while this warpgroup dequantizes
@@ -164,7 +183,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
       uint32_t a[WG_KSTEPS][4];
       dequant(st, a);
       multiply(st, a);
-      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+      settle(a);
     }
   } else {  // stage st + 1 is dequantized (and its copy waited for) while stage st's wgmmas run
     uint32_t a_cur[WG_KSTEPS][4], a_nxt[WG_KSTEPS][4];
@@ -182,7 +201,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
       if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);  // into stage st - 1's buffer
       cp_async_commit();
       if (st + 1 < nst) dequant(st + 1, a_nxt);
-      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+      settle(a_cur);
 #pragma unroll
       for (int i = 0; i < WG_KSTEPS; ++i)
 #pragma unroll
