@@ -502,7 +502,8 @@ def _wgmma_splits(ng: int) -> list[int]:
 
 
 def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
-    """{"S": K-splits, "tb": tokens per CTA, "ov": overlapped pipeline} for m rows: timed once per
+    """{"S": K-splits, "tb": tokens per CTA, "nw": 64-row weight tiles per warpgroup (1 or 2), "ov":
+    overlapped pipeline} for m rows: timed once per
     (m, geometry, device) and kept
     on disk like plan(); while capturing or without autotuning, the split that brings the grid
     nearest 2 CTAs per SM."""
@@ -516,9 +517,10 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
         return hit
     from quasar_kernels.splitk import disk_get, disk_put, graph_time_us
 
-    splits = [s for s in _wgmma_splits(ng) if s <= 16]
-    tiles = -(-nt // 2) * -(-m // tb)
-    model = dict(S=min(splits, key=lambda s: abs(tiles * s - 2 * _num_sms(dev))), tb=tb, ov=1)
+    splits = [s for s in _wgmma_splits(ng) if s <= 8]
+    nw = 1 if tb == 32 else 2
+    tiles = -(-nt // (2 * nw)) * -(-m // tb)
+    model = dict(S=min(splits, key=lambda s: abs(tiles * s - 2 * _num_sms(dev))), tb=tb, nw=nw, ov=1)
     disk_key = f"w4a16_wgmma|{_source_hash()}|m={m}|nt={nt}|kt={kt}|ng={ng}"
     stored = disk_get(dev, disk_key)
     if stored is not None:
@@ -533,7 +535,7 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     want = w4a16_cuda_linear(x, packed).float()  # the mma.sync kernel's 16-row passes
     best, best_t, wrong = model, math.inf, []
-    for cfg in [dict(S=s, tb=tb, ov=ov) for s in splits for ov in (0, 1)]:
+    for cfg in [dict(S=s, tb=tb, nw=nw, ov=ov) for s in splits for nw in (1, 2) for ov in (0, 1)]:
         try:
             got = w4a16_wgmma_linear(x, packed, config=cfg).float()
             err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
@@ -583,11 +585,12 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
         return out.view(*lead, n)
     cfg = config or wgmma_plan(m, packed, x.device)
     nt = packed["qpk"].shape[0]
-    tiles = -(-nt // 2) * -(-m // cfg["tb"])
+    nw = cfg.get("nw", 1)
+    tiles = -(-nt // (2 * nw)) * -(-m // cfg["tb"])
     ws, cnt = _workspace(x.device, cfg["S"] * m * nt * TILE_N if cfg["S"] > 1 else 0, tiles)
     scl = packed["scales_bf16"] if x.dtype == torch.bfloat16 else packed["scales_fp16"]
     if bias is not None:
         bias = bias.to(dtype=x.dtype).contiguous()
     ext.w4a16_wgmma_gemm(x2, packed["qpk"], scl, packed["zeros"], out, bias, ws, cnt, n, k, g, cfg["S"], cfg["tb"],
-                         cfg.get("ov", 1))
+                         nw, cfg.get("ov", 1))
     return out.view(*lead, n)

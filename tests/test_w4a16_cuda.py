@@ -237,7 +237,8 @@ def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
     if bias is not None:
         ref = ref + bias.float()
     splits = _wgmma_splits(packed["scales_fp16"].shape[1])
-    for cfg in [None] + [dict(S=s, tb=tb, ov=ov) for s in splits[:3] for tb in (32, 64, 128) for ov in (0, 1)]:
+    for cfg in [None] + [dict(S=s, tb=tb, nw=nw, ov=ov) for s in splits[:3] for tb in (32, 64, 128) for nw in (1, 2)
+                         for ov in (0, 1)]:
         torch.full((m * n + 4096,), float("nan"), device="cuda", dtype=dtype)
         out = w4a16_wgmma_linear(x, packed, bias, config=cfg)
         torch.cuda.synchronize()
@@ -259,14 +260,15 @@ def test_wgmma_refuses_groups_it_cannot_stage():
         w4a16_wgmma_linear(torch.randn(2, 128, dtype=torch.bfloat16), prepack_w4a16(qweight, scales, zeros, 128, 128))
 
 
-def _emulate_wgmma(x, packed, S, TB):
+def _emulate_wgmma(x, packed, S, TB, NTW):
     """The wgmma kernel's index arithmetic in float64, step by step as csrc/w4a16_wgmma.cu writes it:
-    the cp.async staging offsets, the descriptor addressing of B (no-swizzle K-major core matrices,
-    LBO 128 B along K, SBO 256 B along tokens), each warp's A fragment read from word wq of its lane's
-    16 bytes in the order (q, q>>8, q>>4, q>>12) and dequantized with the scales of rows 16 wq + g and
-    16 wq + 8 + g, the mma.m16n8k16 A / D fragment layouts per warp of the warpgroup, and the
-    epilogue's (row, token) of each accumulator. The hardware's semantics are the assumption; the
-    kernel's own offsets are what this checks."""
+    the cp.async staging offsets (packed words, the scale / zero slots of the groups a stage touches,
+    activations), the descriptor addressing of B (no-swizzle K-major core matrices, LBO 128 B along
+    K, SBO 256 B along tokens), each warp's A fragment read from word wq of its lane's 16 bytes in the
+    order (q, q>>8, q>>4, q>>12) and dequantized with the staged scales of rows 16 wq + g and
+    16 wq + 8 + g, NTW column tiles per warpgroup, k16 steps past the split multiplied (clamped
+    weights, zero activations), and the epilogue's (row, token) of each accumulator. The hardware's
+    semantics are the assumption; the kernel's own offsets are what this checks."""
     m, k = x.shape
     qpk = packed["qpk"].numpy().view(np.uint32)  # [NT, KT, 32, 4]
     nt_all, kt_all = qpk.shape[:2]
@@ -275,18 +277,31 @@ def _emulate_wgmma(x, packed, S, TB):
     scl = packed["scales_fp16"].double().numpy().reshape(-1)
     zp = packed["zeros"].numpy().astype(np.int64).reshape(-1)
     gps = -(-ng // S)
+    ct = 2 * NTW  # column tiles per CTA
     y = np.zeros((m, nt_all * 64))
-    for nb in range(-(-nt_all // 2)):
+    for nb in range(-(-nt_all // ct)):
         for split in range(S):
             c0, c1 = split * gps * spg, min(ng, (split + 1) * gps) * spg
             for tok0 in range(0, m, TB):
-                acc = np.zeros((2, 64, TB))  # per warpgroup: D [64 weight rows, TB tokens]
+                acc = np.zeros((ct, 64, TB))  # per tile: D [64 weight rows, TB tokens]
                 for kt0 in range(c0, c1, 4):
-                    wbuf = np.zeros(256 * 4, dtype=np.uint32)  # 4 KB of packed words
-                    for tid in range(256):
-                        v, i, l = tid >> 7, (tid >> 5) & 3, tid & 31
-                        ntv, kt = min(2 * nb + v, nt_all - 1), min(kt0 + i, c1 - 1)
-                        wbuf[tid * 4:tid * 4 + 4] = qpk[ntv, kt, l]
+                    wbuf = np.zeros(ct * 128 * 4, dtype=np.uint32)  # 16-byte chunks (tile, step, lane)
+                    for c in range(ct * 128):
+                        v, i, l = c >> 7, (c >> 5) & 3, c & 31
+                        ntv, kt = min(nb * ct + v, nt_all - 1), min(kt0 + i, c1 - 1)
+                        wbuf[c * 4:c * 4 + 4] = qpk[ntv, kt, l]
+                    sslot = np.zeros((ct, 4, 64))  # 128 B of scales per (tile, slot)
+                    zslot = np.zeros((ct, 4, 64), dtype=np.int64)  # 64 B of zero codes
+                    gbase = min(kt0, c1 - 1) // spg
+                    for tid in range(ct * 4 * 12):
+                        v, slot, ch = tid // 48, (tid // 12) % 4, tid % 12
+                        ntv = min(nb * ct + v, nt_all - 1)
+                        base = ntv * ng + min(gbase + slot, ng - 1)
+                        if ch < 8:
+                            sslot[v, slot, ch * 8:ch * 8 + 8] = scl[base * 64 + ch * 8:base * 64 + ch * 8 + 8]
+                        else:
+                            o = (ch - 8) * 16
+                            zslot[v, slot, o:o + 16] = zp[base * 64 + o:base * 64 + o + 16]
                     xbuf = np.zeros(TB * 64)  # bf16 elements, indexed by byte offset / 2
                     for c in range(TB * 8):
                         tok, kc = c >> 3, c & 7
@@ -294,21 +309,18 @@ def _emulate_wgmma(x, packed, S, TB):
                         if tok0 + tok < m and kk < c1 * 16 and kk + 8 <= k:
                             dst = (kc >> 1) * (TB * 32) + (tok >> 3) * 256 + (kc & 1) * 128 + (tok & 7) * 16
                             xbuf[dst // 2:dst // 2 + 8] = x[tok0 + tok, kk:kk + 8]
-                    for wg in range(2):
-                        nt = min(2 * nb + wg, nt_all - 1)
+                    for v in range(ct):  # v = wg * NTW + j
                         for i in range(4):
-                            if kt0 + i >= c1:
-                                continue
-                            gi = min(kt0 + i, c1 - 1) // spg
+                            slot = min(kt0 + i, c1 - 1) // spg - gbase
                             a = np.zeros((64, 16))
                             for wq in range(4):
                                 for lane in range(32):
                                     g, t = lane >> 2, lane & 3
-                                    q = int(wbuf[((wg * 4 + i) * 32 + lane) * 4 + wq])
-                                    idx = ((nt * ng + gi) * 8 + g) * 8 + 2 * wq
+                                    q = int(wbuf[((v * 4 + i) * 32 + lane) * 4 + wq])
                                     for reg, sh in enumerate((0, 8, 4, 12)):  # a0..a3
                                         row = 16 * wq + g + 8 * (reg & 1)
-                                        s, z = scl[idx + (reg & 1)], zp[idx + (reg & 1)]
+                                        e = g * 8 + 2 * wq + (reg & 1)
+                                        s, z = sslot[v, slot, e], zslot[v, slot, e]
                                         for h in range(2):
                                             code = (q >> (sh + 16 * h)) & 0xF
                                             a[row, 2 * t + h + 8 * (reg >> 1)] = (code - z) * s
@@ -318,9 +330,9 @@ def _emulate_wgmma(x, packed, S, TB):
                                 for n_ in range(TB):
                                     off = base + (n_ >> 3) * 256 + (kk >> 3) * 128 + (n_ & 7) * 16 + (kk & 7) * 2
                                     b[kk, n_] = xbuf[off // 2]
-                            acc[wg] += a @ b
-                for wg in range(2):
-                    if 2 * nb + wg >= nt_all:
+                            acc[v] += a @ b
+                for v in range(ct):
+                    if nb * ct + v >= nt_all:
                         continue
                     for wq in range(4):
                         for lane in range(32):
@@ -330,19 +342,20 @@ def _emulate_wgmma(x, packed, S, TB):
                                     r = 16 * wq + g + 8 * (e >> 1)
                                     tok = 8 * j + 2 * t + (e & 1)
                                     if tok0 + tok < m:
-                                        y[tok0 + tok, (2 * nb + wg) * 64 + r] += acc[wg][r, tok]
+                                        y[tok0 + tok, (nb * ct + v) * 64 + r] += acc[v][r, tok]
     return y
 
 
-@pytest.mark.parametrize("m,S,TB", [(40, 2, 32), (9, 1, 64)])
-def test_wgmma_index_math_emulated(m, S, TB):
-    """N = 130 (a clamped warpgroup), K = 200 (zero past K inside the last group), G = 64 (a group per
-    stage), 2 K-splits, partial token blocks: the emulated kernel equals x @ W^T."""
-    n, k, g = 130, 200, 64
+@pytest.mark.parametrize("m,S,TB,NTW,g", [(40, 2, 32, 1, 64), (9, 1, 64, 2, 64), (20, 1, 32, 2, 16)])
+def test_wgmma_index_math_emulated(m, S, TB, NTW, g):
+    """N = 130 (clamped tiles), K = 200 (zero past K inside the last group), G = 64 (a group per
+    stage) or 16 (4 groups per stage), K-splits, partial token blocks: the emulated kernel equals
+    x @ W^T."""
+    n, k = 130, 200
     qweight, scales, zeros = _weights(n, k, g, seed=5)
     packed = prepack_w4a16(qweight, scales, zeros, k, g)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    y = _emulate_wgmma(x.numpy(), packed, S, TB)
+    y = _emulate_wgmma(x.numpy(), packed, S, TB, NTW)
     ref = (x @ dequantize_int4(qweight, scales, zeros, k, g).double().t()).numpy()
     assert np.allclose(y[:, :n], ref, rtol=1e-6, atol=1e-6)
 

@@ -82,7 +82,7 @@ void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, to
 // out[M, N] = x[M, K] @ W^T (+ bias) through warpgroup MMAs (sm_90a), any M, tb tokens per CTA.
 void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, torch::Tensor zp, torch::Tensor out,
                       c10::optional<torch::Tensor> bias, torch::Tensor ws, torch::Tensor cnt, int64_t N, int64_t K,
-                      int64_t G, int64_t S, int64_t tb, int64_t overlap) {
+                      int64_t G, int64_t S, int64_t tb, int64_t nw, int64_t overlap) {
   TORCH_CHECK(x.is_cuda() && qpk.is_cuda() && out.is_cuda() && ws.is_cuda() && cnt.is_cuda(), "CUDA tensors expected");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
@@ -95,6 +95,7 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, tor
                   zp.is_contiguous(), "bad packed tensors");
   TORCH_CHECK(G % 16 == 0 && K % 8 == 0, "the wgmma kernel needs group_size % 16 == 0 and K % 8 == 0");
   TORCH_CHECK(tb == 32 || tb == 64 || tb == 128, "tb must be 32, 64 or 128");
+  TORCH_CHECK(nw == 1 || nw == 2, "nw must be 1 or 2");
   const c10::cuda::CUDAGuard guard(x.device());
   W4A16Params p{};
   p.qpk = reinterpret_cast<const uint4*>(qpk.data_ptr());
@@ -123,10 +124,10 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, tor
   p.S = S;
   p.gps = (p.NG + S - 1) / S;
   TORCH_CHECK(S >= 1 && (p.NG + p.gps - 1) / p.gps == S, "S must equal ceil(NG / ceil(NG / S))");
-  const int64_t tiles = (int64_t)((p.NT + 1) / 2) * ((p.M + tb - 1) / tb);
+  const int64_t tiles = (int64_t)((p.NT + 2 * nw - 1) / (2 * nw)) * ((p.M + tb - 1) / tb);
   TORCH_CHECK(S == 1 || (ws.numel() >= (int64_t)S * p.M * p.NT * 64 && cnt.numel() >= tiles), "workspace too small");
   TORCH_CHECK(p.M >= 1 && (p.M + tb - 1) / tb <= 65535, "bad M");
-  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, overlap != 0,
+  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, (int)nw, overlap != 0,
                                     c10::cuda::getCurrentCUDAStream()));
 }
 

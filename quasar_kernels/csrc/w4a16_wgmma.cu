@@ -32,11 +32,11 @@ namespace {
 
 #include "w4a16_wgmma_ops.inc"
 
-constexpr int WG_NWG = 2;                  // warpgroups per CTA (64 weight rows each)
+constexpr int WG_NWG = 2;                  // warpgroups per CTA
 constexpr int WG_THREADS = WG_NWG * 128;
 constexpr int WG_STAGES = 4;
 constexpr int WG_KSTEPS = 4;               // k16 steps per stage
-constexpr int WG_W_BYTES = WG_NWG * WG_KSTEPS * 512;
+constexpr int WG_SZ_BYTES = 192;           // one (column tile, group): 64 scales (128 B) + 64 zero codes
 
 __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(__cvta_generic_to_global(src)),
@@ -71,22 +71,31 @@ __device__ __forceinline__ void wgmma_tb(float* d, const uint32_t* a, uint64_t d
   }
 }
 
-// OV: overlap the dequantization of stage s + 1 with the wgmmas of stage s (two sets of A registers)
-template <bool BF16, int TB, int MINB, bool OV>
+// Shared memory of one pipeline stage, in bytes: packed weights, scales + zeros, activations.
+template <int TB, int NTW>
+struct WgStage {
+  static constexpr int W = WG_NWG * NTW * WG_KSTEPS * 512;
+  static constexpr int SZ = WG_NWG * NTW * WG_KSTEPS * WG_SZ_BYTES;  // up to 4 groups per stage (G = 16)
+  static constexpr int X = TB * WG_KSTEPS * 16 * 2;
+  static constexpr int BYTES = W + SZ + X;
+};
+
+// NTW: column tiles (of 64 weight rows) per warpgroup, so a CTA covers 128 NTW weight rows and reads
+// each activation tile once per 128 NTW rows. OV: overlap the dequantization of stage s + 1 with the
+// wgmmas of stage s (two sets of A registers).
+template <bool BF16, int TB, int NTW, int MINB, bool OV>
 __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A16Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
+  using L = WgStage<TB, NTW>;
   constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;
   constexpr uint32_t NEG = BF16 ? 0xC300C300u : 0xE400E400u;  // -(magic), a zero code ORed into each half
-  constexpr int X_BYTES = TB * WG_KSTEPS * 16 * 2;
-  constexpr int STAGE_BYTES = WG_W_BYTES + X_BYTES;
+  constexpr int CT = WG_NWG * NTW;                               // column tiles per CTA
   extern __shared__ __align__(128) unsigned char smem[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t4 = lane & 3;
   const int nb = blockIdx.x, split = blockIdx.y, tok0 = blockIdx.z * TB;
-  const bool nt_ok = 2 * nb + wg < p.NT;
-  const int nt = min(2 * nb + wg, p.NT - 1);  // clamped: an out-of-range warpgroup's output is dropped
   const int g0 = split * p.gps, g1 = min(p.NG, g0 + p.gps);
   const int c0 = g0 * p.SPG, c1 = g1 * p.SPG;  // k16 steps of this split
   const int nst = (c1 - c0 + WG_KSTEPS - 1) / WG_KSTEPS;
@@ -94,83 +103,112 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   const T* x = reinterpret_cast<const T*>(p.x);
 
   auto load_stage = [&](int st) {
-    const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * STAGE_BYTES;
+    const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * L::BYTES;
     const int kt0 = c0 + st * WG_KSTEPS;
-    {  // packed weights: WG_THREADS chunks of 16 B = (warpgroup v, step i, lane l)
-      const int v = tid >> 7, i = (tid >> 5) & 3, l = tid & 31;
-      const int ntv = min(2 * nb + v, p.NT - 1);
-      const int kt = min(kt0 + i, c1 - 1);  // past the split: a valid address, never multiplied
-      cp_async16(buf + tid * 16, p.qpk + ((size_t)ntv * p.KT + kt) * 32 + l);
+    // packed weights: CT x 4 steps x 32 lanes chunks of 16 B, chunk (tile v, step i, lane l)
+#pragma unroll
+    for (int c = tid; c < CT * WG_KSTEPS * 32; c += WG_THREADS) {
+      const int v = c >> 7, i = (c >> 5) & 3, l = c & 31;
+      const int ntv = min(nb * CT + v, p.NT - 1);
+      const int kt = min(kt0 + i, c1 - 1);  // past the split: a valid address, multiplied by zeros
+      cp_async16(buf + c * 16, p.qpk + ((size_t)ntv * p.KT + kt) * 32 + l);
+    }
+    // scales + zeros of the groups this stage touches (slot = group - the stage's first group)
+    if (tid < CT * WG_KSTEPS * 12) {
+      const int v = tid / (WG_KSTEPS * 12), slot = (tid / 12) % WG_KSTEPS, ch = tid % 12;
+      const int ntv = min(nb * CT + v, p.NT - 1);
+      const int gi = min(min(kt0, c1 - 1) / p.SPG + slot, p.NG - 1);
+      const size_t base = (size_t)ntv * p.NG + gi;  // 64 scales and 64 zero codes per (tile, group)
+      const void* src = ch < 8 ? (const void*)(reinterpret_cast<const uint8_t*>(p.scl) + base * 128 + ch * 16)
+                               : (const void*)(reinterpret_cast<const uint8_t*>(p.zp) + base * 64 + (ch - 8) * 16);
+      cp_async16(buf + L::W + (v * WG_KSTEPS + slot) * WG_SZ_BYTES + ch * 16, src);
     }
     // activations: TB tokens x 8 chunks of 8 channels, zero past M, past K and past the split
+#pragma unroll
     for (int c = tid; c < TB * 8; c += WG_THREADS) {
       const int tok = c >> 3, kc = c & 7;
       const int k = kt0 * 16 + kc * 8;  // G % 16 == 0: padded and true channel indices agree
       const bool ok = tok0 + tok < p.M && k < c1 * 16 && k + 8 <= p.K;
-      const uint32_t dst = buf + WG_W_BYTES + (kc >> 1) * (TB * 32) + (tok >> 3) * 256 + (kc & 1) * 128 + (tok & 7) * 16;
+      const uint32_t dst =
+          buf + L::W + L::SZ + (kc >> 1) * (TB * 32) + (tok >> 3) * 256 + (kc & 1) * 128 + (tok & 7) * 16;
       cp_async16_zfill(dst, ok ? x + (size_t)(tok0 + tok) * p.x_stride + k : x, ok);
     }
   };
 
-  float acc[TB / 2];
+  float acc[NTW][TB / 2];
 #pragma unroll
-  for (int i = 0; i < TB / 2; ++i) acc[i] = 0.f;
-  uint32_t s_lo = 0, s_hi = 0, z_lo = NEG, z_hi = NEG;
-  int cur_g = -1;
+  for (int j = 0; j < NTW; ++j)
+#pragma unroll
+    for (int i = 0; i < TB / 2; ++i) acc[j][i] = 0.f;
 
 #pragma unroll
   for (int st = 0; st < WG_STAGES - 1; ++st) {
     if (st < nst) load_stage(st);
     cp_async_commit();
   }
-  // the A fragments of stage st's 4 k16 steps, dequantized from buffer st % WG_STAGES
-  auto dequant = [&](int st, uint32_t (&a)[WG_KSTEPS][4]) {
-    const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * STAGE_BYTES;
+  // the A fragments of stage st's 4 k16 steps for each of this warpgroup's tiles, from buffer st % WG_STAGES
+  auto dequant = [&](int st, uint32_t (&a)[NTW][WG_KSTEPS][4]) {
+    const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * L::BYTES;
     const int kt0 = c0 + st * WG_KSTEPS;
+    const int gbase = min(kt0, c1 - 1) / p.SPG;
 #pragma unroll
-    for (int i = 0; i < WG_KSTEPS; ++i) {
-      const int gi = min(kt0 + i, c1 - 1) / p.SPG;
-      if (gi != cur_g) {  // rows 16 wq + g (low half) and 16 wq + 8 + g (high half) of tile nt
-        const size_t idx = ((size_t)(nt * p.NG + gi) * 8 + g) * 8 + 2 * wq;
-        const uint32_t sw = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const T*>(p.scl) + idx);
-        const uint32_t zw = *reinterpret_cast<const uint16_t*>(reinterpret_cast<const uint8_t*>(p.zp) + idx);
-        s_lo = __byte_perm(sw, 0, 0x1010);
-        s_hi = __byte_perm(sw, 0, 0x3232);
-        z_lo = NEG | (zw & 0xffu) | ((zw & 0xffu) << 16);
-        z_hi = NEG | (zw >> 8) | ((zw >> 8) << 16);
-        cur_g = gi;
+    for (int j = 0; j < NTW; ++j) {
+      const int v = wg * NTW + j;
+      int slot_now = -1;
+      uint32_t s_lo = 0, s_hi = 0, z_lo = NEG, z_hi = NEG;
+#pragma unroll
+      for (int i = 0; i < WG_KSTEPS; ++i) {
+        const int slot = min(kt0 + i, c1 - 1) / p.SPG - gbase;
+        if (slot != slot_now) {  // rows 16 wq + g (low half) and 16 wq + 8 + g (high half) of the tile
+          const uint32_t sz = buf + L::W + (v * WG_KSTEPS + slot) * WG_SZ_BYTES;
+          uint32_t sw;
+          unsigned short zh;
+          asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sw) : "r"(sz + (g * 8 + 2 * wq) * 2) : "memory");
+          asm volatile("ld.shared.u16 %0, [%1];" : "=h"(zh) : "r"(sz + 128 + g * 8 + 2 * wq) : "memory");
+          const uint32_t zw = zh;
+          s_lo = __byte_perm(sw, 0, 0x1010);
+          s_hi = __byte_perm(sw, 0, 0x3232);
+          z_lo = NEG | (zw & 0xffu) | ((zw & 0xffu) << 16);
+          z_hi = NEG | (zw >> 8) | ((zw >> 8) << 16);
+          slot_now = slot;
+        }
+        const uint4 w4 = lds128(buf + (uint32_t)(((v * WG_KSTEPS + i) * 32 + lane) * 16));
+        const uint32_t q = wq == 0 ? w4.x : (wq == 1 ? w4.y : (wq == 2 ? w4.z : w4.w));
+        a[j][i][0] = sub_mul<BF16>(nib2<EX>(q), z_lo, s_lo);
+        a[j][i][1] = sub_mul<BF16>(nib2<EX>(q >> 8), z_hi, s_hi);
+        a[j][i][2] = sub_mul<BF16>(nib2<EX>(q >> 4), z_lo, s_lo);
+        a[j][i][3] = sub_mul<BF16>(nib2<EX>(q >> 12), z_hi, s_hi);
       }
-      const uint4 w4 = lds128(buf + (uint32_t)(((wg * WG_KSTEPS + i) * 32 + lane) * 16));
-      const uint32_t q = wq == 0 ? w4.x : (wq == 1 ? w4.y : (wq == 2 ? w4.z : w4.w));
-      a[i][0] = sub_mul<BF16>(nib2<EX>(q), z_lo, s_lo);
-      a[i][1] = sub_mul<BF16>(nib2<EX>(q >> 8), z_hi, s_hi);
-      a[i][2] = sub_mul<BF16>(nib2<EX>(q >> 4), z_lo, s_lo);
-      a[i][3] = sub_mul<BF16>(nib2<EX>(q >> 12), z_hi, s_hi);
     }
   };
   // issue (not wait for) stage st's wgmmas with these A fragments
-  auto multiply = [&](int st, const uint32_t (&a)[WG_KSTEPS][4]) {
-    const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * STAGE_BYTES;
-    const int kt0 = c0 + st * WG_KSTEPS;
+  auto multiply = [&](int st, const uint32_t (&a)[NTW][WG_KSTEPS][4]) {
+    const uint32_t xbuf = sbase + (uint32_t)(st % WG_STAGES) * L::BYTES + L::W + L::SZ;
 #pragma unroll
-    for (int i = 0; i < TB / 2; ++i) hold(acc[i]);
+    for (int j = 0; j < NTW; ++j)
+#pragma unroll
+      for (int i = 0; i < TB / 2; ++i) hold(acc[j][i]);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
     // no branch between the wgmmas (one makes ptxas serialize them, warning C7519): k16 steps past
     // the split multiply clamped weights by zero-filled activations
 #pragma unroll
     for (int i = 0; i < WG_KSTEPS; ++i)
-      wgmma_tb<BF16, TB>(acc, a[i], smem_desc(buf + WG_W_BYTES + (uint32_t)(i * TB * 32)));
+#pragma unroll
+      for (int j = 0; j < NTW; ++j) wgmma_tb<BF16, TB>(acc[j], a[j][i], smem_desc(xbuf + (uint32_t)(i * TB * 32)));
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   };
   // wait for this warpgroup's wgmmas; until then neither the accumulators nor a may be touched
-  auto settle = [&](uint32_t (&a)[WG_KSTEPS][4]) {
+  auto settle = [&](uint32_t (&a)[NTW][WG_KSTEPS][4]) {
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 #pragma unroll
-    for (int i = 0; i < TB / 2; ++i) hold(acc[i]);
+    for (int j = 0; j < NTW; ++j) {
 #pragma unroll
-    for (int i = 0; i < WG_KSTEPS; ++i)
+      for (int i = 0; i < TB / 2; ++i) hold(acc[j][i]);
 #pragma unroll
-      for (int r = 0; r < 4; ++r) hold(a[i][r]);
+      for (int i = 0; i < WG_KSTEPS; ++i)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) hold(a[j][i][r]);
+    }
   };
 
   if constexpr (!OV) {  // dequantize, multiply, wait: the tensor cores idle while this warpgroup dequantizes
@@ -180,13 +218,13 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
       __syncthreads();  // stage st is in for every thread; every warpgroup is done with stage st - 1
       if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);
       cp_async_commit();
-      uint32_t a[WG_KSTEPS][4];
+      uint32_t a[NTW][WG_KSTEPS][4];
       dequant(st, a);
       multiply(st, a);
       settle(a);
     }
   } else {  // stage st + 1 is dequantized (and its copy waited for) while stage st's wgmmas run
-    uint32_t a_cur[WG_KSTEPS][4], a_nxt[WG_KSTEPS][4];
+    uint32_t a_cur[NTW][WG_KSTEPS][4], a_nxt[NTW][WG_KSTEPS][4];
     if (nst > 0) {
       cp_async_wait<WG_STAGES - 2>();
       fence_async_smem();
@@ -203,24 +241,29 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
       if (st + 1 < nst) dequant(st + 1, a_nxt);
       settle(a_cur);
 #pragma unroll
-      for (int i = 0; i < WG_KSTEPS; ++i)
+      for (int j = 0; j < NTW; ++j)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) a_cur[i][r] = a_nxt[i][r];
+        for (int i = 0; i < WG_KSTEPS; ++i)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) a_cur[j][i][r] = a_nxt[j][i][r];
     }
   }
 
-  // acc[4 j + e]: weight row (output column) 64 nt + 16 wq + g + 8 (e >> 1), token tok0 + 8 j + 2 t4 + (e & 1)
+  // acc[j][4 u + e]: weight row (output column) 64 nt + 16 wq + g + 8 (e >> 1), token tok0 + 8 u + 2 t4 + (e & 1)
   T* out = reinterpret_cast<T*>(p.out);
   const T* bias = reinterpret_cast<const T*>(p.bias);
   const int WSN = p.NT * 64;
-  if (nt_ok) {
 #pragma unroll
-    for (int j = 0; j < TB / 8; ++j)
+  for (int j = 0; j < NTW; ++j) {
+    const int nt = nb * CT + wg * NTW + j;
+    if (nt >= p.NT) continue;  // a clamped tile: its output is dropped
+#pragma unroll
+    for (int u = 0; u < TB / 8; ++u)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int n = nt * 64 + 16 * wq + g + 8 * (e >> 1), tok = tok0 + 8 * j + 2 * t4 + (e & 1);
+        const int n = nt * 64 + 16 * wq + g + 8 * (e >> 1), tok = tok0 + 8 * u + 2 * t4 + (e & 1);
         if (n < p.N && tok < p.M) {
-          const float v = acc[4 * j + e];
+          const float v = acc[j][4 * u + e];
           if (p.S == 1) out[(size_t)tok * p.N + n] = from_f<T>(bias ? v + to_f<T>(bias[n]) : v);
           else __stcg(p.ws + ((size_t)split * p.M + tok) * WSN + n, v);
         }
@@ -235,8 +278,8 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     __syncthreads();
     if (s_last) {
       __threadfence();
-      for (int idx = tid; idx < TB * 128; idx += WG_THREADS) {
-        const int tok = tok0 + idx / 128, n = nb * 128 + idx % 128;
+      for (int idx = tid; idx < TB * CT * 64; idx += WG_THREADS) {
+        const int tok = tok0 + idx / (CT * 64), n = nb * CT * 64 + idx % (CT * 64);
         if (tok < p.M && n < p.N) {
           float v = 0.f;
           for (int q = 0; q < p.S; ++q) v += __ldcg(p.ws + ((size_t)q * p.M + tok) * WSN + n);
@@ -252,17 +295,17 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
 #endif
 }
 
-template <bool BF16, int TB, int MINB, bool OV>
+template <bool BF16, int TB, int NTW, int MINB, bool OV>
 cudaError_t launch_wg(const W4A16Params& p, cudaStream_t stream) {
-  auto kern = w4a16_wgmma_kernel<BF16, TB, MINB, OV>;
-  const int smem = WG_STAGES * (WG_W_BYTES + TB * WG_KSTEPS * 16 * 2);
+  auto kern = w4a16_wgmma_kernel<BF16, TB, NTW, MINB, OV>;
+  const int smem = WG_STAGES * WgStage<TB, NTW>::BYTES;
   static bool configured = false;
   if (!configured) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  dim3 grid((p.NT + 1) / 2, p.S, (p.M + TB - 1) / TB);
+  dim3 grid((p.NT + 2 * NTW - 1) / (2 * NTW), p.S, (p.M + TB - 1) / TB);
   kern<<<grid, WG_THREADS, smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -303,11 +346,13 @@ __global__ void wgmma_probe_kernel(const __nv_bfloat16* A, const __nv_bfloat16* 
 #endif
 }
 
-template <bool OV>
+template <int NTW, bool OV>
 cudaError_t launch_tb(const W4A16Params& p, bool bf16, int tb, cudaStream_t stream) {
-  if (tb == 32) return bf16 ? launch_wg<true, 32, 2, OV>(p, stream) : launch_wg<false, 32, 2, OV>(p, stream);
-  if (tb == 64) return bf16 ? launch_wg<true, 64, 2, OV>(p, stream) : launch_wg<false, 64, 2, OV>(p, stream);
-  if (tb == 128) return bf16 ? launch_wg<true, 128, 1, OV>(p, stream) : launch_wg<false, 128, 1, OV>(p, stream);
+  // 2 CTAs per SM where the registers allow it (<= 128 per thread)
+  constexpr int MB64 = NTW == 1 ? 2 : 1;
+  if (tb == 32) return bf16 ? launch_wg<true, 32, NTW, 2, OV>(p, stream) : launch_wg<false, 32, NTW, 2, OV>(p, stream);
+  if (tb == 64) return bf16 ? launch_wg<true, 64, NTW, MB64, OV>(p, stream) : launch_wg<false, 64, NTW, MB64, OV>(p, stream);
+  if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, 1, OV>(p, stream) : launch_wg<false, 128, NTW, 1, OV>(p, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -319,6 +364,8 @@ cudaError_t wgmma_probe_launch(const void* A, const void* B, float* D, cudaStrea
   return cudaGetLastError();
 }
 
-cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, bool overlap, cudaStream_t stream) {
-  return overlap ? launch_tb<true>(p, bf16, tb, stream) : launch_tb<false>(p, bf16, tb, stream);
+cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, bool overlap, cudaStream_t stream) {
+  if (nw == 1) return overlap ? launch_tb<1, true>(p, bf16, tb, stream) : launch_tb<1, false>(p, bf16, tb, stream);
+  if (nw == 2) return overlap ? launch_tb<2, true>(p, bf16, tb, stream) : launch_tb<2, false>(p, bf16, tb, stream);
+  return cudaErrorInvalidValue;
 }
