@@ -127,7 +127,8 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, tor
   const int64_t tiles = (int64_t)((p.NT + 2 * nw - 1) / (2 * nw)) * ((p.M + tb - 1) / tb);
   TORCH_CHECK(S == 1 || (ws.numel() >= (int64_t)S * p.M * p.NT * 64 && cnt.numel() >= tiles), "workspace too small");
   TORCH_CHECK(p.M >= 1 && (p.M + tb - 1) / tb <= 65535, "bad M");
-  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, (int)nw, overlap != 0,
+  p.vec = (overlap & 2) ? 2 : 0;  // EXPERIMENT: bit 1 of overlap skips the proxy fence (timing only)
+  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, (int)nw, (overlap & 1) != 0,
                                     c10::cuda::getCurrentCUDAStream()));
 }
 

@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   if constexpr (!OV) {  // dequantize, multiply, wait: the tensor cores idle while this warpgroup dequantizes
     for (int st = 0; st < nst; ++st) {
       cp_async_wait<WG_STAGES - 2>();
-      fence_async_smem();
+      if (p.vec != 2) fence_async_smem();  // EXPERIMENT: vec == 2 skips the proxy fence (timing only)
       __syncthreads();  // stage st is in for every thread; every warpgroup is done with stage st - 1
       if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);
       cp_async_commit();
@@ -227,14 +227,14 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     uint32_t a_cur[NTW][WG_KSTEPS][4], a_nxt[NTW][WG_KSTEPS][4];
     if (nst > 0) {
       cp_async_wait<WG_STAGES - 2>();
-      fence_async_smem();
+      if (p.vec != 2) fence_async_smem();  // EXPERIMENT: vec == 2 skips the proxy fence (timing only)
       __syncthreads();
       dequant(0, a_cur);
     }
     for (int st = 0; st < nst; ++st) {
       multiply(st, a_cur);
       cp_async_wait<WG_STAGES - 3>();
-      fence_async_smem();
+      if (p.vec != 2) fence_async_smem();  // EXPERIMENT: vec == 2 skips the proxy fence (timing only)
       __syncthreads();  // stage st + 1 is in for every thread; every warpgroup waited for stage st - 1
       if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);  // into stage st - 1's buffer
       cp_async_commit();
