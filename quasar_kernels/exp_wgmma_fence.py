@@ -3,7 +3,12 @@
 fence.proxy.async (bit 1 of the binding's ov argument), 3 weight copies round-robin (> L2).
 
     python -m quasar_kernels.exp_wgmma_fence
+    ncu --nvtx --nvtx-include "profile/" -k regex:wgmma --clock-control none --section SpeedOfLight \
+        --section Occupancy --section WarpStateStats --section SchedulerStats --section SourceCounters \
+        --section MemoryWorkloadAnalysis python -m quasar_kernels.exp_wgmma_fence profile
 """
+import sys
+
 import torch
 
 from quasar_bench.packing import pack_int4, quantize_int4_rtn
@@ -18,6 +23,17 @@ def main():
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
         codes, scales, zeros = quantize_int4_rtn(w.cuda(), g)
         packs.append(wc.prepack_w4a16(pack_int4(codes), scales, zeros, k, g))
+    if sys.argv[1:] == ["profile"]:  # one launch each inside an NVTX range, for ncu
+        for m, cfg in ((64, dict(S=1, tb=64, nw=1, ov=0)), (128, dict(S=1, tb=128, nw=2, ov=1))):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            wc.w4a16_wgmma_linear(x, packs[0], config=cfg)
+            torch.cuda.synchronize()
+            torch.cuda.nvtx.range_push("profile")
+            wc.w4a16_wgmma_linear(x, packs[1], config=cfg)
+            torch.cuda.synchronize()
+            torch.cuda.nvtx.range_pop()
+            print(m, cfg, flush=True)
+        return
     print("m nw S ov fence us rel_err_vs_mma_sync", flush=True)
     for m in (16, 64, 128):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
