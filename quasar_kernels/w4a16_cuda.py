@@ -565,9 +565,9 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
     """y[..., N] = x[..., K] @ W^T (+ bias) through the wgmma kernel (Hopper; any number of rows, meant
     for M > 16). Needs group_size % 16 == 0 and K % 8 == 0 (ValueError otherwise)."""
     n, k, g = packed_dims(packed)
-    if g % 16 or k % 8:
-        raise ValueError(f"the wgmma kernel needs group_size % 16 == 0 and in_features % 8 == 0 (got {g}, {k}); "
-                         "use w4a16_cuda_linear")
+    if g % 16 or k % 8 or (g // 16) & (g // 16 - 1):
+        raise ValueError(f"the wgmma kernel needs group_size % 16 == 0 with group_size / 16 a power of two, and "
+                         f"in_features % 8 == 0 (got {g}, {k}); use w4a16_cuda_linear")
     if x.device.type != "cuda":
         raise RuntimeError("w4a16_wgmma_linear needs CUDA tensors")
     if x.dtype not in (torch.bfloat16, torch.float16):

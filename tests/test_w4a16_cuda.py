@@ -253,8 +253,11 @@ def test_wgmma_refuses_groups_it_cannot_stage():
 
     qweight, scales, zeros = _weights(72, 200, 24)
     packed = prepack_w4a16(qweight, scales, zeros, 200, 24)
-    with pytest.raises(ValueError, match="group_size % 16 == 0.*use w4a16_cuda_linear"):
+    with pytest.raises(ValueError, match="group_size % 16 == 0.*power of two.*use w4a16_cuda_linear"):
         w4a16_wgmma_linear(torch.randn(2, 200, dtype=torch.bfloat16), packed)
+    qweight, scales, zeros = _weights(72, 192, 48)  # 3 k16 steps per group: a stage would straddle groups
+    with pytest.raises(ValueError, match="power of two.*use w4a16_cuda_linear"):
+        w4a16_wgmma_linear(torch.randn(2, 192, dtype=torch.bfloat16), prepack_w4a16(qweight, scales, zeros, 192, 48))
     qweight, scales, zeros = _weights(64, 128, 128)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         w4a16_wgmma_linear(torch.randn(2, 128, dtype=torch.bfloat16), prepack_w4a16(qweight, scales, zeros, 128, 128))
@@ -274,6 +277,8 @@ def _emulate_wgmma(x, packed, S, TB, NTW):
     nt_all, kt_all = qpk.shape[:2]
     ng = packed["scales_fp16"].shape[1]
     spg = kt_all // ng
+    lg = spg.bit_length() - 1  # the kernel needs spg a power of two
+    slot_shift = min(lg, 2)  # k16 step i of a stage reads group slot i >> slot_shift
     scl = packed["scales_fp16"].double().numpy().reshape(-1)
     zp = packed["zeros"].numpy().astype(np.int64).reshape(-1)
     gps = -(-ng // S)
@@ -292,7 +297,7 @@ def _emulate_wgmma(x, packed, S, TB, NTW):
                         wbuf[c * 4:c * 4 + 4] = qpk[ntv, kt, l]
                     sslot = np.zeros((ct, 4, 64))  # 128 B of scales per (tile, slot)
                     zslot = np.zeros((ct, 4, 64), dtype=np.int64)  # 64 B of zero codes
-                    gbase = min(kt0, c1 - 1) // spg
+                    gbase = kt0 >> lg
                     for tid in range(ct * 4 * 12):
                         v, slot, ch = tid // 48, (tid // 12) % 4, tid % 12
                         ntv = min(nb * ct + v, nt_all - 1)
@@ -311,7 +316,7 @@ def _emulate_wgmma(x, packed, S, TB, NTW):
                             xbuf[dst // 2:dst // 2 + 8] = x[tok0 + tok, kk:kk + 8]
                     for v in range(ct):  # v = wg * NTW + j
                         for i in range(4):
-                            slot = min(kt0 + i, c1 - 1) // spg - gbase
+                            slot = i >> slot_shift
                             a = np.zeros((64, 16))
                             for wq in range(4):
                                 for lane in range(32):
@@ -346,11 +351,11 @@ def _emulate_wgmma(x, packed, S, TB, NTW):
     return y
 
 
-@pytest.mark.parametrize("m,S,TB,NTW,g", [(40, 2, 32, 1, 64), (9, 1, 64, 2, 64), (20, 1, 32, 2, 16)])
+@pytest.mark.parametrize("m,S,TB,NTW,g", [(40, 2, 32, 1, 64), (9, 1, 64, 2, 64), (20, 1, 32, 2, 16), (12, 2, 32, 1, 32)])
 def test_wgmma_index_math_emulated(m, S, TB, NTW, g):
     """N = 130 (clamped tiles), K = 200 (zero past K inside the last group), G = 64 (a group per
-    stage) or 16 (4 groups per stage), K-splits, partial token blocks: the emulated kernel equals
-    x @ W^T."""
+    stage), 32 (2 per stage) or 16 (4 per stage), K-splits, partial token blocks: the emulated
+    kernel equals x @ W^T."""
     n, k = 130, 200
     qweight, scales, zeros = _weights(n, k, g, seed=5)
     packed = prepack_w4a16(qweight, scales, zeros, k, g)

@@ -121,14 +121,17 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, tor
   p.Gp = p.KT * 16 / p.NG;
   p.SPG = p.Gp / 16;
   TORCH_CHECK(p.Gp == G && (int64_t)p.NT * 64 >= N, "inconsistent packed geometry");
+  TORCH_CHECK((p.SPG & (p.SPG - 1)) == 0, "the wgmma kernel needs group_size / 16 to be a power of two");
+  p.WN = 0;  // log2(k16 steps per group); WK: min(WN, 2), the shift from a stage's k16 step to its group slot
+  while ((1 << p.WN) < p.SPG) ++p.WN;
+  p.WK = p.WN < 2 ? p.WN : 2;
   p.S = S;
   p.gps = (p.NG + S - 1) / S;
   TORCH_CHECK(S >= 1 && (p.NG + p.gps - 1) / p.gps == S, "S must equal ceil(NG / ceil(NG / S))");
   const int64_t tiles = (int64_t)((p.NT + 2 * nw - 1) / (2 * nw)) * ((p.M + tb - 1) / tb);
   TORCH_CHECK(S == 1 || (ws.numel() >= (int64_t)S * p.M * p.NT * 64 && cnt.numel() >= tiles), "workspace too small");
   TORCH_CHECK(p.M >= 1 && (p.M + tb - 1) / tb <= 65535, "bad M");
-  p.vec = (overlap & 2) ? 2 : 0;  // EXPERIMENT: bit 1 of overlap skips the proxy fence (timing only)
-  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, (int)nw, (overlap & 1) != 0,
+  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, (int)nw, overlap != 0,
                                     c10::cuda::getCurrentCUDAStream()));
 }
 

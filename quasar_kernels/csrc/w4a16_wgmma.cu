@@ -102,36 +102,54 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(smem);
   const T* x = reinterpret_cast<const T*>(p.x);
 
+  // Per-thread load plan, computed once: each stage only adds its offset (the kernel was bound by
+  // the index arithmetic of rebuilding every address each stage, ~700 PTX instructions per stage).
+  constexpr int WR = CT * WG_KSTEPS * 32 / WG_THREADS;  // 16-byte weight chunks per thread per stage
+  constexpr int XR = TB * 8 / WG_THREADS > 0 ? TB * 8 / WG_THREADS : 1;
+  const int lg = p.WN, sh = p.WK;  // log2(k16 steps per group); min(lg, 2): k16 step i of a stage uses slot i >> sh
+  int woff[WR], wlim[WR];  // packed words (uint4 units) of stage 0 and of the split's last k16 step
+#pragma unroll
+  for (int r = 0; r < WR; ++r) {  // chunk c = (tile v, step i, lane l)
+    const int c = tid + r * WG_THREADS, v = c >> 7, i = (c >> 5) & 3, l = c & 31;
+    const int ntv = min(nb * CT + v, p.NT - 1);
+    woff[r] = ((ntv * p.KT) + c0 + i) * 32 + l;
+    wlim[r] = ((ntv * p.KT) + c1 - 1) * 32 + l;  // past the split: a valid address, multiplied by zeros
+  }
+  const bool sz_on = tid < CT * WG_KSTEPS * 12;  // scales + zeros: (tile v, slot, 16-byte chunk ch)
+  const int sz_v = tid / (WG_KSTEPS * 12), sz_slot = (tid / 12) % WG_KSTEPS, sz_ch = tid % 12;
+  const uint8_t* sz_src = sz_ch < 8 ? reinterpret_cast<const uint8_t*>(p.scl) + sz_ch * 16
+                                    : reinterpret_cast<const uint8_t*>(p.zp) + (sz_ch - 8) * 16;
+  const int sz_mul = sz_ch < 8 ? 128 : 64, sz_row = min(nb * CT + sz_v, p.NT - 1) * p.NG;
+  const uint32_t sz_dst = L::W + (sz_v * WG_KSTEPS + sz_slot) * WG_SZ_BYTES + sz_ch * 16;
+  const T* xsrc[XR];  // activations: chunk c = (token c >> 3, 8 channels c & 7) of stage 0
+  bool xrow[XR];
+  uint32_t xdst[XR];
+  const int kend = min(c1 * 16, p.K - 7);  // a chunk is copied if its first channel is below this
+#pragma unroll
+  for (int r = 0; r < XR; ++r) {
+    const int c = tid + r * WG_THREADS, tok = c >> 3, kc = c & 7;
+    xrow[r] = c < TB * 8 && tok0 + tok < p.M;
+    xsrc[r] = x + (xrow[r] ? (size_t)(tok0 + tok) * p.x_stride : 0) + c0 * 16 + kc * 8;
+    xdst[r] = L::W + L::SZ + (kc >> 1) * (TB * 32) + (tok >> 3) * 256 + (kc & 1) * 128 + (tok & 7) * 16;
+  }
+
   auto load_stage = [&](int st) {
-    const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * L::BYTES;
+    const uint32_t buf = sbase + (uint32_t)(st & (WG_STAGES - 1)) * L::BYTES;
     const int kt0 = c0 + st * WG_KSTEPS;
-    // packed weights: CT x 4 steps x 32 lanes chunks of 16 B, chunk (tile v, step i, lane l)
 #pragma unroll
-    for (int c = tid; c < CT * WG_KSTEPS * 32; c += WG_THREADS) {
-      const int v = c >> 7, i = (c >> 5) & 3, l = c & 31;
-      const int ntv = min(nb * CT + v, p.NT - 1);
-      const int kt = min(kt0 + i, c1 - 1);  // past the split: a valid address, multiplied by zeros
-      cp_async16(buf + c * 16, p.qpk + ((size_t)ntv * p.KT + kt) * 32 + l);
+    for (int r = 0; r < WR; ++r)
+      cp_async16(buf + (tid + r * WG_THREADS) * 16, p.qpk + min(woff[r] + st * WG_KSTEPS * 32, wlim[r]));
+    if (sz_on) {
+      const int gi = min((kt0 >> lg) + sz_slot, p.NG - 1);
+      cp_async16(buf + sz_dst, sz_src + (size_t)(sz_row + gi) * sz_mul);
     }
-    // scales + zeros of the groups this stage touches (slot = group - the stage's first group)
-    if (tid < CT * WG_KSTEPS * 12) {
-      const int v = tid / (WG_KSTEPS * 12), slot = (tid / 12) % WG_KSTEPS, ch = tid % 12;
-      const int ntv = min(nb * CT + v, p.NT - 1);
-      const int gi = min(min(kt0, c1 - 1) / p.SPG + slot, p.NG - 1);
-      const size_t base = (size_t)ntv * p.NG + gi;  // 64 scales and 64 zero codes per (tile, group)
-      const void* src = ch < 8 ? (const void*)(reinterpret_cast<const uint8_t*>(p.scl) + base * 128 + ch * 16)
-                               : (const void*)(reinterpret_cast<const uint8_t*>(p.zp) + base * 64 + (ch - 8) * 16);
-      cp_async16(buf + L::W + (v * WG_KSTEPS + slot) * WG_SZ_BYTES + ch * 16, src);
-    }
-    // activations: TB tokens x 8 chunks of 8 channels, zero past M, past K and past the split
 #pragma unroll
-    for (int c = tid; c < TB * 8; c += WG_THREADS) {
-      const int tok = c >> 3, kc = c & 7;
-      const int k = kt0 * 16 + kc * 8;  // G % 16 == 0: padded and true channel indices agree
-      const bool ok = tok0 + tok < p.M && k < c1 * 16 && k + 8 <= p.K;
-      const uint32_t dst =
-          buf + L::W + L::SZ + (kc >> 1) * (TB * 32) + (tok >> 3) * 256 + (kc & 1) * 128 + (tok & 7) * 16;
-      cp_async16_zfill(dst, ok ? x + (size_t)(tok0 + tok) * p.x_stride + k : x, ok);
+    for (int r = 0; r < XR; ++r) {
+      if (TB * 8 % WG_THREADS == 0 || tid + r * WG_THREADS < TB * 8) {
+        const int k = st * WG_KSTEPS * 16 + (c0 * 16 + ((tid + r * WG_THREADS) & 7) * 8);
+        const bool ok = xrow[r] && k < kend;  // zero past M, past K and past the split
+        cp_async16_zfill(buf + xdst[r], ok ? xsrc[r] + st * WG_KSTEPS * 16 : x, ok);
+      }
     }
   };
 
@@ -148,19 +166,15 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   }
   // the A fragments of stage st's 4 k16 steps for each of this warpgroup's tiles, from buffer st % WG_STAGES
   auto dequant = [&](int st, uint32_t (&a)[NTW][WG_KSTEPS][4]) {
-    const uint32_t buf = sbase + (uint32_t)(st % WG_STAGES) * L::BYTES;
-    const int kt0 = c0 + st * WG_KSTEPS;
-    const int gbase = min(kt0, c1 - 1) / p.SPG;
+    const uint32_t buf = sbase + (uint32_t)(st & (WG_STAGES - 1)) * L::BYTES;
 #pragma unroll
     for (int j = 0; j < NTW; ++j) {
       const int v = wg * NTW + j;
-      int slot_now = -1;
       uint32_t s_lo = 0, s_hi = 0, z_lo = NEG, z_hi = NEG;
 #pragma unroll
       for (int i = 0; i < WG_KSTEPS; ++i) {
-        const int slot = min(kt0 + i, c1 - 1) / p.SPG - gbase;
-        if (slot != slot_now) {  // rows 16 wq + g (low half) and 16 wq + 8 + g (high half) of the tile
-          const uint32_t sz = buf + L::W + (v * WG_KSTEPS + slot) * WG_SZ_BYTES;
+        if (i == 0 || (i & ((1 << sh) - 1)) == 0) {  // a new group: rows 16 wq + g (low) and 16 wq + 8 + g (high)
+          const uint32_t sz = buf + L::W + (v * WG_KSTEPS + (i >> sh)) * WG_SZ_BYTES;
           uint32_t sw;
           unsigned short zh;
           asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sw) : "r"(sz + (g * 8 + 2 * wq) * 2) : "memory");
@@ -170,10 +184,10 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
           s_hi = __byte_perm(sw, 0, 0x3232);
           z_lo = NEG | (zw & 0xffu) | ((zw & 0xffu) << 16);
           z_hi = NEG | (zw >> 8) | ((zw >> 8) << 16);
-          slot_now = slot;
         }
-        const uint4 w4 = lds128(buf + (uint32_t)(((v * WG_KSTEPS + i) * 32 + lane) * 16));
-        const uint32_t q = wq == 0 ? w4.x : (wq == 1 ? w4.y : (wq == 2 ? w4.z : w4.w));
+        uint32_t q;  // word wq of this lane's 16 bytes: the A fragment of rows 16 wq .. 16 wq + 15
+        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(q) : "r"(buf + (uint32_t)(((v * WG_KSTEPS + i) * 32 + lane) * 16 + wq * 4))
+                     : "memory");
         a[j][i][0] = sub_mul<BF16>(nib2<EX>(q), z_lo, s_lo);
         a[j][i][1] = sub_mul<BF16>(nib2<EX>(q >> 8), z_hi, s_hi);
         a[j][i][2] = sub_mul<BF16>(nib2<EX>(q >> 4), z_lo, s_lo);
@@ -183,7 +197,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   };
   // issue (not wait for) stage st's wgmmas with these A fragments
   auto multiply = [&](int st, const uint32_t (&a)[NTW][WG_KSTEPS][4]) {
-    const uint32_t xbuf = sbase + (uint32_t)(st % WG_STAGES) * L::BYTES + L::W + L::SZ;
+    const uint32_t xbuf = sbase + (uint32_t)(st & (WG_STAGES - 1)) * L::BYTES + L::W + L::SZ;
 #pragma unroll
     for (int j = 0; j < NTW; ++j)
 #pragma unroll
@@ -214,7 +228,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   if constexpr (!OV) {  // dequantize, multiply, wait: the tensor cores idle while this warpgroup dequantizes
     for (int st = 0; st < nst; ++st) {
       cp_async_wait<WG_STAGES - 2>();
-      if (p.vec != 2) fence_async_smem();  // EXPERIMENT: vec == 2 skips the proxy fence (timing only)
+      fence_async_smem();
       __syncthreads();  // stage st is in for every thread; every warpgroup is done with stage st - 1
       if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);
       cp_async_commit();
@@ -227,14 +241,14 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     uint32_t a_cur[NTW][WG_KSTEPS][4], a_nxt[NTW][WG_KSTEPS][4];
     if (nst > 0) {
       cp_async_wait<WG_STAGES - 2>();
-      if (p.vec != 2) fence_async_smem();  // EXPERIMENT: vec == 2 skips the proxy fence (timing only)
+      fence_async_smem();
       __syncthreads();
       dequant(0, a_cur);
     }
     for (int st = 0; st < nst; ++st) {
       multiply(st, a_cur);
       cp_async_wait<WG_STAGES - 3>();
-      if (p.vec != 2) fence_async_smem();  // EXPERIMENT: vec == 2 skips the proxy fence (timing only)
+      fence_async_smem();
       __syncthreads();  // stage st + 1 is in for every thread; every warpgroup waited for stage st - 1
       if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);  // into stage st - 1's buffer
       cp_async_commit();
