@@ -501,6 +501,12 @@ def _wgmma_splits(ng: int) -> list[int]:
     return sorted({-(-ng // gps) for gps in range(1, ng + 1)})
 
 
+def wgmma_config_ok(tb: int, nw: int, ov: int) -> bool:
+    """Whether the kernel has this build: not TB = 128 with 2 tiles per warpgroup overlapped (two sets
+    of A fragments beside 128 accumulators would exceed 255 registers)."""
+    return not (tb == 128 and nw == 2 and ov)
+
+
 def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     """{"S": K-splits, "tb": tokens per CTA, "nw": 64-row weight tiles per warpgroup (1 or 2), "ov":
     overlapped pipeline} for m rows: timed once per
@@ -520,7 +526,8 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     splits = [s for s in _wgmma_splits(ng) if s <= 8]
     nw = 1 if tb == 32 else 2
     tiles = -(-nt // (2 * nw)) * -(-m // tb)
-    model = dict(S=min(splits, key=lambda s: abs(tiles * s - 2 * _num_sms(dev))), tb=tb, nw=nw, ov=1)
+    model = dict(S=min(splits, key=lambda s: abs(tiles * s - 2 * _num_sms(dev))), tb=tb, nw=nw,
+                 ov=int(wgmma_config_ok(tb, nw, 1)))
     disk_key = f"w4a16_wgmma|{_source_hash()}|m={m}|nt={nt}|kt={kt}|ng={ng}"
     stored = disk_get(dev, disk_key)
     if stored is not None:
@@ -535,7 +542,8 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     want = w4a16_cuda_linear(x, packed).float()  # the mma.sync kernel's 16-row passes
     best, best_t, wrong = model, math.inf, []
-    for cfg in [dict(S=s, tb=tb, nw=nw, ov=ov) for s in splits for nw in (1, 2) for ov in (0, 1)]:
+    for cfg in [dict(S=s, tb=tb, nw=nw, ov=ov) for s in splits for nw in (1, 2) for ov in (0, 1)
+                if wgmma_config_ok(tb, nw, ov)]:
         try:
             got = w4a16_wgmma_linear(x, packed, config=cfg).float()
             err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
@@ -586,6 +594,8 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
     cfg = config or wgmma_plan(m, packed, x.device)
     nt = packed["qpk"].shape[0]
     nw = cfg.get("nw", 1)
+    if not wgmma_config_ok(cfg["tb"], nw, cfg.get("ov", 1)):
+        raise ValueError(f"the wgmma kernel has no build for {cfg} (tb=128 with nw=2 needs ov=0)")
     tiles = -(-nt // (2 * nw)) * -(-m // cfg["tb"])
     ws, cnt = _workspace(x.device, cfg["S"] * m * nt * TILE_N if cfg["S"] > 1 else 0, tiles)
     scl = packed["scales_bf16"] if x.dtype == torch.bfloat16 else packed["scales_fp16"]

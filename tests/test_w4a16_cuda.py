@@ -224,7 +224,7 @@ def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
     """The Hopper wgmma kernel against the fp32 reference: every tokens-per-CTA size with the planner's
     pick and the first split counts (partial token blocks, N not a multiple of 128, a K padded past
     the last group, groups smaller than a pipeline stage), output poisoned first."""
-    from quasar_kernels.w4a16_cuda import _wgmma_splits, w4a16_wgmma_linear, wgmma_available
+    from quasar_kernels.w4a16_cuda import _wgmma_splits, w4a16_wgmma_linear, wgmma_available, wgmma_config_ok
 
     ok, why = wgmma_available()
     if not ok:
@@ -237,8 +237,8 @@ def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
     if bias is not None:
         ref = ref + bias.float()
     splits = _wgmma_splits(packed["scales_fp16"].shape[1])
-    for cfg in [None] + [dict(S=s, tb=tb, nw=nw, ov=ov) for s in splits[:3] for tb in (32, 64, 128) for nw in (1, 2)
-                         for ov in (0, 1)]:
+    configs = [dict(S=s, tb=tb, nw=nw, ov=ov) for s in splits[:3] for tb in (32, 64, 128) for nw in (1, 2) for ov in (0, 1)]
+    for cfg in [None] + [c for c in configs if wgmma_config_ok(c["tb"], c["nw"], c["ov"])]:
         torch.full((m * n + 4096,), float("nan"), device="cuda", dtype=dtype)
         out = w4a16_wgmma_linear(x, packed, bias, config=cfg)
         torch.cuda.synchronize()
@@ -278,7 +278,8 @@ def _emulate_wgmma(x, packed, S, TB, NTW):
     ng = packed["scales_fp16"].shape[1]
     spg = kt_all // ng
     lg = spg.bit_length() - 1  # the kernel needs spg a power of two
-    slot_shift = min(lg, 2)  # k16 step i of a stage reads group slot i >> slot_shift
+    ks = 8  # k16 steps per stage (WG_KSTEPS)
+    slot_shift = min(lg, 3)  # k16 step i of a stage reads group slot i >> slot_shift
     scl = packed["scales_fp16"].double().numpy().reshape(-1)
     zp = packed["zeros"].numpy().astype(np.int64).reshape(-1)
     gps = -(-ng // S)
@@ -289,17 +290,19 @@ def _emulate_wgmma(x, packed, S, TB, NTW):
             c0, c1 = split * gps * spg, min(ng, (split + 1) * gps) * spg
             for tok0 in range(0, m, TB):
                 acc = np.zeros((ct, 64, TB))  # per tile: D [64 weight rows, TB tokens]
-                for kt0 in range(c0, c1, 4):
-                    wbuf = np.zeros(ct * 128 * 4, dtype=np.uint32)  # 16-byte chunks (tile, step, lane)
-                    for c in range(ct * 128):
-                        v, i, l = c >> 7, (c >> 5) & 3, c & 31
+                for kt0 in range(c0, c1, ks):
+                    wbuf = np.zeros(ct * ks * 32 * 4, dtype=np.uint32)  # 16-byte chunks (tile, step, lane)
+                    for c in range(ct * ks * 32):
+                        v, i, l = c >> 8, (c >> 5) & (ks - 1), c & 31
                         ntv, kt = min(nb * ct + v, nt_all - 1), min(kt0 + i, c1 - 1)
                         wbuf[c * 4:c * 4 + 4] = qpk[ntv, kt, l]
-                    sslot = np.zeros((ct, 4, 64))  # 128 B of scales per (tile, slot)
-                    zslot = np.zeros((ct, 4, 64), dtype=np.int64)  # 64 B of zero codes
+                    sslot = np.full((ct, ks, 64), np.nan)  # 128 B of scales per (tile, slot); unused slots stay NaN
+                    zslot = np.zeros((ct, ks, 64), dtype=np.int64)  # 64 B of zero codes
                     gbase = kt0 >> lg
-                    for tid in range(ct * 4 * 12):
-                        v, slot, ch = tid // 48, (tid // 12) % 4, tid % 12
+                    for c in range(ct * ks * 12):
+                        v, slot, ch = c // (ks * 12), (c // 12) % ks, c % 12
+                        if slot >= ks >> slot_shift:  # a slot this stage does not use is not loaded
+                            continue
                         ntv = min(nb * ct + v, nt_all - 1)
                         base = ntv * ng + min(gbase + slot, ng - 1)
                         if ch < 8:
@@ -307,21 +310,21 @@ def _emulate_wgmma(x, packed, S, TB, NTW):
                         else:
                             o = (ch - 8) * 16
                             zslot[v, slot, o:o + 16] = zp[base * 64 + o:base * 64 + o + 16]
-                    xbuf = np.zeros(TB * 64)  # bf16 elements, indexed by byte offset / 2
-                    for c in range(TB * 8):
-                        tok, kc = c >> 3, c & 7
+                    xbuf = np.zeros(TB * ks * 16)  # bf16 elements, indexed by byte offset / 2
+                    for c in range(TB * ks * 2):
+                        tok, kc = c >> 4, c & 15
                         kk = kt0 * 16 + kc * 8
                         if tok0 + tok < m and kk < c1 * 16 and kk + 8 <= k:
                             dst = (kc >> 1) * (TB * 32) + (tok >> 3) * 256 + (kc & 1) * 128 + (tok & 7) * 16
                             xbuf[dst // 2:dst // 2 + 8] = x[tok0 + tok, kk:kk + 8]
                     for v in range(ct):  # v = wg * NTW + j
-                        for i in range(4):
+                        for i in range(ks):
                             slot = i >> slot_shift
                             a = np.zeros((64, 16))
                             for wq in range(4):
                                 for lane in range(32):
                                     g, t = lane >> 2, lane & 3
-                                    q = int(wbuf[((v * 4 + i) * 32 + lane) * 4 + wq])
+                                    q = int(wbuf[((v * ks + i) * 32 + lane) * 4 + wq])
                                     for reg, sh in enumerate((0, 8, 4, 12)):  # a0..a3
                                         row = 16 * wq + g + 8 * (reg & 1)
                                         e = g * 8 + 2 * wq + (reg & 1)

@@ -9,15 +9,18 @@
 // a warpgroup supplies to an m64 wgmma. Scales / zeros of rows 16 j + g and 16 j + 8 + g sit side by
 // side ([nt][group][g][2 j], [2 j + 1]).
 //
-// CTA = 2 warpgroups = 128 weight rows (2 column tiles) x TB tokens, grid (column blocks, S K-splits
-// of whole groups, token blocks). A 4-stage cp.async pipeline brings, per stage of 4 k16 steps, the
-// packed weights (4 KB) and the activation tile (TB x 64 channels, laid out as the canonical
-// no-swizzle K-major core matrices: 8 tokens x 16 bytes, LBO 128 B along K, SBO 256 B along tokens)
-// into shared memory; each warp dequantizes its 4 A fragments (lop3 + two bf16x2 FMAs per pair),
-// then the warpgroup issues 4 wgmmas and waits for them before the stage's buffer is reused. With
-// S > 1 the fp32 partials go to a workspace [S][M][NT*64] and the last CTA of a tile sums them in
-// split order (deterministic) and resets its counter, as in the mma.sync kernel.
-// Requirements (checked by the binding): group size a multiple of 16, K a multiple of 8, x rows
+// CTA = 2 warpgroups x nw column tiles = 128 nw weight rows x TB tokens, grid (column blocks, S
+// K-splits of whole groups, token blocks). A 4-stage cp.async pipeline brings, per stage of 8 k16
+// steps, the packed weights, the scales / zeros of the groups the stage touches and the activation
+// tile (TB x 128 channels, laid out as the canonical no-swizzle K-major core matrices: 8 tokens x 16
+// bytes, LBO 128 B along K, SBO 256 B along tokens) into shared memory; each warp dequantizes its A
+// fragments (lop3 + two bf16x2 FMAs per pair), then the warpgroup issues 8 nw wgmmas and waits for
+// them before the stage's buffer is reused (ov = 1: while dequantizing the next stage). Every
+// per-thread load address is computed once; a stage adds its offset (the kernel is bound by a
+// stage's fixed cost, so stages are long and cheap). With S > 1 the fp32 partials go to a workspace
+// [S][M][NT*64] and the last CTA of a tile sums them in split order (deterministic) and resets its
+// counter, as in the mma.sync kernel.
+// Requirements (checked by the binding): group size / 16 a power of two, K a multiple of 8, x rows
 // 16-byte aligned.
 #include <type_traits>
 #include <cuda_bf16.h>
@@ -35,7 +38,8 @@ namespace {
 constexpr int WG_NWG = 2;                  // warpgroups per CTA
 constexpr int WG_THREADS = WG_NWG * 128;
 constexpr int WG_STAGES = 4;
-constexpr int WG_KSTEPS = 4;               // k16 steps per stage
+constexpr int WG_LKS = 3;
+constexpr int WG_KSTEPS = 1 << WG_LKS;      // k16 steps per stage (a stage's fixed cost is what bounds the kernel)
 constexpr int WG_SZ_BYTES = 192;           // one (column tile, group): 64 scales (128 B) + 64 zero codes
 
 __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
@@ -75,7 +79,7 @@ __device__ __forceinline__ void wgmma_tb(float* d, const uint32_t* a, uint64_t d
 template <int TB, int NTW>
 struct WgStage {
   static constexpr int W = WG_NWG * NTW * WG_KSTEPS * 512;
-  static constexpr int SZ = WG_NWG * NTW * WG_KSTEPS * WG_SZ_BYTES;  // up to 4 groups per stage (G = 16)
+  static constexpr int SZ = WG_NWG * NTW * WG_KSTEPS * WG_SZ_BYTES;  // up to WG_KSTEPS groups per stage (G = 16)
   static constexpr int X = TB * WG_KSTEPS * 16 * 2;
   static constexpr int BYTES = W + SZ + X;
 };
@@ -105,30 +109,41 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   // Per-thread load plan, computed once: each stage only adds its offset (the kernel was bound by
   // the index arithmetic of rebuilding every address each stage, ~700 PTX instructions per stage).
   constexpr int WR = CT * WG_KSTEPS * 32 / WG_THREADS;  // 16-byte weight chunks per thread per stage
-  constexpr int XR = TB * 8 / WG_THREADS > 0 ? TB * 8 / WG_THREADS : 1;
-  const int lg = p.WN, sh = p.WK;  // log2(k16 steps per group); min(lg, 2): k16 step i of a stage uses slot i >> sh
+  constexpr int XCH = TB * WG_KSTEPS * 2;  // 16-byte activation chunks per stage
+  constexpr int XR = (XCH + WG_THREADS - 1) / WG_THREADS;
+  const int lg = p.WN, sh = min(p.WN, WG_LKS);  // log2(k16 steps per group); k16 step i of a stage uses group slot i >> sh
   int woff[WR], wlim[WR];  // packed words (uint4 units) of stage 0 and of the split's last k16 step
 #pragma unroll
   for (int r = 0; r < WR; ++r) {  // chunk c = (tile v, step i, lane l)
-    const int c = tid + r * WG_THREADS, v = c >> 7, i = (c >> 5) & 3, l = c & 31;
+    const int c = tid + r * WG_THREADS, v = c >> (WG_LKS + 5), i = (c >> 5) & (WG_KSTEPS - 1), l = c & 31;
     const int ntv = min(nb * CT + v, p.NT - 1);
     woff[r] = ((ntv * p.KT) + c0 + i) * 32 + l;
     wlim[r] = ((ntv * p.KT) + c1 - 1) * 32 + l;  // past the split: a valid address, multiplied by zeros
   }
-  const bool sz_on = tid < CT * WG_KSTEPS * 12;  // scales + zeros: (tile v, slot, 16-byte chunk ch)
-  const int sz_v = tid / (WG_KSTEPS * 12), sz_slot = (tid / 12) % WG_KSTEPS, sz_ch = tid % 12;
-  const uint8_t* sz_src = sz_ch < 8 ? reinterpret_cast<const uint8_t*>(p.scl) + sz_ch * 16
-                                    : reinterpret_cast<const uint8_t*>(p.zp) + (sz_ch - 8) * 16;
-  const int sz_mul = sz_ch < 8 ? 128 : 64, sz_row = min(nb * CT + sz_v, p.NT - 1) * p.NG;
-  const uint32_t sz_dst = L::W + (sz_v * WG_KSTEPS + sz_slot) * WG_SZ_BYTES + sz_ch * 16;
-  const T* xsrc[XR];  // activations: chunk c = (token c >> 3, 8 channels c & 7) of stage 0
+  // scales + zeros: chunk c = (tile v, group slot, 16-byte piece ch), only the slots a stage uses
+  constexpr int SZR = (CT * WG_KSTEPS * 12 + WG_THREADS - 1) / WG_THREADS;
+  const uint8_t* sz_src[SZR];
+  int sz_mul[SZR], sz_row[SZR], sz_slot[SZR];
+  uint32_t sz_dst[SZR];
+  bool sz_on[SZR];
+#pragma unroll
+  for (int r = 0; r < SZR; ++r) {
+    const int c = tid + r * WG_THREADS, v = c / (WG_KSTEPS * 12), ch = c % 12;
+    sz_slot[r] = (c / 12) % WG_KSTEPS;
+    sz_on[r] = c < CT * WG_KSTEPS * 12 && sz_slot[r] < (WG_KSTEPS >> sh);
+    sz_src[r] = ch < 8 ? reinterpret_cast<const uint8_t*>(p.scl) + ch * 16 : reinterpret_cast<const uint8_t*>(p.zp) + (ch - 8) * 16;
+    sz_mul[r] = ch < 8 ? 128 : 64;
+    sz_row[r] = min(nb * CT + v, p.NT - 1) * p.NG;
+    sz_dst[r] = L::W + (v * WG_KSTEPS + sz_slot[r]) * WG_SZ_BYTES + ch * 16;
+  }
+  const T* xsrc[XR];  // activations: chunk c = (token, 8 channels kc) of stage 0
   bool xrow[XR];
   uint32_t xdst[XR];
   const int kend = min(c1 * 16, p.K - 7);  // a chunk is copied if its first channel is below this
 #pragma unroll
   for (int r = 0; r < XR; ++r) {
-    const int c = tid + r * WG_THREADS, tok = c >> 3, kc = c & 7;
-    xrow[r] = c < TB * 8 && tok0 + tok < p.M;
+    const int c = tid + r * WG_THREADS, tok = c >> (WG_LKS + 1), kc = c & (2 * WG_KSTEPS - 1);
+    xrow[r] = c < XCH && tok0 + tok < p.M;
     xsrc[r] = x + (xrow[r] ? (size_t)(tok0 + tok) * p.x_stride : 0) + c0 * 16 + kc * 8;
     xdst[r] = L::W + L::SZ + (kc >> 1) * (TB * 32) + (tok >> 3) * 256 + (kc & 1) * 128 + (tok & 7) * 16;
   }
@@ -139,14 +154,16 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
 #pragma unroll
     for (int r = 0; r < WR; ++r)
       cp_async16(buf + (tid + r * WG_THREADS) * 16, p.qpk + min(woff[r] + st * WG_KSTEPS * 32, wlim[r]));
-    if (sz_on) {
-      const int gi = min((kt0 >> lg) + sz_slot, p.NG - 1);
-      cp_async16(buf + sz_dst, sz_src + (size_t)(sz_row + gi) * sz_mul);
-    }
+#pragma unroll
+    for (int r = 0; r < SZR; ++r)
+      if (sz_on[r]) {
+        const int gi = min((kt0 >> lg) + sz_slot[r], p.NG - 1);
+        cp_async16(buf + sz_dst[r], sz_src[r] + (size_t)(sz_row[r] + gi) * sz_mul[r]);
+      }
 #pragma unroll
     for (int r = 0; r < XR; ++r) {
-      if (TB * 8 % WG_THREADS == 0 || tid + r * WG_THREADS < TB * 8) {
-        const int k = st * WG_KSTEPS * 16 + (c0 * 16 + ((tid + r * WG_THREADS) & 7) * 8);
+      if (XCH % WG_THREADS == 0 || tid + r * WG_THREADS < XCH) {
+        const int k = st * WG_KSTEPS * 16 + (c0 * 16 + ((tid + r * WG_THREADS) & (2 * WG_KSTEPS - 1)) * 8);
         const bool ok = xrow[r] && k < kend;  // zero past M, past K and past the split
         cp_async16_zfill(buf + xdst[r], ok ? xsrc[r] + st * WG_KSTEPS * 16 : x, ok);
       }
@@ -164,7 +181,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     if (st < nst) load_stage(st);
     cp_async_commit();
   }
-  // the A fragments of stage st's 4 k16 steps for each of this warpgroup's tiles, from buffer st % WG_STAGES
+  // the A fragments of stage st's k16 steps for each of this warpgroup's tiles, from buffer st % WG_STAGES
   auto dequant = [&](int st, uint32_t (&a)[NTW][WG_KSTEPS][4]) {
     const uint32_t buf = sbase + (uint32_t)(st & (WG_STAGES - 1)) * L::BYTES;
 #pragma unroll
@@ -362,11 +379,15 @@ __global__ void wgmma_probe_kernel(const __nv_bfloat16* A, const __nv_bfloat16* 
 
 template <int NTW, bool OV>
 cudaError_t launch_tb(const W4A16Params& p, bool bf16, int tb, cudaStream_t stream) {
-  // 2 CTAs per SM where the registers allow it (<= 128 per thread)
-  constexpr int MB64 = NTW == 1 ? 2 : 1;
-  if (tb == 32) return bf16 ? launch_wg<true, 32, NTW, 2, OV>(p, stream) : launch_wg<false, 32, NTW, 2, OV>(p, stream);
-  if (tb == 64) return bf16 ? launch_wg<true, 64, NTW, MB64, OV>(p, stream) : launch_wg<false, 64, NTW, MB64, OV>(p, stream);
-  if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, 1, OV>(p, stream) : launch_wg<false, 128, NTW, 1, OV>(p, stream);
+  // 2 CTAs per SM where registers (<= 128 per thread) and shared memory allow it
+  constexpr int MINB_SMALL = NTW == 1 ? 2 : 1;
+  if (tb == 32) return bf16 ? launch_wg<true, 32, NTW, MINB_SMALL, OV>(p, stream) : launch_wg<false, 32, NTW, MINB_SMALL, OV>(p, stream);
+  if (tb == 64) return bf16 ? launch_wg<true, 64, NTW, MINB_SMALL, OV>(p, stream) : launch_wg<false, 64, NTW, MINB_SMALL, OV>(p, stream);
+  if constexpr (NTW == 2 && OV) {  // two sets of A fragments for 4 tiles x 128 tokens: > 255 registers
+    if (tb == 128) return cudaErrorNotSupported;
+  } else {
+    if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, 1, OV>(p, stream) : launch_wg<false, 128, NTW, 1, OV>(p, stream);
+  }
   return cudaErrorInvalidValue;
 }
 
