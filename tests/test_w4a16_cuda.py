@@ -315,7 +315,7 @@ def _emulate_wgmma(x, packed, S, TB, NTW):
                         tok, kc = c >> 4, c & 15
                         kk = kt0 * 16 + kc * 8
                         if tok0 + tok < m and kk < c1 * 16 and kk + 8 <= k:
-                            dst = (kc >> 1) * (TB * 32) + (tok >> 3) * 256 + (kc & 1) * 128 + (tok & 7) * 16
+                            dst = (kc >> 3) * (TB * 128) + tok * 128 + (((kc & 7) ^ (tok & 7)) << 4)
                             xbuf[dst // 2:dst // 2 + 8] = x[tok0 + tok, kk:kk + 8]
                     for v in range(ct):  # v = wg * NTW + j
                         for i in range(ks):
@@ -332,11 +332,13 @@ def _emulate_wgmma(x, packed, S, TB, NTW):
                                         for h in range(2):
                                             code = (q >> (sh + 16 * h)) & 0xF
                                             a[row, 2 * t + h + 8 * (reg >> 1)] = (code - z) * s
-                            b = np.zeros((16, TB))  # B[k][token] through the descriptor
-                            base = i * TB * 32
+                            b = np.zeros((16, TB))  # B[k][token] through the 128-byte-swizzled descriptor
+                            start = (i >> 2) * TB * 128 + (i & 3) * 32  # atom column, 32 B per k16 step
                             for kk in range(16):
                                 for n_ in range(TB):
-                                    off = base + (n_ >> 3) * 256 + (kk >> 3) * 128 + (n_ & 7) * 16 + (kk & 7) * 2
+                                    row = start + (n_ >> 3) * 1024 + (n_ & 7) * 128  # SBO 1024 B per 8 rows
+                                    chunk = ((row & 127) >> 4) + (kk >> 3)  # 16-byte chunk in the row, then XOR row % 8
+                                    off = (row & ~127) + ((chunk ^ (n_ & 7)) << 4) + (kk & 7) * 2
                                     b[kk, n_] = xbuf[off // 2]
                             acc[v] += a @ b
                 for v in range(ct):
@@ -371,10 +373,10 @@ def test_wgmma_index_math_emulated(m, S, TB, NTW, g):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_wgmma_probe_layouts():
     """One wgmma with the wgmma kernel's layout assumptions — A fragments in registers as in
-    mma.m16n8k16 per warp, B as no-swizzle K-major core matrices (LBO 128 B, SBO 256 B), the D
-    fragment mapping of the epilogue — on small integers (exact in bf16 and fp32): D = A @ B. Run
-    before the kernel's own tests: a failure here is a layout assumption, not the pipeline; the
-    message says whether swapping LBO and SBO would have matched."""
+    mma.m16n8k16 per warp, B as K-major 128-byte-swizzled token rows (1024-byte atoms, SBO 1024 B),
+    the D fragment mapping of the epilogue — on small integers (exact in bf16 and fp32): D = A @ B.
+    Run before the kernel's own tests: a failure here is a layout assumption, not the pipeline; the
+    message says whether the hardware read B unswizzled."""
     from quasar_kernels.w4a16_cuda import _load, wgmma_available
 
     ok, why = wgmma_available()
@@ -385,16 +387,12 @@ def test_wgmma_probe_layouts():
     b = torch.randint(-4, 5, (16, 32), generator=gen).to(torch.bfloat16)
     d = _load().wgmma_probe(a.cuda(), b.cuda()).cpu()
     ref = a.float() @ b.float()
-    # what the hardware would read if LBO and SBO meant the other way round (offsets past the
-    # 1 KB tile read as zero here; the real read is undefined there)
-    flat = torch.zeros(1024 // 2)
-    for k in range(16):
-        for n in range(32):
-            flat[((n >> 3) * 256 + (k >> 3) * 128 + (n & 7) * 16) // 2 + (k & 7)] = b[k, n].float()
+    # what an unswizzled read of the staged rows would give: chunk k // 8 of row n holds the staged
+    # chunk c with c ^ (n % 8) == k // 8 (zeros past the 2 chunks written)
     alt = torch.zeros(16, 32)
     for k in range(16):
         for n in range(32):
-            off = ((n >> 3) * 128 + (k >> 3) * 256 + (n & 7) * 16) // 2 + (k & 7)
-            alt[k, n] = flat[off] if off < flat.numel() else 0.0
-    hint = " (it matches LBO/SBO swapped)" if torch.equal(d, a.float() @ alt) else ""
+            c = (k >> 3) ^ (n & 7)
+            alt[k, n] = b[c * 8 + (k & 7), n].float() if c < 2 else 0.0
+    hint = " (it matches B read unswizzled)" if torch.equal(d, a.float() @ alt) else ""
     assert torch.equal(d, ref), f"wgmma layout probe: max |D - A @ B| = {(d - ref).abs().max():.1f}{hint}"

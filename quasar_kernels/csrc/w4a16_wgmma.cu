@@ -12,8 +12,8 @@
 // CTA = 2 warpgroups x nw column tiles = 128 nw weight rows x TB tokens, grid (column blocks, S
 // K-splits of whole groups, token blocks). A 4-stage cp.async pipeline brings, per stage of 8 k16
 // steps, the packed weights, the scales / zeros of the groups the stage touches and the activation
-// tile (TB x 128 channels, laid out as the canonical no-swizzle K-major core matrices: 8 tokens x 16
-// bytes, LBO 128 B along K, SBO 256 B along tokens) into shared memory; each warp dequantizes its A
+// tile (TB x 128 channels, K-major, 128-byte swizzled: one 128-byte row of 64 channels per token, 16
+// bytes rows per token, 128-byte swizzled, 1024-byte atoms) into shared memory; each warp dequantizes its A
 // fragments (lop3 + two bf16x2 FMAs per pair), then the warpgroup issues 8 nw wgmmas and waits for
 // them before the stage's buffer is reused (ov = 1: while dequantizing the next stage). Every
 // per-thread load address is computed once; a stage adds its offset (the kernel is bound by a
@@ -57,10 +57,15 @@ __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.a
 __device__ __forceinline__ void hold(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 __device__ __forceinline__ void hold(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-// Shared-memory matrix descriptor: K-major, no swizzle (start, LBO, SBO in 16-byte units).
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
-  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(256 >> 4) << 32);
+// Shared-memory matrix descriptor, K-major with the 128-byte swizzle: each token's 64 channels are
+// one 128-byte row, 8 rows form a 1024-byte atom (SBO 1024 B; LBO unused for swizzled K-major), and
+// 16-byte chunk c of row r sits at chunk c ^ (r % 8) (address bits 4-6 XOR bits 7-9, so atoms are
+// 1024-byte aligned). Replaces a no-swizzle layout, suspected of bank-conflicted wgmma reads (NOTES run 6f).
+__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
+// Byte offset of 16-byte chunk c (8 channels) of token row t in a swizzled atom column.
+__device__ __forceinline__ uint32_t sw128_offset(int t, int c) { return (uint32_t)(t * 128 + ((c ^ (t & 7)) << 4)); }
 
 template <bool BF16, int TB>
 __device__ __forceinline__ void wgmma_tb(float* d, const uint32_t* a, uint64_t desc) {
@@ -95,7 +100,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;
   constexpr uint32_t NEG = BF16 ? 0xC300C300u : 0xE400E400u;  // -(magic), a zero code ORed into each half
   constexpr int CT = WG_NWG * NTW;                               // column tiles per CTA
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t4 = lane & 3;
@@ -103,7 +108,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   const int g0 = split * p.gps, g1 = min(p.NG, g0 + p.gps);
   const int c0 = g0 * p.SPG, c1 = g1 * p.SPG;  // k16 steps of this split
   const int nst = (c1 - c0 + WG_KSTEPS - 1) / WG_KSTEPS;
-  const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(smem);
+  const uint32_t sbase = ((uint32_t)__cvta_generic_to_shared(smem) + 1023u) & ~1023u;  // swizzle atoms: 1024-aligned
   const T* x = reinterpret_cast<const T*>(p.x);
 
   // Per-thread load plan, computed once: each stage only adds its offset (the kernel was bound by
@@ -145,7 +150,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     const int c = tid + r * WG_THREADS, tok = c >> (WG_LKS + 1), kc = c & (2 * WG_KSTEPS - 1);
     xrow[r] = c < XCH && tok0 + tok < p.M;
     xsrc[r] = x + (xrow[r] ? (size_t)(tok0 + tok) * p.x_stride : 0) + c0 * 16 + kc * 8;
-    xdst[r] = L::W + L::SZ + (kc >> 1) * (TB * 32) + (tok >> 3) * 256 + (kc & 1) * 128 + (tok & 7) * 16;
+    xdst[r] = L::W + L::SZ + (kc >> 3) * (TB * 128) + sw128_offset(tok, kc & 7);  // atom column kc / 8
   }
 
   auto load_stage = [&](int st) {
@@ -225,7 +230,8 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
 #pragma unroll
     for (int i = 0; i < WG_KSTEPS; ++i)
 #pragma unroll
-      for (int j = 0; j < NTW; ++j) wgmma_tb<BF16, TB>(acc[j], a[j][i], smem_desc(xbuf + (uint32_t)(i * TB * 32)));
+      for (int j = 0; j < NTW; ++j)  // k16 step i: atom column i / 4, 32 bytes per step inside the row
+        wgmma_tb<BF16, TB>(acc[j], a[j][i], smem_desc_sw128(xbuf + (uint32_t)((i >> 2) * TB * 128 + (i & 3) * 32)));
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   };
   // wait for this warpgroup's wgmmas; until then neither the accumulators nor a may be touched
@@ -329,7 +335,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
 template <bool BF16, int TB, int NTW, int MINB, bool OV>
 cudaError_t launch_wg(const W4A16Params& p, cudaStream_t stream) {
   auto kern = w4a16_wgmma_kernel<BF16, TB, NTW, MINB, OV>;
-  const int smem = WG_STAGES * WgStage<TB, NTW>::BYTES;
+  const int smem = WG_STAGES * WgStage<TB, NTW>::BYTES + 1024;  // + room to align the base
   static bool configured = false;
   if (!configured) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -346,12 +352,14 @@ cudaError_t launch_wg(const W4A16Params& p, cudaStream_t stream) {
 // above does, so a GPU test can tell a wrong layout assumption from a wrong pipeline.
 __global__ void wgmma_probe_kernel(const __nv_bfloat16* A, const __nv_bfloat16* B, float* D) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __shared__ __align__(128) __nv_bfloat16 sb[16 * 32];
+  __shared__ __align__(1024) __nv_bfloat16 sb[32 * 64];  // 32 token rows of 128 B (16 channels used)
   const int tid = threadIdx.x, lane = tid & 31, wq = tid >> 5, g = lane >> 2, t4 = lane & 3;
-  // B[k][n] -> core matrices: slice 0, token group n / 8 at 256 B, k half at 128 B, row n % 8 at 16 B
+  // B[k][n] -> token row n, chunk k / 8 swizzled as the kernel stages it
+  for (int e = tid; e < 32 * 64; e += 128) sb[e] = __float2bfloat16(0.f);
+  __syncthreads();
   for (int e = tid; e < 16 * 32; e += 128) {
     const int k = e / 32, n = e % 32;
-    sb[((n >> 3) * 256 + (k >> 3) * 128 + (n & 7) * 16) / 2 + (k & 7)] = B[k * 32 + n];
+    sb[sw128_offset(n, k >> 3) / 2 + (k & 7)] = B[k * 32 + n];
   }
   fence_async_smem();
   __syncthreads();
@@ -365,7 +373,7 @@ __global__ void wgmma_probe_kernel(const __nv_bfloat16* A, const __nv_bfloat16* 
 #pragma unroll
   for (int i = 0; i < 16; ++i) d[i] = 0.f;
   asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-  wgmma_m64n32k16_bf16(d, a, smem_desc((uint32_t)__cvta_generic_to_shared(sb)), 1);
+  wgmma_m64n32k16_bf16(d, a, smem_desc_sw128((uint32_t)__cvta_generic_to_shared(sb)), 1);
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 #pragma unroll
