@@ -123,3 +123,12 @@ def test_auto_picks_by_row_count_and_explicit_backend_does_not(monkeypatch):
     mod.set_kernel("small_m_test")
     mod(torch.randn(9, 64))
     assert calls == [3, 4, 9]
+
+
+def test_wgmma_backend_refuses_group_sizes_it_cannot_stage():
+    """A group of 48 channels (3 k16 steps) would straddle the wgmma kernel's stages: one line names
+    the backends that take it, before any GPU work."""
+    torch.manual_seed(0)
+    mod = Int4Linear.from_linear(nn.Linear(192, 16, bias=False), 48)
+    with pytest.raises(QuasarError, match="group size of 16 times a power of two; this model's is 48.*kernel=triton"):
+        get_backend("cuda_wgmma").w4a16(mod, torch.randn(20, 192))
