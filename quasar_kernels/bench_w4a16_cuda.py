@@ -16,6 +16,7 @@ Writes w4a16_cuda.csv / w4a16_cuda.md (+ w4a16_cuda_log.txt) under --out; prints
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import subprocess
 import sys
@@ -36,7 +37,8 @@ MS = [1, 2, 4, 6, 8, 12, 16]
 # point and scale after the MMA (M <= 8)
 # w4a16_triton: our Triton kernel, autotuned over all its modes; _reshape / _swapped: tuned within mode 2
 # (x @ W^T) or mode 3 (W @ x^T: the weights stay in registers as wgmma's first operand) only
-KERNELS = ["bf16_cublas", "w4a16_cuda", "w4a16_cuda_reg", "w4a16_cuda_cpa", "w4a16_cuda_swap", "w4a16_triton",
+# w4a16_wgmma: ours on Hopper's warpgroup MMAs (any M; meant for batched verification, M > 16)
+KERNELS = ["bf16_cublas", "w4a16_cuda", "w4a16_cuda_reg", "w4a16_cuda_cpa", "w4a16_cuda_swap", "w4a16_wgmma", "w4a16_triton",
            "w4a16_triton_reshape", "w4a16_triton_swapped",
            "int4pack_mm_torch", "gemlite_a16w4"]
 TARGET = {"gate/up": 3.0, "gate+up": 3.0, "down": 3.0, "lm_head": 3.0, "q/o": 2.5, "qkv": 2.5}
@@ -78,6 +80,8 @@ def main(argv=None):
     p.add_argument("--replays", type=int, default=7)
     p.add_argument("--kernels", default=",".join(KERNELS))
     args = p.parse_args(argv)
+    # the planners' per-configuration timings (wgmma) go to the console beside the table
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
         sys.exit("bench_w4a16_cuda needs a CUDA GPU")
     out_dir = Path(args.out)
@@ -137,7 +141,7 @@ def main(argv=None):
         del codes
         w4_bytes = n * kp // 2 + 2 * (kp // GROUP) * n * 2
         w_bytes = {"bf16_cublas": n * k * 2, "w4a16_cuda": w4_bytes, "w4a16_cuda_reg": w4_bytes,
-                   "w4a16_cuda_cpa": w4_bytes, "w4a16_cuda_swap": w4_bytes, "w4a16_triton": w4_bytes,
+                   "w4a16_cuda_cpa": w4_bytes, "w4a16_cuda_swap": w4_bytes, "w4a16_wgmma": w4_bytes, "w4a16_triton": w4_bytes,
                    "w4a16_triton_reshape": w4_bytes, "w4a16_triton_swapped": w4_bytes,
                    "int4pack_mm_torch": n * k // 2 + (k // GROUP) * n * 4, "gemlite_a16w4": w4_bytes}
 
@@ -151,6 +155,8 @@ def main(argv=None):
         if packed is not None:
             sets["w4a16_cuda"] = copies(packed, w4_bytes, lambda d: {a: b.clone() for a, b in d.items()})
             sets["w4a16_cuda_reg"] = sets["w4a16_cuda_cpa"] = sets["w4a16_cuda_swap"] = sets["w4a16_cuda"]
+            if wc.wgmma_available(dev)[0]:
+                sets["w4a16_wgmma"] = sets["w4a16_cuda"]
             wc.prepare(packed, ms_list)
         if i4 is not None:
             sets["int4pack_mm_torch"] = copies(i4, w_bytes["int4pack_mm_torch"], lambda ts: tuple(t.clone() for t in ts))
@@ -184,6 +190,7 @@ def main(argv=None):
                 "w4a16_cuda_reg": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, pipe=0, swap=0)),
                 "w4a16_cuda_cpa": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, pipe=1, swap=0)),
                 "w4a16_cuda_swap": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, swap=1)),
+                "w4a16_wgmma": lambda d: wc.w4a16_wgmma_linear(x, d),
                 "w4a16_triton": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP),
                 "w4a16_triton_reshape": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP, mode=2),
                 "w4a16_triton_swapped": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP, mode=3),
@@ -219,6 +226,9 @@ def main(argv=None):
                         pick = {"w4a16_cuda_reg": (0, 0), "w4a16_cuda_cpa": (1, 0), "w4a16_cuda_swap": (None, 1)}
                         c = wc.plan(m, packed, dev, *pick.get(kname, (None, None)))
                         cfg = f"WN={c['WN']} S={c['S']} gx={c['gx']} occ={c['occ']} pipe={c['pipe']} swap={c['swap']}"
+                    if kname == "w4a16_wgmma":
+                        c = wc.wgmma_plan(m, packed, dev)
+                        cfg = f"S={c['S']} tb={c['tb']} nw={c.get('nw', 1)} ov={c.get('ov', 1)}"
                     if kname.startswith("w4a16_triton"):
                         mode = {"w4a16_triton_reshape": 2, "w4a16_triton_swapped": 3}.get(kname)
                         c = tuned_config(tune_name(mode), m, n, k, x.dtype)

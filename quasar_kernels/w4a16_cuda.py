@@ -48,7 +48,7 @@ from quasar_bench.packing import pack_int4, unpack_int4
 
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
-_SOURCES = [_HERE / "csrc" / "w4a16_marlin.cu", _HERE / "csrc" / "w4a16_binding.cpp"]
+_SOURCES = [_HERE / "csrc" / "w4a16_marlin.cu", _HERE / "csrc" / "w4a16_wgmma.cu", _HERE / "csrc" / "w4a16_binding.cpp"]
 _EXT = None
 _EXT_ERR: str | None = None
 _LOCK = threading.Lock()
@@ -368,7 +368,8 @@ def _source_hash() -> str:
     global _SRC_HASH
     if _SRC_HASH is None:
         h = hashlib.sha256()
-        for f in sorted(_SOURCES + [_HERE / "csrc" / "w4a16_marlin.h"]):
+        for f in sorted(_SOURCES + [_HERE / "csrc" / h for h in ("w4a16_marlin.h", "w4a16_device.cuh",
+                                                                  "w4a16_wgmma_ops.inc")]):
             h.update(f.read_bytes())
         _SRC_HASH = h.hexdigest()[:12]
     return _SRC_HASH
@@ -473,4 +474,133 @@ def w4a16_cuda_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict 
         ext.w4a16_verify_gemm(x2[m0:m0 + mc], qpk, scl, packed["zeros"], out[m0:m0 + mc], bias, ws, cnt,
                               n, k, g, cfg["WN"], cfg["S"], cfg["gx"], cfg["occ"], cfg.get("pipe", 0),
                               cfg.get("swap", 0))
+    return out.view(*lead, n)
+
+
+# ------------------------------------------------------------------------------------------
+# batched verification on Hopper: the wgmma kernel (csrc/w4a16_wgmma.cu), same packed tensors
+# ------------------------------------------------------------------------------------------
+
+def wgmma_available(dev: torch.device | None = None) -> tuple[bool, str]:
+    """(True, "") where the wgmma kernel runs: an sm_90 GPU (H100 / H200) and the extension built."""
+    ok, why = available()
+    if not ok:
+        return ok, why
+    cc = torch.cuda.get_device_capability(dev)
+    if cc != (9, 0):
+        return False, f"the wgmma kernel needs compute capability 9.0 (Hopper), found {cc[0]}.{cc[1]}"
+    return True, ""
+
+
+def wgmma_tokens_per_cta(m: int) -> int:
+    """Tokens per CTA (the wgmma's N): 32 up to 32 rows, 64 up to 64, then 128 per token block."""
+    return 32 if m <= 32 else (64 if m <= 64 else 128)
+
+
+def _wgmma_splits(ng: int) -> list[int]:
+    return sorted({-(-ng // gps) for gps in range(1, ng + 1)})
+
+
+def wgmma_config_ok(tb: int, nw: int, ov: int) -> bool:
+    """Whether the kernel has this build: not TB = 128 with 2 tiles per warpgroup overlapped (two sets
+    of A fragments beside 128 accumulators would exceed 255 registers)."""
+    return not (tb == 128 and nw == 2 and ov)
+
+
+def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
+    """{"S": K-splits, "tb": tokens per CTA, "nw": 64-row weight tiles per warpgroup (1 or 2), "ov":
+    overlapped pipeline} for m rows: timed once per
+    (m, geometry, device) and kept
+    on disk like plan(); while capturing or without autotuning, the split that brings the grid
+    nearest 2 CTAs per SM."""
+    qpk = packed["qpk"]
+    nt, kt = qpk.shape[0], qpk.shape[1]
+    ng = packed["scales_fp16"].shape[1]
+    tb = wgmma_tokens_per_cta(m)
+    key = ("wgmma", m, nt, kt, ng, dev)
+    hit = _PLANS.get(key)
+    if hit is not None:
+        return hit
+    from quasar_kernels.splitk import disk_get, disk_put, graph_time_us
+
+    splits = [s for s in _wgmma_splits(ng) if s <= 8]
+    nw = 1 if tb == 32 else 2
+    tiles = -(-nt // (2 * nw)) * -(-m // tb)
+    model = dict(S=min(splits, key=lambda s: abs(tiles * s - 2 * _num_sms(dev))), tb=tb, nw=nw,
+                 ov=int(wgmma_config_ok(tb, nw, 1)))
+    disk_key = f"w4a16_wgmma|{_source_hash()}|m={m}|nt={nt}|kt={kt}|ng={ng}"
+    stored = disk_get(dev, disk_key)
+    if stored is not None:
+        _PLANS[key] = stored["config"]
+        return stored["config"]
+    capturing = torch.cuda.is_current_stream_capturing()
+    if capturing or os.environ.get("QUASAR_KERNEL_AUTOTUNE", "1") == "0":
+        if not capturing:
+            _PLANS[key] = model
+        return model
+    n, k, _ = packed_dims(packed)
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    want = w4a16_cuda_linear(x, packed).float()  # the mma.sync kernel's 16-row passes
+    best, best_t, wrong = model, math.inf, []
+    for cfg in [dict(S=s, tb=tb, nw=nw, ov=ov) for s in splits for nw in (1, 2) for ov in (0, 1)
+                if wgmma_config_ok(tb, nw, ov)]:
+        try:
+            got = w4a16_wgmma_linear(x, packed, config=cfg).float()
+            err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+            if not err < 1e-2:
+                log.warning("W4A16 wgmma config %s disagrees with the mma.sync kernel (rel err %.2e)", cfg, err)
+                wrong.append(cfg)
+                continue
+            t = graph_time_us([lambda c=cfg: w4a16_wgmma_linear(x, packed, config=c)], calls=10, flush=True, replays=5)
+        except Exception as e:  # noqa: BLE001
+            log.info("W4A16 wgmma m=%d %dx%d %s: failed (%s)", m, n, k, cfg, e)
+            continue
+        log.info("W4A16 wgmma m=%d %dx%d %s: %.1f us", m, n, k, cfg, t)
+        if t < best_t:
+            best, best_t = cfg, t
+    if best_t == math.inf:
+        if wrong:  # never hand out a configuration that computed something else
+            raise RuntimeError(f"the W4A16 wgmma kernel disagrees with the mma.sync kernel at m={m} rows for a "
+                               f"{n}x{k} weight in every configuration tried (a kernel bug); use "
+                               "verifier.kernel=triton or cuda")
+    else:
+        disk_put(dev, disk_key, best, best_t)
+    _PLANS[key] = best
+    return best
+
+
+def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict | None = None) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ W^T (+ bias) through the wgmma kernel (Hopper; any number of rows, meant
+    for M > 16). Needs group_size % 16 == 0 and K % 8 == 0 (ValueError otherwise)."""
+    n, k, g = packed_dims(packed)
+    if g % 16 or k % 8 or (g // 16) & (g // 16 - 1):
+        raise ValueError(f"the wgmma kernel needs group_size % 16 == 0 with group_size / 16 a power of two, and "
+                         f"in_features % 8 == 0 (got {g}, {k}); use w4a16_cuda_linear")
+    if x.device.type != "cuda":
+        raise RuntimeError("w4a16_wgmma_linear needs CUDA tensors")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"w4a16_wgmma_linear: x must be bfloat16 or float16, got {x.dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features, the weight {k}")
+    ext = _load()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*lead, n)
+    cfg = config or wgmma_plan(m, packed, x.device)
+    nt = packed["qpk"].shape[0]
+    nw = cfg.get("nw", 1)
+    if not wgmma_config_ok(cfg["tb"], nw, cfg.get("ov", 1)):
+        raise ValueError(f"the wgmma kernel has no build for {cfg} (tb=128 with nw=2 needs ov=0)")
+    tiles = -(-nt // (2 * nw)) * -(-m // cfg["tb"])
+    ws, cnt = _workspace(x.device, cfg["S"] * m * nt * TILE_N if cfg["S"] > 1 else 0, tiles)
+    scl = packed["scales_bf16"] if x.dtype == torch.bfloat16 else packed["scales_fp16"]
+    if bias is not None:
+        bias = bias.to(dtype=x.dtype).contiguous()
+    ext.w4a16_wgmma_gemm(x2, packed["qpk"], scl, packed["zeros"], out, bias, ws, cnt, n, k, g, cfg["S"], cfg["tb"],
+                         nw, cfg.get("ov", 1))
     return out.view(*lead, n)

@@ -63,7 +63,8 @@ def test_reference_backend_w8a16_and_cache_follows_device():
 
 def test_auto_is_reference_on_cpu_and_gpu_backends_refuse_cpu():
     assert resolve("auto", "cpu", "w4a16").name == "reference"
-    for name, op in (("triton", "w4a16"), ("torch", "w4a16"), ("gemlite", "w4a16"), ("cuda", "w4a16")):
+    for name, op in (("triton", "w4a16"), ("torch", "w4a16"), ("gemlite", "w4a16"), ("cuda", "w4a16"),
+                     ("cuda_wgmma", "w4a16")):
         with pytest.raises(QuasarError, match="not cpu"):
             resolve(name, "cpu", op)
     with pytest.raises(QuasarError, match="has no w8a16 kernel"):
@@ -73,8 +74,8 @@ def test_auto_is_reference_on_cpu_and_gpu_backends_refuse_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU backends need a CUDA device")
-@pytest.mark.parametrize("name", ["triton", "torch", "cuda", "gemlite"])
-@pytest.mark.parametrize("m", [1, 6, 16])
+@pytest.mark.parametrize("name", ["triton", "torch", "cuda", "gemlite", "cuda_wgmma"])
+@pytest.mark.parametrize("m", [1, 6, 16, 40])
 def test_gpu_backend_matches_reference_on_cuda(name, m):
     b = get_backend(name)
     if not b.available()[0]:
@@ -122,3 +123,12 @@ def test_auto_picks_by_row_count_and_explicit_backend_does_not(monkeypatch):
     mod.set_kernel("small_m_test")
     mod(torch.randn(9, 64))
     assert calls == [3, 4, 9]
+
+
+def test_wgmma_backend_refuses_group_sizes_it_cannot_stage():
+    """A group of 48 channels (3 k16 steps) would straddle the wgmma kernel's stages: one line names
+    the backends that take it, before any GPU work."""
+    torch.manual_seed(0)
+    mod = Int4Linear.from_linear(nn.Linear(192, 16, bias=False), 48)
+    with pytest.raises(QuasarError, match="group size of 16 times a power of two; this model's is 48.*kernel=triton"):
+        get_backend("cuda_wgmma").w4a16(mod, torch.randn(20, 192))

@@ -7,6 +7,7 @@ CUDA: the kernel against the pure-torch reference on fresh random inputs, output
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -212,3 +213,186 @@ def test_kernel_vs_reference(n, k, g, m, dtype):
         assert torch.isfinite(out).all(), cfg
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), (cfg, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,g", [(64, 128, 128), (130, 576, 128), (200, 384, 32), (40, 256, 64),
+                                   (1024, 4096, 128), (4096, 1536, 128)])
+@pytest.mark.parametrize("m", [1, 17, 37, 64, 100, 130, 256])
+def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
+    """The Hopper wgmma kernel against the fp32 reference: every tokens-per-CTA size with the planner's
+    pick and the first split counts (partial token blocks, N not a multiple of 128, a K padded past
+    the last group, groups smaller than a pipeline stage), output poisoned first."""
+    from quasar_kernels.w4a16_cuda import _wgmma_splits, w4a16_wgmma_linear, wgmma_available, wgmma_config_ok
+
+    ok, why = wgmma_available()
+    if not ok:
+        pytest.skip(why)
+    qweight, scales, zeros = _weights(n, k, g, seed=m * 17 + n, device="cuda")
+    packed = prepack_w4a16(qweight, scales, zeros, k, g)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if m % 2 else None
+    ref = x.float() @ dequantize_int4(qweight, scales, zeros, k, g).t()
+    if bias is not None:
+        ref = ref + bias.float()
+    splits = _wgmma_splits(packed["scales_fp16"].shape[1])
+    configs = [dict(S=s, tb=tb, nw=nw, ov=ov) for s in splits[:3] for tb in (32, 64, 128) for nw in (1, 2) for ov in (0, 1)]
+    for cfg in [None] + [c for c in configs if wgmma_config_ok(c["tb"], c["nw"], c["ov"])]:
+        torch.full((m * n + 4096,), float("nan"), device="cuda", dtype=dtype)
+        out = w4a16_wgmma_linear(x, packed, bias, config=cfg)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), cfg
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), (cfg, err)
+
+
+def test_wgmma_refuses_groups_it_cannot_stage():
+    """Groups that are not a multiple of 16 channels are refused with the alternative named."""
+    from quasar_kernels.w4a16_cuda import w4a16_wgmma_linear
+
+    qweight, scales, zeros = _weights(72, 200, 24)
+    packed = prepack_w4a16(qweight, scales, zeros, 200, 24)
+    with pytest.raises(ValueError, match="group_size % 16 == 0.*power of two.*use w4a16_cuda_linear"):
+        w4a16_wgmma_linear(torch.randn(2, 200, dtype=torch.bfloat16), packed)
+    qweight, scales, zeros = _weights(72, 192, 48)  # 3 k16 steps per group: a stage would straddle groups
+    with pytest.raises(ValueError, match="power of two.*use w4a16_cuda_linear"):
+        w4a16_wgmma_linear(torch.randn(2, 192, dtype=torch.bfloat16), prepack_w4a16(qweight, scales, zeros, 192, 48))
+    qweight, scales, zeros = _weights(64, 128, 128)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        w4a16_wgmma_linear(torch.randn(2, 128, dtype=torch.bfloat16), prepack_w4a16(qweight, scales, zeros, 128, 128))
+
+
+def _emulate_wgmma(x, packed, S, TB, NTW):
+    """The wgmma kernel's index arithmetic in float64, step by step as csrc/w4a16_wgmma.cu writes it:
+    the cp.async staging offsets (packed words, the scale / zero slots of the groups a stage touches,
+    activations), the descriptor addressing of B (no-swizzle K-major core matrices, LBO 128 B along
+    K, SBO 256 B along tokens), each warp's A fragment read from word wq of its lane's 16 bytes in the
+    order (q, q>>8, q>>4, q>>12) and dequantized with the staged scales of rows 16 wq + g and
+    16 wq + 8 + g, NTW column tiles per warpgroup, k16 steps past the split multiplied (clamped
+    weights, zero activations), and the epilogue's (row, token) of each accumulator. The hardware's
+    semantics are the assumption; the kernel's own offsets are what this checks."""
+    m, k = x.shape
+    qpk = packed["qpk"].numpy().view(np.uint32)  # [NT, KT, 32, 4]
+    nt_all, kt_all = qpk.shape[:2]
+    ng = packed["scales_fp16"].shape[1]
+    spg = kt_all // ng
+    lg = spg.bit_length() - 1  # the kernel needs spg a power of two
+    ks = 8  # k16 steps per stage (WG_KSTEPS)
+    slot_shift = min(lg, 3)  # k16 step i of a stage reads group slot i >> slot_shift
+    scl = packed["scales_fp16"].double().numpy().reshape(-1)
+    zp = packed["zeros"].numpy().astype(np.int64).reshape(-1)
+    gps = -(-ng // S)
+    ct = 2 * NTW  # column tiles per CTA
+    y = np.zeros((m, nt_all * 64))
+    for nb in range(-(-nt_all // ct)):
+        for split in range(S):
+            c0, c1 = split * gps * spg, min(ng, (split + 1) * gps) * spg
+            for tok0 in range(0, m, TB):
+                acc = np.zeros((ct, 64, TB))  # per tile: D [64 weight rows, TB tokens]
+                for kt0 in range(c0, c1, ks):
+                    wbuf = np.zeros(ct * ks * 32 * 4, dtype=np.uint32)  # 16-byte chunks (tile, step, lane)
+                    for c in range(ct * ks * 32):
+                        v, i, l = c >> 8, (c >> 5) & (ks - 1), c & 31
+                        ntv, kt = min(nb * ct + v, nt_all - 1), min(kt0 + i, c1 - 1)
+                        wbuf[c * 4:c * 4 + 4] = qpk[ntv, kt, l]
+                    sslot = np.full((ct, ks, 64), np.nan)  # 128 B of scales per (tile, slot); unused slots stay NaN
+                    zslot = np.zeros((ct, ks, 64), dtype=np.int64)  # 64 B of zero codes
+                    gbase = kt0 >> lg
+                    for c in range(ct * ks * 12):
+                        v, slot, ch = c // (ks * 12), (c // 12) % ks, c % 12
+                        if slot >= ks >> slot_shift:  # a slot this stage does not use is not loaded
+                            continue
+                        ntv = min(nb * ct + v, nt_all - 1)
+                        base = ntv * ng + min(gbase + slot, ng - 1)
+                        if ch < 8:
+                            sslot[v, slot, ch * 8:ch * 8 + 8] = scl[base * 64 + ch * 8:base * 64 + ch * 8 + 8]
+                        else:
+                            o = (ch - 8) * 16
+                            zslot[v, slot, o:o + 16] = zp[base * 64 + o:base * 64 + o + 16]
+                    xbuf = np.zeros(TB * ks * 16)  # bf16 elements, indexed by byte offset / 2
+                    for c in range(TB * ks * 2):
+                        tok, kc = c >> 4, c & 15
+                        kk = kt0 * 16 + kc * 8
+                        if tok0 + tok < m and kk < c1 * 16 and kk + 8 <= k:
+                            dst = (kc >> 3) * (TB * 128) + tok * 128 + (((kc & 7) ^ (tok & 7)) << 4)
+                            xbuf[dst // 2:dst // 2 + 8] = x[tok0 + tok, kk:kk + 8]
+                    for v in range(ct):  # v = wg * NTW + j
+                        for i in range(ks):
+                            slot = i >> slot_shift
+                            a = np.zeros((64, 16))
+                            for wq in range(4):
+                                for lane in range(32):
+                                    g, t = lane >> 2, lane & 3
+                                    q = int(wbuf[((v * ks + i) * 32 + lane) * 4 + wq])
+                                    for reg, sh in enumerate((0, 8, 4, 12)):  # a0..a3
+                                        row = 16 * wq + g + 8 * (reg & 1)
+                                        e = g * 8 + 2 * wq + (reg & 1)
+                                        s, z = sslot[v, slot, e], zslot[v, slot, e]
+                                        for h in range(2):
+                                            code = (q >> (sh + 16 * h)) & 0xF
+                                            a[row, 2 * t + h + 8 * (reg >> 1)] = (code - z) * s
+                            b = np.zeros((16, TB))  # B[k][token] through the 128-byte-swizzled descriptor
+                            start = (i >> 2) * TB * 128 + (i & 3) * 32  # atom column, 32 B per k16 step
+                            for kk in range(16):
+                                for n_ in range(TB):
+                                    row = start + (n_ >> 3) * 1024 + (n_ & 7) * 128  # SBO 1024 B per 8 rows
+                                    chunk = ((row & 127) >> 4) + (kk >> 3)  # 16-byte chunk in the row, then XOR row % 8
+                                    off = (row & ~127) + ((chunk ^ (n_ & 7)) << 4) + (kk & 7) * 2
+                                    b[kk, n_] = xbuf[off // 2]
+                            acc[v] += a @ b
+                for v in range(ct):
+                    if nb * ct + v >= nt_all:
+                        continue
+                    for wq in range(4):
+                        for lane in range(32):
+                            g, t = lane >> 2, lane & 3
+                            for j in range(TB // 8):
+                                for e in range(4):
+                                    r = 16 * wq + g + 8 * (e >> 1)
+                                    tok = 8 * j + 2 * t + (e & 1)
+                                    if tok0 + tok < m:
+                                        y[tok0 + tok, (nb * ct + v) * 64 + r] += acc[v][r, tok]
+    return y
+
+
+@pytest.mark.parametrize("m,S,TB,NTW,g", [(40, 2, 32, 1, 64), (9, 1, 64, 2, 64), (20, 1, 32, 2, 16), (12, 2, 32, 1, 32)])
+def test_wgmma_index_math_emulated(m, S, TB, NTW, g):
+    """N = 130 (clamped tiles), K = 200 (zero past K inside the last group), G = 64 (a group per
+    stage), 32 (2 per stage) or 16 (4 per stage), K-splits, partial token blocks: the emulated
+    kernel equals x @ W^T."""
+    n, k = 130, 200
+    qweight, scales, zeros = _weights(n, k, g, seed=5)
+    packed = prepack_w4a16(qweight, scales, zeros, k, g)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = _emulate_wgmma(x.numpy(), packed, S, TB, NTW)
+    ref = (x @ dequantize_int4(qweight, scales, zeros, k, g).double().t()).numpy()
+    assert np.allclose(y[:, :n], ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_wgmma_probe_layouts():
+    """One wgmma with the wgmma kernel's layout assumptions — A fragments in registers as in
+    mma.m16n8k16 per warp, B as K-major 128-byte-swizzled token rows (1024-byte atoms, SBO 1024 B),
+    the D fragment mapping of the epilogue — on small integers (exact in bf16 and fp32): D = A @ B.
+    Run before the kernel's own tests: a failure here is a layout assumption, not the pipeline; the
+    message says whether the hardware read B unswizzled."""
+    from quasar_kernels.w4a16_cuda import _load, wgmma_available
+
+    ok, why = wgmma_available()
+    if not ok:
+        pytest.skip(why)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-4, 5, (64, 16), generator=gen).to(torch.bfloat16)
+    b = torch.randint(-4, 5, (16, 32), generator=gen).to(torch.bfloat16)
+    d = _load().wgmma_probe(a.cuda(), b.cuda()).cpu()
+    ref = a.float() @ b.float()
+    # what an unswizzled read of the staged rows would give: chunk k // 8 of row n holds the staged
+    # chunk c with c ^ (n % 8) == k // 8 (zeros past the 2 chunks written)
+    alt = torch.zeros(16, 32)
+    for k in range(16):
+        for n in range(32):
+            c = (k >> 3) ^ (n & 7)
+            alt[k, n] = b[c * 8 + (k & 7), n].float() if c < 2 else 0.0
+    hint = " (it matches B read unswizzled)" if torch.equal(d, a.float() @ alt) else ""
+    assert torch.equal(d, ref), f"wgmma layout probe: max |D - A @ B| = {(d - ref).abs().max():.1f}{hint}"

@@ -14,8 +14,8 @@ function every kernel is tested against), `triton` (ours, quasar_kernels/), `tor
 / int8 weight-only kernels). `auto` picks, per device and op, the first available backend in
 AUTO (below) whose kernel is built for the input's row count M (`Backend.max_rows`: our CUDA
 W4A16 kernel computes one 16-row tile per weight pass, so at M > 16 it re-reads the weights per
-tile and `auto` hands such inputs to the next backend; an explicit `verifier.kernel=` always uses
-the named backend, at every M). A backend kept outside the package is named by its module: `verifier.kernel=
+tile and `auto` hands such inputs to the next backend, the Hopper wgmma kernel, which keeps up to
+64 rows, then Triton; an explicit `verifier.kernel=` always uses the named backend, at every M). A backend kept outside the package is named by its module: `verifier.kernel=
 my_pkg.my_backend` imports it and uses its BACKEND (or call register_backend()).
 A backend that cannot run (missing package, no GPU, op not supported) is refused with one line
 naming the reason: never a silent switch to another backend.
@@ -29,7 +29,7 @@ from ..errors import QuasarError
 
 OPS = ("w4a16", "w8a16", "w8a8")
 # auto: per device type, the backends tried in order for each op (the first that supports it).
-AUTO = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
+AUTO = {"cuda": ("cuda", "cuda_wgmma", "triton", "reference"), "cpu": ("reference",)}
 _REGISTERED: dict[str, "Backend"] = {}
 
 

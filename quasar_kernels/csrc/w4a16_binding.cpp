@@ -79,6 +79,75 @@ void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, to
                                      (int)gx, smem, stream));
 }
 
+// out[M, N] = x[M, K] @ W^T (+ bias) through warpgroup MMAs (sm_90a), any M, tb tokens per CTA.
+void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, torch::Tensor zp, torch::Tensor out,
+                      c10::optional<torch::Tensor> bias, torch::Tensor ws, torch::Tensor cnt, int64_t N, int64_t K,
+                      int64_t G, int64_t S, int64_t tb, int64_t nw, int64_t overlap) {
+  TORCH_CHECK(x.is_cuda() && qpk.is_cuda() && out.is_cuda() && ws.is_cuda() && cnt.is_cuda(), "CUDA tensors expected");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "x must be 2-D with 16-byte aligned rows");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x must be bf16 or fp16");
+  TORCH_CHECK(scl.scalar_type() == x.scalar_type() && zp.scalar_type() == at::kByte, "bad scales/zeros dtypes");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_contiguous() && out.size(0) == x.size(0) &&
+                  out.size(1) == N, "bad out");
+  TORCH_CHECK(qpk.scalar_type() == at::kInt && qpk.dim() == 4 && qpk.is_contiguous() && scl.is_contiguous() &&
+                  zp.is_contiguous(), "bad packed tensors");
+  TORCH_CHECK(G % 16 == 0 && K % 8 == 0, "the wgmma kernel needs group_size % 16 == 0 and K % 8 == 0");
+  TORCH_CHECK(tb == 32 || tb == 64 || tb == 128, "tb must be 32, 64 or 128");
+  TORCH_CHECK(nw == 1 || nw == 2, "nw must be 1 or 2");
+  const c10::cuda::CUDAGuard guard(x.device());
+  W4A16Params p{};
+  p.qpk = reinterpret_cast<const uint4*>(qpk.data_ptr());
+  p.scl = reinterpret_cast<const uint4*>(scl.data_ptr());
+  p.zp = reinterpret_cast<const uint2*>(zp.data_ptr());
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.bias = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N, "bad bias");
+    p.bias = bias->data_ptr();
+  }
+  p.ws = ws.data_ptr<float>();
+  p.cnt = cnt.data_ptr<int>();
+  p.x_stride = x.stride(0);
+  p.M = x.size(0);
+  p.N = N;
+  p.K = K;
+  p.G = G;
+  p.NT = qpk.size(0);
+  p.KT = qpk.size(1);
+  p.NG = scl.size(1);
+  p.Gp = p.KT * 16 / p.NG;
+  p.SPG = p.Gp / 16;
+  TORCH_CHECK(p.Gp == G && (int64_t)p.NT * 64 >= N, "inconsistent packed geometry");
+  TORCH_CHECK((p.SPG & (p.SPG - 1)) == 0, "the wgmma kernel needs group_size / 16 to be a power of two");
+  p.WN = 0;  // log2(k16 steps per group); WK: min(WN, 2), the shift from a stage's k16 step to its group slot
+  while ((1 << p.WN) < p.SPG) ++p.WN;
+  p.WK = p.WN < 2 ? p.WN : 2;
+  p.S = S;
+  p.gps = (p.NG + S - 1) / S;
+  TORCH_CHECK(S >= 1 && (p.NG + p.gps - 1) / p.gps == S, "S must equal ceil(NG / ceil(NG / S))");
+  const int64_t tiles = (int64_t)((p.NT + 2 * nw - 1) / (2 * nw)) * ((p.M + tb - 1) / tb);
+  TORCH_CHECK(S == 1 || (ws.numel() >= (int64_t)S * p.M * p.NT * 64 && cnt.numel() >= tiles), "workspace too small");
+  TORCH_CHECK(p.M >= 1 && (p.M + tb - 1) / tb <= 65535, "bad M");
+  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, (int)nw, overlap != 0,
+                                    c10::cuda::getCurrentCUDAStream()));
+}
+
+// Tests only: one wgmma with the wgmma kernel's layouts (sm_90a).
+torch::Tensor wgmma_probe(torch::Tensor A, torch::Tensor B) {
+  TORCH_CHECK(A.is_cuda() && B.is_cuda() && A.scalar_type() == at::kBFloat16 && B.scalar_type() == at::kBFloat16 &&
+                  A.is_contiguous() && B.is_contiguous() && A.size(0) == 64 && A.size(1) == 16 && B.size(0) == 16 &&
+                  B.size(1) == 32, "wgmma_probe: bf16 A [64, 16] and B [16, 32], contiguous, on the GPU");
+  const c10::cuda::CUDAGuard guard(A.device());
+  auto D = torch::empty({64, 32}, A.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(wgmma_probe_launch(A.data_ptr(), B.data_ptr(), D.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  return D;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("wgmma_probe", &wgmma_probe, "tests: one wgmma with the wgmma kernel's layouts");
+  m.def("w4a16_wgmma_gemm", &w4a16_wgmma_gemm, "W4A16 GEMM through wgmma (sm_90a), batched verification");
   m.def("w4a16_verify_gemm", &w4a16_verify_gemm, "W4A16 verify GEMM (M <= 16), Marlin-style layout");
 }

@@ -1,0 +1,43 @@
+"""Our W4A16 kernel on Hopper's warpgroup MMAs (quasar_kernels/w4a16_cuda.py: w4a16_wgmma_linear), for
+batched verification: the verify GEMM has M = B (k + 1) rows, past the 16 the mma.sync kernel
+(`cuda`) computes per pass over the weights. Same prepacked weights as `cuda` (one re-layout per
+module, shared). Needs an sm_90 GPU and a group size of 16 times a power of two (16, 32, 64, 128, ...).
+
+`auto` gives it 17 to 64 rows: on an H200 (results/gpu/w4a16_wgmma_h200.md) it beats our Triton
+kernel there on every Qwen3-8B shape but q/o and qkv at 64 rows (gate+up 47 vs 66 µs, lm_head 207 vs
+322 µs at M = 64), ties it at 128 on the MLP shapes and loses on qkv / q/o, so Triton keeps M > 64."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import QuasarError
+from . import Backend
+
+
+class CudaWgmma(Backend):
+    name = "cuda_wgmma"
+    max_rows = 64
+
+    def available(self):
+        if not torch.cuda.is_available():
+            return False, "the wgmma kernel needs a CUDA device; none is visible"
+        from quasar_kernels.w4a16_cuda import wgmma_available
+
+        return wgmma_available()
+
+    def w4a16(self, mod, x):
+        from quasar_kernels.w4a16_cuda import prepack_w4a16, w4a16_wgmma_linear
+
+        g = mod.group_size
+        if g % 16 or (g // 16) & (g // 16 - 1):
+            raise QuasarError(f"the wgmma kernel needs a group size of 16 times a power of two; this model's is {g}: "
+                              "use verifier.kernel=triton (or cuda)")
+
+        # the mma.sync backend's re-layout: both kernels read the same packed tensors
+        store = mod.prepared
+        if "cuda" not in store:
+            store["cuda"] = prepack_w4a16(mod.qweight, mod.scales, mod.zeros, mod.in_features, mod.group_size)
+        return w4a16_wgmma_linear(x, store["cuda"], mod.bias)
+
+
+BACKEND = CudaWgmma()

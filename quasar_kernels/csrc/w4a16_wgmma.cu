@@ -1,0 +1,414 @@
+// W4A16 GEMM for batched verification (17..256+ rows of x) on Hopper (sm_90a): warpgroup MMAs
+// (wgmma.mma_async m64nTBk16) with the dequantized weights as the register operand A and the
+// activations as the shared-memory operand B, so the weights never make a round trip through
+// shared memory after dequantization and one CTA multiplies each weight into up to 128 tokens.
+//
+// Reads the same prepacked tensors as the mma.sync kernel (quasar_kernels/w4a16_cuda.py): the word
+// j of a lane's 16 bytes at (column tile nt, k16 step kt) holds, read in the order (q, q>>8, q>>4,
+// q>>12), the mma.m16n8k16 A fragment of rows 16 j .. 16 j + 15 of the tile — exactly what warp j of
+// a warpgroup supplies to an m64 wgmma. Scales / zeros of rows 16 j + g and 16 j + 8 + g sit side by
+// side ([nt][group][g][2 j], [2 j + 1]).
+//
+// CTA = 2 warpgroups x nw column tiles = 128 nw weight rows x TB tokens, grid (column blocks, S
+// K-splits of whole groups, token blocks). A 4-stage cp.async pipeline brings, per stage of 8 k16
+// steps, the packed weights, the scales / zeros of the groups the stage touches and the activation
+// tile (TB x 128 channels, K-major, 128-byte swizzled: one 128-byte row of 64 channels per token, 16
+// bytes rows per token, 128-byte swizzled, 1024-byte atoms) into shared memory; each warp dequantizes its A
+// fragments (lop3 + two bf16x2 FMAs per pair), then the warpgroup issues 8 nw wgmmas and waits for
+// them before the stage's buffer is reused (ov = 1: while dequantizing the next stage). Every
+// per-thread load address is computed once; a stage adds its offset (the kernel is bound by a
+// stage's fixed cost, so stages are long and cheap). With S > 1 the fp32 partials go to a workspace
+// [S][M][NT*64] and the last CTA of a tile sums them in split order (deterministic) and resets its
+// counter, as in the mma.sync kernel.
+// Requirements (checked by the binding): group size / 16 a power of two, K a multiple of 8, x rows
+// 16-byte aligned.
+#include <type_traits>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "w4a16_device.cuh"
+#include "w4a16_marlin.h"
+
+namespace {
+
+#include "w4a16_wgmma_ops.inc"
+
+constexpr int WG_NWG = 2;                  // warpgroups per CTA
+constexpr int WG_THREADS = WG_NWG * 128;
+constexpr int WG_STAGES = 4;
+constexpr int WG_LKS = 3;
+constexpr int WG_KSTEPS = 1 << WG_LKS;      // k16 steps per stage (a stage's fixed cost is what bounds the kernel)
+constexpr int WG_SZ_BYTES = 192;           // one (column tile, group): 64 scales (128 B) + 64 zero codes
+
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(__cvta_generic_to_global(src)),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+// Shared memory written through the generic proxy (cp.async, st.shared) is read by wgmma through the
+// async proxy: each thread fences its own writes before the barrier that publishes them.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// wgmma reads its register operands (A and the accumulators) asynchronously, until wait_group: an
+// empty asm that "redefines" a register keeps the compiler from reusing or moving it across that point.
+__device__ __forceinline__ void hold(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void hold(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// Shared-memory matrix descriptor, K-major with the 128-byte swizzle: each token's 64 channels are
+// one 128-byte row, 8 rows form a 1024-byte atom (SBO 1024 B; LBO unused for swizzled K-major), and
+// 16-byte chunk c of row r sits at chunk c ^ (r % 8) (address bits 4-6 XOR bits 7-9, so atoms are
+// 1024-byte aligned). Replaces a no-swizzle layout, suspected of bank-conflicted wgmma reads (NOTES run 6f).
+__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+// Byte offset of 16-byte chunk c (8 channels) of token row t in a swizzled atom column.
+__device__ __forceinline__ uint32_t sw128_offset(int t, int c) { return (uint32_t)(t * 128 + ((c ^ (t & 7)) << 4)); }
+
+template <bool BF16, int TB>
+__device__ __forceinline__ void wgmma_tb(float* d, const uint32_t* a, uint64_t desc) {
+  if constexpr (BF16) {
+    if constexpr (TB == 32) wgmma_m64n32k16_bf16(d, a, desc, 1);
+    else if constexpr (TB == 64) wgmma_m64n64k16_bf16(d, a, desc, 1);
+    else wgmma_m64n128k16_bf16(d, a, desc, 1);
+  } else {
+    if constexpr (TB == 32) wgmma_m64n32k16_f16(d, a, desc, 1);
+    else if constexpr (TB == 64) wgmma_m64n64k16_f16(d, a, desc, 1);
+    else wgmma_m64n128k16_f16(d, a, desc, 1);
+  }
+}
+
+// Shared memory of one pipeline stage, in bytes: packed weights, scales + zeros, activations.
+template <int TB, int NTW>
+struct WgStage {
+  static constexpr int W = WG_NWG * NTW * WG_KSTEPS * 512;
+  static constexpr int SZ = WG_NWG * NTW * WG_KSTEPS * WG_SZ_BYTES;  // up to WG_KSTEPS groups per stage (G = 16)
+  static constexpr int X = TB * WG_KSTEPS * 16 * 2;
+  static constexpr int BYTES = W + SZ + X;
+};
+
+// NTW: column tiles (of 64 weight rows) per warpgroup, so a CTA covers 128 NTW weight rows and reads
+// each activation tile once per 128 NTW rows. OV: overlap the dequantization of stage s + 1 with the
+// wgmmas of stage s (two sets of A registers).
+template <bool BF16, int TB, int NTW, int MINB, bool OV>
+__global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A16Params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
+  using L = WgStage<TB, NTW>;
+  constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;
+  constexpr uint32_t NEG = BF16 ? 0xC300C300u : 0xE400E400u;  // -(magic), a zero code ORed into each half
+  constexpr int CT = WG_NWG * NTW;                               // column tiles per CTA
+  extern __shared__ __align__(1024) unsigned char smem[];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t4 = lane & 3;
+  const int nb = blockIdx.x, split = blockIdx.y, tok0 = blockIdx.z * TB;
+  const int g0 = split * p.gps, g1 = min(p.NG, g0 + p.gps);
+  const int c0 = g0 * p.SPG, c1 = g1 * p.SPG;  // k16 steps of this split
+  const int nst = (c1 - c0 + WG_KSTEPS - 1) / WG_KSTEPS;
+  const uint32_t sbase = ((uint32_t)__cvta_generic_to_shared(smem) + 1023u) & ~1023u;  // swizzle atoms: 1024-aligned
+  const T* x = reinterpret_cast<const T*>(p.x);
+
+  // Per-thread load plan, computed once: each stage only adds its offset (the kernel was bound by
+  // the index arithmetic of rebuilding every address each stage, ~700 PTX instructions per stage).
+  constexpr int WR = CT * WG_KSTEPS * 32 / WG_THREADS;  // 16-byte weight chunks per thread per stage
+  constexpr int XCH = TB * WG_KSTEPS * 2;  // 16-byte activation chunks per stage
+  constexpr int XR = (XCH + WG_THREADS - 1) / WG_THREADS;
+  const int lg = p.WN, sh = min(p.WN, WG_LKS);  // log2(k16 steps per group); k16 step i of a stage uses group slot i >> sh
+  int woff[WR], wlim[WR];  // packed words (uint4 units) of stage 0 and of the split's last k16 step
+#pragma unroll
+  for (int r = 0; r < WR; ++r) {  // chunk c = (tile v, step i, lane l)
+    const int c = tid + r * WG_THREADS, v = c >> (WG_LKS + 5), i = (c >> 5) & (WG_KSTEPS - 1), l = c & 31;
+    const int ntv = min(nb * CT + v, p.NT - 1);
+    woff[r] = ((ntv * p.KT) + c0 + i) * 32 + l;
+    wlim[r] = ((ntv * p.KT) + c1 - 1) * 32 + l;  // past the split: a valid address, multiplied by zeros
+  }
+  // scales + zeros: chunk c = (tile v, group slot, 16-byte piece ch), only the slots a stage uses
+  constexpr int SZR = (CT * WG_KSTEPS * 12 + WG_THREADS - 1) / WG_THREADS;
+  const uint8_t* sz_src[SZR];
+  int sz_mul[SZR], sz_row[SZR], sz_slot[SZR];
+  uint32_t sz_dst[SZR];
+  bool sz_on[SZR];
+#pragma unroll
+  for (int r = 0; r < SZR; ++r) {
+    const int c = tid + r * WG_THREADS, v = c / (WG_KSTEPS * 12), ch = c % 12;
+    sz_slot[r] = (c / 12) % WG_KSTEPS;
+    sz_on[r] = c < CT * WG_KSTEPS * 12 && sz_slot[r] < (WG_KSTEPS >> sh);
+    sz_src[r] = ch < 8 ? reinterpret_cast<const uint8_t*>(p.scl) + ch * 16 : reinterpret_cast<const uint8_t*>(p.zp) + (ch - 8) * 16;
+    sz_mul[r] = ch < 8 ? 128 : 64;
+    sz_row[r] = min(nb * CT + v, p.NT - 1) * p.NG;
+    sz_dst[r] = L::W + (v * WG_KSTEPS + sz_slot[r]) * WG_SZ_BYTES + ch * 16;
+  }
+  const T* xsrc[XR];  // activations: chunk c = (token, 8 channels kc) of stage 0
+  bool xrow[XR];
+  uint32_t xdst[XR];
+  const int kend = min(c1 * 16, p.K - 7);  // a chunk is copied if its first channel is below this
+#pragma unroll
+  for (int r = 0; r < XR; ++r) {
+    const int c = tid + r * WG_THREADS, tok = c >> (WG_LKS + 1), kc = c & (2 * WG_KSTEPS - 1);
+    xrow[r] = c < XCH && tok0 + tok < p.M;
+    xsrc[r] = x + (xrow[r] ? (size_t)(tok0 + tok) * p.x_stride : 0) + c0 * 16 + kc * 8;
+    xdst[r] = L::W + L::SZ + (kc >> 3) * (TB * 128) + sw128_offset(tok, kc & 7);  // atom column kc / 8
+  }
+
+  auto load_stage = [&](int st) {
+    const uint32_t buf = sbase + (uint32_t)(st & (WG_STAGES - 1)) * L::BYTES;
+    const int kt0 = c0 + st * WG_KSTEPS;
+#pragma unroll
+    for (int r = 0; r < WR; ++r)
+      cp_async16(buf + (tid + r * WG_THREADS) * 16, p.qpk + min(woff[r] + st * WG_KSTEPS * 32, wlim[r]));
+#pragma unroll
+    for (int r = 0; r < SZR; ++r)
+      if (sz_on[r]) {
+        const int gi = min((kt0 >> lg) + sz_slot[r], p.NG - 1);
+        cp_async16(buf + sz_dst[r], sz_src[r] + (size_t)(sz_row[r] + gi) * sz_mul[r]);
+      }
+#pragma unroll
+    for (int r = 0; r < XR; ++r) {
+      if (XCH % WG_THREADS == 0 || tid + r * WG_THREADS < XCH) {
+        const int k = st * WG_KSTEPS * 16 + (c0 * 16 + ((tid + r * WG_THREADS) & (2 * WG_KSTEPS - 1)) * 8);
+        const bool ok = xrow[r] && k < kend;  // zero past M, past K and past the split
+        cp_async16_zfill(buf + xdst[r], ok ? xsrc[r] + st * WG_KSTEPS * 16 : x, ok);
+      }
+    }
+  };
+
+  float acc[NTW][TB / 2];
+#pragma unroll
+  for (int j = 0; j < NTW; ++j)
+#pragma unroll
+    for (int i = 0; i < TB / 2; ++i) acc[j][i] = 0.f;
+
+#pragma unroll
+  for (int st = 0; st < WG_STAGES - 1; ++st) {
+    if (st < nst) load_stage(st);
+    cp_async_commit();
+  }
+  // the A fragments of stage st's k16 steps for each of this warpgroup's tiles, from buffer st % WG_STAGES
+  auto dequant = [&](int st, uint32_t (&a)[NTW][WG_KSTEPS][4]) {
+    const uint32_t buf = sbase + (uint32_t)(st & (WG_STAGES - 1)) * L::BYTES;
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) {
+      const int v = wg * NTW + j;
+      uint32_t s_lo = 0, s_hi = 0, z_lo = NEG, z_hi = NEG;
+#pragma unroll
+      for (int i = 0; i < WG_KSTEPS; ++i) {
+        if (i == 0 || (i & ((1 << sh) - 1)) == 0) {  // a new group: rows 16 wq + g (low) and 16 wq + 8 + g (high)
+          const uint32_t sz = buf + L::W + (v * WG_KSTEPS + (i >> sh)) * WG_SZ_BYTES;
+          uint32_t sw;
+          unsigned short zh;
+          asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sw) : "r"(sz + (g * 8 + 2 * wq) * 2) : "memory");
+          asm volatile("ld.shared.u16 %0, [%1];" : "=h"(zh) : "r"(sz + 128 + g * 8 + 2 * wq) : "memory");
+          const uint32_t zw = zh;
+          s_lo = __byte_perm(sw, 0, 0x1010);
+          s_hi = __byte_perm(sw, 0, 0x3232);
+          z_lo = NEG | (zw & 0xffu) | ((zw & 0xffu) << 16);
+          z_hi = NEG | (zw >> 8) | ((zw >> 8) << 16);
+        }
+        uint32_t q;  // word wq of this lane's 16 bytes: the A fragment of rows 16 wq .. 16 wq + 15
+        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(q) : "r"(buf + (uint32_t)(((v * WG_KSTEPS + i) * 32 + lane) * 16 + wq * 4))
+                     : "memory");
+        a[j][i][0] = sub_mul<BF16>(nib2<EX>(q), z_lo, s_lo);
+        a[j][i][1] = sub_mul<BF16>(nib2<EX>(q >> 8), z_hi, s_hi);
+        a[j][i][2] = sub_mul<BF16>(nib2<EX>(q >> 4), z_lo, s_lo);
+        a[j][i][3] = sub_mul<BF16>(nib2<EX>(q >> 12), z_hi, s_hi);
+      }
+    }
+  };
+  // issue (not wait for) stage st's wgmmas with these A fragments
+  auto multiply = [&](int st, const uint32_t (&a)[NTW][WG_KSTEPS][4]) {
+    const uint32_t xbuf = sbase + (uint32_t)(st & (WG_STAGES - 1)) * L::BYTES + L::W + L::SZ;
+#pragma unroll
+    for (int j = 0; j < NTW; ++j)
+#pragma unroll
+      for (int i = 0; i < TB / 2; ++i) hold(acc[j][i]);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    // no branch between the wgmmas (one makes ptxas serialize them, warning C7519): k16 steps past
+    // the split multiply clamped weights by zero-filled activations
+#pragma unroll
+    for (int i = 0; i < WG_KSTEPS; ++i)
+#pragma unroll
+      for (int j = 0; j < NTW; ++j)  // k16 step i: atom column i / 4, 32 bytes per step inside the row
+        wgmma_tb<BF16, TB>(acc[j], a[j][i], smem_desc_sw128(xbuf + (uint32_t)((i >> 2) * TB * 128 + (i & 3) * 32)));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  };
+  // wait for this warpgroup's wgmmas; until then neither the accumulators nor a may be touched
+  auto settle = [&](uint32_t (&a)[NTW][WG_KSTEPS][4]) {
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) {
+#pragma unroll
+      for (int i = 0; i < TB / 2; ++i) hold(acc[j][i]);
+#pragma unroll
+      for (int i = 0; i < WG_KSTEPS; ++i)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) hold(a[j][i][r]);
+    }
+  };
+
+  if constexpr (!OV) {  // dequantize, multiply, wait: the tensor cores idle while this warpgroup dequantizes
+    for (int st = 0; st < nst; ++st) {
+      cp_async_wait<WG_STAGES - 2>();
+      fence_async_smem();
+      __syncthreads();  // stage st is in for every thread; every warpgroup is done with stage st - 1
+      if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);
+      cp_async_commit();
+      uint32_t a[NTW][WG_KSTEPS][4];
+      dequant(st, a);
+      multiply(st, a);
+      settle(a);
+    }
+  } else {  // stage st + 1 is dequantized (and its copy waited for) while stage st's wgmmas run
+    uint32_t a_cur[NTW][WG_KSTEPS][4], a_nxt[NTW][WG_KSTEPS][4];
+    if (nst > 0) {
+      cp_async_wait<WG_STAGES - 2>();
+      fence_async_smem();
+      __syncthreads();
+      dequant(0, a_cur);
+    }
+    for (int st = 0; st < nst; ++st) {
+      multiply(st, a_cur);
+      cp_async_wait<WG_STAGES - 3>();
+      fence_async_smem();
+      __syncthreads();  // stage st + 1 is in for every thread; every warpgroup waited for stage st - 1
+      if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);  // into stage st - 1's buffer
+      cp_async_commit();
+      if (st + 1 < nst) dequant(st + 1, a_nxt);
+      settle(a_cur);
+#pragma unroll
+      for (int j = 0; j < NTW; ++j)
+#pragma unroll
+        for (int i = 0; i < WG_KSTEPS; ++i)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) a_cur[j][i][r] = a_nxt[j][i][r];
+    }
+  }
+
+  // acc[j][4 u + e]: weight row (output column) 64 nt + 16 wq + g + 8 (e >> 1), token tok0 + 8 u + 2 t4 + (e & 1)
+  T* out = reinterpret_cast<T*>(p.out);
+  const T* bias = reinterpret_cast<const T*>(p.bias);
+  const int WSN = p.NT * 64;
+#pragma unroll
+  for (int j = 0; j < NTW; ++j) {
+    const int nt = nb * CT + wg * NTW + j;
+    if (nt >= p.NT) continue;  // a clamped tile: its output is dropped
+#pragma unroll
+    for (int u = 0; u < TB / 8; ++u)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = nt * 64 + 16 * wq + g + 8 * (e >> 1), tok = tok0 + 8 * u + 2 * t4 + (e & 1);
+        if (n < p.N && tok < p.M) {
+          const float v = acc[j][4 * u + e];
+          if (p.S == 1) out[(size_t)tok * p.N + n] = from_f<T>(bias ? v + to_f<T>(bias[n]) : v);
+          else __stcg(p.ws + ((size_t)split * p.M + tok) * WSN + n, v);
+        }
+      }
+  }
+  if (p.S > 1) {
+    __threadfence();
+    __syncthreads();
+    __shared__ int s_last;
+    const int cidx = blockIdx.z * gridDim.x + blockIdx.x;
+    if (tid == 0) s_last = (atomicAdd(p.cnt + cidx, 1) == p.S - 1);
+    __syncthreads();
+    if (s_last) {
+      __threadfence();
+      for (int idx = tid; idx < TB * CT * 64; idx += WG_THREADS) {
+        const int tok = tok0 + idx / (CT * 64), n = nb * CT * 64 + idx % (CT * 64);
+        if (tok < p.M && n < p.N) {
+          float v = 0.f;
+          for (int q = 0; q < p.S; ++q) v += __ldcg(p.ws + ((size_t)q * p.M + tok) * WSN + n);
+          if (bias) v += to_f<T>(bias[n]);
+          out[(size_t)tok * p.N + n] = from_f<T>(v);
+        }
+      }
+      if (tid == 0) p.cnt[cidx] = 0;  // ready for the next call
+    }
+  }
+#else
+  __trap();  // built for a target without wgmma: never launched (w4a16_wgmma_launch checks sm_90a)
+#endif
+}
+
+template <bool BF16, int TB, int NTW, int MINB, bool OV>
+cudaError_t launch_wg(const W4A16Params& p, cudaStream_t stream) {
+  auto kern = w4a16_wgmma_kernel<BF16, TB, NTW, MINB, OV>;
+  const int smem = WG_STAGES * WgStage<TB, NTW>::BYTES + 1024;  // + room to align the base
+  static bool configured = false;
+  if (!configured) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    configured = true;
+  }
+  dim3 grid((p.NT + 2 * NTW - 1) / (2 * NTW), p.S, (p.M + TB - 1) / TB);
+  kern<<<grid, WG_THREADS, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Layout probe (tests only): D[64][32] = A[64][16] @ B[16][32] with one warpgroup and one wgmma,
+// A loaded into registers, B staged into shared memory and D written back exactly as the kernel
+// above does, so a GPU test can tell a wrong layout assumption from a wrong pipeline.
+__global__ void wgmma_probe_kernel(const __nv_bfloat16* A, const __nv_bfloat16* B, float* D) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ __align__(1024) __nv_bfloat16 sb[32 * 64];  // 32 token rows of 128 B (16 channels used)
+  const int tid = threadIdx.x, lane = tid & 31, wq = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  // B[k][n] -> token row n, chunk k / 8 swizzled as the kernel stages it
+  for (int e = tid; e < 32 * 64; e += 128) sb[e] = __float2bfloat16(0.f);
+  __syncthreads();
+  for (int e = tid; e < 16 * 32; e += 128) {
+    const int k = e / 32, n = e % 32;
+    sb[sw128_offset(n, k >> 3) / 2 + (k & 7)] = B[k * 32 + n];
+  }
+  fence_async_smem();
+  __syncthreads();
+  auto pack = [&](int r, int c) {  // A[r][c], A[r][c + 1] as one bf16x2 register
+    const uint32_t lo = __bfloat16_as_ushort(A[r * 16 + c]), hi = __bfloat16_as_ushort(A[r * 16 + c + 1]);
+    return lo | (hi << 16);
+  };
+  const int r0 = 16 * wq + g;
+  const uint32_t a[4] = {pack(r0, 2 * t4), pack(r0 + 8, 2 * t4), pack(r0, 2 * t4 + 8), pack(r0 + 8, 2 * t4 + 8)};
+  float d[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) d[i] = 0.f;
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+  wgmma_m64n32k16_bf16(d, a, smem_desc_sw128((uint32_t)__cvta_generic_to_shared(sb)), 1);
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) D[(r0 + 8 * (e >> 1)) * 32 + 8 * j + 2 * t4 + (e & 1)] = d[4 * j + e];
+#else
+  __trap();
+#endif
+}
+
+template <int NTW, bool OV>
+cudaError_t launch_tb(const W4A16Params& p, bool bf16, int tb, cudaStream_t stream) {
+  // 2 CTAs per SM where registers (<= 128 per thread) and shared memory allow it
+  constexpr int MINB_SMALL = NTW == 1 ? 2 : 1;
+  if (tb == 32) return bf16 ? launch_wg<true, 32, NTW, MINB_SMALL, OV>(p, stream) : launch_wg<false, 32, NTW, MINB_SMALL, OV>(p, stream);
+  if (tb == 64) return bf16 ? launch_wg<true, 64, NTW, MINB_SMALL, OV>(p, stream) : launch_wg<false, 64, NTW, MINB_SMALL, OV>(p, stream);
+  if constexpr (NTW == 2 && OV) {  // two sets of A fragments for 4 tiles x 128 tokens: > 255 registers
+    if (tb == 128) return cudaErrorNotSupported;
+  } else {
+    if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, 1, OV>(p, stream) : launch_wg<false, 128, NTW, 1, OV>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t wgmma_probe_launch(const void* A, const void* B, float* D, cudaStream_t stream) {
+  wgmma_probe_kernel<<<1, 128, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(A),
+                                            reinterpret_cast<const __nv_bfloat16*>(B), D);
+  return cudaGetLastError();
+}
+
+cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, bool overlap, cudaStream_t stream) {
+  if (nw == 1) return overlap ? launch_tb<1, true>(p, bf16, tb, stream) : launch_tb<1, false>(p, bf16, tb, stream);
+  if (nw == 2) return overlap ? launch_tb<2, true>(p, bf16, tb, stream) : launch_tb<2, false>(p, bf16, tb, stream);
+  return cudaErrorInvalidValue;
+}
