@@ -314,6 +314,7 @@ def test_kernel_backends_vs_rows_figure(tmp_path):
     rows += [dict(kernel="bf16_cublas", shape=sh, N=1, K=1, M=m, speedup_vs_bf16="", gpu_name="NVIDIA H200")
              for sh in ("gate+up", "down") for m in (16, 32, 64)]
     rows = [r for r in rows if not (r["kernel"] == "w4a16_triton" and r["shape"] == "down" and r["M"] == 32)]
+    rows = [r for r in rows if not (r["shape"] == "down" and r["M"] == 64)]  # a shape measured at fewer M
     pd.DataFrame(rows).to_csv(gpu / "w4a16_backends_large_m_h200.csv", index=False)
     written, problems = figures.make_figures(tmp_path / "results", tmp_path / "figs")
     assert not problems and (tmp_path / "figs" / "kernel_backends_large_m_h200.png").exists()
@@ -322,7 +323,11 @@ def test_kernel_backends_vs_rows_figure(tmp_path):
     assert [a.get_title() for a in panels] == ["gate+up (24576×4096)", "down (4096×4096)"]
     series = {l.get_label(): l for l in panels[1].lines if not l.get_label().startswith("_")}
     assert set(series) == {"w4a16_cuda", "w4a16_triton"}
-    assert list(series["w4a16_triton"].get_xdata()) == [16, 64]
-    assert np.allclose(series["w4a16_cuda"].get_ydata(), [2.0 / m ** 0.3 for m in (16, 32, 64)])
+    assert list(series["w4a16_triton"].get_xdata()) == [16]
+    assert np.allclose(series["w4a16_cuda"].get_ydata(), [2.0 / m ** 0.3 for m in (16, 32)])
+    # every panel is labelled at all M of the table (the axis is shared), not the last panel's M only
+    fig.canvas.draw()
+    for ax in panels:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["16", "32", "64"]
     assert "NVIDIA H200" in fig._suptitle.get_text()
     plt.close("all")

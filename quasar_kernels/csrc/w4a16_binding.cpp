@@ -6,6 +6,37 @@
 
 #include "w4a16_marlin.h"
 
+// The fields both kernels read the same way: tensors, strides and the packed geometry.
+static W4A16Params common_params(const torch::Tensor& x, const torch::Tensor& qpk, const torch::Tensor& scl,
+                                 const torch::Tensor& zp, const torch::Tensor& out,
+                                 const c10::optional<torch::Tensor>& bias, const torch::Tensor& ws,
+                                 const torch::Tensor& cnt, int64_t N, int64_t K, int64_t G) {
+  W4A16Params p{};
+  p.qpk = reinterpret_cast<const uint4*>(qpk.data_ptr());
+  p.scl = reinterpret_cast<const uint4*>(scl.data_ptr());
+  p.zp = reinterpret_cast<const uint2*>(zp.data_ptr());
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.bias = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N, "bad bias");
+    p.bias = bias->data_ptr();
+  }
+  p.ws = ws.data_ptr<float>();
+  p.cnt = cnt.data_ptr<int>();
+  p.x_stride = x.stride(0);
+  p.M = x.size(0);
+  p.N = N;
+  p.K = K;
+  p.G = G;
+  p.NT = qpk.size(0);
+  p.KT = qpk.size(1);
+  p.NG = scl.size(1);
+  p.Gp = p.KT * 16 / p.NG;
+  p.SPG = p.Gp / 16;
+  return p;
+}
+
 // out[M, N] = x[M, K] @ W^T (+ bias) for M <= 16 rows of x (the caller loops over 16-row chunks).
 void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, torch::Tensor zp,
                        torch::Tensor out, c10::optional<torch::Tensor> bias, torch::Tensor ws,
@@ -33,29 +64,7 @@ void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, to
   TORCH_CHECK(swap == 0 || (swap == 1 && x.size(0) <= 8), "swap=1 (weights as the MMA's A operand) serves M <= 8");
   TORCH_CHECK(WN == 1 || WN == 2 || WN == 4 || WN == 8, "WN must be 1, 2, 4 or 8");
   const c10::cuda::CUDAGuard guard(x.device());
-  W4A16Params p;
-  p.qpk = reinterpret_cast<const uint4*>(qpk.data_ptr());
-  p.scl = reinterpret_cast<const uint4*>(scl.data_ptr());
-  p.zp = reinterpret_cast<const uint2*>(zp.data_ptr());
-  p.x = x.data_ptr();
-  p.out = out.data_ptr();
-  p.bias = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N, "bad bias");
-    p.bias = bias->data_ptr();
-  }
-  p.ws = ws.data_ptr<float>();
-  p.cnt = cnt.data_ptr<int>();
-  p.x_stride = x.stride(0);
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.G = G;
-  p.NT = qpk.size(0);
-  p.KT = qpk.size(1);
-  p.NG = scl.size(1);
-  p.Gp = p.KT * 16 / p.NG;
-  p.SPG = p.Gp / 16;
+  W4A16Params p = common_params(x, qpk, scl, zp, out, bias, ws, cnt, N, K, G);
   TORCH_CHECK(p.Gp % 16 == 0 && p.Gp >= G && (int64_t)p.NT * 64 >= N, "inconsistent packed geometry");
   p.WN = WN;
   p.WK = W4A16_NWARPS / WN;
@@ -97,34 +106,11 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, tor
   TORCH_CHECK(tb == 32 || tb == 64 || tb == 128, "tb must be 32, 64 or 128");
   TORCH_CHECK(nw == 1 || nw == 2, "nw must be 1 or 2");
   const c10::cuda::CUDAGuard guard(x.device());
-  W4A16Params p{};
-  p.qpk = reinterpret_cast<const uint4*>(qpk.data_ptr());
-  p.scl = reinterpret_cast<const uint4*>(scl.data_ptr());
-  p.zp = reinterpret_cast<const uint2*>(zp.data_ptr());
-  p.x = x.data_ptr();
-  p.out = out.data_ptr();
-  p.bias = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N, "bad bias");
-    p.bias = bias->data_ptr();
-  }
-  p.ws = ws.data_ptr<float>();
-  p.cnt = cnt.data_ptr<int>();
-  p.x_stride = x.stride(0);
-  p.M = x.size(0);
-  p.N = N;
-  p.K = K;
-  p.G = G;
-  p.NT = qpk.size(0);
-  p.KT = qpk.size(1);
-  p.NG = scl.size(1);
-  p.Gp = p.KT * 16 / p.NG;
-  p.SPG = p.Gp / 16;
+  W4A16Params p = common_params(x, qpk, scl, zp, out, bias, ws, cnt, N, K, G);
   TORCH_CHECK(p.Gp == G && (int64_t)p.NT * 64 >= N, "inconsistent packed geometry");
   TORCH_CHECK((p.SPG & (p.SPG - 1)) == 0, "the wgmma kernel needs group_size / 16 to be a power of two");
-  p.WN = 0;  // log2(k16 steps per group); WK: min(WN, 2), the shift from a stage's k16 step to its group slot
+  p.WN = 0;  // log2(k16 steps per group)
   while ((1 << p.WN) < p.SPG) ++p.WN;
-  p.WK = p.WN < 2 ? p.WN : 2;
   p.S = S;
   p.gps = (p.NG + S - 1) / S;
   TORCH_CHECK(S >= 1 && (p.NG + p.gps - 1) / p.gps == S, "S must equal ceil(NG / ceil(NG / S))");

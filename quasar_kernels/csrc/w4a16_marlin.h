@@ -32,9 +32,9 @@ cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int o
 
 // Batched verification on sm_90a (w4a16_wgmma.cu): wgmma with the dequantized weights as the register
 // operand, tb tokens (32, 64 or 128) and 128 nw weight rows (nw = 1 or 2) per CTA, the same packed
-// tensors and params (WN, WK, nblocks, vec unused; ws holds [S][M][NT*64]; cnt needs
-// ceil(NT / (2 nw)) * ceil(M / tb) counters). Group size a multiple of 16, K a multiple of 8, x rows
-// 16-byte aligned. overlap: dequantize stage s + 1 while stage s's wgmmas run (two sets of A registers).
+// tensors and params (WN = log2(group size / 16); WK, nblocks, vec unused; ws holds [S][M][NT*64];
+// cnt needs ceil(NT / (2 nw)) * ceil(M / tb) counters). Group size 16 times a power of two, K a
+// multiple of 8, x rows 16-byte aligned. overlap: dequantize stage s + 1 while stage s's wgmmas run (two sets of A registers).
 cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, bool overlap, cudaStream_t stream);
 // Tests only: D[64][32] (fp32) = A[64][16] @ B[16][32] (bf16, row-major) through one wgmma with the
 // kernel's fragment and shared-memory layouts.
