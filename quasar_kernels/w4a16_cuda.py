@@ -509,10 +509,9 @@ def wgmma_config_ok(tb: int, nw: int, ov: int) -> bool:
 
 def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     """{"S": K-splits, "tb": tokens per CTA, "nw": 64-row weight tiles per warpgroup (1 or 2), "ov":
-    overlapped pipeline} for m rows: timed once per
-    (m, geometry, device) and kept
-    on disk like plan(); while capturing or without autotuning, the split that brings the grid
-    nearest 2 CTAs per SM."""
+    overlapped pipeline} for m rows: every configuration is checked against the mma.sync kernel, then
+    timed, once per (m, geometry, device), and the fastest kept on disk like plan(); while capturing
+    or without autotuning, the split that brings the grid nearest 2 CTAs per SM."""
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
     ng = packed["scales_fp16"].shape[1]
@@ -571,7 +570,7 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
 
 def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict | None = None) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W^T (+ bias) through the wgmma kernel (Hopper; any number of rows, meant
-    for M > 16). Needs group_size % 16 == 0 and K % 8 == 0 (ValueError otherwise)."""
+    for 16 < M <= 64). Needs group_size = 16 x a power of two and K % 8 == 0 (ValueError otherwise)."""
     n, k, g = packed_dims(packed)
     if g % 16 or k % 8 or (g // 16) & (g // 16 - 1):
         raise ValueError(f"the wgmma kernel needs group_size % 16 == 0 with group_size / 16 a power of two, and "
