@@ -399,14 +399,22 @@ def load_batch_tables(gpu_dir: Path) -> pd.DataFrame | None:
 
 
 def _panels(n: int, width: float, height: float):
-    """A figure of n panels, 3 per row, shared axes; the unused ones hidden."""
+    """A figure of n panels, 3 per row, shared axes; the unused ones hidden, and the panel above each
+    hidden one keeps its x tick labels (shared axes label only the bottom row)."""
     cols = min(3, n)
     rows_n = -(-n // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(width * cols, height * rows_n), layout="constrained",
                              sharex=True, sharey=True, squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_visible(False)
+            axes.flat[i - cols].xaxis.set_tick_params(labelbottom=True)
     return fig, axes
+
+
+def _bottom_panels(axes) -> list:
+    """The lowest visible panel of each column (where the x label goes)."""
+    return [next(ax for ax in reversed(axes[:, c]) if ax.get_visible()) for c in range(axes.shape[1])]
 
 
 def _log2_ticks(ax, values) -> None:
@@ -457,7 +465,7 @@ def plot_gpu_batch(batch: pd.DataFrame | None):
         _log2_ticks(ax, sorted(batch["batch_size"].unique()))
         ax.set_yscale("log")
         ax.grid(True, which="major", lw=0.3)
-    for ax in axes[-1]:
+    for ax in _bottom_panels(axes):
         ax.set_xlabel("batch size B")
     for ax in axes[:, 0]:
         ax.set_ylabel("batch tokens/s")
@@ -493,7 +501,7 @@ def plot_kernel_backends_vs_m(table: pd.DataFrame | None):
         ax.set_title(f"{shape} ({n}×{k})", fontsize=9)
         _log2_ticks(ax, ms)
         ax.grid(True, lw=0.3)
-    for ax in axes[-1]:
+    for ax in _bottom_panels(axes):
         ax.set_xlabel("rows M = B (k + 1)")
     for ax in axes[:, 0]:
         ax.set_ylabel("speedup over cuBLAS bf16")

@@ -308,11 +308,11 @@ def test_kernel_backends_vs_rows_figure(tmp_path):
     through its measured M only (cuBLAS is the dashed 1x line, not a series), titled with the GPU."""
     gpu = tmp_path / "results" / "gpu"
     gpu.mkdir(parents=True)
+    shapes = (("gate+up", 24576), ("down", 4096), ("qkv", 6144), ("lm_head", 151936))
     rows = [dict(kernel=k, shape=sh, N=n, K=4096, M=m, speedup_vs_bf16=sp / m ** 0.3, gpu_name="NVIDIA H200")
-            for sh, n in (("gate+up", 24576), ("down", 4096)) for k, sp in (("w4a16_cuda", 2.0), ("w4a16_triton", 1.5))
-            for m in (16, 32, 64)]
+            for sh, n in shapes for k, sp in (("w4a16_cuda", 2.0), ("w4a16_triton", 1.5)) for m in (16, 32, 64)]
     rows += [dict(kernel="bf16_cublas", shape=sh, N=1, K=1, M=m, speedup_vs_bf16="", gpu_name="NVIDIA H200")
-             for sh in ("gate+up", "down") for m in (16, 32, 64)]
+             for sh, _ in shapes for m in (16, 32, 64)]
     rows = [r for r in rows if not (r["kernel"] == "w4a16_triton" and r["shape"] == "down" and r["M"] == 32)]
     rows = [r for r in rows if not (r["shape"] == "down" and r["M"] == 64)]  # a shape measured at fewer M
     pd.DataFrame(rows).to_csv(gpu / "w4a16_backends_large_m_h200.csv", index=False)
@@ -320,14 +320,21 @@ def test_kernel_backends_vs_rows_figure(tmp_path):
     assert not problems and (tmp_path / "figs" / "kernel_backends_large_m_h200.png").exists()
     fig = figures.plot_kernel_backends_vs_m(pd.read_csv(gpu / "w4a16_backends_large_m_h200.csv"))
     panels = [a for a in fig.axes if a.get_visible()]
-    assert [a.get_title() for a in panels] == ["gate+up (24576×4096)", "down (4096×4096)"]
+    assert [a.get_title() for a in panels] == ["gate+up (24576×4096)", "down (4096×4096)", "qkv (6144×4096)",
+                                               "lm_head (151936×4096)"]
     series = {l.get_label(): l for l in panels[1].lines if not l.get_label().startswith("_")}
     assert set(series) == {"w4a16_cuda", "w4a16_triton"}
     assert list(series["w4a16_triton"].get_xdata()) == [16]
     assert np.allclose(series["w4a16_cuda"].get_ydata(), [2.0 / m ** 0.3 for m in (16, 32)])
-    # every panel is labelled at all M of the table (the axis is shared), not the last panel's M only
+    # every panel is ticked at all M of the table (the axis is shared), not the last panel's M only;
+    # labels and the axis title sit on the lowest visible panel of each column (2 x 3 grid, 4 panels:
+    # gate+up / down / qkv above, lm_head below gate+up, so down and qkv carry their own)
     fig.canvas.draw()
     for ax in panels:
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["16", "32", "64"]
+        assert list(ax.get_xticks()) == [16, 32, 64]
+    labelled = [ax.get_title().split()[0] for ax in panels
+                if [t.get_text() for t in ax.get_xticklabels() if t.get_visible()] == ["16", "32", "64"]]
+    assert labelled == ["down", "qkv", "lm_head"]
+    assert [ax.get_title().split()[0] for ax in panels if ax.get_xlabel()] == ["down", "qkv", "lm_head"]
     assert "NVIDIA H200" in fig._suptitle.get_text()
     plt.close("all")
