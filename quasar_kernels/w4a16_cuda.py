@@ -510,12 +510,15 @@ def wgmma_config_ok(tb: int, nw: int, ov: int) -> bool:
 def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     """{"S": K-splits, "tb": tokens per CTA, "nw": 64-row weight tiles per warpgroup (1 or 2), "ov":
     overlapped pipeline} for m rows: every configuration is checked against the mma.sync kernel, then
-    timed, once per (m, geometry, device), and the fastest kept on disk like plan(); while capturing
+    timed, once per (token blocks of m, geometry, device), and the fastest kept on disk like plan(); while capturing
     or without autotuning, the split that brings the grid nearest 2 CTAs per SM."""
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
     ng = packed["scales_fp16"].shape[1]
     tb = wgmma_tokens_per_cta(m)
+    # every m with the same token blocks launches the same grid (rows past m are zero-filled): tune
+    # once per block count, at its largest m, so a ragged batch does not re-tune at each new M
+    m = -(-m // tb) * tb
     key = ("wgmma", m, nt, kt, ng, dev)
     hit = _PLANS.get(key)
     if hit is not None:

@@ -396,3 +396,35 @@ def test_wgmma_probe_layouts():
             alt[k, n] = b[c * 8 + (k & 7), n].float() if c < 2 else 0.0
     hint = " (it matches B read unswizzled)" if torch.equal(d, a.float() @ alt) else ""
     assert torch.equal(d, ref), f"wgmma layout probe: max |D - A @ B| = {(d - ref).abs().max():.1f}{hint}"
+
+
+def test_wgmma_plan_tunes_once_per_token_block(monkeypatch):
+    """A ragged batch changes M from step to step: the wgmma planner times its configurations once per
+    number of token blocks (33..64 rows share one 64-token block), not once per M; the timed input
+    has the block's full row count."""
+    import quasar_kernels.splitk as splitk
+    import quasar_kernels.w4a16_cuda as wc
+
+    timed_rows = []
+    monkeypatch.setattr(wc, "_PLANS", {})
+    monkeypatch.setattr(wc, "_num_sms", lambda dev: 132)
+    monkeypatch.setattr(splitk, "disk_get", lambda dev, key: None)
+    monkeypatch.setattr(splitk, "disk_put", lambda *a: None)
+    monkeypatch.setattr(splitk, "graph_time_us", lambda fns, **kw: 1.0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(wc, "w4a16_cuda_linear", lambda x, packed: torch.ones(x.shape[0], 4))
+
+    def fake_wgmma(x, packed, bias=None, *, config=None):
+        timed_rows.append(x.shape[0])
+        return torch.ones(x.shape[0], 4)
+
+    monkeypatch.setattr(wc, "w4a16_wgmma_linear", fake_wgmma)
+    qweight, scales, zeros = _weights(128, 512, 128)
+    packed = prepack_w4a16(qweight, scales, zeros, 512, 128)
+    dev = torch.device("cpu")
+    plans = [wc.wgmma_plan(m, packed, dev) for m in (33, 40, 64)]
+    assert set(timed_rows) == {64} and len(timed_rows) > 1  # one sweep, at the block's 64 rows
+    assert plans[0] is plans[1] is plans[2] and plans[0]["tb"] == 64
+    n_first = len(timed_rows)
+    wc.wgmma_plan(65, packed, dev)  # 65 rows: one 128-token block, a new sweep
+    assert set(timed_rows[n_first:]) == {128}
