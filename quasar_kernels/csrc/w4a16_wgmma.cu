@@ -12,12 +12,11 @@
 // CTA = 2 warpgroups x nw column tiles = 128 nw weight rows x TB tokens, grid (column blocks, S
 // K-splits of whole groups, token blocks). A 4-stage cp.async pipeline brings, per stage of 8 k16
 // steps, the packed weights, the scales / zeros of the groups the stage touches and the activation
-// tile (TB x 128 channels, K-major, 128-byte swizzled: one 128-byte row of 64 channels per token, 16
-// bytes rows per token, 128-byte swizzled, 1024-byte atoms) into shared memory; each warp dequantizes its A
-// fragments (lop3 + two bf16x2 FMAs per pair), then the warpgroup issues 8 nw wgmmas and waits for
-// them before the stage's buffer is reused (ov = 1: while dequantizing the next stage). Every
-// per-thread load address is computed once; a stage adds its offset (the kernel is bound by a
-// stage's fixed cost, so stages are long and cheap). With S > 1 the fp32 partials go to a workspace
+// tile (TB x 128 channels, K-major, 128-byte swizzled: a 128-byte row of 64 channels per token,
+// 1024-byte atoms) into shared memory; each warp dequantizes its A fragments (lop3 + two bf16x2
+// FMAs per pair), then the warpgroup issues 8 nw wgmmas and waits for them before the stage's
+// buffer is reused (ov = 1: while dequantizing the next stage). Every per-thread load address is
+// computed once; a stage adds its offset. With S > 1 the fp32 partials go to a workspace
 // [S][M][NT*64] and the last CTA of a tile sums them in split order (deterministic) and resets its
 // counter, as in the mma.sync kernel.
 // Requirements (checked by the binding): group size / 16 a power of two, K a multiple of 8, x rows
@@ -60,7 +59,8 @@ __device__ __forceinline__ void hold(float& r) { asm volatile("" : "+f"(r)::"mem
 // Shared-memory matrix descriptor, K-major with the 128-byte swizzle: each token's 64 channels are
 // one 128-byte row, 8 rows form a 1024-byte atom (SBO 1024 B; LBO unused for swizzled K-major), and
 // 16-byte chunk c of row r sits at chunk c ^ (r % 8) (address bits 4-6 XOR bits 7-9, so atoms are
-// 1024-byte aligned). Replaces a no-swizzle layout, suspected of bank-conflicted wgmma reads (NOTES run 6f).
+// 1024-byte aligned). The no-swizzle layout it replaces left wgmma's reads bank-conflicted: 1.6x
+// slower at 64 tokens (quasar_kernels/NOTES.md, runs 6e / 6f).
 __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
   return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
