@@ -181,6 +181,31 @@ def test_cpu_raises():
         w4a16_cuda_linear(torch.randn(2, 128, dtype=torch.bfloat16), packed)
 
 
+def _gpu_case(n, k, g, m, dtype, seed):
+    """Packed random int4 weights, x, a bias on odd m, and the fp32 reference x @ W^T (+ bias), on CUDA."""
+    qweight, scales, zeros = _weights(n, k, g, seed=seed, device="cuda")
+    packed = prepack_w4a16(qweight, scales, zeros, k, g)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if m % 2 else None
+    ref = x.float() @ dequantize_int4(qweight, scales, zeros, k, g).t()
+    if bias is not None:
+        ref = ref + bias.float()
+    return packed, x, bias, ref
+
+
+def _check_configs(linear, packed, x, bias, ref, configs):
+    """Each configuration's output (written over a freed NaN block, so unwritten elements show) is finite
+    and within bf16 / fp16 rounding of the reference."""
+    m, n = ref.shape
+    for cfg in configs:
+        torch.full((m * n + 4096,), float("nan"), device="cuda", dtype=x.dtype)  # freed: poisons the next block
+        out = linear(x, packed, bias, config=cfg)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), cfg
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < (1e-2 if x.dtype == torch.bfloat16 else 2e-3), (cfg, err)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,g", SHAPES + [(1024, 4096, 128), (4096, 1536, 128)])
@@ -191,14 +216,7 @@ def test_kernel_vs_reference(n, k, g, m, dtype):
     ok, why = available()
     if not ok:
         pytest.skip(why)
-    qweight, scales, zeros = _weights(n, k, g, seed=m * 31 + n, device="cuda")
-    packed = prepack_w4a16(qweight, scales, zeros, k, g)
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    bias = torch.randn(n, device="cuda", dtype=dtype) if m % 2 else None
-    w = dequantize_int4(qweight, scales, zeros, k, g)
-    ref = x.float() @ w.t()
-    if bias is not None:
-        ref = ref + bias.float()
+    packed, x, bias, ref = _gpu_case(n, k, g, m, dtype, seed=m * 31 + n)
     # the planner's pick, and a spread of configurations of both weight rings (register / cp.async)
     # and both operand orders (weights as B with the dequantization per weight; as A with the zero
     # point and scale after the MMA, M <= 8)
@@ -206,13 +224,7 @@ def test_kernel_vs_reference(n, k, g, m, dtype):
                          for c in candidate_configs(min(m, 16), packed, x.device, pipe=p, swap=sw)[::9]]
                         if m <= 16 else [])
     assert m > 8 or any(c and c["swap"] for c in configs)
-    for cfg in configs:
-        torch.full((m * n + 4096,), float("nan"), device="cuda", dtype=dtype)  # freed: poisons the next block
-        out = w4a16_cuda_linear(x, packed, bias, config=cfg)
-        torch.cuda.synchronize()
-        assert torch.isfinite(out).all(), cfg
-        err = ((out.float() - ref).norm() / ref.norm()).item()
-        assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), (cfg, err)
+    _check_configs(w4a16_cuda_linear, packed, x, bias, ref, configs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -229,22 +241,11 @@ def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
     ok, why = wgmma_available()
     if not ok:
         pytest.skip(why)
-    qweight, scales, zeros = _weights(n, k, g, seed=m * 17 + n, device="cuda")
-    packed = prepack_w4a16(qweight, scales, zeros, k, g)
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    bias = torch.randn(n, device="cuda", dtype=dtype) if m % 2 else None
-    ref = x.float() @ dequantize_int4(qweight, scales, zeros, k, g).t()
-    if bias is not None:
-        ref = ref + bias.float()
+    packed, x, bias, ref = _gpu_case(n, k, g, m, dtype, seed=m * 17 + n)
     splits = _wgmma_splits(packed["scales_fp16"].shape[1])
     configs = [dict(S=s, tb=tb, nw=nw, ov=ov) for s in splits[:3] for tb in (32, 64, 128) for nw in (1, 2) for ov in (0, 1)]
-    for cfg in [None] + [c for c in configs if wgmma_config_ok(c["tb"], c["nw"], c["ov"])]:
-        torch.full((m * n + 4096,), float("nan"), device="cuda", dtype=dtype)
-        out = w4a16_wgmma_linear(x, packed, bias, config=cfg)
-        torch.cuda.synchronize()
-        assert torch.isfinite(out).all(), cfg
-        err = ((out.float() - ref).norm() / ref.norm()).item()
-        assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), (cfg, err)
+    _check_configs(w4a16_wgmma_linear, packed, x, bias, ref,
+                   [None] + [c for c in configs if wgmma_config_ok(c["tb"], c["nw"], c["ov"])])
 
 
 def test_wgmma_refuses_groups_it_cannot_stage():
