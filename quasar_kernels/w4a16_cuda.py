@@ -497,21 +497,61 @@ def wgmma_tokens_per_cta(m: int) -> int:
     return 32 if m <= 32 else (64 if m <= 64 else 128)
 
 
-def _wgmma_splits(ng: int) -> list[int]:
-    return sorted({-(-ng // gps) for gps in range(1, ng + 1)})
+def wgmma_pack(packed: dict) -> torch.Tensor:
+    """The wgmma kernel's weight layout, made once per packed weight and kept in it (as "qwg"; a second
+    copy of the int4 words beside "qpk"): int32 [NT, KS, 4, 2, 32, 4] with KS = ceil(KT / 8) stages of
+    8 k16 steps, [nt, s, w, h, l, i] = qpk[nt, 8 s + 4 h + i, l, w] (zero words past KT). Warp w of a
+    warpgroup then reads its A fragments of a stage as two contiguous 512-byte runs, one 16-byte load
+    per lane each, where qpk's word w of every lane's 16 bytes is a 4-way bank conflict per load."""
+    qwg = packed.get("qwg")
+    if qwg is None:
+        if torch.cuda.is_current_stream_capturing():  # the copy would live in the graph's pool, unfilled
+            raise RuntimeError("wgmma_pack called during CUDA-graph capture: run one forward before capturing")
+        qpk = packed["qpk"]
+        nt, kt = qpk.shape[0], qpk.shape[1]
+        ks = -(-kt // 8)
+        pad = torch.zeros(nt, ks * 8, 32, 4, dtype=torch.int32, device=qpk.device)
+        pad[:, :kt] = qpk
+        qwg = pad.view(nt, ks, 2, 4, 32, 4).permute(0, 1, 5, 2, 4, 3).contiguous()
+        packed["qwg"] = qwg
+    return qwg
 
 
-def wgmma_config_ok(tb: int, nw: int, ov: int) -> bool:
-    """Whether the kernel has this build: not TB = 128 with 2 tiles per warpgroup overlapped (two sets
-    of A fragments beside 128 accumulators would exceed 255 registers)."""
-    return not (tb == 128 and nw == 2 and ov)
+def wgmma_blocks_stages(packed: dict, nw: int) -> tuple[int, int]:
+    """(column blocks of 128 nw rows, stages of 8 k16 steps per block): the kernel's work units are
+    their product, per token block."""
+    nt, kt = packed["qpk"].shape[0], packed["qpk"].shape[1]
+    return -(-nt // (2 * nw)), -(-kt // 8)
+
+
+def wgmma_parts(blocks: int, stages: int, ctas: int) -> int:
+    """The most CTAs that share one column block when `ctas` CTAs split blocks x stages units evenly
+    (1: every CTA owns whole blocks); the workspace holds that many partials per output."""
+    if ctas == blocks:
+        return 1
+    per = blocks * stages // ctas
+    return -(-stages // per) + 1
+
+
+def wgmma_ctas(m: int, packed: dict, nw: int, tb: int, sms: int) -> list[int]:
+    """CTA counts per token block worth timing: one per column block (no shared blocks), and the
+    counts that give every SM the same number of stages (1 and 2 waves of resident CTAs)."""
+    blocks, stages = wgmma_blocks_stages(packed, nw)
+    zb = -(-m // tb)
+    resident = sms * (2 if nw == 1 and tb <= 64 else 1)  # CTAs per SM the build allows
+    out = {blocks}
+    for waves in (1, 2):
+        c = max(1, waves * resident // zb)
+        if c < blocks * stages:
+            out.add(c)
+    return sorted(out)
 
 
 def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
-    """{"S": K-splits, "tb": tokens per CTA, "nw": 64-row weight tiles per warpgroup (1 or 2), "ov":
-    overlapped pipeline} for m rows: every configuration is checked against the mma.sync kernel, then
-    timed, once per (token blocks of m, geometry, device), and the fastest kept on disk like plan(); while capturing
-    or without autotuning, the split that brings the grid nearest 2 CTAs per SM."""
+    """{"ctas": CTAs per token block, "tb": tokens per CTA, "nw": 64-row weight tiles per warpgroup (1 or
+    2)} for m rows: every configuration is checked against the mma.sync kernel, then timed, once per
+    (token blocks of m, geometry, device), and the fastest kept on disk like plan(); while capturing
+    or without autotuning, one wave of resident CTAs sharing the work evenly."""
     qpk = packed["qpk"]
     nt, kt = qpk.shape[0], qpk.shape[1]
     ng = packed["scales_fp16"].shape[1]
@@ -525,11 +565,9 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
         return hit
     from quasar_kernels.splitk import disk_get, disk_put, graph_time_us
 
-    splits = [s for s in _wgmma_splits(ng) if s <= 8]
-    nw = 1 if tb == 32 else 2
-    tiles = -(-nt // (2 * nw)) * -(-m // tb)
-    model = dict(S=min(splits, key=lambda s: abs(tiles * s - 2 * _num_sms(dev))), tb=tb, nw=nw,
-                 ov=int(wgmma_config_ok(tb, nw, 1)))
+    sms = _num_sms(dev)
+    blocks, stages = wgmma_blocks_stages(packed, 1)
+    model = dict(ctas=min(blocks * stages, max(1, 2 * sms // -(-m // tb))), tb=tb, nw=1)  # one wave, 2 CTAs / SM
     disk_key = f"w4a16_wgmma|{_source_hash()}|m={m}|nt={nt}|kt={kt}|ng={ng}"
     stored = disk_get(dev, disk_key)
     if stored is not None:
@@ -544,8 +582,7 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     want = w4a16_cuda_linear(x, packed).float()  # the mma.sync kernel's 16-row passes
     best, best_t, wrong = model, math.inf, []
-    for cfg in [dict(S=s, tb=tb, nw=nw, ov=ov) for s in splits for nw in (1, 2) for ov in (0, 1)
-                if wgmma_config_ok(tb, nw, ov)]:
+    for cfg in [dict(ctas=c, tb=tb, nw=nw) for nw in (1, 2) for c in wgmma_ctas(m, packed, nw, tb, sms)]:
         try:
             got = w4a16_wgmma_linear(x, packed, config=cfg).float()
             err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
@@ -594,15 +631,17 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
     if m == 0:
         return out.view(*lead, n)
     cfg = config or wgmma_plan(m, packed, x.device)
+    nw, tb = cfg.get("nw", 1), cfg["tb"]
+    blocks, stages = wgmma_blocks_stages(packed, nw)
+    ctas = cfg["ctas"]
+    if not 1 <= ctas <= blocks * stages:
+        raise ValueError(f"ctas={ctas} must be in [1, {blocks * stages}] (column blocks x stages)")
+    parts = wgmma_parts(blocks, stages, ctas)
     nt = packed["qpk"].shape[0]
-    nw = cfg.get("nw", 1)
-    if not wgmma_config_ok(cfg["tb"], nw, cfg.get("ov", 1)):
-        raise ValueError(f"the wgmma kernel has no build for {cfg} (tb=128 with nw=2 needs ov=0)")
-    tiles = -(-nt // (2 * nw)) * -(-m // cfg["tb"])
-    ws, cnt = _workspace(x.device, cfg["S"] * m * nt * TILE_N if cfg["S"] > 1 else 0, tiles)
+    ws, cnt = _workspace(x.device, parts * m * nt * TILE_N if parts > 1 else 0, blocks * -(-m // tb))
     scl = packed["scales_bf16"] if x.dtype == torch.bfloat16 else packed["scales_fp16"]
     if bias is not None:
         bias = bias.to(dtype=x.dtype).contiguous()
-    ext.w4a16_wgmma_gemm(x2, packed["qpk"], scl, packed["zeros"], out, bias, ws, cnt, n, k, g, cfg["S"], cfg["tb"],
-                         nw, cfg.get("ov", 1))
+    ext.w4a16_wgmma_gemm(x2, wgmma_pack(packed), scl, packed["zeros"], out, bias, ws, cnt, n, k, g,
+                         packed["qpk"].shape[1], ctas, tb, nw)
     return out.view(*lead, n)

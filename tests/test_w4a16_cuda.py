@@ -233,19 +233,24 @@ def test_kernel_vs_reference(n, k, g, m, dtype):
                                    (1024, 4096, 128), (4096, 1536, 128)])
 @pytest.mark.parametrize("m", [1, 17, 37, 64, 100, 130, 256])
 def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
-    """The Hopper wgmma kernel against the fp32 reference: every tokens-per-CTA size with the planner's
-    pick and the first split counts (partial token blocks, N not a multiple of 128, a K padded past
-    the last group, groups smaller than a pipeline stage), output poisoned first."""
-    from quasar_kernels.w4a16_cuda import _wgmma_splits, w4a16_wgmma_linear, wgmma_available, wgmma_config_ok
+    """The Hopper wgmma kernel against the fp32 reference: every tokens-per-CTA size and tile count with
+    the planner's pick and CTA counts from one CTA for the whole GEMM to more CTAs than column blocks
+    (partial token blocks, N not a multiple of 128, a K padded past the last group, groups smaller
+    than a pipeline stage), output poisoned first."""
+    from quasar_kernels.w4a16_cuda import w4a16_wgmma_linear, wgmma_available, wgmma_blocks_stages
 
     ok, why = wgmma_available()
     if not ok:
         pytest.skip(why)
     packed, x, bias, ref = _gpu_case(n, k, g, m, dtype, seed=m * 17 + n)
-    splits = _wgmma_splits(packed["scales_fp16"].shape[1])
-    configs = [dict(S=s, tb=tb, nw=nw, ov=ov) for s in splits[:3] for tb in (32, 64, 128) for nw in (1, 2) for ov in (0, 1)]
-    _check_configs(w4a16_wgmma_linear, packed, x, bias, ref,
-                   [None] + [c for c in configs if wgmma_config_ok(c["tb"], c["nw"], c["ov"])])
+    configs = []
+    for tb in (32, 64, 128):
+        for nw in (1, 2):
+            blocks, stages = wgmma_blocks_stages(packed, nw)
+            # whole blocks per CTA, one CTA for everything, and even splits that cut blocks at odd points
+            for ctas in sorted({blocks, 1, min(blocks * stages, 2 * blocks + 1), min(blocks * stages, 264)}):
+                configs.append(dict(ctas=ctas, tb=tb, nw=nw))
+    _check_configs(w4a16_wgmma_linear, packed, x, bias, ref, [None] + configs)
 
 
 def test_wgmma_refuses_groups_it_cannot_stage():
@@ -264,111 +269,158 @@ def test_wgmma_refuses_groups_it_cannot_stage():
         w4a16_wgmma_linear(torch.randn(2, 128, dtype=torch.bfloat16), prepack_w4a16(qweight, scales, zeros, 128, 128))
 
 
-def _emulate_wgmma(x, packed, S, TB, NTW):
+def _emulate_wgmma(x, packed, ctas, TB, NTW):
     """The wgmma kernel's index arithmetic in float64, step by step as csrc/w4a16_wgmma.cu writes it:
-    the cp.async staging offsets (packed words, the scale / zero slots of the groups a stage touches,
-    activations), the descriptor addressing of B (no-swizzle K-major core matrices, LBO 128 B along
-    K, SBO 256 B along tokens), each warp's A fragment read from word wq of its lane's 16 bytes in the
-    order (q, q>>8, q>>4, q>>12) and dequantized with the staged scales of rows 16 wq + g and
-    16 wq + 8 + g, NTW column tiles per warpgroup, k16 steps past the split multiplied (clamped
-    weights, zero activations), and the epilogue's (row, token) of each accumulator. The hardware's
-    semantics are the assumption; the kernel's own offsets are what this checks."""
+    the even split of the (column block, stage) units over `ctas` CTAs per token block, the loader
+    entering a new block, the cp.async staging offsets (the wgmma layout's 4 KB per tile and stage,
+    the scale / zero slots of the groups a stage touches, swizzled activations), the descriptor
+    addressing of B (128-byte swizzle, SBO 1024 B), each warp's A fragments read as two 16-byte runs
+    per lane and dequantized with the staged scales of rows 16 wq + g and 16 wq + 8 + g, the epilogue's
+    (row, token) of each accumulator, whole blocks written directly and shared ones through workspace
+    slots by rank, summed when the block's last CTA arrives (the count the kernel derives from the
+    owner of the block's first and last unit). The hardware's semantics are the assumption; the
+    kernel's own offsets are what this checks."""
+    from quasar_kernels.w4a16_cuda import wgmma_blocks_stages, wgmma_pack, wgmma_parts
+
     m, k = x.shape
-    qpk = packed["qpk"].numpy().view(np.uint32)  # [NT, KT, 32, 4]
-    nt_all, kt_all = qpk.shape[:2]
+    words = wgmma_pack(packed).numpy().view(np.uint32).reshape(-1, 4)  # uint4 units
+    nt_all, kt_all = packed["qpk"].shape[:2]
     ng = packed["scales_fp16"].shape[1]
-    spg = kt_all // ng
-    lg = spg.bit_length() - 1  # the kernel needs spg a power of two
-    ks = 8  # k16 steps per stage (WG_KSTEPS)
+    lg = (kt_all // ng).bit_length() - 1  # the kernel needs k16 steps per group a power of two
+    ksteps = 8
     slot_shift = min(lg, 3)  # k16 step i of a stage reads group slot i >> slot_shift
     scl = packed["scales_fp16"].double().numpy().reshape(-1)
     zp = packed["zeros"].numpy().astype(np.int64).reshape(-1)
-    gps = -(-ng // S)
-    ct = 2 * NTW  # column tiles per CTA
-    y = np.zeros((m, nt_all * 64))
-    for nb in range(-(-nt_all // ct)):
-        for split in range(S):
-            c0, c1 = split * gps * spg, min(ng, (split + 1) * gps) * spg
-            for tok0 in range(0, m, TB):
-                acc = np.zeros((ct, 64, TB))  # per tile: D [64 weight rows, TB tokens]
-                for kt0 in range(c0, c1, ks):
-                    wbuf = np.zeros(ct * ks * 32 * 4, dtype=np.uint32)  # 16-byte chunks (tile, step, lane)
-                    for c in range(ct * ks * 32):
-                        v, i, l = c >> 8, (c >> 5) & (ks - 1), c & 31
-                        ntv, kt = min(nb * ct + v, nt_all - 1), min(kt0 + i, c1 - 1)
-                        wbuf[c * 4:c * 4 + 4] = qpk[ntv, kt, l]
-                    sslot = np.full((ct, ks, 64), np.nan)  # 128 B of scales per (tile, slot); unused slots stay NaN
-                    zslot = np.zeros((ct, ks, 64), dtype=np.int64)  # 64 B of zero codes
-                    gbase = kt0 >> lg
-                    for c in range(ct * ks * 12):
-                        v, slot, ch = c // (ks * 12), (c // 12) % ks, c % 12
-                        if slot >= ks >> slot_shift:  # a slot this stage does not use is not loaded
-                            continue
-                        ntv = min(nb * ct + v, nt_all - 1)
-                        base = ntv * ng + min(gbase + slot, ng - 1)
-                        if ch < 8:
-                            sslot[v, slot, ch * 8:ch * 8 + 8] = scl[base * 64 + ch * 8:base * 64 + ch * 8 + 8]
-                        else:
-                            o = (ch - 8) * 16
-                            zslot[v, slot, o:o + 16] = zp[base * 64 + o:base * 64 + o + 16]
-                    xbuf = np.zeros(TB * ks * 16)  # bf16 elements, indexed by byte offset / 2
-                    for c in range(TB * ks * 2):
-                        tok, kc = c >> 4, c & 15
-                        kk = kt0 * 16 + kc * 8
-                        if tok0 + tok < m and kk < c1 * 16 and kk + 8 <= k:
-                            dst = (kc >> 3) * (TB * 128) + tok * 128 + (((kc & 7) ^ (tok & 7)) << 4)
-                            xbuf[dst // 2:dst // 2 + 8] = x[tok0 + tok, kk:kk + 8]
-                    for v in range(ct):  # v = wg * NTW + j
-                        for i in range(ks):
-                            slot = i >> slot_shift
-                            a = np.zeros((64, 16))
-                            for wq in range(4):
-                                for lane in range(32):
-                                    g, t = lane >> 2, lane & 3
-                                    q = int(wbuf[((v * ks + i) * 32 + lane) * 4 + wq])
-                                    for reg, sh in enumerate((0, 8, 4, 12)):  # a0..a3
-                                        row = 16 * wq + g + 8 * (reg & 1)
-                                        e = g * 8 + 2 * wq + (reg & 1)
-                                        s, z = sslot[v, slot, e], zslot[v, slot, e]
-                                        for h in range(2):
-                                            code = (q >> (sh + 16 * h)) & 0xF
-                                            a[row, 2 * t + h + 8 * (reg >> 1)] = (code - z) * s
-                            b = np.zeros((16, TB))  # B[k][token] through the 128-byte-swizzled descriptor
-                            start = (i >> 2) * TB * 128 + (i & 3) * 32  # atom column, 32 B per k16 step
-                            for kk in range(16):
-                                for n_ in range(TB):
-                                    row = start + (n_ >> 3) * 1024 + (n_ & 7) * 128  # SBO 1024 B per 8 rows
-                                    chunk = ((row & 127) >> 4) + (kk >> 3)  # 16-byte chunk in the row, then XOR row % 8
-                                    off = (row & ~127) + ((chunk ^ (n_ & 7)) << 4) + (kk & 7) * 2
-                                    b[kk, n_] = xbuf[off // 2]
-                            acc[v] += a @ b
+    ct = 2 * NTW
+    nb, ks = wgmma_blocks_stages(packed, NTW)
+    units = nb * ks
+    max_parts = wgmma_parts(nb, ks, ctas)
+    y = np.full((m, nt_all * 64), np.nan)
+
+    def owner(u):
+        return ((u + 1) * ctas - 1) // units
+
+    for tok0 in range(0, m, TB):
+        ws = np.full((max_parts, TB, nt_all * 64), np.nan)
+        arrived = np.zeros(nb, dtype=int)
+        for c in range(ctas):
+            u0, u1 = c * units // ctas, (c + 1) * units // ctas
+            acc = np.zeros((ct, 64, TB))
+            first_st = u0 % ks
+            for u in range(u0, u1):
+                blk, st = divmod(u, ks)
+                wbuf = np.zeros((ct * 256, 4), dtype=np.uint32)
                 for v in range(ct):
-                    if nb * ct + v >= nt_all:
+                    row = min(blk * ct + v, nt_all - 1) * ks * 256
+                    wbuf[v * 256:(v + 1) * 256] = words[row + st * 256:row + st * 256 + 256]
+                wflat = wbuf.reshape(-1)
+                sslot = np.full((ct, ksteps, 64), np.nan)  # unused slots stay NaN
+                zslot = np.zeros((ct, ksteps, 64), dtype=np.int64)
+                for cc in range(ct * ksteps * 12):
+                    v, slot, ch = cc // (ksteps * 12), (cc // 12) % ksteps, cc % 12
+                    if slot >= ksteps >> slot_shift:
                         continue
-                    for wq in range(4):
-                        for lane in range(32):
-                            g, t = lane >> 2, lane & 3
-                            for j in range(TB // 8):
-                                for e in range(4):
-                                    r = 16 * wq + g + 8 * (e >> 1)
-                                    tok = 8 * j + 2 * t + (e & 1)
-                                    if tok0 + tok < m:
-                                        y[tok0 + tok, (nb * ct + v) * 64 + r] += acc[v][r, tok]
+                    gi = min(((st << 3) >> lg) + slot, ng - 1)
+                    base = min(blk * ct + v, nt_all - 1) * ng + gi
+                    if ch < 8:
+                        sslot[v, slot, ch * 8:ch * 8 + 8] = scl[base * 64 + ch * 8:base * 64 + ch * 8 + 8]
+                    else:
+                        o = (ch - 8) * 16
+                        zslot[v, slot, o:o + 16] = zp[base * 64 + o:base * 64 + o + 16]
+                xbuf = np.zeros(TB * ksteps * 16)  # bf16 elements, indexed by byte offset / 2
+                for cc in range(TB * ksteps * 2):
+                    tok, kc = cc >> 4, cc & 15
+                    kk = st * 128 + kc * 8
+                    if tok0 + tok < m and kk < k:
+                        dst = (kc >> 3) * (TB * 128) + tok * 128 + (((kc & 7) ^ (tok & 7)) << 4)
+                        xbuf[dst // 2:dst // 2 + 8] = x[tok0 + tok, kk:kk + 8]
+                for v in range(ct):  # v = wg * NTW + jj
+                    for i in range(ksteps):
+                        slot = i >> slot_shift
+                        a = np.zeros((64, 16))
+                        for wq in range(4):
+                            for lane in range(32):
+                                g, t = lane >> 2, lane & 3
+                                off = v * 4096 + wq * 1024 + lane * 16 + (i >> 2) * 512 + (i & 3) * 4
+                                q = int(wflat[off // 4])
+                                for reg, sh in enumerate((0, 8, 4, 12)):  # a0..a3
+                                    row = 16 * wq + g + 8 * (reg & 1)
+                                    e = g * 8 + 2 * wq + (reg & 1)
+                                    s, z = sslot[v, slot, e], zslot[v, slot, e]
+                                    for h in range(2):
+                                        code = (q >> (sh + 16 * h)) & 0xF
+                                        a[row, 2 * t + h + 8 * (reg >> 1)] = (code - z) * s
+                        b = np.zeros((16, TB))  # B[k][token] through the 128-byte-swizzled descriptor
+                        start = (i >> 2) * TB * 128 + (i & 3) * 32  # atom column, 32 B per k16 step
+                        for kk in range(16):
+                            for n_ in range(TB):
+                                row = start + (n_ >> 3) * 1024 + (n_ & 7) * 128  # SBO 1024 B per 8 rows
+                                chunk = ((row & 127) >> 4) + (kk >> 3)  # 16-byte chunk in the row, then XOR row % 8
+                                off = (row & ~127) + ((chunk ^ (n_ & 7)) << 4) + (kk & 7) * 2
+                                b[kk, n_] = xbuf[off // 2]
+                        acc[v] += a @ b
+                if st == ks - 1 or u == u1 - 1:  # the block ends here or the CTA's range does
+                    whole = first_st == 0 and st == ks - 1
+                    rank = 0 if whole else c - owner(blk * ks)
+                    assert rank < max_parts
+                    for v in range(ct):
+                        nt = blk * ct + v
+                        if nt >= nt_all:
+                            continue
+                        for wq in range(4):
+                            for lane in range(32):
+                                g, t = lane >> 2, lane & 3
+                                for j in range(TB // 8):
+                                    for e in range(4):
+                                        r = 16 * wq + g + 8 * (e >> 1)
+                                        tok = 8 * j + 2 * t + (e & 1)
+                                        if tok0 + tok < m:
+                                            if whole:
+                                                y[tok0 + tok, nt * 64 + r] = acc[v][r, tok]
+                                            else:
+                                                ws[rank, tok, nt * 64 + r] = acc[v][r, tok]
+                    if not whole:
+                        parts = owner(blk * ks + ks - 1) - owner(blk * ks) + 1
+                        arrived[blk] += 1
+                        if arrived[blk] == parts:  # the last to arrive sums the slots in rank order
+                            cols = slice(blk * ct * 64, min(nt_all, (blk + 1) * ct) * 64)
+                            rows = slice(tok0, min(m, tok0 + TB))
+                            y[rows, cols] = ws[:parts, :rows.stop - tok0, cols].sum(0)
+                    acc[:] = 0
+                    first_st = 0
     return y
 
 
-@pytest.mark.parametrize("m,S,TB,NTW,g", [(40, 2, 32, 1, 64), (9, 1, 64, 2, 64), (20, 1, 32, 2, 16), (12, 2, 32, 1, 32)])
-def test_wgmma_index_math_emulated(m, S, TB, NTW, g):
-    """N = 130 (clamped tiles), K = 200 (zero past K inside the last group), G = 64 (a group per
-    stage), 32 (2 per stage) or 16 (4 per stage), K-splits, partial token blocks: the emulated
-    kernel equals x @ W^T."""
-    n, k = 130, 200
+@pytest.mark.parametrize("m,ctas,TB,NTW,g", [(40, 7, 32, 1, 64), (9, 2, 64, 2, 64), (20, 5, 32, 2, 16),
+                                             (12, 3, 32, 1, 32), (70, 4, 64, 1, 128), (33, 3, 32, 1, 256)])
+def test_wgmma_index_math_emulated(m, ctas, TB, NTW, g):
+    """N = 130 (clamped tiles), K = 520 (zero past K inside the last stage), G = 16 (4 groups per
+    stage) .. 256 (a group over 2 stages), CTA counts that split column blocks at odd points (parts
+    of 2-3 CTAs) or give whole blocks, partial token blocks: the emulated kernel equals x @ W^T."""
+    n, k = 130, 520 if g < 256 else 512
     qweight, scales, zeros = _weights(n, k, g, seed=5)
     packed = prepack_w4a16(qweight, scales, zeros, k, g)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    y = _emulate_wgmma(x.numpy(), packed, S, TB, NTW)
+    y = _emulate_wgmma(x.numpy(), packed, ctas, TB, NTW)
     ref = (x @ dequantize_int4(qweight, scales, zeros, k, g).double().t()).numpy()
     assert np.allclose(y[:, :n], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_wgmma_pack_is_a_permutation_of_the_packed_words():
+    """Every word of the mma.sync layout appears exactly once in the wgmma layout, at the index the
+    kernel reads for (tile, k16 step, lane, warp), and the stages' padding past KT is zero."""
+    from quasar_kernels.w4a16_cuda import wgmma_pack
+
+    qweight, scales, zeros = _weights(130, 200, 32, seed=1)
+    packed = prepack_w4a16(qweight, scales, zeros, 200, 32)
+    qpk = packed["qpk"]
+    qwg = wgmma_pack(packed)
+    nt, kt = qpk.shape[:2]
+    assert qwg.shape == (nt, -(-kt // 8), 4, 2, 32, 4)
+    for tile, step, lane, w in [(0, 0, 0, 0), (2, kt - 1, 31, 3), (1, 5, 17, 2), (2, 9, 4, 1)]:
+        assert qwg[tile, step // 8, w, (step % 8) // 4, lane, step % 4] == qpk[tile, step, lane, w]
+    assert qwg.flatten()[qwg.flatten() != 0].sort().values.equal(qpk.flatten()[qpk.flatten() != 0].sort().values)
+    assert kt % 8 and (qwg[:, -1].permute(0, 1, 2, 4, 3).reshape(nt, 4, 8, 32)[:, :, kt % 8:] == 0).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -88,11 +88,12 @@ void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, to
                                      (int)gx, smem, stream));
 }
 
-// out[M, N] = x[M, K] @ W^T (+ bias) through warpgroup MMAs (sm_90a), any M, tb tokens per CTA.
-void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, torch::Tensor zp, torch::Tensor out,
+// out[M, N] = x[M, K] @ W^T (+ bias) through warpgroup MMAs (sm_90a), any M, tb tokens per CTA, `ctas`
+// CTAs per token block. qwg: the wgmma layout of the packed weights (w4a16_cuda.wgmma_pack).
+void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qwg, torch::Tensor scl, torch::Tensor zp, torch::Tensor out,
                       c10::optional<torch::Tensor> bias, torch::Tensor ws, torch::Tensor cnt, int64_t N, int64_t K,
-                      int64_t G, int64_t S, int64_t tb, int64_t nw, int64_t overlap) {
-  TORCH_CHECK(x.is_cuda() && qpk.is_cuda() && out.is_cuda() && ws.is_cuda() && cnt.is_cuda(), "CUDA tensors expected");
+                      int64_t G, int64_t KT, int64_t ctas, int64_t tb, int64_t nw) {
+  TORCH_CHECK(x.is_cuda() && qwg.is_cuda() && out.is_cuda() && ws.is_cuda() && cnt.is_cuda(), "CUDA tensors expected");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "x must be 2-D with 16-byte aligned rows");
@@ -100,24 +101,30 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, tor
   TORCH_CHECK(scl.scalar_type() == x.scalar_type() && zp.scalar_type() == at::kByte, "bad scales/zeros dtypes");
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_contiguous() && out.size(0) == x.size(0) &&
                   out.size(1) == N, "bad out");
-  TORCH_CHECK(qpk.scalar_type() == at::kInt && qpk.dim() == 4 && qpk.is_contiguous() && scl.is_contiguous() &&
-                  zp.is_contiguous(), "bad packed tensors");
+  TORCH_CHECK(qwg.scalar_type() == at::kInt && qwg.dim() == 6 && qwg.size(2) == 4 && qwg.size(3) == 2 &&
+                  qwg.size(4) == 32 && qwg.size(5) == 4 && qwg.is_contiguous() && scl.is_contiguous() &&
+                  zp.is_contiguous(), "bad packed tensors (qwg must be int32 [NT, KS, 4, 2, 32, 4])");
   TORCH_CHECK(G % 16 == 0 && K % 8 == 0, "the wgmma kernel needs group_size % 16 == 0 and K % 8 == 0");
   TORCH_CHECK(tb == 32 || tb == 64 || tb == 128, "tb must be 32, 64 or 128");
   TORCH_CHECK(nw == 1 || nw == 2, "nw must be 1 or 2");
   const c10::cuda::CUDAGuard guard(x.device());
-  W4A16Params p = common_params(x, qpk, scl, zp, out, bias, ws, cnt, N, K, G);
-  TORCH_CHECK(p.Gp == G && (int64_t)p.NT * 64 >= N, "inconsistent packed geometry");
+  W4A16Params p = common_params(x, qwg, scl, zp, out, bias, ws, cnt, N, K, G);
+  p.KT = KT;  // common_params read dim 1 of qwg (stages): the geometry is in k16 steps
+  p.Gp = p.KT * 16 / p.NG;
+  p.SPG = p.Gp / 16;
+  p.wg_stages = qwg.size(1);
+  TORCH_CHECK(p.Gp == G && (int64_t)p.NT * 64 >= N && (int64_t)p.wg_stages * 8 >= KT, "inconsistent packed geometry");
   TORCH_CHECK((p.SPG & (p.SPG - 1)) == 0, "the wgmma kernel needs group_size / 16 to be a power of two");
   p.WN = 0;  // log2(k16 steps per group)
   while ((1 << p.WN) < p.SPG) ++p.WN;
-  p.S = S;
-  p.gps = (p.NG + S - 1) / S;
-  TORCH_CHECK(S >= 1 && (p.NG + p.gps - 1) / p.gps == S, "S must equal ceil(NG / ceil(NG / S))");
-  const int64_t tiles = (int64_t)((p.NT + 2 * nw - 1) / (2 * nw)) * ((p.M + tb - 1) / tb);
-  TORCH_CHECK(S == 1 || (ws.numel() >= (int64_t)S * p.M * p.NT * 64 && cnt.numel() >= tiles), "workspace too small");
+  const int64_t blocks = (p.NT + 2 * nw - 1) / (2 * nw), units = blocks * p.wg_stages;
+  TORCH_CHECK(ctas >= 1 && ctas <= units, "ctas must be in [1, column blocks x stages]");
+  // the most CTAs sharing one block: each covers >= floor(units / ctas) stages
+  const int64_t per = units / ctas, parts = ctas == blocks ? 1 : (p.wg_stages + per - 1) / per + 1;
   TORCH_CHECK(p.M >= 1 && (p.M + tb - 1) / tb <= 65535, "bad M");
-  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, (int)nw, overlap != 0,
+  TORCH_CHECK(parts == 1 || (ws.numel() >= parts * p.M * p.NT * 64 &&
+                             cnt.numel() >= blocks * ((p.M + tb - 1) / tb)), "workspace too small");
+  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, (int)nw, (int)ctas,
                                     c10::cuda::getCurrentCUDAStream()));
 }
 

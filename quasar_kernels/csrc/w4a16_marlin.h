@@ -17,6 +17,7 @@ struct W4A16Params {
   long long x_stride;
   int M, N, K, G, Gp, NG, KT, NT, SPG;
   int WN, WK, nblocks, S, gps, vec;
+  int wg_stages;        // wgmma kernel: stages of 8 k16 steps per column tile (its packed tensor's dim 1)
 };
 
 // Ring depth (512-byte weight loads in flight per warp) of the build for `occ` CTAs per SM.
@@ -31,11 +32,12 @@ cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int o
                                 int smem, cudaStream_t stream);
 
 // Batched verification on sm_90a (w4a16_wgmma.cu): wgmma with the dequantized weights as the register
-// operand, tb tokens (32, 64 or 128) and 128 nw weight rows (nw = 1 or 2) per CTA, the same packed
-// tensors and params (WN = log2(group size / 16); WK, nblocks, vec unused; ws holds [S][M][NT*64];
-// cnt needs ceil(NT / (2 nw)) * ceil(M / tb) counters). Group size 16 times a power of two, K a
-// multiple of 8, x rows 16-byte aligned. overlap: dequantize stage s + 1 while stage s's wgmmas run (two sets of A registers).
-cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, bool overlap, cudaStream_t stream);
+// operand, tb tokens (32, 64 or 128) and 128 nw weight rows (nw = 1 or 2) per column block, `ctas`
+// CTAs per token block sharing the (column block, stage) units evenly (stream-K). p.qpk points at the
+// wgmma layout [NT][wg_stages][4][2][32][4] words; WN = log2(group size / 16); ws holds the partials
+// [parts][M][NT*64] (parts = the most CTAs sharing one column block), cnt ceil(NT / (2 nw)) * ceil(M / tb)
+// zeroed counters. Group size 16 times a power of two, K a multiple of 8, x rows 16-byte aligned.
+cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, int ctas, cudaStream_t stream);
 // Tests only: D[64][32] (fp32) = A[64][16] @ B[16][32] (bf16, row-major) through one wgmma with the
 // kernel's fragment and shared-memory layouts.
 cudaError_t wgmma_probe_launch(const void* A, const void* B, float* D, cudaStream_t stream);

@@ -3,22 +3,21 @@
 // activations as the shared-memory operand B, so the weights never make a round trip through
 // shared memory after dequantization and one CTA multiplies each weight into up to 128 tokens.
 //
-// Reads the same prepacked tensors as the mma.sync kernel (quasar_kernels/w4a16_cuda.py): the word
-// j of a lane's 16 bytes at (column tile nt, k16 step kt) holds, read in the order (q, q>>8, q>>4,
-// q>>12), the mma.m16n8k16 A fragment of rows 16 j .. 16 j + 15 of the tile — exactly what warp j of
-// a warpgroup supplies to an m64 wgmma. Scales / zeros of rows 16 j + g and 16 j + 8 + g sit side by
-// side ([nt][group][g][2 j], [2 j + 1]).
+// Weights: its own re-layout of the mma.sync kernel's packed words (quasar_kernels/w4a16_cuda.py,
+// wgmma_pack): per (column tile of 64 rows, stage of 8 k16 steps) 4 KB, [4 warps][2 halves][32 lanes]
+// x 16 bytes, where the 16 bytes of (warp w, half h, lane l) are k16 steps 4 h .. 4 h + 3 of lane l's
+// mma.m16n8k16 A fragment of rows 16 w .. 16 w + 15 (each word read in the order q, q>>8, q>>4,
+// q>>12) — exactly what warp w of a warpgroup supplies to an m64 wgmma. Scales / zeros (shared with
+// the mma.sync kernel) of rows 16 w + g and 16 w + 8 + g sit side by side ([nt][group][g][2 w], [2 w + 1]).
 //
-// CTA = 2 warpgroups x nw column tiles = 128 nw weight rows x TB tokens, grid (column blocks, S
-// K-splits of whole groups, token blocks). A 4-stage cp.async pipeline brings, per stage of 8 k16
-// steps, the packed weights, the scales / zeros of the groups the stage touches and the activation
-// tile (TB x 128 channels, K-major, 128-byte swizzled: a 128-byte row of 64 channels per token,
-// 1024-byte atoms) into shared memory; each warp dequantizes its A fragments (lop3 + two bf16x2
-// FMAs per pair), then the warpgroup issues 8 nw wgmmas and waits for them before the stage's
-// buffer is reused (ov = 1: while dequantizing the next stage). Every per-thread load address is
-// computed once; a stage adds its offset. With S > 1 the fp32 partials go to a workspace
-// [S][M][NT*64] and the last CTA of a tile sums them in split order (deterministic) and resets its
-// counter, as in the mma.sync kernel.
+// CTA = 2 warpgroups x nw column tiles = a block of 128 nw weight rows x TB tokens; grid (CTAs per token
+// block, token blocks), the (block, stage) units split evenly over the CTAs (stream-K, see the kernel).
+// A 4-stage cp.async pipeline brings, per stage, the packed weights, the scales / zeros of the groups
+// the stage touches and the activation tile (TB x 128 channels, K-major, 128-byte swizzled: a 128-byte
+// row of 64 channels per token, 1024-byte atoms) into shared memory; each warp dequantizes its A
+// fragments (lop3 + two bf16x2 FMAs per pair), then the warpgroup issues 8 nw wgmmas and waits for
+// them before the stage's buffer is reused. Every per-thread load address is computed once per column
+// block; a stage adds its offset.
 // Requirements (checked by the binding): group size / 16 a power of two, K a multiple of 8, x rows
 // 16-byte aligned.
 #include <type_traits>
@@ -83,95 +82,106 @@ __device__ __forceinline__ void wgmma_tb(float* d, const uint32_t* a, uint64_t d
 // Shared memory of one pipeline stage, in bytes: packed weights, scales + zeros, activations.
 template <int TB, int NTW>
 struct WgStage {
-  static constexpr int W = WG_NWG * NTW * WG_KSTEPS * 512;
+  static constexpr int W = WG_NWG * NTW * 4096;  // per 64-row tile: 8 k16 steps x 512 B
   static constexpr int SZ = WG_NWG * NTW * WG_KSTEPS * WG_SZ_BYTES;  // up to WG_KSTEPS groups per stage (G = 16)
   static constexpr int X = TB * WG_KSTEPS * 16 * 2;
   static constexpr int BYTES = W + SZ + X;
 };
 
-// NTW: column tiles (of 64 weight rows) per warpgroup, so a CTA covers 128 NTW weight rows and reads
-// each activation tile once per 128 NTW rows. OV: overlap the dequantization of stage s + 1 with the
-// wgmmas of stage s (two sets of A registers).
-template <bool BF16, int TB, int NTW, int MINB, bool OV>
+// NTW: column tiles (of 64 weight rows) per warpgroup, so a CTA's block covers 128 NTW weight rows and
+// reads each activation tile once per 128 NTW rows.
+//
+// Work split (stream-K): the (column block, stage) units of one token block, U = NB x KS of them, are
+// cut into gridDim.x equal contiguous ranges, one per CTA, so every CTA gets the same number of stages
+// whatever the number of column blocks (a grid of one CTA per block left SMs idle: 192 blocks on 132
+// SMs). A CTA's range crosses column blocks; a block it covers whole is written straight to the output,
+// a part of one goes to the workspace slot of its rank among the block's CTAs, and the last of them to
+// arrive sums the slots in rank order (deterministic) and resets the block's counter.
+template <bool BF16, int TB, int NTW, int MINB>
 __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A16Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
   using L = WgStage<TB, NTW>;
   constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;
   constexpr uint32_t NEG = BF16 ? 0xC300C300u : 0xE400E400u;  // -(magic), a zero code ORed into each half
-  constexpr int CT = WG_NWG * NTW;                               // column tiles per CTA
+  constexpr int CT = WG_NWG * NTW;                               // column tiles per block
   extern __shared__ __align__(1024) unsigned char smem[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t4 = lane & 3;
-  const int nb = blockIdx.x, split = blockIdx.y, tok0 = blockIdx.z * TB;
-  const int g0 = split * p.gps, g1 = min(p.NG, g0 + p.gps);
-  const int c0 = g0 * p.SPG, c1 = g1 * p.SPG;  // k16 steps of this split
-  const int nst = (c1 - c0 + WG_KSTEPS - 1) / WG_KSTEPS;
+  const int tok0 = blockIdx.y * TB;
+  const int KS = p.wg_stages, NB = (p.NT + CT - 1) / CT;
+  const long long U = (long long)NB * KS, GC = gridDim.x;
+  const long long u0 = blockIdx.x * U / GC, u1 = (blockIdx.x + 1) * U / GC;
+  const int nst = (int)(u1 - u0);  // stages of this CTA
   const uint32_t sbase = ((uint32_t)__cvta_generic_to_shared(smem) + 1023u) & ~1023u;  // swizzle atoms: 1024-aligned
   const T* x = reinterpret_cast<const T*>(p.x);
+  const uint4* qwg = p.qpk;  // [NT][KS][4 wq][2 h][32 lanes][4 steps] words: see w4a16_cuda.wgmma_pack
 
-  // Per-thread load plan, computed once: each stage only adds its offset (the kernel was bound by
-  // the index arithmetic of rebuilding every address each stage, ~700 PTX instructions per stage).
-  constexpr int WR = CT * WG_KSTEPS * 32 / WG_THREADS;  // 16-byte weight chunks per thread per stage
+  // Per-thread load plan: offsets fixed per column block (recomputed when the loader enters a new
+  // block, at most a few times per CTA); each stage adds its offset.
   constexpr int XCH = TB * WG_KSTEPS * 2;  // 16-byte activation chunks per stage
   constexpr int XR = (XCH + WG_THREADS - 1) / WG_THREADS;
   const int lg = p.WN, sh = min(p.WN, WG_LKS);  // log2(k16 steps per group); k16 step i of a stage uses group slot i >> sh
-  int woff[WR], wlim[WR];  // packed words (uint4 units) of stage 0 and of the split's last k16 step
-#pragma unroll
-  for (int r = 0; r < WR; ++r) {  // chunk c = (tile v, step i, lane l)
-    const int c = tid + r * WG_THREADS, v = c >> (WG_LKS + 5), i = (c >> 5) & (WG_KSTEPS - 1), l = c & 31;
-    const int ntv = min(nb * CT + v, p.NT - 1);
-    woff[r] = ((ntv * p.KT) + c0 + i) * 32 + l;
-    wlim[r] = ((ntv * p.KT) + c1 - 1) * 32 + l;  // past the split: a valid address, multiplied by zeros
-  }
-  // scales + zeros: chunk c = (tile v, group slot, 16-byte piece ch), only the slots a stage uses
   constexpr int SZR = (CT * WG_KSTEPS * 12 + WG_THREADS - 1) / WG_THREADS;
   const uint8_t* sz_src[SZR];
-  int sz_mul[SZR], sz_row[SZR], sz_slot[SZR];
+  int sz_mul[SZR], sz_slot[SZR], sz_v[SZR], sz_row[SZR];
   uint32_t sz_dst[SZR];
   bool sz_on[SZR];
 #pragma unroll
-  for (int r = 0; r < SZR; ++r) {
-    const int c = tid + r * WG_THREADS, v = c / (WG_KSTEPS * 12), ch = c % 12;
+  for (int r = 0; r < SZR; ++r) {  // chunk c = (tile v, group slot, 16-byte piece ch), only the slots a stage uses
+    const int c = tid + r * WG_THREADS, ch = c % 12;
+    sz_v[r] = c / (WG_KSTEPS * 12);
     sz_slot[r] = (c / 12) % WG_KSTEPS;
     sz_on[r] = c < CT * WG_KSTEPS * 12 && sz_slot[r] < (WG_KSTEPS >> sh);
     sz_src[r] = ch < 8 ? reinterpret_cast<const uint8_t*>(p.scl) + ch * 16 : reinterpret_cast<const uint8_t*>(p.zp) + (ch - 8) * 16;
     sz_mul[r] = ch < 8 ? 128 : 64;
-    sz_row[r] = min(nb * CT + v, p.NT - 1) * p.NG;
-    sz_dst[r] = L::W + (v * WG_KSTEPS + sz_slot[r]) * WG_SZ_BYTES + ch * 16;
+    sz_dst[r] = L::W + (sz_v[r] * WG_KSTEPS + sz_slot[r]) * WG_SZ_BYTES + ch * 16;
   }
   const T* xsrc[XR];  // activations: chunk c = (token, 8 channels kc) of stage 0
   bool xrow[XR];
   uint32_t xdst[XR];
-  const int kend = min(c1 * 16, p.K - 7);  // a chunk is copied if its first channel is below this
+  int xk[XR];
 #pragma unroll
   for (int r = 0; r < XR; ++r) {
     const int c = tid + r * WG_THREADS, tok = c >> (WG_LKS + 1), kc = c & (2 * WG_KSTEPS - 1);
     xrow[r] = c < XCH && tok0 + tok < p.M;
-    xsrc[r] = x + (xrow[r] ? (size_t)(tok0 + tok) * p.x_stride : 0) + c0 * 16 + kc * 8;
+    xk[r] = kc * 8;
+    xsrc[r] = x + (xrow[r] ? (size_t)(tok0 + tok) * p.x_stride : 0) + kc * 8;
     xdst[r] = L::W + L::SZ + (kc >> 3) * (TB * 128) + sw128_offset(tok, kc & 7);  // atom column kc / 8
   }
-
-  auto load_stage = [&](int st) {
-    const uint32_t buf = sbase + (uint32_t)(st & (WG_STAGES - 1)) * L::BYTES;
-    const int kt0 = c0 + st * WG_KSTEPS;
+  int wrow[CT];  // uint4 index of this thread's weight chunk of tile v at stage 0 of the loader's block
+  int ld_blk = (int)(u0 / KS), ld_st = (int)(u0 % KS);
+  auto enter_block = [&](int blk) {
 #pragma unroll
-    for (int r = 0; r < WR; ++r)
-      cp_async16(buf + (tid + r * WG_THREADS) * 16, p.qpk + min(woff[r] + st * WG_KSTEPS * 32, wlim[r]));
+    for (int v = 0; v < CT; ++v) wrow[v] = min(blk * CT + v, p.NT - 1) * KS * 256 + tid;  // clamped tiles: never stored
+#pragma unroll
+    for (int r = 0; r < SZR; ++r) sz_row[r] = min(blk * CT + sz_v[r], p.NT - 1) * p.NG;
+  };
+  enter_block(ld_blk);
+
+  // copy the loader's next stage into buffer j % WG_STAGES, then advance the loader
+  auto load_next = [&](int j) {
+    const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
+#pragma unroll
+    for (int v = 0; v < CT; ++v) cp_async16(buf + (v * 256 + tid) * 16, qwg + wrow[v] + ld_st * 256);
 #pragma unroll
     for (int r = 0; r < SZR; ++r)
       if (sz_on[r]) {
-        const int gi = min((kt0 >> lg) + sz_slot[r], p.NG - 1);
+        const int gi = min(((ld_st << WG_LKS) >> lg) + sz_slot[r], p.NG - 1);
         cp_async16(buf + sz_dst[r], sz_src[r] + (size_t)(sz_row[r] + gi) * sz_mul[r]);
       }
 #pragma unroll
     for (int r = 0; r < XR; ++r) {
       if (XCH % WG_THREADS == 0 || tid + r * WG_THREADS < XCH) {
-        const int k = st * WG_KSTEPS * 16 + (c0 * 16 + ((tid + r * WG_THREADS) & (2 * WG_KSTEPS - 1)) * 8);
-        const bool ok = xrow[r] && k < kend;  // zero past M, past K and past the split
-        cp_async16_zfill(buf + xdst[r], ok ? xsrc[r] + st * WG_KSTEPS * 16 : x, ok);
+        const int k = ld_st * (WG_KSTEPS * 16) + xk[r];
+        const bool ok = xrow[r] && k < p.K;  // zero past M and past K
+        cp_async16_zfill(buf + xdst[r], ok ? xsrc[r] + ld_st * (WG_KSTEPS * 16) : x, ok);
       }
+    }
+    if (++ld_st == KS) {
+      ld_st = 0;
+      enter_block(++ld_blk);
     }
   };
 
@@ -183,15 +193,22 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
 
 #pragma unroll
   for (int st = 0; st < WG_STAGES - 1; ++st) {
-    if (st < nst) load_stage(st);
+    if (st < nst) load_next(st);
     cp_async_commit();
   }
-  // the A fragments of stage st's k16 steps for each of this warpgroup's tiles, from buffer st % WG_STAGES
-  auto dequant = [&](int st, uint32_t (&a)[NTW][WG_KSTEPS][4]) {
-    const uint32_t buf = sbase + (uint32_t)(st & (WG_STAGES - 1)) * L::BYTES;
+  // The A fragments of buffer j's k16 steps for each of this warpgroup's tiles. Warp wq's words of a
+  // tile and stage are two contiguous 512-byte runs (steps 0-3, 4-7; each lane's 16 bytes are its 4
+  // steps), so each run is one conflict-free 16-byte load per lane: the mma.sync layout's word wq of a
+  // lane's 16 bytes cost a 4-way bank conflict per 4-byte load (ncu, run 6f: 3.6-way on average).
+  auto dequant = [&](int j, uint32_t (&a)[NTW][WG_KSTEPS][4]) {
+    const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
 #pragma unroll
-    for (int j = 0; j < NTW; ++j) {
-      const int v = wg * NTW + j;
+    for (int jj = 0; jj < NTW; ++jj) {
+      const int v = wg * NTW + jj;
+      uint32_t q[WG_KSTEPS];
+      const uint32_t wa = buf + (uint32_t)(v * 4096 + wq * 1024 + lane * 16);
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q[0]), "=r"(q[1]), "=r"(q[2]), "=r"(q[3]) : "r"(wa) : "memory");
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q[4]), "=r"(q[5]), "=r"(q[6]), "=r"(q[7]) : "r"(wa + 512) : "memory");
       uint32_t s_lo = 0, s_hi = 0, z_lo = NEG, z_hi = NEG;
 #pragma unroll
       for (int i = 0; i < WG_KSTEPS; ++i) {
@@ -207,124 +224,110 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
           z_lo = NEG | (zw & 0xffu) | ((zw & 0xffu) << 16);
           z_hi = NEG | (zw >> 8) | ((zw >> 8) << 16);
         }
-        uint32_t q;  // word wq of this lane's 16 bytes: the A fragment of rows 16 wq .. 16 wq + 15
-        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(q) : "r"(buf + (uint32_t)(((v * WG_KSTEPS + i) * 32 + lane) * 16 + wq * 4))
-                     : "memory");
-        a[j][i][0] = sub_mul<BF16>(nib2<EX>(q), z_lo, s_lo);
-        a[j][i][1] = sub_mul<BF16>(nib2<EX>(q >> 8), z_hi, s_hi);
-        a[j][i][2] = sub_mul<BF16>(nib2<EX>(q >> 4), z_lo, s_lo);
-        a[j][i][3] = sub_mul<BF16>(nib2<EX>(q >> 12), z_hi, s_hi);
+        a[jj][i][0] = sub_mul<BF16>(nib2<EX>(q[i]), z_lo, s_lo);
+        a[jj][i][1] = sub_mul<BF16>(nib2<EX>(q[i] >> 8), z_hi, s_hi);
+        a[jj][i][2] = sub_mul<BF16>(nib2<EX>(q[i] >> 4), z_lo, s_lo);
+        a[jj][i][3] = sub_mul<BF16>(nib2<EX>(q[i] >> 12), z_hi, s_hi);
       }
     }
   };
-  // issue (not wait for) stage st's wgmmas with these A fragments
-  auto multiply = [&](int st, const uint32_t (&a)[NTW][WG_KSTEPS][4]) {
-    const uint32_t xbuf = sbase + (uint32_t)(st & (WG_STAGES - 1)) * L::BYTES + L::W + L::SZ;
+  // issue stage j's wgmmas with these A fragments and wait for them (until then neither the
+  // accumulators nor a may be touched)
+  auto multiply = [&](int j, uint32_t (&a)[NTW][WG_KSTEPS][4]) {
+    const uint32_t xbuf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES + L::W + L::SZ;
 #pragma unroll
-    for (int j = 0; j < NTW; ++j)
+    for (int jj = 0; jj < NTW; ++jj)
 #pragma unroll
-      for (int i = 0; i < TB / 2; ++i) hold(acc[j][i]);
+      for (int i = 0; i < TB / 2; ++i) hold(acc[jj][i]);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-    // no branch between the wgmmas (one makes ptxas serialize them, warning C7519): k16 steps past
-    // the split multiply clamped weights by zero-filled activations
+    // no branch between the wgmmas (one makes ptxas serialize them, warning C7519): k16 steps past K
+    // multiply finite weights by zero-filled activations
 #pragma unroll
     for (int i = 0; i < WG_KSTEPS; ++i)
 #pragma unroll
-      for (int j = 0; j < NTW; ++j)  // k16 step i: atom column i / 4, 32 bytes per step inside the row
-        wgmma_tb<BF16, TB>(acc[j], a[j][i], smem_desc_sw128(xbuf + (uint32_t)((i >> 2) * TB * 128 + (i & 3) * 32)));
+      for (int jj = 0; jj < NTW; ++jj)  // k16 step i: atom column i / 4, 32 bytes per step inside the row
+        wgmma_tb<BF16, TB>(acc[jj], a[jj][i], smem_desc_sw128(xbuf + (uint32_t)((i >> 2) * TB * 128 + (i & 3) * 32)));
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-  };
-  // wait for this warpgroup's wgmmas; until then neither the accumulators nor a may be touched
-  auto settle = [&](uint32_t (&a)[NTW][WG_KSTEPS][4]) {
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 #pragma unroll
-    for (int j = 0; j < NTW; ++j) {
+    for (int jj = 0; jj < NTW; ++jj) {
 #pragma unroll
-      for (int i = 0; i < TB / 2; ++i) hold(acc[j][i]);
+      for (int i = 0; i < TB / 2; ++i) hold(acc[jj][i]);
 #pragma unroll
       for (int i = 0; i < WG_KSTEPS; ++i)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) hold(a[j][i][r]);
+        for (int r = 0; r < 4; ++r) hold(a[jj][i][r]);
     }
   };
-
-  if constexpr (!OV) {  // dequantize, multiply, wait: the tensor cores idle while this warpgroup dequantizes
-    for (int st = 0; st < nst; ++st) {
-      cp_async_wait<WG_STAGES - 2>();
-      fence_async_smem();
-      __syncthreads();  // stage st is in for every thread; every warpgroup is done with stage st - 1
-      if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);
-      cp_async_commit();
-      uint32_t a[NTW][WG_KSTEPS][4];
-      dequant(st, a);
-      multiply(st, a);
-      settle(a);
-    }
-  } else {  // stage st + 1 is dequantized (and its copy waited for) while stage st's wgmmas run
-    uint32_t a_cur[NTW][WG_KSTEPS][4], a_nxt[NTW][WG_KSTEPS][4];
-    if (nst > 0) {
-      cp_async_wait<WG_STAGES - 2>();
-      fence_async_smem();
-      __syncthreads();
-      dequant(0, a_cur);
-    }
-    for (int st = 0; st < nst; ++st) {
-      multiply(st, a_cur);
-      cp_async_wait<WG_STAGES - 3>();
-      fence_async_smem();
-      __syncthreads();  // stage st + 1 is in for every thread; every warpgroup waited for stage st - 1
-      if (st + WG_STAGES - 1 < nst) load_stage(st + WG_STAGES - 1);  // into stage st - 1's buffer
-      cp_async_commit();
-      if (st + 1 < nst) dequant(st + 1, a_nxt);
-      settle(a_cur);
-#pragma unroll
-      for (int j = 0; j < NTW; ++j)
-#pragma unroll
-        for (int i = 0; i < WG_KSTEPS; ++i)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) a_cur[j][i][r] = a_nxt[j][i][r];
-    }
-  }
 
   // acc[j][4 u + e]: weight row (output column) 64 nt + 16 wq + g + 8 (e >> 1), token tok0 + 8 u + 2 t4 + (e & 1)
   T* out = reinterpret_cast<T*>(p.out);
   const T* bias = reinterpret_cast<const T*>(p.bias);
   const int WSN = p.NT * 64;
+  __shared__ int s_last;
+  // the CTA owning unit u: the last c with floor(c U / GC) <= u
+  auto owner = [&](long long u) { return (int)(((u + 1) * GC - 1) / U); };
+  auto finish_block = [&](int blk, bool whole) {
+    const int rank = whole ? 0 : (int)blockIdx.x - owner((long long)blk * KS);
 #pragma unroll
-  for (int j = 0; j < NTW; ++j) {
-    const int nt = nb * CT + wg * NTW + j;
-    if (nt >= p.NT) continue;  // a clamped tile: its output is dropped
+    for (int jj = 0; jj < NTW; ++jj) {
+      const int nt = blk * CT + wg * NTW + jj;
+      if (nt >= p.NT) continue;  // a clamped tile: its output is dropped
 #pragma unroll
-    for (int u = 0; u < TB / 8; ++u)
+      for (int u = 0; u < TB / 8; ++u)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int n = nt * 64 + 16 * wq + g + 8 * (e >> 1), tok = tok0 + 8 * u + 2 * t4 + (e & 1);
-        if (n < p.N && tok < p.M) {
-          const float v = acc[j][4 * u + e];
-          if (p.S == 1) out[(size_t)tok * p.N + n] = from_f<T>(bias ? v + to_f<T>(bias[n]) : v);
-          else __stcg(p.ws + ((size_t)split * p.M + tok) * WSN + n, v);
+        for (int e = 0; e < 4; ++e) {
+          const int n = nt * 64 + 16 * wq + g + 8 * (e >> 1), tok = tok0 + 8 * u + 2 * t4 + (e & 1);
+          if (n < p.N && tok < p.M) {
+            const float v = acc[jj][4 * u + e];
+            if (whole) out[(size_t)tok * p.N + n] = from_f<T>(bias ? v + to_f<T>(bias[n]) : v);
+            else __stcg(p.ws + ((size_t)rank * p.M + tok) * WSN + n, v);
+          }
         }
-      }
-  }
-  if (p.S > 1) {
+    }
+    if (whole) return;
+    const int parts = owner((long long)blk * KS + KS - 1) - owner((long long)blk * KS) + 1;
     __threadfence();
     __syncthreads();
-    __shared__ int s_last;
-    const int cidx = blockIdx.z * gridDim.x + blockIdx.x;
-    if (tid == 0) s_last = (atomicAdd(p.cnt + cidx, 1) == p.S - 1);
+    const int cidx = blockIdx.y * NB + blk;
+    if (tid == 0) s_last = (atomicAdd(p.cnt + cidx, 1) == parts - 1);
     __syncthreads();
     if (s_last) {
       __threadfence();
       for (int idx = tid; idx < TB * CT * 64; idx += WG_THREADS) {
-        const int tok = tok0 + idx / (CT * 64), n = nb * CT * 64 + idx % (CT * 64);
+        const int tok = tok0 + idx / (CT * 64), n = blk * CT * 64 + idx % (CT * 64);
         if (tok < p.M && n < p.N) {
           float v = 0.f;
-          for (int q = 0; q < p.S; ++q) v += __ldcg(p.ws + ((size_t)q * p.M + tok) * WSN + n);
+          for (int q = 0; q < parts; ++q) v += __ldcg(p.ws + ((size_t)q * p.M + tok) * WSN + n);
           if (bias) v += to_f<T>(bias[n]);
           out[(size_t)tok * p.N + n] = from_f<T>(v);
         }
       }
       if (tid == 0) p.cnt[cidx] = 0;  // ready for the next call
+    }
+  };
+
+  int cu_blk = (int)(u0 / KS), cu_st = (int)(u0 % KS), first_st = cu_st;
+  for (int j = 0; j < nst; ++j) {
+    cp_async_wait<WG_STAGES - 2>();
+    fence_async_smem();
+    __syncthreads();  // stage j is in for every thread; every warpgroup is done with stage j - 1
+    if (j + WG_STAGES - 1 < nst) load_next(j + WG_STAGES - 1);
+    cp_async_commit();
+    uint32_t a[NTW][WG_KSTEPS][4];
+    dequant(j, a);
+    multiply(j, a);
+    if (cu_st == KS - 1 || j == nst - 1) {  // the block ends here or the CTA's range does
+      finish_block(cu_blk, first_st == 0 && cu_st == KS - 1);
+#pragma unroll
+      for (int jj = 0; jj < NTW; ++jj)
+#pragma unroll
+        for (int i = 0; i < TB / 2; ++i) acc[jj][i] = 0.f;
+      first_st = 0;
+    }
+    if (++cu_st == KS) {
+      cu_st = 0;
+      ++cu_blk;
     }
   }
 #else
@@ -332,9 +335,9 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
 #endif
 }
 
-template <bool BF16, int TB, int NTW, int MINB, bool OV>
-cudaError_t launch_wg(const W4A16Params& p, cudaStream_t stream) {
-  auto kern = w4a16_wgmma_kernel<BF16, TB, NTW, MINB, OV>;
+template <bool BF16, int TB, int NTW, int MINB>
+cudaError_t launch_wg(const W4A16Params& p, int ctas, cudaStream_t stream) {
+  auto kern = w4a16_wgmma_kernel<BF16, TB, NTW, MINB>;
   const int smem = WG_STAGES * WgStage<TB, NTW>::BYTES + 1024;  // + room to align the base
   static bool configured = false;
   if (!configured) {
@@ -342,7 +345,7 @@ cudaError_t launch_wg(const W4A16Params& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  dim3 grid((p.NT + 2 * NTW - 1) / (2 * NTW), p.S, (p.M + TB - 1) / TB);
+  dim3 grid(ctas, (p.M + TB - 1) / TB);
   kern<<<grid, WG_THREADS, smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -385,17 +388,13 @@ __global__ void wgmma_probe_kernel(const __nv_bfloat16* A, const __nv_bfloat16* 
 #endif
 }
 
-template <int NTW, bool OV>
-cudaError_t launch_tb(const W4A16Params& p, bool bf16, int tb, cudaStream_t stream) {
+template <int NTW>
+cudaError_t launch_tb(const W4A16Params& p, bool bf16, int tb, int ctas, cudaStream_t stream) {
   // 2 CTAs per SM where registers (<= 128 per thread) and shared memory allow it
   constexpr int MINB_SMALL = NTW == 1 ? 2 : 1;
-  if (tb == 32) return bf16 ? launch_wg<true, 32, NTW, MINB_SMALL, OV>(p, stream) : launch_wg<false, 32, NTW, MINB_SMALL, OV>(p, stream);
-  if (tb == 64) return bf16 ? launch_wg<true, 64, NTW, MINB_SMALL, OV>(p, stream) : launch_wg<false, 64, NTW, MINB_SMALL, OV>(p, stream);
-  if constexpr (NTW == 2 && OV) {  // two sets of A fragments for 4 tiles x 128 tokens: > 255 registers
-    if (tb == 128) return cudaErrorNotSupported;
-  } else {
-    if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, 1, OV>(p, stream) : launch_wg<false, 128, NTW, 1, OV>(p, stream);
-  }
+  if (tb == 32) return bf16 ? launch_wg<true, 32, NTW, MINB_SMALL>(p, ctas, stream) : launch_wg<false, 32, NTW, MINB_SMALL>(p, ctas, stream);
+  if (tb == 64) return bf16 ? launch_wg<true, 64, NTW, MINB_SMALL>(p, ctas, stream) : launch_wg<false, 64, NTW, MINB_SMALL>(p, ctas, stream);
+  if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, 1>(p, ctas, stream) : launch_wg<false, 128, NTW, 1>(p, ctas, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -407,8 +406,8 @@ cudaError_t wgmma_probe_launch(const void* A, const void* B, float* D, cudaStrea
   return cudaGetLastError();
 }
 
-cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, bool overlap, cudaStream_t stream) {
-  if (nw == 1) return overlap ? launch_tb<1, true>(p, bf16, tb, stream) : launch_tb<1, false>(p, bf16, tb, stream);
-  if (nw == 2) return overlap ? launch_tb<2, true>(p, bf16, tb, stream) : launch_tb<2, false>(p, bf16, tb, stream);
+cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, int ctas, cudaStream_t stream) {
+  if (nw == 1) return launch_tb<1>(p, bf16, tb, ctas, stream);
+  if (nw == 2) return launch_tb<2>(p, bf16, tb, ctas, stream);
   return cudaErrorInvalidValue;
 }
