@@ -11,7 +11,7 @@ import torch
 from quasar_bench.packing import pack_int4, quantize_int4_rtn
 from quasar_kernels import w4a16_cuda as wc
 
-CONFIGS = ((64, dict(ctas=264, tb=64, nw=1)), (128, dict(ctas=132, tb=128, nw=1)))  # one wave of resident CTAs
+CONFIGS = ((64, dict(ctas=192, tb=64, nw=1)), (64, dict(ctas=264, tb=64, nw=1)))  # a CTA per block; one wave
 
 
 def main():

@@ -505,7 +505,7 @@ def wgmma_pack(packed: dict) -> torch.Tensor:
     per lane each, where qpk's word w of every lane's 16 bytes is a 4-way bank conflict per load."""
     qwg = packed.get("qwg")
     if qwg is None:
-        if torch.cuda.is_current_stream_capturing():  # the copy would live in the graph's pool, unfilled
+        if packed["qpk"].is_cuda and torch.cuda.is_current_stream_capturing():  # the copy would live in the graph's pool, unfilled
             raise RuntimeError("wgmma_pack called during CUDA-graph capture: run one forward before capturing")
         qpk = packed["qpk"]
         nt, kt = qpk.shape[0], qpk.shape[1]

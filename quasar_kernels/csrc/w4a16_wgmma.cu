@@ -54,6 +54,12 @@ __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.a
 // empty asm that "redefines" a register keeps the compiler from reusing or moving it across that point.
 __device__ __forceinline__ void hold(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 __device__ __forceinline__ void hold(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+// Per-thread constants computed once: made opaque so the compiler keeps them in registers instead of
+// recomputing them from threadIdx each stage (it did: ~150 instructions of loader per stage, run 7).
+__device__ __forceinline__ void pin(uint32_t& r) { asm volatile("" : "+r"(r)); }
+__device__ __forceinline__ void pin(int& r) { asm volatile("" : "+r"(r)); }
+template <typename P>
+__device__ __forceinline__ void pin(P*& ptr) { asm volatile("" : "+l"(ptr)); }
 
 // Shared-memory matrix descriptor, K-major with the 128-byte swizzle: each token's 64 channels are
 // one 128-byte row, 8 rows form a 1024-byte atom (SBO 1024 B; LBO unused for swizzled K-major), and
@@ -114,7 +120,8 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   const long long U = (long long)NB * KS, GC = gridDim.x;
   const long long u0 = blockIdx.x * U / GC, u1 = (blockIdx.x + 1) * U / GC;
   const int nst = (int)(u1 - u0);  // stages of this CTA
-  const uint32_t sbase = ((uint32_t)__cvta_generic_to_shared(smem) + 1023u) & ~1023u;  // swizzle atoms: 1024-aligned
+  uint32_t sbase = ((uint32_t)__cvta_generic_to_shared(smem) + 1023u) & ~1023u;  // swizzle atoms: 1024-aligned
+  pin(sbase);
   const T* x = reinterpret_cast<const T*>(p.x);
   const uint4* qwg = p.qpk;  // [NT][KS][4 wq][2 h][32 lanes][4 steps] words: see w4a16_cuda.wgmma_pack
 
@@ -138,23 +145,31 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     sz_mul[r] = ch < 8 ? 128 : 64;
     sz_dst[r] = L::W + (sz_v[r] * WG_KSTEPS + sz_slot[r]) * WG_SZ_BYTES + ch * 16;
   }
-  const T* xsrc[XR];  // activations: chunk c = (token, 8 channels kc) of stage 0
-  bool xrow[XR];
-  uint32_t xdst[XR];
-  int xk[XR];
+  // activations: thread tid copies chunks (token (tid >> 4) + 16 r, 8 channels kc = tid & 15) for r < XR:
+  // one shared-memory base (the chunks of r > 0 sit 16 rows = 2048 bytes further, same swizzle phase)
+  // and one global pointer plus r rows of 16, so a stage costs a few adds per chunk (the kernel is
+  // issue-bound: ncu at run 7 counted ~480 instructions per warp and stage, ~150 of them in the loader)
+  static_assert(XCH % WG_THREADS == 0 && L::BYTES % 16 == 0, "whole chunks per thread");
+  const int xkc = tid & 15, xtok = tid >> 4;
+  uint32_t xdst = L::W + L::SZ + (xkc >> 3) * (TB * 128) + sw128_offset(xtok, xkc & 7);
+  const T* xsrc = x + (size_t)min(tok0 + xtok, p.M - 1) * p.x_stride + xkc * 8;
+  const long long xrs = 16 * p.x_stride;  // elements between a thread's chunks
+  uint32_t xmask = 0;  // bit r: row tok0 + xtok + 16 r exists
 #pragma unroll
-  for (int r = 0; r < XR; ++r) {
-    const int c = tid + r * WG_THREADS, tok = c >> (WG_LKS + 1), kc = c & (2 * WG_KSTEPS - 1);
-    xrow[r] = c < XCH && tok0 + tok < p.M;
-    xk[r] = kc * 8;
-    xsrc[r] = x + (xrow[r] ? (size_t)(tok0 + tok) * p.x_stride : 0) + kc * 8;
-    xdst[r] = L::W + L::SZ + (kc >> 3) * (TB * 128) + sw128_offset(tok, kc & 7);  // atom column kc / 8
-  }
-  int wrow[CT];  // uint4 index of this thread's weight chunk of tile v at stage 0 of the loader's block
+  for (int r = 0; r < XR; ++r) xmask |= (uint32_t)(tok0 + xtok + 16 * r < p.M) << r;
+  int xklim = p.K - xkc * 8;  // a stage's chunk exists while its first channel k0 + 8 kc < K
+  pin(xdst);
+  pin(xsrc);
+  pin(xmask);
+  pin(xklim);
+  const uint4* wsrc[CT];  // this thread's weight chunk of tile v at stage 0 of the loader's block
   int ld_blk = (int)(u0 / KS), ld_st = (int)(u0 % KS);
   auto enter_block = [&](int blk) {
 #pragma unroll
-    for (int v = 0; v < CT; ++v) wrow[v] = min(blk * CT + v, p.NT - 1) * KS * 256 + tid;  // clamped tiles: never stored
+    for (int v = 0; v < CT; ++v) {  // clamped tiles: loaded, never stored
+      wsrc[v] = qwg + (size_t)min(blk * CT + v, p.NT - 1) * KS * 256 + tid;
+      pin(wsrc[v]);
+    }
 #pragma unroll
     for (int r = 0; r < SZR; ++r) sz_row[r] = min(blk * CT + sz_v[r], p.NT - 1) * p.NG;
   };
@@ -164,20 +179,19 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   auto load_next = [&](int j) {
     const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
 #pragma unroll
-    for (int v = 0; v < CT; ++v) cp_async16(buf + (v * 256 + tid) * 16, qwg + wrow[v] + ld_st * 256);
+    for (int v = 0; v < CT; ++v) cp_async16(buf + (v * 256 + tid) * 16, wsrc[v] + ld_st * 256);
 #pragma unroll
     for (int r = 0; r < SZR; ++r)
       if (sz_on[r]) {
         const int gi = min(((ld_st << WG_LKS) >> lg) + sz_slot[r], p.NG - 1);
         cp_async16(buf + sz_dst[r], sz_src[r] + (size_t)(sz_row[r] + gi) * sz_mul[r]);
       }
+    const int k0 = ld_st * (WG_KSTEPS * 16);
+    const bool kin = k0 < xklim;  // zero past K (and, by xmask, past M)
 #pragma unroll
     for (int r = 0; r < XR; ++r) {
-      if (XCH % WG_THREADS == 0 || tid + r * WG_THREADS < XCH) {
-        const int k = ld_st * (WG_KSTEPS * 16) + xk[r];
-        const bool ok = xrow[r] && k < p.K;  // zero past M and past K
-        cp_async16_zfill(buf + xdst[r], ok ? xsrc[r] + ld_st * (WG_KSTEPS * 16) : x, ok);
-      }
+      const bool ok = kin && ((xmask >> r) & 1);
+      cp_async16_zfill(buf + xdst + r * 2048, ok ? xsrc + r * xrs + k0 : x, ok);
     }
     if (++ld_st == KS) {
       ld_st = 0;
@@ -200,24 +214,28 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   // tile and stage are two contiguous 512-byte runs (steps 0-3, 4-7; each lane's 16 bytes are its 4
   // steps), so each run is one conflict-free 16-byte load per lane: the mma.sync layout's word wq of a
   // lane's 16 bytes cost a 4-way bank conflict per 4-byte load (ncu, run 6f: 3.6-way on average).
-  auto dequant = [&](int j, uint32_t (&a)[NTW][WG_KSTEPS][4]) {
+  uint32_t aoff = wq * 1024 + lane * 16, soff = g * 8 + 2 * wq;  // this lane's weight words / scale pair
+  pin(aoff);
+  pin(soff);
+  // one_group: the stage lies in one group (G >= 128), so the per-step group checks compile away
+  auto dequant = [&](int j, uint32_t (&a)[NTW][WG_KSTEPS][4], auto one_group) {
     const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
 #pragma unroll
     for (int jj = 0; jj < NTW; ++jj) {
       const int v = wg * NTW + jj;
       uint32_t q[WG_KSTEPS];
-      const uint32_t wa = buf + (uint32_t)(v * 4096 + wq * 1024 + lane * 16);
+      const uint32_t wa = buf + v * 4096 + aoff;
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q[0]), "=r"(q[1]), "=r"(q[2]), "=r"(q[3]) : "r"(wa) : "memory");
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q[4]), "=r"(q[5]), "=r"(q[6]), "=r"(q[7]) : "r"(wa + 512) : "memory");
       uint32_t s_lo = 0, s_hi = 0, z_lo = NEG, z_hi = NEG;
 #pragma unroll
       for (int i = 0; i < WG_KSTEPS; ++i) {
-        if (i == 0 || (i & ((1 << sh) - 1)) == 0) {  // a new group: rows 16 wq + g (low) and 16 wq + 8 + g (high)
+        if (i == 0 || (!decltype(one_group)::value && (i & ((1 << sh) - 1)) == 0)) {  // a new group: rows 16 wq + g (low) and 16 wq + 8 + g (high)
           const uint32_t sz = buf + L::W + (v * WG_KSTEPS + (i >> sh)) * WG_SZ_BYTES;
           uint32_t sw;
           unsigned short zh;
-          asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sw) : "r"(sz + (g * 8 + 2 * wq) * 2) : "memory");
-          asm volatile("ld.shared.u16 %0, [%1];" : "=h"(zh) : "r"(sz + 128 + g * 8 + 2 * wq) : "memory");
+          asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sw) : "r"(sz + soff * 2) : "memory");
+          asm volatile("ld.shared.u16 %0, [%1];" : "=h"(zh) : "r"(sz + 128 + soff) : "memory");
           const uint32_t zw = zh;
           s_lo = __byte_perm(sw, 0, 0x1010);
           s_hi = __byte_perm(sw, 0, 0x3232);
@@ -233,8 +251,11 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   };
   // issue stage j's wgmmas with these A fragments and wait for them (until then neither the
   // accumulators nor a may be touched)
+  // the B descriptor of buffer 0, step 0; a buffer / k16 step adds its byte offset / 16 to the address
+  // field (bits 0-13: every offset stays under 256 KB, so the add never carries out of it)
+  const uint64_t xdesc0 = smem_desc_sw128(sbase + L::W + L::SZ);
   auto multiply = [&](int j, uint32_t (&a)[NTW][WG_KSTEPS][4]) {
-    const uint32_t xbuf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES + L::W + L::SZ;
+    const uint64_t desc = xdesc0 + (uint64_t)((uint32_t)(j & (WG_STAGES - 1)) * (L::BYTES >> 4));
 #pragma unroll
     for (int jj = 0; jj < NTW; ++jj)
 #pragma unroll
@@ -246,7 +267,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     for (int i = 0; i < WG_KSTEPS; ++i)
 #pragma unroll
       for (int jj = 0; jj < NTW; ++jj)  // k16 step i: atom column i / 4, 32 bytes per step inside the row
-        wgmma_tb<BF16, TB>(acc[jj], a[jj][i], smem_desc_sw128(xbuf + (uint32_t)((i >> 2) * TB * 128 + (i & 3) * 32)));
+        wgmma_tb<BF16, TB>(acc[jj], a[jj][i], desc + (uint64_t)(((i >> 2) * TB * 128 + (i & 3) * 32) >> 4));
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 #pragma unroll
@@ -315,7 +336,8 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     if (j + WG_STAGES - 1 < nst) load_next(j + WG_STAGES - 1);
     cp_async_commit();
     uint32_t a[NTW][WG_KSTEPS][4];
-    dequant(j, a);
+    if (sh == WG_LKS) dequant(j, a, std::true_type{});
+    else dequant(j, a, std::false_type{});
     multiply(j, a);
     if (cu_st == KS - 1 || j == nst - 1) {  // the block ends here or the CTA's range does
       finish_block(cu_blk, first_st == 0 && cu_st == KS - 1);
