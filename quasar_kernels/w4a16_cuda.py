@@ -534,12 +534,17 @@ def wgmma_parts(blocks: int, stages: int, ctas: int) -> int:
 
 
 def wgmma_ctas(m: int, packed: dict, nw: int, tb: int, sms: int) -> list[int]:
-    """CTA counts per token block worth timing: one per column block (no shared blocks), and the
-    counts that give every SM the same number of stages (1 and 2 waves of resident CTAs)."""
+    """CTA counts per token block worth timing: one per column block (no shared blocks); S per block
+    with S dividing the stages (each CTA one K-slice of one block: classic split-K, the best split
+    for the narrow shapes in run 7b), up to one wave; and the counts that give every SM the same
+    number of stages (1 and 2 waves of resident CTAs: ranges that cross blocks)."""
     blocks, stages = wgmma_blocks_stages(packed, nw)
     zb = -(-m // tb)
     resident = sms * (2 if nw == 1 and tb <= 64 else 1)  # CTAs per SM the build allows
     out = {blocks}
+    splits = [s for s in range(2, 17) if stages % s == 0 and blocks * s * zb <= resident]
+    if splits:
+        out.add(blocks * splits[-1])
     for waves in (1, 2):
         c = max(1, waves * resident // zb)
         if c < blocks * stages:

@@ -217,67 +217,73 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   uint32_t aoff = wq * 1024 + lane * 16, soff = g * 8 + 2 * wq;  // this lane's weight words / scale pair
   pin(aoff);
   pin(soff);
-  // one_group: the stage lies in one group (G >= 128), so the per-step group checks compile away
-  auto dequant = [&](int j, uint32_t (&a)[NTW][WG_KSTEPS][4], auto one_group) {
+  // Stage j: each k16 step's A fragments are dequantized into one of two register sets and its wgmmas
+  // issued at once; the warpgroup waits only for the previous step's wgmmas (wait_group 1) before
+  // reusing that set, so it dequantizes step i + 1 while the tensor cores run step i (run 7c; before,
+  // all 8 steps were dequantized, then multiplied and waited for: ALU and tensor work alternated).
+  // one_group: the stage lies in one group (G >= 128), so the per-step group checks compile away.
+  const uint64_t xdesc0 = smem_desc_sw128(sbase + L::W + L::SZ);  // buffer 0, step 0: a buffer / k16
+  // step adds its byte offset / 16 to the address field (bits 0-13; offsets stay under 256 KB)
+  auto mma_stage = [&](int j, auto one_group) {
     const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
+    const uint64_t desc = xdesc0 + (uint64_t)((uint32_t)(j & (WG_STAGES - 1)) * (L::BYTES >> 4));
+    uint32_t q[NTW][WG_KSTEPS];
 #pragma unroll
-    for (int jj = 0; jj < NTW; ++jj) {
-      const int v = wg * NTW + jj;
-      uint32_t q[WG_KSTEPS];
-      const uint32_t wa = buf + v * 4096 + aoff;
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q[0]), "=r"(q[1]), "=r"(q[2]), "=r"(q[3]) : "r"(wa) : "memory");
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q[4]), "=r"(q[5]), "=r"(q[6]), "=r"(q[7]) : "r"(wa + 512) : "memory");
-      uint32_t s_lo = 0, s_hi = 0, z_lo = NEG, z_hi = NEG;
+    for (int jj = 0; jj < NTW; ++jj) {  // warp wq's words: two contiguous 512-byte runs, conflict-free
+      const uint32_t wa = buf + (wg * NTW + jj) * 4096 + aoff;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q[jj][0]), "=r"(q[jj][1]), "=r"(q[jj][2]), "=r"(q[jj][3]) : "r"(wa) : "memory");
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q[jj][4]), "=r"(q[jj][5]), "=r"(q[jj][6]), "=r"(q[jj][7]) : "r"(wa + 512) : "memory");
+    }
+    uint32_t s_lo[NTW], s_hi[NTW], z_lo[NTW], z_hi[NTW];
+    uint32_t a[2][NTW][4];
 #pragma unroll
-      for (int i = 0; i < WG_KSTEPS; ++i) {
-        if (i == 0 || (!decltype(one_group)::value && (i & ((1 << sh) - 1)) == 0)) {  // a new group: rows 16 wq + g (low) and 16 wq + 8 + g (high)
-          const uint32_t sz = buf + L::W + (v * WG_KSTEPS + (i >> sh)) * WG_SZ_BYTES;
+    for (int i = 0; i < WG_KSTEPS; ++i) {
+#pragma unroll
+      for (int jj = 0; jj < NTW; ++jj) {
+        if (i == 0 || (!decltype(one_group)::value && (i & ((1 << sh) - 1)) == 0)) {  // a new group
+          const uint32_t sz = buf + L::W + ((wg * NTW + jj) * WG_KSTEPS + (i >> sh)) * WG_SZ_BYTES;
           uint32_t sw;
           unsigned short zh;
           asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sw) : "r"(sz + soff * 2) : "memory");
           asm volatile("ld.shared.u16 %0, [%1];" : "=h"(zh) : "r"(sz + 128 + soff) : "memory");
           const uint32_t zw = zh;
-          s_lo = __byte_perm(sw, 0, 0x1010);
-          s_hi = __byte_perm(sw, 0, 0x3232);
-          z_lo = NEG | (zw & 0xffu) | ((zw & 0xffu) << 16);
-          z_hi = NEG | (zw >> 8) | ((zw >> 8) << 16);
+          s_lo[jj] = __byte_perm(sw, 0, 0x1010);  // rows 16 wq + g (low) and 16 wq + 8 + g (high)
+          s_hi[jj] = __byte_perm(sw, 0, 0x3232);
+          z_lo[jj] = NEG | (zw & 0xffu) | ((zw & 0xffu) << 16);
+          z_hi[jj] = NEG | (zw >> 8) | ((zw >> 8) << 16);
         }
-        a[jj][i][0] = sub_mul<BF16>(nib2<EX>(q[i]), z_lo, s_lo);
-        a[jj][i][1] = sub_mul<BF16>(nib2<EX>(q[i] >> 8), z_hi, s_hi);
-        a[jj][i][2] = sub_mul<BF16>(nib2<EX>(q[i] >> 4), z_lo, s_lo);
-        a[jj][i][3] = sub_mul<BF16>(nib2<EX>(q[i] >> 12), z_hi, s_hi);
+        uint32_t* f = a[i & 1][jj];
+        f[0] = sub_mul<BF16>(nib2<EX>(q[jj][i]), z_lo[jj], s_lo[jj]);
+        f[1] = sub_mul<BF16>(nib2<EX>(q[jj][i] >> 8), z_hi[jj], s_hi[jj]);
+        f[2] = sub_mul<BF16>(nib2<EX>(q[jj][i] >> 4), z_lo[jj], s_lo[jj]);
+        f[3] = sub_mul<BF16>(nib2<EX>(q[jj][i] >> 12), z_hi[jj], s_hi[jj]);
       }
-    }
-  };
-  // issue stage j's wgmmas with these A fragments and wait for them (until then neither the
-  // accumulators nor a may be touched)
-  // the B descriptor of buffer 0, step 0; a buffer / k16 step adds its byte offset / 16 to the address
-  // field (bits 0-13: every offset stays under 256 KB, so the add never carries out of it)
-  const uint64_t xdesc0 = smem_desc_sw128(sbase + L::W + L::SZ);
-  auto multiply = [&](int j, uint32_t (&a)[NTW][WG_KSTEPS][4]) {
-    const uint64_t desc = xdesc0 + (uint64_t)((uint32_t)(j & (WG_STAGES - 1)) * (L::BYTES >> 4));
 #pragma unroll
-    for (int jj = 0; jj < NTW; ++jj)
+      for (int jj = 0; jj < NTW; ++jj)
 #pragma unroll
-      for (int i = 0; i < TB / 2; ++i) hold(acc[jj][i]);
-    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-    // no branch between the wgmmas (one makes ptxas serialize them, warning C7519): k16 steps past K
-    // multiply finite weights by zero-filled activations
-#pragma unroll
-    for (int i = 0; i < WG_KSTEPS; ++i)
+        for (int e = 0; e < TB / 2; ++e) hold(acc[jj][e]);
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+      // no branch between the wgmmas (one makes ptxas serialize them, warning C7519): k16 steps past K
+      // multiply finite weights by zero-filled activations
 #pragma unroll
       for (int jj = 0; jj < NTW; ++jj)  // k16 step i: atom column i / 4, 32 bytes per step inside the row
-        wgmma_tb<BF16, TB>(acc[jj], a[jj][i], desc + (uint64_t)(((i >> 2) * TB * 128 + (i & 3) * 32) >> 4));
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        wgmma_tb<BF16, TB>(acc[jj], a[i & 1][jj], desc + (uint64_t)(((i >> 2) * TB * 128 + (i & 3) * 32) >> 4));
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      if (i > 0) {  // step i - 1 is done: its register set may be rewritten from here on
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+#pragma unroll
+        for (int jj = 0; jj < NTW; ++jj)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) hold(a[(i - 1) & 1][jj][r]);
+      }
+    }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 #pragma unroll
     for (int jj = 0; jj < NTW; ++jj) {
 #pragma unroll
-      for (int i = 0; i < TB / 2; ++i) hold(acc[jj][i]);
+      for (int e = 0; e < TB / 2; ++e) hold(acc[jj][e]);
 #pragma unroll
-      for (int i = 0; i < WG_KSTEPS; ++i)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) hold(a[jj][i][r]);
+      for (int r = 0; r < 4; ++r) hold(a[(WG_KSTEPS - 1) & 1][jj][r]);
     }
   };
 
@@ -335,10 +341,8 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     __syncthreads();  // stage j is in for every thread; every warpgroup is done with stage j - 1
     if (j + WG_STAGES - 1 < nst) load_next(j + WG_STAGES - 1);
     cp_async_commit();
-    uint32_t a[NTW][WG_KSTEPS][4];
-    if (sh == WG_LKS) dequant(j, a, std::true_type{});
-    else dequant(j, a, std::false_type{});
-    multiply(j, a);
+    if (sh == WG_LKS) mma_stage(j, std::true_type{});
+    else mma_stage(j, std::false_type{});
     if (cu_st == KS - 1 || j == nst - 1) {  // the block ends here or the CTA's range does
       finish_block(cu_blk, first_st == 0 && cu_st == KS - 1);
 #pragma unroll
