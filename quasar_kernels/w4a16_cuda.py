@@ -587,7 +587,10 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     want = w4a16_cuda_linear(x, packed).float()  # the mma.sync kernel's 16-row passes
     best, best_t, wrong = model, math.inf, []
-    for cfg in [dict(ctas=c, tb=tb, nw=nw) for nw in (1, 2) for c in wgmma_ctas(m, packed, nw, tb, sms)]:
+    # also the next smaller token tile (two token blocks of 32 at 33..64 rows: on the narrow shapes the
+    # 64-token build lost to Triton in run 7c, where the 32-token one did not)
+    tbs = (tb, tb // 2) if tb > 32 else (tb,)
+    for cfg in [dict(ctas=c, tb=t, nw=nw) for t in tbs for nw in (1, 2) for c in wgmma_ctas(m, packed, nw, t, sms)]:
         try:
             got = w4a16_wgmma_linear(x, packed, config=cfg).float()
             err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()

@@ -15,7 +15,7 @@ function every kernel is tested against), `triton` (ours, quasar_kernels/), `tor
 AUTO (below) whose kernel is built for the input's row count M (`Backend.max_rows`: our CUDA
 W4A16 kernel computes one 16-row tile per weight pass, so at M > 16 it re-reads the weights per
 tile and `auto` hands such inputs to the next backend, the Hopper wgmma kernel, which keeps up to
-64 rows, then Triton; an explicit `verifier.kernel=` always uses the named backend, at every M). A backend kept outside the package is named by its module: `verifier.kernel=
+192 rows (as far as it is measured), then Triton; an explicit `verifier.kernel=` always uses the named backend, at every M). A backend kept outside the package is named by its module: `verifier.kernel=
 my_pkg.my_backend` imports it and uses its BACKEND (or call register_backend()).
 A backend that cannot run (missing package, no GPU, op not supported) is refused with one line
 naming the reason: never a silent switch to another backend.

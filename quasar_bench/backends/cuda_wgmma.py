@@ -3,9 +3,12 @@ batched verification: the verify GEMM has M = B (k + 1) rows, past the 16 the mm
 (`cuda`) computes per pass over the weights. Same prepacked weights as `cuda` (one re-layout per
 module, shared). Needs an sm_90 GPU and a group size of 16 times a power of two (16, 32, 64, 128, ...).
 
-`auto` gives it 17 to 64 rows: on an H200 (results/gpu/w4a16_wgmma_h200.md) it beats our Triton
-kernel there on every Qwen3-8B shape but q/o and qkv at 64 rows (gate+up 47 vs 66 µs, lm_head 207 vs
-322 µs at M = 64), ties it at 128 on the MLP shapes and loses on qkv / q/o, so Triton keeps M > 64."""
+`auto` gives it 17 to 192 rows (the largest verify GEMM of the batch experiments, 32 x (5 + 1)): on an
+H200 (results/gpu/w4a16_wgmma_run7c_h200.md) it beats our Triton kernel on gate+up, down and lm_head
+at every M measured there but down at 64, and loses to it on the narrow attention projections
+(qkv / o) at 64 and 128 rows; per Qwen3-8B layer it is 22 % faster at 32 rows, even at 64 and
+faster from 128 on. Past 192 rows nothing is measured, so Triton keeps them. Keeps its own re-layout
+of the weights beside the mma.sync one (`wgmma_pack`: a second int4 copy) for conflict-free loads."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +19,7 @@ from . import Backend
 
 class CudaWgmma(Backend):
     name = "cuda_wgmma"
-    max_rows = 64
+    max_rows = 192
 
     def available(self):
         if not torch.cuda.is_available():
