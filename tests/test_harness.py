@@ -8,6 +8,7 @@ and W&B base URL, a private HF_HOME / W&B folders under tmp, and Hydra's own fol
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -88,8 +89,11 @@ def test_wandb_offline_run_holds_config_rows_and_summary(sweep):
     tmp, out, r = sweep
     runs = sorted((tmp / "wandb_dir" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, list((tmp / "wandb_dir").rglob("*"))[:20]  # one W&B run per job
-    last = runs[-1]
-    assert f"wandb sync {last}" in r.stdout
+    # the job that ran last: the order the jobs printed their sync commands in (run folder names
+    # carry the start time to the second only, so two jobs in one second sort by their random id)
+    synced = re.findall(r"wandb sync (\S+)", r.stdout)
+    assert sorted(Path(p) for p in synced) == runs, (synced, runs)
+    last = Path(synced[-1])
     records = b"".join(p.read_bytes() for p in last.glob("run-*.wandb"))
     assert records and b"max_new_tokens" in records and b"tiny_llama" in records  # config in the run log
     assert b"n_rows" in records  # run summary
