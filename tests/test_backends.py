@@ -125,6 +125,37 @@ def test_auto_picks_by_row_count_and_explicit_backend_does_not(monkeypatch):
     assert calls == [3, 4, 9]
 
 
+def test_auto_honours_row_ranges_in_order_and_describes_each_range(monkeypatch):
+    """A backend listed first with a row range [min_rows, max_rows] takes exactly that range; rows
+    outside it fall to the next backend whose range fits (a gap between ranges to the last), and
+    the row label lists the backend of every range of M in increasing M."""
+    import quasar_bench.backends as backends
+    from quasar_bench.backends import Backend, describe, register_backend, resolve
+
+    class Mid(Backend):
+        name, devices, min_rows, max_rows = "mid_rows_test", ("cpu",), 7, 12
+
+        def w4a16(self, mod, x):
+            return get_backend("reference").w4a16(mod, x)
+
+    class Small(Backend):
+        name, devices, max_rows = "few_rows_test", ("cpu",), 4
+
+        def w4a16(self, mod, x):
+            return get_backend("reference").w4a16(mod, x)
+
+    register_backend(Mid())
+    register_backend(Small())
+    monkeypatch.setitem(backends.AUTO, "cpu", ("mid_rows_test", "few_rows_test", "reference"))
+    picked = {rows: resolve("auto", "cpu", "w4a16", rows).name for rows in (1, 4, 5, 6, 7, 12, 13, 500)}
+    assert picked == {1: "few_rows_test", 4: "few_rows_test", 5: "reference", 6: "reference",
+                      7: "mid_rows_test", 12: "mid_rows_test", 13: "reference", 500: "reference"}
+    assert resolve("auto", "cpu", "w4a16").name == "few_rows_test"  # rows unknown: the smallest input
+    assert describe("auto", "cpu", "w4a16") == "few_rows_test(M<=4)>reference(M<=6)>mid_rows_test(M<=12)>reference"
+    monkeypatch.setattr(Small, "max_rows", 6)
+    assert describe("auto", "cpu", "w4a16") == "few_rows_test(M<=6)>mid_rows_test(M<=12)>reference"
+
+
 def test_wgmma_backend_refuses_group_sizes_it_cannot_stage():
     """A group of 48 channels (3 k16 steps) would straddle the wgmma kernel's stages: one line names
     the backends that take it, before any GPU work."""

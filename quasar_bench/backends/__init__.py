@@ -12,10 +12,11 @@ that implements the ops it supports (each takes the quantized module and the inp
 Built in: `reference` (the pure-torch reference of quasar_kernels/reference.py: the CPU path, and the
 function every kernel is tested against), `triton` (ours, quasar_kernels/), `torch` (torch's own int4
 / int8 weight-only kernels). `auto` picks, per device and op, the first available backend in
-AUTO (below) whose kernel is built for the input's row count M (`Backend.max_rows`: our CUDA
-W4A16 kernel computes one 16-row tile per weight pass, so at M > 16 it re-reads the weights per
-tile and `auto` hands such inputs to the next backend, the Hopper wgmma kernel, which keeps up to
-192 rows (as far as it is measured), then Triton; an explicit `verifier.kernel=` always uses the named backend, at every M). A backend kept outside the package is named by its module: `verifier.kernel=
+AUTO (below) whose kernel is built for the input's row count M (`Backend.min_rows` / `max_rows`):
+on Hopper the wgmma kernel takes 9 to 192 rows (beyond 192 nothing is measured), our mma.sync CUDA
+kernel the rest up to 16 (it computes one 16-row tile per weight pass, so past 16 rows it re-reads the
+weights per tile), Triton everything larger; without the wgmma kernel the CUDA kernel keeps 1 to 16.
+An explicit `verifier.kernel=` always uses the named backend, at every M. A backend kept outside the package is named by its module: `verifier.kernel=
 my_pkg.my_backend` imports it and uses its BACKEND (or call register_backend()).
 A backend that cannot run (missing package, no GPU, op not supported) is refused with one line
 naming the reason: never a silent switch to another backend.
@@ -29,15 +30,20 @@ from ..errors import QuasarError
 
 OPS = ("w4a16", "w8a16", "w8a8")
 # auto: per device type, the backends tried in order for each op (the first that supports it).
-AUTO = {"cuda": ("cuda", "cuda_wgmma", "triton", "reference"), "cpu": ("reference",)}
+AUTO = {"cuda": ("cuda_wgmma", "cuda", "triton", "reference"), "cpu": ("reference",)}
 _REGISTERED: dict[str, "Backend"] = {}
 
 
 class Backend:
     name = "base"
     devices: tuple[str, ...] = ("cuda",)
-    # the most activation rows (M = tokens in the forward) `auto` gives this backend; None: any
+    # the fewest / most activation rows (M = tokens in the forward) `auto` gives this backend; None: any
+    min_rows: int | None = None
     max_rows: int | None = None
+
+    def takes(self, rows: int) -> bool:
+        """Whether `auto` gives this backend an input of `rows` activation rows."""
+        return (self.min_rows is None or rows >= self.min_rows) and (self.max_rows is None or rows <= self.max_rows)
 
     def available(self) -> tuple[bool, str]:
         """(True, "") or (False, why not: one line naming the fix)."""
@@ -108,7 +114,7 @@ def resolve(name: str, device_type: str, op: str, rows: int | None = None) -> Ba
     activation rows (None: the smallest); QuasarError if none."""
     if name in (None, "auto"):
         found = _auto_candidates(device_type, op)
-        return next((b for b in found if b.max_rows is None or rows is None or rows <= b.max_rows), found[-1])
+        return next((b for b in found if b.takes(1 if rows is None else rows)), found[-1])
     b = get_backend(name)
     if device_type not in b.devices:
         raise QuasarError(f"verifier.kernel={name} runs on {', '.join(b.devices)}, not {device_type}; "
@@ -122,13 +128,20 @@ def resolve(name: str, device_type: str, op: str, rows: int | None = None) -> Ba
 
 
 def describe(name: str, device_type: str, op: str) -> str:
-    """What rows record as the kernel of `op`: the backend's name, or for `auto` the choice per M,
-    e.g. `cuda(M<=16)>triton` (the CUDA kernel up to 16 rows, Triton above)."""
+    """What rows record as the kernel of `op`: the backend's name, or for `auto` the backend per range
+    of M in increasing M, e.g. `cuda(M<=8)>cuda_wgmma(M<=192)>triton` (the CUDA kernel up to 8 rows,
+    the wgmma kernel 9 to 192, Triton above)."""
     if name not in (None, "auto"):
         return name
-    parts = []
-    for b in _auto_candidates(device_type, op):
-        parts.append(b.name if b.max_rows is None else f"{b.name}(M<={b.max_rows})")
-        if b.max_rows is None:
-            break
-    return ">".join(parts)
+    found = _auto_candidates(device_type, op)
+    # the choice changes only where some backend's range starts or ends
+    cuts = sorted({b.max_rows for b in found if b.max_rows is not None}
+                  | {b.min_rows - 1 for b in found if b.min_rows is not None and b.min_rows > 1})
+    parts: list[tuple[str, int | None]] = []
+    for lo, hi in zip([1] + [c + 1 for c in cuts], cuts + [None]):
+        b = resolve("auto", device_type, op, lo)
+        if parts and parts[-1][0] == b.name:
+            parts[-1] = (b.name, hi)
+        else:
+            parts.append((b.name, hi))
+    return ">".join(n if hi is None else f"{n}(M<={hi})" for n, hi in parts)
