@@ -3,6 +3,8 @@
     python experiments/gpu_speed.py [--out results/gpu] [hydra overrides...]
     python experiments/gpu_speed.py --experiment gpu_replay --source results/default [...]
     python experiments/gpu_speed.py --experiment gpu_batch dataset.path=<Spec-Bench question.jsonl> [...]
+    python experiments/gpu_speed.py --experiment gpu_batch_replay --source results/batch_replay_source \
+        dataset.path=<Spec-Bench question.jsonl> [...]
 
 Runs `experiment=gpu_speed` (verifiers bf16 / int8 / w8a8 / int4 / pruned 25 % x drafters ar and
 synthetic alpha in {0.5, 0.7, 0.8, 0.9}, k = 5) through the normal harness (static KV cache, CUDA
@@ -18,6 +20,9 @@ KL, top-1 and exact match beside each GPU row.
 `--experiment gpu_batch` runs every cell at batch sizes 1..32 and writes batch.csv / batch.md /
 batch_rows.csv: batch throughput, mean GEMM rows M per verify forward, step time, padding, speedups
 at the same batch size, and the shares of copy bandwidth and of peak bf16 tensor FLOPs reached.
+`--experiment gpu_batch_replay --source DIR` is the same with real acceptance: every sequence replays
+its own (verifier, drafter, prompt) trace from the source run (ragged across the batch), and the
+table (batch_replay.*) carries the source's tau beside each row.
 
 A run stopped early (Ctrl-C, or SIGTERM from `timeout`) still writes `<name>_rows_partial.csv`
 under --out: every row the result store holds, with the hardware columns, in one file.
@@ -132,14 +137,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu"))
     ap.add_argument("--runs", default="/tmp/quasar_gpu_speed", help="result store of the run")
-    ap.add_argument("--experiment", default="gpu_speed", help="gpu_speed, gpu_batch, or gpu_replay (with --source)")
-    ap.add_argument("--source", default=None, help="gpu_replay: the real-model run whose traces are replayed")
+    ap.add_argument("--experiment", default="gpu_speed",
+                    help="gpu_speed, gpu_batch, or gpu_replay / gpu_batch_replay (with --source)")
+    ap.add_argument("--source", default=None,
+                    help="gpu_replay / gpu_batch_replay: the real-model run whose traces are replayed")
     ap.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_CSV",
                     help="no run: rebuild the table from *_rows.csv files this script wrote (several GPU "
                          "calls' rows joined; needs no GPU). The hardware columns come from the rows.")
     args, overrides = ap.parse_known_args(argv)
     command = "python experiments/gpu_speed.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    batched = args.experiment == "gpu_batch"
+    batched = args.experiment.startswith("gpu_batch")
+    if args.experiment.endswith("replay") and not (args.source or args.from_rows):
+        ap.error(f"--experiment {args.experiment} replays a real-model run: give its result directory with --source")
     name = "e2e" if args.experiment == "gpu_speed" else args.experiment.removeprefix("gpu_")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +183,9 @@ def main(argv=None):
 
         table = join_source(table, read_rows(args.source))
         title = f"Real acceptance (replayed from {args.source}) at Qwen3-8B speed, random weights"
+        if batched:
+            title = (f"Batched verification with real acceptance (each sequence replays its own trace from "
+                     f"{args.source}) at Qwen3-8B shapes, random weights")
     for k, v in meta.items():
         table[k] = v
     table.to_csv(out / f"{name}.csv", index=False)
@@ -187,6 +199,8 @@ def main(argv=None):
                 "frac_peak_bf16_flops"]
         if "kernel" in table:
             cols.insert(2, "kernel")
+        if "tau_source" in table:
+            cols.insert(cols.index("tau") + 1, "tau_source")
     md = table[cols].to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else table[cols].to_string()
     head = "\n".join(f"- {k}: {v}" for k, v in meta.items())
     (out / f"{name}.md").write_text(f"# {title}\n\n{head}\n\n{md}\n")

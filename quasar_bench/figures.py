@@ -4,10 +4,10 @@
 
 reads each experiment directory `results/<experiment>/` (rows-*.parquet, via ResultStore) and
 `results/gpu/kernels*.csv`, `e2e.csv`, `replay*.csv`, `batch.csv` (+ `batch_<name>.csv` per-cell
-tables) and `step_speed*.csv`, and writes PNG + PDF per figure: `<out>/<experiment>/<figure>.*`,
+tables), `batch_replay.csv` (real acceptance) and `step_speed*.csv`, and writes PNG + PDF per figure: `<out>/<experiment>/<figure>.*`,
 `<out>/kernel_roofline.*` (+ `kernel_roofline_<machine>.*` per `w4a16_cuda_<machine>.csv`),
 `<out>/gpu_speedup_by_drafter.*`, `<out>/gpu_replay*.*` (one per replay
-table), `<out>/gpu_batch.*`, `<out>/kernel_backends_<name>.*` (per `w4a16_backends_<name>.csv`) and
+table), `<out>/gpu_batch.*`, `<out>/gpu_batch_replay.*`, `<out>/kernel_backends_<name>.*` (per `w4a16_backends_<name>.csv`) and
 `<out>/gpu_step_by_backend.*`. A figure whose inputs are absent is skipped with a note.
 
 The plot functions take the rows table (or a `summarize` table where noted) and an optional
@@ -385,7 +385,8 @@ def load_batch_tables(gpu_dir: Path) -> pd.DataFrame | None:
     batch = pd.read_csv(main)
     need = {"verifier", "drafter", "batch_size", "throughput", "speedup_vs_ar"}
     for extra in sorted(gpu_dir.glob("batch_*.csv")):
-        if "_rows" in extra.stem:
+        # row files, and the real-acceptance tables (another experiment: a figure of their own)
+        if "_rows" in extra.stem or extra.stem.startswith("batch_replay"):
             continue
         t = pd.read_csv(extra)
         if not need <= set(t.columns):
@@ -425,15 +426,20 @@ def _log2_ticks(ax, values) -> None:
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
-def plot_gpu_batch(batch: pd.DataFrame | None):
+REAL_ACCEPTANCE = "real acceptance: each sequence replays SmolLM2-135M's (CPU)"
+
+
+def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forced acceptance",
+                   missing: str = "no results/gpu/batch.csv (python experiments/gpu_speed.py --experiment gpu_batch)"):
     """Batch throughput vs batch size per verifier precision, one panel per drafter, from
-    results/gpu/batch.csv (experiments/gpu_speed.py --experiment gpu_batch). Crossovers are marked
+    results/gpu/batch.csv (experiments/gpu_speed.py --experiment gpu_batch), or with real acceptance
+    from batch_replay.csv (--experiment gpu_batch_replay; `acceptance` names it in the title). Crossovers are marked
     where they fall inside the batch sizes run: a cross on a verifier's line at the first B where it
     falls below the bf16 reference with the same drafter, and a dotted vertical line at the first B
     where the drafter falls below AR on the reference verifier. Lines join only measured points."""
     need = {"verifier", "drafter", "batch_size", "throughput", "speedup_vs_ar", "baseline"}
     if batch is None or batch.empty or not need <= set(batch.columns):
-        raise MissingInput("no results/gpu/batch.csv (python experiments/gpu_speed.py --experiment gpu_batch)")
+        raise MissingInput(missing)
     drafters = list(dict.fromkeys(batch.sort_values("baseline", ascending=False, kind="stable")["drafter"]))
     order = ["reference", "int8", "w8a8", "int4", "int4_gptq", "pruned"]  # by bytes per weight
     verifiers = sorted(batch["verifier"].unique(), key=lambda v: (order.index(v) if v in order else len(order), v))
@@ -473,7 +479,7 @@ def plot_gpu_batch(batch: pd.DataFrame | None):
     gpu = batch["gpu"].iloc[0] if "gpu" in batch else "GPU"
     size = (f", {int(batch['n_prompts'].max())} prompts × {int(batch['max_new_tokens'].max())} new tokens"
             if {"n_prompts", "max_new_tokens"} <= set(batch.columns) else "")
-    fig.suptitle(f"Throughput vs batch size, Qwen3-8B shapes (random weights), {gpu}{size}\n"
+    fig.suptitle(f"Throughput vs batch size, Qwen3-8B shapes (random weights), {gpu}{size}, {acceptance}\n"
                  "X: first B where the verifier falls below bf16 with the same drafter", fontsize=9)
     return fig
 
@@ -612,6 +618,11 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
               written, problems)
     _draw("gpu_batch", lambda: plot_gpu_batch(load_batch_tables(Path(results) / "gpu")),
           out / "gpu_batch", written, problems)
+    real = Path(results) / "gpu" / "batch_replay.csv"
+    _draw("gpu_batch_replay", lambda: plot_gpu_batch(
+        pd.read_csv(real) if real.exists() else None, acceptance=REAL_ACCEPTANCE,
+        missing="no results/gpu/batch_replay.csv (python experiments/gpu_speed.py --experiment gpu_batch_replay "
+                "--source results/batch_replay_source)"), out / "gpu_batch_replay", written, problems)
     # int4 backends as M grows (w4a16_backends_<what>_<machine>.csv), one figure per table
     for table in sorted((Path(results) / "gpu").glob("w4a16_backends_*.csv")):
         name = "kernel_backends_" + table.stem.removeprefix("w4a16_backends_")

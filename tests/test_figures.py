@@ -216,6 +216,28 @@ def test_gpu_batch_figure_marks_crossovers_where_they_fall(tmp_path):
     assert not problems and (tmp_path / "figs" / "gpu_batch.png").exists()
 
 
+def test_real_acceptance_batch_table_is_its_own_figure(tmp_path):
+    """batch_replay.csv (real acceptance) never joins the synthetic batch figure; it is drawn as
+    gpu_batch_replay, whose title says the acceptance is real."""
+    gpu = tmp_path / "results" / "gpu"
+    gpu.mkdir(parents=True)
+    base = dict(throughput=100.0, speedup_vs_ar=1.0, gpu="H200")
+    synth = pd.DataFrame([dict(base, verifier=v, drafter=d, batch_size=b, baseline=d == "ar")
+                          for v in ("reference", "int4") for d in ("ar", "synthetic_a0.8_k5") for b in (1, 4)])
+    real = pd.DataFrame([dict(base, verifier=v, drafter=d, batch_size=b, baseline=d == "ar")
+                         for v in ("reference", "int4") for d in ("ar", "ngram", "draft_model") for b in (1, 4)])
+    synth.to_csv(gpu / "batch.csv", index=False)
+    real.to_csv(gpu / "batch_replay.csv", index=False)
+    assert set(figures.load_batch_tables(gpu)["drafter"]) == {"ar", "synthetic_a0.8_k5"}
+    written, problems = figures.make_figures(tmp_path / "results", tmp_path / "figs")
+    assert not problems
+    assert {"gpu_batch.png", "gpu_batch_replay.png"} <= {p.name for p in written}
+    fig = figures.plot_gpu_batch(real, acceptance=figures.REAL_ACCEPTANCE)
+    assert [a.get_title() for a in fig.axes if a.get_visible()] == ["ar", "ngram", "draft_model"]
+    assert "real acceptance" in fig._suptitle.get_text()
+    assert "synthetic" in figures.plot_gpu_batch(synth)._suptitle.get_text()
+
+
 def test_batch_tables_of_other_gpu_calls_join_the_figure(tmp_path):
     """batch_<name>.csv tables (per-cell, no rows) add their cells to batch.csv's; row files and a
     cell (verifier, drafter, B) batch.csv already has do not."""
