@@ -83,3 +83,40 @@ def test_run_stopped_by_sigterm_writes_its_partial_rows(tmp_path, monkeypatch):
 
     assert len(rows) == len(ResultStore(runs).load()) > 0 and (rows.gpu == "NVIDIA H200").all()
     assert not (out / "batch_rows.csv").exists()  # the complete-run file is not faked
+
+
+def test_batch_replay_table_from_rows_carries_the_source_tau(tmp_path, capsys):
+    """--experiment gpu_batch_replay rebuilt from row files (no GPU): the batch columns per (verifier,
+    drafter, B), the source run's tau beside each row (equal here, as a replay must make it: no
+    warning), a title naming real acceptance; without --source (or rows) it refuses in one line."""
+    gs = gpu_speed()
+    rows = []
+    for v in ("reference", "int4"):
+        for d, steps, new in (("ar", 8, 8), ("ngram", 4, 10)):
+            for b in (1, 2):
+                for i in range(2):  # two prompts: at B = 2 one batch, at B = 1 two
+                    bid = f"{v}{d}{b}{i // b}"
+                    rows.append(dict(verifier=v, drafter=d, batch_size=b, batch_id=bid, prompt_id=str(i),
+                                     new_tokens=new, verify_steps=steps, batch_decode_s=0.1 * steps,
+                                     batch_steps=steps, gemm_rows_per_step=b * (1 if d == "ar" else 6),
+                                     batch_padding=0.0, weight_bytes=2e9 if v == "reference" else 0.6e9,
+                                     baseline=d == "ar", gpu="NVIDIA H200", driver="580", torch="2.11",
+                                     triton="3.6", copy_gbps=4200.0, command="python experiments/gpu_speed.py",
+                                     max_new_tokens=32))
+    rows_csv, src_csv, out = tmp_path / "rows.csv", tmp_path / "src.csv", tmp_path / "out"
+    pd.DataFrame(rows).to_csv(rows_csv, index=False)
+    src = [dict(verifier=v, drafter=d, prompt_id=str(i), turn=1, new_tokens=new, verify_steps=steps)
+           for v in ("reference", "int4") for d, steps, new in (("ar", 8, 8), ("ngram", 4, 10)) for i in range(2)]
+    pd.DataFrame(src).to_csv(src_csv, index=False)
+    gs.main(["--experiment", "gpu_batch_replay", "--from-rows", str(rows_csv), "--source", str(src_csv),
+             "--out", str(out)])
+    assert "warning" not in capsys.readouterr().out
+    t = pd.read_csv(out / "batch_replay.csv")
+    assert len(t) == 8 and set(t.batch_size) == {1, 2}
+    ngram = t[t.drafter == "ngram"]
+    assert (ngram.tau == 2.5).all() and (ngram.tau_source == 2.5).all()
+    assert "real acceptance" in (out / "batch_replay.md").read_text().splitlines()[0]
+    with pytest.raises(SystemExit) as e:
+        gs.main(["--experiment", "gpu_batch_replay", "--out", str(out)])
+    assert e.value.code == 2
+    assert "--source" in capsys.readouterr().err
