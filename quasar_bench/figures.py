@@ -87,8 +87,10 @@ _COLORS: dict[str, int] = {}
 
 
 def _vcolor(v):
-    """One colour per verifier name, stable within a process (every figure agrees)."""
-    return plt.get_cmap("tab10")(_COLORS.setdefault(v, len(_COLORS)) % 10)
+    """One colour per verifier name, stable within a process (every figure agrees): tab10's ten, then
+    their light shades (tab20's odd entries), so up to 20 names never share a colour."""
+    i = _COLORS.setdefault(v, len(_COLORS)) % 20
+    return plt.get_cmap("tab20")(2 * (i % 10) + i // 10)
 
 
 def _ax(ax, size=(7, 4.5)):
@@ -475,7 +477,14 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
         ax.set_xlabel("batch size B")
     for ax in axes[:, 0]:
         ax.set_ylabel("batch tokens/s")
-    axes.flat[0].legend(title="verifier", fontsize=7, title_fontsize=7)
+    spare = [a for a in axes.flat if not a.get_visible()]
+    if spare:  # the legend in an unused panel, off the lines
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        spare[0].set_visible(True)
+        spare[0].axis("off")
+        spare[0].legend(handles, labels, title="verifier", fontsize=7, title_fontsize=7, loc="center")
+    else:
+        axes.flat[0].legend(title="verifier", fontsize=7, title_fontsize=7)
     gpu = batch["gpu"].iloc[0] if "gpu" in batch else "GPU"
     size = (f", {int(batch['n_prompts'].max())} prompts × {int(batch['max_new_tokens'].max())} new tokens"
             if {"n_prompts", "max_new_tokens"} <= set(batch.columns) else "")

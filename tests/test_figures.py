@@ -360,3 +360,15 @@ def test_kernel_backends_vs_rows_figure(tmp_path):
     assert [ax.get_title().split()[0] for ax in panels if ax.get_xlabel()] == ["down", "qkv", "lm_head"]
     assert "NVIDIA H200" in fig._suptitle.get_text()
     plt.close("all")
+
+
+def test_twenty_verifier_names_get_twenty_colours(monkeypatch):
+    """make_figures sees more than ten verifier labels in one process (int4_auto variants, pruned,
+    ...): they must not wrap onto the first ten colours; the first ten keep tab10's."""
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(figures, "_COLORS", {})
+    got = [figures._vcolor(f"v{i}") for i in range(20)]
+    assert len(set(got)) == 20
+    assert got[:10] == [plt.get_cmap("tab10")(i) for i in range(10)]
+    assert figures._vcolor("v3") == got[3]  # stable
