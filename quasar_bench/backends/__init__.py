@@ -109,12 +109,16 @@ def _auto_candidates(device_type: str, op: str) -> list[Backend]:
     return found
 
 
+def _pick(found: list[Backend], rows: int) -> Backend:
+    """auto's choice among the available candidates (in AUTO order) for `rows` activation rows."""
+    return next((b for b in found if b.takes(rows)), found[-1])
+
+
 def resolve(name: str, device_type: str, op: str, rows: int | None = None) -> Backend:
     """The backend that runs `op` on `device_type` for verifier.kernel=name, for an input of `rows`
     activation rows (None: the smallest); QuasarError if none."""
     if name in (None, "auto"):
-        found = _auto_candidates(device_type, op)
-        return next((b for b in found if b.takes(1 if rows is None else rows)), found[-1])
+        return _pick(_auto_candidates(device_type, op), 1 if rows is None else rows)
     b = get_backend(name)
     if device_type not in b.devices:
         raise QuasarError(f"verifier.kernel={name} runs on {', '.join(b.devices)}, not {device_type}; "
@@ -139,7 +143,7 @@ def describe(name: str, device_type: str, op: str) -> str:
                   | {b.min_rows - 1 for b in found if b.min_rows is not None and b.min_rows > 1})
     parts: list[tuple[str, int | None]] = []
     for lo, hi in zip([1] + [c + 1 for c in cuts], cuts + [None]):
-        b = resolve("auto", device_type, op, lo)
+        b = _pick(found, lo)
         if parts and parts[-1][0] == b.name:
             parts[-1] = (b.name, hi)
         else:
