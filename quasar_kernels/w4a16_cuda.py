@@ -617,8 +617,8 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
 
 
 def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict | None = None) -> torch.Tensor:
-    """y[..., N] = x[..., K] @ W^T (+ bias) through the wgmma kernel (Hopper; any number of rows, meant
-    for 16 < M <= 64). Needs group_size = 16 x a power of two and K % 8 == 0 (ValueError otherwise)."""
+    """y[..., N] = x[..., K] @ W^T (+ bias) through the wgmma kernel (Hopper; any number of rows; `auto`
+    gives it 9 to 192). Needs group_size = 16 x a power of two and K % 8 == 0 (ValueError otherwise)."""
     n, k, g = packed_dims(packed)
     if g % 16 or k % 8 or (g // 16) & (g // 16 - 1):
         raise ValueError(f"the wgmma kernel needs group_size % 16 == 0 with group_size / 16 a power of two, and "

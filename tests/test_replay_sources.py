@@ -5,6 +5,7 @@ call that hits a missing trace stops with an error minutes in; this catches it o
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from quasar_bench.cli_checks import compose_first_job
 from quasar_bench.data import load_prompts
@@ -36,6 +37,7 @@ def test_every_replay_cell_has_its_traces_in_the_committed_source(experiment, so
     verifiers = [v if isinstance(v, str) else v.get("label", v["name"]) for v in cfg.matrix.verifiers]
     replays = [d for d in cfg.matrix.drafters if not isinstance(d, str) and d["name"] == "replay"]
     assert replays and verifiers
+    default_k = OmegaConf.load(CONF / "drafter" / "replay.yaml").k  # what a matrix entry without k gets
     for d in replays:
         inner = d["inner"] if isinstance(d["inner"], str) else d["inner"].get("label", d["inner"]["name"])
         assert str(d["traces"]) == str(src_dir)
@@ -44,7 +46,7 @@ def test_every_replay_cell_has_its_traces_in_the_committed_source(experiment, so
                 for turn in range(1, len(p.turns) + 1):
                     r = traces.get((v, inner, str(p.prompt_id), turn))
                     assert r is not None, f"{experiment}: no trace for {v}/{inner} prompt {p.prompt_id} turn {turn}"
-                    # a replayed step may not draft more than the replaying drafter's k (the default: 5)
-                    assert max(list(r.drafted_lengths) or [0]) <= d.get("k", 5)
+                    # a replayed step may not draft more than the replaying drafter's k
+                    assert max(list(r.drafted_lengths) or [0]) <= d.get("k", default_k)
     sizes = [cfg.batch_size] if isinstance(cfg.batch_size, int) else list(cfg.batch_size)
     assert all(len(prompts) % b == 0 for b in sizes)  # every batch full: B divides the prompt count
