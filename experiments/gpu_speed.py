@@ -144,6 +144,8 @@ def main(argv=None):
     ap.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_CSV",
                     help="no run: rebuild the table from *_rows.csv files this script wrote (several GPU "
                          "calls' rows joined; needs no GPU). The hardware columns come from the rows.")
+    ap.add_argument("--drafters", default=None, metavar="A,B",
+                    help="with --from-rows: tabulate only these drafters' rows (by label)")
     args, overrides = ap.parse_known_args(argv)
     command = "python experiments/gpu_speed.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     batched = args.experiment.startswith("gpu_batch")
@@ -153,7 +155,12 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_rows:
-        rows = pd.concat([pd.read_csv(f) for f in args.from_rows], ignore_index=True)
+        rows = complete_cells(pd.concat([pd.read_csv(f) for f in args.from_rows], ignore_index=True))
+        if args.drafters:
+            keep = args.drafters.split(",")
+            if missing := set(keep) - set(rows["drafter"]):
+                ap.error(f"--drafters: no rows for {sorted(missing)}; the rows hold {sorted(set(rows['drafter']))}")
+            rows = rows[rows["drafter"].isin(keep)]
         meta = {k: rows[k].iloc[0] for k in ("gpu", "driver", "torch", "triton", "copy_gbps") if k in rows}
         meta["command"] = command
         meta["source_commands"] = " ; ".join(dict.fromkeys(rows["command"].dropna())) if "command" in rows else ""
@@ -236,6 +243,21 @@ def save_partial_rows(runs: Path, out: Path, name: str, meta: dict) -> Path | No
     path = out / f"{name}_rows_partial.csv"
     export_rows(rows, meta).to_csv(path, index=False)
     return path
+
+
+def complete_cells(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the cells that finished: a cell with fewer rows than the fullest cell was stopped
+    mid-way (a `timeout`'s partial file), and its throughput would describe only the batches it
+    reached. Each dropped cell is named on stderr."""
+    key = ["cell_id"] if "cell_id" in rows else [c for c in ("verifier", "drafter", "batch_size") if c in rows]
+    counts = rows.groupby(key).size()
+    short = counts[counts < counts.max()]
+    for cell, n in short.items():
+        r = rows.set_index(key).loc[cell]
+        r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
+        print(f"gpu_speed: dropped the unfinished cell {r.get('verifier', cell)} / {r.get('drafter', '')} / "
+              f"B={r.get('batch_size', 1)}: {n} of {counts.max()} rows", file=sys.stderr)
+    return rows.set_index(key).drop(index=short.index).reset_index()
 
 
 def export_rows(rows: pd.DataFrame, meta: dict) -> pd.DataFrame:

@@ -428,7 +428,7 @@ def _log2_ticks(ax, values) -> None:
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
-REAL_ACCEPTANCE = "real acceptance: each sequence replays SmolLM2-135M's (CPU)"
+REAL_ACCEPTANCE = "real acceptance: each sequence replays SmolLM2-135M's (CPU) acceptance trace"
 
 
 def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forced acceptance",
@@ -488,7 +488,7 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
     gpu = batch["gpu"].iloc[0] if "gpu" in batch else "GPU"
     size = (f", {int(batch['n_prompts'].max())} prompts × {int(batch['max_new_tokens'].max())} new tokens"
             if {"n_prompts", "max_new_tokens"} <= set(batch.columns) else "")
-    fig.suptitle(f"Throughput vs batch size, Qwen3-8B shapes (random weights), {gpu}{size}, {acceptance}\n"
+    fig.suptitle(f"Throughput vs batch size, Qwen3-8B shapes (random weights), {gpu}{size},\n{acceptance}\n"
                  "X: first B where the verifier falls below bf16 with the same drafter", fontsize=9)
     return fig
 

@@ -120,3 +120,36 @@ def test_batch_replay_table_from_rows_carries_the_source_tau(tmp_path, capsys):
         gs.main(["--experiment", "gpu_batch_replay", "--out", str(out)])
     assert e.value.code == 2
     assert "--source" in capsys.readouterr().err
+
+
+def test_table_from_rows_drops_unfinished_cells_and_filters_drafters(tmp_path, capsys):
+    """Rows joined from a finished call and a stopped one: a cell with fewer rows than the others
+    (stopped mid-way) is left out of the table and named; --drafters keeps only the drafters named,
+    and a drafter the rows do not hold is refused in one line."""
+    gs = gpu_speed()
+    rows = []
+    for d in ("ar", "ngram", "lookahead"):
+        for b in (1, 2):
+            for i in range(4):
+                rows.append(dict(cell_id=f"{d}{b}", verifier="reference", drafter=d, batch_size=b,
+                                 batch_id=f"{d}{b}{i // b}", prompt_id=str(i), new_tokens=8,
+                                 verify_steps=8 if d == "ar" else 4, batch_decode_s=0.1, batch_steps=8,
+                                 gemm_rows_per_step=b, batch_padding=0.0, weight_bytes=2e9, baseline=d == "ar",
+                                 gpu="NVIDIA H200", driver="580", torch="2.11", triton="3.6", copy_gbps=4200.0,
+                                 command="python experiments/gpu_speed.py", max_new_tokens=8))
+    full = pd.DataFrame(rows)
+    stopped = full[(full.cell_id == "ngram2") & (full.prompt_id != "3")]  # the stopped call: 3 of 4 rows
+    a, b, out = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "out"
+    full[full.cell_id != "ngram2"].to_csv(a, index=False)
+    stopped.to_csv(b, index=False)
+    gs.main(["--experiment", "gpu_batch", "--from-rows", str(a), str(b), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert "reference / ngram / B=2: 3 of 4 rows" in err
+    t = pd.read_csv(out / "batch.csv")
+    assert sorted(zip(t.drafter, t.batch_size)) == [("ar", 1), ("ar", 2), ("lookahead", 1), ("lookahead", 2),
+                                                   ("ngram", 1)]
+    gs.main(["--experiment", "gpu_batch", "--from-rows", str(a), "--drafters", "ar,ngram", "--out", str(out)])
+    assert set(pd.read_csv(out / "batch.csv").drafter) == {"ar", "ngram"}
+    with pytest.raises(SystemExit) as e:
+        gs.main(["--experiment", "gpu_batch", "--from-rows", str(a), "--drafters", "ar,eagle", "--out", str(out)])
+    assert e.value.code == 2 and "eagle" in capsys.readouterr().err
