@@ -165,10 +165,14 @@ def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max
     while active:
         base = [v.cache_len for v in views]
         drafts = {}
+        # positions each sequence may still draft (the verifier adds one token of its own)
+        rooms = {b: limits[b] - len(results[b].output_ids) - 1 for b in active}
+        proposing = [b for b in active if k > 0 and rooms[b] > 0]
+        run_branches(batch, views, drafters, contexts, proposing, base, results, timer)
         for b in active:
-            room = limits[b] - len(results[b].output_ids) - 1  # the verifier adds one token of its own
+            room = rooms[b]
             draft = Draft(tokens=[])
-            if k > 0 and room > 0:
+            if b in proposing:
                 ta = timer.now()
                 draft = drafters[b].propose(contexts[b], min(k, room))
                 views[b].rollback(base[b])  # self-speculative drafters wrote past the verified prefix
@@ -230,6 +234,32 @@ def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max
         res.prefill_s = t1 - t0
         res.batch = stats
     return results
+
+
+def run_branches(batch, views, drafters, contexts, proposing, base, results, timer) -> None:
+    """The verifier forwards drafters ask for before drafting (Drafter.branch_tokens: lookahead's
+    Jacobi window), every proposing sequence's in ONE batched forward at its own verified length,
+    so a batch pays one forward per step for them, as for verification, not one per sequence.
+    Rows without a branch are padding (their last token). Each drafter gets its rows' logits; the
+    cache is rolled back to the verified prefixes; the forward's time is every branching sequence's
+    draft time (as a verify forward is every sequence's verify time)."""
+    branches = {b: t for b in proposing if (t := drafters[b].branch_tokens(contexts[b]))}
+    if not branches:
+        return
+    ta = timer.now()
+    width = max(map(len, branches.values()))
+    rows = []
+    for b in range(batch.size):
+        fed = branches.get(b) or [contexts[b][-1] if b < len(contexts) else 0]
+        rows.append(fed + [fed[-1]] * (width - len(fed)))
+    logits = batch.forward(rows, base)
+    for b, fed in branches.items():
+        drafters[b].branch_logits(logits[b, : len(fed)])
+    for b, view in enumerate(views):
+        view.rollback(base[b])
+    dt = timer.now() - ta
+    for b in branches:
+        results[b].draft_s += dt
 
 
 def follow_teacher(n_acc: int, draft: list[int], teacher: list[int], pos: int) -> tuple[int, int]:

@@ -97,7 +97,8 @@ class LiveVerifier:
     runtime: object
     fidelity: dict
     is_reference: bool
-    verify_tokens: int = 0  # the widest verify forward (max k + 1): what batched graphs capture
+    verify_tokens: int = 0  # the widest verify forward (max k + 1)
+    batch_tokens: int = 0  # the widest batched forward (verify, or a drafter's branch): what batched graphs capture
     batches: dict = field(default_factory=dict)  # batch size -> BatchRuntime
     drafters: dict = field(default_factory=dict)  # cell_hash(drafter config) -> Drafter
     cells: dict = field(default_factory=dict)  # (cell_hash(drafter config), batch size) -> rows.Cell
@@ -121,7 +122,9 @@ class LiveVerifier:
             batch = BatchRuntime(self.runtime, size)
             graphs = getattr(self.runtime, "graphs", None)
             if graphs is not None:
-                width = self.verify_tokens or graphs.max_tokens  # batched drafter forwards run per sequence
+                # verify steps and drafters' branch forwards (decode.run_branches) are batched; other
+                # drafter forwards run per sequence, eagerly
+                width = max(self.batch_tokens, self.verify_tokens) or graphs.max_tokens
                 batch.enable_cuda_graphs(width, graphs.max_len)
                 batch.reset(batch.graphs.max_len)
                 log.info("capturing batch-%d CUDA graphs", size)
@@ -231,7 +234,8 @@ class Experiment:
         runtime = build_verifier(self.loaded, vcfg, cache_root(self.cfg.model.cache_dir), self.fuse)
         fidelity = self.references.fidelity(runtime) if self.references.logprobs else {}
         capture_graphs(runtime, self.cfg, widths)
-        return LiveVerifier(vcfg, runtime, fidelity, precision(vcfg.name).is_reference, verify_tokens=verify_tokens)
+        return LiveVerifier(vcfg, runtime, fidelity, precision(vcfg.name).is_reference, verify_tokens=verify_tokens,
+                            batch_tokens=max(widths))
 
     def release_verifiers(self) -> None:
         for live in getattr(self, "live", []):

@@ -67,6 +67,47 @@ def test_greedy_batch_equals_each_sequences_ar(shapes):
         assert [r.stopped_by for r in out] == ["eos" if eos in r else "max_new_tokens" for r in refs_eos]
 
 
+class NoForward:
+    """A drafter's own runtime that must not be used: lookahead's Jacobi forward belongs to the loop."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def __getattr__(self, name):
+        return getattr(self.view, name)
+
+    def forward(self, *a, **kw):
+        raise AssertionError("the drafter ran its own per-sequence forward")
+
+
+@pytest.mark.parametrize("window", [7, 3])
+def test_lookahead_jacobi_forwards_are_one_batched_forward_per_step(window):
+    """At B = 3 the lookahead branch is one batched forward per step (width 1 + W) beside the verify
+    forward, never a forward per sequence; each sequence drafts what it drafts alone (same
+    per-step drafted / accepted counts) and outputs its own AR output. Reference: generate() per
+    sequence, whose Jacobi forward runs on the single-sequence runtime."""
+    rt = tiny_runtime("tiny_qwen3")
+    prompts = prompts_of((5, 11, 8))
+    prompts[2] = [7, 8, 9, 7, 8, 9, 7, 8]
+    cfg = {"name": "lookahead", "k": K, "window": window}
+    alone = [generate(rt, mk(cfg, rt), p, 24, K) for p in prompts]
+    batch = BatchRuntime(rt, 3)
+    widths, forward = [], batch.forward
+    batch.forward = lambda rows, starts: widths.append(len(rows[0])) or forward(rows, starts)
+    d = mk(cfg, rt)
+    seqs = [d.for_sequence(NoForward(batch.seq(b))) for b in range(3)]
+    out = generate_batch(batch, seqs, prompts, 24, d.k)
+    assert [r.output_ids for r in out] == [ar_ids(rt, p, 24) for p in prompts]
+    assert [r.step_drafted for r in out] == [a.step_drafted for a in alone]
+    assert [r.step_accepted for r in out] == [a.step_accepted for a in alone]
+    steps = out[0].batch.steps
+    branch = len(widths) - steps  # every other forward verified
+    assert steps - 1 <= branch <= steps  # one per step (none where no sequence had room left)
+    if 1 + window > K + 1:  # wider than any verify forward: each such forward is a branch
+        assert widths.count(1 + window) == branch
+    assert all(r.draft_s > 0 for r in out)
+
+
 def test_greedy_batch_with_a_draft_model_and_a_replay(tmp_path):
     """Drafters with a cache of their own (draft_model: one per sequence) or an inner drafter (replay)."""
     verifier = tiny_loaded("tiny_llama", seed=0)

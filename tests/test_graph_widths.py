@@ -22,7 +22,7 @@ def captured_widths(tmp_path, monkeypatch, drafters: str, batch: str = "[1]"):
 
     def build_live(self, vcfg, widths, verify_tokens):
         live = real(self, vcfg, widths, verify_tokens)
-        built.append(live.verify_tokens)
+        built.append((live.verify_tokens, live.batch_tokens))
         return live
 
     monkeypatch.setattr(run_mod.Experiment, "build_live", build_live)
@@ -38,7 +38,7 @@ def captured_widths(tmp_path, monkeypatch, drafters: str, batch: str = "[1]"):
 def test_verify_widths_only_without_wider_drafter(tmp_path, monkeypatch):
     seen, built = captured_widths(tmp_path, monkeypatch, "[ar,{name:ngram,k:3}]")
     assert seen == [[1, 2, 3, 4]] * 2  # one capture per verifier: AR (1) and verify (k + 1 = 4)
-    assert built == [4, 4]
+    assert built == [(4, 4)] * 2
 
 
 def test_lookahead_window_gets_its_own_graph_width(tmp_path, monkeypatch):
@@ -46,4 +46,5 @@ def test_lookahead_window_gets_its_own_graph_width(tmp_path, monkeypatch):
         tmp_path, monkeypatch, "[{name:ngram,k:2},{name:lookahead,k:3,window:6}]", batch="[1,2]")
     # verify widths 1..4 (k = 3 is the largest) plus the Jacobi forward: last token + 6 guesses
     assert seen == [[1, 2, 3, 4, 7]] * 2
-    assert built == [4, 4]  # batched graphs capture the verify widths only
+    # batched graphs capture the Jacobi width too: the loop batches that forward across sequences
+    assert built == [(4, 7)] * 2

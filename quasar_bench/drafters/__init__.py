@@ -10,9 +10,11 @@ What a drafter declares:
     drafts        False for the plain-AR baseline (k = 0: one verify forward per token)
     k             drafts per verify step (from the config; 0 when `drafts` is False)
     cache_room    KV positions it writes past the verify window (the loop sizes the cache)
-    forward_tokens  the widest forward it runs on the verifier's runtime itself, in tokens (0: none
-                  wider than a verify step); on CUDA the harness captures graphs up to this width,
-                  so those forwards replay a graph like the verify steps do
+    forward_tokens  the widest forward it runs on the verifier (0: none wider than a verify step);
+                  on CUDA the harness captures graphs up to this width, so those forwards replay a
+                  graph like the verify steps do
+    branch_tokens() / branch_logits()  a verifier forward wanted before drafting (lookahead's
+                  Jacobi window): the loop batches it across the sequences of a batch
     replays       None, or which greedy continuation it replays, passed to start(): "own" (this
                   verifier's greedy AR output) or "reference" (the reference verifier's)
     forces_acceptance  True when the drafter, not the verifier, decides acceptance (speed-only
@@ -153,6 +155,17 @@ class Drafter:
 
     def start(self, prompt_ids: list[int], reference: list[int] | None = None) -> None:
         """A new generation begins. `reference`: the continuation named by `replays`, if any."""
+
+    def branch_tokens(self, context: list[int]) -> list[int] | None:
+        """Tokens to run through the verifier past its cache (which holds context[:-1]) before this
+        step's propose(), or None (the default: no such forward). The loop runs every sequence's
+        branch of a batch in one batched forward and hands the logits to branch_logits(); a drafter
+        that ran this forward itself on its per-sequence view would cost B forwards per step."""
+        return None
+
+    def branch_logits(self, logits: torch.Tensor) -> None:
+        """The verifier's logits [len(branch_tokens), V] for the tokens branch_tokens() asked for,
+        before propose() of the same step."""
 
     def propose(self, context: list[int], k: int) -> Draft:
         """Up to k tokens to follow `context` (prompt + generated so far). The verifier's KV cache

@@ -60,6 +60,7 @@ class Lookahead(Drafter):
         self.levels = [[rng.choice(prompt_ids) for _ in range(self.W)]]  # the paper: random prompt tokens
         self.seen = 0  # context n-grams starting before this index are in the pool
         self.steps = 0
+        self.branch_out = None  # this step's Jacobi outputs, when the loop ran the branch forward
 
     def add(self, gram) -> None:
         key, rest = int(gram[0]), tuple(int(t) for t in gram[1:])
@@ -69,15 +70,25 @@ class Lookahead(Drafter):
         while len(bucket) > self.G:
             bucket.popitem(last=False)
 
+    def branch_tokens(self, context):
+        return [context[-1]] + self.levels[-1]
+
+    def branch_logits(self, logits):
+        self.branch_out = logits.argmax(-1).tolist()
+
     def propose(self, context, k):
         N, W = self.N, self.W
         if self.pool_from_context:
             for i in range(self.seen, len(context) - N + 1):
                 self.add(context[i : i + N])
             self.seen = max(self.seen, len(context) - N + 1)
-        # Lookahead branch: one Jacobi iteration over the newest level.
-        x = [context[-1]] + self.levels[-1]
-        out = self.runtime.forward(torch.tensor(x, device=self.runtime.device)).argmax(-1).tolist()
+        # Lookahead branch: one Jacobi iteration over the newest level, run by the loop (batched
+        # across a batch's sequences) unless propose() is called on its own.
+        out = self.branch_out
+        if out is None:
+            x = self.branch_tokens(context)
+            out = self.runtime.forward(torch.tensor(x, device=self.runtime.device)).argmax(-1).tolist()
+        self.branch_out = None
         if len(self.levels) >= N - 1:
             old = self.levels[-(N - 1):]
             for j in range(N - 1, W + 1):

@@ -132,6 +132,12 @@ class Replay(Drafter):
             last, keep = "trace_end", min(keep, new_tokens - self.produced - 1)
         return Draft(tokens=tokens, forced_accept=keep, last=last)
 
+    def branch_tokens(self, context):
+        return self.inner.branch_tokens(context)  # the inner drafter's real work, as in propose()
+
+    def branch_logits(self, logits):
+        self.inner.branch_logits(logits)
+
     def observe(self, accepted, new_tokens):
         self.produced += len(new_tokens)
         self.inner.observe(accepted, new_tokens)
