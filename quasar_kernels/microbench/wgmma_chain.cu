@@ -1,0 +1,145 @@
+// How fast can one warpgroup issue register-A wgmmas (m64n64k16, bf16) the way the W4A16 wgmma
+// kernel does? Run-8's ncu says its consumers take ~350 cycles per k16 step with 2 warpgroups per
+// SM and ~750 with 4, against 32 cycles of tensor work at peak: this program measures the step
+// itself, with nothing else in the kernel (B operand: a zeroed 16 KB shared buffer; no global
+// memory), for the patterns the kernel could use:
+//   wait1       fence; wgmma on the one accumulator; commit; wait_group 1 (the kernel today)
+//   wait1_alu   the same plus a dependent dequantize-like chain writing the A registers (lop3 +
+//               2 bf16x2 FMAs per register, 4 registers) before each wgmma
+//   batch8      8 wgmmas on the one accumulator back to back, one commit, wait_group 0
+//   acc2        two independent accumulators alternating, wait_group 1 (two chains in flight)
+//   acc2_alu    acc2 plus the dequantize-like chain
+// One CTA per SM of 1, 2 or 4 warpgroups. Prints cycles per step per warpgroup (clock64, median
+// over warpgroups), cycles per step per SM (/ warpgroups) and tensor TFLOP/s from CUDA events.
+// Build and run on Hopper: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+//   -I quasar_kernels/csrc quasar_kernels/microbench/wgmma_chain.cu -o /tmp/wgmma_chain && /tmp/wgmma_chain
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <algorithm>
+#include <vector>
+
+#include "w4a16_wgmma_ops.inc"
+
+constexpr int STEPS = 4096;  // k16 steps per warpgroup (multiple of 8)
+
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+__device__ __forceinline__ void hold(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void hold(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+__device__ __forceinline__ uint32_t fake_dequant(uint32_t q, uint32_t s) {  // lop3 + 2 x bf16x2 fma
+  uint32_t v, t, d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(q), "n"(0x000f000f), "n"(0x43004300));
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(t) : "r"(v), "r"(0x3F803F80u), "r"(0xC300C300u));
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(t), "r"(s), "r"(0x80008000u));
+  return d;
+}
+
+template <int MODE>
+__global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
+  __shared__ __align__(1024) uint8_t sb[16384];
+  for (int i = threadIdx.x; i < 16384 / 4; i += blockDim.x) reinterpret_cast<uint32_t*>(sb)[i] = 0;
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  __syncthreads();
+  const uint64_t d0 = desc_sw128((uint32_t)__cvta_generic_to_shared(sb));
+  float acc[2][32];
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int e = 0; e < 32; ++e) acc[j][e] = 0.f;
+  uint32_t a[2][4];
+  uint32_t q = seed ^ threadIdx.x, s = 0x3F803F80u;
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[j][r] = 0x3F803F80u;
+  const long long t0 = clock64();
+  for (int it = 0; it < STEPS; it += 8) {
+    if constexpr (MODE == 2) {  // batch8
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+      for (int i = 0; i < 8; ++i) wgmma_m64n64k16_bf16(acc[0], a[0], d0 + (uint64_t)((i * 32) >> 4), 1);
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+      for (int e = 0; e < 32; ++e) hold(acc[0][e]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        uint32_t* f = a[i & 1];
+        if constexpr (MODE == 1 || MODE == 4) {
+          q = q * 1664525u + 1013904223u;
+#pragma unroll
+          for (int r = 0; r < 4; ++r) f[r] = fake_dequant(q >> (4 * r), s);
+        }
+        constexpr bool TWO = MODE == 3 || MODE == 4;
+        float* d = acc[TWO ? (i & 1) : 0];
+#pragma unroll
+        for (int e = 0; e < 32; ++e) hold(d[e]);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        wgmma_m64n64k16_bf16(d, f, d0 + (uint64_t)((i * 32) >> 4), 1);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+#pragma unroll
+        for (int r = 0; r < 4; ++r) hold(a[(i + 1) & 1][r]);
+      }
+    }
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  const long long t1 = clock64();
+  float tot = 0.f;
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int e = 0; e < 32; ++e) tot += acc[j][e];
+  sink[blockIdx.x * blockDim.x + threadIdx.x] = tot;
+  if (threadIdx.x % 128 == 0) cycles[blockIdx.x * (blockDim.x / 128) + threadIdx.x / 128] = t1 - t0;
+}
+
+template <int MODE>
+void run(const char* name, int sms, int nwg) {
+  long long* cyc;
+  float* sink;
+  cudaMalloc(&cyc, sizeof(long long) * sms * nwg);
+  cudaMalloc(&sink, sizeof(float) * sms * nwg * 128);
+  chain_kernel<MODE><<<sms, nwg * 128>>>(cyc, sink, 1);  // warm-up
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  cudaEventRecord(e0);
+  chain_kernel<MODE><<<sms, nwg * 128>>>(cyc, sink, 2);
+  cudaEventRecord(e1);
+  cudaError_t err = cudaEventSynchronize(e1);
+  if (err != cudaSuccess) {
+    printf("%-10s nwg=%d: %s\n", name, nwg, cudaGetErrorString(err));
+    return;
+  }
+  float ms = 0.f;
+  cudaEventElapsedTime(&ms, e0, e1);
+  std::vector<long long> c(sms * nwg);
+  cudaMemcpy(c.data(), cyc, sizeof(long long) * c.size(), cudaMemcpyDeviceToHost);
+  std::sort(c.begin(), c.end());
+  const double per_step = (double)c[c.size() / 2] / STEPS;
+  const double flops = 2.0 * 64 * 64 * 16 * STEPS * sms * nwg;
+  printf("%-10s nwg=%d  cycles/step/warpgroup %7.1f  cycles/step/SM %6.1f  %6.1f TFLOP/s\n", name, nwg, per_step,
+         per_step / nwg, flops / (ms * 1e-3) / 1e12);
+  cudaFree(cyc);
+  cudaFree(sink);
+}
+
+int main() {
+  cudaDeviceProp prop;
+  cudaGetDeviceProperties(&prop, 0);
+  printf("%s, %d SMs; m64n64k16 bf16 = 32 tensor cycles per SM at the dense peak\n", prop.name,
+         prop.multiProcessorCount);
+  for (int nwg : {1, 2, 4}) {
+    run<0>("wait1", prop.multiProcessorCount, nwg);
+    run<1>("wait1_alu", prop.multiProcessorCount, nwg);
+    run<2>("batch8", prop.multiProcessorCount, nwg);
+    run<3>("acc2", prop.multiProcessorCount, nwg);
+    run<4>("acc2_alu", prop.multiProcessorCount, nwg);
+  }
+  return 0;
+}
