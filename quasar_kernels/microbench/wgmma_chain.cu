@@ -9,6 +9,9 @@
 //   batch8      8 wgmmas on the one accumulator back to back, one commit, wait_group 0
 //   acc2        two independent accumulators alternating, wait_group 1 (two chains in flight)
 //   acc2_alu    acc2 plus the dequantize-like chain
+//   stage       wait1_alu inside the kernel's stage frame: per 8 steps the weight words come from
+//               shared memory (2 ld.shared.v4 per thread), and the stage ends with wait_group 0
+//               and a CTA barrier (the cp.async kernel's buffer hand-over, minus the copies)
 // One CTA per SM of 1, 2 or 4 warpgroups. Prints cycles per step per warpgroup (clock64, median
 // over warpgroups), cycles per step per SM (/ warpgroups) and tensor TFLOP/s from CUDA events.
 // Build and run on Hopper: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
@@ -57,6 +60,12 @@ __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
     for (int r = 0; r < 4; ++r) a[j][r] = 0x3F803F80u;
   const long long t0 = clock64();
   for (int it = 0; it < STEPS; it += 8) {
+    uint32_t w[8];
+    if constexpr (MODE == 5) {  // the stage's weight words, read from shared memory as the kernel does
+      const uint32_t wa = (uint32_t)__cvta_generic_to_shared(sb) + ((threadIdx.x * 16 + it * 4) & 8191);
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(wa) : "memory");
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[4]), "=r"(w[5]), "=r"(w[6]), "=r"(w[7]) : "r"(wa + 8192) : "memory");
+    }
     if constexpr (MODE == 2) {  // batch8
       asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
@@ -69,8 +78,8 @@ __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         uint32_t* f = a[i & 1];
-        if constexpr (MODE == 1 || MODE == 4) {
-          q = q * 1664525u + 1013904223u;
+        if constexpr (MODE == 1 || MODE == 4 || MODE == 5) {
+          q = MODE == 5 ? (w[i] ^ q) : q * 1664525u + 1013904223u;
 #pragma unroll
           for (int r = 0; r < 4; ++r) f[r] = fake_dequant(q >> (4 * r), s);
         }
@@ -84,6 +93,10 @@ __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
 #pragma unroll
         for (int r = 0; r < 4; ++r) hold(a[(i + 1) & 1][r]);
+      }
+      if constexpr (MODE == 5) {  // end of stage: drain, then the barrier that frees the buffer
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        __syncthreads();
       }
     }
   }
@@ -140,6 +153,7 @@ int main() {
     run<2>("batch8", prop.multiProcessorCount, nwg);
     run<3>("acc2", prop.multiProcessorCount, nwg);
     run<4>("acc2_alu", prop.multiProcessorCount, nwg);
+    run<5>("stage", prop.multiProcessorCount, nwg);
   }
   return 0;
 }
