@@ -24,6 +24,10 @@ at the same batch size, and the shares of copy bandwidth and of peak bf16 tensor
 its own (verifier, drafter, prompt) trace from the source run (ragged across the batch), and the
 table (batch_replay.*) carries the source's tau beside each row.
 
+`--from-rows A.csv B.csv` rebuilds a table from the row files of several calls without a GPU: a cell
+with fewer rows than the others (a stopped call's) is left out and named; `--drafters a,b` keeps
+only those drafters' rows.
+
 A run stopped early (Ctrl-C, or SIGTERM from `timeout`) still writes `<name>_rows_partial.csv`
 under --out: every row the result store holds, with the hardware columns, in one file.
 """
@@ -147,6 +151,8 @@ def main(argv=None):
     ap.add_argument("--drafters", default=None, metavar="A,B",
                     help="with --from-rows: tabulate only these drafters' rows (by label)")
     args, overrides = ap.parse_known_args(argv)
+    if args.drafters and not args.from_rows:
+        ap.error("--drafters filters rows joined with --from-rows; to run fewer drafters, override matrix.drafters=[...]")
     command = "python experiments/gpu_speed.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     batched = args.experiment.startswith("gpu_batch")
     if args.experiment.endswith("replay") and not (args.source or args.from_rows):

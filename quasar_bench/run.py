@@ -97,8 +97,9 @@ class LiveVerifier:
     runtime: object
     fidelity: dict
     is_reference: bool
-    verify_tokens: int = 0  # the widest verify forward (max k + 1)
-    batch_tokens: int = 0  # the widest batched forward (verify, or a drafter's branch): what batched graphs capture
+    # every forward width its cells make (verify steps; drafters' branch forwards, decode.run_branches):
+    # what batched graphs capture
+    widths: tuple = ()
     batches: dict = field(default_factory=dict)  # batch size -> BatchRuntime
     drafters: dict = field(default_factory=dict)  # cell_hash(drafter config) -> Drafter
     cells: dict = field(default_factory=dict)  # (cell_hash(drafter config), batch size) -> rows.Cell
@@ -122,13 +123,13 @@ class LiveVerifier:
             batch = BatchRuntime(self.runtime, size)
             graphs = getattr(self.runtime, "graphs", None)
             if graphs is not None:
-                # verify steps and drafters' branch forwards (decode.run_branches) are batched; other
-                # drafter forwards run per sequence, eagerly
-                width = max(self.batch_tokens, self.verify_tokens) or graphs.max_tokens
-                batch.enable_cuda_graphs(width, graphs.max_len)
+                # verify steps and drafters' branch forwards are batched; other drafter forwards run
+                # per sequence, eagerly
+                widths = self.widths or range(1, graphs.max_tokens + 1)
+                batch.enable_cuda_graphs(max(widths), graphs.max_len)
                 batch.reset(batch.graphs.max_len)
                 log.info("capturing batch-%d CUDA graphs", size)
-                batch.graphs.capture_all(range(1, width + 1))
+                batch.graphs.capture_all(widths)
             self.batches[size] = batch
         return self.batches[size]
 
@@ -210,7 +211,7 @@ class Experiment:
             # CUDA graphs cover every forward a cell makes: verify steps, and any wider forward a
             # drafter runs on the verifier (lookahead's Jacobi window)
             widths = sorted(set(range(1, verify_tokens + 1)) | {d.forward_tokens for d in made if d.forward_tokens})
-            self.live = [self.build_live(vcfg, widths, verify_tokens) for vcfg, _ in self.plan]
+            self.live = [self.build_live(vcfg, widths) for vcfg, _ in self.plan]
             visits = schedule(self.plan, batch_sizes(cfg), repeats(cfg), int(cfg.seed))
             self.outputs = {}  # cell_id -> {(prompt_id, turn): output ids}: every repeat must give the same
             self.progress = {"done": 0, "total": len(visits), "start": time.perf_counter()}
@@ -228,14 +229,13 @@ class Experiment:
             self.release_verifiers()
             self.store.close()
 
-    def build_live(self, vcfg, widths: list[int], verify_tokens: int) -> LiveVerifier:
+    def build_live(self, vcfg, widths: list[int]) -> LiveVerifier:
         """Build a verifier (cached builds load from disk), measure its fidelity against the
         reference, and capture its CUDA graphs, before any timing."""
         runtime = build_verifier(self.loaded, vcfg, cache_root(self.cfg.model.cache_dir), self.fuse)
         fidelity = self.references.fidelity(runtime) if self.references.logprobs else {}
         capture_graphs(runtime, self.cfg, widths)
-        return LiveVerifier(vcfg, runtime, fidelity, precision(vcfg.name).is_reference, verify_tokens=verify_tokens,
-                            batch_tokens=max(widths))
+        return LiveVerifier(vcfg, runtime, fidelity, precision(vcfg.name).is_reference, widths=tuple(widths))
 
     def release_verifiers(self) -> None:
         for live in getattr(self, "live", []):

@@ -153,3 +153,6 @@ def test_table_from_rows_drops_unfinished_cells_and_filters_drafters(tmp_path, c
     with pytest.raises(SystemExit) as e:
         gs.main(["--experiment", "gpu_batch", "--from-rows", str(a), "--drafters", "ar,eagle", "--out", str(out)])
     assert e.value.code == 2 and "eagle" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a live run does not filter: refused, not ignored
+        gs.main(["--experiment", "gpu_batch", "--drafters", "ar", "--out", str(out)])
+    assert e.value.code == 2 and "matrix.drafters" in capsys.readouterr().err

@@ -20,9 +20,9 @@ def captured_widths(tmp_path, monkeypatch, drafters: str, batch: str = "[1]"):
     built = []
     real = run_mod.Experiment.build_live
 
-    def build_live(self, vcfg, widths, verify_tokens):
-        live = real(self, vcfg, widths, verify_tokens)
-        built.append((live.verify_tokens, live.batch_tokens))
+    def build_live(self, vcfg, widths):
+        live = real(self, vcfg, widths)
+        built.append(live.widths)
         return live
 
     monkeypatch.setattr(run_mod.Experiment, "build_live", build_live)
@@ -38,7 +38,7 @@ def captured_widths(tmp_path, monkeypatch, drafters: str, batch: str = "[1]"):
 def test_verify_widths_only_without_wider_drafter(tmp_path, monkeypatch):
     seen, built = captured_widths(tmp_path, monkeypatch, "[ar,{name:ngram,k:3}]")
     assert seen == [[1, 2, 3, 4]] * 2  # one capture per verifier: AR (1) and verify (k + 1 = 4)
-    assert built == [(4, 4)] * 2
+    assert built == [(1, 2, 3, 4)] * 2  # what batched graphs capture: the same widths
 
 
 def test_lookahead_window_gets_its_own_graph_width(tmp_path, monkeypatch):
@@ -47,4 +47,30 @@ def test_lookahead_window_gets_its_own_graph_width(tmp_path, monkeypatch):
     # verify widths 1..4 (k = 3 is the largest) plus the Jacobi forward: last token + 6 guesses
     assert seen == [[1, 2, 3, 4, 7]] * 2
     # batched graphs capture the Jacobi width too: the loop batches that forward across sequences
-    assert built == [(4, 7)] * 2
+    assert built == [(1, 2, 3, 4, 7)] * 2
+
+
+def test_batch_graphs_capture_exactly_the_cells_widths(monkeypatch):
+    """A batch runtime (B > 1) made for a verifier captures graphs for its widths — verify steps and
+    lookahead's Jacobi window, which the loop batches — and no others (CUDA-free: the capture is
+    recorded)."""
+    import types
+
+    import quasar_bench.batching as batching
+    from quasar_bench.run import LiveVerifier
+
+    made = {}
+
+    class Graphs:
+        def __init__(self, batch, max_tokens, max_len, bucket=256):
+            made["max_tokens"], self.max_len = max_tokens, max_len
+
+        def capture_all(self, widths):
+            made["widths"] = list(widths)
+
+    monkeypatch.setattr(batching, "BatchGraphs", Graphs)
+    monkeypatch.setattr(batching.BatchRuntime, "reset", lambda self, n: None)
+    runtime = types.SimpleNamespace(is_native=True, device="cpu", graphs=types.SimpleNamespace(max_tokens=16, max_len=512))
+    live = LiveVerifier(vcfg=None, runtime=runtime, fidelity={}, is_reference=True, widths=(1, 2, 3, 4, 7))
+    live.batch_runtime(4)
+    assert made == {"max_tokens": 7, "widths": [1, 2, 3, 4, 7]}
