@@ -12,6 +12,11 @@
 //   stage       wait1_alu inside the kernel's stage frame: per 8 steps the weight words come from
 //               shared memory (2 ld.shared.v4 per thread), and the stage ends with wait_group 0
 //               and a CTA barrier (the cp.async kernel's buffer hand-over, minus the copies)
+//   ss_wait1    A from shared memory too (both operands by descriptor), wait_group 1: what a kernel
+//               that stages dequantized weights in shared memory would issue
+//   ss_batch8   the same, 8 back to back, one wait 0
+//   n128_alu    wait1_alu with m64n128k16 (128 tokens per wgmma: twice the work per instruction)
+//   n128_b8     m64n128k16 register-A, 8 back to back (a dequantized stage held in registers)
 // One CTA per SM of 1, 2 or 4 warpgroups. Prints cycles per step per warpgroup (clock64, median
 // over warpgroups), cycles per step per SM (/ warpgroups) and tensor TFLOP/s from CUDA events.
 // Build and run on Hopper: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
@@ -29,6 +34,14 @@ constexpr int STEPS = 4096;  // k16 steps per warpgroup (multiple of 8)
 __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
   return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
+// both operands from shared memory (A K-major, 128-byte swizzle, like B)
+__device__ __forceinline__ void wgmma_ss_m64n64k16_bf16(float* d, uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db));
+}
 __device__ __forceinline__ void hold(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 __device__ __forceinline__ void hold(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
@@ -42,11 +55,12 @@ __device__ __forceinline__ uint32_t fake_dequant(uint32_t q, uint32_t s) {  // l
 
 template <int MODE>
 __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
-  __shared__ __align__(1024) uint8_t sb[16384];
-  for (int i = threadIdx.x; i < 16384 / 4; i += blockDim.x) reinterpret_cast<uint32_t*>(sb)[i] = 0;
+  __shared__ __align__(1024) uint8_t sb[40960];
+  for (int i = threadIdx.x; i < 40960 / 4; i += blockDim.x) reinterpret_cast<uint32_t*>(sb)[i] = 0;
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   __syncthreads();
   const uint64_t d0 = desc_sw128((uint32_t)__cvta_generic_to_shared(sb));
+  const uint64_t da = desc_sw128((uint32_t)__cvta_generic_to_shared(sb) + 20480);  // SS modes' A (zeros)
   float acc[2][32];
 #pragma unroll
   for (int j = 0; j < 2; ++j)
@@ -66,7 +80,33 @@ __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(wa) : "memory");
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[4]), "=r"(w[5]), "=r"(w[6]), "=r"(w[7]) : "r"(wa + 8192) : "memory");
     }
-    if constexpr (MODE == 2) {  // batch8
+    if constexpr (MODE == 6 || MODE == 7) {  // both operands from shared memory
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        wgmma_ss_m64n64k16_bf16(acc[0], da + (uint64_t)((i * 32) >> 4), d0 + (uint64_t)((i * 32) >> 4));
+        if constexpr (MODE == 6) {
+          asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+          asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+        }
+      }
+      if constexpr (MODE == 7) {
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+      }
+#pragma unroll
+      for (int e = 0; e < 32; ++e) hold(acc[0][e]);
+    } else if constexpr (MODE == 9) {  // n128, 8 back to back on one accumulator
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+      for (int i = 0; i < 8; ++i) wgmma_m64n128k16_bf16(&acc[0][0], a[0], d0 + (uint64_t)((i * 32) >> 4), 1);
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 32; ++e) hold(acc[j][e]);
+    } else if constexpr (MODE == 2) {  // batch8
       asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
       for (int i = 0; i < 8; ++i) wgmma_m64n64k16_bf16(acc[0], a[0], d0 + (uint64_t)((i * 32) >> 4), 1);
@@ -78,7 +118,7 @@ __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         uint32_t* f = a[i & 1];
-        if constexpr (MODE == 1 || MODE == 4 || MODE == 5) {
+        if constexpr (MODE == 1 || MODE == 4 || MODE == 5 || MODE == 8) {
           q = MODE == 5 ? (w[i] ^ q) : q * 1664525u + 1013904223u;
 #pragma unroll
           for (int r = 0; r < 4; ++r) f[r] = fake_dequant(q >> (4 * r), s);
@@ -87,8 +127,13 @@ __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
         float* d = acc[TWO ? (i & 1) : 0];
 #pragma unroll
         for (int e = 0; e < 32; ++e) hold(d[e]);
+        if constexpr (MODE == 8) {
+#pragma unroll
+          for (int e = 0; e < 32; ++e) hold(acc[1][e]);
+        }
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-        wgmma_m64n64k16_bf16(d, f, d0 + (uint64_t)((i * 32) >> 4), 1);
+        if constexpr (MODE == 8) wgmma_m64n128k16_bf16(&acc[0][0], f, d0 + (uint64_t)((i * 32) >> 4), 1);
+        else wgmma_m64n64k16_bf16(d, f, d0 + (uint64_t)((i * 32) >> 4), 1);
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
 #pragma unroll
@@ -135,7 +180,7 @@ void run(const char* name, int sms, int nwg) {
   cudaMemcpy(c.data(), cyc, sizeof(long long) * c.size(), cudaMemcpyDeviceToHost);
   std::sort(c.begin(), c.end());
   const double per_step = (double)c[c.size() / 2] / STEPS;
-  const double flops = 2.0 * 64 * 64 * 16 * STEPS * sms * nwg;
+  const double flops = 2.0 * 64 * (MODE >= 8 ? 128 : 64) * 16 * STEPS * sms * nwg;
   printf("%-10s nwg=%d  cycles/step/warpgroup %7.1f  cycles/step/SM %6.1f  %6.1f TFLOP/s\n", name, nwg, per_step,
          per_step / nwg, flops / (ms * 1e-3) / 1e12);
   cudaFree(cyc);
@@ -145,7 +190,7 @@ void run(const char* name, int sms, int nwg) {
 int main() {
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
-  printf("%s, %d SMs; m64n64k16 bf16 = 32 tensor cycles per SM at the dense peak\n", prop.name,
+  printf("%s, %d SMs; m64n64k16 bf16 = 32 tensor cycles per SM at the dense peak (n128: 64)\n", prop.name,
          prop.multiProcessorCount);
   for (int nwg : {1, 2, 4}) {
     run<0>("wait1", prop.multiProcessorCount, nwg);
@@ -154,6 +199,10 @@ int main() {
     run<3>("acc2", prop.multiProcessorCount, nwg);
     run<4>("acc2_alu", prop.multiProcessorCount, nwg);
     run<5>("stage", prop.multiProcessorCount, nwg);
+    run<6>("ss_wait1", prop.multiProcessorCount, nwg);
+    run<7>("ss_batch8", prop.multiProcessorCount, nwg);
+    run<8>("n128_alu", prop.multiProcessorCount, nwg);
+    run<9>("n128_b8", prop.multiProcessorCount, nwg);
   }
   return 0;
 }
