@@ -35,7 +35,10 @@ namespace {
 
 constexpr int WG_NWG = 2;                  // warpgroups per CTA
 constexpr int WG_THREADS = WG_NWG * 128;
-constexpr int WG_STAGES = 4;
+#ifndef QB_WG_STAGES  // overridden only by quasar_kernels/microbench/wgmma_ablate.py's diagnostic builds
+#define QB_WG_STAGES 4
+#endif
+constexpr int WG_STAGES = QB_WG_STAGES;
 constexpr int WG_LKS = 3;
 constexpr int WG_KSTEPS = 1 << WG_LKS;      // k16 steps per stage (a stage's fixed cost is what bounds the kernel)
 constexpr int WG_SZ_BYTES = 192;           // one (column tile, group): 64 scales (128 B) + 64 zero codes
@@ -339,10 +342,14 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     cp_async_wait<WG_STAGES - 2>();
     fence_async_smem();
     __syncthreads();  // stage j is in for every thread; every warpgroup is done with stage j - 1
+#ifndef QB_ABLATE_NOLOAD  // diagnostic builds only (wgmma_ablate.py): compute on stale buffers / move data without computing
     if (j + WG_STAGES - 1 < nst) load_next(j + WG_STAGES - 1);
+#endif
     cp_async_commit();
+#ifndef QB_ABLATE_NOMMA
     if (sh == WG_LKS) mma_stage(j, std::true_type{});
     else mma_stage(j, std::false_type{});
+#endif
     if (cu_st == KS - 1 || j == nst - 1) {  // the block ends here or the CTA's range does
       finish_block(cu_blk, first_st == 0 && cu_st == KS - 1);
 #pragma unroll

@@ -1,0 +1,121 @@
+"""Where does the W4A16 wgmma kernel's time go? Builds diagnostic variants of the extension (compile-time
+macros in csrc/w4a16_wgmma.cu; the shipped build defines none of them) and times each on gate+up
+(24576 x 4096, G = 128) at the given rows, same configuration, CUDA events, 4 weight copies rotated
+so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over rounds:
+
+    base      the shipped kernel
+    noload    no copies after the prologue: the stages compute on stale buffers (the memory path removed)
+    nomma     copies, waits and barriers only: no dequantization, no wgmma (the compute removed)
+    stages8   an 8-deep cp.async pipeline instead of 4 (one CTA per SM fits)
+
+Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
+Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
+The results are garbage for noload / nomma (timing only)."""
+import argparse
+import os
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE_NOMMA"], "stages8": ["-DQB_WG_STAGES=8"]}
+
+
+def build(variant: str):
+    from torch.utils.cpp_extension import load
+
+    from quasar_kernels import w4a16_cuda as wc
+
+    d = wc._build_dir().parent / f"w4a16_ablate_{variant}"
+    d.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    flags = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a"]
+    return load(name=f"quasar_w4a16_ablate_{variant}", sources=[str(s) for s in wc._SOURCES],
+                extra_cuda_cflags=flags + VARIANTS[variant], extra_cflags=["-O3"], build_directory=str(d))
+
+
+def _build_in_child(variant: str) -> str:
+    build(variant)
+    return variant
+
+
+def timed(fn, reps: int) -> float:
+    """µs per call: CUDA events around reps calls (after the caller's warm-up)."""
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        fn()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / reps
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ms", default="64,128")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    with ProcessPoolExecutor(len(variants), mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+        for v in pool.map(_build_in_child, variants):
+            print("built", v, flush=True)
+    exts = {v: build(v) for v in variants}
+
+    from quasar_bench.packing import pack_int4, quantize_int4_rtn
+    from quasar_kernels import w4a16_cuda as wc
+
+    n, k, g = 24576, 4096, 128
+    gen = torch.Generator().manual_seed(0)
+    packs = []
+    for _ in range(4):
+        codes, scales, zeros = quantize_int4_rtn((torch.randn(n, k, generator=gen) * 0.05).cuda(), g)
+        packs.append(wc.prepack_w4a16(pack_int4(codes), scales, zeros, k, g))
+    dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05 for _ in range(4)]
+    print(torch.cuda.get_device_name(), torch.__version__, torch.version.cuda, flush=True)
+    for m in [int(s) for s in args.ms.split(",")]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        tb = 64 if m <= 64 else 128
+        cfgs = [dict(ctas=c, tb=tb, nw=1) for c in (132, 192, 264)] + [dict(ctas=c, tb=tb, nw=2) for c in (96, 132)]
+        cells = [(v, c) for v in variants for c in cfgs]
+        times = {cell: [] for cell in cells}
+        cublas = []
+        it = [0]
+
+        def call(v, cfg):
+            def f():
+                wc._EXT = exts[v]
+                wc.w4a16_wgmma_linear(x, packs[it[0] % 4], config=cfg)
+                it[0] += 1
+            return f
+
+        def mm():
+            torch.matmul(x, dense[it[0] % 4].t())
+            it[0] += 1
+
+        for r in range(args.rounds + 1):  # round 0: warm-up, not kept
+            t = timed(mm, args.reps)
+            if r:
+                cublas.append(t)
+            for v, cfg in cells:
+                try:
+                    t = timed(call(v, cfg), args.reps)
+                except Exception as e:  # noqa: BLE001 - a config a variant cannot launch: say so, go on
+                    print(f"M={m} {v} {cfg}: {e}", flush=True)
+                    times.pop((v, cfg), None)
+                    cells.remove((v, cfg))
+                    continue
+                if r:
+                    times[(v, cfg)].append(t)
+        cb = statistics.median(cublas)
+        print(f"M={m} cublas_bf16 {cb:.1f} us [{min(cublas):.1f}, {max(cublas):.1f}]", flush=True)
+        for (v, cfg), ts in times.items():
+            med = statistics.median(ts)
+            print(f"M={m} {v:8s} ctas={cfg['ctas']:3d} tb={cfg['tb']} nw={cfg['nw']}  {med:7.1f} us "
+                  f"[{min(ts):.1f}, {max(ts):.1f}]  {cb / med:.2f}x cublas", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
