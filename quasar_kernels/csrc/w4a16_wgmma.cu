@@ -324,13 +324,38 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     __syncthreads();
     if (s_last) {
       __threadfence();
-      for (int idx = tid; idx < TB * CT * 64; idx += WG_THREADS) {
-        const int tok = tok0 + idx / (CT * 64), n = blk * CT * 64 + idx % (CT * 64);
-        if (tok < p.M && n < p.N) {
-          float v = 0.f;
-          for (int q = 0; q < parts; ++q) v += __ldcg(p.ws + ((size_t)q * p.M + tok) * WSN + n);
-          if (bias) v += to_f<T>(bias[n]);
-          out[(size_t)tok * p.N + n] = from_f<T>(v);
+      // The block's partials summed in rank order (deterministic), 16 bytes per load and RQ loads per
+      // thread in flight: one element per thread and iteration left each load's L2 latency exposed,
+      // ~10 µs per shared block, which made every block-crossing split slower than whole blocks
+      // (quasar_kernels/NOTES.md, run 9b).
+      constexpr int C4 = CT * 16, RQ = TB * C4 / WG_THREADS < 8 ? TB * C4 / WG_THREADS : 8;  // float4s per token row; per thread per pass
+      const int n0 = blk * CT * 64;
+      for (int base = 0; base < TB * C4; base += WG_THREADS * RQ) {
+        float4 v[RQ];
+#pragma unroll
+        for (int r = 0; r < RQ; ++r) v[r] = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int q = 0; q < parts; ++q) {
+#pragma unroll
+          for (int r = 0; r < RQ; ++r) {
+            const int idx = base + r * WG_THREADS + tid, tok = tok0 + idx / C4, n = n0 + 4 * (idx % C4);
+            if (idx < TB * C4 && tok < p.M && n < WSN) {
+              const float4 w = __ldcg(reinterpret_cast<const float4*>(p.ws + ((size_t)q * p.M + tok) * WSN + n));
+              v[r].x += w.x;
+              v[r].y += w.y;
+              v[r].z += w.z;
+              v[r].w += w.w;
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < RQ; ++r) {
+          const int idx = base + r * WG_THREADS + tid, tok = tok0 + idx / C4, n = n0 + 4 * (idx % C4);
+          if (idx < TB * C4 && tok < p.M) {
+            const float e[4] = {v[r].x, v[r].y, v[r].z, v[r].w};
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+              if (n + c < p.N) out[(size_t)tok * p.N + n + c] = from_f<T>(bias ? e[c] + to_f<T>(bias[n + c]) : e[c]);
+          }
         }
       }
       if (tid == 0) p.cnt[cidx] = 0;  // ready for the next call

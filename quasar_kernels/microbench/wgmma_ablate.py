@@ -79,7 +79,7 @@ def main(argv=None):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         tb = 64 if m <= 64 else 128
         cfgs = [dict(ctas=c, tb=tb, nw=1) for c in (132, 192, 264)] + [dict(ctas=c, tb=tb, nw=2) for c in (96, 132)]
-        cells = [(v, c) for v in variants for c in cfgs]
+        cells = [(v, tuple(c.items())) for v in variants for c in cfgs]
         times = {cell: [] for cell in cells}
         cublas = []
         it = [0]
@@ -99,9 +99,9 @@ def main(argv=None):
             t = timed(mm, args.reps)
             if r:
                 cublas.append(t)
-            for v, cfg in cells:
+            for v, cfg in list(cells):
                 try:
-                    t = timed(call(v, cfg), args.reps)
+                    t = timed(call(v, dict(cfg)), args.reps)
                 except Exception as e:  # noqa: BLE001 - a config a variant cannot launch: say so, go on
                     print(f"M={m} {v} {cfg}: {e}", flush=True)
                     times.pop((v, cfg), None)
@@ -112,6 +112,7 @@ def main(argv=None):
         cb = statistics.median(cublas)
         print(f"M={m} cublas_bf16 {cb:.1f} us [{min(cublas):.1f}, {max(cublas):.1f}]", flush=True)
         for (v, cfg), ts in times.items():
+            cfg = dict(cfg)
             med = statistics.median(ts)
             print(f"M={m} {v:8s} ctas={cfg['ctas']:3d} tb={cfg['tb']} nw={cfg['nw']}  {med:7.1f} us "
                   f"[{min(ts):.1f}, {max(ts):.1f}]  {cb / med:.2f}x cublas", flush=True)
