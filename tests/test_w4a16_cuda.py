@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from quasar_kernels.w4a16_cuda import prepack_w4a16, unpack_prepacked
+from quasar_kernels.w4a16_cuda import packed_dims, prepack_w4a16, unpack_prepacked
 from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
 
 SHAPES = [  # (N, K, G)
@@ -269,6 +269,36 @@ def test_wgmma_refuses_groups_it_cannot_stage():
         w4a16_wgmma_linear(torch.randn(2, 128, dtype=torch.bfloat16), prepack_w4a16(qweight, scales, zeros, 128, 128))
 
 
+def _emulate_partial_sum(y, ws, blk, tok0, m, n_out, TB, ct, wsn, threads=256):
+    """The last CTA's sum of a shared block's partials as finish_block indexes it: 16-byte (4-float)
+    pieces, RQ per thread per pass, a load only inside the token rows and the workspace row (wsn
+    floats), a store only below m and n_out; every output of the block must be written exactly once."""
+    c4 = ct * 16
+    rq = min(8, TB * c4 // threads)
+    n0 = blk * ct * 64
+    flat = ws.reshape(ws.shape[0], -1)  # [parts][TB * wsn]: the workspace rows of this token block
+    written = np.zeros((TB, ct * 64), dtype=int)
+    for base in range(0, TB * c4, threads * rq):
+        for r in range(rq):
+            for tid in range(threads):
+                idx = base + r * threads + tid
+                tok, n = idx // c4, n0 + 4 * (idx % c4)
+                if idx >= TB * c4 or tok0 + tok >= m:
+                    continue
+                v = np.zeros(4)
+                if n < wsn:
+                    assert n + 4 <= wsn, "a 16-byte load straddles the workspace row"
+                    for q in range(ws.shape[0]):
+                        v = v + flat[q, tok * wsn + n:tok * wsn + n + 4]
+                for c in range(4):
+                    if n + c < n_out:
+                        y[tok0 + tok, n + c] = v[c]
+                        written[tok, n + c - n0] += 1
+    rows = min(m - tok0, TB)
+    cols = min(n_out - n0, ct * 64)
+    assert (written[:rows, :cols] == 1).all() and written.sum() == rows * cols
+
+
 def _emulate_wgmma(x, packed, ctas, TB, NTW):
     """The wgmma kernel's index arithmetic in float64, step by step as csrc/w4a16_wgmma.cu writes it:
     the even split of the (column block, stage) units over `ctas` CTAs per token block, the loader
@@ -283,6 +313,7 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW):
     from quasar_kernels.w4a16_cuda import wgmma_blocks_stages, wgmma_pack, wgmma_parts
 
     m, k = x.shape
+    n_out = packed_dims(packed)[0]
     words = wgmma_pack(packed).numpy().view(np.uint32).reshape(-1, 4)  # uint4 units
     nt_all, kt_all = packed["qpk"].shape[:2]
     ng = packed["scales_fp16"].shape[1]
@@ -383,9 +414,7 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW):
                         parts = owner(blk * ks + ks - 1) - owner(blk * ks) + 1
                         arrived[blk] += 1
                         if arrived[blk] == parts:  # the last to arrive sums the slots in rank order
-                            cols = slice(blk * ct * 64, min(nt_all, (blk + 1) * ct) * 64)
-                            rows = slice(tok0, min(m, tok0 + TB))
-                            y[rows, cols] = ws[:parts, :rows.stop - tok0, cols].sum(0)
+                            _emulate_partial_sum(y, ws[:parts], blk, tok0, m, n_out, TB, ct, nt_all * 64)
                     acc[:] = 0
                     first_st = 0
     return y
