@@ -17,6 +17,12 @@
 //   ss_batch8   the same, 8 back to back, one wait 0
 //   n128_alu    wait1_alu with m64n128k16 (128 tokens per wgmma: twice the work per instruction)
 //   n128_b8     m64n128k16 register-A, 8 back to back (a dequantized stage held in registers)
+//   stage_rand  stage with random shared memory (B operand and weight words) instead of zeros: does
+//               real data (tensor-core power, clocks) slow the step?
+//   stage_real  stage_rand with the kernel's own dequantization (w4a16_device.cuh's nib2 / sub_mul,
+//               the q, q>>8, q>>4, q>>12 order, the per-stage scale word and zero codes read from
+//               shared memory and spread with byte_perm): the shipped kernel's stage minus the copies
+// The stage modes also run as 2 CTAs of 2 warpgroups per SM (the shipped kernel's residency, "2x2").
 // One CTA per SM of 1, 2 or 4 warpgroups. Prints cycles per step per warpgroup (clock64, median
 // over warpgroups), cycles per step per SM (/ warpgroups) and tensor TFLOP/s from CUDA events.
 // Build and run on Hopper: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
@@ -27,6 +33,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "w4a16_device.cuh"
 #include "w4a16_wgmma_ops.inc"
 
 constexpr int STEPS = 4096;  // k16 steps per warpgroup (multiple of 8)
@@ -56,7 +63,12 @@ __device__ __forceinline__ uint32_t fake_dequant(uint32_t q, uint32_t s) {  // l
 template <int MODE>
 __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
   __shared__ __align__(1024) uint8_t sb[40960];
-  for (int i = threadIdx.x; i < 40960 / 4; i += blockDim.x) reinterpret_cast<uint32_t*>(sb)[i] = 0;
+  for (int i = threadIdx.x; i < 40960 / 4; i += blockDim.x) {  // zeros, or small random bf16 pairs
+    uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+    h ^= h >> 13;
+    h *= 0x5bd1e995u;
+    reinterpret_cast<uint32_t*>(sb)[i] = MODE >= 10 ? (h & 0x3F7F3F7Fu) : 0u;  // |value| < 1, finite
+  }
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   __syncthreads();
   const uint64_t d0 = desc_sw128((uint32_t)__cvta_generic_to_shared(sb));
@@ -75,7 +87,20 @@ __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
   const long long t0 = clock64();
   for (int it = 0; it < STEPS; it += 8) {
     uint32_t w[8];
-    if constexpr (MODE == 5) {  // the stage's weight words, read from shared memory as the kernel does
+    uint32_t s_lo = 0x3F803F80u, s_hi = 0x3F803F80u, z_lo = 0xC300C300u, z_hi = 0xC300C300u;
+    if constexpr (MODE == 11) {  // the stage's scale word and zero codes, spread as the kernel does
+      const uint32_t sz = (uint32_t)__cvta_generic_to_shared(sb) + 24576 + ((threadIdx.x * 8 + it) & 1023);
+      uint32_t sw;
+      unsigned short zh;
+      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sw) : "r"(sz & ~3u) : "memory");
+      asm volatile("ld.shared.u16 %0, [%1];" : "=h"(zh) : "r"((sz + 128) & ~1u) : "memory");
+      const uint32_t zw = zh;
+      s_lo = __byte_perm(sw, 0, 0x1010);
+      s_hi = __byte_perm(sw, 0, 0x3232);
+      z_lo = 0xC300C300u | (zw & 0xffu) | ((zw & 0xffu) << 16);
+      z_hi = 0xC300C300u | (zw >> 8) | ((zw >> 8) << 16);
+    }
+    if constexpr (MODE == 5 || MODE == 10 || MODE == 11) {  // the stage's weight words, read from shared memory as the kernel does
       const uint32_t wa = (uint32_t)__cvta_generic_to_shared(sb) + ((threadIdx.x * 16 + it * 4) & 8191);
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(wa) : "memory");
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[4]), "=r"(w[5]), "=r"(w[6]), "=r"(w[7]) : "r"(wa + 8192) : "memory");
@@ -118,8 +143,13 @@ __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         uint32_t* f = a[i & 1];
-        if constexpr (MODE == 1 || MODE == 4 || MODE == 5 || MODE == 8) {
-          q = MODE == 5 ? (w[i] ^ q) : q * 1664525u + 1013904223u;
+        if constexpr (MODE == 11) {  // the kernel's dequantization of k16 step i (no dependence between steps)
+          f[0] = sub_mul<true>(nib2<0x43004300u>(w[i]), z_lo, s_lo);
+          f[1] = sub_mul<true>(nib2<0x43004300u>(w[i] >> 8), z_hi, s_hi);
+          f[2] = sub_mul<true>(nib2<0x43004300u>(w[i] >> 4), z_lo, s_lo);
+          f[3] = sub_mul<true>(nib2<0x43004300u>(w[i] >> 12), z_hi, s_hi);
+        } else if constexpr (MODE == 1 || MODE == 4 || MODE == 5 || MODE == 8 || MODE == 10) {
+          q = (MODE == 5 || MODE == 10) ? (w[i] ^ q) : q * 1664525u + 1013904223u;
 #pragma unroll
           for (int r = 0; r < 4; ++r) f[r] = fake_dequant(q >> (4 * r), s);
         }
@@ -139,7 +169,7 @@ __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) hold(a[(i + 1) & 1][r]);
       }
-      if constexpr (MODE == 5) {  // end of stage: drain, then the barrier that frees the buffer
+      if constexpr (MODE == 5 || MODE == 10 || MODE == 11) {  // end of stage: drain, then the barrier that frees the buffer
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
         __syncthreads();
       }
@@ -157,7 +187,8 @@ __global__ void chain_kernel(long long* cycles, float* sink, uint32_t seed) {
 }
 
 template <int MODE>
-void run(const char* name, int sms, int nwg) {
+void run(const char* name, int sms, int nwg, int per_sm = 1) {
+  sms *= per_sm;  // CTAs in the grid (per_sm CTAs of nwg warpgroups per SM)
   long long* cyc;
   float* sink;
   cudaMalloc(&cyc, sizeof(long long) * sms * nwg);
@@ -171,7 +202,7 @@ void run(const char* name, int sms, int nwg) {
   cudaEventRecord(e1);
   cudaError_t err = cudaEventSynchronize(e1);
   if (err != cudaSuccess) {
-    printf("%-10s nwg=%d: %s\n", name, nwg, cudaGetErrorString(err));
+    printf("%-10s %dx%d: %s\n", name, per_sm, nwg, cudaGetErrorString(err));
     return;
   }
   float ms = 0.f;
@@ -181,8 +212,8 @@ void run(const char* name, int sms, int nwg) {
   std::sort(c.begin(), c.end());
   const double per_step = (double)c[c.size() / 2] / STEPS;
   const double flops = 2.0 * 64 * (MODE >= 8 ? 128 : 64) * 16 * STEPS * sms * nwg;
-  printf("%-10s nwg=%d  cycles/step/warpgroup %7.1f  cycles/step/SM %6.1f  %6.1f TFLOP/s\n", name, nwg, per_step,
-         per_step / nwg, flops / (ms * 1e-3) / 1e12);
+  printf("%-10s %dx%d   cycles/step/warpgroup %7.1f  cycles/step/SM %6.1f  %6.1f TFLOP/s\n", name, per_sm, nwg,
+         per_step, per_step / (nwg * per_sm), flops / (ms * 1e-3) / 1e12);
   cudaFree(cyc);
   cudaFree(sink);
 }
@@ -203,6 +234,12 @@ int main() {
     run<7>("ss_batch8", prop.multiProcessorCount, nwg);
     run<8>("n128_alu", prop.multiProcessorCount, nwg);
     run<9>("n128_b8", prop.multiProcessorCount, nwg);
+    run<10>("stage_rand", prop.multiProcessorCount, nwg);
+    run<11>("stage_real", prop.multiProcessorCount, nwg);
   }
+  printf("2 CTAs of 2 warpgroups per SM (the shipped kernel's residency):\n");
+  run<5>("stage", prop.multiProcessorCount, 2, 2);
+  run<10>("stage_rand", prop.multiProcessorCount, 2, 2);
+  run<11>("stage_real", prop.multiProcessorCount, 2, 2);
   return 0;
 }
