@@ -156,3 +156,37 @@ def test_table_from_rows_drops_unfinished_cells_and_filters_drafters(tmp_path, c
     with pytest.raises(SystemExit) as e:  # a live run does not filter: refused, not ignored
         gs.main(["--experiment", "gpu_batch", "--drafters", "ar", "--out", str(out)])
     assert e.value.code == 2 and "matrix.drafters" in capsys.readouterr().err
+
+
+def _batch_rows(stall_s: float) -> pd.DataFrame:
+    """Rows of two verifiers x AR x B = 2 (two batches of two sequences each), the int4 cell's second
+    batch with a stall of stall_s outside drafting and verification in both of its rows."""
+    rows = []
+    for verifier in ("reference", "int4"):
+        for batch_id in (0, 1):
+            for seq in (0, 1):
+                other = 0.01 + (stall_s if verifier == "int4" and batch_id == 1 else 0.0)
+                draft, verify = 0.0, 0.2 + 0.01 * seq
+                rows.append(dict(verifier=verifier, drafter="ar", batch_size=2, batch_id=batch_id,
+                                 prompt_id=2 * batch_id + seq, new_tokens=32, verify_steps=32, weight_bytes=16e9,
+                                 baseline=True, batch_decode_s=0.25 + other, batch_steps=32, gemm_rows_per_step=2.0,
+                                 batch_padding=0.0, draft_s=draft, verify_s=verify, other_s=other,
+                                 decode_s=draft + verify + other))
+    return pd.DataFrame(rows)
+
+
+def test_batch_table_reports_time_outside_draft_and_verify_and_flags_stalls(capsys):
+    """other_share = each batch's median row share of decode time outside drafting and verification,
+    averaged over the cell's batches (computed here by hand); a cell above 30 % is named in a
+    warning, one below is not."""
+    gs = gpu_speed()
+    rows = _batch_rows(stall_s=0.5)
+    table = gs.batch_table(rows, 4246.0, "NVIDIA H200").set_index("verifier")
+    ref_share = (0.01 / 0.21 + 0.01 / 0.22) / 2  # decode 0.21 / 0.22 s: the median of two rows is their mean
+    stalled = (0.51 / 0.71 + 0.51 / 0.72) / 2
+    assert table.loc["reference", "other_share"] == pytest.approx(ref_share)
+    assert table.loc["int4", "other_share"] == pytest.approx((ref_share + stalled) / 2)
+    assert gs.flag_stalls(table.reset_index()) == [("int4", "ar", 2)]
+    assert "int4/ar/B=2" in capsys.readouterr().out
+    quiet = gs.batch_table(_batch_rows(stall_s=0.0), 4246.0, "NVIDIA H200")
+    assert gs.flag_stalls(quiet) == [] and capsys.readouterr().out == ""
