@@ -31,6 +31,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "w4a16_device.cuh"
@@ -218,28 +219,22 @@ void run(const char* name, int sms, int nwg, int per_sm = 1) {
   cudaFree(sink);
 }
 
+constexpr const char* MODE_NAMES[] = {"wait1",    "wait1_alu", "batch8",  "acc2",       "acc2_alu",  "stage",
+                                     "ss_wait1", "ss_batch8", "n128_alu", "n128_b8", "stage_rand", "stage_real"};
+
+template <int... MODES>
+void run_modes(std::integer_sequence<int, MODES...>, int sms, int nwg, int per_sm) {
+  (run<MODES>(MODE_NAMES[MODES], sms, nwg, per_sm), ...);
+}
+
 int main() {
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   printf("%s, %d SMs; m64n64k16 bf16 = 32 tensor cycles per SM at the dense peak (n128: 64)\n", prop.name,
          prop.multiProcessorCount);
-  for (int nwg : {1, 2, 4}) {
-    run<0>("wait1", prop.multiProcessorCount, nwg);
-    run<1>("wait1_alu", prop.multiProcessorCount, nwg);
-    run<2>("batch8", prop.multiProcessorCount, nwg);
-    run<3>("acc2", prop.multiProcessorCount, nwg);
-    run<4>("acc2_alu", prop.multiProcessorCount, nwg);
-    run<5>("stage", prop.multiProcessorCount, nwg);
-    run<6>("ss_wait1", prop.multiProcessorCount, nwg);
-    run<7>("ss_batch8", prop.multiProcessorCount, nwg);
-    run<8>("n128_alu", prop.multiProcessorCount, nwg);
-    run<9>("n128_b8", prop.multiProcessorCount, nwg);
-    run<10>("stage_rand", prop.multiProcessorCount, nwg);
-    run<11>("stage_real", prop.multiProcessorCount, nwg);
-  }
+  const int sms = prop.multiProcessorCount;
+  for (int nwg : {1, 2, 4}) run_modes(std::make_integer_sequence<int, 12>{}, sms, nwg, 1);
   printf("2 CTAs of 2 warpgroups per SM (the shipped kernel's residency):\n");
-  run<5>("stage", prop.multiProcessorCount, 2, 2);
-  run<10>("stage_rand", prop.multiProcessorCount, 2, 2);
-  run<11>("stage_real", prop.multiProcessorCount, 2, 2);
+  run_modes(std::integer_sequence<int, 5, 10, 11>{}, sms, 2, 2);
   return 0;
 }
