@@ -76,10 +76,13 @@ def batch_table(rows: pd.DataFrame, copy_gbps: float, gpu: str = "") -> pd.DataF
     }).reset_index()
     # decode time outside drafting and verification (loop bookkeeping; a stall: a graph captured or a
     # kernel autotuned mid-run, the host): each batch's median row share, averaged over the batches
-    share = (rows.other_s / rows.decode_s.where(rows.decode_s > 0)).groupby(
-        [rows.verifier, rows.drafter, rows.batch_size, rows.batch_id], sort=False).median()
-    cell_share = share.groupby(level=[0, 1, 2]).mean()
-    t["other_share"] = cell_share.reindex(pd.MultiIndex.from_frame(t[["verifier", "drafter", "batch_size"]])).to_numpy()
+    # (NaN for rows files without the timing split)
+    t["other_share"] = float("nan")
+    if {"other_s", "decode_s"} <= set(rows.columns):
+        share = (rows.other_s / rows.decode_s.where(rows.decode_s > 0)).groupby(
+            [rows.verifier, rows.drafter, rows.batch_size, rows.batch_id], sort=False).median()
+        cell_share = share.groupby(level=[0, 1, 2]).mean()
+        t["other_share"] = cell_share.reindex(pd.MultiIndex.from_frame(t[["verifier", "drafter", "batch_size"]])).to_numpy()
     t["throughput"] = t.new_tokens / t.batch_s
     t["mean_m"] = t.gemm_rows / t.steps
     t["step_ms"] = 1e3 * t.batch_s / t.steps

@@ -190,3 +190,6 @@ def test_batch_table_reports_time_outside_draft_and_verify_and_flags_stalls(caps
     assert "int4/ar/B=2" in capsys.readouterr().out
     quiet = gs.batch_table(_batch_rows(stall_s=0.0), 4246.0, "NVIDIA H200")
     assert gs.flag_stalls(quiet) == [] and capsys.readouterr().out == ""
+    # rows files from before the timing split: the column is empty and nothing is flagged
+    old = gs.batch_table(rows.drop(columns=["other_s"]), 4246.0, "NVIDIA H200")
+    assert old.other_share.isna().all() and gs.flag_stalls(old) == []
