@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quasar_bench.summary import STALL_SHARE  # noqa: E402
 from quasar_kernels.bench_kernels import copy_bandwidth, driver_version  # noqa: E402
 
 
@@ -107,7 +108,7 @@ def batch_table(rows: pd.DataFrame, copy_gbps: float, gpu: str = "") -> pd.DataF
                          key=lambda col: col.map(order[col.name]) if col.name in order else col).reset_index(drop=True)
 
 
-def flag_stalls(table: pd.DataFrame, limit: float = 0.3) -> list:
+def flag_stalls(table: pd.DataFrame, limit: float = STALL_SHARE) -> list:
     """Cells that spent more than `limit` of their decode time outside drafting and verification
     (`other_share`; ~0.01-0.2 in the committed GPU runs): printed as a warning, since their
     throughput measures a stall, not the method; the cells are returned."""

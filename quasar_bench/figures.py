@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from quasar_bench.store import ResultStore  # noqa: E402
-from quasar_bench.summary import first_loss, reference_verifier, summarize  # noqa: E402
+from quasar_bench.summary import STALL_SHARE, first_loss, reference_verifier, summarize  # noqa: E402
 
 
 class MissingInput(Exception):
@@ -446,6 +446,7 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
     order = ["reference", "int8", "w8a8", "int4", "int4_gptq", "pruned"]  # by bytes per weight
     verifiers = sorted(batch["verifier"].unique(), key=lambda v: (order.index(v) if v in order else len(order), v))
     fig, axes = _panels(len(drafters), 4.2, 3.4)
+    stalled = 0  # cells whose decode time was mostly a stall (red rings)
     for ax, drafter in zip(axes.flat, drafters):
         d = batch[batch["drafter"] == drafter]
         ref = d[d["verifier"] == "reference"].set_index("batch_size")["throughput"]
@@ -457,6 +458,11 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
             kernel = g["kernel"].iloc[0] if "kernel" in g and pd.notna(g["kernel"].iloc[0]) else ""
             ax.plot(g["batch_size"], g["throughput"], marker="o", ms=3, color=_vcolor(v),
                     label=f"{name} ({kernel})" if kernel else name)
+            if "other_share" in g:
+                bad = g[g["other_share"] > STALL_SHARE]
+                stalled += len(bad)
+                ax.plot(bad["batch_size"], bad["throughput"], ls="none", marker="o", ms=11, mfc="none",
+                        mec="red", mew=1.2)
             if v != "reference" and len(ref):
                 lost = first_loss(g["batch_size"], (g["throughput"] / g["batch_size"].map(ref)).to_numpy(float))
                 if lost is not None:
@@ -488,8 +494,10 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
     gpu = batch["gpu"].iloc[0] if "gpu" in batch else "GPU"
     size = (f", {int(batch['n_prompts'].max())} prompts × {int(batch['max_new_tokens'].max())} new tokens"
             if {"n_prompts", "max_new_tokens"} <= set(batch.columns) else "")
+    rings = (f"; red ring: a stall took > {STALL_SHARE:.0%} of the cell's decode time (re-run it)"
+             if stalled else "")
     fig.suptitle(f"Throughput vs batch size, Qwen3-8B shapes (random weights), {gpu}{size},\n{acceptance}\n"
-                 "X: first B where the verifier falls below bf16 with the same drafter", fontsize=9)
+                 f"X: first B where the verifier falls below bf16 with the same drafter{rings}", fontsize=9)
     return fig
 
 

@@ -377,6 +377,12 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
     return "\n".join(text)
 
 
+# A batch cell that spent more than this share of its decode time outside drafting and verification
+# (rows' other_s: a graph captured or a kernel tuned mid-run, the host) measured a stall, not the
+# method: experiments/gpu_speed.py warns and the batch figures mark it (committed runs: 0.01-0.2).
+STALL_SHARE = 0.3
+
+
 def first_loss(sizes, ratios):
     """The smallest batch size whose throughput ratio is below 1 (None if none is): where, along
     the batch sizes run, a method stops paying. Unmeasured (non-finite) ratios are passed over."""

@@ -372,3 +372,21 @@ def test_twenty_verifier_names_get_twenty_colours(monkeypatch):
     assert len(set(got)) == 20
     assert got[:10] == [plt.get_cmap("tab10")(i) for i in range(10)]
     assert figures._vcolor("v3") == got[3]  # stable
+
+
+def test_batch_figure_rings_cells_a_stall_dominated():
+    """A cell whose other_share (decode time outside drafting and verification) exceeds the stall
+    limit is ringed in red at its point and the title says what the ring means; without one, no
+    ring and no mention."""
+    rows = [dict(verifier=v, drafter=d, batch_size=b, throughput=100.0 * b, speedup_vs_ar=1.0, baseline=d == "ar",
+                 other_share=0.51 if (v, d, b) == ("w8a8", "ngram", 4) else 0.05, gpu="H200")
+            for v in ("reference", "w8a8") for d in ("ar", "ngram") for b in (1, 4)]
+    fig = figures.plot_gpu_batch(pd.DataFrame(rows), acceptance=figures.REAL_ACCEPTANCE)
+    assert "red ring" in fig._suptitle.get_text()
+    rings = [(ax.get_title(), list(line.get_xdata()), list(line.get_ydata())) for ax in fig.axes for line in ax.lines
+             if line.get_markeredgecolor() == "red" and len(line.get_xdata())]
+    assert rings == [("ngram", [4], [400.0])]
+    for r in rows:
+        r["other_share"] = 0.05
+    quiet = figures.plot_gpu_batch(pd.DataFrame(rows), acceptance=figures.REAL_ACCEPTANCE)
+    assert "red ring" not in quiet._suptitle.get_text()
