@@ -31,7 +31,9 @@ def read_table(f: Path, columns=None) -> pa.Table:
     if columns is not None:  # older files lack newer columns
         names = set(pq.read_schema(f).names)
         columns = [c for c in columns if c in names or c in ("prompt_id", "turn")]
-    t = pq.read_table(f, columns=columns)
+    # files written before write_rows_file carry pandas' schema metadata: dropped, so old and new
+    # files convert alike whatever their order
+    t = pq.read_table(f, columns=columns).replace_schema_metadata(None)
     missing = [c for c in ("prompt_id", "turn") if c not in t.column_names]
     if missing:
         raise ValueError(f"no column {missing[0]}")

@@ -148,3 +148,30 @@ def test_sigkill_mid_run_loses_and_duplicates_nothing(tmp_path):
     assert got == {(c, str(i), t): i * 10 + t for c in ("c1", "c2") for i in range(n) for t in (0, 1)}
     # every stored file holds a whole prompt (both turns), never half of one
     assert (df.groupby(["cell_id", "prompt_id"]).size() == 2).all()
+
+
+def test_row_files_are_lean_and_load_beside_old_ones(tmp_path):
+    """A row file is written without pandas' schema metadata and column statistics: under half the
+    size of the same rows written with pyarrow's defaults (the format before); a store holding one
+    file of each format loads every row with the same values and types, whichever file comes first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    wide = {f"metric_{i}": float(i) for i in range(60)}  # a run's ~70 columns
+    for old_cell in ("c0", "c9"):  # the old-format file sorts before / after the new one
+        root = tmp_path / old_cell
+        st = ResultStore(root).open({"identity": IDENT, "config": {}})
+        new = st.append([row("c1", "a", 0, **wide)])
+        meta = pq.read_metadata(new)
+        assert b"pandas" not in (meta.schema.to_arrow_schema().metadata or {})
+        assert not meta.row_group(0).column(0).is_stats_set
+        old_df = pd.DataFrame([row(old_cell, "b", 0, repeat=0, **wide)])
+        old_df["prompt_id"] = old_df["prompt_id"].astype(str)
+        old = root / f"rows-{old_cell}-0000.parquet"
+        pq.write_table(pa.Table.from_pandas(old_df, preserve_index=False), old)  # pyarrow's defaults
+        assert new.stat().st_size < old.stat().st_size / 2
+        df = ResultStore(root).load().sort_values("prompt_id").reset_index(drop=True)
+        assert list(df.cell_id) == ["c1", old_cell] and list(df.prompt_id) == ["a", "b"]
+        assert df.prompt_id.map(type).eq(str).all() and df.turn.dtype == "int64"
+        assert df.metric_59.tolist() == [59.0, 59.0] and df.kl_mean.dtype == float
+        assert [list(x) for x in df.output_ids] == [[1, 2, 3], [1, 2, 3]]
