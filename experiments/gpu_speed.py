@@ -24,6 +24,9 @@ at the same batch size, and the shares of copy bandwidth and of peak bf16 tensor
 its own (verifier, drafter, prompt) trace from the source run (ragged across the batch), and the
 table (batch_replay.*) carries the source's tau beside each row.
 
+Batch tables carry `other_share` (decode time outside drafting and verification); cells above
+quasar_bench.summary.STALL_SHARE are named in a warning: they measured a stall, not the method.
+
 `--from-rows A.csv B.csv` rebuilds a table from the row files of several calls without a GPU: a cell
 with fewer rows than the others (a stopped call's) is left out and named; `--drafters a,b` keeps
 only those drafters' rows.
@@ -46,7 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quasar_bench.summary import STALL_SHARE  # noqa: E402
+from quasar_bench.summary import STALL_SHARE, other_share, stall_warning  # noqa: E402
 from quasar_kernels.bench_kernels import copy_bandwidth, driver_version  # noqa: E402
 
 
@@ -75,15 +78,10 @@ def batch_table(rows: pd.DataFrame, copy_gbps: float, gpu: str = "") -> pd.DataF
         "n_prompts": g.prompt_id.nunique(), "tau": g.new_tokens.sum() / g.verify_steps.sum(),
         **({"kernel": g.kernel.first().fillna("cublas")} if "kernel" in rows else {}),
     }).reset_index()
-    # decode time outside drafting and verification (loop bookkeeping; a stall: a graph captured or a
-    # kernel autotuned mid-run, the host): each batch's median row share, averaged over the batches
-    # (NaN for rows files without the timing split)
-    t["other_share"] = float("nan")
-    if {"other_s", "decode_s"} <= set(rows.columns):
-        share = (rows.other_s / rows.decode_s.where(rows.decode_s > 0)).groupby(
-            [rows.verifier, rows.drafter, rows.batch_size, rows.batch_id], sort=False).median()
-        cell_share = share.groupby(level=[0, 1, 2]).mean()
-        t["other_share"] = cell_share.reindex(pd.MultiIndex.from_frame(t[["verifier", "drafter", "batch_size"]])).to_numpy()
+    # decode time outside drafting and verification (NaN for rows files without the timing split)
+    cells = ["verifier", "drafter", "batch_size"]
+    share = other_share(rows, cells)
+    t["other_share"] = share.reindex(pd.MultiIndex.from_frame(t[cells])).to_numpy() if len(share) else float("nan")
     t["throughput"] = t.new_tokens / t.batch_s
     t["mean_m"] = t.gemm_rows / t.steps
     t["step_ms"] = 1e3 * t.batch_s / t.steps
@@ -110,14 +108,12 @@ def batch_table(rows: pd.DataFrame, copy_gbps: float, gpu: str = "") -> pd.DataF
 
 def flag_stalls(table: pd.DataFrame, limit: float = STALL_SHARE) -> list:
     """Cells that spent more than `limit` of their decode time outside drafting and verification
-    (`other_share`; ~0.01-0.2 in the committed GPU runs): printed as a warning, since their
-    throughput measures a stall, not the method; the cells are returned."""
-    bad = table.loc[table.other_share > limit, ["verifier", "drafter", "batch_size", "other_share"]]
-    if len(bad):
-        print(f"warning: {len(bad)} cell(s) spent more than {limit:.0%} of decode time outside drafting and "
-              f"verification (a stall: re-run them): " + ", ".join(
-                  f"{v}/{d}/B={b} ({o:.0%})" for v, d, b, o in bad.itertuples(index=False)))
-    return [tuple(x) for x in bad[["verifier", "drafter", "batch_size"]].itertuples(index=False)]
+    (`other_share`): printed as a warning, since their throughput measures a stall, not the
+    method; the cells are returned."""
+    shares = table.set_index(["verifier", "drafter", "batch_size"])["other_share"]
+    if line := stall_warning(shares, limit):
+        print(line)
+    return list(shares[shares > limit].index)
 
 
 def e2e_table(rows: pd.DataFrame, copy_gbps: float) -> pd.DataFrame:

@@ -299,7 +299,7 @@ class Experiment:
                  elapsed, left)
 
     def finish(self, wall_s: float) -> Path:
-        from .summary import crossovers, format_table, summarize
+        from .summary import crossovers, format_table, run_stall_warning, summarize
 
         if not self.store_open and not (self.out_dir / "manifest.json").exists():
             raise QuasarError("nothing was run: the matrix is empty")
@@ -312,6 +312,8 @@ class Experiment:
             log_results(self.cfg, df, summary, self.out_dir)
         print(format_table(summary))
         for line in crossovers(summary):
+            print(line)
+        if line := run_stall_warning(df):
             print(line)
         print(f"\nresults: {self.out_dir.resolve()}  (rows.parquet, rows.csv, summary.csv)")
         for line in getattr(self, "skipped", []):

@@ -379,8 +379,41 @@ def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> 
 
 # A batch cell that spent more than this share of its decode time outside drafting and verification
 # (rows' other_s: a graph captured or a kernel tuned mid-run, the host) measured a stall, not the
-# method: experiments/gpu_speed.py warns and the batch figures mark it (committed runs: 0.01-0.2).
+# method: the run's summary and experiments/gpu_speed.py warn, the batch figures mark it
+# (committed GPU runs: 0.01-0.2).
 STALL_SHARE = 0.3
+
+
+def other_share(rows: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Per cell (the `keys` columns): the share of decode time spent outside drafting and
+    verification, as each batch's median row share (a batch's rows share its stalls) averaged over
+    the cell's batches. Empty when the rows lack the timing split (files from before it)."""
+    if not {"other_s", "decode_s", "batch_id", *keys} <= set(rows.columns):
+        return pd.Series(dtype=float)
+    share = rows["other_s"] / rows["decode_s"].where(rows["decode_s"] > 0)
+    per_batch = share.groupby([rows[k] for k in keys] + [rows["batch_id"]], sort=False).median()
+    return per_batch.groupby(level=list(range(len(keys))), sort=False).mean()
+
+
+def stall_warning(shares: pd.Series, limit: float = STALL_SHARE) -> str | None:
+    """One warning line naming the cells of `shares` (indexed by cell keys, batch size last) above
+    `limit`, or None."""
+    bad = shares[shares > limit]
+    if bad.empty:
+        return None
+    names = ", ".join("/".join(map(str, key[:-1])) + f"/B={key[-1]} ({v:.0%})" for key, v in bad.items())
+    return (f"warning: {len(bad)} cell(s) spent more than {limit:.0%} of decode time outside drafting and "
+            f"verification (a stall: re-run them): {names}")
+
+
+def run_stall_warning(rows: pd.DataFrame) -> str | None:
+    """stall_warning over a run's GPU batch cells (batch size > 1, timed on CUDA). On the CPU the
+    share outside drafting and verification is the loop's own overhead against small forwards, not
+    a stall, so CPU rows are not judged."""
+    if "batch_size" not in rows or "device" not in rows:
+        return None
+    gpu = rows[(rows["batch_size"] > 1) & ~rows["device"].astype(str).str.startswith("cpu")]
+    return stall_warning(other_share(gpu, ["model", "verifier", "drafter", "batch_size"])) if len(gpu) else None
 
 
 def first_loss(sizes, ratios):

@@ -321,3 +321,27 @@ def test_a_draft_model_that_is_the_verifier_is_labelled_an_oracle():
     assert labels == {("ar", "bf16"), ("ar", "int4"), ("draft_model", "bf16"), ("draft_model (draft = verifier)", "int4")}
     oracle = s[s.drafter == "draft_model (draft = verifier)"].iloc[0]
     assert oracle.speedup_vs_ar == pytest.approx(1.0)  # still measured against its own verifier's AR
+
+
+def test_run_stall_warning_names_gpu_batch_cells_dominated_by_a_stall():
+    """A run's summary names a GPU batch cell whose batches spent more than STALL_SHARE of their
+    decode time outside drafting and verification (each batch's median row share, averaged over
+    batches: here (0.6 + 0.05) / 2 for one cell, computed by hand); the same rows timed on the CPU,
+    a cell under the limit, and batch-size-1 cells are not judged."""
+    from quasar_bench.summary import run_stall_warning
+
+    def rows(device, stall):
+        out = []
+        for verifier in ("reference", "w8a8"):
+            for batch_id, share in ((0, stall if verifier == "w8a8" else 0.05), (1, 0.05)):
+                for seq in range(3):
+                    out.append(dict(model="m", verifier=verifier, drafter="ngram", batch_size=3, batch_id=batch_id,
+                                    device=device, decode_s=1.0, other_s=share + (0.01 * seq - 0.01)))
+        out.append(dict(model="m", verifier="w8a8", drafter="ar", batch_size=1, batch_id=9, device=device,
+                        decode_s=1.0, other_s=0.9))  # batch size 1: not judged
+        return pd.DataFrame(out)
+
+    line = run_stall_warning(rows("NVIDIA H200", 0.6))
+    assert line is not None and "1 cell(s)" in line and f"m/w8a8/ngram/B=3 ({(0.6 + 0.05) / 2:.0%})" in line
+    assert run_stall_warning(rows("cpu (x86_64, 2 cores, 2 threads)", 0.6)) is None
+    assert run_stall_warning(rows("NVIDIA H200", 0.5)) is None  # (0.5 + 0.05) / 2 < 0.3
