@@ -27,6 +27,10 @@ table (batch_replay.*) carries the source's tau beside each row.
 Batch tables carry `other_share` (decode time outside drafting and verification); cells above
 quasar_bench.summary.STALL_SHARE are named in a warning: they measured a stall, not the method.
 
+`--packed` (batch experiments) runs with `batch_packed=true`: each batched forward's linears run on
+the real tokens only (padded to 32 rows), not on B x the widest draft; the table is <name>_packed.*,
+its `padding` the GEMM rows' padding and `attention_padding` the [B, T] grid's.
+
 `--from-rows A.csv B.csv` rebuilds a table from the row files of several calls without a GPU: a cell
 with fewer rows than the others (a stopped call's) is left out and named; `--drafters a,b` keeps
 only those drafters' rows.
@@ -74,6 +78,7 @@ def batch_table(rows: pd.DataFrame, copy_gbps: float, gpu: str = "") -> pd.DataF
         "new_tokens": g.new_tokens.sum(), "batch_s": b.batch_decode_s.sum(), "steps": b.batch_steps.sum(),
         "gemm_rows": (batches.gemm_rows_per_step * batches.batch_steps).groupby(level=[0, 1, 2], sort=False).sum(),
         "padding": b.batch_padding.mean(),
+        **({"attention_padding": b.attention_padding.mean()} if "attention_padding" in rows else {}),
         "verify_steps": g.verify_steps.sum(), "weight_bytes": g.weight_bytes.first(), "baseline": g.baseline.first(),
         "n_prompts": g.prompt_id.nunique(), "tau": g.new_tokens.sum() / g.verify_steps.sum(),
         **({"kernel": g.kernel.first().fillna("cublas")} if "kernel" in rows else {}),
@@ -166,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_CSV",
                     help="no run: rebuild the table from *_rows.csv files this script wrote (several GPU "
                          "calls' rows joined; needs no GPU). The hardware columns come from the rows.")
+    ap.add_argument("--packed", action="store_true",
+                    help="batch experiments: batch_packed=true (linears on real tokens only); writes <name>_packed.*")
     ap.add_argument("--drafters", default=None, metavar="A,B",
                     help="with --from-rows: tabulate only these drafters' rows (by label)")
     args, overrides = ap.parse_known_args(argv)
@@ -175,7 +182,14 @@ def main(argv=None):
     batched = args.experiment.startswith("gpu_batch")
     if args.experiment.endswith("replay") and not (args.source or args.from_rows):
         ap.error(f"--experiment {args.experiment} replays a real-model run: give its result directory with --source")
+    if args.packed and not batched:
+        ap.error("--packed packs batched forwards: use it with a gpu_batch* experiment")
+    if any(o.lstrip("+").startswith("batch_packed=") for o in overrides):
+        ap.error("give --packed instead of batch_packed=...: the table's name says which it is")
+    if args.packed and not args.from_rows:
+        overrides = [*overrides, "batch_packed=true"]
     name = "e2e" if args.experiment == "gpu_speed" else args.experiment.removeprefix("gpu_")
+    name += "_packed" if args.packed else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_rows:
@@ -185,6 +199,12 @@ def main(argv=None):
             if missing := set(keep) - set(rows["drafter"]):
                 ap.error(f"--drafters: no rows for {sorted(missing)}; the rows hold {sorted(set(rows['drafter']))}")
             rows = rows[rows["drafter"].isin(keep)]
+        batches = rows[rows["batch_size"] > 1] if "batch_size" in rows else rows.iloc[:0]
+        packed = set(batches["batch_packed"].fillna(False).astype(bool)) if "batch_packed" in batches else {False}
+        if batched and len(batches) and packed != {args.packed}:
+            ap.error(f"the rows' batches are {'packed' if True in packed else 'unpacked'}"
+                     f"{' and unpacked' if len(packed) > 1 else ''}: one table holds one kind; "
+                     f"{'add' if True in packed else 'drop'} --packed, or pass only one kind's rows")
         meta = {k: rows[k].iloc[0] for k in ("gpu", "driver", "torch", "triton", "copy_gbps") if k in rows}
         meta["command"] = command
         meta["source_commands"] = " ; ".join(dict.fromkeys(rows["command"].dropna())) if "command" in rows else ""
@@ -232,6 +252,8 @@ def main(argv=None):
                 "frac_copy_bw", "frac_peak_bf16_flops"]
         if "kernel" in table:
             cols.insert(2, "kernel")
+        if args.packed:
+            cols.insert(cols.index("padding") + 1, "attention_padding")
         if "tau_source" in table:
             cols.insert(cols.index("tau") + 1, "tau_source")
     md = table[cols].to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else table[cols].to_string()

@@ -8,9 +8,17 @@ prefill and the drafters use: drafters stay per-sequence objects, and a self-spe
 own forwards run on its sequence alone (eagerly, one sequence at a time: their draft time grows
 with B, and rows record it).
 
-On CUDA the batched verify forward replays a CUDA graph per (tokens per row, attended span bucket),
-captured up front by `capture_all` (the decode loop's verify widths), or on first use otherwise.
-Native runtime only: the generic transformers path has no static cache to batch.
+Packed forwards (`packed=True`, config `batch_packed`): the loop says how many of each row's tokens
+are real (its last token and drafts; 0 for a finished or absent sequence), and the embeddings,
+norms, linears and MLP run on those tokens only, padded up to a multiple of `pack_bucket` rows (so
+CUDA graphs exist for few shapes), as serving engines pack ragged batches; attention and the LM
+head keep the [B, T] grid. Unpacked, every row is as wide as the batch's widest and the linears pay
+for the padding.
+
+On CUDA the batched verify forward replays a CUDA graph per (tokens per row, attended span bucket,
+GEMM rows), captured up front by `capture_all` (the decode loop's verify widths), or on first use
+otherwise; every graph writes its logits into one shared buffer. Native runtime only: the generic
+transformers path has no static cache to batch.
 """
 from __future__ import annotations
 
@@ -25,11 +33,14 @@ log = logging.getLogger(__name__)
 
 
 class BatchRuntime:
-    def __init__(self, model, size: int):
+    def __init__(self, model, size: int, packed: bool = False, pack_bucket: int = 32):
         if not getattr(model, "is_native", False):
             raise QuasarError(f"batch_size={size} needs the native runtime (llama/qwen2/qwen3/mistral); this model "
                               "runs on the generic transformers path: use batch_size=1")
+        if pack_bucket < 1:
+            raise QuasarError(f"pack_bucket={pack_bucket} is impossible: it must be >= 1")
         self.model, self.size, self.device = model, int(size), model.device
+        self.packed, self.pack_bucket = bool(packed), int(pack_bucket)
         self.k_cache = self.v_cache = None
         self.views = [SequenceView(self, b) for b in range(self.size)]
         self.graphs: BatchGraphs | None = None
@@ -54,19 +65,51 @@ class BatchRuntime:
     def seq(self, b: int) -> "SequenceView":
         return self.views[b]
 
-    def forward(self, rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+    def gemm_rows(self, lengths: list[int] | None, t: int) -> int:
+        """Rows the linears of a forward of width t see: B * t unpacked; packed, the real tokens
+        (sum of lengths) rounded up to a multiple of pack_bucket, at most B * t."""
+        if not self.packed or lengths is None:
+            return self.size * t
+        return self.bucketed(sum(lengths), t)
+
+    def bucketed(self, real: int, t: int) -> int:
+        return min(-(-max(real, 1) // self.pack_bucket) * self.pack_bucket, self.size * t)
+
+    def row_counts(self, t: int) -> list[int]:
+        """Every GEMM row count a forward of width t can have (a CUDA graph each)."""
+        if not self.packed:
+            return [self.size * t]
+        return sorted({self.bucketed(m, t) for m in range(1, self.size * t + 1)})
+
+    def pack_index(self, lengths: list[int], t: int) -> list[int] | None:
+        """The flat slots b * t + j a packed forward runs its linears on: every row's first
+        lengths[b] slots, then distinct padding slots up to gemm_rows (None: all of them)."""
+        n = self.gemm_rows(lengths, t)
+        if n == self.size * t:
+            return None
+        real = [b * t + j for b, m in enumerate(lengths) for j in range(m)]
+        pad = [b * t + j for b, m in enumerate(lengths) for j in range(m, t)]
+        return real + pad[: n - len(real)]
+
+    def forward(self, rows: list[list[int]], starts: list[int], lengths: list[int] | None = None) -> torch.Tensor:
         """Logits [B, T, V] of row b's tokens at positions starts[b].. (each view's length becomes
-        starts[b] + T, as a single-sequence forward leaves it). Valid until the next forward."""
+        starts[b] + T, as a single-sequence forward leaves it). `lengths[b]`: how many of row b's
+        tokens are real (the rest padding); a packed runtime skips padding in its linears (the
+        skipped slots' logits are zero). Valid until the next forward."""
         t = len(rows[0])
         end = max(starts) + t
         if end > self.k_cache.shape[3]:
             raise RuntimeError(f"KV cache overflow: {end} > {self.k_cache.shape[3]}")
+        if lengths is not None and (len(lengths) != self.size or not all(0 <= m <= t for m in lengths)):
+            raise ValueError(f"lengths {lengths}: one per row, each 0..{t}")
+        index = self.pack_index(lengths, t) if self.packed and lengths is not None else None
         if self.graphs is not None and t <= self.graphs.max_tokens:
-            logits = self.graphs.run(rows, starts)
+            logits = self.graphs.run(rows, starts, index)
         else:
             logits = self.model.forward_batch(torch.tensor(rows, device=self.device),
                                               torch.tensor(starts, device=self.device), self.k_cache,
-                                              self.v_cache, end)
+                                              self.v_cache, end,
+                                              None if index is None else torch.tensor(index, device=self.device))
         for v, s in zip(self.views, starts):
             v.cache_len = s + t
         return logits
@@ -121,8 +164,9 @@ class SequenceView:
 
 
 class BatchGraphs:
-    """CUDA graphs of BatchRuntime's verify forward, one per (tokens per row, span bucket): inputs
-    go through static buffers, the logits come out of the graph's own buffer."""
+    """CUDA graphs of BatchRuntime's verify forward, one per (tokens per row, span bucket, GEMM
+    rows): inputs go through static buffers, the logits come out in one buffer every graph writes
+    (only one forward's logits are live at a time)."""
 
     def __init__(self, batch: BatchRuntime, max_tokens: int, max_len: int, bucket: int = 256):
         self.batch, self.max_tokens, self.bucket = batch, max_tokens, bucket
@@ -130,45 +174,53 @@ class BatchGraphs:
         dev = batch.device
         self.ids = torch.zeros(batch.size, max_tokens, dtype=torch.long, device=dev)
         self.starts = torch.zeros(batch.size, dtype=torch.long, device=dev)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.index = torch.arange(batch.size * max_tokens, dtype=torch.long, device=dev)
+        self.logits = torch.empty(batch.size, max_tokens, batch.model.vocab_size, dtype=torch.float32, device=dev)
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def span(self, end: int) -> int:
         return min(-(-end // self.bucket) * self.bucket, self.max_len)
 
-    def capture(self, t: int, span: int):
+    def capture(self, t: int, span: int, n: int):
         b = self.batch
-        ids = self.ids[:, :t]
+        args = (self.ids[:, :t], self.starts, b.k_cache, b.v_cache, span,
+                None if n == b.size * t else self.index[:n], self.logits[:, :t])
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # warm-up: autotuning and allocations stay out of the graph
-                b.model.forward_batch(ids, self.starts, b.k_cache, b.v_cache, span)
+                b.model.forward_batch(*args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
-            out = b.model.forward_batch(ids, self.starts, b.k_cache, b.v_cache, span)
-        return graph, out
+            b.model.forward_batch(*args)
+        return graph
 
     def capture_all(self, widths) -> None:
-        """Every (width, span) graph for the given tokens-per-row widths, before any timing (the
-        warm-up forwards write cache slots 0..t-1, which the next generation's prefill overwrites)."""
+        """Every (width, span, GEMM rows) graph for the given tokens-per-row widths, before any
+        timing (the warm-up forwards write cache slots 0..t-1, which the next generation's prefill
+        overwrites; a packed capture's index is the identity: distinct slots)."""
         self.starts.zero_()
+        self.index.copy_(torch.arange(self.index.numel(), device=self.index.device))
         for t in widths:
-            for span in range(self.bucket, self.max_len + 1, self.bucket):
-                if (t, span) not in self.graphs:
-                    self.graphs[(t, span)] = self.capture(t, span)
+            for n in self.batch.row_counts(t):
+                for span in range(self.bucket, self.max_len + 1, self.bucket):
+                    if (t, span, n) not in self.graphs:
+                        self.graphs[(t, span, n)] = self.capture(t, span, n)
         torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def run(self, rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+    def run(self, rows: list[list[int]], starts: list[int], index: list[int] | None = None) -> torch.Tensor:
         t = len(rows[0])
-        key = (t, self.span(max(starts) + t))
+        n = self.batch.size * t if index is None else len(index)
+        key = (t, self.span(max(starts) + t), n)
         self.ids[:, :t].copy_(torch.tensor(rows), non_blocking=True)
         self.starts.copy_(torch.tensor(starts), non_blocking=True)
+        if index is not None:
+            self.index[:n].copy_(torch.tensor(index), non_blocking=True)
         if key not in self.graphs:
-            log.info("capturing the batch-%d CUDA graph for %s (tokens per row, span)", self.batch.size, key)
+            log.info("capturing the batch-%d CUDA graph for %s (tokens per row, span, GEMM rows)", self.batch.size, key)
             self.graphs[key] = self.capture(*key)
-        graph, out = self.graphs[key]
-        graph.replay()
-        return out
+        self.graphs[key].replay()
+        return self.logits[:, :t]

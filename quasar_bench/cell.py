@@ -50,6 +50,10 @@ def describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference: bool, batch_s
               "top_p": float(cfg.top_p), "seed": int(cfg.seed)}
     if batch_size > 1:  # absent at 1: cells stored before the batch axis keep their identity
         config["batch_size"] = batch_size
+    packed = batch_size > 1 and bool(cfg.get("batch_packed", False))  # one row has no padding to skip
+    if packed:  # absent when off: cells stored before packing keep their identity
+        config["batch_packed"] = True
+        config["batch_pack_bucket"] = int(cfg.get("batch_pack_bucket", 32))
     from .plan import cell_hash
 
     # the comparable cells: all but drafter, verifier and batch size (speedups match the batch size)
@@ -57,6 +61,7 @@ def describe_cell(run, runtime, vcfg, dcfg, drafter, is_reference: bool, batch_s
     return Cell(cell_id=cell_hash(config), context_id=context, config=config, experiment=cfg.experiment_name,
                 model=run.loaded.name, model_weights=run.identity_parts["weights"],
                 verifier=vcfg.get("label") or vcfg.name, drafter=dcfg.get("label") or dcfg.name, batch_size=batch_size,
+                batch_packed=packed,
                 drafter_name=dcfg.name, is_reference=is_reference, baseline=not drafter.drafts,
                 forced_acceptance=drafter.forces_acceptance, k=drafter.k,
                 kernel=",".join(sorted({describe(m.kernel, runtime.device.type, m.op) for m in runtime.modules()

@@ -86,8 +86,11 @@ class OneSequence:
     def seq(self, b: int):
         return self.runtime
 
-    def forward(self, rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+    def forward(self, rows: list[list[int]], starts: list[int], lengths: list[int] | None = None) -> torch.Tensor:
         return self.runtime.forward(torch.tensor(rows[0], device=self.device))[None]
+
+    def gemm_rows(self, lengths: list[int] | None, t: int) -> int:
+        return t
 
 
 @dataclass
@@ -97,6 +100,7 @@ class BatchStats:
     members: int = 1  # sequences in it (fewer than size: the rest of the rows are padding)
     steps: int = 0  # verify forwards
     fed: int = 0  # positions fed, padding included (sum over steps of size x tokens per row)
+    gemm_rows: int = 0  # rows the linears ran on (= fed, or fewer in a packed forward: BatchRuntime)
     real: int = 0  # positions fed for an unfinished sequence's last token or drafts
     decode_s: float = 0.0  # first verify step to the last sequence's last token
     new_tokens: int = 0
@@ -118,7 +122,8 @@ def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max
     (bound to its own view of the cache, batch.seq(b)), samples with generators[b], and keeps its
     own accepted prefix. Rows of absent or finished sequences, and the tail of a row whose draft
     is shorter than the longest, are padding: fed (their cache writes land past the row's kept
-    prefix, which the next forward overwrites) and counted in BatchStats. teachers[b], when given,
+    prefix, which the next forward overwrites; a packed batch skips them in its linears) and
+    counted in BatchStats. teachers[b], when given,
     holds sequence b to that continuation (teacher forcing, greedy only: see the module doc); it
     then ends where the continuation does."""
     n = len(prompts)
@@ -186,8 +191,9 @@ def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max
         for b in range(batch.size):
             fed = [contexts[b][-1]] + drafts[b].tokens if b in drafts else [contexts[b][-1] if b < n else 0]
             rows.append(fed + [fed[-1]] * (width - len(fed)))
+        lengths = [1 + len(drafts[b].tokens) if b in drafts else 0 for b in range(batch.size)]
         tv = timer.now()
-        logits = batch.forward(rows, base)
+        logits = batch.forward(rows, base, lengths)
         targets = logits.argmax(-1).tolist() if temperature <= 0 else None
         verdicts = {}
         for b in active:
@@ -208,7 +214,8 @@ def generate_batch(batch, drafters: list[Drafter], prompts: list[list[int]], max
                 views[b].rollback(base[b])
         stats.steps += 1
         stats.fed += batch.size * width
-        stats.real += sum(1 + len(d.tokens) for d in drafts.values())
+        stats.gemm_rows += batch.gemm_rows(lengths, width)
+        stats.real += sum(lengths)
         for b in list(active):
             res, draft, (n_acc, next_token) = results[b], drafts[b], verdicts[b]
             res.verify_s += dt
@@ -252,7 +259,7 @@ def run_branches(batch, views, drafters, contexts, proposing, base, results, tim
     for b in range(batch.size):
         fed = branches.get(b) or [contexts[b][-1] if b < len(contexts) else 0]
         rows.append(fed + [fed[-1]] * (width - len(fed)))
-    logits = batch.forward(rows, base)
+    logits = batch.forward(rows, base, [len(branches.get(b, ())) for b in range(batch.size)])
     for b, fed in branches.items():
         drafters[b].branch_logits(logits[b, : len(fed)])
     for b, view in enumerate(views):

@@ -387,8 +387,8 @@ def load_batch_tables(gpu_dir: Path) -> pd.DataFrame | None:
     batch = pd.read_csv(main)
     need = {"verifier", "drafter", "batch_size", "throughput", "speedup_vs_ar"}
     for extra in sorted(gpu_dir.glob("batch_*.csv")):
-        # row files, and the real-acceptance tables (another experiment: a figure of their own)
-        if "_rows" in extra.stem or extra.stem.startswith("batch_replay"):
+        # row files, the real-acceptance tables and packed tables (figures of their own)
+        if "_rows" in extra.stem or extra.stem.startswith("batch_replay") or extra.stem.endswith("_packed"):
             continue
         t = pd.read_csv(extra)
         if not need <= set(t.columns):
@@ -640,6 +640,12 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
         pd.read_csv(real) if real.exists() else None, acceptance=REAL_ACCEPTANCE,
         missing="no results/gpu/batch_replay.csv (python experiments/gpu_speed.py --experiment gpu_batch_replay "
                 "--source results/batch_replay_source)"), out / "gpu_batch_replay", written, problems)
+    # packed forwards (gpu_speed.py --packed): drawn where measured, beside the unpacked figure
+    for packed in sorted((Path(results) / "gpu").glob("batch*_packed.csv")):
+        name = "gpu_" + packed.stem
+        acceptance = REAL_ACCEPTANCE if packed.stem.startswith("batch_replay") else "synthetic forced acceptance"
+        _draw(name, lambda t=packed, a=acceptance: plot_gpu_batch(pd.read_csv(t), acceptance=a + ", packed forwards"),
+              out / name, written, problems)
     # int4 backends as M grows (w4a16_backends_<what>_<machine>.csv), one figure per table
     for table in sorted((Path(results) / "gpu").glob("w4a16_backends_*.csv")):
         name = "kernel_backends_" + table.stem.removeprefix("w4a16_backends_")

@@ -29,6 +29,7 @@ class Cell:
     forced_acceptance: bool
     k: int
     batch_size: int  # sequences per verify forward (decode.generate_batch)
+    batch_packed: bool  # its batched forwards ran their linears on real tokens only (batching.py)
     kernel: str  # kernel backend of the quantized linears ("" when there are none)
     temperature: float
     top_p: float
@@ -51,7 +52,7 @@ def make_row(cell: Cell, prompt, turn: int, prompt_ids: list[int], res, text: st
         "drafter": cell.drafter, "drafter_name": cell.drafter_name, "verifier": cell.verifier,
         "reference_verifier": cell.is_reference, "baseline": cell.baseline,
         "forced_acceptance": cell.forced_acceptance, "kernel": cell.kernel, "k": cell.k,
-        "batch_size": cell.batch_size,
+        "batch_size": cell.batch_size, "batch_packed": cell.batch_packed,
         "temperature": cell.temperature, "top_p": cell.top_p,
         "dataset": prompt.dataset, "category": prompt.category, "prompt_id": str(prompt.prompt_id), "turn": turn,
         "repeat": int(repeat), "timed_at": float(timed_at),
@@ -78,13 +79,16 @@ def batch_columns(res) -> dict:
     """What a row's batch shared (batch_size 1 included: a batch of one). decode_s is the
     sequence's own latency (first verify step to its last token); the batch's throughput is
     Σ new_tokens / Σ throughput_share_s over a cell's rows (each row holds its share of its
-    batch's wall time), M the rows of each verify GEMM (padding included)."""
+    batch's wall time), M the rows of each verify GEMM (padding included). batch_padding: the share
+    of those GEMM rows that were padding; attention_padding: the share of the [B, T] positions
+    attention ran on that were (equal, unless the batch packs its linears: batch_packed)."""
     b = res.batch
     return {"batch_members": b.members, "batch_steps": b.steps, "batch_decode_s": b.decode_s,
             "batch_new_tokens": b.new_tokens, "throughput_share_s": b.decode_s / b.members,
             "batch_tokens_per_s": b.new_tokens / b.decode_s if b.decode_s > 0 else math.nan,
-            "gemm_rows_per_step": b.fed / b.steps if b.steps else math.nan,
-            "batch_padding": 1 - b.real / b.fed if b.fed else math.nan}
+            "gemm_rows_per_step": b.gemm_rows / b.steps if b.steps else math.nan,
+            "batch_padding": 1 - b.real / b.gemm_rows if b.gemm_rows else math.nan,
+            "attention_padding": 1 - b.real / b.fed if b.fed else math.nan}
 
 
 def peak_memory(device: torch.device) -> int:

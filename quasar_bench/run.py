@@ -100,6 +100,8 @@ class LiveVerifier:
     # every forward width its cells make (verify steps; drafters' branch forwards, decode.run_branches):
     # what batched graphs capture
     widths: tuple = ()
+    packed: bool = False  # batch_packed: batched forwards run their linears on real tokens only
+    pack_bucket: int = 32  # batch_pack_bucket
     batches: dict = field(default_factory=dict)  # batch size -> BatchRuntime
     drafters: dict = field(default_factory=dict)  # cell_hash(drafter config) -> Drafter
     cells: dict = field(default_factory=dict)  # (cell_hash(drafter config), batch size) -> rows.Cell
@@ -120,7 +122,7 @@ class LiveVerifier:
         if size not in self.batches:
             from .batching import BatchRuntime
 
-            batch = BatchRuntime(self.runtime, size)
+            batch = BatchRuntime(self.runtime, size, packed=self.packed, pack_bucket=self.pack_bucket)
             graphs = getattr(self.runtime, "graphs", None)
             if graphs is not None:
                 # verify steps and drafters' branch forwards are batched; other drafter forwards run
@@ -235,7 +237,9 @@ class Experiment:
         runtime = build_verifier(self.loaded, vcfg, cache_root(self.cfg.model.cache_dir), self.fuse)
         fidelity = self.references.fidelity(runtime) if self.references.logprobs else {}
         capture_graphs(runtime, self.cfg, widths)
-        return LiveVerifier(vcfg, runtime, fidelity, precision(vcfg.name).is_reference, widths=tuple(widths))
+        return LiveVerifier(vcfg, runtime, fidelity, precision(vcfg.name).is_reference, widths=tuple(widths),
+                            packed=bool(self.cfg.get("batch_packed", False)),
+                            pack_bucket=int(self.cfg.get("batch_pack_bucket", 32)))
 
     def release_verifiers(self) -> None:
         for live in getattr(self, "live", []):

@@ -162,6 +162,16 @@ def causal_mask(query_pos: torch.Tensor, n_keys: int, dtype=torch.float32) -> to
     return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
 
 
+@dataclass
+class BatchPositions:
+    """Where a batched forward's tokens sit (Transformer.forward_batch): `pos` [B, T] row b's
+    positions in its own cache row; `index` [N] for a packed forward, the flat slots b * T + j whose
+    tokens the linears run on (the rest of the [B, T] grid is padding they skip), None when they run
+    on all B * T."""
+    pos: torch.Tensor
+    index: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -179,7 +189,7 @@ class Attention(nn.Module):
         `start` is an int (eager), or a tensor of positions [T] with `span` keys attended (the
         static-shape path that CUDA graphs capture: no Python int may change between replays)."""
         a, t = self.a, x.shape[0]
-        if isinstance(start, torch.Tensor) and start.dim() == 2:
+        if isinstance(start, BatchPositions):
             return self.forward_batch(x, cos, sin, kv, start, mask, span)
         if mask is None:  # the caller chose the fused kernels (Transformer.uses_fused_attention)
             from quasar_kernels.decode_attention import decode_attention
@@ -213,28 +223,36 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
         return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
 
-    def forward_batch(self, x, cos, sin, kv, pos, mask, span: int):
-        """B sequences at once (Transformer.forward_batch): x [B*T, H] (the GEMMs see M = B*T rows),
-        pos [B, T] each row's own positions, kv = caches [B, n_kv, S, D], mask [B, 1, T, span]."""
-        a, (b, t) = self.a, pos.shape
+    def forward_batch(self, x, cos, sin, kv, where: BatchPositions, mask, span: int):
+        """B sequences at once (Transformer.forward_batch): x [N, H] (the GEMMs see M = N rows: B * T,
+        or the packed slots where.index), where.pos [B, T] each row's own positions, kv = caches
+        [B, n_kv, S, D], mask [B, 1, T, span]. Attention runs on the [B, T] grid; a packed forward
+        scatters q / k / v into it (padding slots zero: they sit after every real position of their
+        row, so the causal mask hides them from real queries, and their cache writes land past the
+        row's kept prefix) and gathers the real slots back before o_proj."""
+        a, (b, t), n, index = self.a, where.pos.shape, x.shape[0], where.index
         if hasattr(self, "qkv_proj"):
             q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b * t, a.num_heads, a.head_dim)
-        k = k.view(b * t, a.num_kv_heads, a.head_dim)
+        q = q.view(n, a.num_heads, a.head_dim)
+        k = k.view(n, a.num_kv_heads, a.head_dim)
+        v = v.reshape(n, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = Elementwise.rope(q, cos, sin), Elementwise.rope(k, cos, sin)
+        if index is not None:
+            q, k, v = (y.new_zeros(b * t, *y.shape[1:]).index_copy_(0, index, y) for y in (q, k, v))
         k_cache, v_cache = kv
         rows = torch.arange(b, device=x.device)[:, None].expand(b, t)
         # advanced indices around a slice: the indexed view is [B, T, n_kv, D]
-        k_cache[rows, :, pos] = k.view(b, t, a.num_kv_heads, a.head_dim)
-        v_cache[rows, :, pos] = v.reshape(b, t, a.num_kv_heads, a.head_dim)
+        k_cache[rows, :, where.pos] = k.view(b, t, a.num_kv_heads, a.head_dim)
+        v_cache[rows, :, where.pos] = v.view(b, t, a.num_kv_heads, a.head_dim)
         out = F.scaled_dot_product_attention(q.view(b, t, a.num_heads, a.head_dim).transpose(1, 2),
                                              k_cache[:, :, :span], v_cache[:, :, :span], attn_mask=mask,
                                              enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b * t, -1))
+        out = out.transpose(1, 2).reshape(b * t, -1)
+        return self.o_proj(out if index is None else out.index_select(0, index))
 
 
 class MLP(nn.Module):
@@ -364,9 +382,12 @@ class Transformer(nn.Module):
         self.run_layers(self.embed_tokens(input_ids), start, use_cache=True, pending=True)
         self.cache_len = start + t
 
+    def final_hidden(self, x, delta):
+        """The final norm of the residual stream plus the last block's pending output."""
+        return Elementwise.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]
+
     def logits(self, x, delta):
-        _, h = Elementwise.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)
-        return self.lm_head(h).float()
+        return self.lm_head(self.final_hidden(x, delta)).float()
 
     @torch.inference_mode()
     def forward_fp32_head(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -414,22 +435,33 @@ class Transformer(nn.Module):
         return self.logits(state["x"], delta if delta is not None else torch.zeros_like(state["x"]))
 
     @torch.inference_mode()
-    def forward_batch(self, input_ids: torch.Tensor, starts: torch.Tensor, k_cache, v_cache, span: int) -> torch.Tensor:
+    def forward_batch(self, input_ids: torch.Tensor, starts: torch.Tensor, k_cache, v_cache, span: int,
+                      index: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] (fp32) of B sequences, row b's tokens at positions starts[b]..starts[b]+T-1
         of its own cache row (k_cache/v_cache [L, B, n_kv, S, D]), attending to its first `span` slots
-        (>= every row's end; later slots are masked). Fixed shapes for fixed (B, T, span): CUDA graphs
-        capture it (batching.py). Unfused attention: the fused kernels serve one sequence."""
+        (>= every row's end; later slots are masked). Fixed shapes for fixed (B, T, span, len(index)):
+        CUDA graphs capture it (batching.py). Unfused attention: the fused kernels serve one sequence.
+        `index` (packed forward): the flat slots b * T + j the embeddings, norms and linears run on
+        (BatchPositions); the other slots' logits are zero. `out`: a [B, T, V] fp32 buffer to write
+        the logits into (one buffer for every CUDA graph) instead of a new tensor."""
         b, t = input_ids.shape
         pos = starts[:, None] + torch.arange(t, device=input_ids.device)
-        x = self.embed_tokens(input_ids).view(b * t, -1)
-        cos = self.rope_cos[pos].view(b * t, -1).to(x.dtype)
-        sin = self.rope_sin[pos].view(b * t, -1).to(x.dtype)
+        ids, flat_pos = input_ids.reshape(-1), pos.reshape(-1)
+        if index is not None:
+            ids, flat_pos = ids[index], flat_pos[index]
+        x = self.embed_tokens(ids)
+        cos = self.rope_cos[flat_pos].to(x.dtype)
+        sin = self.rope_sin[flat_pos].to(x.dtype)
         seen = torch.arange(span, device=x.device)[None, None, :] <= pos[:, :, None]
         mask = torch.zeros(seen.shape, dtype=x.dtype, device=x.device).masked_fill_(~seen, float("-inf"))[:, None]
-        delta = None
+        where, delta = BatchPositions(pos, index), None
         for i, layer in enumerate(self.layers):
-            x, delta = layer.forward_pending(x, delta, cos, sin, (k_cache[i], v_cache[i]), pos, mask, span)
-        return self.logits(x, delta if delta is not None else torch.zeros_like(x)).view(b, t, -1)
+            x, delta = layer.forward_pending(x, delta, cos, sin, (k_cache[i], v_cache[i]), where, mask, span)
+        h = self.final_hidden(x, delta if delta is not None else torch.zeros_like(x))
+        if index is not None:  # back to the [B, T] grid: the loop reads logits per row
+            h = h.new_zeros(b * t, h.shape[1]).index_copy_(0, index, h)
+        logits = self.lm_head(h).view(b, t, -1)
+        return logits.float() if out is None else out.copy_(logits)
 
     def enable_cuda_graphs(self, max_tokens: int = 16, max_len: int | None = None, bucket: int = 256) -> None:
         """Replay CUDA graphs for every forward of up to `max_tokens` tokens (AR steps and verify

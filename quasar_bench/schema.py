@@ -60,6 +60,8 @@ class RunSettings(TypedDict, total=False):
     dataset: DatasetSettings
     k: Optional[PositiveInt]
     batch_size: Union[PositiveInt, List[PositiveInt]]
+    batch_packed: bool
+    batch_pack_bucket: PositiveInt
     max_new_tokens: PositiveInt
     temperature: Annotated[float, Field(ge=0)]
     top_p: Annotated[float, Field(gt=0, le=1)]

@@ -255,7 +255,9 @@ def summarize(df: pd.DataFrame, min_exact_match: float = MIN_EXACT_MATCH) -> pd.
     keys = ["model", "drafter", "verifier"]
     if "batch_size" in df:  # rows from before the batch axis ran one sequence at a time
         df = df.assign(batch_size=pd.to_numeric(df["batch_size"], errors="coerce").fillna(1).astype(int))
-    keys += [c for c in ("k", "temperature", "batch_size") if c in df and df[c].nunique(dropna=False) > 1]
+    if "batch_packed" in df:  # rows from before packing ran unpacked
+        df = df.assign(batch_packed=df["batch_packed"].fillna(False).astype(bool))
+    keys += [c for c in ("k", "temperature", "batch_size", "batch_packed") if c in df and df[c].nunique(dropna=False) > 1]
     # Cells of other contexts (dataset, weights, code, decoding settings) are other tables:
     # never pooled, and each speedup's baseline comes from its own context.
     if "context_id" in df and df["context_id"].nunique(dropna=False) > 1:
@@ -274,7 +276,7 @@ def summarize(df: pd.DataFrame, min_exact_match: float = MIN_EXACT_MATCH) -> pd.
             rec = dict(zip(keys + ["category"], gkey)) | _stats(g, np.random.default_rng(SEED))
             groups.append(rec | {"_pp": g})
     ref = reference_verifier(df)
-    matched = [c for c in ("temperature", "batch_size") if c in keys]  # speedups at the same setting
+    matched = [c for c in ("temperature", "batch_size", "batch_packed") if c in keys]  # speedups at the same setting
     for rec in groups:
         for col, verifier in (("speedup_vs_ar", rec["verifier"]), ("speedup_vs_ref_ar", ref)):
             base = [b for b in groups if b["drafter"] in baseline_drafters and b["model"] == rec["model"]
@@ -321,7 +323,7 @@ def _fmt(x, spec):
 def format_table(summary: pd.DataFrame, categories: list[str] | None = None) -> str:
     """Fixed-width table for the terminal; `categories` limits the rows (e.g. ["all"])."""
     s = summary if categories is None else summary[summary["category"].isin(categories)]
-    extra = [c for c in ("k", "temperature", "batch_size") if c in s]
+    extra = [c for c in ("k", "temperature", "batch_size", "batch_packed") if c in s]
     cols = [("model", "model", None), ("drafter", "drafter", None), ("verifier", "verifier", None)]
     cols += [(c, c, None) for c in extra] + [("category", "category", None), ("n", "n_prompts", "d")]
     cols += [("τ", "tau", ".2f")] + ([("τ_tf", "tau_tf", ".2f")] if "tau_tf" in s and s["tau_tf"].notna().any() else [])
@@ -430,6 +432,16 @@ def crossovers(summary: pd.DataFrame) -> list[str]:
     if "batch_size" not in summary:
         return []
     s = summary[summary["category"] == "all"].sort_values("batch_size")
+    packed = s["batch_packed"] if "batch_packed" in s else pd.Series(False, index=s.index)
+    lines = []
+    # packed and unpacked batches are two curves; batch size 1 (nothing to pack) starts both
+    for mode in sorted(set(packed[s["batch_size"] > 1])) or [False]:
+        curve = s[(s["batch_size"] == 1) | (packed == mode)]
+        lines += _crossover_lines(curve, " (packed)" if mode else "")
+    return lines
+
+
+def _crossover_lines(s: pd.DataFrame, tag: str) -> list[str]:
     ref = s.loc[s["reference_verifier"], ["model", "drafter", "batch_size", "throughput"]]
     ref = {(r.model, r.drafter, r.batch_size): r.throughput for r in ref.itertuples()}
     lines = []
@@ -449,7 +461,7 @@ def crossovers(summary: pd.DataFrame) -> list[str]:
             lost = first_loss(*zip(*known))
             ratio_text = ", ".join(f"B={b} {r:.2f}x" for b, r in known)
             verdict = f"stops paying at B={lost}" if lost is not None else f"pays at every batch size run (up to B={known[-1][0]})"
-            lines.append(f"{model} {verifier}/{drafter}: {what} {verdict} (throughput vs {against}: {ratio_text})")
+            lines.append(f"{model} {verifier}/{drafter}{tag}: {what} {verdict} (throughput vs {against}: {ratio_text})")
     return lines
 
 

@@ -238,6 +238,24 @@ def test_real_acceptance_batch_table_is_its_own_figure(tmp_path):
     assert "synthetic" in figures.plot_gpu_batch(synth)._suptitle.get_text()
 
 
+def test_packed_batch_tables_are_figures_of_their_own(tmp_path):
+    """batch_packed.csv / batch_replay_packed.csv (gpu_speed.py --packed) never join the unpacked
+    figures' cells; each is drawn as its own figure, titled as packed."""
+    gpu = tmp_path / "results" / "gpu"
+    gpu.mkdir(parents=True)
+    base = dict(throughput=100.0, speedup_vs_ar=1.0, gpu="H200")
+    table = lambda drafters: pd.DataFrame([dict(base, verifier=v, drafter=d, batch_size=b, baseline=d == "ar")
+                                           for v in ("reference", "int4") for d in drafters for b in (1, 4)])
+    table(("ar", "synthetic_a0.8_k5")).to_csv(gpu / "batch.csv", index=False)
+    table(("ar", "packed_only")).to_csv(gpu / "batch_packed.csv", index=False)
+    table(("ar", "ngram")).to_csv(gpu / "batch_replay_packed.csv", index=False)
+    assert set(figures.load_batch_tables(gpu)["drafter"]) == {"ar", "synthetic_a0.8_k5"}
+    written, problems = figures.make_figures(tmp_path / "results", tmp_path / "figs")
+    names = {p.name for p in written}
+    assert {"gpu_batch.png", "gpu_batch_packed.png", "gpu_batch_replay_packed.png"} <= names
+    assert "gpu_batch_replay.png" not in names and not problems  # no unpacked replay table: skipped
+
+
 def test_batch_tables_of_other_gpu_calls_join_the_figure(tmp_path):
     """batch_<name>.csv tables (per-cell, no rows) add their cells to batch.csv's; row files and a
     cell (verifier, drafter, B) batch.csv already has do not."""

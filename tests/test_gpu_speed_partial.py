@@ -85,11 +85,7 @@ def test_run_stopped_by_sigterm_writes_its_partial_rows(tmp_path, monkeypatch):
     assert not (out / "batch_rows.csv").exists()  # the complete-run file is not faked
 
 
-def test_batch_replay_table_from_rows_carries_the_source_tau(tmp_path, capsys):
-    """--experiment gpu_batch_replay rebuilt from row files (no GPU): the batch columns per (verifier,
-    drafter, B), the source run's tau beside each row (equal here, as a replay must make it: no
-    warning), a title naming real acceptance; without --source (or rows) it refuses in one line."""
-    gs = gpu_speed()
+def batch_replay_rows(**extra):
     rows = []
     for v in ("reference", "int4"):
         for d, steps, new in (("ar", 8, 8), ("ngram", 4, 10)):
@@ -102,7 +98,44 @@ def test_batch_replay_table_from_rows_carries_the_source_tau(tmp_path, capsys):
                                      batch_padding=0.0, weight_bytes=2e9 if v == "reference" else 0.6e9,
                                      baseline=d == "ar", gpu="NVIDIA H200", driver="580", torch="2.11",
                                      triton="3.6", copy_gbps=4200.0, command="python experiments/gpu_speed.py",
-                                     max_new_tokens=32))
+                                     max_new_tokens=32, **extra))
+    return rows
+
+
+def test_packed_rows_make_their_own_table(tmp_path, capsys):
+    """Rows whose batches were packed (batch_packed) tabulate only with --packed, into
+    batch_replay_packed.* with the attention padding beside the GEMM rows' padding; a table is
+    never built from rows of both kinds, nor packed rows without --packed."""
+    gs = gpu_speed()
+    rows = pd.DataFrame(batch_replay_rows(attention_padding=0.25))
+    rows["batch_packed"] = rows.batch_size > 1
+    rows["batch_padding"] = 0.1 * (rows.batch_size > 1)
+    packed_csv, plain_csv, out = tmp_path / "packed.csv", tmp_path / "plain.csv", tmp_path / "out"
+    rows.to_csv(packed_csv, index=False)
+    plain = rows.assign(batch_packed=False)
+    plain["batch_id"] += "u"
+    plain.to_csv(plain_csv, index=False)
+    for argv, word in (([str(packed_csv)], "add --packed"), ([str(packed_csv), str(plain_csv), "--packed"], "and unpacked"),
+                       ([str(plain_csv), "--packed"], "drop --packed")):
+        with pytest.raises(SystemExit) as e:
+            gs.main(["--experiment", "gpu_batch_replay", "--out", str(out), "--from-rows", *argv])
+        assert e.value.code == 2 and word in capsys.readouterr().err
+    gs.main(["--experiment", "gpu_batch_replay", "--out", str(out), "--from-rows", str(packed_csv), "--packed"])
+    t = pd.read_csv(out / "batch_replay_packed.csv")
+    assert len(t) == 8 and not (out / "batch_replay.csv").exists()
+    assert (t.attention_padding == 0.25).all() and (t[t.batch_size == 2].padding == 0.1).all()
+    assert "attention_padding" in (out / "batch_replay_packed.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        gs.main(["--experiment", "gpu_batch_replay", "--out", str(out), "batch_packed=true"])
+    assert "--packed" in capsys.readouterr().err
+
+
+def test_batch_replay_table_from_rows_carries_the_source_tau(tmp_path, capsys):
+    """--experiment gpu_batch_replay rebuilt from row files (no GPU): the batch columns per (verifier,
+    drafter, B), the source run's tau beside each row (equal here, as a replay must make it: no
+    warning), a title naming real acceptance; without --source (or rows) it refuses in one line."""
+    gs = gpu_speed()
+    rows = batch_replay_rows()
     rows_csv, src_csv, out = tmp_path / "rows.csv", tmp_path / "src.csv", tmp_path / "out"
     pd.DataFrame(rows).to_csv(rows_csv, index=False)
     src = [dict(verifier=v, drafter=d, prompt_id=str(i), turn=1, new_tokens=new, verify_steps=steps)
