@@ -10,7 +10,16 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
-The results are garbage for noload / nomma (timing only)."""
+The results are garbage for noload / nomma (timing only).
+
+`--profile VARIANT` instead makes the program for Nsight Compute: it builds that variant and calls
+it 8 times per M (192 CTAs, tb 64 / 128, nw 1: the configuration the ablation table centres on),
+timing nothing, e.g. (stall reasons per SASS line of the M = 64 launch; -lineinfo is in the build):
+
+    ncu --clock-control none --kernel-name regex:wgmma --launch-skip 4 --launch-count 1 \
+        --section WarpStateStats --section SourceCounters --section SchedulerStats --import-source yes \
+        -o $OUT/noload python -m quasar_kernels.microbench.wgmma_ablate --profile noload --ms 64
+    ncu --import $OUT/noload.ncu-rep --page source --csv --print-source sass > $OUT/noload_sass.csv"""
 import argparse
 import os
 import statistics
@@ -57,11 +66,14 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--profile", choices=list(VARIANTS), default=None,
+                    help="build this variant and run it for a profiler (8 calls per M, nothing timed)")
     args = ap.parse_args(argv)
-    variants = args.variants.split(",")
-    with ProcessPoolExecutor(len(variants), mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-        for v in pool.map(_build_in_child, variants):
-            print("built", v, flush=True)
+    variants = [args.profile] if args.profile else args.variants.split(",")
+    if not args.profile:  # built side by side in child processes; a profiler wants one process
+        with ProcessPoolExecutor(len(variants), mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+            for v in pool.map(_build_in_child, variants):
+                print("built", v, flush=True)
     exts = {v: build(v) for v in variants}
 
     from quasar_bench.packing import pack_int4, quantize_int4_rtn
@@ -78,6 +90,13 @@ def main(argv=None):
     for m in [int(s) for s in args.ms.split(",")]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         tb = 64 if m <= 64 else 128
+        if args.profile:
+            wc._EXT = exts[args.profile]
+            for i in range(8):
+                wc.w4a16_wgmma_linear(x, packs[i % 4], config=dict(ctas=192, tb=tb, nw=1))
+            torch.cuda.synchronize()
+            print(f"M={m}: 8 calls of {args.profile} (ctas 192, tb {tb}, nw 1)", flush=True)
+            continue
         cfgs = [dict(ctas=c, tb=tb, nw=1) for c in (132, 192, 264)] + [dict(ctas=c, tb=tb, nw=2) for c in (96, 132)]
         cells = [(v, tuple(c.items())) for v in variants for c in cfgs]
         times = {cell: [] for cell in cells}
