@@ -39,6 +39,16 @@ constexpr int WG_THREADS = WG_NWG * 128;
 #define QB_WG_STAGES 4
 #endif
 constexpr int WG_STAGES = QB_WG_STAGES;
+// QB_WG_NODRAIN (diagnostic builds only, run 9f): no wgmma drain at the end of each stage. The
+// warpgroup keeps its last step's wgmmas in flight into the next stage (the A register sets and the
+// wait_group 1 chain carry across stages; drained only before a block's output is read), and the
+// loader runs WG_STAGES - 2 stages ahead instead of WG_STAGES - 1, so the buffer it overwrites is one
+// whose wgmmas every warpgroup has finished by the barrier.
+#ifndef QB_WG_NODRAIN
+#define QB_WG_NODRAIN 0
+#endif
+constexpr bool WG_NODRAIN = QB_WG_NODRAIN != 0;
+constexpr int WG_AHEAD = WG_NODRAIN ? WG_STAGES - 2 : WG_STAGES - 1;  // stages the loader runs ahead
 constexpr int WG_LKS = 3;
 constexpr int WG_KSTEPS = 1 << WG_LKS;      // k16 steps per stage (a stage's fixed cost is what bounds the kernel)
 constexpr int WG_SZ_BYTES = 192;           // one (column tile, group): 64 scales (128 B) + 64 zero codes
@@ -47,6 +57,25 @@ __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(__cvta_generic_to_global(src)),
                "r"(valid ? 16 : 0)
                : "memory");
+}
+
+#if QB_WG_NODRAIN
+// cp.async under a predicate, no branch: with wgmmas in flight across the loader (QB_WG_NODRAIN) a
+// per-thread branch may make ptxas serialize every wgmma (C7518: its waits in a divergent path)
+__device__ __forceinline__ void cp_async16_if(uint32_t dst, const void* src, bool on) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n}"
+               ::"r"(dst), "l"(__cvta_generic_to_global(src)), "r"((int)on)
+               : "memory");
+}
+#endif
+
+// A CTA-uniform value marked warp-uniform for ptxas (a lane-0 broadcast, as CUTLASS does): with
+// wgmmas in flight across the loop (QB_WG_NODRAIN) every branch between issue and wait must be
+// provably non-divergent, and ptxas cannot see through the 64-bit divisions of the work split.
+template <bool ON>
+__device__ __forceinline__ int warp_uniform(int v) {
+  if constexpr (ON) return __shfl_sync(0xffffffffu, v, 0);
+  else return v;
 }
 
 // Shared memory written through the generic proxy (cp.async, st.shared) is read by wgmma through the
@@ -122,7 +151,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   const int KS = p.wg_stages, NB = (p.NT + CT - 1) / CT;
   const long long U = (long long)NB * KS, GC = gridDim.x;
   const long long u0 = blockIdx.x * U / GC, u1 = (blockIdx.x + 1) * U / GC;
-  const int nst = (int)(u1 - u0);  // stages of this CTA
+  const int nst = warp_uniform<WG_NODRAIN>((int)(u1 - u0));  // stages of this CTA
   uint32_t sbase = ((uint32_t)__cvta_generic_to_shared(smem) + 1023u) & ~1023u;  // swizzle atoms: 1024-aligned
   pin(sbase);
   const T* x = reinterpret_cast<const T*>(p.x);
@@ -166,7 +195,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   pin(xmask);
   pin(xklim);
   const uint4* wsrc[CT];  // this thread's weight chunk of tile v at stage 0 of the loader's block
-  int ld_blk = (int)(u0 / KS), ld_st = (int)(u0 % KS);
+  int ld_blk = warp_uniform<WG_NODRAIN>((int)(u0 / KS)), ld_st = warp_uniform<WG_NODRAIN>((int)(u0 % KS));
   auto enter_block = [&](int blk) {
 #pragma unroll
     for (int v = 0; v < CT; ++v) {  // clamped tiles: loaded, never stored
@@ -185,10 +214,17 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     for (int v = 0; v < CT; ++v) cp_async16(buf + (v * 256 + tid) * 16, wsrc[v] + ld_st * 256);
 #pragma unroll
     for (int r = 0; r < SZR; ++r)
+#if QB_WG_NODRAIN
+    {
+      const int gi = min(((ld_st << WG_LKS) >> lg) + sz_slot[r], p.NG - 1);
+      cp_async16_if(buf + sz_dst[r], sz_src[r] + (size_t)(sz_row[r] + gi) * sz_mul[r], sz_on[r]);
+    }
+#else
       if (sz_on[r]) {
         const int gi = min(((ld_st << WG_LKS) >> lg) + sz_slot[r], p.NG - 1);
         cp_async16(buf + sz_dst[r], sz_src[r] + (size_t)(sz_row[r] + gi) * sz_mul[r]);
       }
+#endif
     const int k0 = ld_st * (WG_KSTEPS * 16);
     const bool kin = k0 < xklim;  // zero past K (and, by xmask, past M)
 #pragma unroll
@@ -207,9 +243,10 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   for (int j = 0; j < NTW; ++j)
 #pragma unroll
     for (int i = 0; i < TB / 2; ++i) acc[j][i] = 0.f;
+  uint32_t a[2][NTW][4];  // two A register sets: step i dequantizes into set i & 1 (see mma_stage)
 
 #pragma unroll
-  for (int st = 0; st < WG_STAGES - 1; ++st) {
+  for (int st = 0; st < WG_AHEAD; ++st) {
     if (st < nst) load_next(st);
     cp_async_commit();
   }
@@ -225,6 +262,17 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   // reusing that set, so it dequantizes step i + 1 while the tensor cores run step i (run 7c; before,
   // all 8 steps were dequantized, then multiplied and waited for: ALU and tensor work alternated).
   // one_group: the stage lies in one group (G >= 128), so the per-step group checks compile away.
+  // every wgmma of this warpgroup done: the accumulators (and both A sets) are the thread's again
+  auto drain = [&]() {
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+    for (int jj = 0; jj < NTW; ++jj) {
+#pragma unroll
+      for (int e = 0; e < TB / 2; ++e) hold(acc[jj][e]);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) hold(a[0][jj][r]), hold(a[1][jj][r]);
+    }
+  };
   const uint64_t xdesc0 = smem_desc_sw128(sbase + L::W + L::SZ);  // buffer 0, step 0: a buffer / k16
   // step adds its byte offset / 16 to the address field (bits 0-13; offsets stay under 256 KB)
   auto mma_stage = [&](int j, auto one_group) {
@@ -238,7 +286,6 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q[jj][4]), "=r"(q[jj][5]), "=r"(q[jj][6]), "=r"(q[jj][7]) : "r"(wa + 512) : "memory");
     }
     uint32_t s_lo[NTW], s_hi[NTW], z_lo[NTW], z_hi[NTW];
-    uint32_t a[2][NTW][4];
 #pragma unroll
     for (int i = 0; i < WG_KSTEPS; ++i) {
 #pragma unroll
@@ -272,22 +319,15 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
       for (int jj = 0; jj < NTW; ++jj)  // k16 step i: atom column i / 4, 32 bytes per step inside the row
         wgmma_tb<BF16, TB>(acc[jj], a[i & 1][jj], desc + (uint64_t)(((i >> 2) * TB * 128 + (i & 3) * 32) >> 4));
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-      if (i > 0) {  // step i - 1 is done: its register set may be rewritten from here on
+      if (i > 0 || WG_NODRAIN) {  // step i - 1 (at i = 0: the previous stage's last) is done: its set may be rewritten
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
 #pragma unroll
         for (int jj = 0; jj < NTW; ++jj)
 #pragma unroll
-          for (int r = 0; r < 4; ++r) hold(a[(i - 1) & 1][jj][r]);
+          for (int r = 0; r < 4; ++r) hold(a[(i + 1) & 1][jj][r]);
       }
     }
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-#pragma unroll
-    for (int jj = 0; jj < NTW; ++jj) {
-#pragma unroll
-      for (int e = 0; e < TB / 2; ++e) hold(acc[jj][e]);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) hold(a[(WG_KSTEPS - 1) & 1][jj][r]);
-    }
+    if constexpr (!WG_NODRAIN) drain();
   };
 
   // acc[j][4 u + e]: weight row (output column) 64 nt + 16 wq + g + 8 (e >> 1), token tok0 + 8 u + 2 t4 + (e & 1)
@@ -362,13 +402,47 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     }
   };
 
-  int cu_blk = (int)(u0 / KS), cu_st = (int)(u0 % KS), first_st = cu_st;
+  int cu_blk = warp_uniform<WG_NODRAIN>((int)(u0 / KS)), cu_st = warp_uniform<WG_NODRAIN>((int)(u0 % KS));
+  if constexpr (WG_NODRAIN) {
+    // wgmmas stay in flight from stage to stage, so no branch ptxas could call divergent may sit
+    // between them (C7518 serializes every wgmma otherwise): the group-size choice is hoisted out of
+    // the loop, and the block's output is written after an inner loop over its stages, not under an
+    // `if` inside the stage loop.
+    auto run = [&](auto one_group) {
+      for (int j = 0; j < nst;) {  // one column block (or the part of it in this CTA's range) per pass
+        const int first_st = cu_st, seg = min(KS - cu_st, nst - j);
+        for (int s = 0; s < seg; ++s, ++j) {
+          cp_async_wait<WG_AHEAD - 1>();
+          fence_async_smem();
+          __syncthreads();  // stage j is in for every thread; every warpgroup is done with stage j - 2
+#ifndef QB_ABLATE_NOLOAD
+          if (j + WG_AHEAD < nst) load_next(j + WG_AHEAD);
+#endif
+          cp_async_commit();
+#ifndef QB_ABLATE_NOMMA
+          mma_stage(j, one_group);
+#endif
+        }
+        drain();
+        finish_block(cu_blk, first_st == 0 && first_st + seg == KS);
+#pragma unroll
+        for (int jj = 0; jj < NTW; ++jj)
+#pragma unroll
+          for (int i = 0; i < TB / 2; ++i) acc[jj][i] = 0.f;
+        cu_st = 0;
+        ++cu_blk;
+      }
+    };
+    if (sh == WG_LKS) run(std::true_type{});
+    else run(std::false_type{});
+  } else {
+  int first_st = cu_st;
   for (int j = 0; j < nst; ++j) {
-    cp_async_wait<WG_STAGES - 2>();
+    cp_async_wait<WG_AHEAD - 1>();
     fence_async_smem();
     __syncthreads();  // stage j is in for every thread; every warpgroup is done with stage j - 1
 #ifndef QB_ABLATE_NOLOAD  // diagnostic builds only (wgmma_ablate.py): compute on stale buffers / move data without computing
-    if (j + WG_STAGES - 1 < nst) load_next(j + WG_STAGES - 1);
+    if (j + WG_AHEAD < nst) load_next(j + WG_AHEAD);
 #endif
     cp_async_commit();
 #ifndef QB_ABLATE_NOMMA
@@ -387,6 +461,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
       cu_st = 0;
       ++cu_blk;
     }
+  }
   }
 #else
   __trap();  // built for a target without wgmma: never launched (w4a16_wgmma_launch checks sm_90a)

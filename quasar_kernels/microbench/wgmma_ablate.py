@@ -7,10 +7,18 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
     noload    no copies after the prologue: the stages compute on stale buffers (the memory path removed)
     nomma     copies, waits and barriers only: no dequantization, no wgmma (the compute removed)
     stages8   an 8-deep cp.async pipeline instead of 4 (one CTA per SM fits)
+    nodrain   no wgmma drain at the end of each stage (QB_WG_NODRAIN: the wgmma chain runs on across
+              stages, drained only before a block's output; the loader 2 stages ahead instead of 3)
+    nodrain_noload  both
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
 The results are garbage for noload / nomma (timing only).
+
+`--check` compares the exact variants' outputs (EXACT: same products, same summation order) with the
+shipped build's, bit for bit, over whole and block-crossing splits, two warpgroup widths, token
+counts that fill no block, and group sizes 128 and 32 (a stage in one group, and four groups per
+stage); it also checks the shipped build against a float32 reference. Exit status 1 on a mismatch.
 
 `--profile VARIANT` instead makes the program for Nsight Compute: it builds that variant and calls
 it 8 times per M (192 CTAs, tb 64 / 128, nw 1: the configuration the ablation table centres on),
@@ -28,7 +36,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE_NOMMA"], "stages8": ["-DQB_WG_STAGES=8"]}
+VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE_NOMMA"], "stages8": ["-DQB_WG_STAGES=8"],
+            "nodrain": ["-DQB_WG_NODRAIN=1"], "nodrain_noload": ["-DQB_WG_NODRAIN=1", "-DQB_ABLATE_NOLOAD"]}
+# variants that compute what the shipped kernel computes, in the same order: outputs bit for bit equal
+EXACT = ("nodrain", "stages8")
 
 
 def build(variant: str):
@@ -68,7 +79,11 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--profile", choices=list(VARIANTS), default=None,
                     help="build this variant and run it for a profiler (8 calls per M, nothing timed)")
+    ap.add_argument("--check", action="store_true",
+                    help="compare the exact variants with the shipped build bit for bit (no timing)")
     args = ap.parse_args(argv)
+    if args.check:
+        return check([v for v in args.variants.split(",") if v in EXACT])
     variants = [args.profile] if args.profile else args.variants.split(",")
     if not args.profile:  # built side by side in child processes; a profiler wants one process
         with ProcessPoolExecutor(len(variants), mp_context=torch.multiprocessing.get_context("spawn")) as pool:
@@ -135,6 +150,50 @@ def main(argv=None):
             med = statistics.median(ts)
             print(f"M={m} {v:8s} ctas={cfg['ctas']:3d} tb={cfg['tb']} nw={cfg['nw']}  {med:7.1f} us "
                   f"[{min(ts):.1f}, {max(ts):.1f}]  {cb / med:.2f}x cublas", flush=True)
+
+
+def check(variants) -> int:
+    """Bit-for-bit equality of each exact variant with the shipped build (see the module doc)."""
+    from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
+    from quasar_kernels import w4a16_cuda as wc
+
+    exts = {v: build(v) for v in ["base", *variants]}
+    gen = torch.Generator().manual_seed(1)
+    bad = 0
+    for n, k, g in ((24576, 4096, 128), (4096, 4096, 32), (1000, 2048, 128)):
+        w = (torch.randn(n, k, generator=gen) * 0.05).cuda()
+        codes, scales, zeros = quantize_int4_rtn(w, g)
+        qweight = pack_int4(codes)
+        packed = wc.prepack_w4a16(qweight, scales, zeros, k, g)
+        deq = dequantize_int4(qweight, scales, zeros, k, g)
+        for m in (64, 50, 128, 17):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            tb = 64 if m <= 64 else 128
+            blocks = -(-n // 128)
+            for cfg in (dict(ctas=blocks, tb=tb, nw=1), dict(ctas=132, tb=tb, nw=1), dict(ctas=2 * blocks + 5, tb=tb, nw=1),
+                        dict(ctas=-(-blocks // 2), tb=tb, nw=2), dict(ctas=132, tb=tb, nw=2)):
+                outs = {}
+                for v in ["base", *variants]:
+                    wc._EXT = exts[v]
+                    try:
+                        outs[v] = wc.w4a16_wgmma_linear(x, packed, config=cfg).float()
+                    except Exception as e:  # noqa: BLE001 - a config a variant cannot launch: say so
+                        outs[v] = e
+                if isinstance(outs["base"], Exception):
+                    print(f"n={n} k={k} g={g} m={m} {cfg}: base cannot launch ({outs['base']})", flush=True)
+                    continue
+                ref = x.float() @ deq.t()
+                err = ((outs["base"] - ref).norm() / ref.norm()).item()
+                line = [f"n={n} k={k} g={g} m={m} ctas={cfg['ctas']} nw={cfg['nw']}: base rel err {err:.1e}"]
+                bad += err > 1e-2
+                for v in variants:
+                    o = outs[v]
+                    same = not isinstance(o, Exception) and torch.equal(o, outs["base"])
+                    bad += not same
+                    line.append(f"{v} {'equal' if same else 'DIFFERS' if not isinstance(o, Exception) else o}")
+                print("; ".join(line), flush=True)
+    print("check:", "all equal" if not bad else f"{bad} mismatches", flush=True)
+    return int(bad > 0)
 
 
 if __name__ == "__main__":
