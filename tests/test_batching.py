@@ -206,17 +206,19 @@ def test_greedy_batch_with_a_draft_model_and_a_replay(tmp_path):
     assert [r.step_accepted for r in out] == [s.step_accepted for s in src]  # each replayed its own trace
 
 
-def test_sampling_in_a_batch_draws_what_each_sequence_draws_alone():
+@pytest.mark.parametrize("packed", [False, True])
+def test_sampling_in_a_batch_draws_what_each_sequence_draws_alone(packed):
     """temperature > 0: with the same seed per sequence, a batched sequence samples exactly the
     tokens it samples alone (its own generator, the same p and q), for a model-free and a
-    model-based drafter: the batch leaves each sequence's sampling law untouched."""
+    model-based drafter, with the batch's linears on every row or packed: the batch leaves each
+    sequence's sampling law untouched."""
     verifier = tiny_loaded("tiny_llama", seed=0)
     rt = verifier.runtime
     prompts = prompts_of((4, 9, 6), seed=3, vocab=1000)
     for cfg in ({"name": "ngram", "k": K}, {"name": "layerskip", "k": K, "mode": "static", "skip": [1]}):
         alone = [generate(rt, mk(cfg, rt, verifier), p, 20, K, (), 0.8, 0.9, torch.Generator().manual_seed(i)).output_ids
                  for i, p in enumerate(prompts)]
-        out = batched(rt, cfg, prompts, 20, 3, verifier, temperature=0.8, top_p=0.9,
+        out = batched(rt, cfg, prompts, 20, 3, verifier, packed=packed, temperature=0.8, top_p=0.9,
                       generators=[torch.Generator().manual_seed(i) for i in range(3)])
         assert [r.output_ids for r in out] == alone, cfg
         assert len({tuple(a) for a in alone}) == 3
