@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from quasar_kernels.reference import cpu_packed
+from quasar_kernels.reference import cpu_packed, pack_min_rows
 
 from . import data
 from .calibration import check_disjoint
@@ -189,6 +189,8 @@ class Experiment:
                            # CPU fp32 products on oneDNN-packed weights (QUASAR_CPU_PACKED): another
                            # summation order, which GPTQ and W8A8 results follow, so part of the identity
                            "cpu_packed_linears": self.loaded.runtime.device.type == "cpu" and cpu_packed()}
+            if self.engine["cpu_packed_linears"]:  # from how many rows (measured per host unless set)
+                self.engine["cpu_pack_min_rows"] = pack_min_rows()
             compile_elementwise(self.engine["compile_elementwise"])
             fused_attention(self.engine["fused_attention"])
             self.tools = draft_tools(self.loaded, cache_root(cfg.model.cache_dir), self.fuse)

@@ -9,6 +9,7 @@ backend can compute it once per module instead of every call.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -22,19 +23,24 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_r
 # 127^2 each reach 16.5e6 < 16.78e6. Longer dot products are split into chunks of this length.
 EXACT_F32_CHUNK = 1024
 
-# CPU fp32 products of 3+ rows go through a copy of the weight that oneDNN packed once (its blocked
-# layout), not F.linear, whose sgemm (we infer: packing the weight on every call above 2 rows) made a
-# 6-token SmolLM2 verify step 50 ms instead of 39 (2-core EPYC, torch 2.13; T = 1 and 2 are equal or
-# faster with F.linear). Same product up to fp32 summation order. The packed copies double the fp32
-# weight memory of a CPU run: QUASAR_CPU_PACKED=0 turns them off (slower; the same products in
-# another summation order, which GPTQ's codes and W8A8's roundings follow: runs record the switch).
+# CPU fp32 products go through a copy of the weight that oneDNN packed once (its blocked layout), not
+# F.linear, whose sgemm (we infer: packing the weight on every call above 2 rows) made a 6-token
+# SmolLM2 verify step 50 ms instead of 39 (2-core EPYC, torch 2.13). With 1 or 2 rows it depends on
+# the host: on one 2-core EPYC F.linear's 1-row product was the faster (a 29 ms SmolLM2 AR step), on
+# another it took 53 ms against 37 packed and 87 ms against 43 at 2 rows (session 14). So the
+# fewest rows that take the pack (`pack_min_rows`) is measured once per process ("auto", below) or
+# set with QUASAR_CPU_PACK_MIN_ROWS=1|2|3; runs record it (another summation order for those
+# products). Same product up to fp32 summation order. The packed copies double the fp32 weight
+# memory of a CPU run: QUASAR_CPU_PACKED=0 turns them off (slower; the same products in another
+# summation order, which GPTQ's codes and W8A8's roundings follow: runs record the switch).
 CPU_PACKED = os.environ.get("QUASAR_CPU_PACKED", "1") != "0"
-PACK_MIN_ROWS = 3
+PACK_MIN_ROWS: int | None = None  # None: not decided yet (pack_min_rows())
+PROBE_MARGIN = 0.9  # the pack must take at most this share of F.linear's time to get 1- or 2-row products
 _packed = WeakTensorKeyDictionary()  # weight -> (its version, data pointer, packed copy)
 
 
 def cpu_packed() -> bool:
-    """Whether CPU fp32 products of 3+ rows run on oneDNN-packed weights here."""
+    """Whether CPU fp32 products (of pack_min_rows() rows or more) run on oneDNN-packed weights here."""
     return CPU_PACKED and _ONEDNN
 
 
@@ -48,14 +54,57 @@ def _cpu_packed(w: torch.Tensor) -> torch.Tensor:
     return hit[1]
 
 
+def pack_min_rows() -> int:
+    """The fewest rows a CPU fp32 product needs to run on the packed weight (1, 2 or 3): from
+    QUASAR_CPU_PACK_MIN_ROWS, or measured on first use and kept for the process (`probe_pack_min_rows`)."""
+    global PACK_MIN_ROWS
+    if PACK_MIN_ROWS is None:
+        value = os.environ.get("QUASAR_CPU_PACK_MIN_ROWS", "auto")
+        if value == "auto":
+            PACK_MIN_ROWS = probe_pack_min_rows() if cpu_packed() else 3
+        elif value in ("1", "2", "3"):
+            PACK_MIN_ROWS = int(value)
+        else:
+            raise ValueError(f"QUASAR_CPU_PACK_MIN_ROWS={value!r}: use 1, 2, 3 or auto")
+    return PACK_MIN_ROWS
+
+
+def probe_pack_min_rows(timer=None) -> int:
+    """1 if the packed product of 1 row takes at most PROBE_MARGIN of F.linear's time, else 2 if
+    that holds at 2 rows, else 3. Timed as a forward reads its weights: a sweep over 32 weights of
+    1024 x 1024 (128 MB, more than a CPU's last-level cache, so read from memory), median of 5
+    sweeps after one untimed; `timer(sweep)` -> seconds (tests)."""
+    weights = [torch.empty(1024, 1024).uniform_(-1, 1) for _ in range(32)]
+    packs = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights]
+
+    def median_time(sweep, repeats=5):
+        sweep()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sweep()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[repeats // 2]
+
+    timer = timer or median_time
+    for rows in (1, 2):
+        x = torch.randn(rows, 1024)
+        plain = timer(lambda: [F.linear(x, w) for w in weights])
+        pack = timer(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packs])
+        if pack <= PROBE_MARGIN * plain:
+            return rows
+    return 3
+
+
 def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (cpu_packed() and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-            and w.dim() == 2 and x.numel() >= PACK_MIN_ROWS * x.shape[-1]
+            and w.dim() == 2 and x.numel() >= pack_min_rows() * x.shape[-1]
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
-    """F.linear(x, w, bias); on the CPU in fp32 with 3+ rows, through the oneDNN-packed weight."""
+    """F.linear(x, w, bias); on the CPU in fp32 with pack_min_rows() rows or more, through the
+    oneDNN-packed weight."""
     if not _packable(x, w):
         return F.linear(x, w, bias)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()

@@ -19,7 +19,9 @@ def np_linear(x, w, b):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 6, 17, 130])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_equals_float64_product(rows, with_bias):
+@pytest.mark.parametrize("min_rows", [1, 3])
+def test_linear_equals_float64_product(rows, with_bias, min_rows, monkeypatch):
+    monkeypatch.setattr(R, "PACK_MIN_ROWS", min_rows)  # 1 and 2 rows on either path
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(300, 257, generator=g)
     b = torch.randn(300, generator=g) if with_bias else None
@@ -77,3 +79,36 @@ def test_packing_switch_from_the_environment(value):
         assert (on, packs) == ("False", "0")
     else:
         assert on == onednn and packs == ("1" if onednn == "True" else "0")
+
+
+@pytest.mark.parametrize("times,want", [((1.0, 0.5), 1), ((1.0, 0.95, 1.0, 0.8), 2), ((1.0, 0.9, 1.0, 0.5), 1),
+                                        ((1.0, 1.2, 1.0, 1.0), 3), ((1.0, 0.91, 1.0, 0.91), 3)])
+def test_probe_gives_the_pack_the_fewest_rows_where_it_is_clearly_faster(times, want):
+    """Timings (F.linear, packed) at 1 row then at 2: the pack takes 1- or 2-row products only where
+    it needs at most 90 % of F.linear's time; each timed sweep computes the same products both ways."""
+    it, outs = iter(times), []
+
+    def timer(sweep):
+        outs.append(sweep())
+        return next(it)
+
+    assert R.probe_pack_min_rows(timer) == want
+    for plain, pack in zip(outs[::2], outs[1::2]):
+        assert len(plain) == len(pack) == 32
+        torch.testing.assert_close(torch.stack(pack), torch.stack(plain), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("value,packs", [("1", "1"), ("3", "0"), ("bogus", None)])
+def test_pack_min_rows_from_the_environment(value, packs):
+    """QUASAR_CPU_PACK_MIN_ROWS sets the fewest rows that use the pack: a 1-row product packs its
+    weight at 1, not at 3; anything but 1, 2, 3 or auto is refused, naming the variable."""
+    code = ("import torch; from quasar_kernels import reference as R; w = torch.randn(64, 32); "
+            "R.linear(torch.randn(1, 32), w); print(R.pack_min_rows(), len(R._packed))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "QUASAR_CPU_PACK_MIN_ROWS": value})
+    if packs is None:
+        assert r.returncode != 0 and "QUASAR_CPU_PACK_MIN_ROWS='bogus'" in r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    if R._ONEDNN:
+        assert r.stdout.split() == [value, packs]
