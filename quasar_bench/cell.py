@@ -31,7 +31,7 @@ from .encode import decode_text, encode_turn
 from .errors import QuasarError
 from .fidelity import match_metrics
 from .metrics import tau
-from .rows import Cell, device_name, make_row, peak_memory, weight_bytes
+from .rows import Cell, device_name, make_row, peak_memory, resident_weight_bytes, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def run_cell(run, live, dcfg, batch_size: int, repeat: int) -> None:
                 torch.cuda.reset_peak_memory_stats()
             timed_at = time.time()
             results = generate_jobs(run, live, batch, drafters, cell, jobs, gen_kw)
+            resident = resident_weight_bytes(runtime)
             tf = teacher_forced(run, live, batch, drafters, cell, members, turn, gen_kw) if forced else {}
             for (p, _, ids), res in zip(jobs, results):
                 key = (p.prompt_id, turn)
@@ -143,6 +144,7 @@ def run_cell(run, live, dcfg, batch_size: int, repeat: int) -> None:
                     continue
                 row = make_row(cell, p, turn, ids, res, text, prompt_seed(int(cfg.seed), p.prompt_id, turn),
                                peak_memory(runtime.device), repeat, timed_at)
+                row["resident_weight_bytes"] = resident  # after the forwards: lazily made layouts exist
                 row["batch_id"] = f"{jobs[0][0].prompt_id}/{turn}/{repeat}"  # the rows that shared its forwards
                 row.update(live.fidelity.get(key, {}))
                 row.update(tf.get(key, {}))

@@ -117,6 +117,41 @@ def weight_bytes(runtime) -> int:
     return total
 
 
+def resident_weight_bytes(runtime) -> int:
+    """Bytes of every copy of the weights the runtime holds: its parameters and buffers (the
+    embedding included; RoPE tables and KV cache not), what kernel backends derived from packed
+    weights and keep on the modules (`prepared`: re-layouts such as the CUDA kernels' two int4
+    layouts, the CPU reference backend's dequantized fp32 weights) and the CPU's oneDNN-packed
+    copies. weight_bytes is what a forward reads; this is what the verifier costs in memory."""
+    from quasar_kernels.reference import packed_copy
+
+    module = getattr(runtime, "model", runtime)
+    seen, total = set(), 0
+
+    def add(t) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor):
+            if id(t) in seen:
+                return
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+            if (packed := packed_copy(t)) is not None:
+                add(packed)
+        elif isinstance(t, dict):
+            for v in t.values():
+                add(v)
+        elif isinstance(t, (list, tuple)):
+            for v in t:
+                add(v)
+
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if "rope" not in name:
+            add(t)
+    for m in module.modules():
+        add(getattr(m, "prepared", None))
+    return total
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

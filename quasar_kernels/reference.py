@@ -54,6 +54,12 @@ def _cpu_packed(w: torch.Tensor) -> torch.Tensor:
     return hit[1]
 
 
+def packed_copy(w: torch.Tensor) -> torch.Tensor | None:
+    """The oneDNN-packed copy kept for w, if one was made (rows.resident_weight_bytes counts it)."""
+    hit = _packed.get(w)
+    return None if hit is None else hit[1]
+
+
 def pack_min_rows() -> int:
     """The fewest rows a CPU fp32 product needs to run on the packed weight (1, 2 or 3): from
     QUASAR_CPU_PACK_MIN_ROWS, or measured on first use and kept for the process (`probe_pack_min_rows`)."""

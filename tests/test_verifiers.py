@@ -383,3 +383,28 @@ def test_teacher_forced_logprobs_equal_transformers_full_forward():
     assert got.shape == (len(cont), 300)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert teacher_forced_logprobs(rt, PROMPT, []).shape == (0, 300)
+
+
+def test_resident_weight_bytes_count_every_copy(tiny, monkeypatch):
+    """An int4 verifier on CPU: before a forward it holds its parameters and buffers (embedding
+    included, RoPE tables not); after one, also the reference backend's dequantized fp32 weight per
+    int4 module (out x in x 4 bytes, counted here from the modules' shapes) and, with oneDNN
+    packing on, a packed copy of every fp32 weight a product used (at least its own size)."""
+    from quasar_bench.rows import resident_weight_bytes, weight_bytes
+    from quasar_kernels import reference as R
+
+    monkeypatch.setattr(R, "CPU_PACKED", False)
+    rt = build_verifier(tiny, cfg("int4"), None)
+    own = sum(t.numel() * t.element_size() for n, t in list(rt.named_parameters()) + list(rt.named_buffers())
+              if "rope" not in n)
+    assert resident_weight_bytes(rt) == own >= weight_bytes(rt)  # an untied embedding is resident, not read whole
+    rt.reset(16)
+    rt.forward(torch.tensor([5, 3, 9, 2]))
+    int4 = [m for m in rt.modules() if isinstance(m, Int4Linear)]
+    assert int4 and resident_weight_bytes(rt) == own + sum(4 * m.in_features * m.out_features for m in int4)
+    monkeypatch.setattr(R, "CPU_PACKED", True)
+    before = resident_weight_bytes(rt)
+    rt.forward(torch.tensor([1, 2, 3, 4]))
+    fp32 = sum(4 * m.in_features * m.out_features for m in int4)
+    fp32 += sum(m.weight.numel() * 4 for m in rt.modules() if type(m) is Linear)
+    assert resident_weight_bytes(rt) >= before + fp32
