@@ -385,7 +385,7 @@ def test_teacher_forced_logprobs_equal_transformers_full_forward():
     assert teacher_forced_logprobs(rt, PROMPT, []).shape == (0, 300)
 
 
-def test_resident_weight_bytes_count_every_copy(tiny, monkeypatch):
+def test_resident_weight_bytes_count_every_copy(monkeypatch):
     """An int4 verifier on CPU: before a forward it holds its parameters and buffers (embedding
     included, RoPE tables not); after one, also the reference backend's dequantized fp32 weight per
     int4 module (out x in x 4 bytes, counted here from the modules' shapes) and, with oneDNN
@@ -394,6 +394,9 @@ def test_resident_weight_bytes_count_every_copy(tiny, monkeypatch):
     from quasar_kernels import reference as R
 
     monkeypatch.setattr(R, "CPU_PACKED", False)
+    # a model of its own: the shared fixture's weights may carry packed copies from earlier tests
+    tiny = LoadedModel("tiny_llama", native_from_hf(random_hf_model(TINY_CONFIGS["tiny_llama"], 1000, torch.float32,
+                                                                    "cpu", 5), 256), None, [], False)
     rt = build_verifier(tiny, cfg("int4"), None)
     own = sum(t.numel() * t.element_size() for n, t in list(rt.named_parameters()) + list(rt.named_buffers())
               if "rope" not in n)
