@@ -28,7 +28,8 @@ Batch tables carry `other_share` (decode time outside drafting and verification)
 quasar_bench.summary.STALL_SHARE are named in a warning: they measured a stall, not the method.
 
 `--packed` (batch experiments) runs with `batch_packed=true`: each batched forward's linears run on
-the real tokens only (padded to 32 rows), not on B x the widest draft; the table is <name>_packed.*,
+the real tokens only (rounded up to a multiple of batch_pack_bucket rows, 32 unless set), not on B x the
+widest draft; the table is <name>_packed.*,
 its `padding` the GEMM rows' padding and `attention_padding` the [B, T] grid's.
 
 `--from-rows A.csv B.csv` rebuilds a table from the row files of several calls without a GPU: a cell

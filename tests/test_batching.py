@@ -108,7 +108,7 @@ def test_packed_cuda_graphs_equal_the_eager_packed_forward():
             batch.enable_cuda_graphs(4, 64, bucket=32)
             batch.reset(64)
             batch.graphs.capture_all([4])
-            assert sorted(batch.graphs.graphs) == [(4, s, n) for n in (4, 8, 12, 16) for s in (32, 64)]
+            assert set(batch.graphs.graphs) == {(4, s, n) for n in (4, 8, 12, 16) for s in (32, 64)}
         else:
             batch.reset(64)
         for lengths in ([4, 1, 0, 2], [1, 1, 1, 1], [4, 4, 4, 4]):
