@@ -27,7 +27,8 @@ EXACT_F32_CHUNK = 1024
 # F.linear, whose sgemm (we infer: packing the weight on every call above 2 rows) made a 6-token
 # SmolLM2 verify step 50 ms instead of 39 (2-core EPYC, torch 2.13). With 1 or 2 rows it depends on
 # the host: on one 2-core EPYC F.linear's 1-row product was the faster (a 29 ms SmolLM2 AR step), on
-# another it took 53 ms against 37 packed and 87 ms against 43 at 2 rows (session 14). So the
+# another it took 52 ms against 38 packed and 86 ms against 44 at 2 rows (experiments/cpu_small_rows.py,
+# results/cpu_small_rows.md). So the
 # fewest rows that take the pack (`pack_min_rows`) is measured once per process ("auto", below) or
 # set with QUASAR_CPU_PACK_MIN_ROWS=1|2|3; runs record it (another summation order for those
 # products). Same product up to fp32 summation order. The packed copies double the fp32 weight
