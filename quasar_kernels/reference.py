@@ -26,7 +26,8 @@ EXACT_F32_CHUNK = 1024
 # CPU fp32 products go through a copy of the weight that oneDNN packed once (its blocked layout), not
 # F.linear, whose sgemm (we infer: packing the weight on every call above 2 rows) made a 6-token
 # SmolLM2 verify step 50 ms instead of 39 (2-core EPYC, torch 2.13). With 1 or 2 rows it depends on
-# the host: on one 2-core EPYC F.linear's 1-row product was the faster (a 29 ms SmolLM2 AR step), on
+# the host: on one 2-core EPYC F.linear's 1-row product was fast (a 29 ms SmolLM2 AR step; the pack
+# was not timed there), on
 # another it took 52 ms against 38 packed and 86 ms against 44 at 2 rows (experiments/cpu_small_rows.py,
 # results/cpu_small_rows.md). So the
 # fewest rows that take the pack (`pack_min_rows`) is measured once per process ("auto", below) or
