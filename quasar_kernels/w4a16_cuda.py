@@ -517,11 +517,16 @@ def wgmma_pack(packed: dict) -> torch.Tensor:
     return qwg
 
 
-def wgmma_blocks_stages(packed: dict, nw: int) -> tuple[int, int]:
-    """(column blocks of 128 nw rows, stages of 8 k16 steps per block): the kernel's work units are
+# (warpgroups per CTA, 64-row tiles per warpgroup) the wgmma kernel is built for: 2 warpgroups (2 CTAs
+# per SM at one tile each) or 3 (one CTA per SM; 128 blocks of gate+up's 384 tiles, one per SM).
+WGMMA_SHAPES = ((2, 1), (2, 2), (3, 1))
+
+
+def wgmma_blocks_stages(packed: dict, nw: int, wg: int = 2) -> tuple[int, int]:
+    """(column blocks of 64 wg nw rows, stages of 8 k16 steps per block): the kernel's work units are
     their product, per token block."""
     nt, kt = packed["qpk"].shape[0], packed["qpk"].shape[1]
-    return -(-nt // (2 * nw)), -(-kt // 8)
+    return -(-nt // (wg * nw)), -(-kt // 8)
 
 
 def wgmma_parts(blocks: int, stages: int, ctas: int) -> int:
@@ -533,14 +538,14 @@ def wgmma_parts(blocks: int, stages: int, ctas: int) -> int:
     return -(-stages // per) + 1
 
 
-def wgmma_ctas(m: int, packed: dict, nw: int, tb: int, sms: int) -> list[int]:
+def wgmma_ctas(m: int, packed: dict, nw: int, tb: int, sms: int, wg: int = 2) -> list[int]:
     """CTA counts per token block worth timing: one per column block (no shared blocks); S per block
     with S dividing the stages (each CTA one K-slice of one block: classic split-K, the best split
     for the narrow shapes in run 7b), up to one wave; and the counts that give every SM the same
     number of stages (1 and 2 waves of resident CTAs: ranges that cross blocks)."""
-    blocks, stages = wgmma_blocks_stages(packed, nw)
+    blocks, stages = wgmma_blocks_stages(packed, nw, wg)
     zb = -(-m // tb)
-    resident = sms * (2 if nw == 1 and tb <= 64 else 1)  # CTAs per SM the build allows
+    resident = sms * (2 if nw == 1 and tb <= 64 and wg == 2 else 1)  # CTAs per SM the build allows
     out = {blocks}
     splits = [s for s in range(2, 17) if stages % s == 0 and blocks * s * zb <= resident]
     if splits:
@@ -554,7 +559,7 @@ def wgmma_ctas(m: int, packed: dict, nw: int, tb: int, sms: int) -> list[int]:
 
 def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     """{"ctas": CTAs per token block, "tb": tokens per CTA, "nw": 64-row weight tiles per warpgroup (1 or
-    2)} for m rows: every configuration is checked against the mma.sync kernel, then timed, once per
+    2), "wg": warpgroups per CTA (2 or 3)} for m rows: every configuration is checked against the mma.sync kernel, then timed, once per
     (token blocks of m, geometry, device), and the fastest kept on disk like plan(); while capturing
     or without autotuning, one wave of resident CTAs sharing the work evenly."""
     qpk = packed["qpk"]
@@ -572,7 +577,7 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
 
     sms = _num_sms(dev)
     blocks, stages = wgmma_blocks_stages(packed, 1)
-    model = dict(ctas=min(blocks * stages, max(1, 2 * sms // -(-m // tb))), tb=tb, nw=1)  # one wave, 2 CTAs / SM
+    model = dict(ctas=min(blocks * stages, max(1, 2 * sms // -(-m // tb))), tb=tb, nw=1, wg=2)  # one wave, 2 CTAs / SM
     disk_key = f"w4a16_wgmma|{_source_hash()}|m={m}|nt={nt}|kt={kt}|ng={ng}"
     stored = disk_get(dev, disk_key)
     if stored is not None:
@@ -590,7 +595,8 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     # also the next smaller token tile (two token blocks of 32 at 33..64 rows: on the narrow shapes the
     # 64-token build lost to Triton in run 7c, where the 32-token one did not)
     tbs = (tb, tb // 2) if tb > 32 else (tb,)
-    for cfg in [dict(ctas=c, tb=t, nw=nw) for t in tbs for nw in (1, 2) for c in wgmma_ctas(m, packed, nw, t, sms)]:
+    for cfg in [dict(ctas=c, tb=t, nw=nw, wg=wg) for t in tbs for wg, nw in WGMMA_SHAPES
+                for c in wgmma_ctas(m, packed, nw, t, sms, wg)]:
         try:
             got = w4a16_wgmma_linear(x, packed, config=cfg).float()
             err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
@@ -639,8 +645,10 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
     if m == 0:
         return out.view(*lead, n)
     cfg = config or wgmma_plan(m, packed, x.device)
-    nw, tb = cfg.get("nw", 1), cfg["tb"]
-    blocks, stages = wgmma_blocks_stages(packed, nw)
+    nw, tb, wg = cfg.get("nw", 1), cfg["tb"], cfg.get("wg", 2)
+    if (wg, nw) not in WGMMA_SHAPES:
+        raise ValueError(f"wgmma config wg={wg}, nw={nw}: (warpgroups, tiles per warpgroup) must be one of {WGMMA_SHAPES}")
+    blocks, stages = wgmma_blocks_stages(packed, nw, wg)
     ctas = cfg["ctas"]
     if not 1 <= ctas <= blocks * stages:
         raise ValueError(f"ctas={ctas} must be in [1, {blocks * stages}] (column blocks x stages)")
@@ -651,5 +659,5 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
     if bias is not None:
         bias = bias.to(dtype=x.dtype).contiguous()
     ext.w4a16_wgmma_gemm(x2, wgmma_pack(packed), scl, packed["zeros"], out, bias, ws, cnt, n, k, g,
-                         packed["qpk"].shape[1], ctas, tb, nw)
+                         packed["qpk"].shape[1], ctas, tb, nw, wg)
     return out.view(*lead, n)

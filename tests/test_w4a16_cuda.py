@@ -237,7 +237,7 @@ def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
     the planner's pick and CTA counts from one CTA for the whole GEMM to more CTAs than column blocks
     (partial token blocks, N not a multiple of 128, a K padded past the last group, groups smaller
     than a pipeline stage), output poisoned first."""
-    from quasar_kernels.w4a16_cuda import w4a16_wgmma_linear, wgmma_available, wgmma_blocks_stages
+    from quasar_kernels.w4a16_cuda import WGMMA_SHAPES, w4a16_wgmma_linear, wgmma_available, wgmma_blocks_stages
 
     ok, why = wgmma_available()
     if not ok:
@@ -245,11 +245,11 @@ def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
     packed, x, bias, ref = _gpu_case(n, k, g, m, dtype, seed=m * 17 + n)
     configs = []
     for tb in (32, 64, 128):
-        for nw in (1, 2):
-            blocks, stages = wgmma_blocks_stages(packed, nw)
+        for wg, nw in WGMMA_SHAPES:
+            blocks, stages = wgmma_blocks_stages(packed, nw, wg)
             # whole blocks per CTA, one CTA for everything, and even splits that cut blocks at odd points
             for ctas in sorted({blocks, 1, min(blocks * stages, 2 * blocks + 1), min(blocks * stages, 264)}):
-                configs.append(dict(ctas=ctas, tb=tb, nw=nw))
+                configs.append(dict(ctas=ctas, tb=tb, nw=nw, wg=wg))
     _check_configs(w4a16_wgmma_linear, packed, x, bias, ref, [None] + configs)
 
 
@@ -299,7 +299,7 @@ def _emulate_partial_sum(y, ws, blk, tok0, m, n_out, TB, ct, wsn, threads=256):
     assert (written[:rows, :cols] == 1).all() and written.sum() == rows * cols
 
 
-def _emulate_wgmma(x, packed, ctas, TB, NTW):
+def _emulate_wgmma(x, packed, ctas, TB, NTW, NWG=2):
     """The wgmma kernel's index arithmetic in float64, step by step as csrc/w4a16_wgmma.cu writes it:
     the even split of the (column block, stage) units over `ctas` CTAs per token block, the loader
     entering a new block, the cp.async staging offsets (the wgmma layout's 4 KB per tile and stage,
@@ -308,8 +308,10 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW):
     per lane and dequantized with the staged scales of rows 16 wq + g and 16 wq + 8 + g, the epilogue's
     (row, token) of each accumulator, whole blocks written directly and shared ones through workspace
     slots by rank, summed when the block's last CTA arrives (the count the kernel derives from the
-    owner of the block's first and last unit). The hardware's semantics are the assumption; the
-    kernel's own offsets are what this checks."""
+    owner of the block's first and last unit). Weights and activations are staged by each of the
+    NWG x 128 threads' own copies, as the kernel assigns them (every byte of the stage written
+    exactly once, nothing outside it). The hardware's semantics are the assumption; the kernel's own
+    offsets are what this checks."""
     from quasar_kernels.w4a16_cuda import wgmma_blocks_stages, wgmma_pack, wgmma_parts
 
     m, k = x.shape
@@ -322,8 +324,9 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW):
     slot_shift = min(lg, 3)  # k16 step i of a stage reads group slot i >> slot_shift
     scl = packed["scales_fp16"].double().numpy().reshape(-1)
     zp = packed["zeros"].numpy().astype(np.int64).reshape(-1)
-    ct = 2 * NTW
-    nb, ks = wgmma_blocks_stages(packed, NTW)
+    ct = NWG * NTW
+    threads = NWG * 128
+    nb, ks = wgmma_blocks_stages(packed, NTW, NWG)
     units = nb * ks
     max_parts = wgmma_parts(nb, ks, ctas)
     y = np.full((m, nt_all * 64), np.nan)
@@ -341,9 +344,14 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW):
             for u in range(u0, u1):
                 blk, st = divmod(u, ks)
                 wbuf = np.zeros((ct * 256, 4), dtype=np.uint32)
-                for v in range(ct):
-                    row = min(blk * ct + v, nt_all - 1) * ks * 256
-                    wbuf[v * 256:(v + 1) * 256] = words[row + st * 256:row + st * 256 + 256]
+                wcount = np.zeros(ct * 256, dtype=int)
+                for tid in range(threads):  # load_next: chunk tid + threads r of the stage's ct x 256
+                    for r in range(ct * 256 // threads):
+                        wc_ = tid + r * threads
+                        row = min(blk * ct + (wc_ >> 8), nt_all - 1) * ks * 256 + (wc_ & 255)
+                        wbuf[r * threads + tid] = words[row + st * 256]
+                        wcount[r * threads + tid] += 1
+                assert (wcount == 1).all(), "a weight chunk staged twice or never"
                 wflat = wbuf.reshape(-1)
                 sslot = np.full((ct, ksteps, 64), np.nan)  # unused slots stay NaN
                 zslot = np.zeros((ct, ksteps, 64), dtype=np.int64)
@@ -358,13 +366,22 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW):
                     else:
                         o = (ch - 8) * 16
                         zslot[v, slot, o:o + 16] = zp[base * 64 + o:base * 64 + o + 16]
-                xbuf = np.zeros(TB * ksteps * 16)  # bf16 elements, indexed by byte offset / 2
-                for cc in range(TB * ksteps * 2):
-                    tok, kc = cc >> 4, cc & 15
-                    kk = st * 128 + kc * 8
-                    if tok0 + tok < m and kk < k:
-                        dst = (kc >> 3) * (TB * 128) + tok * 128 + (((kc & 7) ^ (tok & 7)) << 4)
-                        xbuf[dst // 2:dst // 2 + 8] = x[tok0 + tok, kk:kk + 8]
+                xbuf = np.full(TB * ksteps * 16, np.nan)  # bf16 elements, indexed by byte offset / 2
+                xcount = np.zeros(TB * ksteps * 2, dtype=int)
+                xrows = threads // 16
+                for tid in range(threads):  # thread tid: channels 8 (tid & 15), rows (tid >> 4) + xrows r
+                    kc, xtok = tid & 15, tid >> 4
+                    for r in range(-(-TB // xrows)):
+                        tok = xtok + xrows * r
+                        if tok >= TB:  # past the block's rows: the kernel skips the copy
+                            continue
+                        dst = (kc >> 3) * (TB * 128) + xtok * 128 + (((kc & 7) ^ (xtok & 7)) << 4) + r * xrows * 128
+                        assert 0 <= dst < TB * ksteps * 32
+                        kk = st * 128 + kc * 8
+                        ok = tok0 + tok < m and kk < k  # zero-filled otherwise
+                        xbuf[dst // 2:dst // 2 + 8] = x[tok0 + tok, kk:kk + 8] if ok else 0.0
+                        xcount[dst // 16] += 1
+                assert (xcount == 1).all(), "an activation chunk staged twice or never"
                 for v in range(ct):  # v = wg * NTW + jj
                     for i in range(ksteps):
                         slot = i >> slot_shift
@@ -414,23 +431,26 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW):
                         parts = owner(blk * ks + ks - 1) - owner(blk * ks) + 1
                         arrived[blk] += 1
                         if arrived[blk] == parts:  # the last to arrive sums the slots in rank order
-                            _emulate_partial_sum(y, ws[:parts], blk, tok0, m, n_out, TB, ct, nt_all * 64)
+                            _emulate_partial_sum(y, ws[:parts], blk, tok0, m, n_out, TB, ct, nt_all * 64, threads)
                     acc[:] = 0
                     first_st = 0
     return y
 
 
-@pytest.mark.parametrize("m,ctas,TB,NTW,g", [(40, 7, 32, 1, 64), (9, 2, 64, 2, 64), (20, 5, 32, 2, 16),
-                                             (12, 3, 32, 1, 32), (70, 4, 64, 1, 128), (33, 3, 32, 1, 256)])
-def test_wgmma_index_math_emulated(m, ctas, TB, NTW, g):
+@pytest.mark.parametrize("m,ctas,TB,NTW,g,NWG", [(40, 7, 32, 1, 64, 2), (9, 2, 64, 2, 64, 2), (20, 5, 32, 2, 16, 2),
+                                                 (12, 3, 32, 1, 32, 2), (70, 4, 64, 1, 128, 2), (33, 3, 32, 1, 256, 2),
+                                                 (40, 5, 32, 1, 64, 3), (70, 1, 64, 1, 16, 3), (9, 4, 64, 1, 128, 3)])
+def test_wgmma_index_math_emulated(m, ctas, TB, NTW, g, NWG):
     """N = 130 (clamped tiles), K = 520 (zero past K inside the last stage), G = 16 (4 groups per
     stage) .. 256 (a group over 2 stages), CTA counts that split column blocks at odd points (parts
-    of 2-3 CTAs) or give whole blocks, partial token blocks: the emulated kernel equals x @ W^T."""
+    of 2-3 CTAs) or give whole blocks, partial token blocks, 2 or 3 warpgroups per CTA (3: 384 threads,
+    24 activation rows per pass, so at 32 / 64 tokens some passes lie past the block and are skipped):
+    the emulated kernel equals x @ W^T."""
     n, k = 130, 520 if g < 256 else 512
     qweight, scales, zeros = _weights(n, k, g, seed=5)
     packed = prepack_w4a16(qweight, scales, zeros, k, g)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    y = _emulate_wgmma(x.numpy(), packed, ctas, TB, NTW)
+    y = _emulate_wgmma(x.numpy(), packed, ctas, TB, NTW, NWG)
     ref = (x @ dequantize_int4(qweight, scales, zeros, k, g).double().t()).numpy()
     assert np.allclose(y[:, :n], ref, rtol=1e-6, atol=1e-6)
 

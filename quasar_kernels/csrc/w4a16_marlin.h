@@ -37,7 +37,7 @@ cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int o
 // wgmma layout [NT][wg_stages][4][2][32][4] words; WN = log2(group size / 16); ws holds the partials
 // [parts][M][NT*64] (parts = the most CTAs sharing one column block), cnt ceil(NT / (2 nw)) * ceil(M / tb)
 // zeroed counters. Group size 16 times a power of two, K a multiple of 8, x rows 16-byte aligned.
-cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, int ctas, cudaStream_t stream);
+cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, int nwg, int ctas, cudaStream_t stream);
 // Tests only: D[64][32] (fp32) = A[64][16] @ B[16][32] (bf16, row-major) through one wgmma with the
 // kernel's fragment and shared-memory layouts.
 cudaError_t wgmma_probe_launch(const void* A, const void* B, float* D, cudaStream_t stream);

@@ -33,8 +33,6 @@ namespace {
 
 #include "w4a16_wgmma_ops.inc"
 
-constexpr int WG_NWG = 2;                  // warpgroups per CTA
-constexpr int WG_THREADS = WG_NWG * 128;
 #ifndef QB_WG_STAGES  // overridden only by quasar_kernels/microbench/wgmma_ablate.py's diagnostic builds
 #define QB_WG_STAGES 4
 #endif
@@ -117,17 +115,20 @@ __device__ __forceinline__ void wgmma_tb(float* d, const uint32_t* a, uint64_t d
   }
 }
 
-// Shared memory of one pipeline stage, in bytes: packed weights, scales + zeros, activations.
-template <int TB, int NTW>
+// Shared memory of one pipeline stage, in bytes: packed weights, scales + zeros, activations, for a
+// block of CT column tiles.
+template <int TB, int CT>
 struct WgStage {
-  static constexpr int W = WG_NWG * NTW * 4096;  // per 64-row tile: 8 k16 steps x 512 B
-  static constexpr int SZ = WG_NWG * NTW * WG_KSTEPS * WG_SZ_BYTES;  // up to WG_KSTEPS groups per stage (G = 16)
+  static constexpr int W = CT * 4096;  // per 64-row tile: 8 k16 steps x 512 B
+  static constexpr int SZ = CT * WG_KSTEPS * WG_SZ_BYTES;  // up to WG_KSTEPS groups per stage (G = 16)
   static constexpr int X = TB * WG_KSTEPS * 16 * 2;
   static constexpr int BYTES = W + SZ + X;
 };
 
-// NTW: column tiles (of 64 weight rows) per warpgroup, so a CTA's block covers 128 NTW weight rows and
-// reads each activation tile once per 128 NTW rows.
+// NTW: column tiles (of 64 weight rows) per warpgroup, NWG: warpgroups per CTA, so a CTA's block covers
+// 64 NWG NTW weight rows and reads each activation tile once per block. NWG = 3 (one CTA per SM) makes
+// gate+up's 384 tiles 128 blocks, one per SM, where NWG = 2 made 192 blocks on 132 SMs: 60 SMs with
+// two blocks, 72 idle half the time (quasar_kernels/NOTES.md, run 10).
 //
 // Work split (stream-K): the (column block, stage) units of one token block, U = NB x KS of them, are
 // cut into gridDim.x equal contiguous ranges, one per CTA, so every CTA gets the same number of stages
@@ -135,14 +136,15 @@ struct WgStage {
 // SMs). A CTA's range crosses column blocks; a block it covers whole is written straight to the output,
 // a part of one goes to the workspace slot of its rank among the block's CTAs, and the last of them to
 // arrive sums the slots in rank order (deterministic) and resets the block's counter.
-template <bool BF16, int TB, int NTW, int MINB>
-__global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A16Params p) {
+template <bool BF16, int TB, int NTW, int NWG, int MINB>
+__global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A16Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
-  using L = WgStage<TB, NTW>;
+  constexpr int WG_THREADS = NWG * 128;
+  constexpr int CT = NWG * NTW;  // column tiles per block
+  using L = WgStage<TB, CT>;
   constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;
   constexpr uint32_t NEG = BF16 ? 0xC300C300u : 0xE400E400u;  // -(magic), a zero code ORed into each half
-  constexpr int CT = WG_NWG * NTW;                               // column tiles per block
   extern __shared__ __align__(1024) unsigned char smem[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -159,8 +161,9 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
 
   // Per-thread load plan: offsets fixed per column block (recomputed when the loader enters a new
   // block, at most a few times per CTA); each stage adds its offset.
-  constexpr int XCH = TB * WG_KSTEPS * 2;  // 16-byte activation chunks per stage
-  constexpr int XR = (XCH + WG_THREADS - 1) / WG_THREADS;
+  constexpr int XROWS = WG_THREADS / 16;  // token rows one pass of the CTA's threads stages (16 chunks each)
+  constexpr int XR = (TB + XROWS - 1) / XROWS;
+  constexpr bool XFULL = TB % XROWS == 0;  // else some threads' last pass lies past the block's TB rows
   const int lg = p.WN, sh = min(p.WN, WG_LKS);  // log2(k16 steps per group); k16 step i of a stage uses group slot i >> sh
   constexpr int SZR = (CT * WG_KSTEPS * 12 + WG_THREADS - 1) / WG_THREADS;
   const uint8_t* sz_src[SZR];
@@ -177,30 +180,40 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     sz_mul[r] = ch < 8 ? 128 : 64;
     sz_dst[r] = L::W + (sz_v[r] * WG_KSTEPS + sz_slot[r]) * WG_SZ_BYTES + ch * 16;
   }
-  // activations: thread tid copies chunks (token (tid >> 4) + 16 r, 8 channels kc = tid & 15) for r < XR:
-  // one shared-memory base (the chunks of r > 0 sit 16 rows = 2048 bytes further, same swizzle phase)
-  // and one global pointer plus r rows of 16, so a stage costs a few adds per chunk (the kernel is
-  // issue-bound: ncu at run 7 counted ~480 instructions per warp and stage, ~150 of them in the loader)
-  static_assert(XCH % WG_THREADS == 0 && L::BYTES % 16 == 0, "whole chunks per thread");
+  // activations: thread tid copies chunks (token (tid >> 4) + XROWS r, 8 channels kc = tid & 15) for
+  // r < XR: one shared-memory base (the chunks of r > 0 sit XROWS rows further, a multiple of 8 rows, so
+  // the same swizzle phase) and one global pointer plus r rows of XROWS, so a stage costs a few adds per
+  // chunk (the kernel is issue-bound: ncu at run 7 counted ~480 instructions per warp and stage, ~150 of
+  // them in the loader)
+  static_assert(XROWS % 8 == 0 && L::BYTES % 16 == 0, "swizzle phase per pass, whole chunks");
   const int xkc = tid & 15, xtok = tid >> 4;
   uint32_t xdst = L::W + L::SZ + (xkc >> 3) * (TB * 128) + sw128_offset(xtok, xkc & 7);
   const T* xsrc = x + (size_t)min(tok0 + xtok, p.M - 1) * p.x_stride + xkc * 8;
-  const long long xrs = 16 * p.x_stride;  // elements between a thread's chunks
-  uint32_t xmask = 0;  // bit r: row tok0 + xtok + 16 r exists
+  const long long xrs = XROWS * p.x_stride;  // elements between a thread's chunks
+  uint32_t xmask = 0, xin = 0;  // bit r: row tok0 + xtok + XROWS r exists / lies inside the block's TB rows
 #pragma unroll
-  for (int r = 0; r < XR; ++r) xmask |= (uint32_t)(tok0 + xtok + 16 * r < p.M) << r;
+  for (int r = 0; r < XR; ++r) {
+    xmask |= (uint32_t)(tok0 + xtok + XROWS * r < p.M) << r;
+    xin |= (uint32_t)(xtok + XROWS * r < TB) << r;
+  }
   int xklim = p.K - xkc * 8;  // a stage's chunk exists while its first channel k0 + 8 kc < K
   pin(xdst);
   pin(xsrc);
   pin(xmask);
+  if constexpr (!XFULL) pin(xin);
   pin(xklim);
-  const uint4* wsrc[CT];  // this thread's weight chunk of tile v at stage 0 of the loader's block
+  // weights: a stage's CT tiles are CT x 256 chunks of 16 bytes, contiguous in shared memory; thread tid
+  // copies chunks tid + WG_THREADS r (tile c >> 8, chunk c & 255 of it)
+  constexpr int WR = CT * 256 / WG_THREADS;
+  static_assert(CT * 256 % WG_THREADS == 0, "whole weight chunks per thread");
+  const uint4* wsrc[WR];  // this thread's weight chunk r at stage 0 of the loader's block
   int ld_blk = warp_uniform<WG_NODRAIN>((int)(u0 / KS)), ld_st = warp_uniform<WG_NODRAIN>((int)(u0 % KS));
   auto enter_block = [&](int blk) {
 #pragma unroll
-    for (int v = 0; v < CT; ++v) {  // clamped tiles: loaded, never stored
-      wsrc[v] = qwg + (size_t)min(blk * CT + v, p.NT - 1) * KS * 256 + tid;
-      pin(wsrc[v]);
+    for (int r = 0; r < WR; ++r) {  // clamped tiles: loaded, never stored
+      const int c = tid + r * WG_THREADS;
+      wsrc[r] = qwg + (size_t)min(blk * CT + (c >> 8), p.NT - 1) * KS * 256 + (c & 255);
+      pin(wsrc[r]);
     }
 #pragma unroll
     for (int r = 0; r < SZR; ++r) sz_row[r] = min(blk * CT + sz_v[r], p.NT - 1) * p.NG;
@@ -211,7 +224,7 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
   auto load_next = [&](int j) {
     const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
 #pragma unroll
-    for (int v = 0; v < CT; ++v) cp_async16(buf + (v * 256 + tid) * 16, wsrc[v] + ld_st * 256);
+    for (int r = 0; r < WR; ++r) cp_async16(buf + (r * WG_THREADS + tid) * 16, wsrc[r] + ld_st * 256);
 #pragma unroll
     for (int r = 0; r < SZR; ++r)
 #if QB_WG_NODRAIN
@@ -229,8 +242,9 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
     const bool kin = k0 < xklim;  // zero past K (and, by xmask, past M)
 #pragma unroll
     for (int r = 0; r < XR; ++r) {
+      if (!XFULL && !((xin >> r) & 1)) continue;  // past the block's rows: not part of the stage
       const bool ok = kin && ((xmask >> r) & 1);
-      cp_async16_zfill(buf + xdst + r * 2048, ok ? xsrc + r * xrs + k0 : x, ok);
+      cp_async16_zfill(buf + xdst + r * (XROWS * 128), ok ? xsrc + r * xrs + k0 : x, ok);
     }
     if (++ld_st == KS) {
       ld_st = 0;
@@ -468,10 +482,10 @@ __global__ void __launch_bounds__(WG_THREADS, MINB) w4a16_wgmma_kernel(const W4A
 #endif
 }
 
-template <bool BF16, int TB, int NTW, int MINB>
+template <bool BF16, int TB, int NTW, int NWG, int MINB>
 cudaError_t launch_wg(const W4A16Params& p, int ctas, cudaStream_t stream) {
-  auto kern = w4a16_wgmma_kernel<BF16, TB, NTW, MINB>;
-  const int smem = WG_STAGES * WgStage<TB, NTW>::BYTES + 1024;  // + room to align the base
+  auto kern = w4a16_wgmma_kernel<BF16, TB, NTW, NWG, MINB>;
+  const int smem = WG_STAGES * WgStage<TB, NWG * NTW>::BYTES + 1024;  // + room to align the base
   static bool configured = false;
   if (!configured) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -479,7 +493,7 @@ cudaError_t launch_wg(const W4A16Params& p, int ctas, cudaStream_t stream) {
     configured = true;
   }
   dim3 grid(ctas, (p.M + TB - 1) / TB);
-  kern<<<grid, WG_THREADS, smem, stream>>>(p);
+  kern<<<grid, NWG * 128, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -521,13 +535,13 @@ __global__ void wgmma_probe_kernel(const __nv_bfloat16* A, const __nv_bfloat16* 
 #endif
 }
 
-template <int NTW>
+template <int NTW, int NWG>
 cudaError_t launch_tb(const W4A16Params& p, bool bf16, int tb, int ctas, cudaStream_t stream) {
-  // 2 CTAs per SM where registers (<= 128 per thread) and shared memory allow it
-  constexpr int MINB_SMALL = NTW == 1 ? 2 : 1;
-  if (tb == 32) return bf16 ? launch_wg<true, 32, NTW, MINB_SMALL>(p, ctas, stream) : launch_wg<false, 32, NTW, MINB_SMALL>(p, ctas, stream);
-  if (tb == 64) return bf16 ? launch_wg<true, 64, NTW, MINB_SMALL>(p, ctas, stream) : launch_wg<false, 64, NTW, MINB_SMALL>(p, ctas, stream);
-  if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, 1>(p, ctas, stream) : launch_wg<false, 128, NTW, 1>(p, ctas, stream);
+  // 2 CTAs per SM where registers (<= 128 per thread) and shared memory allow it (2 warpgroups only)
+  constexpr int MINB_SMALL = NTW == 1 && NWG == 2 ? 2 : 1;
+  if (tb == 32) return bf16 ? launch_wg<true, 32, NTW, NWG, MINB_SMALL>(p, ctas, stream) : launch_wg<false, 32, NTW, NWG, MINB_SMALL>(p, ctas, stream);
+  if (tb == 64) return bf16 ? launch_wg<true, 64, NTW, NWG, MINB_SMALL>(p, ctas, stream) : launch_wg<false, 64, NTW, NWG, MINB_SMALL>(p, ctas, stream);
+  if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, NWG, 1>(p, ctas, stream) : launch_wg<false, 128, NTW, NWG, 1>(p, ctas, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -539,8 +553,10 @@ cudaError_t wgmma_probe_launch(const void* A, const void* B, float* D, cudaStrea
   return cudaGetLastError();
 }
 
-cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, int ctas, cudaStream_t stream) {
-  if (nw == 1) return launch_tb<1>(p, bf16, tb, ctas, stream);
-  if (nw == 2) return launch_tb<2>(p, bf16, tb, ctas, stream);
+cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, int nwg, int ctas, cudaStream_t stream) {
+  if (nwg == 2 && nw == 1) return launch_tb<1, 2>(p, bf16, tb, ctas, stream);
+  if (nwg == 2 && nw == 2) return launch_tb<2, 2>(p, bf16, tb, ctas, stream);
+  // 3 warpgroups x 2 tiles: 4 stages of tb 128 do not fit in shared memory, so not built
+  if (nwg == 3 && nw == 1) return launch_tb<1, 3>(p, bf16, tb, ctas, stream);
   return cudaErrorInvalidValue;
 }

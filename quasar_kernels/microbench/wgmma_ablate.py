@@ -112,7 +112,8 @@ def main(argv=None):
             torch.cuda.synchronize()
             print(f"M={m}: 8 calls of {args.profile} (ctas 192, tb {tb}, nw 1)", flush=True)
             continue
-        cfgs = [dict(ctas=c, tb=tb, nw=1) for c in (132, 192, 264)] + [dict(ctas=c, tb=tb, nw=2) for c in (96, 132)]
+        cfgs = ([dict(ctas=c, tb=tb, nw=1) for c in (132, 192, 264)] + [dict(ctas=c, tb=tb, nw=2) for c in (96, 132)]
+                + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (128, 132)])  # 3 warpgroups: 128 whole blocks
         cells = [(v, tuple(c.items())) for v in variants for c in cfgs]
         times = {cell: [] for cell in cells}
         cublas = []
@@ -148,7 +149,7 @@ def main(argv=None):
         for (v, cfg), ts in times.items():
             cfg = dict(cfg)
             med = statistics.median(ts)
-            print(f"M={m} {v:8s} ctas={cfg['ctas']:3d} tb={cfg['tb']} nw={cfg['nw']}  {med:7.1f} us "
+            print(f"M={m} {v:8s} ctas={cfg['ctas']:3d} tb={cfg['tb']} nw={cfg['nw']} wg={cfg.get('wg', 2)}  {med:7.1f} us "
                   f"[{min(ts):.1f}, {max(ts):.1f}]  {cb / med:.2f}x cublas", flush=True)
 
 
@@ -170,8 +171,10 @@ def check(variants) -> int:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             tb = 64 if m <= 64 else 128
             blocks = -(-n // 128)
+            whole = {}  # (wg, nw) -> the shipped build's output with whole blocks
             for cfg in (dict(ctas=blocks, tb=tb, nw=1), dict(ctas=132, tb=tb, nw=1), dict(ctas=2 * blocks + 5, tb=tb, nw=1),
-                        dict(ctas=-(-blocks // 2), tb=tb, nw=2), dict(ctas=132, tb=tb, nw=2)):
+                        dict(ctas=-(-blocks // 2), tb=tb, nw=2), dict(ctas=132, tb=tb, nw=2),
+                        dict(ctas=-(-n // 192), tb=tb, nw=1, wg=3), dict(ctas=132, tb=tb, nw=1, wg=3)):
                 outs = {}
                 for v in ["base", *variants]:
                     wc._EXT = exts[v]
@@ -184,8 +187,15 @@ def check(variants) -> int:
                     continue
                 ref = x.float() @ deq.t()
                 err = ((outs["base"] - ref).norm() / ref.norm()).item()
-                line = [f"n={n} k={k} g={g} m={m} ctas={cfg['ctas']} nw={cfg['nw']}: base rel err {err:.1e}"]
+                line = [f"n={n} k={k} g={g} m={m} ctas={cfg['ctas']} nw={cfg['nw']} wg={cfg.get('wg', 2)}: "
+                        f"base rel err {err:.1e}"]
                 bad += err > 1e-2
+                if cfg["ctas"] in (blocks, -(-blocks // 2), -(-n // 192)):  # whole blocks: same sums whatever the CTA shape
+                    whole[(cfg.get("wg", 2), cfg["nw"])] = outs["base"]
+                    if len(whole) > 1:
+                        same = all(torch.equal(o, whole[(2, 1)]) for o in whole.values())
+                        bad += not same
+                        line.append(f"whole blocks {'equal' if same else 'DIFFER'} across CTA shapes")
                 for v in variants:
                     o = outs[v]
                     same = not isinstance(o, Exception) and torch.equal(o, outs["base"])
