@@ -228,7 +228,7 @@ def main(argv=None):
                         cfg = f"WN={c['WN']} S={c['S']} gx={c['gx']} occ={c['occ']} pipe={c['pipe']} swap={c['swap']}"
                     if kname == "w4a16_wgmma":
                         c = wc.wgmma_plan(m, packed, dev)
-                        cfg = f"ctas={c['ctas']} tb={c['tb']} nw={c.get('nw', 1)}"
+                        cfg = f"ctas={c['ctas']} tb={c['tb']} nw={c.get('nw', 1)} wg={c.get('wg', 2)}"
                     if kname.startswith("w4a16_triton"):
                         mode = {"w4a16_triton_reshape": 2, "w4a16_triton_swapped": 3}.get(kname)
                         c = tuned_config(tune_name(mode), m, n, k, x.dtype)
