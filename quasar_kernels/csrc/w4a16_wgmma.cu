@@ -120,9 +120,12 @@ __device__ __forceinline__ void wgmma_tb(float* d, const uint32_t* a, uint64_t d
 template <int TB, int CT>
 struct WgStage {
   static constexpr int W = CT * 4096;  // per 64-row tile: 8 k16 steps x 512 B
-  static constexpr int SZ = CT * WG_KSTEPS * WG_SZ_BYTES;  // up to WG_KSTEPS groups per stage (G = 16)
+  // up to WG_KSTEPS groups per stage (G = 16), padded so the activations start 1024-byte aligned: the
+  // 128-byte swizzle is a function of address bits 4-9 (3 tiles, unpadded, put them 512 bytes off)
+  static constexpr int SZ = (CT * WG_KSTEPS * WG_SZ_BYTES + 1023) / 1024 * 1024;
   static constexpr int X = TB * WG_KSTEPS * 16 * 2;
   static constexpr int BYTES = W + SZ + X;
+  static_assert((W + SZ) % 1024 == 0 && BYTES % 1024 == 0, "swizzled activation atoms must be 1024-byte aligned");
 };
 
 // NTW: column tiles (of 64 weight rows) per warpgroup, NWG: warpgroups per CTA, so a CTA's block covers
