@@ -7,9 +7,10 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
     noload    no copies after the prologue: the stages compute on stale buffers (the memory path removed)
     nomma     copies, waits and barriers only: no dequantization, no wgmma (the compute removed)
     stages8   an 8-deep cp.async pipeline instead of 4 (one CTA per SM fits)
-    nodrain   no wgmma drain at the end of each stage (QB_WG_NODRAIN: the wgmma chain runs on across
-              stages, drained only before a block's output; the loader 2 stages ahead instead of 3)
-    nodrain_noload  both
+    drain     the loop shipped until run 10b: a wgmma drain at the end of every stage (QB_WG_NODRAIN=0;
+              the shipped loop keeps the chain running across stages, drained only before a block's
+              output, the loader 2 stages ahead instead of 3)
+    drain_noload  both
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
@@ -37,9 +38,9 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE_NOMMA"], "stages8": ["-DQB_WG_STAGES=8"],
-            "nodrain": ["-DQB_WG_NODRAIN=1"], "nodrain_noload": ["-DQB_WG_NODRAIN=1", "-DQB_ABLATE_NOLOAD"]}
+            "drain": ["-DQB_WG_NODRAIN=0"], "drain_noload": ["-DQB_WG_NODRAIN=0", "-DQB_ABLATE_NOLOAD"]}
 # variants that compute what the shipped kernel computes, in the same order: outputs bit for bit equal
-EXACT = ("nodrain", "stages8")
+EXACT = ("drain", "stages8")
 
 
 def build(variant: str):
