@@ -231,7 +231,10 @@ def main(argv=None):
     table["max_new_tokens"] = int(rows["max_new_tokens"].max()) if "max_new_tokens" in rows else None
     title = "End-to-end verify speed, Qwen3-8B shapes, random weights"
     if batched:
-        title = "Batched verification at Qwen3-8B shapes, random weights (synthetic forced acceptance)"
+        replayed = "drafter_name" in rows and (rows["drafter_name"] == "replay").any()
+        title = ("Batched verification at Qwen3-8B shapes, random weights ("
+                 + ("replayed acceptance; pass --source to join the source's tau" if replayed else "synthetic forced acceptance")
+                 + ")")
     if args.source:
         from quasar_bench.drafters.replay import read_rows
 

@@ -92,7 +92,8 @@ def batch_replay_rows(**extra):
             for b in (1, 2):
                 for i in range(2):  # two prompts: at B = 2 one batch, at B = 1 two
                     bid = f"{v}{d}{b}{i // b}"
-                    rows.append(dict(verifier=v, drafter=d, batch_size=b, batch_id=bid, prompt_id=str(i),
+                    rows.append(dict(verifier=v, drafter=d, drafter_name="ar" if d == "ar" else "replay",
+                                     batch_size=b, batch_id=bid, prompt_id=str(i),
                                      new_tokens=new, verify_steps=steps, batch_decode_s=0.1 * steps,
                                      batch_steps=steps, gemm_rows_per_step=b * (1 if d == "ar" else 6),
                                      batch_padding=0.0, weight_bytes=2e9 if v == "reference" else 0.6e9,
@@ -149,6 +150,10 @@ def test_batch_replay_table_from_rows_carries_the_source_tau(tmp_path, capsys):
     ngram = t[t.drafter == "ngram"]
     assert (ngram.tau == 2.5).all() and (ngram.tau_source == 2.5).all()
     assert "real acceptance" in (out / "batch_replay.md").read_text().splitlines()[0]
+    # the same replayed rows without --source: the title must not call them synthetic
+    gs.main(["--experiment", "gpu_batch_replay", "--from-rows", str(rows_csv), "--out", str(out / "nosrc")])
+    title = (out / "nosrc" / "batch_replay.md").read_text().splitlines()[0]
+    assert "replayed acceptance" in title and "synthetic" not in title
     with pytest.raises(SystemExit) as e:
         gs.main(["--experiment", "gpu_batch_replay", "--out", str(out)])
     assert e.value.code == 2
