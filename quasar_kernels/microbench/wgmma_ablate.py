@@ -22,7 +22,7 @@ counts that fill no block, and group sizes 128 and 32 (a stage in one group, and
 stage); it also checks the shipped build against a float32 reference. Exit status 1 on a mismatch.
 
 `--profile VARIANT` instead makes the program for Nsight Compute: it builds that variant and calls
-it 8 times per M (192 CTAs, tb 64 / 128, nw 1: the configuration the ablation table centres on),
+it 8 times per M (128 CTAs of 3 warpgroups, tb 64 / 128: the planner's pick for gate+up since run 10),
 timing nothing, e.g. (stall reasons per SASS line of the M = 64 launch; -lineinfo is in the build):
 
     ncu --clock-control none --kernel-name regex:wgmma --launch-skip 4 --launch-count 1 \
@@ -109,9 +109,9 @@ def main(argv=None):
         if args.profile:
             wc._EXT = exts[args.profile]
             for i in range(8):
-                wc.w4a16_wgmma_linear(x, packs[i % 4], config=dict(ctas=192, tb=tb, nw=1))
+                wc.w4a16_wgmma_linear(x, packs[i % 4], config=dict(ctas=128, tb=tb, nw=1, wg=3))
             torch.cuda.synchronize()
-            print(f"M={m}: 8 calls of {args.profile} (ctas 192, tb {tb}, nw 1)", flush=True)
+            print(f"M={m}: 8 calls of {args.profile} (ctas 128, tb {tb}, nw 1, wg 3)", flush=True)
             continue
         cfgs = ([dict(ctas=c, tb=tb, nw=1) for c in (132, 192, 264)] + [dict(ctas=c, tb=tb, nw=2) for c in (96, 132)]
                 + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (128, 132)])  # 3 warpgroups: 128 whole blocks
