@@ -629,6 +629,9 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
     if g % 16 or k % 8 or (g // 16) & (g // 16 - 1):
         raise ValueError(f"the wgmma kernel needs group_size % 16 == 0 with group_size / 16 a power of two, and "
                          f"in_features % 8 == 0 (got {g}, {k}); use w4a16_cuda_linear")
+    if config is not None and (config.get("wg", 2), config.get("nw", 1)) not in WGMMA_SHAPES:
+        raise ValueError(f"wgmma config wg={config.get('wg', 2)}, nw={config.get('nw', 1)}: (warpgroups, tiles per "
+                         f"warpgroup) must be one of {WGMMA_SHAPES}")
     if x.device.type != "cuda":
         raise RuntimeError("w4a16_wgmma_linear needs CUDA tensors")
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -646,8 +649,6 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
         return out.view(*lead, n)
     cfg = config or wgmma_plan(m, packed, x.device)
     nw, tb, wg = cfg.get("nw", 1), cfg["tb"], cfg.get("wg", 2)
-    if (wg, nw) not in WGMMA_SHAPES:
-        raise ValueError(f"wgmma config wg={wg}, nw={nw}: (warpgroups, tiles per warpgroup) must be one of {WGMMA_SHAPES}")
     blocks, stages = wgmma_blocks_stages(packed, nw, wg)
     ctas = cfg["ctas"]
     if not 1 <= ctas <= blocks * stages:

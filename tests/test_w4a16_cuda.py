@@ -253,6 +253,18 @@ def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
     _check_configs(w4a16_wgmma_linear, packed, x, bias, ref, [None] + configs)
 
 
+def test_wgmma_refuses_cta_shapes_it_is_not_built_for():
+    """(warpgroups, tiles per warpgroup) outside the built set is refused in one line naming the set,
+    before any device work (3 x 2 would need 4 stages of 260 KB at 128 tokens)."""
+    from quasar_kernels.w4a16_cuda import w4a16_wgmma_linear
+
+    qweight, scales, zeros = _weights(64, 128, 128, seed=3)
+    packed = prepack_w4a16(qweight, scales, zeros, 128, 128)
+    for bad in (dict(ctas=1, tb=64, nw=2, wg=3), dict(ctas=1, tb=64, nw=1, wg=4)):
+        with pytest.raises(ValueError, match=r"must be one of \(\(2, 1\), \(2, 2\), \(3, 1\)\)"):
+            w4a16_wgmma_linear(torch.randn(2, 128, dtype=torch.bfloat16), packed, config=bad)
+
+
 def test_wgmma_refuses_groups_it_cannot_stage():
     """Groups that are not a multiple of 16 channels are refused with the alternative named."""
     from quasar_kernels.w4a16_cuda import w4a16_wgmma_linear
