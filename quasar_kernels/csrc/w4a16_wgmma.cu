@@ -48,6 +48,18 @@ constexpr int WG_STAGES = QB_WG_STAGES;
 #endif
 constexpr bool WG_NODRAIN = QB_WG_NODRAIN != 0;
 constexpr int WG_AHEAD = WG_NODRAIN ? WG_STAGES - 2 : WG_STAGES - 1;  // stages the loader runs ahead
+// QB_WG_ASETS (diagnostic builds only): A register sets per tile. Step i dequantizes into set i % ASETS and
+// waits until at most ASETS - 1 of the warpgroup's wgmmas are in flight (wait_group ASETS - 1), so 2 sets
+// keep two wgmmas in flight per warpgroup (shipped) and 4 keep four. A power of two dividing the 8 steps of a
+// stage, so a step's set is known at compile time across stages.
+#ifndef QB_WG_ASETS
+#define QB_WG_ASETS 2
+#endif
+constexpr int WG_ASETS = QB_WG_ASETS;
+#if defined(QB_ABLATE_NOBAR) && !defined(QB_ABLATE_NOLOAD)
+#error "QB_ABLATE_NOBAR drops the barrier that publishes each stage's copies: only with QB_ABLATE_NOLOAD"
+#endif
+static_assert(WG_ASETS == 2 || WG_ASETS == 4, "A register sets: 2 or 4");
 constexpr int WG_LKS = 3;
 constexpr int WG_KSTEPS = 1 << WG_LKS;      // k16 steps per stage (a stage's fixed cost is what bounds the kernel)
 constexpr int WG_SZ_BYTES = 192;           // one (column tile, group): 64 scales (128 B) + 64 zero codes
@@ -261,7 +273,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
   for (int j = 0; j < NTW; ++j)
 #pragma unroll
     for (int i = 0; i < TB / 2; ++i) acc[j][i] = 0.f;
-  uint32_t a[2][NTW][4];  // two A register sets: step i dequantizes into set i & 1 (see mma_stage)
+  uint32_t a[WG_ASETS][NTW][4];  // A register sets: step i dequantizes into set i % WG_ASETS (see mma_stage)
 
 #pragma unroll
   for (int st = 0; st < WG_AHEAD; ++st) {
@@ -288,7 +300,9 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
 #pragma unroll
       for (int e = 0; e < TB / 2; ++e) hold(acc[jj][e]);
 #pragma unroll
-      for (int r = 0; r < 4; ++r) hold(a[0][jj][r]), hold(a[1][jj][r]);
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int q = 0; q < WG_ASETS; ++q) hold(a[q][jj][r]);
     }
   };
   const uint64_t xdesc0 = smem_desc_sw128(sbase + L::W + L::SZ);  // buffer 0, step 0: a buffer / k16
@@ -320,7 +334,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
           z_lo[jj] = NEG | (zw & 0xffu) | ((zw & 0xffu) << 16);
           z_hi[jj] = NEG | (zw >> 8) | ((zw >> 8) << 16);
         }
-        uint32_t* f = a[i & 1][jj];
+        uint32_t* f = a[i % WG_ASETS][jj];
         f[0] = sub_mul<BF16>(nib2<EX>(q[jj][i]), z_lo[jj], s_lo[jj]);
         f[1] = sub_mul<BF16>(nib2<EX>(q[jj][i] >> 8), z_hi[jj], s_hi[jj]);
         f[2] = sub_mul<BF16>(nib2<EX>(q[jj][i] >> 4), z_lo[jj], s_lo[jj]);
@@ -335,14 +349,15 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
       // multiply finite weights by zero-filled activations
 #pragma unroll
       for (int jj = 0; jj < NTW; ++jj)  // k16 step i: atom column i / 4, 32 bytes per step inside the row
-        wgmma_tb<BF16, TB>(acc[jj], a[i & 1][jj], desc + (uint64_t)(((i >> 2) * TB * 128 + (i & 3) * 32) >> 4));
+        wgmma_tb<BF16, TB>(acc[jj], a[i % WG_ASETS][jj], desc + (uint64_t)(((i >> 2) * TB * 128 + (i & 3) * 32) >> 4));
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-      if (i > 0 || WG_NODRAIN) {  // step i - 1 (at i = 0: the previous stage's last) is done: its set may be rewritten
-        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+      if (i > 0 || WG_NODRAIN) {  // step i + 1 - ASETS (at i = 0: of the previous stage) is done: its set may be rewritten
+        if constexpr (WG_ASETS == 2) asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+        else asm volatile("wgmma.wait_group.sync.aligned 3;" ::: "memory");
 #pragma unroll
         for (int jj = 0; jj < NTW; ++jj)
 #pragma unroll
-          for (int r = 0; r < 4; ++r) hold(a[(i + 1) & 1][jj][r]);
+          for (int r = 0; r < 4; ++r) hold(a[(i + 1) % WG_ASETS][jj][r]);
       }
     }
     if constexpr (!WG_NODRAIN) drain();
@@ -431,8 +446,10 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
         const int first_st = cu_st, seg = min(KS - cu_st, nst - j);
         for (int s = 0; s < seg; ++s, ++j) {
           cp_async_wait<WG_AHEAD - 1>();
+#ifndef QB_ABLATE_NOBAR  // diagnostic (with NOLOAD only: no copies, so nothing to publish): warpgroups not in lockstep
           fence_async_smem();
           __syncthreads();  // stage j is in for every thread; every warpgroup is done with stage j - 2
+#endif
 #ifndef QB_ABLATE_NOLOAD
           if (j + WG_AHEAD < nst) load_next(j + WG_AHEAD);
 #endif

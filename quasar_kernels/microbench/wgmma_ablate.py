@@ -11,6 +11,11 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
               the shipped loop keeps the chain running across stages, drained only before a block's
               output, the loader 2 stages ahead instead of 3)
     drain_noload  both
+    asets4    four A register sets per tile and wait_group 3: four wgmmas in flight per warpgroup, not two
+              (same products in the same order: exact)
+    asets4_noload  both
+    noload_nobar   noload without the per-stage proxy fence and CTA barrier: the warpgroups drift apart
+              (what the lockstep costs)
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
@@ -38,9 +43,11 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE_NOMMA"], "stages8": ["-DQB_WG_STAGES=8"],
-            "drain": ["-DQB_WG_NODRAIN=0"], "drain_noload": ["-DQB_WG_NODRAIN=0", "-DQB_ABLATE_NOLOAD"]}
+            "drain": ["-DQB_WG_NODRAIN=0"], "drain_noload": ["-DQB_WG_NODRAIN=0", "-DQB_ABLATE_NOLOAD"],
+            "asets4": ["-DQB_WG_ASETS=4"], "asets4_noload": ["-DQB_WG_ASETS=4", "-DQB_ABLATE_NOLOAD"],
+            "noload_nobar": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOBAR"]}
 # variants that compute what the shipped kernel computes, in the same order: outputs bit for bit equal
-EXACT = ("drain", "stages8")
+EXACT = ("drain", "stages8", "asets4")
 
 
 def build(variant: str):
