@@ -492,8 +492,11 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
     else:
         axes.flat[0].legend(title="verifier", fontsize=7, title_fontsize=7)
     gpu = batch["gpu"].iloc[0] if "gpu" in batch else "GPU"
-    size = (f", {int(batch['n_prompts'].max())} prompts × {int(batch['max_new_tokens'].max())} new tokens"
-            if {"n_prompts", "max_new_tokens"} <= set(batch.columns) else "")
+    size = ""  # a table rebuilt from rows files may not know the run's max_new_tokens: say only what it knows
+    if "n_prompts" in batch and batch["n_prompts"].notna().any():
+        size = f", {int(batch['n_prompts'].max())} prompts"
+        if "max_new_tokens" in batch and batch["max_new_tokens"].notna().any():
+            size += f" × {int(batch['max_new_tokens'].max())} new tokens"
     rings = (f"; red ring: a stall took > {STALL_SHARE:.0%} of the cell's decode time (re-run it)"
              if stalled else "")
     fig.suptitle(f"Throughput vs batch size, Qwen3-8B shapes (random weights), {gpu}{size},\n{acceptance}\n"

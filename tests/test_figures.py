@@ -216,6 +216,22 @@ def test_gpu_batch_figure_marks_crossovers_where_they_fall(tmp_path):
     assert not problems and (tmp_path / "figs" / "gpu_batch.png").exists()
 
 
+def test_packed_batch_table_without_max_new_tokens_still_draws(tmp_path):
+    """A batch table rebuilt from rows files (gpu_speed.py --from-rows) has an empty max_new_tokens
+    column: `make figures` draws it anyway and its title names the prompts, not an invented length
+    (it used to fail the whole figure with 'cannot convert float NaN to integer')."""
+    gpu = tmp_path / "results" / "gpu"
+    gpu.mkdir(parents=True)
+    packed = pd.DataFrame([dict(verifier=v, drafter=d, batch_size=b, throughput=100.0 * b, speedup_vs_ar=1.0,
+                                baseline=d == "ar", gpu="H200", n_prompts=32, max_new_tokens=float("nan"))
+                           for v in ("reference", "int4") for d in ("ar", "ngram") for b in (1, 16)])
+    packed.to_csv(gpu / "batch_replay_packed.csv", index=False)
+    written, problems = figures.make_figures(tmp_path / "results", tmp_path / "figs")
+    assert not problems and "gpu_batch_replay_packed.png" in {p.name for p in written}
+    title = figures.plot_gpu_batch(packed, acceptance=figures.REAL_ACCEPTANCE)._suptitle.get_text()
+    assert "32 prompts" in title and "new tokens" not in title
+
+
 def test_real_acceptance_batch_table_is_its_own_figure(tmp_path):
     """batch_replay.csv (real acceptance) never joins the synthetic batch figure; it is drawn as
     gpu_batch_replay, whose title says the acceptance is real."""
