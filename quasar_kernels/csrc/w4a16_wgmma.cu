@@ -56,8 +56,8 @@ constexpr int WG_AHEAD = WG_NODRAIN ? WG_STAGES - 2 : WG_STAGES - 1;  // stages 
 #define QB_WG_ASETS 2
 #endif
 constexpr int WG_ASETS = QB_WG_ASETS;
-#if defined(QB_ABLATE_NOBAR) && !defined(QB_ABLATE_NOLOAD)
-#error "QB_ABLATE_NOBAR drops the barrier that publishes each stage's copies: only with QB_ABLATE_NOLOAD"
+#if (defined(QB_ABLATE_NOBAR) || defined(QB_ABLATE_NOFENCE)) && !defined(QB_ABLATE_NOLOAD)
+#error "QB_ABLATE_NOBAR / NOFENCE drop what publishes each stage's copies: only with QB_ABLATE_NOLOAD"
 #endif
 static_assert(WG_ASETS == 2 || WG_ASETS == 4, "A register sets: 2 or 4");
 constexpr int WG_LKS = 3;
@@ -447,7 +447,9 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
         for (int s = 0; s < seg; ++s, ++j) {
           cp_async_wait<WG_AHEAD - 1>();
 #ifndef QB_ABLATE_NOBAR  // diagnostic (with NOLOAD only: no copies, so nothing to publish): warpgroups not in lockstep
+#ifndef QB_ABLATE_NOFENCE  // diagnostic (NOLOAD only): the barrier without the proxy fence (MEMBAR + FENCE.VIEW.ASYNC)
           fence_async_smem();
+#endif
           __syncthreads();  // stage j is in for every thread; every warpgroup is done with stage j - 2
 #endif
 #ifndef QB_ABLATE_NOLOAD

@@ -16,6 +16,7 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
     asets4_noload  both
     noload_nobar   noload without the per-stage proxy fence and CTA barrier: the warpgroups drift apart
               (what the lockstep costs)
+    noload_nofence noload with the barrier but without the proxy fence (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC)
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
@@ -45,7 +46,8 @@ import torch
 VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE_NOMMA"], "stages8": ["-DQB_WG_STAGES=8"],
             "drain": ["-DQB_WG_NODRAIN=0"], "drain_noload": ["-DQB_WG_NODRAIN=0", "-DQB_ABLATE_NOLOAD"],
             "asets4": ["-DQB_WG_ASETS=4"], "asets4_noload": ["-DQB_WG_ASETS=4", "-DQB_ABLATE_NOLOAD"],
-            "noload_nobar": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOBAR"]}
+            "noload_nobar": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOBAR"],
+            "noload_nofence": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOFENCE"]}
 # variants that compute what the shipped kernel computes, in the same order: outputs bit for bit equal
 EXACT = ("drain", "stages8", "asets4")
 
