@@ -655,7 +655,9 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
         raise ValueError(f"ctas={ctas} must be in [1, {blocks * stages}] (column blocks x stages)")
     parts = wgmma_parts(blocks, stages, ctas)
     nt = packed["qpk"].shape[0]
-    ws, cnt = _workspace(x.device, parts * m * nt * TILE_N if parts > 1 else 0, blocks * -(-m // tb))
+    # partials of a shared block in the kernel's fragment order: [parts][token blocks][column blocks][wg nw tiles][64 x tb]
+    ws, cnt = _workspace(x.device, parts * -(-m // tb) * blocks * wg * nw * TILE_N * tb if parts > 1 else 0,
+                         blocks * -(-m // tb))
     scl = packed["scales_bf16"] if x.dtype == torch.bfloat16 else packed["scales_fp16"]
     if bias is not None:
         bias = bias.to(dtype=x.dtype).contiguous()

@@ -122,7 +122,7 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qwg, torch::Tensor scl, tor
   // the most CTAs sharing one block: each covers >= floor(units / ctas) stages
   const int64_t per = units / ctas, parts = ctas == blocks ? 1 : (p.wg_stages + per - 1) / per + 1;
   TORCH_CHECK(p.M >= 1 && (p.M + tb - 1) / tb <= 65535, "bad M");
-  TORCH_CHECK(parts == 1 || (ws.numel() >= parts * p.M * p.NT * 64 &&
+  TORCH_CHECK(parts == 1 || (ws.numel() >= (int64_t)parts * ((p.M + tb - 1) / tb) * blocks * nwg * nw * 64 * tb &&
                              cnt.numel() >= blocks * ((p.M + tb - 1) / tb)), "workspace too small");
   C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, (int)nw, (int)nwg, (int)ctas,
                                     c10::cuda::getCurrentCUDAStream()));

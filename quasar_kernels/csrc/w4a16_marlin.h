@@ -35,8 +35,8 @@ cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int o
 // operand, tb tokens (32, 64 or 128) and 128 nw weight rows (nw = 1 or 2) per column block, `ctas`
 // CTAs per token block sharing the (column block, stage) units evenly (stream-K). p.qpk points at the
 // wgmma layout [NT][wg_stages][4][2][32][4] words; WN = log2(group size / 16); ws holds the partials
-// [parts][M][NT*64] (parts = the most CTAs sharing one column block), cnt ceil(NT / (2 nw)) * ceil(M / tb)
-// zeroed counters. Group size 16 times a power of two, K a multiple of 8, x rows 16-byte aligned.
+// [parts][ceil(M / tb)][column blocks][nwg nw tiles][64 tb] floats in fragment order (parts = the most CTAs
+// sharing one column block), cnt column blocks * ceil(M / tb) zeroed counters. Group size 16 times a power of two, K a multiple of 8, x rows 16-byte aligned.
 cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, int nwg, int ctas, cudaStream_t stream);
 // Tests only: D[64][32] (fp32) = A[64][16] @ B[16][32] (bf16, row-major) through one wgmma with the
 // kernel's fragment and shared-memory layouts.

@@ -70,6 +70,13 @@ __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, 
                : "memory");
 }
 
+// cp.async of 16 bytes, zero-filled unless `valid`, issued only if `on` (a predicate, no branch)
+__device__ __forceinline__ void cp_async16_zfill_if(uint32_t dst, const void* src, bool valid, bool on) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %3, 0;\n @p cp.async.cg.shared.global [%0], [%1], 16, %2;\n}"
+               ::"r"(dst), "l"(__cvta_generic_to_global(src)), "r"(valid ? 16 : 0), "r"((int)on)
+               : "memory");
+}
+
 #if QB_WG_NODRAIN
 // cp.async under a predicate, no branch: with wgmmas in flight across the loader (QB_WG_NODRAIN) a
 // per-thread branch may make ptxas serialize every wgmma (C7518: its waits in a divergent path)
@@ -101,8 +108,31 @@ __device__ __forceinline__ void hold(float& r) { asm volatile("" : "+f"(r)::"mem
 // recomputing them from threadIdx each stage (it did: ~150 instructions of loader per stage, run 7).
 __device__ __forceinline__ void pin(uint32_t& r) { asm volatile("" : "+r"(r)); }
 __device__ __forceinline__ void pin(int& r) { asm volatile("" : "+r"(r)); }
+__device__ __forceinline__ void pin(long long& r) { asm volatile("" : "+l"(r)); }
 template <typename P>
 __device__ __forceinline__ void pin(P*& ptr) { asm volatile("" : "+l"(ptr)); }
+
+// Epilogue helpers. Two floats rounded to one 32-bit pair of the output type (low half first).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+// Four 8x8 16-bit matrices in the mma accumulator layout (lane l holds row l / 4, columns 2 (l % 4) and
+// 2 (l % 4) + 1 of each), stored transposed: lane 8 i + k names where column k of matrix i goes.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t* r) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};"
+               ::"r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+}
+// A barrier of `threads` threads on barrier `id` (0 is __syncthreads').
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
 
 // Shared-memory matrix descriptor, K-major with the 128-byte swizzle: each token's 64 channels are
 // one 128-byte row, 8 rows form a 1024-byte atom (SBO 1024 B; LBO unused for swizzled K-major), and
@@ -159,12 +189,13 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
   constexpr int WG_THREADS = NWG * 128;
   constexpr int CT = NWG * NTW;  // column tiles per block
   using L = WgStage<TB, CT>;
+  static_assert(NWG * TB * 128 <= L::BYTES, "a stage buffer holds every warpgroup's staged output tile (block epilogue)");
   constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;
   constexpr uint32_t NEG = BF16 ? 0xC300C300u : 0xE400E400u;  // -(magic), a zero code ORed into each half
   extern __shared__ __align__(1024) unsigned char smem[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wg = warp >> 2, wq = warp & 3, g = lane >> 2, t4 = lane & 3;
+  const int wg = warp >> 2, wq = warp & 3, g = lane >> 2;
   const int tok0 = blockIdx.y * TB;
   const int KS = p.wg_stages, NB = (p.NT + CT - 1) / CT;
   const long long U = (long long)NB * KS, GC = gridDim.x;
@@ -205,7 +236,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
   const int xkc = tid & 15, xtok = tid >> 4;
   uint32_t xdst = L::W + L::SZ + (xkc >> 3) * (TB * 128) + sw128_offset(xtok, xkc & 7);
   const T* xsrc = x + (size_t)min(tok0 + xtok, p.M - 1) * p.x_stride + xkc * 8;
-  const long long xrs = XROWS * p.x_stride;  // elements between a thread's chunks
+  long long xrs = XROWS * p.x_stride;  // elements between a thread's chunks
   uint32_t xmask = 0, xin = 0;  // bit r: row tok0 + xtok + XROWS r exists / lies inside the block's TB rows
 #pragma unroll
   for (int r = 0; r < XR; ++r) {
@@ -215,6 +246,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
   int xklim = p.K - xkc * 8;  // a stage's chunk exists while its first channel k0 + 8 kc < K
   pin(xdst);
   pin(xsrc);
+  pin(xrs);
   pin(xmask);
   if constexpr (!XFULL) pin(xin);
   pin(xklim);
@@ -255,12 +287,12 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
       }
 #endif
     const int k0 = ld_st * (WG_KSTEPS * 16);
-    const bool kin = k0 < xklim;  // zero past K (and, by xmask, past M)
+    const uint32_t okm = k0 < xklim ? xmask : 0u;  // zero past K and past M
+    const T* xk = xsrc + k0;
 #pragma unroll
-    for (int r = 0; r < XR; ++r) {
-      if (!XFULL && !((xin >> r) & 1)) continue;  // past the block's rows: not part of the stage
-      const bool ok = kin && ((xmask >> r) & 1);
-      cp_async16_zfill(buf + xdst + r * (XROWS * 128), ok ? xsrc + r * xrs + k0 : x, ok);
+    for (int r = 0; r < XR; ++r) {  // predicated, no branch: a pass past the block's rows copies nothing
+      const bool ok = (okm >> r) & 1;
+      cp_async16_zfill_if(buf + xdst + r * (XROWS * 128), ok ? xk + r * xrs : xsrc, ok, XFULL || ((xin >> r) & 1));
     }
     if (++ld_st == KS) {
       ld_st = 0;
@@ -366,72 +398,102 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
   // acc[j][4 u + e]: weight row (output column) 64 nt + 16 wq + g + 8 (e >> 1), token tok0 + 8 u + 2 t4 + (e & 1)
   T* out = reinterpret_cast<T*>(p.out);
   const T* bias = reinterpret_cast<const T*>(p.bias);
-  const int WSN = p.NT * 64;
+  const int wtid = tid & 127;  // thread within its warpgroup
   __shared__ int s_last;
   // the CTA owning unit u: the last c with floor(c U / GC) <= u
   auto owner = [&](long long u) { return (int)(((u + 1) * GC - 1) / U); };
-  auto finish_block = [&](int blk, bool whole) {
-    const int rank = whole ? 0 : (int)blockIdx.x - owner((long long)blk * KS);
+  // out rows may take 16-byte stores when every row starts 16-byte aligned
+  const bool out_vec = (p.N & 7) == 0 && (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
+  // Block epilogue. A block shared by several CTAs first goes through the workspace: each CTA stores its
+  // fragments as they sit in registers (float4 per 4 accumulators, a warp's stores contiguous), the last
+  // to arrive sums every CTA's slot in rank order (deterministic) back into its registers. The block's
+  // output is then staged through the shared-memory buffer of the stage just computed (stmatrix .trans
+  // turns the fragments' weight-row-major 8x8 tiles into token rows of 8 outputs) and written with
+  // 16-byte stores, a warp's 32 stores covering 4 contiguous 128-byte runs. It replaced scalar stores with
+  // per-element index math, fully unrolled: ~550 / ~1 400 instructions per warp once per block at tb 64 /
+  // 128, stalled on instruction fetch, 21-30 % of the kernel's time (ncu, run 11).
+  auto finish_block = [&](int blk, bool whole, uint32_t ebuf) {
+    if (!whole) {
+      const int first = owner((long long)blk * KS), parts = owner((long long)blk * KS + KS - 1) - first + 1;
+      const size_t slot = (size_t)CT * 64 * TB, blk_slot = ((size_t)blockIdx.y * NB + blk) * slot;
+      const size_t rank_stride = (size_t)gridDim.y * NB * slot;
+      float* mine = p.ws + (size_t)((int)blockIdx.x - first) * rank_stride + blk_slot;
+#pragma unroll
+      for (int jj = 0; jj < NTW; ++jj)
+#pragma unroll
+        for (int u = 0; u < TB / 8; ++u)
+          __stcg(reinterpret_cast<float4*>(mine + (((wg * NTW + jj) * (TB / 8) + u) * 128 + wtid) * 4),
+                 make_float4(acc[jj][4 * u], acc[jj][4 * u + 1], acc[jj][4 * u + 2], acc[jj][4 * u + 3]));
+      __threadfence();
+      __syncthreads();
+      const int cidx = blockIdx.y * NB + blk;
+      if (tid == 0) s_last = (atomicAdd(p.cnt + cidx, 1) == parts - 1);
+      __syncthreads();
+      if (!s_last) return;
+      __threadfence();
+#pragma unroll
+      for (int jj = 0; jj < NTW; ++jj)
+#pragma unroll
+        for (int i = 0; i < TB / 2; ++i) acc[jj][i] = 0.f;
+      for (int q = 0; q < parts; ++q) {
+        const float* part = p.ws + (size_t)q * rank_stride + blk_slot;
+#pragma unroll
+        for (int jj = 0; jj < NTW; ++jj)
+#pragma unroll
+          for (int u = 0; u < TB / 8; ++u) {
+            const float4 w = __ldcg(reinterpret_cast<const float4*>(part + (((wg * NTW + jj) * (TB / 8) + u) * 128 + wtid) * 4));
+            acc[jj][4 * u] += w.x;
+            acc[jj][4 * u + 1] += w.y;
+            acc[jj][4 * u + 2] += w.z;
+            acc[jj][4 * u + 3] += w.w;
+          }
+      }
+      if (tid == 0) p.cnt[cidx] = 0;  // ready for the next call
+    }
+    // every warpgroup's wgmmas have read the last stage's buffer (each drained before this): it is free
+    // until the loader's next write to it, two stage barriers away
+    fence_async_smem();
+    __syncthreads();
+    const uint32_t wbuf = ebuf + (uint32_t)wg * (TB * 128);  // this warpgroup's [TB tokens][64 rows] bf16 tile, swizzled
 #pragma unroll
     for (int jj = 0; jj < NTW; ++jj) {
       const int nt = blk * CT + wg * NTW + jj;
-      if (nt >= p.NT) continue;  // a clamped tile: its output is dropped
+      float b0 = 0.f, b1 = 0.f;  // bias of this thread's two rows
+      if (bias) {
+        const int n = nt * 64 + 16 * wq + g;
+        b0 = n < p.N ? to_f<T>(bias[n]) : 0.f;
+        b1 = n + 8 < p.N ? to_f<T>(bias[n + 8]) : 0.f;
+      }
+      if (jj > 0) named_bar_sync(1 + wg, 128);  // the previous tile's rows are read out
 #pragma unroll
-      for (int u = 0; u < TB / 8; ++u)
+      for (int u = 0; u < TB / 8; u += 2) {  // matrices (u, rows g), (u, rows g + 8), (u + 1, ...), (u + 1, ...)
+        uint32_t r[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int n = nt * 64 + 16 * wq + g + 8 * (e >> 1), tok = tok0 + 8 * u + 2 * t4 + (e & 1);
-          if (n < p.N && tok < p.M) {
-            const float v = acc[jj][4 * u + e];
-            if (whole) out[(size_t)tok * p.N + n] = from_f<T>(bias ? v + to_f<T>(bias[n]) : v);
-            else __stcg(p.ws + ((size_t)rank * p.M + tok) * WSN + n, v);
-          }
+        for (int i = 0; i < 4; ++i) {
+          const int uu = u + (i >> 1), e = 2 * (i & 1);
+          const float bb = (i & 1) ? b1 : b0, lo = acc[jj][4 * uu + e], hi = acc[jj][4 * uu + e + 1];
+          r[i] = bias ? pack2<T>(lo + bb, hi + bb) : pack2<T>(lo, hi);
         }
-    }
-    if (whole) return;
-    const int parts = owner((long long)blk * KS + KS - 1) - owner((long long)blk * KS) + 1;
-    __threadfence();
-    __syncthreads();
-    const int cidx = blockIdx.y * NB + blk;
-    if (tid == 0) s_last = (atomicAdd(p.cnt + cidx, 1) == parts - 1);
-    __syncthreads();
-    if (s_last) {
-      __threadfence();
-      // The block's partials summed in rank order (deterministic), 16 bytes per load and RQ loads per
-      // thread in flight: one element per thread and iteration left each load's L2 latency exposed,
-      // ~10 µs per shared block, which made every block-crossing split slower than whole blocks
-      // (quasar_kernels/NOTES.md, run 9b).
-      constexpr int C4 = CT * 16, RQ = TB * C4 / WG_THREADS < 8 ? TB * C4 / WG_THREADS : 8;  // float4s per token row; per thread per pass
-      const int n0 = blk * CT * 64;
-      for (int base = 0; base < TB * C4; base += WG_THREADS * RQ) {
-        float4 v[RQ];
+        // lane 8 i + k gives the address of token row k of matrix i: token 8 (u + (i >> 1)) + k, 16-byte chunk 2 wq + (i & 1)
+        const int i = lane >> 3, t = 8 * (u + (i >> 1)) + (lane & 7), c = 2 * wq + (i & 1);
+        stmatrix_x4_trans(wbuf + t * 128 + ((c ^ (t & 7)) << 4), r);
+      }
+      named_bar_sync(1 + wg, 128);  // the tile is staged
 #pragma unroll
-        for (int r = 0; r < RQ; ++r) v[r] = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int q = 0; q < parts; ++q) {
-#pragma unroll
-          for (int r = 0; r < RQ; ++r) {
-            const int idx = base + r * WG_THREADS + tid, tok = tok0 + idx / C4, n = n0 + 4 * (idx % C4);
-            if (idx < TB * C4 && tok < p.M && n < WSN) {
-              const float4 w = __ldcg(reinterpret_cast<const float4*>(p.ws + ((size_t)q * p.M + tok) * WSN + n));
-              v[r].x += w.x;
-              v[r].y += w.y;
-              v[r].z += w.z;
-              v[r].w += w.w;
-            }
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < RQ; ++r) {
-          const int idx = base + r * WG_THREADS + tid, tok = tok0 + idx / C4, n = n0 + 4 * (idx % C4);
-          if (idx < TB * C4 && tok < p.M) {
-            const float e[4] = {v[r].x, v[r].y, v[r].z, v[r].w};
-#pragma unroll
-            for (int c = 0; c < 4; ++c)
-              if (n + c < p.N) out[(size_t)tok * p.N + n + c] = from_f<T>(bias ? e[c] + to_f<T>(bias[n + c]) : e[c]);
-          }
+      for (int rr = 0; rr < TB / 16; ++rr) {  // 16-byte chunk c: token c >> 3, rows 8 (c & 7) .. + 7
+        const int c = rr * 128 + wtid, t = c >> 3, q = c & 7, tok = tok0 + t, n0 = nt * 64 + 8 * q;
+        if (tok >= p.M || n0 >= p.N) continue;
+        uint4 v;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "r"(wbuf + t * 128 + ((q ^ (t & 7)) << 4)) : "memory");
+        T* dst = out + (size_t)tok * p.N + n0;
+        if (out_vec && n0 + 8 <= p.N) {
+          *reinterpret_cast<uint4*>(dst) = v;
+        } else {  // a row not 16-byte aligned, or the last rows of N
+          const T* e = reinterpret_cast<const T*>(&v);
+          for (int k = 0; k < 8 && n0 + k < p.N; ++k) dst[k] = e[k];
         }
       }
-      if (tid == 0) p.cnt[cidx] = 0;  // ready for the next call
     }
   };
 
@@ -461,7 +523,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
 #endif
         }
         drain();
-        finish_block(cu_blk, first_st == 0 && first_st + seg == KS);
+        finish_block(cu_blk, first_st == 0 && first_st + seg == KS, sbase + (uint32_t)((j - 1) & (WG_STAGES - 1)) * L::BYTES);
 #pragma unroll
         for (int jj = 0; jj < NTW; ++jj)
 #pragma unroll
@@ -487,7 +549,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
     else mma_stage(j, std::false_type{});
 #endif
     if (cu_st == KS - 1 || j == nst - 1) {  // the block ends here or the CTA's range does
-      finish_block(cu_blk, first_st == 0 && cu_st == KS - 1);
+      finish_block(cu_blk, first_st == 0 && cu_st == KS - 1, sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES);
 #pragma unroll
       for (int jj = 0; jj < NTW; ++jj)
 #pragma unroll
