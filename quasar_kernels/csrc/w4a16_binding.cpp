@@ -124,7 +124,11 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qwg, torch::Tensor scl, tor
   TORCH_CHECK(p.M >= 1 && (p.M + tb - 1) / tb <= 65535, "bad M");
   TORCH_CHECK(parts == 1 || (ws.numel() >= (int64_t)parts * ((p.M + tb - 1) / tb) * blocks * nwg * nw * 64 * tb &&
                              cnt.numel() >= blocks * ((p.M + tb - 1) / tb)), "workspace too small");
-  C10_CUDA_CHECK(w4a16_wgmma_launch(p, x.scalar_type() == at::kBFloat16, (int)tb, (int)nw, (int)nwg, (int)ctas,
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  CUtensorMap xmap;  // the copy-engine build reads x through a tensor map made for this call
+  const bool tma = w4a16_wgmma_uses_tma();
+  if (tma) C10_CUDA_CHECK(w4a16_wgmma_xmap(&xmap, x.data_ptr(), bf16, p.M, p.K, (long long)x.stride(0), (int)tb));
+  C10_CUDA_CHECK(w4a16_wgmma_launch(tma ? &xmap : nullptr, p, bf16, (int)tb, (int)nw, (int)nwg, (int)ctas,
                                     c10::cuda::getCurrentCUDAStream()));
 }
 

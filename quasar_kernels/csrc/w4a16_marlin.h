@@ -1,5 +1,6 @@
 // Shared between the kernel (w4a16_marlin.cu) and the torch binding (w4a16_binding.cpp).
 #pragma once
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -37,7 +38,12 @@ cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int o
 // wgmma layout [NT][wg_stages][4][2][32][4] words; WN = log2(group size / 16); ws holds the partials
 // [parts][ceil(M / tb)][column blocks][nwg nw tiles][64 tb] floats in fragment order (parts = the most CTAs
 // sharing one column block), cnt column blocks * ceil(M / tb) zeroed counters. Group size 16 times a power of two, K a multiple of 8, x rows 16-byte aligned.
-cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, int nwg, int ctas, cudaStream_t stream);
+// xmap: the activations' tensor map (w4a16_wgmma_xmap) when the build stages with the copy engine
+// (w4a16_wgmma_uses_tma()), else null.
+cudaError_t w4a16_wgmma_launch(const CUtensorMap* xmap, const W4A16Params& p, bool bf16, int tb, int nw, int nwg, int ctas,
+                               cudaStream_t stream);
+bool w4a16_wgmma_uses_tma();
+cudaError_t w4a16_wgmma_xmap(CUtensorMap* map, const void* x, bool bf16, int M, int K, long long x_stride, int tb);
 // Tests only: D[64][32] (fp32) = A[64][16] @ B[16][32] (bf16, row-major) through one wgmma with the
 // kernel's fragment and shared-memory layouts.
 cudaError_t wgmma_probe_launch(const void* A, const void* B, float* D, cudaStream_t stream);

@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -60,15 +61,21 @@ constexpr int WG_ASETS = QB_WG_ASETS;
 #error "QB_ABLATE_NOBAR / NOFENCE drop what publishes each stage's copies: only with QB_ABLATE_NOLOAD"
 #endif
 static_assert(WG_ASETS == 2 || WG_ASETS == 4, "A register sets: 2 or 4");
+// QB_WG_TMA: one thread per CTA stages each stage with the copy engine — the packed weights and scales /
+// zeros by 1-D bulk copies, the activations by a 2-D tensor-map load that writes the 128-byte swizzle
+// and zero-fills past M and K — completing on the stage's mbarrier, instead of every thread issuing
+// cp.async copies with their own address math (19-22 % of the kernel's time, ncu run 11). The per-stage
+// CTA barrier stays (a buffer is refilled only after every warpgroup is done with it).
+#ifndef QB_WG_TMA
+#define QB_WG_TMA 0
+#endif
+constexpr bool WG_TMA = QB_WG_TMA != 0;
+#if QB_WG_TMA && !QB_WG_NODRAIN
+#error "QB_WG_TMA is built for the no-drain loop only"
+#endif
 constexpr int WG_LKS = 3;
 constexpr int WG_KSTEPS = 1 << WG_LKS;      // k16 steps per stage (a stage's fixed cost is what bounds the kernel)
 constexpr int WG_SZ_BYTES = 192;           // one (column tile, group): 64 scales (128 B) + 64 zero codes
-
-__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(__cvta_generic_to_global(src)),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
 
 // cp.async of 16 bytes, zero-filled unless `valid`, issued only if `on` (a predicate, no branch)
 __device__ __forceinline__ void cp_async16_zfill_if(uint32_t dst, const void* src, bool valid, bool on) {
@@ -84,6 +91,38 @@ __device__ __forceinline__ void cp_async16_if(uint32_t dst, const void* src, boo
   asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n}"
                ::"r"(dst), "l"(__cvta_generic_to_global(src)), "r"((int)on)
                : "memory");
+}
+#endif
+
+#if QB_WG_TMA
+// Copy-engine staging (QB_WG_TMA). Each issue is predicated, not branched (see cp_async16_if).
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx_if(uint32_t bar, uint32_t bytes, bool on) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n}"
+               ::"r"(bar), "r"(bytes), "r"((int)on) : "memory");
+}
+// bytes (a multiple of 16, 16-byte aligned on both sides) global -> shared, completing on bar
+__device__ __forceinline__ void bulk_g2s_if(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar, bool on) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %4, 0;\n"
+               " @p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n}"
+               ::"r"(dst), "l"(__cvta_generic_to_global(src)), "r"(bytes), "r"(bar), "r"((int)on) : "memory");
+}
+// one box of a 2-D tensor map at (c0, c1) into dst (1024-byte aligned for the 128-byte swizzle), completing on bar
+__device__ __forceinline__ void tma_2d_if(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar, bool on) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+               " @p cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n}"
+               ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "r"((int)on) : "memory");
+}
+// Wait for the phase of `parity` to complete. A loop inside one asm block (as CUTLASS's barrier wait),
+// so ptxas sees no divergent branch between a warpgroup's wgmmas; a phase that never completes (a
+// byte count that does not match the copies) traps after ~16 M tries instead of hanging the GPU.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile("{\n .reg .pred done, more;\n .reg .u32 n;\n mov.u32 n, 0;\n"
+               "WAIT%=:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n @done bra.uni DONE%=;\n"
+               " add.u32 n, n, 1;\n setp.lt.u32 more, n, 16777216;\n @more bra.uni WAIT%=;\n trap;\n"
+               "DONE%=:\n}" ::"r"(bar), "r"(parity) : "memory");
 }
 #endif
 
@@ -183,7 +222,7 @@ struct WgStage {
 // a part of one goes to the workspace slot of its rank among the block's CTAs, and the last of them to
 // arrive sums the slots in rank order (deterministic) and resets the block's counter.
 template <bool BF16, int TB, int NTW, int NWG, int MINB>
-__global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A16Params p) {
+__global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const __grid_constant__ CUtensorMap xmap, const W4A16Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
   constexpr int WG_THREADS = NWG * 128;
@@ -307,11 +346,59 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
     for (int i = 0; i < TB / 2; ++i) acc[j][i] = 0.f;
   uint32_t a[WG_ASETS][NTW][4];  // A register sets: step i dequantizes into set i % WG_ASETS (see mma_stage)
 
+#if QB_WG_TMA
+  // one mbarrier per buffer: the issuing thread's expect_tx arrival plus the copies' bytes complete a phase
+  __shared__ __align__(8) uint64_t full[WG_STAGES];
+  auto full_bar = [&](int j) { return (uint32_t)__cvta_generic_to_shared(&full[j & (WG_STAGES - 1)]); };
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < WG_STAGES; ++s) mbar_init(full_bar(s), 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // visible to the copy engine
+  }
+  __syncthreads();
+  // one warp per stage computes the copies' addresses (its lane 0 issues them), a different warp each
+  // stage so that no warpgroup falls behind the others at the next barrier; a warp-uniform branch, so
+  // ptxas keeps every warpgroup's wgmmas asynchronous across it
+  const int uwarp = warp_uniform<true>(warp);
+  const uint8_t* scl8 = reinterpret_cast<const uint8_t*>(p.scl);
+  const uint8_t* zp8 = reinterpret_cast<const uint8_t*>(p.zp);
+  // the loader's next stage into buffer j % WG_STAGES by thread 0; every thread keeps the loader's place
+  auto tma_next = [&](int j, auto one_group) {
+    const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES, fb = full_bar(j);
+    const bool on = lane == 0;
+    constexpr int MAXSLOTS = decltype(one_group)::value ? 1 : WG_KSTEPS;  // groups a stage touches, at most
+    const int slots = WG_KSTEPS >> sh;
+    mbar_expect_tx_if(fb, CT * 4096 + CT * slots * WG_SZ_BYTES + 2 * TB * 128, on);
+#pragma unroll
+    for (int v = 0; v < CT; ++v) {
+      const int nt = min(ld_blk * CT + v, p.NT - 1);  // clamped tiles: loaded, never stored
+      bulk_g2s_if(buf + v * 4096, qwg + ((size_t)nt * KS + ld_st) * 256, 4096, fb, on);
+#pragma unroll
+      for (int slot = 0; slot < MAXSLOTS; ++slot) {
+        const int gi = min(((ld_st << WG_LKS) >> lg) + slot, p.NG - 1);
+        const uint32_t sz = buf + L::W + (v * WG_KSTEPS + slot) * WG_SZ_BYTES;
+        bulk_g2s_if(sz, scl8 + ((size_t)nt * p.NG + gi) * 128, 128, fb, on && slot < slots);
+        bulk_g2s_if(sz + 128, zp8 + ((size_t)nt * p.NG + gi) * 64, 64, fb, on && slot < slots);
+      }
+    }
+    // channels 128 ld_st .. + 63 and + 64 .. + 127 of tokens tok0 .. tok0 + TB - 1: one swizzled atom
+    // column each; past M and K the copy engine writes zeros
+    tma_2d_if(buf + L::W + L::SZ, &xmap, ld_st * (WG_KSTEPS * 16), tok0, fb, on);
+    tma_2d_if(buf + L::W + L::SZ + TB * 128, &xmap, ld_st * (WG_KSTEPS * 16) + 64, tok0, fb, on);
+  };
+  auto tma_advance = [&]() {  // every thread keeps the loader's place: the issuing warp rotates
+    if (++ld_st == KS) {
+      ld_st = 0;
+      ++ld_blk;
+    }
+  };
+#else
 #pragma unroll
   for (int st = 0; st < WG_AHEAD; ++st) {
     if (st < nst) load_next(st);
     cp_async_commit();
   }
+#endif
   // The A fragments of buffer j's k16 steps for each of this warpgroup's tiles. Warp wq's words of a
   // tile and stage are two contiguous 512-byte runs (steps 0-3, 4-7; each lane's 16 bytes are its 4
   // steps), so each run is one conflict-free 16-byte load per lane: the mma.sync layout's word wq of a
@@ -495,6 +582,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
         }
       }
     }
+    if constexpr (WG_TMA) fence_async_smem();  // this buffer's next writer is the copy engine (async proxy)
   };
 
   int cu_blk = warp_uniform<WG_NODRAIN>((int)(u0 / KS)), cu_st = warp_uniform<WG_NODRAIN>((int)(u0 % KS));
@@ -504,9 +592,29 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
     // the loop, and the block's output is written after an inner loop over its stages, not under an
     // `if` inside the stage loop.
     auto run = [&](auto one_group) {
+#if QB_WG_TMA
+#pragma unroll
+      for (int st = 0; st < WG_AHEAD; ++st)
+        if (st < nst) {
+          if (uwarp == st) tma_next(st, one_group);
+          tma_advance();
+        }
+#endif
       for (int j = 0; j < nst;) {  // one column block (or the part of it in this CTA's range) per pass
         const int first_st = cu_st, seg = min(KS - cu_st, nst - j);
         for (int s = 0; s < seg; ++s, ++j) {
+#if QB_WG_TMA
+          __syncthreads();  // every warpgroup is done with stage j - 2, whose buffer the loader refills now
+          if (j + WG_AHEAD < nst) {
+            if (uwarp == (j + WG_AHEAD) % (NWG * 4)) tma_next(j + WG_AHEAD, one_group);
+            tma_advance();
+          }
+          mbar_wait(full_bar(j), (uint32_t)(j / WG_STAGES) & 1);  // stage j is in
+#ifndef QB_ABLATE_NOMMA
+          mma_stage(j, one_group);
+#endif
+          continue;
+#endif
           cp_async_wait<WG_AHEAD - 1>();
 #ifndef QB_ABLATE_NOBAR  // diagnostic (with NOLOAD only: no copies, so nothing to publish): warpgroups not in lockstep
 #ifndef QB_ABLATE_NOFENCE  // diagnostic (NOLOAD only): the barrier without the proxy fence (MEMBAR + FENCE.VIEW.ASYNC)
@@ -568,7 +676,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const W4A1
 }
 
 template <bool BF16, int TB, int NTW, int NWG, int MINB>
-cudaError_t launch_wg(const W4A16Params& p, int ctas, cudaStream_t stream) {
+cudaError_t launch_wg(const CUtensorMap& xmap, const W4A16Params& p, int ctas, cudaStream_t stream) {
   auto kern = w4a16_wgmma_kernel<BF16, TB, NTW, NWG, MINB>;
   const int smem = WG_STAGES * WgStage<TB, NWG * NTW>::BYTES + 1024;  // + room to align the base
   static bool configured = false;
@@ -578,7 +686,7 @@ cudaError_t launch_wg(const W4A16Params& p, int ctas, cudaStream_t stream) {
     configured = true;
   }
   dim3 grid(ctas, (p.M + TB - 1) / TB);
-  kern<<<grid, NWG * 128, smem, stream>>>(p);
+  kern<<<grid, NWG * 128, smem, stream>>>(xmap, p);
   return cudaGetLastError();
 }
 
@@ -621,12 +729,12 @@ __global__ void wgmma_probe_kernel(const __nv_bfloat16* A, const __nv_bfloat16* 
 }
 
 template <int NTW, int NWG>
-cudaError_t launch_tb(const W4A16Params& p, bool bf16, int tb, int ctas, cudaStream_t stream) {
+cudaError_t launch_tb(const CUtensorMap& xmap, const W4A16Params& p, bool bf16, int tb, int ctas, cudaStream_t stream) {
   // 2 CTAs per SM where registers (<= 128 per thread) and shared memory allow it (2 warpgroups only)
   constexpr int MINB_SMALL = NTW == 1 && NWG == 2 ? 2 : 1;
-  if (tb == 32) return bf16 ? launch_wg<true, 32, NTW, NWG, MINB_SMALL>(p, ctas, stream) : launch_wg<false, 32, NTW, NWG, MINB_SMALL>(p, ctas, stream);
-  if (tb == 64) return bf16 ? launch_wg<true, 64, NTW, NWG, MINB_SMALL>(p, ctas, stream) : launch_wg<false, 64, NTW, NWG, MINB_SMALL>(p, ctas, stream);
-  if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, NWG, 1>(p, ctas, stream) : launch_wg<false, 128, NTW, NWG, 1>(p, ctas, stream);
+  if (tb == 32) return bf16 ? launch_wg<true, 32, NTW, NWG, MINB_SMALL>(xmap, p, ctas, stream) : launch_wg<false, 32, NTW, NWG, MINB_SMALL>(xmap, p, ctas, stream);
+  if (tb == 64) return bf16 ? launch_wg<true, 64, NTW, NWG, MINB_SMALL>(xmap, p, ctas, stream) : launch_wg<false, 64, NTW, NWG, MINB_SMALL>(xmap, p, ctas, stream);
+  if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, NWG, 1>(xmap, p, ctas, stream) : launch_wg<false, 128, NTW, NWG, 1>(xmap, p, ctas, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -638,10 +746,41 @@ cudaError_t wgmma_probe_launch(const void* A, const void* B, float* D, cudaStrea
   return cudaGetLastError();
 }
 
-cudaError_t w4a16_wgmma_launch(const W4A16Params& p, bool bf16, int tb, int nw, int nwg, int ctas, cudaStream_t stream) {
-  if (nwg == 2 && nw == 1) return launch_tb<1, 2>(p, bf16, tb, ctas, stream);
-  if (nwg == 2 && nw == 2) return launch_tb<2, 2>(p, bf16, tb, ctas, stream);
+cudaError_t w4a16_wgmma_launch(const CUtensorMap* xmap, const W4A16Params& p, bool bf16, int tb, int nw, int nwg, int ctas, cudaStream_t stream) {
+  if (nwg == 2 && nw == 1) return launch_tb<1, 2>(xmap ? *xmap : CUtensorMap{}, p, bf16, tb, ctas, stream);
+  if (nwg == 2 && nw == 2) return launch_tb<2, 2>(xmap ? *xmap : CUtensorMap{}, p, bf16, tb, ctas, stream);
   // 3 warpgroups x 2 tiles: 4 stages of tb 128 do not fit in shared memory, so not built
-  if (nwg == 3 && nw == 1) return launch_tb<1, 3>(p, bf16, tb, ctas, stream);
+  if (nwg == 3 && nw == 1) return launch_tb<1, 3>(xmap ? *xmap : CUtensorMap{}, p, bf16, tb, ctas, stream);
   return cudaErrorInvalidValue;
+}
+
+bool w4a16_wgmma_uses_tma() { return WG_TMA; }
+
+// The activations' tensor map (2-D: K channels x M tokens, row stride x_stride elements; boxes of 64
+// channels x tb tokens, 128-byte swizzle, zeros out of bounds), encoded through the driver entry
+// point so the extension does not link libcuda.
+cudaError_t w4a16_wgmma_xmap(CUtensorMap* map, const void* x, bool bf16, int M, int K, long long x_stride, int tb) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static Encode encode = nullptr;
+  if (encode == nullptr) {
+    cudaDriverEntryPointQueryResult q;
+    void* fn = nullptr;
+#if CUDART_VERSION >= 12050
+    cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q);
+#else  // the versioned query arrived in CUDA 12.5 (and the unversioned one is deprecated in 13)
+    cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &q);
+#endif
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || fn == nullptr) return cudaErrorNotSupported;
+    encode = reinterpret_cast<Encode>(fn);
+  }
+  const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)M};
+  const cuuint64_t strides[1] = {(cuuint64_t)x_stride * 2};
+  const cuuint32_t box[2] = {64, (cuuint32_t)tb};
+  const cuuint32_t estr[2] = {1, 1};
+  CUresult r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                      const_cast<void*>(x), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
