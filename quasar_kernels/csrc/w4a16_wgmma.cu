@@ -69,6 +69,21 @@ static_assert(WG_ASETS == 2 || WG_ASETS == 4, "A register sets: 2 or 4");
 #ifndef QB_WG_TMA
 #define QB_WG_TMA 0
 #endif
+// QB_WG_WS (implies QB_WG_TMA): warp-specialized. One extra warp per CTA (the producer) issues every
+// stage's copies as soon as the buffer is free; each buffer has a second mbarrier on which every consumer
+// thread arrives once its warpgroup's wgmmas of that stage are done (after the next stage's first wait),
+// so there is no per-stage CTA barrier and the consumer warpgroups never stop for the copies or for each
+// other (a third of the time at M = 64 went to copy issue, waits and barriers, all warpgroups at once:
+// ncu, run 12). A block's last buffer is released only after its epilogue has used it.
+#ifndef QB_WG_WS
+#define QB_WG_WS 0
+#endif
+#if QB_WG_WS && !QB_WG_TMA
+#undef QB_WG_TMA
+#define QB_WG_TMA 1
+#endif
+constexpr bool WG_WS = QB_WG_WS != 0;
+constexpr int WG_PRODUCER_THREADS = WG_WS ? 32 : 0;
 constexpr bool WG_TMA = QB_WG_TMA != 0;
 #if QB_WG_TMA && !QB_WG_NODRAIN
 #error "QB_WG_TMA is built for the no-drain loop only"
@@ -114,6 +129,10 @@ __device__ __forceinline__ void tma_2d_if(uint32_t dst, const CUtensorMap* map, 
   asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
                " @p cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n}"
                ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "r"((int)on) : "memory");
+}
+[[maybe_unused]] __device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool on) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}"
+               ::"r"(bar), "r"((int)on) : "memory");
 }
 // Wait for the phase of `parity` to complete. A loop inside one asm block (as CUTLASS's barrier wait),
 // so ptxas sees no divergent branch between a warpgroup's wgmmas; a phase that never completes (a
@@ -222,7 +241,7 @@ struct WgStage {
 // a part of one goes to the workspace slot of its rank among the block's CTAs, and the last of them to
 // arrive sums the slots in rank order (deterministic) and resets the block's counter.
 template <bool BF16, int TB, int NTW, int NWG, int MINB>
-__global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const __grid_constant__ CUtensorMap xmap, const W4A16Params p) {
+__global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_wgmma_kernel(const __grid_constant__ CUtensorMap xmap, const W4A16Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
   constexpr int WG_THREADS = NWG * 128;
@@ -348,11 +367,15 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const __gr
 
 #if QB_WG_TMA
   // one mbarrier per buffer: the issuing thread's expect_tx arrival plus the copies' bytes complete a phase
-  __shared__ __align__(8) uint64_t full[WG_STAGES];
+  __shared__ __align__(8) uint64_t full[WG_STAGES], empty[WG_STAGES];
   auto full_bar = [&](int j) { return (uint32_t)__cvta_generic_to_shared(&full[j & (WG_STAGES - 1)]); };
+  auto empty_bar = [&](int j) { return (uint32_t)__cvta_generic_to_shared(&empty[j & (WG_STAGES - 1)]); };
   if (tid == 0) {
 #pragma unroll
-    for (int s = 0; s < WG_STAGES; ++s) mbar_init(full_bar(s), 1);
+    for (int s = 0; s < WG_STAGES; ++s) {
+      mbar_init(full_bar(s), 1);
+      if constexpr (WG_WS) mbar_init(empty_bar(s), NWG * 128);  // every consumer thread releases each use
+    }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // visible to the copy engine
   }
   __syncthreads();
@@ -426,7 +449,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const __gr
   };
   const uint64_t xdesc0 = smem_desc_sw128(sbase + L::W + L::SZ);  // buffer 0, step 0: a buffer / k16
   // step adds its byte offset / 16 to the address field (bits 0-13; offsets stay under 256 KB)
-  auto mma_stage = [&](int j, auto one_group) {
+  auto mma_stage = [&](int j, auto one_group, bool release_prev = false) {
     const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
     const uint64_t desc = xdesc0 + (uint64_t)((uint32_t)(j & (WG_STAGES - 1)) * (L::BYTES >> 4));
     uint32_t q[NTW][WG_KSTEPS];
@@ -477,6 +500,11 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const __gr
         for (int jj = 0; jj < NTW; ++jj)
 #pragma unroll
           for (int r = 0; r < 4; ++r) hold(a[(i + 1) % WG_ASETS][jj][r]);
+#if QB_WG_WS
+        // at step 0 every wgmma of stage j - 1 is done: its buffer goes back to the producer (predicated:
+        // no branch between wgmmas), except a block's last stage, released after its epilogue
+        if (i == 0) mbar_arrive_if(empty_bar(j - 1), release_prev);
+#endif
       }
     }
     if constexpr (!WG_NODRAIN) drain();
@@ -499,6 +527,11 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const __gr
   // 16-byte stores, a warp's 32 stores covering 4 contiguous 128-byte runs. It replaced scalar stores with
   // per-element index math, fully unrolled: ~550 / ~1 400 instructions per warp once per block at tb 64 /
   // 128, stalled on instruction fetch, 21-30 % of the kernel's time (ncu, run 11).
+  // the consumer warpgroups' barrier: the whole CTA unless a producer warp runs beside them
+  auto consumers_sync = [&]() {
+    if constexpr (WG_WS) named_bar_sync(5, NWG * 128);
+    else __syncthreads();
+  };
   auto finish_block = [&](int blk, bool whole, uint32_t ebuf) {
     if (!whole) {
       const int first = owner((long long)blk * KS), parts = owner((long long)blk * KS + KS - 1) - first + 1;
@@ -512,10 +545,10 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const __gr
           __stcg(reinterpret_cast<float4*>(mine + (((wg * NTW + jj) * (TB / 8) + u) * 128 + wtid) * 4),
                  make_float4(acc[jj][4 * u], acc[jj][4 * u + 1], acc[jj][4 * u + 2], acc[jj][4 * u + 3]));
       __threadfence();
-      __syncthreads();
+      consumers_sync();
       const int cidx = blockIdx.y * NB + blk;
       if (tid == 0) s_last = (atomicAdd(p.cnt + cidx, 1) == parts - 1);
-      __syncthreads();
+      consumers_sync();
       if (!s_last) return;
       __threadfence();
 #pragma unroll
@@ -540,7 +573,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const __gr
     // every warpgroup's wgmmas have read the last stage's buffer (each drained before this): it is free
     // until the loader's next write to it, two stage barriers away
     fence_async_smem();
-    __syncthreads();
+    consumers_sync();
     const uint32_t wbuf = ebuf + (uint32_t)wg * (TB * 128);  // this warpgroup's [TB tokens][64 rows] bf16 tile, swizzled
 #pragma unroll
     for (int jj = 0; jj < NTW; ++jj) {
@@ -592,6 +625,32 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const __gr
     // the loop, and the block's output is written after an inner loop over its stages, not under an
     // `if` inside the stage loop.
     auto run = [&](auto one_group) {
+#if QB_WG_WS
+      if (warp == NWG * 4) {  // the producer warp: every stage of the CTA's range, as buffers free up
+        for (int jj = 0; jj < nst; ++jj) {
+          if (jj >= WG_STAGES) mbar_wait(empty_bar(jj), (uint32_t)(jj / WG_STAGES - 1) & 1);
+          tma_next(jj, one_group);
+          tma_advance();
+        }
+        return;
+      }
+      for (int j = 0; j < nst;) {  // consumers: one column block (or the part of it in this CTA's range) per pass
+        const int first_st = cu_st, seg = min(KS - cu_st, nst - j);
+        for (int s = 0; s < seg; ++s, ++j) {
+          mbar_wait(full_bar(j), (uint32_t)(j / WG_STAGES) & 1);  // stage j is in
+          mma_stage(j, one_group, s > 0);
+        }
+        drain();
+        finish_block(cu_blk, first_st == 0 && first_st + seg == KS, sbase + (uint32_t)((j - 1) & (WG_STAGES - 1)) * L::BYTES);
+        mbar_arrive_if(empty_bar(j - 1), true);  // the block's last buffer, after the epilogue used it
+#pragma unroll
+        for (int jj = 0; jj < NTW; ++jj)
+#pragma unroll
+          for (int i = 0; i < TB / 2; ++i) acc[jj][i] = 0.f;
+        cu_st = 0;
+        ++cu_blk;
+      }
+#else
 #if QB_WG_TMA
 #pragma unroll
       for (int st = 0; st < WG_AHEAD; ++st)
@@ -639,6 +698,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB) w4a16_wgmma_kernel(const __gr
         cu_st = 0;
         ++cu_blk;
       }
+#endif  // QB_WG_WS
     };
     if (sh == WG_LKS) run(std::true_type{});
     else run(std::false_type{});
@@ -686,7 +746,7 @@ cudaError_t launch_wg(const CUtensorMap& xmap, const W4A16Params& p, int ctas, c
     configured = true;
   }
   dim3 grid(ctas, (p.M + TB - 1) / TB);
-  kern<<<grid, NWG * 128, smem, stream>>>(xmap, p);
+  kern<<<grid, NWG * 128 + WG_PRODUCER_THREADS, smem, stream>>>(xmap, p);
   return cudaGetLastError();
 }
 

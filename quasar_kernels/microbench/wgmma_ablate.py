@@ -19,6 +19,8 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
     noload_nofence noload with the barrier but without the proxy fence (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC)
     tma       stages through the copy engine (bulk copies + a 2-D tensor map, one issuing warp per stage,
               mbarrier completion) instead of every thread's cp.async (exact)
+    ws        warp-specialized: a producer warp issues those copies as buffers free up, consumers release
+              each buffer on a second mbarrier, no per-stage CTA barrier (exact)
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
@@ -50,9 +52,9 @@ VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE
             "asets4": ["-DQB_WG_ASETS=4"], "asets4_noload": ["-DQB_WG_ASETS=4", "-DQB_ABLATE_NOLOAD"],
             "noload_nobar": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOBAR"],
             "noload_nofence": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOFENCE"],
-            "tma": ["-DQB_WG_TMA=1"]}
+            "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"]}
 # variants that compute what the shipped kernel computes, in the same order: outputs bit for bit equal
-EXACT = ("drain", "stages8", "asets4", "tma")
+EXACT = ("drain", "stages8", "asets4", "tma", "ws")
 
 
 def build(variant: str):
