@@ -624,6 +624,21 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
     // between them (C7518 serializes every wgmma otherwise): the group-size choice is hoisted out of
     // the loop, and the block's output is written after an inner loop over its stages, not under an
     // `if` inside the stage loop.
+    // a block's (or the CTA's part of it) stages first_st .. first_st + seg - 1 are done, the last one in
+    // buffer j - 1: its output, then fresh accumulators for the next block
+    auto close_block = [&](int first_st, int seg, int j) {
+      drain();
+      finish_block(cu_blk, first_st == 0 && first_st + seg == KS, sbase + (uint32_t)((j - 1) & (WG_STAGES - 1)) * L::BYTES);
+#if QB_WG_WS
+      mbar_arrive_if(empty_bar(j - 1), true);  // the block's last buffer, after the epilogue used it
+#endif
+#pragma unroll
+      for (int jj = 0; jj < NTW; ++jj)
+#pragma unroll
+        for (int i = 0; i < TB / 2; ++i) acc[jj][i] = 0.f;
+      cu_st = 0;
+      ++cu_blk;
+    };
     auto run = [&](auto one_group) {
 #if QB_WG_WS
       if (warp == NWG * 4) {  // the producer warp: every stage of the CTA's range, as buffers free up
@@ -640,15 +655,7 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
           mbar_wait(full_bar(j), (uint32_t)(j / WG_STAGES) & 1);  // stage j is in
           mma_stage(j, one_group, s > 0);
         }
-        drain();
-        finish_block(cu_blk, first_st == 0 && first_st + seg == KS, sbase + (uint32_t)((j - 1) & (WG_STAGES - 1)) * L::BYTES);
-        mbar_arrive_if(empty_bar(j - 1), true);  // the block's last buffer, after the epilogue used it
-#pragma unroll
-        for (int jj = 0; jj < NTW; ++jj)
-#pragma unroll
-          for (int i = 0; i < TB / 2; ++i) acc[jj][i] = 0.f;
-        cu_st = 0;
-        ++cu_blk;
+        close_block(first_st, seg, j);
       }
 #else
 #if QB_WG_TMA
@@ -689,14 +696,7 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
           mma_stage(j, one_group);
 #endif
         }
-        drain();
-        finish_block(cu_blk, first_st == 0 && first_st + seg == KS, sbase + (uint32_t)((j - 1) & (WG_STAGES - 1)) * L::BYTES);
-#pragma unroll
-        for (int jj = 0; jj < NTW; ++jj)
-#pragma unroll
-          for (int i = 0; i < TB / 2; ++i) acc[jj][i] = 0.f;
-        cu_st = 0;
-        ++cu_blk;
+        close_block(first_st, seg, j);
       }
 #endif  // QB_WG_WS
     };
