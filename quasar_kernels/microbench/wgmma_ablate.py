@@ -21,6 +21,8 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
               mbarrier completion) instead of every thread's cp.async (exact)
     ws        warp-specialized: a producer warp issues those copies as buffers free up, consumers release
               each buffer on a second mbarrier, no per-stage CTA barrier (exact)
+    ws_asets4 both (once the consumers never stop, a deeper wgmma queue per warpgroup may pay more than
+              asets4's 1-2 % under the barrier)
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
@@ -52,9 +54,9 @@ VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE
             "asets4": ["-DQB_WG_ASETS=4"], "asets4_noload": ["-DQB_WG_ASETS=4", "-DQB_ABLATE_NOLOAD"],
             "noload_nobar": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOBAR"],
             "noload_nofence": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOFENCE"],
-            "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"]}
+            "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"], "ws_asets4": ["-DQB_WG_WS=1", "-DQB_WG_ASETS=4"]}
 # variants that compute what the shipped kernel computes, in the same order: outputs bit for bit equal
-EXACT = ("drain", "stages8", "asets4", "tma", "ws")
+EXACT = ("drain", "stages8", "asets4", "tma", "ws", "ws_asets4")
 
 
 def build(variant: str):
