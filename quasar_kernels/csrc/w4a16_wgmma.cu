@@ -139,8 +139,8 @@ __device__ __forceinline__ void tma_2d_if(uint32_t dst, const CUtensorMap* map, 
 // byte count that does not match the copies) traps after ~16 M tries instead of hanging the GPU.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   asm volatile("{\n .reg .pred done, more;\n .reg .u32 n;\n mov.u32 n, 0;\n"
-               "WAIT%=:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n @done bra.uni DONE%=;\n"
-               " add.u32 n, n, 1;\n setp.lt.u32 more, n, 16777216;\n @more bra.uni WAIT%=;\n trap;\n"
+               "WAIT%=:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n @done bra DONE%=;\n"
+               " add.u32 n, n, 1;\n setp.lt.u32 more, n, 16777216;\n @more bra WAIT%=;\n trap;\n"
                "DONE%=:\n}" ::"r"(bar), "r"(parity) : "memory");
 }
 #endif
