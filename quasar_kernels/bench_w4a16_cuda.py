@@ -95,7 +95,9 @@ def main(argv=None):
     ms_list = [int(m) for m in args.ms.split(",")]
     shapes = args.shapes.split(",")
     kern_sel = args.kernels.split(",")
-    cmd = "python -m quasar_kernels.bench_w4a16_cuda " + " ".join(argv if argv is not None else sys.argv[1:])
+    staging = wc.wgmma_staging()  # a candidate build of the wgmma kernel is named in every row's command
+    cmd = (("" if staging == "cp.async" else f"QUASAR_WGMMA_STAGING={staging} ")
+           + "python -m quasar_kernels.bench_w4a16_cuda " + " ".join(argv if argv is not None else sys.argv[1:]))
     info = env_info(cmd)
     log(info)
     t0 = time.time()

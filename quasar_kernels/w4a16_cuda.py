@@ -61,10 +61,27 @@ NWARPS = 8
 # build / load
 # ------------------------------------------------------------------------------------------
 
+# How the wgmma kernel stages each pipeline stage (a compile-time choice in csrc/w4a16_wgmma.cu): every
+# thread's cp.async copies (shipped), the copy engine issued by one warp per stage ("tma"), or a producer
+# warp with per-buffer mbarriers and no per-stage CTA barrier ("ws"). The same products in the same order:
+# outputs are bit for bit equal (quasar_kernels/microbench/wgmma_ablate.py --check). Chosen with
+# QUASAR_WGMMA_STAGING so tests and benchmarks can run a candidate build before it becomes the default.
+WGMMA_STAGINGS = {"cp.async": [], "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"]}
+
+
+def wgmma_staging() -> str:
+    v = os.environ.get("QUASAR_WGMMA_STAGING", "") or "cp.async"
+    if v not in WGMMA_STAGINGS:
+        raise ValueError(f"QUASAR_WGMMA_STAGING={v!r} is not a staging build of the wgmma kernel; use one of "
+                         f"{', '.join(WGMMA_STAGINGS)} (or unset it)")
+    return v
+
+
 def _build_dir() -> Path:
     from quasar_bench.fileio import cache_root
 
-    d = cache_root() / "torch_extensions" / "w4a16_cuda"
+    mode = wgmma_staging()
+    d = cache_root() / "torch_extensions" / ("w4a16_cuda" if mode == "cp.async" else f"w4a16_cuda_{mode.replace('.', '')}")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -96,8 +113,9 @@ def _load():
             old = os.environ.get("TORCH_CUDA_ARCH_LIST")
             os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
             try:
-                _EXT = load(name="quasar_w4a16_cuda", sources=[str(s) for s in _SOURCES],
-                            extra_cuda_cflags=flags, extra_cflags=["-O3"],
+                mode = wgmma_staging()
+                _EXT = load(name="quasar_w4a16_cuda" + ("" if mode == "cp.async" else "_" + mode.replace(".", "")),
+                            sources=[str(s) for s in _SOURCES], extra_cuda_cflags=flags + WGMMA_STAGINGS[mode], extra_cflags=["-O3"],
                             build_directory=str(_build_dir()), verbose=bool(os.environ.get("QUASAR_VERBOSE_BUILD")))
             finally:
                 if old is None:
@@ -371,6 +389,7 @@ def _source_hash() -> str:
         for f in sorted(_SOURCES + [_HERE / "csrc" / h for h in ("w4a16_marlin.h", "w4a16_device.cuh",
                                                                   "w4a16_wgmma_ops.inc")]):
             h.update(f.read_bytes())
+        h.update(wgmma_staging().encode())  # and the build's staging: plans are timed per build
         _SRC_HASH = h.hexdigest()[:12]
     return _SRC_HASH
 

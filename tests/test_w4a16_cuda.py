@@ -542,3 +542,23 @@ def test_wgmma_plan_tunes_once_per_token_block(monkeypatch):
     n_first = len(timed_rows)
     wc.wgmma_plan(65, packed, dev)  # 65 rows: one 128-token block, a new sweep
     assert set(timed_rows[n_first:]) == {128}
+
+
+def test_wgmma_staging_build_is_chosen_by_name_and_keys_its_plans(monkeypatch):
+    """QUASAR_WGMMA_STAGING picks the wgmma kernel's staging build: each name maps to its own compile
+    flag and build directory, tuned plans of one build are never reused by another (the source hash
+    that keys them differs), and an unknown name is refused in one line naming the choices."""
+    from quasar_kernels import w4a16_cuda as wc
+
+    seen = {}
+    for mode, flag in (("", None), ("cp.async", None), ("tma", "-DQB_WG_TMA=1"), ("ws", "-DQB_WG_WS=1")):
+        monkeypatch.setenv("QUASAR_WGMMA_STAGING", mode)
+        monkeypatch.setattr(wc, "_SRC_HASH", None)
+        assert wc.WGMMA_STAGINGS[wc.wgmma_staging()] == ([flag] if flag else [])
+        seen[mode] = (wc._source_hash(), wc._build_dir().name)
+    assert seen[""] == seen["cp.async"]
+    assert len({seen[m][0] for m in ("cp.async", "tma", "ws")}) == 3  # plan keys
+    assert len({seen[m][1] for m in ("cp.async", "tma", "ws")}) == 3  # build directories
+    monkeypatch.setenv("QUASAR_WGMMA_STAGING", "tmaa")
+    with pytest.raises(ValueError, match=r"QUASAR_WGMMA_STAGING='tmaa'.*cp\.async, tma, ws"):
+        wc.wgmma_staging()
