@@ -95,7 +95,10 @@ def main(argv=None):
     ms_list = [int(m) for m in args.ms.split(",")]
     shapes = args.shapes.split(",")
     kern_sel = args.kernels.split(",")
-    staging = wc.wgmma_staging()  # a candidate build of the wgmma kernel is named in every row's command
+    try:
+        staging = wc.wgmma_staging()  # a candidate build of the wgmma kernel is named in every row's command
+    except ValueError as e:
+        sys.exit(f"bench_w4a16_cuda: {e}")
     cmd = (("" if staging == "cp.async" else f"QUASAR_WGMMA_STAGING={staging} ")
            + "python -m quasar_kernels.bench_w4a16_cuda " + " ".join(argv if argv is not None else sys.argv[1:]))
     info = env_info(cmd)

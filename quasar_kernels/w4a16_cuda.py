@@ -77,11 +77,16 @@ def wgmma_staging() -> str:
     return v
 
 
+def _ext_name() -> str:
+    """The extension's name: the shipped build's, or suffixed by a candidate staging build's."""
+    mode = wgmma_staging()
+    return "w4a16_cuda" if mode == "cp.async" else f"w4a16_cuda_{mode}"
+
+
 def _build_dir() -> Path:
     from quasar_bench.fileio import cache_root
 
-    mode = wgmma_staging()
-    d = cache_root() / "torch_extensions" / ("w4a16_cuda" if mode == "cp.async" else f"w4a16_cuda_{mode.replace('.', '')}")
+    d = cache_root() / "torch_extensions" / _ext_name()
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -113,9 +118,8 @@ def _load():
             old = os.environ.get("TORCH_CUDA_ARCH_LIST")
             os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
             try:
-                mode = wgmma_staging()
-                _EXT = load(name="quasar_w4a16_cuda" + ("" if mode == "cp.async" else "_" + mode.replace(".", "")),
-                            sources=[str(s) for s in _SOURCES], extra_cuda_cflags=flags + WGMMA_STAGINGS[mode], extra_cflags=["-O3"],
+                _EXT = load(name="quasar_" + _ext_name(), sources=[str(s) for s in _SOURCES],
+                            extra_cuda_cflags=flags + WGMMA_STAGINGS[wgmma_staging()], extra_cflags=["-O3"],
                             build_directory=str(_build_dir()), verbose=bool(os.environ.get("QUASAR_VERBOSE_BUILD")))
             finally:
                 if old is None:

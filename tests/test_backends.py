@@ -163,3 +163,30 @@ def test_wgmma_backend_refuses_group_sizes_it_cannot_stage():
     mod = Int4Linear.from_linear(nn.Linear(192, 16, bias=False), 48)
     with pytest.raises(QuasarError, match="group size of 16 times a power of two; this model's is 48.*kernel=triton"):
         get_backend("cuda_wgmma").w4a16(mod, torch.randn(20, 192))
+
+
+def test_rows_name_a_candidate_staging_build_of_the_wgmma_kernel(monkeypatch):
+    """QUASAR_WGMMA_STAGING builds the wgmma kernel another way: the rows' kernel label says so
+    (explicitly chosen and inside auto's per-range label), so its numbers never pass for the shipped
+    build's; a name that is no build is refused in one line."""
+    import quasar_bench.backends as backends
+    from quasar_bench.backends import describe
+
+    class FakeWgmma(type(get_backend("cuda_wgmma"))):  # the real label logic, available on CPU
+        devices, min_rows, max_rows = ("cpu",), 9, 192
+
+        def available(self):
+            return True, ""
+
+    fake = FakeWgmma()
+    monkeypatch.setitem(backends._REGISTERED, fake.name, fake)  # restored after the test
+    monkeypatch.setitem(backends.AUTO, "cpu", (fake.name, "reference"))
+    monkeypatch.delenv("QUASAR_WGMMA_STAGING", raising=False)
+    assert describe("cuda_wgmma", "cuda", "w4a16") == "cuda_wgmma"
+    assert describe("auto", "cpu", "w4a16") == "reference(M<=8)>cuda_wgmma(M<=192)>reference"
+    monkeypatch.setenv("QUASAR_WGMMA_STAGING", "ws")
+    assert describe("cuda_wgmma", "cuda", "w4a16") == "cuda_wgmma[ws]"
+    assert describe("auto", "cpu", "w4a16") == "reference(M<=8)>cuda_wgmma[ws](M<=192)>reference"
+    monkeypatch.setenv("QUASAR_WGMMA_STAGING", "bogus")
+    with pytest.raises(QuasarError, match="QUASAR_WGMMA_STAGING='bogus'.*cp.async, tma, ws"):
+        describe("cuda_wgmma", "cuda", "w4a16")

@@ -41,6 +41,12 @@ class Backend:
     min_rows: int | None = None
     max_rows: int | None = None
 
+    @property
+    def label(self) -> str:
+        """What rows record as this backend: its name, plus anything about its build that changes the
+        numbers it gives (a kernel built a non-default way)."""
+        return self.name
+
     def takes(self, rows: int) -> bool:
         """Whether `auto` gives this backend an input of `rows` activation rows."""
         return (self.min_rows is None or rows >= self.min_rows) and (self.max_rows is None or rows <= self.max_rows)
@@ -136,7 +142,7 @@ def describe(name: str, device_type: str, op: str) -> str:
     of M in increasing M, e.g. `cuda(M<=8)>cuda_wgmma(M<=192)>triton` (the CUDA kernel up to 8 rows,
     the wgmma kernel 9 to 192, Triton above)."""
     if name not in (None, "auto"):
-        return name
+        return get_backend(name).label
     found = _auto_candidates(device_type, op)
     # the choice changes only where some backend's range starts or ends
     cuts = sorted({b.max_rows for b in found if b.max_rows is not None}
@@ -144,8 +150,8 @@ def describe(name: str, device_type: str, op: str) -> str:
     parts: list[tuple[str, int | None]] = []
     for lo, hi in zip([1] + [c + 1 for c in cuts], cuts + [None]):
         b = _pick(found, lo)
-        if parts and parts[-1][0] == b.name:
-            parts[-1] = (b.name, hi)
+        if parts and parts[-1][0] == b.label:
+            parts[-1] = (b.label, hi)
         else:
-            parts.append((b.name, hi))
+            parts.append((b.label, hi))
     return ">".join(n if hi is None else f"{n}(M<={hi})" for n, hi in parts)

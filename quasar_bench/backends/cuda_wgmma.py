@@ -28,6 +28,18 @@ class CudaWgmma(Backend):
     min_rows = 9  # up to 8 rows the mma.sync kernel's 8-row build (weights as the A operand) is faster
     max_rows = 192
 
+    @property
+    def label(self):
+        """`cuda_wgmma`, or `cuda_wgmma[ws]` etc. when QUASAR_WGMMA_STAGING selects a candidate staging
+        build: its rows must not pass for the shipped kernel's."""
+        from quasar_kernels.w4a16_cuda import wgmma_staging
+
+        try:
+            staging = wgmma_staging()
+        except ValueError as e:
+            raise QuasarError(str(e)) from None
+        return self.name if staging == "cp.async" else f"{self.name}[{staging}]"
+
     def available(self):
         if not torch.cuda.is_available():
             return False, "the wgmma kernel needs a CUDA device; none is visible"
