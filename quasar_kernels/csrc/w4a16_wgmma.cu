@@ -10,14 +10,15 @@
 // q>>12) — exactly what warp w of a warpgroup supplies to an m64 wgmma. Scales / zeros (shared with
 // the mma.sync kernel) of rows 16 w + g and 16 w + 8 + g sit side by side ([nt][group][g][2 w], [2 w + 1]).
 //
-// CTA = 2 warpgroups x nw column tiles = a block of 128 nw weight rows x TB tokens; grid (CTAs per token
-// block, token blocks), the (block, stage) units split evenly over the CTAs (stream-K, see the kernel).
-// A 4-stage cp.async pipeline brings, per stage, the packed weights, the scales / zeros of the groups
-// the stage touches and the activation tile (TB x 128 channels, K-major, 128-byte swizzled: a 128-byte
-// row of 64 channels per token, 1024-byte atoms) into shared memory; each warp dequantizes its A
-// fragments (lop3 + two bf16x2 FMAs per pair), then the warpgroup issues 8 nw wgmmas and waits for
-// them before the stage's buffer is reused. Every per-thread load address is computed once per column
-// block; a stage adds its offset.
+// CTA = 2 or 3 warpgroups x nw column tiles = a block of 64 wg nw weight rows x TB tokens; grid (CTAs per
+// token block, token blocks), the (block, stage) units split evenly over the CTAs (stream-K, see the
+// kernel). A 4-stage cp.async pipeline brings, per stage, the packed weights, the scales / zeros of the
+// groups the stage touches and the activation tile (TB x 128 channels, K-major, 128-byte swizzled: a
+// 128-byte row of 64 channels per token, 1024-byte atoms) into shared memory (QB_WG_TMA / QB_WG_WS:
+// candidate builds that stage through the copy engine instead); each warp dequantizes its A fragments
+// (lop3 + an add and a multiply in bf16x2 per pair) while the previous k16 step's wgmmas run, the
+// chain running on across stages. Every per-thread load address is computed once per column block; a
+// stage adds its offset. A block's output leaves through shared memory (see finish_block).
 // Requirements (checked by the binding): group size / 16 a power of two, K a multiple of 8, x rows
 // 16-byte aligned.
 #include <type_traits>
