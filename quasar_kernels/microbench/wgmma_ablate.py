@@ -25,6 +25,7 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
               asets4's 1-2 % under the barrier)
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
+`--shape down` times the down projection (4096 x 12288) instead.
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
 The results are garbage for noload / nomma (timing only).
 
@@ -55,6 +56,18 @@ VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE
             "noload_nobar": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOBAR"],
             "noload_nofence": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOFENCE"],
             "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"], "ws_asets4": ["-DQB_WG_WS=1", "-DQB_WG_ASETS=4"]}
+# (N, K) of the Qwen3-8B projections the tool times, the configurations it times on each, and the one it
+# profiles (the planner's pick on both Hopper boards since run 10 / run 14)
+SHAPES = {"gate+up": (24576, 4096), "down": (4096, 12288)}
+CONFIGS = {  # gate+up: 3 warpgroups make 128 whole blocks; down: 32 blocks of 128 rows x 96 stages, split
+    "gate+up": lambda tb: ([dict(ctas=c, tb=tb, nw=1) for c in (132, 192, 264)]
+                           + [dict(ctas=c, tb=tb, nw=2) for c in (96, 132)]
+                           + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (128, 132)]),
+    "down": lambda tb: ([dict(ctas=c, tb=tb, nw=1) for c in (128, 132, 256, 264)]
+                        + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (132, 264)]),
+}
+PROFILED = {"gate+up": lambda tb: dict(ctas=128, tb=tb, nw=1, wg=3),
+            "down": lambda tb: dict(ctas=256 if tb == 64 else 128, tb=tb, nw=1)}
 # variants that compute what the shipped kernel computes, in the same order: outputs bit for bit equal
 EXACT = ("drain", "stages8", "asets4", "tma", "ws", "ws_asets4")
 
@@ -91,6 +104,8 @@ def timed(fn, reps: int) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ms", default="64,128")
+    ap.add_argument("--shape", choices=list(SHAPES), default="gate+up",
+                    help="Qwen3-8B projection to time (down: few column blocks, long K, split across CTAs)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -111,7 +126,8 @@ def main(argv=None):
     from quasar_bench.packing import pack_int4, quantize_int4_rtn
     from quasar_kernels import w4a16_cuda as wc
 
-    n, k, g = 24576, 4096, 128
+    n, k = SHAPES[args.shape]
+    g = 128
     gen = torch.Generator().manual_seed(0)
     packs = []
     for _ in range(4):
@@ -124,13 +140,13 @@ def main(argv=None):
         tb = 64 if m <= 64 else 128
         if args.profile:
             wc._EXT = exts[args.profile]
+            cfg = PROFILED[args.shape](tb)
             for i in range(8):
-                wc.w4a16_wgmma_linear(x, packs[i % 4], config=dict(ctas=128, tb=tb, nw=1, wg=3))
+                wc.w4a16_wgmma_linear(x, packs[i % 4], config=cfg)
             torch.cuda.synchronize()
-            print(f"M={m}: 8 calls of {args.profile} (ctas 128, tb {tb}, nw 1, wg 3)", flush=True)
+            print(f"M={m}: 8 calls of {args.profile} on {args.shape} ({cfg})", flush=True)
             continue
-        cfgs = ([dict(ctas=c, tb=tb, nw=1) for c in (132, 192, 264)] + [dict(ctas=c, tb=tb, nw=2) for c in (96, 132)]
-                + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (128, 132)])  # 3 warpgroups: 128 whole blocks
+        cfgs = CONFIGS[args.shape](tb)
         cells = [(v, tuple(c.items())) for v in variants for c in cfgs]
         times = {cell: [] for cell in cells}
         cublas = []
