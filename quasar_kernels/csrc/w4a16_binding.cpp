@@ -143,7 +143,17 @@ torch::Tensor wgmma_probe(torch::Tensor A, torch::Tensor B) {
   return D;
 }
 
+// Diagnostics only (a QB_CTA_TIMES build, wgmma_ablate.py --times): [ctas, 3] int64 of the last launch.
+torch::Tensor wgmma_cta_times(int64_t ctas) {
+  auto t = torch::empty({ctas, 3}, torch::dtype(torch::kInt64));
+  const cudaError_t e = w4a16_wgmma_cta_times(reinterpret_cast<unsigned long long*>(t.data_ptr<int64_t>()), (int)ctas);
+  TORCH_CHECK(e != cudaErrorNotSupported, "this build records no CTA times (build with -DQB_CTA_TIMES=1)");
+  C10_CUDA_CHECK(e);
+  return t;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("wgmma_cta_times", &wgmma_cta_times, "diagnostics: per-CTA start / end ns and SM of the last launch");
   m.def("wgmma_probe", &wgmma_probe, "tests: one wgmma with the wgmma kernel's layouts");
   m.def("w4a16_wgmma_gemm", &w4a16_wgmma_gemm, "W4A16 GEMM through wgmma (sm_90a), batched verification");
   m.def("w4a16_verify_gemm", &w4a16_verify_gemm, "W4A16 verify GEMM (M <= 16), Marlin-style layout");

@@ -43,6 +43,9 @@ cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int o
 cudaError_t w4a16_wgmma_launch(const CUtensorMap* xmap, const W4A16Params& p, bool bf16, int tb, int nw, int nwg, int ctas,
                                cudaStream_t stream);
 bool w4a16_wgmma_uses_tma();
+// Diagnostic builds (QB_CTA_TIMES) only: the last launch's per-CTA [start ns, end ns, SM id]; else
+// cudaErrorNotSupported.
+cudaError_t w4a16_wgmma_cta_times(unsigned long long* host, int ctas);
 cudaError_t w4a16_wgmma_xmap(CUtensorMap* map, const void* x, bool bf16, int M, int K, long long x_stride, int tb);
 // Tests only: D[64][32] (fp32) = A[64][16] @ B[16][32] (bf16, row-major) through one wgmma with the
 // kernel's fragment and shared-memory layouts.

@@ -230,6 +230,19 @@ struct WgStage {
   static_assert((W + SZ) % 1024 == 0 && BYTES % 1024 == 0, "swizzled activation atoms must be 1024-byte aligned");
 };
 
+#ifndef QB_CTA_TIMES
+#define QB_CTA_TIMES 0
+#endif
+#if QB_CTA_TIMES  // diagnostic builds only (wgmma_ablate.py --times): when each CTA ran, and where
+constexpr int QB_TIMES_CTAS = 16384;
+__device__ unsigned long long qb_cta_times[3 * QB_TIMES_CTAS];  // per CTA of token block 0: start ns, end ns, SM
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#endif
+
 // NTW: column tiles (of 64 weight rows) per warpgroup, NWG: warpgroups per CTA, so a CTA's block covers
 // 64 NWG NTW weight rows and reads each activation tile once per block. NWG = 3 (one CTA per SM) makes
 // gate+up's 384 tiles 128 blocks, one per SM, where NWG = 2 made 192 blocks on 132 SMs: 60 SMs with
@@ -256,6 +269,14 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3, g = lane >> 2;
   const int tok0 = blockIdx.y * TB;
+#if QB_CTA_TIMES
+  if (tid == 0 && blockIdx.y == 0 && blockIdx.x < QB_TIMES_CTAS) {
+    unsigned int sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    qb_cta_times[3 * blockIdx.x] = global_ns();
+    qb_cta_times[3 * blockIdx.x + 2] = sm;
+  }
+#endif
   const int KS = p.wg_stages, NB = (p.NT + CT - 1) / CT;
   const long long U = (long long)NB * KS, GC = gridDim.x;
   const long long u0 = blockIdx.x * U / GC, u1 = (blockIdx.x + 1) * U / GC;
@@ -731,6 +752,10 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
     }
   }
   }
+#if QB_CTA_TIMES
+  __syncthreads();  // every thread of the CTA is past its last store (a CTA whose part was not last too)
+  if (tid == 0 && blockIdx.y == 0 && blockIdx.x < QB_TIMES_CTAS) qb_cta_times[3 * blockIdx.x + 1] = global_ns();
+#endif
 #else
   __trap();  // built for a target without wgmma: never launched (w4a16_wgmma_launch checks sm_90a)
 #endif
@@ -816,6 +841,18 @@ cudaError_t w4a16_wgmma_launch(const CUtensorMap* xmap, const W4A16Params& p, bo
 }
 
 bool w4a16_wgmma_uses_tma() { return WG_TMA; }
+
+// Diagnostic builds (QB_CTA_TIMES): copy the last launch's per-CTA [start ns, end ns, SM id] to host.
+cudaError_t w4a16_wgmma_cta_times(unsigned long long* host, int ctas) {
+#if QB_CTA_TIMES
+  if (ctas < 1 || ctas > QB_TIMES_CTAS) return cudaErrorInvalidValue;
+  return cudaMemcpyFromSymbol(host, qb_cta_times, sizeof(unsigned long long) * 3 * ctas);
+#else
+  (void)host;
+  (void)ctas;
+  return cudaErrorNotSupported;
+#endif
+}
 
 // The activations' tensor map (2-D: K channels x M tokens, row stride x_stride elements; boxes of 64
 // channels x tb tokens, 128-byte swizzle, zeros out of bounds), encoded through the driver entry

@@ -29,6 +29,11 @@ Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
 The results are garbage for noload / nomma (timing only).
 
+`--times VARIANT` builds that variant recording each CTA's start and end (%globaltimer) and SM, launches
+every configuration of the shape 8 times and prints, per configuration, the median over the last 5 of:
+the span, the last CTA start, the first and median CTA end, and the fraction of SM-time a CTA was resident
+(where Nsight Compute's "SM active cycles" falls short of the elapsed time: ramp-up or a tail).
+
 `--check` compares the exact variants' outputs (EXACT: same products, same summation order) with the
 shipped build's, bit for bit, over whole and block-crossing splits, two warpgroup widths, token
 counts that fill no block, and group sizes 128 and 32 (a stage in one group, and four groups per
@@ -72,17 +77,46 @@ PROFILED = {"gate+up": lambda tb: dict(ctas=128, tb=tb, nw=1, wg=3),
 EXACT = ("drain", "stages8", "asets4", "tma", "ws", "ws_asets4")
 
 
-def build(variant: str):
+def build(variant: str, times: bool = False):
     from torch.utils.cpp_extension import load
 
     from quasar_kernels import w4a16_cuda as wc
 
-    d = wc._build_dir().parent / f"w4a16_ablate_{variant}"
+    name = variant + ("_times" if times else "")
+    d = wc._build_dir().parent / f"w4a16_ablate_{name}"
     d.mkdir(parents=True, exist_ok=True)
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     flags = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a"]
-    return load(name=f"quasar_w4a16_ablate_{variant}", sources=[str(s) for s in wc._SOURCES],
-                extra_cuda_cflags=flags + VARIANTS[variant], extra_cflags=["-O3"], build_directory=str(d))
+    return load(name=f"quasar_w4a16_ablate_{name}", sources=[str(s) for s in wc._SOURCES],
+                extra_cuda_cflags=flags + VARIANTS[variant] + (["-DQB_CTA_TIMES=1"] if times else []),
+                extra_cflags=["-O3"], build_directory=str(d))
+
+
+def cta_times_summary(times, n_sms: int) -> dict:
+    """One launch's per-CTA rows (start ns, end ns, SM id) -> how the SMs spent the launch: span (first
+    start to last end), when CTAs started and ended (µs after the first start: last start; first, median
+    and last end), and the fraction of SM-time some CTA was resident (union of each SM's CTA intervals
+    over n_sms x span; SMs that ran no CTA count as idle)."""
+    rows = sorted((int(a), int(b), int(c)) for a, b, c in times)
+    t0 = min(r[0] for r in rows)
+    span = max(r[1] for r in rows) - t0
+    busy = 0
+    for sm in {r[2] for r in rows}:
+        cur_s = cur_e = None
+        for a, b, _ in (r for r in rows if r[2] == sm):  # sorted by start: merge overlapping intervals
+            if cur_e is None or a > cur_e:
+                busy += 0 if cur_e is None else cur_e - cur_s
+                cur_s, cur_e = a, b
+            else:
+                cur_e = max(cur_e, b)
+        busy += cur_e - cur_s
+    ends = sorted(r[1] - t0 for r in rows)
+    stamps = sorted({t for r in rows for t in r[:2]})
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"tick_ns": min(steps) if steps else float("nan"),  # the timer's resolution, at best
+            "span_us": span / 1e3, "last_start_us": (max(r[0] for r in rows) - t0) / 1e3,
+            "first_end_us": ends[0] / 1e3, "median_end_us": statistics.median(ends) / 1e3,
+            "sm_busy": busy / (n_sms * span) if span > 0 else float("nan")}
 
 
 def _build_in_child(variant: str) -> str:
@@ -111,17 +145,20 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--profile", choices=list(VARIANTS), default=None,
                     help="build this variant and run it for a profiler (8 calls per M, nothing timed)")
+    ap.add_argument("--times", choices=list(VARIANTS), default=None,
+                    help="build this variant recording each CTA's start / end time and SM, and print how "
+                         "busy the SMs were per configuration (median of 5 launches)")
     ap.add_argument("--check", action="store_true",
                     help="compare the exact variants with the shipped build bit for bit (no timing)")
     args = ap.parse_args(argv)
     if args.check:
         return check([v for v in args.variants.split(",") if v in EXACT])
-    variants = [args.profile] if args.profile else args.variants.split(",")
-    if not args.profile:  # built side by side in child processes; a profiler wants one process
+    variants = [args.profile or args.times] if (args.profile or args.times) else args.variants.split(",")
+    if not (args.profile or args.times):  # built side by side in child processes; a profiler wants one process
         with ProcessPoolExecutor(len(variants), mp_context=torch.multiprocessing.get_context("spawn")) as pool:
             for v in pool.map(_build_in_child, variants):
                 print("built", v, flush=True)
-    exts = {v: build(v) for v in variants}
+    exts = {v: build(v, times=bool(args.times)) for v in variants}
 
     from quasar_bench.packing import pack_int4, quantize_int4_rtn
     from quasar_kernels import w4a16_cuda as wc
@@ -147,6 +184,22 @@ def main(argv=None):
             print(f"M={m}: 8 calls of {args.profile} on {args.shape} ({cfg})", flush=True)
             continue
         cfgs = CONFIGS[args.shape](tb)
+        if args.times:
+            wc._EXT = exts[args.times]
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            for cfg in cfgs:
+                runs = []
+                for i in range(8):  # 3 warm-up launches, then 5 read back one by one
+                    wc.w4a16_wgmma_linear(x, packs[i % 4], config=cfg)
+                    torch.cuda.synchronize()
+                    if i >= 3:
+                        runs.append(cta_times_summary(wc._EXT.wgmma_cta_times(cfg["ctas"]).tolist(), sms))
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                print(f"M={m} {args.times} ctas={cfg['ctas']:3d} tb={cfg['tb']} nw={cfg['nw']} wg={cfg.get('wg', 2)}  "
+                      f"span {med['span_us']:5.1f} us, last start {med['last_start_us']:4.1f}, ends first / median "
+                      f"{med['first_end_us']:4.1f} / {med['median_end_us']:4.1f}, SMs busy {med['sm_busy']:.0%} "
+                      f"(timer step <= {med['tick_ns']:.0f} ns)", flush=True)
+            continue
         cells = [(v, tuple(c.items())) for v in variants for c in cfgs]
         times = {cell: [] for cell in cells}
         cublas = []
