@@ -24,3 +24,14 @@ def test_cta_times_summary_counts_an_sm_once_when_its_ctas_nest():
     s = cta_times_summary(rows, n_sms=1)
     assert s["sm_busy"] == pytest.approx(1.0)
     assert s["span_us"] == pytest.approx(1.0)
+
+
+def test_ablate_refuses_two_modes_at_once(capsys):
+    # --profile and --times each build one variant and run it differently: asking for both used to run
+    # the profile silently and drop --times
+    from quasar_kernels.microbench.wgmma_ablate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--profile", "base", "--times", "base"])
+    assert e.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err

@@ -94,8 +94,8 @@ def build(variant: str, times: bool = False):
 
 def cta_times_summary(times, n_sms: int) -> dict:
     """One launch's per-CTA rows (start ns, end ns, SM id) -> how the SMs spent the launch: span (first
-    start to last end), when CTAs started and ended (µs after the first start: last start; first, median
-    and last end), and the fraction of SM-time some CTA was resident (union of each SM's CTA intervals
+    start to last end), when CTAs started and ended (µs after the first start: the last start, the first
+    and the median end), the timer's finest step seen, and the fraction of SM-time some CTA was resident (union of each SM's CTA intervals
     over n_sms x span; SMs that ran no CTA count as idle)."""
     rows = sorted((int(a), int(b), int(c)) for a, b, c in times)
     t0 = min(r[0] for r in rows)
@@ -143,13 +143,15 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--profile", choices=list(VARIANTS), default=None,
-                    help="build this variant and run it for a profiler (8 calls per M, nothing timed)")
-    ap.add_argument("--times", choices=list(VARIANTS), default=None,
-                    help="build this variant recording each CTA's start / end time and SM, and print how "
-                         "busy the SMs were per configuration (median of 5 launches)")
-    ap.add_argument("--check", action="store_true",
-                    help="compare the exact variants with the shipped build bit for bit (no timing)")
+    mode = ap.add_mutually_exclusive_group()  # one thing per run: time, profile, record CTA times, or check
+    mode.add_argument("--profile", choices=list(VARIANTS), default=None,
+                      help="build this variant and run it for a profiler (8 calls per M, nothing timed)")
+    mode.add_argument("--times", choices=list(VARIANTS), default=None,
+                      help="build this variant recording each CTA's start / end time and SM (the CTAs of the "
+                           "first token block), and print how busy the SMs were per configuration (median of 5 "
+                           "launches)")
+    mode.add_argument("--check", action="store_true",
+                      help="compare the exact variants with the shipped build bit for bit (no timing)")
     args = ap.parse_args(argv)
     if args.check:
         return check([v for v in args.variants.split(",") if v in EXACT])
