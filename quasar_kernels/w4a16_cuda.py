@@ -540,12 +540,9 @@ def wgmma_pack(packed: dict) -> torch.Tensor:
     return qwg
 
 
-# (warpgroups per CTA, 64-row tiles per warpgroup) the wgmma kernel is built for, with the tokens per CTA
-# each is built at: 2 warpgroups (2 CTAs per SM at one tile each) or 3 (one CTA per SM; 128 blocks of
-# gate+up's 384 tiles, one per SM); 6 or 4 tiles per CTA read each activation tile for more weight rows
-# (their 4-stage pipeline at 128 tokens does not fit in shared memory).
-WGMMA_SHAPES = {(2, 1): (32, 64, 128), (2, 2): (32, 64, 128), (3, 1): (32, 64, 128), (3, 2): (32, 64), (4, 1): (32, 64)}
-WGMMA_MAX_CLUSTER = 8  # CTAs per cluster (the portable limit)
+# (warpgroups per CTA, 64-row tiles per warpgroup) the wgmma kernel is built for: 2 warpgroups (2 CTAs
+# per SM at one tile each) or 3 (one CTA per SM; 128 blocks of gate+up's 384 tiles, one per SM).
+WGMMA_SHAPES = ((2, 1), (2, 2), (3, 1))
 
 
 def wgmma_blocks_stages(packed: dict, nw: int, wg: int = 2) -> tuple[int, int]:
@@ -583,28 +580,9 @@ def wgmma_ctas(m: int, packed: dict, nw: int, tb: int, sms: int, wg: int = 2) ->
     return sorted(out)
 
 
-def wgmma_configs(m: int, packed: dict, sms: int, tbs) -> list[dict]:
-    """Every launch configuration the planner times for m rows: each built (warpgroups, tiles) shape and
-    token tile, the CTA counts of wgmma_ctas, and the classic splits of S CTAs per column block (S
-    dividing the stages, at most one wave) with the split reduced inside a cluster of S CTAs
-    ("cl": S) instead of through the workspace."""
-    out = []
-    for t in tbs:
-        zb = -(-m // t)
-        for (wg, nw), built in WGMMA_SHAPES.items():
-            if t not in built:
-                continue
-            out += [dict(ctas=c, tb=t, nw=nw, wg=wg) for c in wgmma_ctas(m, packed, nw, t, sms, wg)]
-            blocks, stages = wgmma_blocks_stages(packed, nw, wg)
-            resident = sms * (2 if nw == 1 and t <= 64 and wg == 2 else 1)
-            out += [dict(ctas=blocks * s, tb=t, nw=nw, wg=wg, cl=s) for s in range(2, WGMMA_MAX_CLUSTER + 1)
-                    if stages % s == 0 and sms // 2 <= blocks * s * zb <= resident]
-    return out
-
-
 def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     """{"ctas": CTAs per token block, "tb": tokens per CTA, "nw": 64-row weight tiles per warpgroup (1 or
-    2), "wg": warpgroups per CTA (2, 3 or 4), optionally "cl": CTAs per cluster sharing a block's K} for m rows: every configuration is checked against the mma.sync kernel, then timed, once per
+    2), "wg": warpgroups per CTA (2 or 3)} for m rows: every configuration is checked against the mma.sync kernel, then timed, once per
     (token blocks of m, geometry, device), and the fastest kept on disk like plan(); while capturing
     or without autotuning, one wave of resident CTAs sharing the work evenly."""
     qpk = packed["qpk"]
@@ -640,7 +618,8 @@ def wgmma_plan(m: int, packed: dict, dev: torch.device) -> dict:
     # also the next smaller token tile (two token blocks of 32 at 33..64 rows: on the narrow shapes the
     # 64-token build lost to Triton in run 7c, where the 32-token one did not)
     tbs = (tb, tb // 2) if tb > 32 else (tb,)
-    for cfg in wgmma_configs(m, packed, sms, tbs):
+    for cfg in [dict(ctas=c, tb=t, nw=nw, wg=wg) for t in tbs for wg, nw in WGMMA_SHAPES
+                for c in wgmma_ctas(m, packed, nw, t, sms, wg)]:
         try:
             got = w4a16_wgmma_linear(x, packed, config=cfg).float()
             err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
@@ -673,19 +652,9 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
     if g % 16 or k % 8 or (g // 16) & (g // 16 - 1):
         raise ValueError(f"the wgmma kernel needs group_size % 16 == 0 with group_size / 16 a power of two, and "
                          f"in_features % 8 == 0 (got {g}, {k}); use w4a16_cuda_linear")
-    if config is not None:
-        shape = (config.get("wg", 2), config.get("nw", 1))
-        if shape not in WGMMA_SHAPES:
-            raise ValueError(f"wgmma config wg={shape[0]}, nw={shape[1]}: (warpgroups, tiles per warpgroup) must be "
-                             f"one of {sorted(WGMMA_SHAPES)}")
-        if config.get("tb") not in WGMMA_SHAPES[shape]:
-            raise ValueError(f"wgmma config tb={config.get('tb')}: the (wg={shape[0]}, nw={shape[1]}) kernel is built "
-                             f"for tb in {WGMMA_SHAPES[shape]}")
-        blocks, stages = wgmma_blocks_stages(packed, shape[1], shape[0])
-        cl = config.get("cl", 0)
-        if cl and not (2 <= cl <= WGMMA_MAX_CLUSTER and config.get("ctas") == blocks * cl and stages % cl == 0):
-            raise ValueError(f"wgmma config cl={cl}: a cluster split needs 2 <= cl <= {WGMMA_MAX_CLUSTER}, cl dividing "
-                             f"the {stages} stages and ctas = {blocks} column blocks x cl (got ctas={config.get('ctas')})")
+    if config is not None and (config.get("wg", 2), config.get("nw", 1)) not in WGMMA_SHAPES:
+        raise ValueError(f"wgmma config wg={config.get('wg', 2)}, nw={config.get('nw', 1)}: (warpgroups, tiles per "
+                         f"warpgroup) must be one of {WGMMA_SHAPES}")
     if x.device.type != "cuda":
         raise RuntimeError("w4a16_wgmma_linear needs CUDA tensors")
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -707,8 +676,7 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
     ctas = cfg["ctas"]
     if not 1 <= ctas <= blocks * stages:
         raise ValueError(f"ctas={ctas} must be in [1, {blocks * stages}] (column blocks x stages)")
-    cl = cfg.get("cl", 0)
-    parts = 1 if cl else wgmma_parts(blocks, stages, ctas)
+    parts = wgmma_parts(blocks, stages, ctas)
     nt = packed["qpk"].shape[0]
     # partials of a shared block in the kernel's fragment order: [parts][token blocks][column blocks][wg nw tiles][64 x tb]
     ws, cnt = _workspace(x.device, parts * -(-m // tb) * blocks * wg * nw * TILE_N * tb if parts > 1 else 0,
@@ -717,5 +685,5 @@ def w4a16_wgmma_linear(x: torch.Tensor, packed: dict, bias=None, *, config: dict
     if bias is not None:
         bias = bias.to(dtype=x.dtype).contiguous()
     ext.w4a16_wgmma_gemm(x2, wgmma_pack(packed), scl, packed["zeros"], out, bias, ws, cnt, n, k, g,
-                         packed["qpk"].shape[1], ctas, tb, nw, wg, cl)
+                         packed["qpk"].shape[1], ctas, tb, nw, wg)
     return out.view(*lead, n)

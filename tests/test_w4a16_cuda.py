@@ -244,61 +244,25 @@ def test_wgmma_kernel_vs_reference(n, k, g, m, dtype):
         pytest.skip(why)
     packed, x, bias, ref = _gpu_case(n, k, g, m, dtype, seed=m * 17 + n)
     configs = []
-    for (wg, nw), tbs in WGMMA_SHAPES.items():
-        for tb in tbs:
+    for tb in (32, 64, 128):
+        for wg, nw in WGMMA_SHAPES:
             blocks, stages = wgmma_blocks_stages(packed, nw, wg)
             # whole blocks per CTA, one CTA for everything, and even splits that cut blocks at odd points
             for ctas in sorted({blocks, 1, min(blocks * stages, 2 * blocks + 1), min(blocks * stages, 264)}):
                 configs.append(dict(ctas=ctas, tb=tb, nw=nw, wg=wg))
-            # each block's K split over a cluster: the fewest and the most CTAs per cluster
-            cls = [c for c in range(2, 9) if stages % c == 0]
-            configs += [dict(ctas=blocks * c, tb=tb, nw=nw, wg=wg, cl=c) for c in sorted({cls[0], cls[-1]})] if cls else []
     _check_configs(w4a16_wgmma_linear, packed, x, bias, ref, [None] + configs)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k,g,m", [(1024, 4096, 128, 64), (4096, 1536, 128, 100), (130, 576, 128, 37), (200, 384, 32, 17)])
-def test_wgmma_cluster_split_equals_workspace_split(n, k, g, m, dtype):
-    """The same K-split reduced inside a cluster (distributed shared memory) and through the global
-    workspace sums the same partials in the same order: the outputs are equal bit for bit."""
-    from quasar_kernels.w4a16_cuda import WGMMA_SHAPES, w4a16_wgmma_linear, wgmma_available, wgmma_blocks_stages
-
-    ok, why = wgmma_available()
-    if not ok:
-        pytest.skip(why)
-    packed, x, bias, _ = _gpu_case(n, k, g, m, dtype, seed=m * 7 + n)
-    checked = 0
-    for (wg, nw), tbs in WGMMA_SHAPES.items():
-        for tb in tbs:
-            blocks, stages = wgmma_blocks_stages(packed, nw, wg)
-            for c in (c for c in range(2, 9) if stages % c == 0):
-                cfg = dict(ctas=blocks * c, tb=tb, nw=nw, wg=wg)
-                want = w4a16_wgmma_linear(x, packed, bias, config=cfg)
-                got = w4a16_wgmma_linear(x, packed, bias, config=dict(cfg, cl=c))
-                assert torch.equal(got, want), (cfg, c, (got.float() - want.float()).abs().max().item())
-                checked += 1
-    assert checked > 0
-
-
 def test_wgmma_refuses_cta_shapes_it_is_not_built_for():
-    """(warpgroups, tiles per warpgroup) outside the built set, a token tile a shape is not built for
-    (3 x 2 would need 4 stages of 260 KB at 128 tokens) and an impossible cluster split are refused
-    in one line naming what is allowed, before any device work."""
+    """(warpgroups, tiles per warpgroup) outside the built set is refused in one line naming the set,
+    before any device work (3 x 2 would need 4 stages of 260 KB at 128 tokens)."""
     from quasar_kernels.w4a16_cuda import w4a16_wgmma_linear
 
-    qweight, scales, zeros = _weights(64, 256, 128, seed=3)
-    packed = prepack_w4a16(qweight, scales, zeros, 256, 128)  # 1 column block, 2 stages
-    x = torch.randn(2, 256, dtype=torch.bfloat16)
-    for bad in (dict(ctas=1, tb=64, nw=2, wg=4), dict(ctas=1, tb=64, nw=1, wg=5)):
-        with pytest.raises(ValueError, match=r"must be one of \[\(2, 1\), \(2, 2\), \(3, 1\), \(3, 2\), \(4, 1\)\]"):
-            w4a16_wgmma_linear(x, packed, config=bad)
-    for bad in (dict(ctas=1, tb=128, nw=2, wg=3), dict(ctas=1, tb=128, nw=1, wg=4)):
-        with pytest.raises(ValueError, match=r"built for tb in \(32, 64\)"):
-            w4a16_wgmma_linear(x, packed, config=bad)
-    for bad in (dict(ctas=2, tb=64, nw=1, wg=2, cl=3), dict(ctas=3, tb=64, nw=1, wg=2, cl=2), dict(ctas=2, tb=64, cl=1)):
-        with pytest.raises(ValueError, match=r"cluster split needs 2 <= cl <= 8, cl dividing the 2 stages"):
-            w4a16_wgmma_linear(x, packed, config=bad)
+    qweight, scales, zeros = _weights(64, 128, 128, seed=3)
+    packed = prepack_w4a16(qweight, scales, zeros, 128, 128)
+    for bad in (dict(ctas=1, tb=64, nw=2, wg=3), dict(ctas=1, tb=64, nw=1, wg=4)):
+        with pytest.raises(ValueError, match=r"must be one of \(\(2, 1\), \(2, 2\), \(3, 1\)\)"):
+            w4a16_wgmma_linear(torch.randn(2, 128, dtype=torch.bfloat16), packed, config=bad)
 
 
 def test_wgmma_refuses_groups_it_cannot_stage():
@@ -347,32 +311,7 @@ def _emulate_partial_sum(y, ws, blk, tok0, m, n_out, TB, ct, wsn, threads=256):
     assert (written[:rows, :cols] == 1).all() and written.sum() == rows * cols
 
 
-def _emulate_cluster_sum(y, parts, blk, tok0, m, n_out, TB, ct):
-    """cluster_finish's reduction: rank r of the block's cluster sums float4 fragments
-    [r F4 / S, (r + 1) F4 / S) of every rank's partial (fragment order: tile, 8-token group u, thread w
-    of a warpgroup) and writes them to (row, token) as it decodes them; every output of the block
-    must be written exactly once."""
-    S, f4 = len(parts), ct * (TB // 8) * 128
-    n0 = blk * ct * 64
-    written = np.zeros((TB, ct * 64), dtype=int)
-    for rank in range(S):
-        for idx in range(rank * f4 // S, (rank + 1) * f4 // S):
-            v = np.zeros(4)
-            for q in range(S):
-                v = v + parts[q][idx]
-            tile, u, w = idx // ((TB // 8) * 128), (idx // 128) % (TB // 8), idx & 127
-            row = (blk * ct + tile) * 64 + 16 * (w >> 5) + ((w & 31) >> 2)
-            tok = tok0 + 8 * u + 2 * (w & 3)
-            for e in range(4):
-                n, t = row + 8 * (e >> 1), tok + (e & 1)
-                if n < n_out and t < m:
-                    y[t, n] = v[e]
-                    written[t - tok0, n - n0] += 1
-    rows, cols = min(m - tok0, TB), min(n_out - n0, ct * 64)
-    assert (written[:rows, :cols] == 1).all() and written.sum() == rows * cols
-
-
-def _emulate_wgmma(x, packed, ctas, TB, NTW, NWG=2, cl=0):
+def _emulate_wgmma(x, packed, ctas, TB, NTW, NWG=2):
     """The wgmma kernel's index arithmetic in float64, step by step as csrc/w4a16_wgmma.cu writes it:
     the even split of the (column block, stage) units over `ctas` CTAs per token block, the loader
     entering a new block, the cp.async staging offsets (the wgmma layout's 4 KB per tile and stage,
@@ -384,8 +323,7 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW, NWG=2, cl=0):
     owner of the block's first and last unit). Weights and activations are staged by each of the
     NWG x 128 threads' own copies, as the kernel assigns them (every byte of the stage written
     exactly once, nothing outside it). The hardware's semantics are the assumption; the kernel's own
-    offsets are what this checks. cl > 1: each block's K split over a cluster of cl CTAs, the partials
-    left in fragment order and reduced as cluster_finish does (_emulate_cluster_sum)."""
+    offsets are what this checks."""
     from quasar_kernels.w4a16_cuda import wgmma_blocks_stages, wgmma_pack, wgmma_parts
 
     m, k = x.shape
@@ -403,7 +341,6 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW, NWG=2, cl=0):
     nb, ks = wgmma_blocks_stages(packed, NTW, NWG)
     units = nb * ks
     max_parts = wgmma_parts(nb, ks, ctas)
-    assert not cl or (ctas == nb * cl and ks % cl == 0)
     y = np.full((m, nt_all * 64), np.nan)
 
     def owner(u):
@@ -412,7 +349,6 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW, NWG=2, cl=0):
     for tok0 in range(0, m, TB):
         ws = np.full((max_parts, TB, nt_all * 64), np.nan)
         arrived = np.zeros(nb, dtype=int)
-        cluster_parts = {}
         for c in range(ctas):
             u0, u1 = c * units // ctas, (c + 1) * units // ctas
             acc = np.zeros((ct, 64, TB))
@@ -483,19 +419,6 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW, NWG=2, cl=0):
                                 off = (row & ~127) + ((chunk ^ (n_ & 7)) << 4) + (kk & 7) * 2
                                 b[kk, n_] = xbuf[off // 2]
                         acc[v] += a @ b
-                if cl and u == u1 - 1:  # this CTA's one K-slice: its partial tile, as st.shared leaves it
-                    assert c // cl == blk and first_st == (c % cl) * (ks // cl) and u1 - u0 == ks // cl
-                    frag = np.zeros((ct * (TB // 8) * 128, 4))
-                    for v in range(ct):
-                        for w in range(128):
-                            g, t = (w & 31) >> 2, w & 3
-                            for j in range(TB // 8):
-                                for e in range(4):
-                                    frag[(v * (TB // 8) + j) * 128 + w, e] = acc[v][16 * (w >> 5) + g + 8 * (e >> 1), 8 * j + 2 * t + (e & 1)]
-                    cluster_parts.setdefault(blk, {})[c % cl] = frag
-                    if len(cluster_parts[blk]) == cl:  # the cluster barrier: every rank's partial is in
-                        _emulate_cluster_sum(y, [cluster_parts[blk][r] for r in range(cl)], blk, tok0, m, n_out, TB, ct)
-                    continue
                 if st == ks - 1 or u == u1 - 1:  # the block ends here or the CTA's range does
                     whole = first_st == 0 and st == ks - 1
                     rank = 0 if whole else c - owner(blk * ks)
@@ -526,24 +449,20 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW, NWG=2, cl=0):
     return y
 
 
-@pytest.mark.parametrize("m,ctas,TB,NTW,g,NWG,cl", [(40, 7, 32, 1, 64, 2, 0), (9, 2, 64, 2, 64, 2, 0), (20, 5, 32, 2, 16, 2, 0),
-                                                    (12, 3, 32, 1, 32, 2, 0), (70, 4, 64, 1, 128, 2, 0), (33, 3, 32, 1, 256, 2, 0),
-                                                    (40, 5, 32, 1, 64, 3, 0), (70, 1, 64, 1, 16, 3, 0), (9, 4, 64, 1, 128, 3, 0),
-                                                    (40, 3, 32, 2, 64, 3, 0), (70, 2, 64, 1, 16, 4, 0),
-                                                    (40, 10, 32, 1, 64, 2, 5), (70, 4, 64, 1, 256, 3, 4), (20, 5, 32, 2, 128, 3, 5),
-                                                    (33, 5, 32, 1, 16, 4, 5)])
-def test_wgmma_index_math_emulated(m, ctas, TB, NTW, g, NWG, cl):
+@pytest.mark.parametrize("m,ctas,TB,NTW,g,NWG", [(40, 7, 32, 1, 64, 2), (9, 2, 64, 2, 64, 2), (20, 5, 32, 2, 16, 2),
+                                                 (12, 3, 32, 1, 32, 2), (70, 4, 64, 1, 128, 2), (33, 3, 32, 1, 256, 2),
+                                                 (40, 5, 32, 1, 64, 3), (70, 1, 64, 1, 16, 3), (9, 4, 64, 1, 128, 3)])
+def test_wgmma_index_math_emulated(m, ctas, TB, NTW, g, NWG):
     """N = 130 (clamped tiles), K = 520 (zero past K inside the last stage), G = 16 (4 groups per
     stage) .. 256 (a group over 2 stages), CTA counts that split column blocks at odd points (parts
-    of 2-3 CTAs) or give whole blocks, partial token blocks, 2, 3 or 4 warpgroups per CTA (3: 384
-    threads, 24 activation rows per pass, so at 32 / 64 tokens some passes lie past the block and are
-    skipped), and K split over clusters (cl CTAs per block, every block's K-slices reduced through
-    their partial tiles): the emulated kernel equals x @ W^T."""
+    of 2-3 CTAs) or give whole blocks, partial token blocks, 2 or 3 warpgroups per CTA (3: 384 threads,
+    24 activation rows per pass, so at 32 / 64 tokens some passes lie past the block and are skipped):
+    the emulated kernel equals x @ W^T."""
     n, k = 130, 520 if g < 256 else 512
     qweight, scales, zeros = _weights(n, k, g, seed=5)
     packed = prepack_w4a16(qweight, scales, zeros, k, g)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    y = _emulate_wgmma(x.numpy(), packed, ctas, TB, NTW, NWG, cl)
+    y = _emulate_wgmma(x.numpy(), packed, ctas, TB, NTW, NWG)
     ref = (x @ dequantize_int4(qweight, scales, zeros, k, g).double().t()).numpy()
     assert np.allclose(y[:, :n], ref, rtol=1e-6, atol=1e-6)
 

@@ -92,7 +92,7 @@ void w4a16_verify_gemm(torch::Tensor x, torch::Tensor qpk, torch::Tensor scl, to
 // CTAs per token block. qwg: the wgmma layout of the packed weights (w4a16_cuda.wgmma_pack).
 void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qwg, torch::Tensor scl, torch::Tensor zp, torch::Tensor out,
                       c10::optional<torch::Tensor> bias, torch::Tensor ws, torch::Tensor cnt, int64_t N, int64_t K,
-                      int64_t G, int64_t KT, int64_t ctas, int64_t tb, int64_t nw, int64_t nwg, int64_t cl) {
+                      int64_t G, int64_t KT, int64_t ctas, int64_t tb, int64_t nw, int64_t nwg) {
   TORCH_CHECK(x.is_cuda() && qwg.is_cuda() && out.is_cuda() && ws.is_cuda() && cnt.is_cuda(), "CUDA tensors expected");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
@@ -106,9 +106,7 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qwg, torch::Tensor scl, tor
                   zp.is_contiguous(), "bad packed tensors (qwg must be int32 [NT, KS, 4, 2, 32, 4])");
   TORCH_CHECK(G % 16 == 0 && K % 8 == 0, "the wgmma kernel needs group_size % 16 == 0 and K % 8 == 0");
   TORCH_CHECK(tb == 32 || tb == 64 || tb == 128, "tb must be 32, 64 or 128");
-  TORCH_CHECK((nwg == 2 && (nw == 1 || nw == 2)) || (nwg == 3 && nw == 1) || (nwg == 3 && nw == 2 && tb <= 64) ||
-                  (nwg == 4 && nw == 1 && tb <= 64),
-              "(wg, nw) must be (2, 1), (2, 2), (3, 1), or (3, 2) / (4, 1) with tb <= 64");
+  TORCH_CHECK((nwg == 2 && (nw == 1 || nw == 2)) || (nwg == 3 && nw == 1), "(wg, nw) must be (2, 1), (2, 2) or (3, 1)");
   const c10::cuda::CUDAGuard guard(x.device());
   W4A16Params p = common_params(x, qwg, scl, zp, out, bias, ws, cnt, N, K, G);
   p.KT = KT;  // common_params read dim 1 of qwg (stages): the geometry is in k16 steps
@@ -122,10 +120,7 @@ void w4a16_wgmma_gemm(torch::Tensor x, torch::Tensor qwg, torch::Tensor scl, tor
   const int64_t blocks = (p.NT + nwg * nw - 1) / (nwg * nw), units = blocks * p.wg_stages;
   TORCH_CHECK(ctas >= 1 && ctas <= units, "ctas must be in [1, column blocks x stages]");
   // the most CTAs sharing one block: each covers >= floor(units / ctas) stages
-  const int64_t per = units / ctas, parts = ctas == blocks || cl > 1 ? 1 : (p.wg_stages + per - 1) / per + 1;
-  TORCH_CHECK(cl == 0 || cl == 1 || (cl >= 2 && cl <= 8 && ctas == blocks * cl && p.wg_stages % cl == 0),
-              "cluster split-K needs 2 <= cl <= 8, ctas = column blocks x cl and cl dividing the stages");
-  p.cl = cl > 1 ? (int)cl : 0;
+  const int64_t per = units / ctas, parts = ctas == blocks ? 1 : (p.wg_stages + per - 1) / per + 1;
   TORCH_CHECK(p.M >= 1 && (p.M + tb - 1) / tb <= 65535, "bad M");
   TORCH_CHECK(parts == 1 || (ws.numel() >= (int64_t)parts * ((p.M + tb - 1) / tb) * blocks * nwg * nw * 64 * tb &&
                              cnt.numel() >= blocks * ((p.M + tb - 1) / tb)), "workspace too small");

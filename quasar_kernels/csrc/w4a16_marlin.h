@@ -19,8 +19,6 @@ struct W4A16Params {
   int M, N, K, G, Gp, NG, KT, NT, SPG;
   int WN, WK, nblocks, S, gps, vec;
   int wg_stages;        // wgmma kernel: stages of 8 k16 steps per column tile (its packed tensor's dim 1)
-  int cl;               // wgmma kernel: CTAs per cluster splitting one column block's K (reduced through
-                        // distributed shared memory), or 0 (partials through ws / cnt)
 };
 
 // Ring depth (512-byte weight loads in flight per warp) of the build for `occ` CTAs per SM.
@@ -42,8 +40,6 @@ cudaError_t w4a16_verify_launch(const W4A16Params& p, bool bf16, bool r16, int o
 // sharing one column block), cnt column blocks * ceil(M / tb) zeroed counters. Group size 16 times a power of two, K a multiple of 8, x rows 16-byte aligned.
 // xmap: the activations' tensor map (w4a16_wgmma_xmap) when the build stages with the copy engine
 // (w4a16_wgmma_uses_tma()), else null.
-// p.cl >= 2: a cluster launch of p.cl CTAs per column block, ctas = column blocks x p.cl, p.cl dividing
-// wg_stages (each CTA one K-slice of one block; ws / cnt unused).
 cudaError_t w4a16_wgmma_launch(const CUtensorMap* xmap, const W4A16Params& p, bool bf16, int tb, int nw, int nwg, int ctas,
                                cudaStream_t stream);
 bool w4a16_wgmma_uses_tma();

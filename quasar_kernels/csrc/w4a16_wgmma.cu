@@ -262,7 +262,6 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
   constexpr int CT = NWG * NTW;  // column tiles per block
   using L = WgStage<TB, CT>;
   static_assert(NWG * TB * 128 <= L::BYTES, "a stage buffer holds every warpgroup's staged output tile (block epilogue)");
-  static_assert(CT * TB * 64 * 4 <= WG_STAGES * L::BYTES, "the stage buffers hold the block's fp32 partial tile (cluster split-K)");
   constexpr uint32_t EX = BF16 ? 0x43004300u : 0x64006400u;
   constexpr uint32_t NEG = BF16 ? 0xC300C300u : 0xE400E400u;  // -(magic), a zero code ORed into each half
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -555,63 +554,7 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
     if constexpr (WG_WS) named_bar_sync(5, NWG * 128);
     else __syncthreads();
   };
-  // Split-K inside a cluster (p.cl > 1: CTA rank r of the cluster holds K-slice r of column block
-  // blockIdx.x / p.cl, and this is its only block). Each CTA leaves its partial tile in its own shared
-  // memory in fragment order, then sums slice r of the tile over every rank's copy (rank order, from
-  // zero: the workspace path's order, so the same bits) and writes those outputs. One CTA of the block
-  // had to read every partial back through L2 (~2.3 us of down's 22 at M = 64, run 16); here each
-  // reads one tile's worth through the SM-to-SM network, all at once.
-  auto cluster_finish = [&](int blk) {
-    fence_async_smem();  // wgmmas read the stage buffers through the async proxy; st.shared rewrites them
-    consumers_sync();    // every warpgroup drained: the stage buffers are free (no copies in flight)
-    constexpr int F4 = CT * (TB / 8) * 128;  // float4 fragments of the block
-    const uint32_t part = sbase;
-#pragma unroll
-    for (int jj = 0; jj < NTW; ++jj)
-#pragma unroll
-      for (int u = 0; u < TB / 8; ++u) {
-        const uint32_t a4 = part + (uint32_t)((((wg * NTW + jj) * (TB / 8) + u) * 128 + wtid) * 16);
-        asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(a4), "f"(acc[jj][4 * u]), "f"(acc[jj][4 * u + 1]),
-                     "f"(acc[jj][4 * u + 2]), "f"(acc[jj][4 * u + 3]) : "memory");
-      }
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-    uint32_t rank;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    const int S = p.cl, lo = (int)rank * F4 / S, hi = ((int)rank + 1) * F4 / S;
-    for (int idx = lo + tid; idx < hi; idx += WG_THREADS) {
-      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int q = 0; q < S; ++q) {
-        uint32_t ra;
-        float4 v;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(part + (uint32_t)idx * 16), "r"(q));
-        asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                     : "r"(ra) : "memory");
-        sum.x += v.x;
-        sum.y += v.y;
-        sum.z += v.z;
-        sum.w += v.w;
-      }
-      // fragment idx = (tile, u, thread w of a warpgroup): rows 64 nt + 16 (w / 32) + g (+ 8), tokens 8 u + 2 t4 (+ 1)
-      const int tile = idx / ((TB / 8) * 128), u = (idx / 128) % (TB / 8), w = idx & 127;
-      const int row = (blk * CT + tile) * 64 + 16 * (w >> 5) + ((w & 31) >> 2), tok = tok0 + 8 * u + 2 * (w & 3);
-      const float v4[4] = {sum.x, sum.y, sum.z, sum.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int n = row + 8 * (e >> 1), t = tok + (e & 1);
-        if (n < p.N && t < p.M) {
-          const float b = bias ? to_f<T>(bias[n]) : 0.f;
-          out[(size_t)t * p.N + n] = from_f<T>(bias ? v4[e] + b : v4[e]);
-        }
-      }
-    }
-    // no CTA leaves (its shared memory with it) while another still reads it
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-  };
   auto finish_block = [&](int blk, bool whole, uint32_t ebuf) {
-    if (!whole && p.cl > 1) {
-      cluster_finish(blk);
-      return;
-    }
     if (!whole) {
       const int first = owner((long long)blk * KS), parts = owner((long long)blk * KS + KS - 1) - first + 1;
       const size_t slot = (size_t)CT * 64 * TB, blk_slot = ((size_t)blockIdx.y * NB + blk) * slot;
@@ -829,21 +772,6 @@ cudaError_t launch_wg(const CUtensorMap& xmap, const W4A16Params& p, int ctas, c
     configured = true;
   }
   dim3 grid(ctas, (p.M + TB - 1) / TB);
-  if (p.cl > 1) {  // each column block's K-split is one cluster (co-scheduled, shared memory visible to its CTAs)
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(NWG * 128 + WG_PRODUCER_THREADS);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = p.cl;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, kern, xmap, p);
-  }
   kern<<<grid, NWG * 128 + WG_PRODUCER_THREADS, smem, stream>>>(xmap, p);
   return cudaGetLastError();
 }
@@ -886,21 +814,13 @@ __global__ void wgmma_probe_kernel(const __nv_bfloat16* A, const __nv_bfloat16* 
 #endif
 }
 
-// A (tb, tiles, warpgroups) shape is built where its pipeline fits in shared memory and one stage
-// buffer holds every warpgroup's output tile (the block epilogue): not (3, 2) or (4, 1) at tb 128.
-template <int TB, int NTW, int NWG>
-constexpr bool wg_built() {
-  return NWG * TB * 128 <= WgStage<TB, NWG * NTW>::BYTES && WG_STAGES * WgStage<TB, NWG * NTW>::BYTES + 1024 <= 227 * 1024;
-}
-
 template <int NTW, int NWG>
 cudaError_t launch_tb(const CUtensorMap& xmap, const W4A16Params& p, bool bf16, int tb, int ctas, cudaStream_t stream) {
   // 2 CTAs per SM where registers (<= 128 per thread) and shared memory allow it (2 warpgroups only)
   constexpr int MINB_SMALL = NTW == 1 && NWG == 2 ? 2 : 1;
   if (tb == 32) return bf16 ? launch_wg<true, 32, NTW, NWG, MINB_SMALL>(xmap, p, ctas, stream) : launch_wg<false, 32, NTW, NWG, MINB_SMALL>(xmap, p, ctas, stream);
   if (tb == 64) return bf16 ? launch_wg<true, 64, NTW, NWG, MINB_SMALL>(xmap, p, ctas, stream) : launch_wg<false, 64, NTW, NWG, MINB_SMALL>(xmap, p, ctas, stream);
-  if constexpr (wg_built<128, NTW, NWG>())
-    if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, NWG, 1>(xmap, p, ctas, stream) : launch_wg<false, 128, NTW, NWG, 1>(xmap, p, ctas, stream);
+  if (tb == 128) return bf16 ? launch_wg<true, 128, NTW, NWG, 1>(xmap, p, ctas, stream) : launch_wg<false, 128, NTW, NWG, 1>(xmap, p, ctas, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -915,10 +835,8 @@ cudaError_t wgmma_probe_launch(const void* A, const void* B, float* D, cudaStrea
 cudaError_t w4a16_wgmma_launch(const CUtensorMap* xmap, const W4A16Params& p, bool bf16, int tb, int nw, int nwg, int ctas, cudaStream_t stream) {
   if (nwg == 2 && nw == 1) return launch_tb<1, 2>(xmap ? *xmap : CUtensorMap{}, p, bf16, tb, ctas, stream);
   if (nwg == 2 && nw == 2) return launch_tb<2, 2>(xmap ? *xmap : CUtensorMap{}, p, bf16, tb, ctas, stream);
-  // (3, 2) and (4, 1) are built for tb <= 64 only (wg_built)
+  // 3 warpgroups x 2 tiles: 4 stages of tb 128 do not fit in shared memory, so not built
   if (nwg == 3 && nw == 1) return launch_tb<1, 3>(xmap ? *xmap : CUtensorMap{}, p, bf16, tb, ctas, stream);
-  if (nwg == 3 && nw == 2) return launch_tb<2, 3>(xmap ? *xmap : CUtensorMap{}, p, bf16, tb, ctas, stream);
-  if (nwg == 4 && nw == 1) return launch_tb<1, 4>(xmap ? *xmap : CUtensorMap{}, p, bf16, tb, ctas, stream);
   return cudaErrorInvalidValue;
 }
 

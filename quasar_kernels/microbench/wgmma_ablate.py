@@ -64,21 +64,12 @@ VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE
 # (N, K) of the Qwen3-8B projections the tool times, the configurations it times on each, and the one it
 # profiles (the planner's pick on both Hopper boards since run 10 / run 14)
 SHAPES = {"gate+up": (24576, 4096), "down": (4096, 12288)}
-CONFIGS = {  # gate+up: 3 warpgroups make 128 whole blocks; down: 32 blocks of 128 rows x 96 stages, split.
-    # "cl": the split's CTAs per block form a cluster and reduce through distributed shared memory;
-    # (3, 2) / (4, 1): 384 / 256 weight rows per CTA (tb <= 64 only; at tb 128 they print "cannot launch")
+CONFIGS = {  # gate+up: 3 warpgroups make 128 whole blocks; down: 32 blocks of 128 rows x 96 stages, split
     "gate+up": lambda tb: ([dict(ctas=c, tb=tb, nw=1) for c in (132, 192, 264)]
                            + [dict(ctas=c, tb=tb, nw=2) for c in (96, 132)]
-                           + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (128, 132)]
-                           + ([dict(ctas=128, tb=tb, nw=2, wg=3), dict(ctas=128, tb=tb, nw=2, wg=3, cl=2),
-                               dict(ctas=132, tb=tb, nw=2, wg=3), dict(ctas=96, tb=tb, nw=1, wg=4),
-                               dict(ctas=132, tb=tb, nw=1, wg=4)] if tb <= 64 else [])),
+                           + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (128, 132)]),
     "down": lambda tb: ([dict(ctas=c, tb=tb, nw=1) for c in (128, 132, 256, 264)]
-                        + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (132, 264)]
-                        + ([dict(ctas=256, tb=tb, nw=1, cl=8), dict(ctas=128, tb=tb, nw=2, cl=8),
-                            dict(ctas=128, tb=tb, nw=1, wg=4), dict(ctas=128, tb=tb, nw=1, wg=4, cl=8),
-                            dict(ctas=132, tb=tb, nw=2, wg=3), dict(ctas=88, tb=tb, nw=2, wg=3, cl=8)] if tb <= 64 else
-                           [dict(ctas=128, tb=tb, nw=1, cl=4), dict(ctas=128, tb=tb, nw=2), dict(ctas=128, tb=tb, nw=2, cl=8)])),
+                        + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (132, 264)]),
 }
 PROFILED = {"gate+up": lambda tb: dict(ctas=128, tb=tb, nw=1, wg=3),
             "down": lambda tb: dict(ctas=256 if tb == 64 else 128, tb=tb, nw=1)}
@@ -206,7 +197,7 @@ def main(argv=None):
                     if i >= 3:
                         runs.append(cta_times_summary(wc._EXT.wgmma_cta_times(cfg["ctas"]).tolist(), sms))
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                print(f"M={m} {args.times} ctas={cfg['ctas']:3d} tb={cfg['tb']} nw={cfg['nw']} wg={cfg.get('wg', 2)} cl={cfg.get('cl', 0)}  "
+                print(f"M={m} {args.times} ctas={cfg['ctas']:3d} tb={cfg['tb']} nw={cfg['nw']} wg={cfg.get('wg', 2)}  "
                       f"span {med['span_us']:5.1f} us, last start {med['last_start_us']:4.1f}, ends first / median "
                       f"{med['first_end_us']:4.1f} / {med['median_end_us']:4.1f}, SMs busy {med['sm_busy']:.0%} "
                       f"(timer step <= {med['tick_ns']:.0f} ns)", flush=True)
@@ -246,7 +237,7 @@ def main(argv=None):
         for (v, cfg), ts in times.items():
             cfg = dict(cfg)
             med = statistics.median(ts)
-            print(f"M={m} {v:8s} ctas={cfg['ctas']:3d} tb={cfg['tb']} nw={cfg['nw']} wg={cfg.get('wg', 2)} cl={cfg.get('cl', 0)}  {med:7.1f} us "
+            print(f"M={m} {v:8s} ctas={cfg['ctas']:3d} tb={cfg['tb']} nw={cfg['nw']} wg={cfg.get('wg', 2)}  {med:7.1f} us "
                   f"[{min(ts):.1f}, {max(ts):.1f}]  {cb / med:.2f}x cublas", flush=True)
 
 

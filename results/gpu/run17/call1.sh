@@ -1,4 +1,5 @@
 #!/bin/bash
+# Ran on the code of branch `wgmma-cluster` (d6671dc); main does not carry the cluster split or the (3, 2) / (4, 1) shapes.
 # Run 17, call 1 (session 18): GPU tests of the wgmma kernel (cluster split-K, (3, 2) / (4, 1) shapes),
 # then ablation timing of the new configurations on down and gate+up at M = 64 / 128.
 export PYTHONPATH=$PWD/.gpu_site:$PYTHONPATH PYTHONUNBUFFERED=1

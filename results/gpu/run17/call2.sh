@@ -1,4 +1,5 @@
 #!/bin/bash
+# Ran on the code of branch `wgmma-cluster` (d6671dc); main does not carry the cluster split or the (3, 2) / (4, 1) shapes.
 # Run 17, call 2 (session 18): the kernel table with the planner choosing among every configuration
 # (now with the cluster split-K and the (3, 2) / (4, 1) shapes); tuner log kept.
 export PYTHONPATH=$PWD/.gpu_site:$PYTHONPATH PYTHONUNBUFFERED=1
