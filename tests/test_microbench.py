@@ -39,8 +39,9 @@ def test_ablate_refuses_two_modes_at_once(capsys):
 
 def test_ncu_stalls_by_opcode_groups_guarded_lines_and_counts_per_step(tmp_path, capsys):
     """--by-opcode strips predicate guards before classifying (a guarded cp.async is a cp.async, not
-    'other'), sums samples and executed instructions per class, and --steps divides by the warp's
-    k16 steps: 2 warps, 4 steps each."""
+    'other'), counts a LOP3 that writes a predicate and an arithmetic shift as integer work, not
+    dequantization, sums samples and executed instructions per class, and --steps divides by the
+    warp's k16 steps: 2 warps, 4 steps each."""
     import csv
 
     from quasar_kernels.microbench import ncu_stalls
@@ -49,7 +50,8 @@ def test_ncu_stalls_by_opcode_groups_guarded_lines_and_counts_per_step(tmp_path,
            "stall_math", "stall_wait (Not Issued)"]
     lines = [("0x10", "S2R R0, SR_TID.X", 1, 2, 1, 0), ("0x20", "LOP3.LUT R1, R2, 0xf000f, R3, 0xea, !PT", 6, 16, 2, 4),
              ("0x30", "@P0 LDGSTS.E.BYPASS.128 [R4], desc[UR4][R6.64]", 3, 8, 3, 0),
-             ("0x40", "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24", 2, 8, 2, 0), ("0x50", "FADD.FTZ R1, R1, R2", 0, 2, 0, 0)]
+             ("0x40", "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24", 2, 8, 2, 0), ("0x50", "FADD.FTZ R1, R1, R2", 0, 2, 0, 0),
+             ("0x60", "LOP3.LUT P2, R59, R70, 0x2, RZ, 0xc0, !PT", 1, 2, 1, 0), ("0x70", "SHF.R.S32.HI R71, RZ, 0x1f, R23", 0, 2, 0, 0)]
     p = tmp_path / "x.csv"
     with open(p, "w", newline="") as f:
         w = csv.writer(f)
@@ -59,10 +61,11 @@ def test_ncu_stalls_by_opcode_groups_guarded_lines_and_counts_per_step(tmp_path,
             w.writerow([a, src, s, n, wt, m, 0])
     ncu_stalls.main([str(p), "--by-opcode", "--steps", "4"])
     out = capsys.readouterr().out
-    assert out.startswith("12 samples, 2 warps, 18 instr/warp, 4.5 per k16 step")
+    assert out.startswith("13 samples, 2 warps, 20 instr/warp, 5.0 per k16 step")
     row = {ln[:22].strip(): ln for ln in out.splitlines()[1:]}
-    assert "50.0% of samples" in row["dequantize (ALU)"] and "8.0 instr/warp  2.00/step" in row["dequantize (ALU)"]
+    assert "46.2% of samples" in row["dequantize (ALU)"] and "8.0 instr/warp  2.00/step" in row["dequantize (ALU)"]
     assert "math 67%, wait 33%" in row["dequantize (ALU)"]
-    assert "25.0% of samples" in row["cp.async"] and "1.00/step" in row["cp.async"]
-    assert "1.00/step" in row["wgmma"] and "8.3% of samples" in row["integer / address"]
+    assert "23.1% of samples" in row["cp.async"] and "1.00/step" in row["cp.async"]
+    assert "1.00/step" in row["wgmma"]
+    assert "15.4% of samples" in row["integer / address"] and "3.0 instr/warp  0.75/step" in row["integer / address"]
     assert "other: FADD.FTZ" in row

@@ -20,8 +20,11 @@ import csv
 import gzip
 import re
 
-# (class, opcode pattern), first match wins; a predicate guard (@P0, @!UP1) is stripped first
+# (class, opcode pattern), first match wins; a predicate guard (@P0, @!UP1) is stripped first. The
+# dequantization's opcodes are also used for other work: a LOP3 that writes a predicate (bit tests of
+# the loader's masks) and an arithmetic shift (sign extension of an index) count as integer work.
 OPCODE_CLASSES = [("wgmma", r"HGMMA"), ("wgmma fence / wait", r"WARPGROUP\."),
+                  ("integer / address", r"(LOP3\.LUT\s+P\d|SHF\.[LR]\.S)"),
                   ("dequantize (ALU)", r"(LOP3|SHF|HADD2|HMUL2|HFMA2|PRMT)\b"), ("shared load", r"LDS"),
                   ("cp.async", r"LDGSTS"), ("cp.async wait", r"(LDGDEPBAR|DEPBAR)\b"), ("barrier", r"BAR\."),
                   ("fence", r"(MEMBAR|FENCE|ERRBAR)"),
