@@ -367,10 +367,14 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW, NWG=2):
                 wflat = wbuf.reshape(-1)
                 sslot = np.full((ct, ksteps, 64), np.nan)  # unused slots stay NaN
                 zslot = np.zeros((ct, ksteps, 64), dtype=np.int64)
-                for cc in range(ct * ksteps * 12):
-                    v, slot, ch = cc // (ksteps * 12), (cc // 12) % ksteps, cc % 12
-                    if slot >= ksteps >> slot_shift:
+                slots = ksteps >> slot_shift  # groups a stage touches per tile
+                szn = ct * slots * 12  # scale / zero chunks of the stage, numbered densely over the threads
+                szcount = np.zeros((ct, ksteps, 12), dtype=int)
+                for cc in (tid + r * threads for tid in range(threads) for r in range(-(-ct * ksteps * 12 // threads))):
+                    if cc >= szn:  # the kernel issues no copy for it
                         continue
+                    v, slot, ch = cc // (slots * 12), (cc // 12) % slots, cc % 12
+                    szcount[v, slot, ch] += 1
                     gi = min(((st << 3) >> lg) + slot, ng - 1)
                     base = min(blk * ct + v, nt_all - 1) * ng + gi
                     if ch < 8:
@@ -378,21 +382,23 @@ def _emulate_wgmma(x, packed, ctas, TB, NTW, NWG=2):
                     else:
                         o = (ch - 8) * 16
                         zslot[v, slot, o:o + 16] = zp[base * 64 + o:base * 64 + o + 16]
+                assert (szcount[:, :slots] == 1).all(), "a scale / zero chunk staged twice or never"
                 xbuf = np.full(TB * ksteps * 16, np.nan)  # bf16 elements, indexed by byte offset / 2
                 xcount = np.zeros(TB * ksteps * 2, dtype=int)
-                xrows = threads // 16
-                for tid in range(threads):  # thread tid: channels 8 (tid & 15), rows (tid >> 4) + xrows r
-                    kc, xtok = tid & 15, tid >> 4
+                xrows = threads // 8
+                for tid in range(threads):  # thread tid: channels 8 q and 64 + 8 q (q = tid & 7), rows (tid >> 3) + xrows r
+                    q, xtok = tid & 7, tid >> 3
                     for r in range(-(-TB // xrows)):
                         tok = xtok + xrows * r
                         if tok >= TB:  # past the block's rows: the kernel skips the copy
                             continue
-                        dst = (kc >> 3) * (TB * 128) + xtok * 128 + (((kc & 7) ^ (xtok & 7)) << 4) + r * xrows * 128
-                        assert 0 <= dst < TB * ksteps * 32
-                        kk = st * 128 + kc * 8
-                        ok = tok0 + tok < m and kk < k  # zero-filled otherwise
-                        xbuf[dst // 2:dst // 2 + 8] = x[tok0 + tok, kk:kk + 8] if ok else 0.0
-                        xcount[dst // 16] += 1
+                        for kc in (q, q + 8):
+                            dst = (kc >> 3) * (TB * 128) + xtok * 128 + (((kc & 7) ^ (xtok & 7)) << 4) + r * xrows * 128
+                            assert 0 <= dst < TB * ksteps * 32
+                            kk = st * 128 + kc * 8
+                            ok = tok0 + tok < m and kk < k  # zero-filled otherwise
+                            xbuf[dst // 2:dst // 2 + 8] = x[tok0 + tok, kk:kk + 8] if ok else 0.0
+                            xcount[dst // 16] += 1
                 assert (xcount == 1).all(), "an activation chunk staged twice or never"
                 for v in range(ct):  # v = wg * NTW + jj
                     for i in range(ksteps):

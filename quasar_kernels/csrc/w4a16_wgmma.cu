@@ -89,6 +89,13 @@ constexpr bool WG_TMA = QB_WG_TMA != 0;
 #if QB_WG_TMA && !QB_WG_NODRAIN
 #error "QB_WG_TMA is built for the no-drain loop only"
 #endif
+// QB_WG_LEAN (the loader of session 19; QB_WG_LEAN=0 builds the one it replaced, for A/B timing): per
+// stage, each thread's activation copies are two chunks of each of its rows (one 64-bit add per row,
+// the second chunk an immediate offset away on both sides) and only the warps holding scale / zero
+// copies issue them: ~75 loader instructions per warp and stage at (2, 1) x 64 before.
+#ifndef QB_WG_LEAN
+#define QB_WG_LEAN 1
+#endif
 constexpr int WG_LKS = 3;
 constexpr int WG_KSTEPS = 1 << WG_LKS;      // k16 steps per stage (a stage's fixed cost is what bounds the kernel)
 constexpr int WG_SZ_BYTES = 192;           // one (column tile, group): 64 scales (128 B) + 64 zero codes
@@ -100,7 +107,15 @@ __device__ __forceinline__ void cp_async16_zfill_if(uint32_t dst, const void* sr
                : "memory");
 }
 
-#if QB_WG_NODRAIN
+// cp.async of 16 bytes, zeros instead of the source unless `valid` (the source is then not read: PTX's
+// ignore-src), issued only if `on`; both predicates, no branch
+__device__ __forceinline__ void cp_async16_zero_unless(uint32_t dst, const void* src, bool valid, bool on) {
+  asm volatile("{\n .reg .pred p, z;\n setp.ne.b32 p, %3, 0;\n setp.eq.b32 z, %2, 0;\n"
+               " @p cp.async.cg.shared.global [%0], [%1], 16, z;\n}"
+               ::"r"(dst), "l"(__cvta_generic_to_global(src)), "r"((int)valid), "r"((int)on)
+               : "memory");
+}
+
 // cp.async under a predicate, no branch: with wgmmas in flight across the loader (QB_WG_NODRAIN) a
 // per-thread branch may make ptxas serialize every wgmma (C7518: its waits in a divergent path)
 __device__ __forceinline__ void cp_async16_if(uint32_t dst, const void* src, bool on) {
@@ -108,7 +123,6 @@ __device__ __forceinline__ void cp_async16_if(uint32_t dst, const void* src, boo
                ::"r"(dst), "l"(__cvta_generic_to_global(src)), "r"((int)on)
                : "memory");
 }
-#endif
 
 #if QB_WG_TMA
 // Copy-engine staging (QB_WG_TMA). Each issue is predicated, not branched (see cp_async16_if).
@@ -286,6 +300,106 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
   const T* x = reinterpret_cast<const T*>(p.x);
   const uint4* qwg = p.qpk;  // [NT][KS][4 wq][2 h][32 lanes][4 steps] words: see w4a16_cuda.wgmma_pack
 
+#if QB_WG_LEAN
+  // Per-thread load plan: pointers fixed per column block (recomputed when the loader enters a new
+  // block, at most a few times per CTA); a stage adds its offset. The loader is ~10 % of a warp's
+  // instructions (it was ~25 %: ncu_stalls --by-opcode, run 15), so every copy's address costs at most
+  // one 64-bit add per stage.
+  const int lg = p.WN, sh = min(p.WN, WG_LKS);  // log2(k16 steps per group); k16 step i of a stage uses group slot i >> sh
+  // scales / zeros: the stage's slots used (WG_KSTEPS >> sh groups per tile) numbered densely, chunk
+  // c = (tile v, slot, 16-byte piece ch) of c < CT x slots x 12, so they sit in the first warps, and the
+  // warps with none skip the copies with a warp-uniform branch
+  const int szn = CT * (WG_KSTEPS >> sh) * 12;  // chunks per stage
+  constexpr int SZR = (CT * WG_KSTEPS * 12 + WG_THREADS - 1) / WG_THREADS;
+  const uint8_t* sz_src[SZR];  // piece ch of (tile v, group slot) of the loader's block at group 0
+  int sz_mul[SZR], sz_slot[SZR], sz_v[SZR], sz_ch[SZR];
+  uint32_t sz_dst[SZR];
+#pragma unroll
+  for (int r = 0; r < SZR; ++r) {
+    const int c = min(tid + r * WG_THREADS, szn - 1), ch = c % 12;  // past szn: never issued
+    sz_ch[r] = ch;
+    sz_v[r] = c / ((WG_KSTEPS >> sh) * 12);
+    sz_slot[r] = (c / 12) % (WG_KSTEPS >> sh);
+    sz_mul[r] = ch < 8 ? 128 : 64;
+    sz_dst[r] = L::W + (sz_v[r] * WG_KSTEPS + sz_slot[r]) * WG_SZ_BYTES + ch * 16;
+  }
+  const bool sz_warp = warp_uniform<true>(warp) * 32 < szn;  // this warp holds scale / zero copies
+  // activations: thread tid copies the 16-byte chunks q = tid & 7 and q + 8 (channels 8 q .. 8 q + 7 of
+  // both 64-channel atom columns of the stage) of token rows (tid >> 3) + XROWS r, r < XR. Both chunks of
+  // a row sit at the same swizzled place of their atom column, so the second is the first plus an
+  // immediate on both sides (TB x 128 bytes in shared memory, 64 channels in global); the passes lie
+  // XROWS rows apart, a multiple of 8, so at the same swizzle phase (another immediate).
+  constexpr int XROWS = WG_THREADS / 8;
+  constexpr int XR = (TB + XROWS - 1) / XROWS;
+  constexpr bool XFULL = TB % XROWS == 0;  // else some threads' last pass lies past the block's TB rows
+  static_assert(XROWS % 8 == 0 && L::BYTES % 16 == 0, "swizzle phase per pass, whole chunks");
+  const int xq = tid & 7, xtok = tid >> 3;
+  uint32_t xdst = L::W + L::SZ + sw128_offset(xtok, xq);
+  pin(xdst);
+  const T* xsrc[XR];  // channel 8 q of the pass's token row (row M - 1 past M: an address only, never read)
+  int xklim[XR];      // chunk q holds data while k0 < xklim, chunk q + 8 while k0 + 64 < xklim (rows past M: never)
+  uint32_t xin = 0;   // bit r: pass r's row lies inside the block's TB rows
+#pragma unroll
+  for (int r = 0; r < XR; ++r) {
+    const int tok = tok0 + xtok + XROWS * r;
+    xsrc[r] = x + (size_t)min(tok, p.M - 1) * p.x_stride + xq * 8;
+    xklim[r] = tok < p.M ? p.K - xq * 8 : 0;
+    xin |= (uint32_t)(xtok + XROWS * r < TB) << r;
+    pin(xsrc[r]);
+    pin(xklim[r]);
+  }
+  if constexpr (!XFULL) pin(xin);
+  // weights: a stage's CT tiles are CT x 256 chunks of 16 bytes, contiguous in shared memory; thread tid
+  // copies chunks tid + WG_THREADS r (tile c >> 8, chunk c & 255 of it)
+  constexpr int WR = CT * 256 / WG_THREADS;
+  static_assert(CT * 256 % WG_THREADS == 0, "whole weight chunks per thread");
+  const uint4* wsrc[WR];  // this thread's weight chunk r at stage 0 of the loader's block
+  int ld_blk = warp_uniform<WG_NODRAIN>((int)(u0 / KS)), ld_st = warp_uniform<WG_NODRAIN>((int)(u0 % KS));
+  auto enter_block = [&](int blk) {
+#pragma unroll
+    for (int r = 0; r < WR; ++r) {  // clamped tiles: loaded, never stored
+      const int c = tid + r * WG_THREADS;
+      wsrc[r] = qwg + (size_t)min(blk * CT + (c >> 8), p.NT - 1) * KS * 256 + (c & 255);
+      pin(wsrc[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < SZR; ++r) {
+      const uint8_t* base = sz_ch[r] < 8 ? reinterpret_cast<const uint8_t*>(p.scl) + sz_ch[r] * 16
+                                         : reinterpret_cast<const uint8_t*>(p.zp) + (sz_ch[r] - 8) * 16;
+      sz_src[r] = base + (size_t)min(blk * CT + sz_v[r], p.NT - 1) * p.NG * sz_mul[r];
+      pin(sz_src[r]);
+    }
+  };
+  enter_block(ld_blk);
+
+  // copy the loader's next stage into buffer j % WG_STAGES, then advance the loader
+  auto load_next = [&](int j) {
+    const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
+#pragma unroll
+    for (int r = 0; r < WR; ++r) cp_async16(buf + (r * WG_THREADS + tid) * 16, wsrc[r] + ld_st * 256);
+    if (sz_warp) {  // warp-uniform: no divergent branch between the wgmmas (see warp_uniform)
+      const int g0 = (ld_st << WG_LKS) >> lg;  // the stage's first group
+#pragma unroll
+      for (int r = 0; r < SZR; ++r) {  // group slots past the last group (K's tail): its last group, unused
+        const int gi = min(g0 + sz_slot[r], p.NG - 1);
+        cp_async16_if(buf + sz_dst[r], sz_src[r] + (size_t)gi * sz_mul[r], tid + r * WG_THREADS < szn);
+      }
+    }
+    const int k0 = ld_st * (WG_KSTEPS * 16);
+#pragma unroll
+    for (int r = 0; r < XR; ++r) {  // predicated, no branch: zeros past K and M; a pass past the block's rows copies nothing
+      const T* s = xsrc[r] + k0;
+      const bool on = XFULL || ((xin >> r) & 1);
+      const uint32_t d = buf + xdst + r * (XROWS * 128);
+      cp_async16_zero_unless(d, s, k0 < xklim[r], on);
+      cp_async16_zero_unless(d + TB * 128, s + 64, k0 + 64 < xklim[r], on);
+    }
+    if (++ld_st == KS) {
+      ld_st = 0;
+      enter_block(++ld_blk);
+    }
+  };
+#else
   // Per-thread load plan: offsets fixed per column block (recomputed when the loader enters a new
   // block, at most a few times per CTA); each stage adds its offset.
   constexpr int XROWS = WG_THREADS / 16;  // token rows one pass of the CTA's threads stages (16 chunks each)
@@ -379,6 +493,7 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
       enter_block(++ld_blk);
     }
   };
+#endif  // QB_WG_LEAN
 
   float acc[NTW][TB / 2];
 #pragma unroll
