@@ -58,8 +58,10 @@ constexpr int WG_AHEAD = WG_NODRAIN ? WG_STAGES - 2 : WG_STAGES - 1;  // stages 
 #define QB_WG_ASETS 2
 #endif
 constexpr int WG_ASETS = QB_WG_ASETS;
-#if (defined(QB_ABLATE_NOBAR) || defined(QB_ABLATE_NOFENCE)) && !defined(QB_ABLATE_NOLOAD)
-#error "QB_ABLATE_NOBAR / NOFENCE drop what publishes each stage's copies: only with QB_ABLATE_NOLOAD"
+// QB_ABLATE_UNSAFE: timing-only builds that drop the per-stage proxy fence while still copying (outputs not
+// guaranteed: the wgmmas may read a stage before the copies are visible to the async proxy)
+#if (defined(QB_ABLATE_NOBAR) || defined(QB_ABLATE_NOFENCE)) && !defined(QB_ABLATE_NOLOAD) && !defined(QB_ABLATE_UNSAFE)
+#error "QB_ABLATE_NOBAR / NOFENCE drop what publishes each stage's copies: only with QB_ABLATE_NOLOAD (or QB_ABLATE_UNSAFE)"
 #endif
 static_assert(WG_ASETS == 2 || WG_ASETS == 4, "A register sets: 2 or 4");
 // QB_WG_TMA: one thread per CTA stages each stage with the copy engine — the packed weights and scales /

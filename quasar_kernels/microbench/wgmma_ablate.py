@@ -23,6 +23,8 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
               each buffer on a second mbarrier, no per-stage CTA barrier (exact)
     ws_asets4 both (once the consumers never stop, a deeper wgmma queue per warpgroup may pay more than
               asets4's 1-2 % under the barrier)
+    nofence_unsafe  the shipped loop without the per-stage proxy fence (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC)
+              but with its copies: what the fence costs (timing only, outputs not guaranteed)
     loader0   the cp.async loader shipped until session 19 (QB_WG_LEAN=0: each activation chunk of a thread
               on its own row, a 64-bit address select per chunk, every warp computing the scale / zero
               copies), to time the lean loader against it (exact)
@@ -30,7 +32,7 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 `--shape down` times the down projection (4096 x 12288) instead.
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
-The results are garbage for noload / nomma (timing only).
+The results are garbage for noload / nomma / nofence_unsafe (timing only).
 
 `--times VARIANT` builds that variant recording each CTA's start and end (%globaltimer) and SM, launches
 every configuration of the shape 8 times and prints, per configuration, the median over the last 5 of:
@@ -64,7 +66,7 @@ VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE
             "noload_nobar": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOBAR"],
             "noload_nofence": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOFENCE"],
             "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"], "ws_asets4": ["-DQB_WG_WS=1", "-DQB_WG_ASETS=4"],
-            "loader0": ["-DQB_WG_LEAN=0"]}
+            "nofence_unsafe": ["-DQB_ABLATE_NOFENCE", "-DQB_ABLATE_UNSAFE"], "loader0": ["-DQB_WG_LEAN=0"]}
 # (N, K) of the Qwen3-8B projections the tool times, the configurations it times on each, and the one it
 # profiles (the planner's pick on both Hopper boards since run 10 / run 14)
 SHAPES = {"gate+up": (24576, 4096), "down": (4096, 12288)}
