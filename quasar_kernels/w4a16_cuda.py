@@ -66,8 +66,7 @@ NWARPS = 8
 # warp with per-buffer mbarriers and no per-stage CTA barrier ("ws"). The same products in the same order:
 # outputs are bit for bit equal (quasar_kernels/microbench/wgmma_ablate.py --check). Chosen with
 # QUASAR_WGMMA_STAGING so tests and benchmarks can run a candidate build before it becomes the default.
-# "loader0": the cp.async loader shipped until session 19 (A/B against the lean one).
-WGMMA_STAGINGS = {"cp.async": [], "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"], "loader0": ["-DQB_WG_LEAN=0"]}
+WGMMA_STAGINGS = {"cp.async": [], "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"]}
 
 
 def wgmma_staging() -> str:

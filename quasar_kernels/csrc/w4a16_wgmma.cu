@@ -91,23 +91,9 @@ constexpr bool WG_TMA = QB_WG_TMA != 0;
 #if QB_WG_TMA && !QB_WG_NODRAIN
 #error "QB_WG_TMA is built for the no-drain loop only"
 #endif
-// QB_WG_LEAN (the loader of session 19; QB_WG_LEAN=0 builds the one it replaced, for A/B timing): per
-// stage, each thread's activation copies are two chunks of each of its rows (one 64-bit add per row,
-// the second chunk an immediate offset away on both sides) and only the warps holding scale / zero
-// copies issue them: ~75 loader instructions per warp and stage at (2, 1) x 64 before.
-#ifndef QB_WG_LEAN
-#define QB_WG_LEAN 1
-#endif
 constexpr int WG_LKS = 3;
 constexpr int WG_KSTEPS = 1 << WG_LKS;      // k16 steps per stage (a stage's fixed cost is what bounds the kernel)
 constexpr int WG_SZ_BYTES = 192;           // one (column tile, group): 64 scales (128 B) + 64 zero codes
-
-// cp.async of 16 bytes, zero-filled unless `valid`, issued only if `on` (a predicate, no branch)
-__device__ __forceinline__ void cp_async16_zfill_if(uint32_t dst, const void* src, bool valid, bool on) {
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %3, 0;\n @p cp.async.cg.shared.global [%0], [%1], 16, %2;\n}"
-               ::"r"(dst), "l"(__cvta_generic_to_global(src)), "r"(valid ? 16 : 0), "r"((int)on)
-               : "memory");
-}
 
 // cp.async of 16 bytes, zeros instead of the source unless `valid` (the source is then not read: PTX's
 // ignore-src), issued only if `on`; both predicates, no branch
@@ -183,7 +169,6 @@ __device__ __forceinline__ void hold(float& r) { asm volatile("" : "+f"(r)::"mem
 // recomputing them from threadIdx each stage (it did: ~150 instructions of loader per stage, run 7).
 __device__ __forceinline__ void pin(uint32_t& r) { asm volatile("" : "+r"(r)); }
 __device__ __forceinline__ void pin(int& r) { asm volatile("" : "+r"(r)); }
-__device__ __forceinline__ void pin(long long& r) { asm volatile("" : "+l"(r)); }
 template <typename P>
 __device__ __forceinline__ void pin(P*& ptr) { asm volatile("" : "+l"(ptr)); }
 
@@ -302,7 +287,6 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
   const T* x = reinterpret_cast<const T*>(p.x);
   const uint4* qwg = p.qpk;  // [NT][KS][4 wq][2 h][32 lanes][4 steps] words: see w4a16_cuda.wgmma_pack
 
-#if QB_WG_LEAN
   // Per-thread load plan: pointers fixed per column block (recomputed when the loader enters a new
   // block, at most a few times per CTA); a stage adds its offset. The loader is ~10 % of a warp's
   // instructions (it was ~25 %: ncu_stalls --by-opcode, run 15), so every copy's address costs at most
@@ -401,101 +385,6 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
       enter_block(++ld_blk);
     }
   };
-#else
-  // Per-thread load plan: offsets fixed per column block (recomputed when the loader enters a new
-  // block, at most a few times per CTA); each stage adds its offset.
-  constexpr int XROWS = WG_THREADS / 16;  // token rows one pass of the CTA's threads stages (16 chunks each)
-  constexpr int XR = (TB + XROWS - 1) / XROWS;
-  constexpr bool XFULL = TB % XROWS == 0;  // else some threads' last pass lies past the block's TB rows
-  const int lg = p.WN, sh = min(p.WN, WG_LKS);  // log2(k16 steps per group); k16 step i of a stage uses group slot i >> sh
-  constexpr int SZR = (CT * WG_KSTEPS * 12 + WG_THREADS - 1) / WG_THREADS;
-  const uint8_t* sz_src[SZR];
-  int sz_mul[SZR], sz_slot[SZR], sz_v[SZR], sz_row[SZR];
-  uint32_t sz_dst[SZR];
-  bool sz_on[SZR];
-#pragma unroll
-  for (int r = 0; r < SZR; ++r) {  // chunk c = (tile v, group slot, 16-byte piece ch), only the slots a stage uses
-    const int c = tid + r * WG_THREADS, ch = c % 12;
-    sz_v[r] = c / (WG_KSTEPS * 12);
-    sz_slot[r] = (c / 12) % WG_KSTEPS;
-    sz_on[r] = c < CT * WG_KSTEPS * 12 && sz_slot[r] < (WG_KSTEPS >> sh);
-    sz_src[r] = ch < 8 ? reinterpret_cast<const uint8_t*>(p.scl) + ch * 16 : reinterpret_cast<const uint8_t*>(p.zp) + (ch - 8) * 16;
-    sz_mul[r] = ch < 8 ? 128 : 64;
-    sz_dst[r] = L::W + (sz_v[r] * WG_KSTEPS + sz_slot[r]) * WG_SZ_BYTES + ch * 16;
-  }
-  // activations: thread tid copies chunks (token (tid >> 4) + XROWS r, 8 channels kc = tid & 15) for
-  // r < XR: one shared-memory base (the chunks of r > 0 sit XROWS rows further, a multiple of 8 rows, so
-  // the same swizzle phase) and one global pointer plus r rows of XROWS, so a stage costs a few adds per
-  // chunk (the kernel is issue-bound: ncu at run 7 counted ~480 instructions per warp and stage, ~150 of
-  // them in the loader)
-  static_assert(XROWS % 8 == 0 && L::BYTES % 16 == 0, "swizzle phase per pass, whole chunks");
-  const int xkc = tid & 15, xtok = tid >> 4;
-  uint32_t xdst = L::W + L::SZ + (xkc >> 3) * (TB * 128) + sw128_offset(xtok, xkc & 7);
-  const T* xsrc = x + (size_t)min(tok0 + xtok, p.M - 1) * p.x_stride + xkc * 8;
-  long long xrs = XROWS * p.x_stride;  // elements between a thread's chunks
-  uint32_t xmask = 0, xin = 0;  // bit r: row tok0 + xtok + XROWS r exists / lies inside the block's TB rows
-#pragma unroll
-  for (int r = 0; r < XR; ++r) {
-    xmask |= (uint32_t)(tok0 + xtok + XROWS * r < p.M) << r;
-    xin |= (uint32_t)(xtok + XROWS * r < TB) << r;
-  }
-  int xklim = p.K - xkc * 8;  // a stage's chunk exists while its first channel k0 + 8 kc < K
-  pin(xdst);
-  pin(xsrc);
-  pin(xrs);
-  pin(xmask);
-  if constexpr (!XFULL) pin(xin);
-  pin(xklim);
-  // weights: a stage's CT tiles are CT x 256 chunks of 16 bytes, contiguous in shared memory; thread tid
-  // copies chunks tid + WG_THREADS r (tile c >> 8, chunk c & 255 of it)
-  constexpr int WR = CT * 256 / WG_THREADS;
-  static_assert(CT * 256 % WG_THREADS == 0, "whole weight chunks per thread");
-  const uint4* wsrc[WR];  // this thread's weight chunk r at stage 0 of the loader's block
-  int ld_blk = warp_uniform<WG_NODRAIN>((int)(u0 / KS)), ld_st = warp_uniform<WG_NODRAIN>((int)(u0 % KS));
-  auto enter_block = [&](int blk) {
-#pragma unroll
-    for (int r = 0; r < WR; ++r) {  // clamped tiles: loaded, never stored
-      const int c = tid + r * WG_THREADS;
-      wsrc[r] = qwg + (size_t)min(blk * CT + (c >> 8), p.NT - 1) * KS * 256 + (c & 255);
-      pin(wsrc[r]);
-    }
-#pragma unroll
-    for (int r = 0; r < SZR; ++r) sz_row[r] = min(blk * CT + sz_v[r], p.NT - 1) * p.NG;
-  };
-  enter_block(ld_blk);
-
-  // copy the loader's next stage into buffer j % WG_STAGES, then advance the loader
-  auto load_next = [&](int j) {
-    const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
-#pragma unroll
-    for (int r = 0; r < WR; ++r) cp_async16(buf + (r * WG_THREADS + tid) * 16, wsrc[r] + ld_st * 256);
-#pragma unroll
-    for (int r = 0; r < SZR; ++r)
-#if QB_WG_NODRAIN
-    {
-      const int gi = min(((ld_st << WG_LKS) >> lg) + sz_slot[r], p.NG - 1);
-      cp_async16_if(buf + sz_dst[r], sz_src[r] + (size_t)(sz_row[r] + gi) * sz_mul[r], sz_on[r]);
-    }
-#else
-      if (sz_on[r]) {
-        const int gi = min(((ld_st << WG_LKS) >> lg) + sz_slot[r], p.NG - 1);
-        cp_async16(buf + sz_dst[r], sz_src[r] + (size_t)(sz_row[r] + gi) * sz_mul[r]);
-      }
-#endif
-    const int k0 = ld_st * (WG_KSTEPS * 16);
-    const uint32_t okm = k0 < xklim ? xmask : 0u;  // zero past K and past M
-    const T* xk = xsrc + k0;
-#pragma unroll
-    for (int r = 0; r < XR; ++r) {  // predicated, no branch: a pass past the block's rows copies nothing
-      const bool ok = (okm >> r) & 1;
-      cp_async16_zfill_if(buf + xdst + r * (XROWS * 128), ok ? xk + r * xrs : xsrc, ok, XFULL || ((xin >> r) & 1));
-    }
-    if (++ld_st == KS) {
-      ld_st = 0;
-      enter_block(++ld_blk);
-    }
-  };
-#endif  // QB_WG_LEAN
 
   float acc[NTW][TB / 2];
 #pragma unroll

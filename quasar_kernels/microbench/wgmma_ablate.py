@@ -25,9 +25,6 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
               asets4's 1-2 % under the barrier)
     nofence_unsafe  the shipped loop without the per-stage proxy fence (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC)
               but with its copies: what the fence costs (timing only, outputs not guaranteed)
-    loader0   the cp.async loader shipped until session 19 (QB_WG_LEAN=0: each activation chunk of a thread
-              on its own row, a 64-bit address select per chunk, every warp computing the scale / zero
-              copies), to time the lean loader against it (exact)
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 `--shape down` times the down projection (4096 x 12288) instead.
@@ -66,7 +63,7 @@ VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE
             "noload_nobar": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOBAR"],
             "noload_nofence": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOFENCE"],
             "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"], "ws_asets4": ["-DQB_WG_WS=1", "-DQB_WG_ASETS=4"],
-            "nofence_unsafe": ["-DQB_ABLATE_NOFENCE", "-DQB_ABLATE_UNSAFE"], "loader0": ["-DQB_WG_LEAN=0"]}
+            "nofence_unsafe": ["-DQB_ABLATE_NOFENCE", "-DQB_ABLATE_UNSAFE"]}
 # (N, K) of the Qwen3-8B projections the tool times, the configurations it times on each, and the one it
 # profiles (the planner's pick on both Hopper boards since run 10 / run 14)
 SHAPES = {"gate+up": (24576, 4096), "down": (4096, 12288)}
@@ -80,7 +77,7 @@ CONFIGS = {  # gate+up: 3 warpgroups make 128 whole blocks; down: 32 blocks of 1
 PROFILED = {"gate+up": lambda tb: dict(ctas=128, tb=tb, nw=1, wg=3),
             "down": lambda tb: dict(ctas=256 if tb == 64 else 128, tb=tb, nw=1)}
 # variants that compute what the shipped kernel computes, in the same order: outputs bit for bit equal
-EXACT = ("drain", "stages8", "asets4", "tma", "ws", "ws_asets4", "loader0")
+EXACT = ("drain", "stages8", "asets4", "tma", "ws", "ws_asets4")
 
 
 def build(variant: str, times: bool = False):

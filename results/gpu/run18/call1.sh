@@ -1,4 +1,6 @@
 #!/bin/bash
+# Ran at commit 2754c6b: the previous loader (QB_WG_LEAN=0, variant / staging build `loader0`) was removed after
+# this run; check out that commit to repeat the A/B.
 # Run 18, call 1 (session 19): GPU tests of the wgmma kernel with the lean loader (QB_WG_LEAN, default),
 # then the lean loader (base) against the previous one (loader0) on down and gate+up, interleaved in one
 # process, then bit-for-bit equality of the two builds.

@@ -1,4 +1,6 @@
 #!/bin/bash
+# Ran at commit 4fa3ab2: the previous loader (QB_WG_LEAN=0, variant / staging build `loader0`) was removed after
+# this run; check out that commit to repeat the A/B.
 # Run 18, call 2 (session 19): the kernel table with the lean loader (shipped build) and with the previous
 # loader (QUASAR_WGMMA_STAGING=loader0, i.e. -DQB_WG_LEAN=0), same machine, planner choosing each; then
 # down at M = 64 / 128 once more, 15 interleaved rounds (call 1's 5 rounds spread 23.5-32.6 µs on down).
