@@ -288,9 +288,9 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
   const uint4* qwg = p.qpk;  // [NT][KS][4 wq][2 h][32 lanes][4 steps] words: see w4a16_cuda.wgmma_pack
 
   // Per-thread load plan: pointers fixed per column block (recomputed when the loader enters a new
-  // block, at most a few times per CTA); a stage adds its offset. The loader is ~10 % of a warp's
-  // instructions (it was ~25 %: ncu_stalls --by-opcode, run 15), so every copy's address costs at most
-  // one 64-bit add per stage.
+  // block, at most a few times per CTA); a stage adds its offset, at most one 64-bit add per copy. At
+  // (2, 1) x 64 the loader is 39 of a warp's ~231 instructions per stage (SASS, session 19; it was 76 of
+  // ~268 with one address select per activation chunk: quasar_kernels/NOTES.md, run 18).
   const int lg = p.WN, sh = min(p.WN, WG_LKS);  // log2(k16 steps per group); k16 step i of a stage uses group slot i >> sh
   // scales / zeros: the stage's slots used (WG_KSTEPS >> sh groups per tile) numbered densely, chunk
   // c = (tile v, slot, 16-byte piece ch) of c < CT x slots x 12, so they sit in the first warps, and the
