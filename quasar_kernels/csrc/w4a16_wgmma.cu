@@ -361,6 +361,7 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
   // copy the loader's next stage into buffer j % WG_STAGES, then advance the loader
   auto load_next = [&](int j) {
     const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
+#ifndef QB_ABLATE_NOWLOAD  // diagnostic (timing only): the weights and scales / zeros are not refreshed
 #pragma unroll
     for (int r = 0; r < WR; ++r) cp_async16(buf + (r * WG_THREADS + tid) * 16, wsrc[r] + ld_st * 256);
     if (sz_warp) {  // warp-uniform: no divergent branch between the wgmmas (see warp_uniform)
@@ -371,6 +372,8 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
         cp_async16_if(buf + sz_dst[r], sz_src[r] + (size_t)gi * sz_mul[r], tid + r * WG_THREADS < szn);
       }
     }
+#endif
+#ifndef QB_ABLATE_NOXLOAD  // diagnostic (timing only): the activations are not refreshed
     const int k0 = ld_st * (WG_KSTEPS * 16);
 #pragma unroll
     for (int r = 0; r < XR; ++r) {  // predicated, no branch: zeros past K and M; a pass past the block's rows copies nothing
@@ -380,6 +383,7 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
       cp_async16_zero_unless(d, s, k0 < xklim[r], on);
       cp_async16_zero_unless(d + TB * 128, s + 64, k0 + 64 < xklim[r], on);
     }
+#endif
     if (++ld_st == KS) {
       ld_st = 0;
       enter_block(++ld_blk);

@@ -25,11 +25,14 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
               asets4's 1-2 % under the barrier)
     nofence_unsafe  the shipped loop without the per-stage proxy fence (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC)
               but with its copies: what the fence costs (timing only, outputs not guaranteed)
+    noxload   the shipped loop without the activation copies (weights and scales still stream from HBM):
+              what re-reading the token block from L2 for every column block costs (timing only)
+    nowload   the shipped loop without the weight and scale / zero copies (activations still copied)
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 `--shape down` times the down projection (4096 x 12288) instead.
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
-The results are garbage for noload / nomma / nofence_unsafe (timing only).
+The results are garbage for noload / nomma / nofence_unsafe / noxload / nowload (timing only).
 
 `--times VARIANT` builds that variant recording each CTA's start and end (%globaltimer) and SM, launches
 every configuration of the shape 8 times and prints, per configuration, the median over the last 5 of:
@@ -63,7 +66,8 @@ VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE
             "noload_nobar": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOBAR"],
             "noload_nofence": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NOFENCE"],
             "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"], "ws_asets4": ["-DQB_WG_WS=1", "-DQB_WG_ASETS=4"],
-            "nofence_unsafe": ["-DQB_ABLATE_NOFENCE", "-DQB_ABLATE_UNSAFE"]}
+            "nofence_unsafe": ["-DQB_ABLATE_NOFENCE", "-DQB_ABLATE_UNSAFE"],
+            "noxload": ["-DQB_ABLATE_NOXLOAD"], "nowload": ["-DQB_ABLATE_NOWLOAD"]}
 # (N, K) of the Qwen3-8B projections the tool times, the configurations it times on each, and the one it
 # profiles (the planner's pick on both Hopper boards since run 10 / run 14)
 SHAPES = {"gate+up": (24576, 4096), "down": (4096, 12288)}
@@ -72,7 +76,8 @@ CONFIGS = {  # gate+up: 3 warpgroups make 128 whole blocks; down: 32 blocks of 1
                            + [dict(ctas=c, tb=tb, nw=2) for c in (96, 132)]
                            + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (128, 132)]),
     "down": lambda tb: ([dict(ctas=c, tb=tb, nw=1) for c in (128, 132, 256, 264)]
-                        + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (132, 264)]),
+                        + [dict(ctas=c, tb=tb, nw=1, wg=3) for c in (132, 264)]
+                        + [dict(ctas=128, tb=tb, nw=2)]),  # 16 blocks of 256 rows: half the activation re-reads
 }
 PROFILED = {"gate+up": lambda tb: dict(ctas=128, tb=tb, nw=1, wg=3),
             "down": lambda tb: dict(ctas=256 if tb == 64 else 128, tb=tb, nw=1)}
