@@ -50,6 +50,16 @@ constexpr int WG_STAGES = QB_WG_STAGES;
 #endif
 constexpr bool WG_NODRAIN = QB_WG_NODRAIN != 0;
 constexpr int WG_AHEAD = WG_NODRAIN ? WG_STAGES - 2 : WG_STAGES - 1;  // stages the loader runs ahead
+// QB_WG_LOAD_AFTER (cp.async no-drain loop): the loader's copies for stage j + WG_AHEAD are issued after the
+// wgmmas of k16 step QB_WG_LOAD_AFTER - 1 of stage j, not right after the stage's barrier (0). Between the
+// barrier and a stage's first wgmma only the previous stage's last wgmma is in flight, so whatever
+// sits there (the loader's ~40 instructions per warp, then step 0's shared loads and dequantization)
+// leaves the tensor pipe idle (SASS, session 20); later, it runs in the shadow of queued wgmmas.
+#ifndef QB_WG_LOAD_AFTER
+#define QB_WG_LOAD_AFTER 0
+#endif
+constexpr int WG_LOAD_AFTER = QB_WG_LOAD_AFTER;
+static_assert(WG_LOAD_AFTER >= 0 && WG_LOAD_AFTER < 8, "QB_WG_LOAD_AFTER: a k16 step of the stage (0: before step 0)");
 // QB_WG_ASETS (diagnostic builds only): A register sets per tile. Step i dequantizes into set i % ASETS and
 // waits until at most ASETS - 1 of the warpgroup's wgmmas are in flight (wait_group ASETS - 1), so 2 sets
 // keep two wgmmas in flight per warpgroup (shipped) and 4 keep four. A power of two dividing the 8 steps of a
@@ -481,7 +491,7 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
   };
   const uint64_t xdesc0 = smem_desc_sw128(sbase + L::W + L::SZ);  // buffer 0, step 0: a buffer / k16
   // step adds its byte offset / 16 to the address field (bits 0-13; offsets stay under 256 KB)
-  auto mma_stage = [&](int j, auto one_group, bool release_prev = false) {
+  auto mma_stage = [&](int j, auto one_group, bool release_prev, auto after_step) {
     const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
     const uint64_t desc = xdesc0 + (uint64_t)((uint32_t)(j & (WG_STAGES - 1)) * (L::BYTES >> 4));
     uint32_t q[NTW][WG_KSTEPS];
@@ -538,6 +548,7 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
         if (i == 0) mbar_arrive_if(empty_bar(j - 1), release_prev);
 #endif
       }
+      after_step(i);  // i is a constant once unrolled: no branch remains
     }
     if constexpr (!WG_NODRAIN) drain();
   };
@@ -685,7 +696,7 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
         const int first_st = cu_st, seg = min(KS - cu_st, nst - j);
         for (int s = 0; s < seg; ++s, ++j) {
           mbar_wait(full_bar(j), (uint32_t)(j / WG_STAGES) & 1);  // stage j is in
-          mma_stage(j, one_group, s > 0);
+          mma_stage(j, one_group, s > 0, [](auto) {});
         }
         close_block(first_st, seg, j);
       }
@@ -709,7 +720,7 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
           }
           mbar_wait(full_bar(j), (uint32_t)(j / WG_STAGES) & 1);  // stage j is in
 #ifndef QB_ABLATE_NOMMA
-          mma_stage(j, one_group);
+          mma_stage(j, one_group, false, [](auto) {});
 #endif
           continue;
 #endif
@@ -720,12 +731,19 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
 #endif
           __syncthreads();  // stage j is in for every thread; every warpgroup is done with stage j - 2
 #endif
+          auto load = [&]() {
 #ifndef QB_ABLATE_NOLOAD
-          if (j + WG_AHEAD < nst) load_next(j + WG_AHEAD);
+            if (j + WG_AHEAD < nst) load_next(j + WG_AHEAD);
 #endif
-          cp_async_commit();
+            cp_async_commit();
+          };
 #ifndef QB_ABLATE_NOMMA
-          mma_stage(j, one_group);
+          if constexpr (WG_LOAD_AFTER == 0) load();
+          mma_stage(j, one_group, false, [&](int step) {
+            if (WG_LOAD_AFTER > 0 && step == WG_LOAD_AFTER - 1) load();
+          });
+#else
+          load();
 #endif
         }
         close_block(first_st, seg, j);
@@ -745,8 +763,8 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
 #endif
     cp_async_commit();
 #ifndef QB_ABLATE_NOMMA
-    if (sh == WG_LKS) mma_stage(j, std::true_type{});
-    else mma_stage(j, std::false_type{});
+    if (sh == WG_LKS) mma_stage(j, std::true_type{}, false, [](auto) {});
+    else mma_stage(j, std::false_type{}, false, [](auto) {});
 #endif
     if (cu_st == KS - 1 || j == nst - 1) {  // the block ends here or the CTA's range does
       finish_block(cu_blk, first_st == 0 && cu_st == KS - 1, sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES);
