@@ -519,10 +519,17 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
           z_hi[jj] = NEG | (zw >> 8) | ((zw >> 8) << 16);
         }
         uint32_t* f = a[i % WG_ASETS][jj];
+#ifdef QB_ABLATE_NODEQ  // diagnostic (timing only): the packed words themselves as A, no dequantization
+        f[0] = q[jj][i];
+        f[1] = s_lo[jj];
+        f[2] = z_lo[jj];
+        f[3] = s_hi[jj] ^ z_hi[jj];
+#else
         f[0] = sub_mul<BF16>(nib2<EX>(q[jj][i]), z_lo[jj], s_lo[jj]);
         f[1] = sub_mul<BF16>(nib2<EX>(q[jj][i] >> 8), z_hi[jj], s_hi[jj]);
         f[2] = sub_mul<BF16>(nib2<EX>(q[jj][i] >> 4), z_lo[jj], s_lo[jj]);
         f[3] = sub_mul<BF16>(nib2<EX>(q[jj][i] >> 12), z_hi[jj], s_hi[jj]);
+#endif
       }
 #pragma unroll
       for (int jj = 0; jj < NTW; ++jj)

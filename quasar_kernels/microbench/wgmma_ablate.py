@@ -30,11 +30,14 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
     nowload   the shipped loop without the weight and scale / zero copies (activations still copied)
     late2, late4, late6  the loader's copies issued after the wgmmas of k16 step 1 / 3 / 5 of each stage
               instead of between the stage's barrier and its first wgmma (QB_WG_LOAD_AFTER; exact)
+    nodeq     no dequantization: each step's A fragments are the packed words and scale / zero registers
+              as they are (the ALU work of the step removed, its shared loads kept; timing only)
+    noload_nodeq  both noload and nodeq: the wgmma chain with the stage frame and nothing else
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 `--shape down` times the down projection (4096 x 12288) instead.
 Prints one line per (variant, M, config): median µs, spread, x cuBLAS bf16 (timed the same way).
-The results are garbage for noload / nomma / nofence_unsafe / noxload / nowload (timing only).
+The results are garbage for noload / nomma / nofence_unsafe / noxload / nowload / nodeq (timing only).
 
 `--times VARIANT` builds that variant recording each CTA's start and end (%globaltimer) and SM, launches
 every configuration of the shape 8 times and prints, per configuration, the median over the last 5 of:
@@ -70,7 +73,8 @@ VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE
             "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"], "ws_asets4": ["-DQB_WG_WS=1", "-DQB_WG_ASETS=4"],
             "nofence_unsafe": ["-DQB_ABLATE_NOFENCE", "-DQB_ABLATE_UNSAFE"],
             "noxload": ["-DQB_ABLATE_NOXLOAD"], "nowload": ["-DQB_ABLATE_NOWLOAD"],
-            "late2": ["-DQB_WG_LOAD_AFTER=2"], "late4": ["-DQB_WG_LOAD_AFTER=4"], "late6": ["-DQB_WG_LOAD_AFTER=6"]}
+            "late2": ["-DQB_WG_LOAD_AFTER=2"], "late4": ["-DQB_WG_LOAD_AFTER=4"], "late6": ["-DQB_WG_LOAD_AFTER=6"],
+            "nodeq": ["-DQB_ABLATE_NODEQ"], "noload_nodeq": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NODEQ"]}
 # (N, K) of the Qwen3-8B projections the tool times, the configurations it times on each, and the one it
 # profiles (the planner's pick on both Hopper boards since run 10 / run 14)
 SHAPES = {"gate+up": (24576, 4096), "down": (4096, 12288)}
