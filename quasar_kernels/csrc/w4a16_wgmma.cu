@@ -59,9 +59,6 @@ constexpr int WG_AHEAD = WG_NODRAIN ? WG_STAGES - 2 : WG_STAGES - 1;  // stages 
 #define QB_WG_LOAD_AFTER 0
 #endif
 constexpr int WG_LOAD_AFTER = QB_WG_LOAD_AFTER;
-#ifndef QB_WG_OLDSUM
-#define QB_WG_OLDSUM 0
-#endif
 static_assert(WG_LOAD_AFTER >= 0 && WG_LOAD_AFTER < 8, "QB_WG_LOAD_AFTER: a k16 step of the stage (0: before step 0)");
 // QB_WG_ASETS (diagnostic builds only): A register sets per tile. Step i dequantizes into set i % ASETS and
 // waits until at most ASETS - 1 of the warpgroup's wgmmas are in flight (wait_group ASETS - 1), so 2 sets
@@ -604,57 +601,21 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
       consumers_sync();
       if (!s_last) return;
       __threadfence();
-      // one L2 round trip per part, the own part re-read: the sum shipped until run 19, still used where the
-      // batched sum below spills (ptxas: (3, 1) and (2, 2) x 128), and in QB_WG_OLDSUM diagnostic builds
-      if constexpr (QB_WG_OLDSUM || NTW * TB * NWG > 256) {
 #pragma unroll
-        for (int jj = 0; jj < NTW; ++jj)
+      for (int jj = 0; jj < NTW; ++jj)
 #pragma unroll
-          for (int i = 0; i < TB / 2; ++i) acc[jj][i] = 0.f;
-        for (int q = 0; q < parts; ++q) {
-          const float* part = p.ws + (size_t)q * rank_stride + blk_slot;
-#pragma unroll
-          for (int jj = 0; jj < NTW; ++jj)
-#pragma unroll
-            for (int u = 0; u < TB / 8; ++u) {
-              const float4 w = __ldcg(reinterpret_cast<const float4*>(part + (((wg * NTW + jj) * (TB / 8) + u) * 128 + wtid) * 4));
-              acc[jj][4 * u] += w.x;
-              acc[jj][4 * u + 1] += w.y;
-              acc[jj][4 * u + 2] += w.z;
-              acc[jj][4 * u + 3] += w.w;
-            }
-        }
-      } else {
-        // Sum the parts in rank order (0 + part 0 + part 1 + ...: the same result whichever CTA is last),
-        // each 4-float chunk's parts loaded together, up to 4 at a time, so the sum costs about one L2
-        // round trip instead of one per part (the block's tail: ~2.3 us of down's launch at M = 64, run 19);
-        // this CTA's own part is taken from its registers, equal to what it stored.
-        const int me = (int)blockIdx.x - first;
+        for (int i = 0; i < TB / 2; ++i) acc[jj][i] = 0.f;
+      for (int q = 0; q < parts; ++q) {
+        const float* part = p.ws + (size_t)q * rank_stride + blk_slot;
 #pragma unroll
         for (int jj = 0; jj < NTW; ++jj)
 #pragma unroll
           for (int u = 0; u < TB / 8; ++u) {
-            const size_t off = (size_t)(((wg * NTW + jj) * (TB / 8) + u) * 128 + wtid) * 4;
-            const float4 own = make_float4(acc[jj][4 * u], acc[jj][4 * u + 1], acc[jj][4 * u + 2], acc[jj][4 * u + 3]);
-            float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-            for (int q0 = 0; q0 < parts; q0 += 4) {
-              float4 w[4];
-#pragma unroll
-              for (int d = 0; d < 4; ++d)
-                w[d] = q0 + d < parts && q0 + d != me ? __ldcg(reinterpret_cast<const float4*>(p.ws + (size_t)(q0 + d) * rank_stride + blk_slot + off)) : own;
-#pragma unroll
-              for (int d = 0; d < 4; ++d)
-                if (q0 + d < parts) {
-                  sum.x += w[d].x;
-                  sum.y += w[d].y;
-                  sum.z += w[d].z;
-                  sum.w += w[d].w;
-                }
-            }
-            acc[jj][4 * u] = sum.x;
-            acc[jj][4 * u + 1] = sum.y;
-            acc[jj][4 * u + 2] = sum.z;
-            acc[jj][4 * u + 3] = sum.w;
+            const float4 w = __ldcg(reinterpret_cast<const float4*>(part + (((wg * NTW + jj) * (TB / 8) + u) * 128 + wtid) * 4));
+            acc[jj][4 * u] += w.x;
+            acc[jj][4 * u + 1] += w.y;
+            acc[jj][4 * u + 2] += w.z;
+            acc[jj][4 * u + 3] += w.w;
           }
       }
       if (tid == 0) p.cnt[cidx] = 0;  // ready for the next call

@@ -33,8 +33,6 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
     nodeq     no dequantization: each step's A fragments are the packed words and scale / zero registers
               as they are (the ALU work of the step removed, its shared loads kept; timing only)
     noload_nodeq  both noload and nodeq: the wgmma chain with the stage frame and nothing else
-    oldsum    the split-K sum shipped until run 19: one L2 round trip per part, the own part re-read
-              (same additions in the same order: exact)
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 `--shape down` times the down projection (4096 x 12288) instead.
@@ -76,8 +74,7 @@ VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE
             "nofence_unsafe": ["-DQB_ABLATE_NOFENCE", "-DQB_ABLATE_UNSAFE"],
             "noxload": ["-DQB_ABLATE_NOXLOAD"], "nowload": ["-DQB_ABLATE_NOWLOAD"],
             "late2": ["-DQB_WG_LOAD_AFTER=2"], "late4": ["-DQB_WG_LOAD_AFTER=4"], "late6": ["-DQB_WG_LOAD_AFTER=6"],
-            "nodeq": ["-DQB_ABLATE_NODEQ"], "noload_nodeq": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NODEQ"],
-            "oldsum": ["-DQB_WG_OLDSUM=1"]}
+            "nodeq": ["-DQB_ABLATE_NODEQ"], "noload_nodeq": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NODEQ"]}
 # (N, K) of the Qwen3-8B projections the tool times, the configurations it times on each, and the one it
 # profiles (the planner's pick on both Hopper boards since run 10 / run 14)
 SHAPES = {"gate+up": (24576, 4096), "down": (4096, 12288)}
@@ -92,7 +89,7 @@ CONFIGS = {  # gate+up: 3 warpgroups make 128 whole blocks; down: 32 blocks of 1
 PROFILED = {"gate+up": lambda tb: dict(ctas=128, tb=tb, nw=1, wg=3),
             "down": lambda tb: dict(ctas=256 if tb == 64 else 128, tb=tb, nw=1)}
 # variants that compute what the shipped kernel computes, in the same order: outputs bit for bit equal
-EXACT = ("drain", "stages8", "asets4", "tma", "ws", "ws_asets4", "late2", "late4", "late6", "oldsum")
+EXACT = ("drain", "stages8", "asets4", "tma", "ws", "ws_asets4", "late2", "late4", "late6")
 
 
 def build(variant: str, times: bool = False):

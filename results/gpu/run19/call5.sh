@@ -1,7 +1,7 @@
 #!/bin/bash
 # Run 19, call 5 (session 20): the batched split-K sum (base) against the sum shipped until now (oldsum):
 # bit-equality over the check cases, timing on down (the shape whose blocks are split), then the GPU tests
-# of the shipped build.
+# of the shipped build. Ran at 7f4aab4 (the batched sum and the `oldsum` variant were reverted after it).
 export PYTHONPATH=$PWD/.gpu_site:$PYTHONPATH PYTHONUNBUFFERED=1
 o=$OUT/run19; mkdir -p $o
 timeout 200 python -m quasar_kernels.microbench.wgmma_ablate --check --variants oldsum > $o/check_oldsum.txt 2>&1
