@@ -37,6 +37,23 @@ def test_ablate_refuses_two_modes_at_once(capsys):
     assert "not allowed with" in capsys.readouterr().err
 
 
+def test_every_ablation_variant_sets_macros_the_kernel_reads():
+    # a variant whose macro the kernel source never tests builds the shipped kernel under another
+    # name, and its timings would then be read as a measured effect
+    import re
+    from pathlib import Path
+
+    from quasar_kernels.microbench import wgmma_ablate as wa
+
+    src = (Path(wa.__file__).parents[1] / "csrc" / "w4a16_wgmma.cu").read_text()
+    read = set(re.findall(r"(?:#ifdef|#ifndef|defined\()\s*(QB_\w+)", src))  # every switch is #ifndef'd to a default
+    for name, flags in wa.VARIANTS.items():
+        for f in flags:
+            macro = re.match(r"-D(QB_\w+)", f).group(1)
+            assert macro in read, f"variant {name}: {macro} is never tested in w4a16_wgmma.cu"
+    assert set(wa.EXACT) <= set(wa.VARIANTS)
+
+
 def test_ncu_stalls_by_opcode_groups_guarded_lines_and_counts_per_step(tmp_path, capsys):
     """--by-opcode strips predicate guards before classifying (a guarded cp.async is a cp.async, not
     'other'), counts a LOP3 that writes a predicate and an arithmetic shift as integer work, not
