@@ -54,7 +54,8 @@ constexpr int WG_AHEAD = WG_NODRAIN ? WG_STAGES - 2 : WG_STAGES - 1;  // stages 
 // wgmmas of k16 step QB_WG_LOAD_AFTER - 1 of stage j, not right after the stage's barrier (0). Between the
 // barrier and a stage's first wgmma only the previous stage's last wgmma is in flight, so whatever
 // sits there (the loader's ~40 instructions per warp, then step 0's shared loads and dequantization)
-// leaves the tensor pipe idle (SASS, session 20); later, it runs in the shadow of queued wgmmas.
+// leaves the tensor pipe idle (SASS, session 20); later, it runs in the shadow of queued wgmmas. Measured 0-3 %
+// faster at 2 / 4 (run 19), so not shipped; at 1 ptxas serializes the (3, 1) instances' wgmmas (C7513).
 #ifndef QB_WG_LOAD_AFTER
 #define QB_WG_LOAD_AFTER 0
 #endif
