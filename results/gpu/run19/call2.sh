@@ -2,6 +2,8 @@
 # Run 19, call 2 (session 20): the loader's copies after the wgmmas of step 1 / 3 / 5 of each stage
 # (late2 / late4 / late6) against the shipped placement right after the stage's barrier (base):
 # bit-equality first, then timing on down and gate+up, M = 64 / 128, interleaved rounds.
+# This call timed nothing: its timeouts were too short for building three new variants on a cold machine
+# (see call2b.sh for what ran on the same machine next). late6 never built and was later dropped.
 export PYTHONPATH=$PWD/.gpu_site:$PYTHONPATH PYTHONUNBUFFERED=1
 o=$OUT/run19; mkdir -p $o
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader > $o/gpu2.txt
