@@ -254,6 +254,26 @@ def test_real_acceptance_batch_table_is_its_own_figure(tmp_path):
     assert "synthetic" in figures.plot_gpu_batch(synth)._suptitle.get_text()
 
 
+def test_a_batch_grid_in_its_own_folder_is_its_own_figure(tmp_path):
+    """gpu/batch_<name>/batch.csv (a whole grid measured apart, e.g. on another machine) is drawn as
+    gpu_batch_<name> with its own machine in the title, and none of its cells leaks into gpu_batch
+    (batch.csv and the per-cell batch_*.csv tables beside it), nor theirs into it."""
+    gpu = tmp_path / "results" / "gpu"
+    (gpu / "batch_h100").mkdir(parents=True)
+    cell = lambda gpu_name, v, d, b, y: dict(verifier=v, drafter=d, batch_size=b, throughput=y, speedup_vs_ar=1.0,
+                                              baseline=d == "ar", gpu=gpu_name)
+    h200 = pd.DataFrame([cell("H200", v, "ar", b, 100.0 * b) for v in ("reference", "int4") for b in (1, 4)])
+    h100 = pd.DataFrame([cell("H100", v, d, b, 50.0 * b) for v in ("reference", "int8")
+                         for d in ("ar", "synthetic_a0.6_k3") for b in (1, 2, 32)])
+    h200.to_csv(gpu / "batch.csv", index=False)
+    h100.to_csv(gpu / "batch_h100" / "batch.csv", index=False)
+    assert set(figures.load_batch_tables(gpu)["gpu"]) == {"H200"}
+    written, problems = figures.make_figures(tmp_path / "results", tmp_path / "figs")
+    assert not problems and {"gpu_batch.png", "gpu_batch_h100.png"} <= {p.name for p in written}
+    fig = figures.plot_gpu_batch(pd.read_csv(gpu / "batch_h100" / "batch.csv"))
+    assert [a.get_title() for a in fig.axes if a.get_visible() and a.get_title()] == ["ar", "synthetic_a0.6_k3"]
+    assert "H100" in fig._suptitle.get_text() and "H200" not in fig._suptitle.get_text()
+
 def test_packed_batch_tables_are_figures_of_their_own(tmp_path):
     """batch_packed.csv / batch_replay_packed.csv (gpu_speed.py --packed) never join the unpacked
     figures' cells; each is drawn as its own figure, titled as packed."""

@@ -1,0 +1,14 @@
+#!/bin/bash
+# Session 21, call 3: call 1 again on the same warm machine into a fresh store (a second, independent timing of every cell: the spread)
+# for the reference (bf16) and int4 verifiers, experiment=gpu_batch as configured. --runs stays outside
+# $OUT (the store writes hundreds of files); rows come back as batch_rows.csv (or *_rows_partial.csv when
+# the timeout stops it).
+export PYTHONPATH=$PWD/.gpu_site:$PYTHONPATH PYTHONUNBUFFERED=1
+o=$OUT/s21/ref_int4_rep; mkdir -p $o
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $o/gpu.txt
+timeout -s TERM ${QB_TIMEOUT:-560} python experiments/gpu_speed.py --experiment gpu_batch --out $o --runs /tmp/qb_s21_ref_int4_rep \
+    model.tokenizer=.gpu_tok dataset.path=.gpu_data/question.jsonl progress=false \
+    "matrix.verifiers=[reference,int4]" > $o/log.txt 2>&1
+echo "rc $?" | tee -a $o/log.txt
+grep -E "cell|wall|error|Error" $o/log.txt | tail -5; ls $o
+tail -c 3000 $o/log.txt
