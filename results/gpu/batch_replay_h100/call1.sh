@@ -1,0 +1,13 @@
+#!/bin/bash
+# Session 21, call 4: real acceptance at batch (experiment=gpu_batch_replay, packed forwards) on one H100
+# with today's kernels: verifiers bf16, int4, W8A8 (int8 left out to fit one call), drafters ar / ngram /
+# lookahead replaying results/batch_replay_source, B in {1, 4, 16, 32}.
+export PYTHONPATH=$PWD/.gpu_site:$PYTHONPATH PYTHONUNBUFFERED=1
+o=$OUT/s21/replay; mkdir -p $o
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $o/gpu.txt
+timeout -s TERM ${QB_TIMEOUT:-540} python experiments/gpu_speed.py --experiment gpu_batch_replay --packed \
+    --source results/batch_replay_source --out $o --runs /tmp/qb_s21_replay \
+    model.tokenizer=.gpu_tok dataset.path=.gpu_data/question.jsonl progress=false \
+    "matrix.verifiers=[reference,int4,w8a8]" > $o/log.txt 2>&1
+echo "rc $?" | tee -a $o/log.txt
+ls $o; tail -c 2500 $o/log.txt
