@@ -7,7 +7,7 @@ reads each experiment directory `results/<experiment>/` (rows-*.parquet, via Res
 tables), `batch_replay.csv` (real acceptance) and `step_speed*.csv`, and writes PNG + PDF per figure: `<out>/<experiment>/<figure>.*`,
 `<out>/kernel_roofline.*` (+ `kernel_roofline_<machine>.*` per `w4a16_cuda_<machine>.csv`),
 `<out>/gpu_speedup_by_drafter.*`, `<out>/gpu_replay*.*` (one per replay
-table), `<out>/gpu_batch.*` (+ `gpu_batch_<name>.*` per `gpu/batch_<name>/batch.csv`), `<out>/gpu_batch_replay.*`, `<out>/kernel_backends_<name>.*` (per `w4a16_backends_<name>.csv`) and
+table), `<out>/gpu_batch.*` (+ `gpu_batch_<name>[_packed].*` per `gpu/batch_<name>/batch*.csv`), `<out>/gpu_batch_replay.*`, `<out>/kernel_backends_<name>.*` (per `w4a16_backends_<name>.csv`) and
 `<out>/gpu_step_by_backend.*`. A figure whose inputs are absent is skipped with a note.
 
 The plot functions take the rows table (or a `summarize` table where noted) and an optional
@@ -640,9 +640,15 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
           out / "gpu_batch", written, problems)
     # a whole grid measured apart (another machine, today's kernels), kept in its own folder with its
     # calls' raw outputs: drawn on its own, never joined with batch.csv
-    for table in sorted((Path(results) / "gpu").glob("batch_*/batch.csv")):
-        name = "gpu_" + table.parent.name
-        _draw(name, lambda t=table: plot_gpu_batch(pd.read_csv(t)), out / name, written, problems)
+    for table in sorted((Path(results) / "gpu").glob("batch_*/batch*.csv")):
+        if "_rows" in table.stem:
+            continue
+        packed = table.stem.endswith("_packed")
+        name = "gpu_" + table.parent.name + ("_packed" if packed else "")
+        acceptance = REAL_ACCEPTANCE if table.stem.startswith("batch_replay") else "synthetic forced acceptance"
+        acceptance += ", packed forwards" if packed else ""
+        _draw(name, lambda t=table, a=acceptance: plot_gpu_batch(pd.read_csv(t), acceptance=a), out / name,
+              written, problems)
     real = Path(results) / "gpu" / "batch_replay.csv"
     _draw("gpu_batch_replay", lambda: plot_gpu_batch(
         pd.read_csv(real) if real.exists() else None, acceptance=REAL_ACCEPTANCE,

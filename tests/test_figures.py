@@ -273,6 +273,14 @@ def test_a_batch_grid_in_its_own_folder_is_its_own_figure(tmp_path):
     fig = figures.plot_gpu_batch(pd.read_csv(gpu / "batch_h100" / "batch.csv"))
     assert [a.get_title() for a in fig.axes if a.get_visible() and a.get_title()] == ["ar", "synthetic_a0.6_k3"]
     assert "H100" in fig._suptitle.get_text() and "H200" not in fig._suptitle.get_text()
+    # a real-acceptance packed grid in such a folder: its own figure, titled as what it is
+    (gpu / "batch_replay_h100").mkdir()
+    h100.to_csv(gpu / "batch_replay_h100" / "batch_replay_packed.csv", index=False)
+    h100.to_csv(gpu / "batch_replay_h100" / "batch_replay_packed_rows.csv", index=False)
+    written, problems = figures.make_figures(tmp_path / "results", tmp_path / "figs2")
+    names = {p.name for p in written}
+    assert not problems and "gpu_batch_replay_h100_packed.png" in names
+    assert not [n for n in names if "_rows" in n]
 
 def test_packed_batch_tables_are_figures_of_their_own(tmp_path):
     """batch_packed.csv / batch_replay_packed.csv (gpu_speed.py --packed) never join the unpacked
