@@ -40,17 +40,23 @@ def test_notebook_runs_on_synthetic_results(tmp_path, monkeypatch):
              for d, t in (("ar", 1.0), ("ngram", 1.5)) for v, x in (("reference", 1.0), ("int4", 1.5))]
     pd.DataFrame(cells).to_csv(gpu / "e2e.csv", index=False)
     pd.DataFrame(cells).to_csv(gpu / "replay.csv", index=False)
-    pd.DataFrame([dict(c, batch_size=b, throughput=c["tokens_per_s"] * b, speedup_vs_ar=c["tau"], max_new_tokens=32)
-                  for c in cells for b in (1, 4)]).to_csv(gpu / "batch.csv", index=False)
+    batch = pd.DataFrame([dict(c, batch_size=b, throughput=c["tokens_per_s"] * b, speedup_vs_ar=c["tau"],
+                               max_new_tokens=32) for c in cells for b in (1, 4)])
+    batch.to_csv(gpu / "batch.csv", index=False)
+    for grid in ("batch_h100/batch.csv", "batch_replay_h100/batch_replay_packed.csv"):  # grids measured apart
+        (gpu / grid).parent.mkdir()
+        batch.assign(gpu="H100", mean_m=batch["batch_size"] * batch["tau"]).to_csv(gpu / grid, index=False)
     pd.DataFrame([dict(precision="reference", kernel="-", measure="step_T6", ms=6.5, gpu="H200")]).to_csv(
         gpu / "step_speed.csv", index=False)
     text, images = run(res, monkeypatch)
     assert "== synthetic ==" in text and "τ" in text and "tok/s" in text
     assert "layerskip" in text and "skipped" not in text
-    for table in ("e2e.csv: 4 rows, H200", "replay.csv: 4 rows, H200", "batch.csv: 8 rows, H200"):
+    for table in ("e2e.csv: 4 rows, H200", "replay.csv: 4 rows, H200", "batch.csv: 8 rows, H200",
+                  "batch_h100/batch.csv: 8 rows, H100", "batch_replay_h100/batch_replay_packed.csv: 8 rows, H100"):
         assert f"== gpu/{table} ==" in text
-    # five per-experiment figures, one per GPU table (e2e, replay, batch), step times, the roofline
-    assert images == 5 + 3 + 1 + 1
+    # five per-experiment figures, one per GPU table (e2e, replay, batch, the two H100 grids), step times,
+    # the roofline
+    assert images == 5 + 5 + 1 + 1
 
 
 def test_notebook_runs_on_committed_reference_results(monkeypatch):
@@ -59,6 +65,6 @@ def test_notebook_runs_on_committed_reference_results(monkeypatch):
         pytest.skip("no committed reference results under results/ yet")
     text, images = run(res, monkeypatch)
     assert "tok/s" in text and images >= 1
-    for table in ("e2e", "replay", "batch"):  # the committed GPU tables are drawn too
-        if (res / "gpu" / f"{table}.csv").exists():
+    for table in ("e2e", "replay", "batch", "batch_h100/batch", "batch_replay_h100/batch_replay_packed"):
+        if (res / "gpu" / f"{table}.csv").exists():  # the committed GPU tables are drawn too
             assert f"== gpu/{table}.csv:" in text
