@@ -62,11 +62,13 @@ NWARPS = 8
 # ------------------------------------------------------------------------------------------
 
 # How the wgmma kernel stages each pipeline stage (a compile-time choice in csrc/w4a16_wgmma.cu): every
-# thread's cp.async copies (shipped), the copy engine issued by one warp per stage ("tma"), or a producer
-# warp with per-buffer mbarriers and no per-stage CTA barrier ("ws"). The same products in the same order:
-# outputs are bit for bit equal (quasar_kernels/microbench/wgmma_ablate.py --check). Chosen with
-# QUASAR_WGMMA_STAGING so tests and benchmarks can run a candidate build before it becomes the default.
-WGMMA_STAGINGS = {"cp.async": [], "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"]}
+# thread's cp.async copies (shipped), the copy engine issued by one warp per stage ("tma"), a producer
+# warp with per-buffer mbarriers and no per-stage CTA barrier ("ws"), or the shipped copies launched with
+# programmatic dependent launch, so a launch's first weight copies overlap the previous kernel's end
+# ("pdl"). The same products in the same order: outputs are bit for bit equal
+# (quasar_kernels/microbench/wgmma_ablate.py --check). Chosen with QUASAR_WGMMA_STAGING so tests and
+# benchmarks can run a candidate build before it becomes the default.
+WGMMA_STAGINGS = {"cp.async": [], "tma": ["-DQB_WG_TMA=1"], "ws": ["-DQB_WG_WS=1"], "pdl": ["-DQB_WG_PDL=1"]}
 
 
 def wgmma_staging() -> str:

@@ -557,14 +557,15 @@ def test_wgmma_staging_build_is_chosen_by_name_and_keys_its_plans(monkeypatch):
     from quasar_kernels import w4a16_cuda as wc
 
     seen = {}
-    for mode, flag in (("", None), ("cp.async", None), ("tma", "-DQB_WG_TMA=1"), ("ws", "-DQB_WG_WS=1")):
+    for mode, flag in (("", None), ("cp.async", None), ("tma", "-DQB_WG_TMA=1"), ("ws", "-DQB_WG_WS=1"),
+                       ("pdl", "-DQB_WG_PDL=1")):
         monkeypatch.setenv("QUASAR_WGMMA_STAGING", mode)
         monkeypatch.setattr(wc, "_SRC_HASH", None)
         assert wc.WGMMA_STAGINGS[wc.wgmma_staging()] == ([flag] if flag else [])
         seen[mode] = (wc._source_hash(), wc._build_dir().name)
     assert seen[""] == seen["cp.async"]
-    assert len({seen[m][0] for m in ("cp.async", "tma", "ws")}) == 3  # plan keys
-    assert len({seen[m][1] for m in ("cp.async", "tma", "ws")}) == 3  # build directories
+    assert len({seen[m][0] for m in ("cp.async", "tma", "ws", "pdl")}) == 4  # plan keys
+    assert len({seen[m][1] for m in ("cp.async", "tma", "ws", "pdl")}) == 4  # build directories
     monkeypatch.setenv("QUASAR_WGMMA_STAGING", "tmaa")
     with pytest.raises(ValueError, match=r"QUASAR_WGMMA_STAGING='tmaa'.*cp\.async, tma, ws"):
         wc.wgmma_staging()

@@ -102,6 +102,24 @@ constexpr bool WG_TMA = QB_WG_TMA != 0;
 #if QB_WG_TMA && !QB_WG_NODRAIN
 #error "QB_WG_TMA is built for the no-drain loop only"
 #endif
+// QB_WG_PDL (diagnostic builds only, cp.async loop): programmatic dependent launch. The kernel is launched
+// with programmatic stream serialization, so it may start while the previous kernel in the stream is still
+// finishing: the first stages' weights and scales / zeros (which no kernel writes) are fetched before
+// `griddepcontrol.wait`; the activations (which the previous kernel may have written) and every global
+// write (workspace, counters, output) come after it. Each CTA lets the next kernel launch once its last
+// stage is issued. Down's fixed cost per launch (~5.5 us of ~23 at M = 64: launch gap, pipeline fill,
+// block hand-over; run 19) is what it aims at; a chain of launches gains, a single GEMM timed alone does
+// not, and cuBLAS gets no such overlap in our timing, so its time is reported apart from kernel times.
+#ifndef QB_WG_PDL
+#define QB_WG_PDL 0
+#endif
+constexpr bool WG_PDL = QB_WG_PDL != 0;
+#if QB_WG_PDL && QB_WG_TMA
+#error "QB_WG_PDL is built for the cp.async loop only"
+#endif
+__device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void griddep_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
 constexpr int WG_LKS = 3;
 constexpr int WG_KSTEPS = 1 << WG_LKS;      // k16 steps per stage (a stage's fixed cost is what bounds the kernel)
 constexpr int WG_SZ_BYTES = 192;           // one (column tile, group): 64 scales (128 B) + 64 zero codes
@@ -369,9 +387,10 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
   };
   enter_block(ld_blk);
 
-  // copy the loader's next stage into buffer j % WG_STAGES, then advance the loader
-  auto load_next = [&](int j) {
-    const uint32_t buf = sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES;
+  // copy the loader's stage into buffer j % WG_STAGES: its weights and scales / zeros, its activations
+  auto stage_buf = [&](int j) { return sbase + (uint32_t)(j & (WG_STAGES - 1)) * L::BYTES; };
+  auto load_w = [&](uint32_t buf) {
+    (void)buf;
 #ifndef QB_ABLATE_NOWLOAD  // diagnostic (timing only): the weights and scales / zeros are not refreshed
 #pragma unroll
     for (int r = 0; r < WR; ++r) cp_async16(buf + (r * WG_THREADS + tid) * 16, wsrc[r] + ld_st * 256);
@@ -384,6 +403,9 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
       }
     }
 #endif
+  };
+  auto load_x = [&](uint32_t buf) {
+    (void)buf;
 #ifndef QB_ABLATE_NOXLOAD  // diagnostic (timing only): the activations are not refreshed
     const int k0 = ld_st * (WG_KSTEPS * 16);
 #pragma unroll
@@ -395,10 +417,19 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
       cp_async16_zero_unless(d + TB * 128, s + 64, k0 + 64 < xklim[r], on);
     }
 #endif
+  };
+  auto advance_loader = [&]() {
     if (++ld_st == KS) {
       ld_st = 0;
       enter_block(++ld_blk);
     }
+  };
+  // copy the loader's next stage into buffer j % WG_STAGES, then advance the loader
+  auto load_next = [&](int j) {
+    const uint32_t buf = stage_buf(j);
+    load_w(buf);
+    load_x(buf);
+    advance_loader();
   };
 
   float acc[NTW][TB / 2];
@@ -459,10 +490,32 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
     }
   };
 #else
+  if constexpr (WG_PDL) {  // the weights of the first stages while the previous kernel finishes (they join group 0)
+    const int blk0 = ld_blk, st0 = ld_st;
 #pragma unroll
-  for (int st = 0; st < WG_AHEAD; ++st) {
-    if (st < nst) load_next(st);
-    cp_async_commit();
+    for (int st = 0; st < WG_AHEAD; ++st)
+      if (st < nst) {
+        load_w(stage_buf(st));
+        advance_loader();
+      }
+    ld_blk = blk0;
+    ld_st = st0;
+    enter_block(ld_blk);
+    griddep_wait();  // the previous kernel is complete and its writes are visible
+#pragma unroll
+    for (int st = 0; st < WG_AHEAD; ++st) {
+      if (st < nst) {
+        load_x(stage_buf(st));
+        advance_loader();
+      }
+      cp_async_commit();
+    }
+  } else {
+#pragma unroll
+    for (int st = 0; st < WG_AHEAD; ++st) {
+      if (st < nst) load_next(st);
+      cp_async_commit();
+    }
   }
 #endif
   // The A fragments of buffer j's k16 steps for each of this warpgroup's tiles. Warp wq's words of a
@@ -678,6 +731,7 @@ __global__ void __launch_bounds__(NWG * 128 + WG_PRODUCER_THREADS, MINB) w4a16_w
     // a block's (or the CTA's part of it) stages first_st .. first_st + seg - 1 are done, the last one in
     // buffer j - 1: its output, then fresh accumulators for the next block
     auto close_block = [&](int first_st, int seg, int j) {
+      if (WG_PDL && j == nst) griddep_launch_dependents();  // the CTA's last stage is issued: the next kernel may launch
       drain();
       finish_block(cu_blk, first_st == 0 && first_st + seg == KS, sbase + (uint32_t)((j - 1) & (WG_STAGES - 1)) * L::BYTES);
 #if QB_WG_WS
@@ -808,6 +862,19 @@ cudaError_t launch_wg(const CUtensorMap& xmap, const W4A16Params& p, int ctas, c
     configured = true;
   }
   dim3 grid(ctas, (p.M + TB - 1) / TB);
+  if constexpr (WG_PDL) {  // may start before the previous kernel in the stream has finished (see QB_WG_PDL)
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(NWG * 128 + WG_PRODUCER_THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kern, xmap, p);
+  }
   kern<<<grid, NWG * 128 + WG_PRODUCER_THREADS, smem, stream>>>(xmap, p);
   return cudaGetLastError();
 }

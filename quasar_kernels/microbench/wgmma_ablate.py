@@ -74,7 +74,8 @@ VARIANTS = {"base": [], "noload": ["-DQB_ABLATE_NOLOAD"], "nomma": ["-DQB_ABLATE
             "nofence_unsafe": ["-DQB_ABLATE_NOFENCE", "-DQB_ABLATE_UNSAFE"],
             "noxload": ["-DQB_ABLATE_NOXLOAD"], "nowload": ["-DQB_ABLATE_NOWLOAD"],
             "late2": ["-DQB_WG_LOAD_AFTER=2"], "late4": ["-DQB_WG_LOAD_AFTER=4"],
-            "nodeq": ["-DQB_ABLATE_NODEQ"], "noload_nodeq": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NODEQ"]}
+            "nodeq": ["-DQB_ABLATE_NODEQ"], "noload_nodeq": ["-DQB_ABLATE_NOLOAD", "-DQB_ABLATE_NODEQ"],
+            "pdl": ["-DQB_WG_PDL=1"]}
 # (N, K) of the Qwen3-8B projections the tool times, the configurations it times on each, and the one it
 # profiles (the planner's pick on both Hopper boards since run 10 / run 14)
 SHAPES = {"gate+up": (24576, 4096), "down": (4096, 12288)}
@@ -89,7 +90,7 @@ CONFIGS = {  # gate+up: 3 warpgroups make 128 whole blocks; down: 32 blocks of 1
 PROFILED = {"gate+up": lambda tb: dict(ctas=128, tb=tb, nw=1, wg=3),
             "down": lambda tb: dict(ctas=256 if tb == 64 else 128, tb=tb, nw=1)}
 # variants that compute what the shipped kernel computes, in the same order: outputs bit for bit equal
-EXACT = ("drain", "stages8", "asets4", "tma", "ws", "ws_asets4", "late2", "late4")
+EXACT = ("drain", "stages8", "asets4", "tma", "ws", "ws_asets4", "late2", "late4", "pdl")
 
 
 def build(variant: str, times: bool = False):
