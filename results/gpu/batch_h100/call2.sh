@@ -3,6 +3,10 @@
 # for the int8 and w8a8 verifiers, experiment=gpu_batch as configured. --runs stays outside
 # $OUT (the store writes hundreds of files); rows come back as batch_rows.csv (or *_rows_partial.csv when
 # the timeout stops it).
+# Carried to the device beside the tree (git-ignored): .gpu_site (hydra-core, omegaconf, antlr4, pydantic with
+# pydantic-core's wheel for the device's Python 3.12, annotated_types, typing_inspection, unzipped), .gpu_tok
+# (the SmolLM2 tokenizer files from the cache root's smollm2-135m-instruct folder) and .gpu_data/question.jsonl
+# (Spec-Bench's questions).
 export PYTHONPATH=$PWD/.gpu_site:$PYTHONPATH PYTHONUNBUFFERED=1
 o=$OUT/s21/int8_w8a8; mkdir -p $o
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $o/gpu.txt
