@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 21, call 1 (and 1b, the same command again on the warm machine: the store resumes): the batch grid
+# Session 21, call 1 (ran whole in 309 s; if a timeout stops it, the same command on the warm machine resumes the store): the batch grid
 # for the reference (bf16) and int4 verifiers, experiment=gpu_batch as configured. --runs stays outside
 # $OUT (the store writes hundreds of files); rows come back as batch_rows.csv (or *_rows_partial.csv when
 # the timeout stops it).

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 21, call 2 (and 2b, the same command again on the warm machine: the store resumes): the batch grid
+# Session 21, call 2 (ran whole in 367 s; if a timeout stops it, the same command on the warm machine resumes the store): the batch grid
 # for the int8 and w8a8 verifiers, experiment=gpu_batch as configured. --runs stays outside
 # $OUT (the store writes hundreds of files); rows come back as batch_rows.csv (or *_rows_partial.csv when
 # the timeout stops it).
