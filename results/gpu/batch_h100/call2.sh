@@ -3,6 +3,8 @@
 # for the int8 and w8a8 verifiers, experiment=gpu_batch as configured. --runs stays outside
 # $OUT (the store writes hundreds of files); rows come back as batch_rows.csv (or *_rows_partial.csv when
 # the timeout stops it).
+# Without the reference verifier's rows it ends with rc 1 ('the batch table needs the reference verifier's
+# rows') after writing batch_rows.csv: the table is built by --from-rows with call 1's rows (README).
 # Carried to the device beside the tree (git-ignored): .gpu_site (hydra-core, omegaconf, antlr4, pydantic with
 # pydantic-core's wheel for the device's Python 3.12, annotated_types, typing_inspection, unzipped), .gpu_tok
 # (the SmolLM2 tokenizer files from the cache root's smollm2-135m-instruct folder) and .gpu_data/question.jsonl
