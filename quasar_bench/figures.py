@@ -431,6 +431,13 @@ def _log2_ticks(ax, values) -> None:
 REAL_ACCEPTANCE = "real acceptance: each sequence replays SmolLM2-135M's (CPU) acceptance trace"
 
 
+def batch_acceptance(stem: str) -> str:
+    """What a batch table's figure title says of its acceptance, from the table's file name as
+    gpu_speed.py writes it: `batch_replay*` replays real traces, `*_packed` ran packed forwards."""
+    acceptance = REAL_ACCEPTANCE if stem.startswith("batch_replay") else "synthetic forced acceptance"
+    return acceptance + (", packed forwards" if stem.endswith("_packed") else "")
+
+
 def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forced acceptance",
                    missing: str = "no results/gpu/batch.csv (python experiments/gpu_speed.py --experiment gpu_batch)"):
     """Batch throughput vs batch size per verifier precision, one panel per drafter, from
@@ -643,11 +650,8 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
     for table in sorted((Path(results) / "gpu").glob("batch_*/batch*.csv")):
         if "_rows" in table.stem:
             continue
-        packed = table.stem.endswith("_packed")
-        name = "gpu_" + table.parent.name + ("_packed" if packed else "")
-        acceptance = REAL_ACCEPTANCE if table.stem.startswith("batch_replay") else "synthetic forced acceptance"
-        acceptance += ", packed forwards" if packed else ""
-        _draw(name, lambda t=table, a=acceptance: plot_gpu_batch(pd.read_csv(t), acceptance=a), out / name,
+        name = "gpu_" + table.parent.name + ("_packed" if table.stem.endswith("_packed") else "")
+        _draw(name, lambda t=table: plot_gpu_batch(pd.read_csv(t), acceptance=batch_acceptance(t.stem)), out / name,
               written, problems)
     real = Path(results) / "gpu" / "batch_replay.csv"
     _draw("gpu_batch_replay", lambda: plot_gpu_batch(
@@ -657,8 +661,7 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
     # packed forwards (gpu_speed.py --packed): drawn where measured, beside the unpacked figure
     for packed in sorted((Path(results) / "gpu").glob("batch*_packed.csv")):
         name = "gpu_" + packed.stem
-        acceptance = REAL_ACCEPTANCE if packed.stem.startswith("batch_replay") else "synthetic forced acceptance"
-        _draw(name, lambda t=packed, a=acceptance: plot_gpu_batch(pd.read_csv(t), acceptance=a + ", packed forwards"),
+        _draw(name, lambda t=packed: plot_gpu_batch(pd.read_csv(t), acceptance=batch_acceptance(t.stem)),
               out / name, written, problems)
     # int4 backends as M grows (w4a16_backends_<what>_<machine>.csv), one figure per table
     for table in sorted((Path(results) / "gpu").glob("w4a16_backends_*.csv")):

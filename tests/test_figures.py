@@ -254,7 +254,7 @@ def test_real_acceptance_batch_table_is_its_own_figure(tmp_path):
     assert "synthetic" in figures.plot_gpu_batch(synth)._suptitle.get_text()
 
 
-def test_a_batch_grid_in_its_own_folder_is_its_own_figure(tmp_path):
+def test_a_batch_grid_in_its_own_folder_is_its_own_figure(tmp_path, monkeypatch):
     """gpu/batch_<name>/batch.csv (a whole grid measured apart, e.g. on another machine) is drawn as
     gpu_batch_<name> with its own machine in the title, and none of its cells leaks into gpu_batch
     (batch.csv and the per-cell batch_*.csv tables beside it), nor theirs into it."""
@@ -275,12 +275,24 @@ def test_a_batch_grid_in_its_own_folder_is_its_own_figure(tmp_path):
     assert "H100" in fig._suptitle.get_text() and "H200" not in fig._suptitle.get_text()
     # a real-acceptance packed grid in such a folder: its own figure, titled as what it is
     (gpu / "batch_replay_h100").mkdir()
-    h100.to_csv(gpu / "batch_replay_h100" / "batch_replay_packed.csv", index=False)
+    h100.assign(gpu="H100 real").to_csv(gpu / "batch_replay_h100" / "batch_replay_packed.csv", index=False)
     h100.to_csv(gpu / "batch_replay_h100" / "batch_replay_packed_rows.csv", index=False)
+    titles = {}  # machine in the table -> its figure's title
+    draw = figures.plot_gpu_batch
+
+    def recording(batch, **kw):
+        fig = draw(batch, **kw)
+        titles[batch["gpu"].iloc[0]] = fig._suptitle.get_text()
+        return fig
+
+    monkeypatch.setattr(figures, "plot_gpu_batch", recording)
     written, problems = figures.make_figures(tmp_path / "results", tmp_path / "figs2")
     names = {p.name for p in written}
     assert not problems and "gpu_batch_replay_h100_packed.png" in names
     assert not [n for n in names if "_rows" in n]
+    assert "real acceptance" in titles["H100 real"] and "packed forwards" in titles["H100 real"]
+    assert "synthetic" in titles["H100"] and "packed" not in titles["H100"]
+
 
 def test_packed_batch_tables_are_figures_of_their_own(tmp_path):
     """batch_packed.csv / batch_replay_packed.csv (gpu_speed.py --packed) never join the unpacked

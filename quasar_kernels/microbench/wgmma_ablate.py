@@ -33,6 +33,9 @@ so the weights come from HBM (200 MB > the 50 MB L2), variants interleaved over 
     nodeq     no dequantization: each step's A fragments are the packed words and scale / zero registers
               as they are (the ALU work of the step removed, its shared loads kept; timing only)
     noload_nodeq  both noload and nodeq: the wgmma chain with the stage frame and nothing else
+    pdl       the shipped loop under programmatic dependent launch (QB_WG_PDL): each launch's first weight
+              copies overlap the previous kernel's end, so back-to-back calls time a chain, not one call
+              alone (exact)
 
 Run on a Hopper GPU:  python -m quasar_kernels.microbench.wgmma_ablate [--ms 64,128] [--rounds 7]
 `--shape down` times the down projection (4096 x 12288) instead.
