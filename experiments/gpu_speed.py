@@ -34,7 +34,14 @@ its `padding` the GEMM rows' padding and `attention_padding` the [B, T] grid's.
 
 `--from-rows A.csv B.csv` rebuilds a table from the row files of several calls without a GPU: a cell
 with fewer rows than the others (a stopped call's) is left out and named; `--drafters a,b` keeps
-only those drafters' rows.
+only those drafters' rows. A cell that an earlier file already holds is a further timing of it (its
+repeats are numbered after the earlier file's): batch tables then give each cell's `n_repeats` and
+per-repeat ranges (`_lo` / `_hi`, each repeat against the comparator's same repeat).
+
+Batch tables end with the crossovers (`## Crossovers` in the .md): per verifier and drafter, the
+first batch size where it loses against the bf16 reference with the same drafter, and where a
+drafter loses against AR on its verifier. With repeats a batch size loses only where every repeat
+does; where the repeats fall on both sides of 1 it is named a tie (quasar_bench.summary.verdict).
 
 A run stopped early (Ctrl-C, or SIGTERM from `timeout`) still writes `<name>_rows_partial.csv`
 under --out: every row the result store holds, with the hardware columns, in one file.
@@ -54,7 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quasar_bench.summary import STALL_SHARE, other_share, stall_warning  # noqa: E402
+from quasar_bench.summary import STALL_SHARE, first_loss, other_share, stall_warning, verdict  # noqa: E402
 from quasar_kernels.bench_kernels import copy_bandwidth, driver_version  # noqa: E402
 
 
@@ -107,9 +114,68 @@ def batch_table(rows: pd.DataFrame, copy_gbps: float, gpu: str = "") -> pd.DataF
     t["speedup_vs_ref_ar"] = t.throughput / t.batch_size.map(ref_ar)
     same = t[t.verifier == ref].set_index(["drafter", "batch_size"]).throughput
     t["speedup_vs_ref_same_drafter"] = t.throughput / pd.Series(list(zip(t.drafter, t.batch_size))).map(same).to_numpy()
+    add_repeat_spread(t, rows, ref)
     order = {c: {v: i for i, v in enumerate(dict.fromkeys(rows[c]))} for c in ("verifier", "drafter")}
     return t.sort_values(["verifier", "drafter", "batch_size"],
                          key=lambda col: col.map(order[col.name]) if col.name in order else col).reset_index(drop=True)
+
+
+def batch_crossovers(t: pd.DataFrame) -> list[str]:
+    """One line per (verifier, drafter) of a batch table: where it stops paying against the bf16
+    reference with the same drafter (non-reference verifiers) and against AR on its own verifier
+    (drafters), by `verdict` over each batch size's per-repeat range (its pooled ratio when timed
+    once); ties named."""
+    lines = []
+    for (v, d), g in t.groupby(["verifier", "drafter"], sort=False):
+        g = g.sort_values("batch_size")
+        tests = ([("speedup_vs_ref_same_drafter", f"{v} vs bf16 with {d}")] if v != "reference" else [])
+        tests += [("speedup_vs_ar", f"{d} vs AR on {v}")] if not g.baseline.iloc[0] else []
+        for m, what in tests:
+            ratios = [[lo, hi] if lo == lo else [x] for x, lo, hi in zip(g[m], g[m + "_lo"], g[m + "_hi"])]
+            sizes = list(g.batch_size)
+            if not any(verdict(r) for r in ratios):
+                continue
+            lost = first_loss(sizes, ratios)
+            ties = [b for b, r in zip(sizes, ratios) if verdict(r) == "tie" and (lost is None or b < lost)]
+            text = f"loses from B={lost}" if lost is not None else f"never loses (up to B={sizes[-1]})"
+            text += f"; ties at B={', '.join(map(str, ties))}" if ties else ""
+            lines.append(f"- {what}: {text}")
+    return lines
+
+
+def add_repeat_spread(t: pd.DataFrame, rows: pd.DataFrame, ref: str) -> None:
+    """Per cell of the batch table `t`: `n_repeats` (timings of it), `throughput_lo` / `_hi` (its
+    smallest and largest per-repeat throughput) and, for each speedup, `_lo` / `_hi`: the smallest
+    and largest per-repeat ratio, each repeat against the comparator's same repeat (the harness
+    times every cell once per repeat, all of repeat r before any of r + 1). NaN where fewer than two
+    repeats are shared: one timing has no spread to show."""
+    cells = ["verifier", "drafter", "batch_size"]
+    r = rows.assign(repeat=rows["repeat"].fillna(0).astype(int) if "repeat" in rows else 0)
+    tokens = r.groupby(cells + ["repeat"]).new_tokens.sum()
+    walls = r.groupby(cells + ["repeat", "batch_id"]).batch_decode_s.first().groupby(level=[0, 1, 2, 3]).sum()
+    per: dict[tuple, dict[int, float]] = {}
+    for (v, d, b, rep), x in (tokens / walls).items():
+        per.setdefault((v, d, b), {})[rep] = x
+    ar = {(v, b): d for v, d, b, base in zip(t.verifier, t.drafter, t.batch_size, t.baseline) if base}  # AR's label
+    ref_ar = {b: d for (v, b), d in ar.items() if v == ref}
+    comparators = {"speedup_vs_ar": lambda v, d, b: (v, ar.get((v, b)), b),
+                   "speedup_vs_ref_ar": lambda v, d, b: (ref, ref_ar.get(b), b),
+                   "speedup_vs_ref_same_drafter": lambda v, d, b: (ref, d, b)}
+    t["n_repeats"] = [len(per.get(c, {})) for c in zip(t.verifier, t.drafter, t.batch_size)]
+    spread = {c: [] for c in ("throughput_lo", "throughput_hi", *(f"{m}_{e}" for m in comparators for e in ("lo", "hi")))}
+    for c in zip(t.verifier, t.drafter, t.batch_size):
+        run = per.get(c, {})
+        vals = list(run.values())
+        spread["throughput_lo"].append(min(vals) if len(vals) > 1 else float("nan"))
+        spread["throughput_hi"].append(max(vals) if len(vals) > 1 else float("nan"))
+        for m, comparator in comparators.items():
+            base = per.get(comparator(*c), {})
+            common = sorted(set(run) & set(base))
+            ratios = [run[k] / base[k] for k in common] if len(common) > 1 else [float("nan")]
+            spread[f"{m}_lo"].append(min(ratios))
+            spread[f"{m}_hi"].append(max(ratios))
+    for col, vals in spread.items():
+        t[col] = vals
 
 
 def flag_stalls(table: pd.DataFrame, limit: float = STALL_SHARE) -> list:
@@ -194,7 +260,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_rows:
-        rows = complete_cells(pd.concat([pd.read_csv(f) for f in args.from_rows], ignore_index=True))
+        try:
+            rows = complete_cells(join_row_files([pd.read_csv(f) for f in args.from_rows], args.from_rows))
+        except ValueError as e:
+            ap.error(str(e))
         if args.drafters:
             keep = args.drafters.split(",")
             if missing := set(keep) - set(rows["drafter"]):
@@ -260,10 +329,27 @@ def main(argv=None):
             cols.insert(cols.index("padding") + 1, "attention_padding")
         if "tau_source" in table:
             cols.insert(cols.index("tau") + 1, "tau_source")
-    md = table[cols].to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else table[cols].to_string()
+    shown = table[cols].copy()
+    if batched and (table["n_repeats"] > 1).any():  # timed more than once: each speedup's per-repeat range
+        cols.insert(cols.index("batch_size") + 1, "n_repeats")
+        shown = table[cols].copy()
+        for m in ("speedup_vs_ar", "speedup_vs_ref_ar", "speedup_vs_ref_same_drafter"):
+            shown[m] = [f"{x:.3g}" + (f" ({lo:.3g}-{hi:.3g})" if lo == lo else "")
+                        for x, lo, hi in zip(table[m], table[m + "_lo"], table[m + "_hi"])]
+    md = shown.to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else shown.to_string()
     head = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-    (out / f"{name}.md").write_text(f"# {title}\n\n{head}\n\n{md}\n")
-    print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    cross = ""
+    if batched:
+        once = table["n_repeats"] < 2
+        how = ("A batch size loses where every repeat loses (each against the comparator's same repeat); a tie "
+               "where the repeats fall on both sides of 1." if not once.all() else "")
+        if once.any():
+            how += (" " if how else "") + (("Cells with n_repeats 1 were" if not once.all() else "Every cell was")
+                                           + " timed once: their ratios are called a win or a loss by their sign alone, "
+                                             "even a few % from 1 (within timing noise).")
+        cross = "\n## Crossovers\n\n" + how + "\n\n" + "\n".join(batch_crossovers(table)) + "\n"
+    (out / f"{name}.md").write_text(f"# {title}\n\n{head}\n\n{md}\n{cross}")
+    print(shown.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
 
 
 def _stop(signum, frame):
@@ -297,18 +383,50 @@ def save_partial_rows(runs: Path, out: Path, name: str, meta: dict) -> Path | No
     return path
 
 
+def join_row_files(frames: list[pd.DataFrame], names: list[str]) -> pd.DataFrame:
+    """Rows of several calls as one table. A cell (`cell_id`) that an earlier file already holds is
+    a further timing of it (the same cells run again, e.g. on the same warm machine to measure the
+    spread): its repeats are numbered after the earlier files' and its batch ids made unique, so the
+    tables pair the timings repeat by repeat instead of pooling them as one. The same rows given
+    twice (equal `timed_at`) are refused with a ValueError."""
+    if not all({"cell_id", "repeat"} <= set(f.columns) for f in frames):
+        return pd.concat(frames, ignore_index=True)
+    seen: dict[str, int] = {}  # cell -> the next free repeat number
+    stamps: dict[tuple, str] = {}
+    out = []
+    for i, (f, name) in enumerate(zip(frames, names)):
+        f = f.copy()
+        if "timed_at" in f:
+            for key in set(zip(f["cell_id"], f["timed_at"])):
+                if key in stamps:
+                    raise ValueError(f"{name} holds rows of {stamps[key]} again (same cell, same timed_at): "
+                                     "pass each rows file once")
+                stamps[key] = name
+        offset = f["cell_id"].map(lambda c: seen.get(c, 0))
+        if (offset > 0).any():
+            f["repeat"] = f["repeat"].astype(int) + offset
+            if "batch_id" in f:
+                f.loc[offset > 0, "batch_id"] = f.loc[offset > 0, "batch_id"].astype(str) + f"@{i}"
+        for c, r in f.groupby("cell_id")["repeat"].max().items():
+            seen[c] = int(r) + 1
+        out.append(f)
+    return pd.concat(out, ignore_index=True)
+
+
 def complete_cells(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the cells that finished: a cell with fewer rows than the fullest cell was stopped
-    mid-way (a `timeout`'s partial file), and its throughput would describe only the batches it
-    reached. Each dropped cell is named on stderr."""
+    """Rows of the cells that finished: a cell (per repeat) with fewer rows than the fullest was
+    stopped mid-way (a `timeout`'s partial file), and its throughput would describe only the
+    batches it reached. Each dropped cell is named on stderr."""
     key = ["cell_id"] if "cell_id" in rows else [c for c in ("verifier", "drafter", "batch_size") if c in rows]
+    key += ["repeat"] if "repeat" in rows else []
     counts = rows.groupby(key).size()
     short = counts[counts < counts.max()]
     for cell, n in short.items():
         r = rows.set_index(key).loc[cell]
         r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
+        rep = f" (repeat {cell[-1]})" if "repeat" in key and rows["repeat"].nunique() > 1 else ""
         print(f"gpu_speed: dropped the unfinished cell {r.get('verifier', cell)} / {r.get('drafter', '')} / "
-              f"B={r.get('batch_size', 1)}: {n} of {counts.max()} rows", file=sys.stderr)
+              f"B={r.get('batch_size', 1)}{rep}: {n} of {counts.max()} rows", file=sys.stderr)
     return rows.set_index(key).drop(index=short.index).reset_index()
 
 

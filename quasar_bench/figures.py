@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from quasar_bench.store import ResultStore  # noqa: E402
-from quasar_bench.summary import STALL_SHARE, first_loss, reference_verifier, summarize  # noqa: E402
+from quasar_bench.summary import STALL_SHARE, first_loss, reference_verifier, summarize, verdict  # noqa: E402
 
 
 class MissingInput(Exception):
@@ -454,6 +454,7 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
     verifiers = sorted(batch["verifier"].unique(), key=lambda v: (order.index(v) if v in order else len(order), v))
     fig, axes = _panels(len(drafters), 4.2, 3.4)
     stalled = 0  # cells whose decode time was mostly a stall (red rings)
+    ties = 0  # cells whose repeats fall on both sides of bf16 (hollow diamonds)
     for ax, drafter in zip(axes.flat, drafters):
         d = batch[batch["drafter"] == drafter]
         ref = d[d["verifier"] == "reference"].set_index("batch_size")["throughput"]
@@ -471,13 +472,19 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
                 ax.plot(bad["batch_size"], bad["throughput"], ls="none", marker="o", ms=11, mfc="none",
                         mec="red", mew=1.2)
             if v != "reference" and len(ref):
-                lost = first_loss(g["batch_size"], (g["throughput"] / g["batch_size"].map(ref)).to_numpy(float))
+                ratios = _repeat_ratios(g, "speedup_vs_ref_same_drafter", g["throughput"] / g["batch_size"].map(ref))
+                lost = first_loss(g["batch_size"], ratios)
                 if lost is not None:
                     y = g.loc[g["batch_size"] == lost, "throughput"].iloc[0]
                     ax.plot([lost], [y], marker="X", ms=10, color=_vcolor(v), mec="black", mew=0.6)
+                tie = [(b, y) for b, y, r in zip(g["batch_size"], g["throughput"], ratios)
+                       if verdict(r) == "tie" and (lost is None or b < lost)]
+                ties += len(tie)
+                if tie:
+                    ax.plot(*zip(*tie), ls="none", marker="D", ms=8, mfc="none", mec=_vcolor(v), mew=1.2)
         spec = d[d["verifier"] == "reference"]
         if len(spec) and not spec["baseline"].iloc[0]:
-            lost = first_loss(spec["batch_size"], spec["speedup_vs_ar"].to_numpy(float))
+            lost = first_loss(spec["batch_size"], _repeat_ratios(spec, "speedup_vs_ar", spec["speedup_vs_ar"]))
             if lost is not None:
                 ax.axvline(lost, color="grey", ls=":", lw=1)
                 ax.annotate(f"< AR from B={lost}", (lost, 0.02), xycoords=("data", "axes fraction"),
@@ -506,9 +513,23 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
             size += f" × {int(batch['max_new_tokens'].max())} new tokens"
     rings = (f"; red ring: a stall took > {STALL_SHARE:.0%} of the cell's decode time (re-run it)"
              if stalled else "")
+    reps = batch["n_repeats"].dropna() if "n_repeats" in batch else pd.Series(dtype=float)
+    every = (" (one timing per cell)" if reps.empty or reps.max() < 2 else " in every repeat" if reps.min() >= 2
+             else " in every repeat (some cells timed once)")
+    diamonds = "; ◇: repeats on both sides of bf16 (a tie)" if ties else ""
     fig.suptitle(f"Throughput vs batch size, Qwen3-8B shapes (random weights), {gpu}{size},\n{acceptance}\n"
-                 f"X: first B where the verifier falls below bf16 with the same drafter{rings}", fontsize=9)
+                 f"X: first B where the verifier falls below bf16 with the same drafter{every}{diamonds}{rings}",
+                 fontsize=9)
     return fig
+
+
+def _repeat_ratios(g: pd.DataFrame, metric: str, pooled) -> list[list[float]]:
+    """Per row of a batch table: [lo, hi] of `metric`'s per-repeat ratios where the table has them
+    (gpu_speed.py: cells timed more than once), else the pooled ratio alone (`verdict` reads both)."""
+    lo = g[metric + "_lo"] if metric + "_lo" in g else pd.Series(np.nan, index=g.index)
+    hi = g[metric + "_hi"] if metric + "_hi" in g else pd.Series(np.nan, index=g.index)
+    return [[a, b] if np.isfinite(a) and np.isfinite(b) else [p]
+            for a, b, p in zip(lo.to_numpy(float), hi.to_numpy(float), np.asarray(pooled, float))]
 
 
 def plot_kernel_backends_vs_m(table: pd.DataFrame | None):

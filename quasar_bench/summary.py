@@ -142,6 +142,8 @@ def _per_prompt(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     out = g.agg(agg)
     d["_timing"] = list(zip(d["repeat"], d["new_tokens"], d["decode_s"]))
     out["by_repeat"] = g["_timing"].agg(lambda s: _by_repeat(list(s)))
+    d["_share"] = list(zip(d["repeat"], d["new_tokens"], d["throughput_share_s"]))
+    out["share_by_repeat"] = g["_share"].agg(lambda s: _sums_by_repeat(list(s)))
     if "accepted_per_position" in d:
         out["curve"] = g["accepted_per_position"].agg(lambda s: _curve(list(s)))
     else:
@@ -152,15 +154,29 @@ def _per_prompt(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _by_repeat(timings) -> dict:
-    """One prompt's (repeat, new_tokens, decode_s) per row -> {repeat: its tokens/s in that repeat
-    (Σ tokens / Σ decode_s over its turns)}."""
+def _sums_by_repeat(timings) -> dict[int, tuple[float, float]]:
+    """One prompt's (repeat, new_tokens, seconds) per row -> {repeat: (Σ tokens, Σ seconds) over its
+    turns in that repeat}."""
     sums: dict[int, list[float]] = {}
     for r, t, sec in timings:
         acc = sums.setdefault(int(r), [0.0, 0.0])
         acc[0] += float(t)
         acc[1] += float(sec)
-    return {r: float(_ratio(t, sec)) for r, (t, sec) in sorted(sums.items())}
+    return {r: (t, sec) for r, (t, sec) in sorted(sums.items())}
+
+
+def _by_repeat(timings) -> dict:
+    """One prompt's (repeat, new_tokens, decode_s) per row -> {repeat: its tokens/s in that repeat
+    (Σ tokens / Σ decode_s over its turns)}."""
+    return {r: float(_ratio(t, sec)) for r, (t, sec) in _sums_by_repeat(timings).items()}
+
+
+def throughput_by_repeat(pp: pd.DataFrame) -> dict[int, float]:
+    """{repeat: the group's batch throughput in that repeat (Σ new tokens / Σ throughput_share_s
+    over its prompts)}, for the repeats every prompt has: a cell's run-to-run timing spread."""
+    per = list(pp["share_by_repeat"])
+    common = set.intersection(*(set(r) for r in per)) if per else set()
+    return {r: float(_ratio(sum(p[r][0] for p in per), sum(p[r][1] for p in per))) for r in sorted(common)}
 
 
 def repeat_means(pp: pd.DataFrame) -> dict[int, float]:
@@ -186,6 +202,7 @@ def _stats(pp: pd.DataFrame, rng) -> dict:
     means = repeat_means(pp)
     out["n_repeats"] = len(means)
     out["sb_tokens_per_s"], out["sb_tokens_per_s_std"] = _mean_std(means.values())
+    out["throughput_by_repeat"] = throughput_by_repeat(pp)
     for m, (a, b) in RATIOS.items():
         num, den = pp[a].to_numpy(float), pp[b].to_numpy(float)
         out[m] = float(_ratio(num.sum(), den.sum()))
@@ -294,7 +311,7 @@ def summarize(df: pd.DataFrame, min_exact_match: float = MIN_EXACT_MATCH) -> pd.
                 rec["sb_" + col] = rec["sb_" + col + "_std"] = np.nan
     cols = keys + ["category", "n_prompts", "interval"]
     cols += [c for m in METRICS for c in (m, m + "_lo", m + "_hi")]
-    cols += ["n_repeats"] + [c for m in SB for c in (m, m + "_std")] + ["accept_curve"]
+    cols += ["n_repeats"] + [c for m in SB for c in (m, m + "_std")] + ["throughput_by_repeat", "accept_curve"]
     out = pd.DataFrame([{k: v for k, v in r.items() if k != "_pp"} for r in groups], columns=cols)
     if out.empty:
         return out
@@ -418,17 +435,43 @@ def run_stall_warning(rows: pd.DataFrame) -> str | None:
     return stall_warning(other_share(gpu, ["model", "verifier", "drafter", "batch_size"])) if len(gpu) else None
 
 
+def verdict(ratios) -> str | None:
+    """Whether a method pays at one batch size, from its throughput ratio(s) against what it is
+    compared with: one pooled ratio, or one ratio per repeat (each repeat's throughput over the
+    comparator's in the same repeat). "loses" when every ratio is below 1, "pays" when none is,
+    "tie" when the repeats fall on both sides of 1 (the difference is within the run's timing
+    noise); None when nothing finite was measured. One ratio can only pay or lose: whether it is
+    outside the noise needs repeats."""
+    r = np.asarray(ratios, float).ravel()
+    r = r[np.isfinite(r)]
+    if not len(r):
+        return None
+    return "loses" if (r < 1).all() else "pays" if (r >= 1).all() else "tie"
+
+
 def first_loss(sizes, ratios):
-    """The smallest batch size whose throughput ratio is below 1 (None if none is): where, along
-    the batch sizes run, a method stops paying. Unmeasured (non-finite) ratios are passed over."""
-    return next((b for b, r in sorted(zip(sizes, ratios)) if np.isfinite(r) and r < 1), None)
+    """The smallest batch size that loses (`verdict`: every ratio given for it below 1; None if
+    none does): where, along the batch sizes run, a method stops paying. `ratios` holds one value
+    or one sequence of per-repeat values per size; unmeasured (non-finite) ones are passed over."""
+    return next((b for b, r in sorted(zip(sizes, ratios), key=lambda x: x[0]) if verdict(r) == "loses"), None)
+
+
+def repeat_ratios(run: dict, base: dict, pooled: float) -> list[float]:
+    """Per-repeat ratios of two cells' throughputs ({repeat: throughput}), paired by repeat (the
+    harness times every cell once per repeat, all of repeat r before any of r + 1); the pooled
+    ratio alone when they share fewer than two repeats."""
+    common = sorted(set(run or {}) & set(base or {}))
+    if len(common) < 2:
+        return [pooled]
+    return [float(_ratio(run[r], base[r])) for r in common]
 
 
 def crossovers(summary: pd.DataFrame) -> list[str]:
     """Where, along the batch sizes run, speculation stops paying (a drafter's throughput falls
     below its verifier's AR at the same batch size) and where a verifier stops beating the
     reference verifier with the same drafter: one line per (model, verifier, drafter), from the
-    `all` rows of a summary that has a batch_size column."""
+    `all` rows of a summary that has a batch_size column. With repeats, a batch size loses only
+    where every repeat loses (`verdict`), and sizes whose repeats straddle 1 are named as ties."""
     if "batch_size" not in summary:
         return []
     s = summary[summary["category"] == "all"].sort_values("batch_size")
@@ -438,37 +481,61 @@ def crossovers(summary: pd.DataFrame) -> list[str]:
     for mode in sorted(set(packed[s["batch_size"] > 1])) or [False]:
         curve = s[(s["batch_size"] == 1) | (packed == mode)]
         lines += _crossover_lines(curve, " (packed)" if mode else "")
+    if lines and any(len(_by_rep(r)) < 2 for r in s.itertuples()):
+        lines.append("(one timing per cell: a ratio a few % from 1 is within timing noise and is called a win or a "
+                     "loss only by its sign; run with repeats>=2 to tell them apart)")
     return lines
 
 
+def _by_rep(r) -> dict:
+    d = getattr(r, "throughput_by_repeat", None)
+    return d if isinstance(d, dict) else {}
+
+
 def _crossover_lines(s: pd.DataFrame, tag: str) -> list[str]:
-    ref = s.loc[s["reference_verifier"], ["model", "drafter", "batch_size", "throughput"]]
-    ref = {(r.model, r.drafter, r.batch_size): r.throughput for r in ref.itertuples()}
+    ref = {(r.model, r.drafter, r.batch_size): r for r in s[s["reference_verifier"]].itertuples()}
+    ar = {(r.model, r.verifier, r.batch_size): r for r in s[s["baseline"]].itertuples()}
     lines = []
     for (model, verifier, drafter), g in s.groupby(["model", "verifier", "drafter"], sort=False):
-        sizes = g["batch_size"].tolist()
         tests = []
         if not g["baseline"].iloc[0]:
-            tests.append(("speculation", g["speedup_vs_ar"].tolist(), f"{verifier} AR"))
+            tests.append(("speculation", {b: ar.get((model, verifier, b)) for b in g["batch_size"]}, f"{verifier} AR"))
         if not g["reference_verifier"].iloc[0]:
-            base = [ref.get((model, drafter, b), np.nan) for b in sizes]
-            tests.append((f"{verifier} verification", list(g["throughput"] / np.array(base, float)),
+            tests.append((f"{verifier} verification", {b: ref.get((model, drafter, b)) for b in g["batch_size"]},
                           f"the reference verifier with {drafter}"))
-        for what, ratios, against in tests:
-            known = [(b, r) for b, r in zip(sizes, ratios) if np.isfinite(r)]
+        for what, base, against in tests:
+            known = []  # (B, per-repeat ratios) where the comparator ran
+            for r in g.itertuples():
+                b = base.get(r.batch_size)
+                if b is None:
+                    continue
+                pooled = float(_ratio(r.throughput, b.throughput))
+                ratios = repeat_ratios(_by_rep(r), _by_rep(b), pooled)
+                if np.isfinite(pooled):
+                    known.append((r.batch_size, pooled, ratios))
             if not known:
                 continue
-            lost = first_loss(*zip(*known))
-            ratio_text = ", ".join(f"B={b} {r:.2f}x" for b, r in known)
-            verdict = f"stops paying at B={lost}" if lost is not None else f"pays at every batch size run (up to B={known[-1][0]})"
-            lines.append(f"{model} {verifier}/{drafter}{tag}: {what} {verdict} (throughput vs {against}: {ratio_text})")
+            lost = first_loss([b for b, _, _ in known], [x for _, _, x in known])
+            ties = [b for b, _, x in known if verdict(x) == "tie" and (lost is None or b < lost)]
+            ratio_text = ", ".join(f"B={b} {p:.2f}x" + (f" ({min(x):.2f}-{max(x):.2f} over {len(x)} repeats)"
+                                                       if len(x) > 1 else "") for b, p, x in known)
+            verdict_text = (f"stops paying at B={lost}" if lost is not None
+                            else f"pays at every batch size run (up to B={known[-1][0]})" if not ties
+                            else f"never loses in every repeat (up to B={known[-1][0]})")
+            if ties:
+                verdict_text += f"; ties (repeats on both sides of 1) at B={', '.join(map(str, ties))}"
+            lines.append(f"{model} {verifier}/{drafter}{tag}: {what} {verdict_text} (throughput vs {against}: {ratio_text})")
     return lines
 
 
 def save(summary: pd.DataFrame, path) -> None:
-    """Write the summary as CSV (the acceptance curve as a JSON list), atomically."""
+    """Write the summary as CSV (the acceptance curve as a JSON list, the throughput per repeat as
+    a JSON object keyed by repeat), atomically."""
     from .fileio import atomic_write_text
 
     out = summary.copy()
     out["accept_curve"] = out["accept_curve"].map(json.dumps)
+    if "throughput_by_repeat" in out:
+        out["throughput_by_repeat"] = out["throughput_by_repeat"].map(
+            lambda d: json.dumps({str(k): v for k, v in d.items()}) if isinstance(d, dict) else d)
     atomic_write_text(path, out.to_csv(index=False))

@@ -464,3 +464,32 @@ def test_batch_figure_rings_cells_a_stall_dominated():
         r["other_share"] = 0.05
     quiet = figures.plot_gpu_batch(pd.DataFrame(rows), acceptance=figures.REAL_ACCEPTANCE)
     assert "red ring" not in quiet._suptitle.get_text()
+
+
+def test_gpu_batch_figure_crosses_only_where_every_repeat_loses(tmp_path):
+    """A batch table with per-repeat ranges (gpu_speed.py, cells timed twice): int4 / bf16 with the
+    drafter is 1.02x pooled at B = 4 (pays), 0.99x pooled at B = 8 but 0.96-1.02 over the repeats
+    (a tie: hollow diamond, no cross), 0.95x at B = 16 with both repeats below (the cross)."""
+    rows = []
+    ref = {4: 1000, 8: 1900, 16: 2000}
+    int4 = {4: (1020, 1.01, 1.03), 8: (1881, 0.96, 1.02), 16: (1900, 0.93, 0.97)}
+    for b in (4, 8, 16):
+        for v, y, lo, hi in (("reference", ref[b], 1.0, 1.0), ("int4", *int4[b])):
+            for d in ("ar", "spec"):
+                rows.append(dict(verifier=v, drafter=d, batch_size=b, throughput=y, speedup_vs_ar=1.0, speedup_vs_ar_lo=1.0,
+                                 speedup_vs_ar_hi=1.0, speedup_vs_ref_same_drafter=y / ref[b],
+                                 speedup_vs_ref_same_drafter_lo=lo, speedup_vs_ref_same_drafter_hi=hi,
+                                 baseline=d == "ar", n_repeats=2, gpu="H100"))
+    fig = figures.plot_gpu_batch(pd.DataFrame(rows))
+    ax = [a for a in fig.axes if a.get_visible()][0]
+    marks = lambda m: [tuple(p) for l in ax.lines if l.get_marker() == m for p in l.get_xydata()]
+    assert marks("X") == [(16.0, 1900.0)] and marks("D") == [(8.0, 1881.0)]
+    title = fig._suptitle.get_text()
+    assert "in every repeat" in title and "a tie" in title
+    # the same table timed once (no ranges): the pooled 0.99x at B = 8 is the first loss
+    once = pd.DataFrame(rows).drop(columns=[c for c in rows[0] if c.endswith(("_lo", "_hi"))]).assign(n_repeats=1)
+    fig = figures.plot_gpu_batch(once)
+    ax = [a for a in fig.axes if a.get_visible()][0]
+    assert marks("X") == [(8.0, 1881.0)] and marks("D") == []
+    assert "one timing per cell" in fig._suptitle.get_text()
+    plt.close("all")

@@ -231,3 +231,52 @@ def test_batch_table_reports_time_outside_draft_and_verify_and_flags_stalls(caps
     # rows files from before the timing split: the column is empty and nothing is flagged
     old = gs.batch_table(rows.drop(columns=["other_s"]), 4246.0, "NVIDIA H200")
     assert old.other_share.isna().all() and gs.flag_stalls(old) == []
+
+
+def _timed_twice_rows(ratio_by_repeat: dict) -> list[pd.DataFrame]:
+    """Two rows files of the same cells (bf16 and int4 x AR x B = 2, two batches of two prompts):
+    file r is repeat r, int4's batches taking 1 / ratio_by_repeat[r] of bf16's time."""
+    files = []
+    for rep, ratio in ratio_by_repeat.items():
+        rows = []
+        for v in ("reference", "int4"):
+            for i in range(4):
+                rows.append(dict(cell_id=f"{v}-ar-2", repeat=0, timed_at=1000.0 * rep + (v == "int4"), verifier=v,
+                                 drafter="ar", batch_size=2, batch_id=f"{2 * (i // 2)}/1/0", prompt_id=str(i), turn=1,
+                                 new_tokens=16, verify_steps=16, batch_decode_s=0.1 if v == "reference" else 0.1 / ratio,
+                                 batch_steps=16, gemm_rows_per_step=2.0, batch_padding=0.0, weight_bytes=16e9,
+                                 baseline=True, gpu="NVIDIA H100 80GB HBM3", driver="580", torch="2.11", triton="3.6",
+                                 copy_gbps=3000.0, command="python experiments/gpu_speed.py", max_new_tokens=16))
+        files.append(pd.DataFrame(rows))
+    return files
+
+
+def test_rows_files_of_the_same_cells_are_repeats_paired_in_the_table(tmp_path, capsys):
+    """Two calls' rows of the same cells join as repeats 0 and 1 (not pooled as one timing): the table
+    gives n_repeats 2, the per-repeat throughput range and int4's per-repeat ratio range (1.04 / 0.98:
+    a tie, named in the .md's crossovers, where the pooled ratio alone would call it a win); the
+    same file given twice is refused in one line."""
+    gs = gpu_speed()
+    paths = []
+    for i, f in enumerate(_timed_twice_rows({0: 1.04, 1: 0.98})):
+        paths.append(tmp_path / f"call{i}.csv")
+        f.to_csv(paths[-1], index=False)
+    out = tmp_path / "out"
+    gs.main(["--experiment", "gpu_batch", "--from-rows", *map(str, paths), "--out", str(out)])
+    t = pd.read_csv(out / "batch.csv").set_index("verifier")
+    assert (t.n_repeats == 2).all()
+    assert t.loc["reference", "throughput"] == pytest.approx(128 / 0.4)  # 2 repeats x 2 batches of 2 x 16 tokens
+    assert (t.loc["int4", "throughput_lo"], t.loc["int4", "throughput_hi"]) == pytest.approx((320 * 0.98, 320 * 1.04))
+    lo, hi = t.loc["int4", "speedup_vs_ref_same_drafter_lo"], t.loc["int4", "speedup_vs_ref_same_drafter_hi"]
+    assert (lo, hi) == pytest.approx((0.98, 1.04))
+    assert t.loc["int4", "speedup_vs_ref_same_drafter"] > 1  # pooled: 0.4 s against 0.1 / 1.04 + 0.1 / 0.98
+    md = (out / "batch.md").read_text()
+    assert "- int4 vs bf16 with ar: never loses (up to B=2); ties at B=2" in md
+    assert "1.01 (0.98-1.04)" in md
+    with pytest.raises(SystemExit) as e:
+        gs.main(["--experiment", "gpu_batch", "--from-rows", str(paths[0]), str(paths[0]), "--out", str(out)])
+    assert e.value.code == 2 and "pass each rows file once" in capsys.readouterr().err
+    # one file alone: timed once, and the .md says a ratio's sign alone decides
+    gs.main(["--experiment", "gpu_batch", "--from-rows", str(paths[0]), "--out", str(out / "one")])
+    md = (out / "one" / "batch.md").read_text()
+    assert "Every cell was timed once" in md and "- int4 vs bf16 with ar: never loses (up to B=2)" in md

@@ -345,3 +345,37 @@ def test_run_stall_warning_names_gpu_batch_cells_dominated_by_a_stall():
     assert line is not None and "1 cell(s)" in line and f"m/w8a8/ngram/B=3 ({(0.6 + 0.05) / 2:.0%})" in line
     assert run_stall_warning(rows("cpu (x86_64, 2 cores, 2 threads)", 0.6)) is None
     assert run_stall_warning(rows("NVIDIA H200", 0.5)) is None  # (0.5 + 0.05) / 2 < 0.3
+
+
+def test_crossover_verdicts_pair_repeats_and_name_ties():
+    """Batch rows timed twice: int4 vs bf16 with the same drafter is 1.2x / 1.1x at B = 1 (pays),
+    1.05x / 0.95x at B = 8 (a tie: the repeats straddle 1), 0.9x / 0.97x at B = 16 (loses in both).
+    The crossover lands at B = 16, not at B = 8 where the pooled ratio (0.9995) dips below 1, and B = 8 is
+    named a tie; per-repeat throughputs are the rows' own tokens / seconds. With the second repeat
+    dropped, the single timing calls B = 8 a win (1.05x) and the line says one timing cannot tell."""
+    from quasar_bench.summary import crossovers, verdict
+
+    ratio = {1: (1.2, 1.1), 8: (1.05, 0.95), 16: (0.9, 0.97)}
+    rows = []
+    for b, (r0, r1) in ratio.items():
+        for v in ("bf16", "int4"):
+            for rep, r in ((0, r0), (1, r1)):
+                for p in range(2):  # two prompts in one batch, each with half the batch's time
+                    sec = 1.0 if v == "bf16" else 1.0 / r
+                    rows.append(dict(model="m", drafter="ngram", verifier=v, category="qa", prompt_id=f"p{p}", turn=0,
+                                     repeat=rep, batch_size=b, new_tokens=50, verify_steps=25, accepted=25, drafted=50,
+                                     decode_s=sec, throughput_share_s=sec / 2, reference_verifier=v == "bf16"))
+    df = pd.DataFrame(rows)
+    s = summarize(df)
+    int4 = s[(s.category == "all") & (s.verifier == "int4")].set_index("batch_size")
+    assert int4.loc[8, "throughput_by_repeat"] == pytest.approx({0: 100 * 1.05, 1: 100 * 0.95})
+    assert int4.loc[8, "throughput"] == pytest.approx(200 / (1 / 1.05 + 1 / 0.95))  # pooled over repeats
+    line = next(x for x in crossovers(s) if "int4 verification" in x)
+    assert "stops paying at B=16" in line and "ties (repeats on both sides of 1) at B=8" in line
+    assert "B=16 0.93x (0.90-0.97 over 2 repeats)" in line
+    assert [verdict(x) for x in ([1.2, 1.1], [1.05, 0.95], [0.9, 0.97], [float("nan")])] == ["pays", "tie", "loses", None]
+    one = crossovers(summarize(df[df.repeat == 0]))
+    line = next(x for x in one if "int4 verification" in x)
+    assert "stops paying at B=16" in line and "ties" not in line and "B=8 1.05x" in line
+    assert any("one timing per cell" in x for x in one)
+    assert not any("one timing per cell" in x for x in crossovers(s))
