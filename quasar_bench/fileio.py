@@ -74,6 +74,15 @@ def write_json(path, obj, indent: int | None = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=str))
 
 
+def json_cell(v):
+    """A table cell as a CSV file keeps it: list-, array- and dict-valued cells (per-step acceptance,
+    token ids, the acceptance curve, throughput per repeat) as JSON, whole (numpy's print form would
+    elide long ones); other values unchanged."""
+    if isinstance(v, (list, tuple, dict)) or (hasattr(v, "tolist") and getattr(v, "ndim", 0) >= 1):
+        return json.dumps(v.tolist() if hasattr(v, "tolist") else v, default=lambda x: x.item() if hasattr(x, "item") else str(x))
+    return v
+
+
 def read_json(path):
     """The parsed JSON at `path`, or None when it is missing or torn (callers rebuild it)."""
     try:

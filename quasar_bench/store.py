@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from quasar_bench.errors import QuasarError
-from quasar_bench.fileio import (atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir, host_tag,  # noqa: F401
+from quasar_bench.fileio import (atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir, host_tag, json_cell,  # noqa: F401
                                  tmp_prefix, write_json)
 from quasar_bench.rowfiles import BAD_READ as _BAD_READ
 from quasar_bench.rowfiles import (KEY, LIST_COLS, read_table, reason, rows_frame,  # noqa: F401 (KEY: the store's row key)
@@ -583,31 +583,19 @@ class ResultStore:
         (numpy's print form would elide long ones)."""
         out = [self.root / "rows.parquet", self.root / "rows.csv"]
         atomic_write(out[0], lambda f: df.to_parquet(f, index=False))
-        lists = {c: df[c].map(_json_cell) for c in LIST_COLS if c in df}
+        lists = {c: df[c].map(json_cell) for c in LIST_COLS if c in df}
         atomic_write_text(out[1], df.assign(**lists).to_csv(index=False))
         if summary_df is not None:
-            s = summary_df.copy()
-            for c in s.columns:
-                if s[c].dtype == object:
-                    s[c] = s[c].map(_json_cell)
+            from quasar_bench.summary import save
+
             out.append(self.root / "summary.csv")
-            atomic_write_text(out[2], s.to_csv(index=False))
+            save(summary_df, out[2])
         return out
 
 
 def _keys(t: pa.Table) -> list[tuple[str, int, int]]:
     """(prompt_id, turn, repeat) of every row of a rows table read through with_repeat."""
     return list(zip(map(str, t["prompt_id"].to_pylist()), t["turn"].to_pylist(), t["repeat"].to_pylist()))
-
-
-def _json_cell(v):
-    if isinstance(v, (list, tuple, dict)) or (hasattr(v, "tolist") and getattr(v, "ndim", 0) >= 1):
-        return json.dumps(v.tolist() if hasattr(v, "tolist") else v, default=_json_default)
-    return v
-
-
-def _json_default(v):
-    return v.item() if hasattr(v, "item") else str(v)
 
 
 # -- inspection and repair -----------------------------------------------------------------------

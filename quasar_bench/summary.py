@@ -44,7 +44,6 @@ p_i = P(draft i accepted | drafts 1..i-1 accepted), position by position (NaN-sk
 """
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
@@ -529,13 +528,13 @@ def _crossover_lines(s: pd.DataFrame, tag: str) -> list[str]:
 
 
 def save(summary: pd.DataFrame, path) -> None:
-    """Write the summary as CSV (the acceptance curve as a JSON list, the throughput per repeat as
-    a JSON object keyed by repeat), atomically."""
-    from .fileio import atomic_write_text
+    """Write the summary as CSV, atomically: the one writer of summary.csv (the run's export and the
+    W&B run's copy), list- and dict-valued cells (the acceptance curve, the throughput per repeat,
+    keyed by repeat) as JSON."""
+    from .fileio import atomic_write_text, json_cell
 
     out = summary.copy()
-    out["accept_curve"] = out["accept_curve"].map(json.dumps)
-    if "throughput_by_repeat" in out:
-        out["throughput_by_repeat"] = out["throughput_by_repeat"].map(
-            lambda d: json.dumps({str(k): v for k, v in d.items()}) if isinstance(d, dict) else d)
+    for c in out.columns:
+        if out[c].dtype == object:
+            out[c] = out[c].map(json_cell)
     atomic_write_text(path, out.to_csv(index=False))

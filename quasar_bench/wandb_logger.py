@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .errors import QuasarError
+from .summary import save as save_summary
 
 
 def _cell(value):
@@ -55,7 +56,7 @@ def log_results(cfg, rows, summary, out_dir: Path) -> str:
         run_dir = Path(run.dir).parent
         with open(Path(run.dir) / "quasar_config.json", "w") as f:
             json.dump(config, f, indent=2, sort_keys=True, default=str)
-        summary.to_csv(Path(run.dir) / "summary.csv", index=False)
+        save_summary(summary, Path(run.dir) / "summary.csv")  # the same file as the run's own summary.csv
         run.save(str(Path(run.dir) / "quasar_config.json"), base_path=run.dir, policy="now")
         run.save(str(Path(run.dir) / "summary.csv"), base_path=run.dir, policy="now")
         cols, data = table_data(rows)

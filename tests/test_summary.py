@@ -347,7 +347,7 @@ def test_run_stall_warning_names_gpu_batch_cells_dominated_by_a_stall():
     assert run_stall_warning(rows("NVIDIA H200", 0.5)) is None  # (0.5 + 0.05) / 2 < 0.3
 
 
-def test_crossover_verdicts_pair_repeats_and_name_ties():
+def test_crossover_verdicts_pair_repeats_and_name_ties(tmp_path):
     """Batch rows timed twice: int4 vs bf16 with the same drafter is 1.2x / 1.1x at B = 1 (pays),
     1.05x / 0.95x at B = 8 (a tie: the repeats straddle 1), 0.9x / 0.97x at B = 16 (loses in both).
     The crossover lands at B = 16, not at B = 8 where the pooled ratio (0.9995) dips below 1, and B = 8 is
@@ -379,3 +379,7 @@ def test_crossover_verdicts_pair_repeats_and_name_ties():
     assert "stops paying at B=16" in line and "ties" not in line and "B=8 1.05x" in line
     assert any("one timing per cell" in x for x in one)
     assert not any("one timing per cell" in x for x in crossovers(s))
+    save(s, tmp_path / "summary.csv")  # per-repeat throughput kept as JSON keyed by repeat
+    back = pd.read_csv(tmp_path / "summary.csv")
+    got = back[(back.category == "all") & (back.verifier == "int4") & (back.batch_size == 8)].throughput_by_repeat.iloc[0]
+    assert json.loads(got) == pytest.approx({"0": 105.0, "1": 95.0})
