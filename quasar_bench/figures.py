@@ -336,13 +336,18 @@ def plot_gpu_speedup_by_drafter(e2e: pd.DataFrame | None, ax=None):
     t.plot.bar(ax=ax, rot=15, width=0.8)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_ylabel("tokens/s ÷ bf16 verifier, same drafter")
-    gpu = e2e["gpu"].iloc[0] if "gpu" in e2e else "GPU"
-    size = (f" · {int(e2e['n_prompts'].max())} prompts, {int(e2e['new_tokens'].max())} new tokens per cell"
-            if {"n_prompts", "new_tokens"} <= set(e2e.columns) else " · prompts and tokens not in the table")
     ax.set_title("Verifier precision speedup per drafter")
-    _caption(ax, f"Qwen3-8B shapes (random weights) · {gpu}{size}")
+    _caption(ax, f"Qwen3-8B shapes (random weights) · {_gpu_and_size(e2e)}")
     ax.legend(title="verifier", fontsize=8)
     return ax
+
+
+def _gpu_and_size(table: pd.DataFrame) -> str:
+    """A GPU table's caption tail: the board, and the prompts and new tokens per cell where it says."""
+    gpu = table["gpu"].iloc[0] if "gpu" in table else "GPU"
+    size = (f" · {int(table['n_prompts'].max())} prompts, {int(table['new_tokens'].max())} new tokens per cell"
+            if {"n_prompts", "new_tokens"} <= set(table.columns) else " · prompts and tokens not in the table")
+    return gpu + size
 
 
 def plot_gpu_replay(replay: pd.DataFrame | None, ax=None):
@@ -367,11 +372,8 @@ def plot_gpu_replay(replay: pd.DataFrame | None, ax=None):
         ax.bar_label(container, labels=labels, fontsize=6, rotation=90, padding=2)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_ylabel("tokens/s ÷ bf16 AR (bar labels: τ on the source model)")
-    gpu = replay["gpu"].iloc[0] if "gpu" in replay else "GPU"
-    size = (f" · {int(replay['n_prompts'].max())} prompts, {int(replay['new_tokens'].max())} new tokens per cell"
-            if {"n_prompts", "new_tokens"} <= set(replay.columns) else " · prompts and tokens not in the table")
     ax.set_title("Real τ at Qwen3-8B step times")
-    _caption(ax, f"τ of SmolLM2-135M (CPU) · Qwen3-8B shapes · {gpu}{size}")
+    _caption(ax, f"τ of SmolLM2-135M (CPU) · Qwen3-8B shapes · {_gpu_and_size(replay)}")
     ax.legend(title="verifier", fontsize=8)
     return ax
 

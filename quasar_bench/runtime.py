@@ -199,16 +199,7 @@ class Attention(nn.Module):
             norms = (self.q_norm.weight, self.k_norm.weight) if a.qk_norm else (None, None)
             q = qkv_rope_cache(self.qkv_proj(x), *norms, a.rms_norm_eps, cos, sin, *kv, pos)
             return self.o_proj(decode_attention(q, *kv, pos))
-        if hasattr(self, "qkv_proj"):  # fused (quant.fuse_projections): one GEMM, split after
-            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(t, a.num_heads, a.head_dim)
-        k = k.view(t, a.num_kv_heads, a.head_dim)
-        v = v.view(t, a.num_kv_heads, a.head_dim)
-        if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = Elementwise.rope(q, cos, sin), Elementwise.rope(k, cos, sin)
+        q, k, v = self.project_qkv(x, cos, sin)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
         if isinstance(start, torch.Tensor):
             k_cache, v_cache = kv
@@ -223,15 +214,10 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
         return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
 
-    def forward_batch(self, x, cos, sin, kv, where: BatchPositions, mask, span: int):
-        """B sequences at once (Transformer.forward_batch): x [N, H] (the GEMMs see M = N rows: B * T,
-        or the packed slots where.index), where.pos [B, T] each row's own positions, kv = caches
-        [B, n_kv, S, D], mask [B, 1, T, span]. Attention runs on the [B, T] grid; a packed forward
-        scatters q / k / v into it (padding slots zero: they sit after every real position of their
-        row, so the causal mask hides them from real queries, and their cache writes land past the
-        row's kept prefix) and gathers the real slots back before o_proj."""
-        a, (b, t), n, index = self.a, where.pos.shape, x.shape[0], where.index
-        if hasattr(self, "qkv_proj"):
+    def project_qkv(self, x, cos, sin):
+        """q, k, v of the rows x [N, H] as [N, heads, D]: q and k normed (Qwen3's qk_norm) and rotated."""
+        a, n = self.a, x.shape[0]
+        if hasattr(self, "qkv_proj"):  # fused (quant.fuse_projections): one GEMM, split after
             q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -240,7 +226,17 @@ class Attention(nn.Module):
         v = v.reshape(n, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = Elementwise.rope(q, cos, sin), Elementwise.rope(k, cos, sin)
+        return Elementwise.rope(q, cos, sin), Elementwise.rope(k, cos, sin), v
+
+    def forward_batch(self, x, cos, sin, kv, where: BatchPositions, mask, span: int):
+        """B sequences at once (Transformer.forward_batch): x [N, H] (the GEMMs see M = N rows: B * T,
+        or the packed slots where.index), where.pos [B, T] each row's own positions, kv = caches
+        [B, n_kv, S, D], mask [B, 1, T, span]. Attention runs on the [B, T] grid; a packed forward
+        scatters q / k / v into it (padding slots zero: they sit after every real position of their
+        row, so the causal mask hides them from real queries, and their cache writes land past the
+        row's kept prefix) and gathers the real slots back before o_proj."""
+        a, (b, t), n, index = self.a, where.pos.shape, x.shape[0], where.index
+        q, k, v = self.project_qkv(x, cos, sin)
         if index is not None:
             q, k, v = (y.new_zeros(b * t, *y.shape[1:]).index_copy_(0, index, y) for y in (q, k, v))
         k_cache, v_cache = kv
