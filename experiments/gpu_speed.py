@@ -61,7 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quasar_bench.summary import STALL_SHARE, first_loss, other_share, stall_warning, verdict  # noqa: E402
+from quasar_bench.summary import STALL_SHARE, loss_and_ties, other_share, stall_warning, verdict  # noqa: E402
 from quasar_kernels.bench_kernels import copy_bandwidth, driver_version  # noqa: E402
 
 
@@ -135,8 +135,7 @@ def batch_crossovers(t: pd.DataFrame) -> list[str]:
             sizes = list(g.batch_size)
             if not any(verdict(r) for r in ratios):
                 continue
-            lost = first_loss(sizes, ratios)
-            ties = [b for b, r in zip(sizes, ratios) if verdict(r) == "tie" and (lost is None or b < lost)]
+            lost, ties = loss_and_ties(sizes, ratios)
             text = f"loses from B={lost}" if lost is not None else f"never loses (up to B={sizes[-1]})"
             text += f"; ties at B={', '.join(map(str, ties))}" if ties else ""
             lines.append(f"- {what}: {text}")

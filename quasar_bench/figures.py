@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from quasar_bench.store import ResultStore  # noqa: E402
-from quasar_bench.summary import STALL_SHARE, first_loss, reference_verifier, summarize, verdict  # noqa: E402
+from quasar_bench.summary import STALL_SHARE, first_loss, loss_and_ties, reference_verifier, summarize  # noqa: E402
 
 
 class MissingInput(Exception):
@@ -475,15 +475,13 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
                         mec="red", mew=1.2)
             if v != "reference" and len(ref):
                 ratios = _repeat_ratios(g, "speedup_vs_ref_same_drafter", g["throughput"] / g["batch_size"].map(ref))
-                lost = first_loss(g["batch_size"], ratios)
+                lost, tied = loss_and_ties(list(g["batch_size"]), ratios)
+                y = g.set_index("batch_size")["throughput"]
                 if lost is not None:
-                    y = g.loc[g["batch_size"] == lost, "throughput"].iloc[0]
-                    ax.plot([lost], [y], marker="X", ms=10, color=_vcolor(v), mec="black", mew=0.6)
-                tie = [(b, y) for b, y, r in zip(g["batch_size"], g["throughput"], ratios)
-                       if verdict(r) == "tie" and (lost is None or b < lost)]
-                ties += len(tie)
-                if tie:
-                    ax.plot(*zip(*tie), ls="none", marker="D", ms=8, mfc="none", mec=_vcolor(v), mew=1.2)
+                    ax.plot([lost], [y[lost]], marker="X", ms=10, color=_vcolor(v), mec="black", mew=0.6)
+                ties += len(tied)
+                if tied:
+                    ax.plot(tied, list(y[tied]), ls="none", marker="D", ms=8, mfc="none", mec=_vcolor(v), mew=1.2)
         spec = d[d["verifier"] == "reference"]
         if len(spec) and not spec["baseline"].iloc[0]:
             lost = first_loss(spec["batch_size"], _repeat_ratios(spec, "speedup_vs_ar", spec["speedup_vs_ar"]))

@@ -455,6 +455,15 @@ def first_loss(sizes, ratios):
     return next((b for b, r in sorted(zip(sizes, ratios), key=lambda x: x[0]) if verdict(r) == "loses"), None)
 
 
+def loss_and_ties(sizes, ratios) -> tuple[int | None, list[int]]:
+    """(`first_loss`, the batch sizes before it whose repeats fall on both sides of 1): what a
+    crossover line, table or figure says of one curve."""
+    lost = first_loss(sizes, ratios)
+    ties = [b for b, r in sorted(zip(sizes, ratios), key=lambda x: x[0])
+            if verdict(r) == "tie" and (lost is None or b < lost)]
+    return lost, ties
+
+
 def repeat_ratios(run: dict, base: dict, pooled: float) -> list[float]:
     """Per-repeat ratios of two cells' throughputs ({repeat: throughput}), paired by repeat (the
     harness times every cell once per repeat, all of repeat r before any of r + 1); the pooled
@@ -514,8 +523,7 @@ def _crossover_lines(s: pd.DataFrame, tag: str) -> list[str]:
                     known.append((r.batch_size, pooled, ratios))
             if not known:
                 continue
-            lost = first_loss([b for b, _, _ in known], [x for _, _, x in known])
-            ties = [b for b, _, x in known if verdict(x) == "tie" and (lost is None or b < lost)]
+            lost, ties = loss_and_ties([b for b, _, _ in known], [x for _, _, x in known])
             ratio_text = ", ".join(f"B={b} {p:.2f}x" + (f" ({min(x):.2f}-{max(x):.2f} over {len(x)} repeats)"
                                                        if len(x) > 1 else "") for b, p, x in known)
             verdict_text = (f"stops paying at B={lost}" if lost is not None
