@@ -501,16 +501,36 @@ def _by_rep(r) -> dict:
 
 
 def _crossover_lines(s: pd.DataFrame, tag: str) -> list[str]:
-    ref = {(r.model, r.drafter, r.batch_size): r for r in s[s["reference_verifier"]].itertuples()}
-    ar = {(r.model, r.verifier, r.batch_size): r for r in s[s["baseline"]].itertuples()}
+    # A curve is one drafter setting (k, temperature) across batch sizes. Each point is compared as
+    # the summary's own speedups are: with AR at the same temperature and context, and with the
+    # reference verifier at the same drafter, k, temperature and context (packed batches are a
+    # context of their own, so a packed curve's B = 1 point keeps the unpacked one's). Several
+    # contexts at one batch size (two datasets in one store) make several curves.
+    setting = [c for c in ("k", "temperature") if c in s]
+    match = [c for c in ("temperature", "context_id") if c in s]  # what AR shares; the reference also k
+    s = s.assign(**{c: s[c].astype(object).where(s[c].notna(), "") for c in {*setting, *match}})
+    ref = {(r.model, r.drafter, r.batch_size, *(getattr(r, c) for c in ["k", *match] if c in s)): r
+           for r in s[s["reference_verifier"]].itertuples()}
+    ar = {(r.model, r.verifier, r.batch_size, *(getattr(r, c) for c in match)): r for r in s[s["baseline"]].itertuples()}
+    # the line names a setting only where one drafter ran with several (two k, two temperatures)
+    named = [c for c in setting if s.groupby(["model", "verifier", "drafter"])[c].nunique().max() > 1]
+    curves = []
+    for (model, verifier, drafter, *values), g in s.groupby(["model", "verifier", "drafter", *setting], sort=False):
+        label = "".join(f" {c}={v}" for c, v in zip(setting, values) if c in named)
+        if "context_id" in g and g["batch_size"].duplicated().any():
+            curves += [(model, verifier, drafter, f"{label} [context {str(c)[:6]}]", h) for c, h in g.groupby("context_id")]
+        else:
+            curves.append((model, verifier, drafter, label, g))
     lines = []
-    for (model, verifier, drafter), g in s.groupby(["model", "verifier", "drafter"], sort=False):
+    for model, verifier, drafter, label, g in curves:
         tests = []
         if not g["baseline"].iloc[0]:
-            tests.append(("speculation", {b: ar.get((model, verifier, b)) for b in g["batch_size"]}, f"{verifier} AR"))
+            tests.append(("speculation", {r.batch_size: ar.get((model, verifier, r.batch_size, *(getattr(r, c) for c in match)))
+                                          for r in g.itertuples()}, f"{verifier} AR"))
         if not g["reference_verifier"].iloc[0]:
-            tests.append((f"{verifier} verification", {b: ref.get((model, drafter, b)) for b in g["batch_size"]},
-                          f"the reference verifier with {drafter}"))
+            tests.append((f"{verifier} verification",
+                          {r.batch_size: ref.get((model, drafter, r.batch_size, *(getattr(r, c) for c in ["k", *match] if c in s)))
+                           for r in g.itertuples()}, f"the reference verifier with {drafter}"))
         for what, base, against in tests:
             known = []  # (B, per-repeat ratios) where the comparator ran
             for r in g.itertuples():
@@ -531,7 +551,8 @@ def _crossover_lines(s: pd.DataFrame, tag: str) -> list[str]:
                             else f"never loses in every repeat (up to B={known[-1][0]})")
             if ties:
                 verdict_text += f"; ties (repeats on both sides of 1) at B={', '.join(map(str, ties))}"
-            lines.append(f"{model} {verifier}/{drafter}{tag}: {what} {verdict_text} (throughput vs {against}: {ratio_text})")
+            lines.append(f"{model} {verifier}/{drafter}{label}{tag}: {what} {verdict_text} (throughput vs {against}: "
+                         f"{ratio_text})")
     return lines
 
 

@@ -383,3 +383,35 @@ def test_crossover_verdicts_pair_repeats_and_name_ties(tmp_path):
     back = pd.read_csv(tmp_path / "summary.csv")
     got = back[(back.category == "all") & (back.verifier == "int4") & (back.batch_size == 8)].throughput_by_repeat.iloc[0]
     assert json.loads(got) == pytest.approx({"0": 105.0, "1": 95.0})
+
+
+def test_crossover_compares_each_setting_with_its_own_baseline():
+    """Greedy and sampled cells in one batch run: at B = 4 the drafter beats AR at its own temperature
+    (greedy 110 vs 100, sampled 60 vs 50) but is slower than the other temperature's AR. Each curve
+    is judged against AR at its own temperature, so neither loses; comparing across temperatures
+    would call the sampled one a loss at B = 4 (60 vs 100)."""
+    from quasar_bench.summary import crossovers
+
+    tput = {("ar", 0.0): 100, ("ngram", 0.0): 110, ("ar", 0.7): 50, ("ngram", 0.7): 60}
+    rows = []
+    for (d, temp), y in tput.items():
+        for b in (1, 4):
+            for p in range(2):
+                rows.append(dict(model="m", drafter=d, verifier="bf16", category="qa", prompt_id=f"p{p}", turn=0,
+                                 temperature=temp, batch_size=b, new_tokens=y, verify_steps=y, accepted=0, drafted=0,
+                                 decode_s=1.0, throughput_share_s=1.0, k=0 if d == "ar" else 4,
+                                 reference_verifier=True))
+    lines = [x for x in crossovers(summarize(pd.DataFrame(rows))) if "speculation" in x]
+    assert len(lines) == 2 and all("pays at every batch size run" in x for x in lines)
+    assert any("temperature=0.7" in x and "B=4 1.20x" in x for x in lines)
+    assert any("temperature=0.0" in x and "B=4 1.10x" in x for x in lines)
+    # two contexts (e.g. two datasets) in one store: one curve each, each against its own AR
+    ctx = pd.DataFrame(rows).query("temperature == 0.0").drop(columns="temperature")
+    other = ctx.assign(context_id="bbbbbbbb", new_tokens=ctx.new_tokens.where(ctx.drafter == "ar", 45) // 2)
+    both = pd.concat([ctx.assign(context_id="aaaaaaaa"), other], ignore_index=True)
+    lines = [x for x in crossovers(summarize(both)) if "speculation" in x]
+    assert sorted(lines) == sorted([
+        "m bf16/ngram [context aaaaaa]: speculation pays at every batch size run (up to B=4) "
+        "(throughput vs bf16 AR: B=1 1.10x, B=4 1.10x)",
+        "m bf16/ngram [context bbbbbb]: speculation stops paying at B=1 "
+        "(throughput vs bf16 AR: B=1 0.44x, B=4 0.44x)"])
