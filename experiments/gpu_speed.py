@@ -274,7 +274,9 @@ def main(argv=None):
             ap.error(f"the rows' batches are {'packed' if True in packed else 'unpacked'}"
                      f"{' and unpacked' if len(packed) > 1 else ''}: one table holds one kind; "
                      f"{'add' if True in packed else 'drop'} --packed, or pass only one kind's rows")
-        meta = {k: rows[k].iloc[0] for k in ("gpu", "driver", "torch", "triton", "copy_gbps") if k in rows}
+        meta = {k: rows[k].iloc[0] for k in MACHINE_COLUMNS if k in rows}
+        if "copy_gbps" in rows:  # measured once per call: calls on one machine kind differ by a few GB/s
+            meta["copy_gbps"] = float(rows["copy_gbps"].median())
         meta["command"] = command
         meta["source_commands"] = " ; ".join(dict.fromkeys(rows["command"].dropna())) if "command" in rows else ""
         copy_gbps = float(meta["copy_gbps"])
@@ -387,7 +389,9 @@ def join_row_files(frames: list[pd.DataFrame], names: list[str]) -> pd.DataFrame
     a further timing of it (the same cells run again, e.g. on the same warm machine to measure the
     spread): its repeats are numbered after the earlier files' and its batch ids made unique, so the
     tables pair the timings repeat by repeat instead of pooling them as one. The same rows given
-    twice (equal `timed_at`) are refused with a ValueError."""
+    twice (equal `timed_at`) are refused with a ValueError, as are files from different GPUs or
+    software versions: one table speaks for one machine kind."""
+    check_one_machine(frames, names)
     if not all({"cell_id", "repeat"} <= set(f.columns) for f in frames):
         return pd.concat(frames, ignore_index=True)
     seen: dict[str, int] = {}  # cell -> the next free repeat number
@@ -410,6 +414,23 @@ def join_row_files(frames: list[pd.DataFrame], names: list[str]) -> pd.DataFrame
             seen[c] = int(r) + 1
         out.append(f)
     return pd.concat(out, ignore_index=True)
+
+
+MACHINE_COLUMNS = ("gpu", "driver", "torch", "triton")
+
+
+def check_one_machine(frames: list[pd.DataFrame], names: list[str]) -> None:
+    """Refuse (ValueError) rows files whose hardware or version columns differ: the table's header
+    names one GPU and one torch, and a speedup paired across an H100 and an H200 means nothing."""
+    for col in MACHINE_COLUMNS:
+        where: dict[str, str] = {}
+        for f, name in zip(frames, names):
+            for v in f[col].dropna().astype(str).unique() if col in f else ():
+                where.setdefault(v, name)
+        if len(where) > 1:
+            seen = ", ".join(f"{v!r} ({n})" for v, n in where.items())
+            raise ValueError(f"the rows come from different machines: {col} {seen}; "
+                             "one table holds one GPU and one software stack: pass only that machine's rows files")
 
 
 def complete_cells(rows: pd.DataFrame) -> pd.DataFrame:

@@ -280,3 +280,28 @@ def test_rows_files_of_the_same_cells_are_repeats_paired_in_the_table(tmp_path, 
     gs.main(["--experiment", "gpu_batch", "--from-rows", str(paths[0]), "--out", str(out / "one")])
     md = (out / "one" / "batch.md").read_text()
     assert "Every cell was timed once" in md and "- int4 vs bf16 with ar: never loses (up to B=2)" in md
+
+
+def test_rows_of_different_machines_are_not_joined(tmp_path, capsys):
+    """Rows files from an H100 and an H200 (or two torch versions) are refused in one line naming the
+    column, both values and their files, and no table is written: a ratio paired across two GPUs
+    would be quoted as one machine's. Files of one machine kind with slightly different copy
+    bandwidths join, and the table's copy bandwidth is their median."""
+    gs = gpu_speed()
+    first, second = _timed_twice_rows({0: 1.04, 1: 0.98})
+    out = tmp_path / "out"
+    for col, value in (("gpu", "NVIDIA H200"), ("torch", "2.12")):
+        a, b = tmp_path / "a.csv", tmp_path / f"{col}.csv"
+        first.to_csv(a, index=False)
+        second.assign(**{col: value}).to_csv(b, index=False)
+        with pytest.raises(SystemExit) as e:
+            gs.main(["--experiment", "gpu_batch", "--from-rows", str(a), str(b), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{col} " in err and repr(value) in err and str(b) in err and str(a) in err
+        assert not (out / "batch.csv").exists()
+    first.assign(copy_gbps=3000.0).to_csv(tmp_path / "a.csv", index=False)
+    second.assign(copy_gbps=3010.0).to_csv(tmp_path / "b.csv", index=False)
+    gs.main(["--experiment", "gpu_batch", "--from-rows", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+             "--out", str(out)])
+    t = pd.read_csv(out / "batch.csv")
+    assert (t.copy_gbps == 3005.0).all() and (t.gpu == "NVIDIA H100 80GB HBM3").all()
