@@ -295,6 +295,10 @@ def main(argv=None):
         # a failure in the table below loses nothing
         rows = export_rows(rows, meta)
         rows.to_csv(out / f"{name}_rows.csv", index=False)
+    try:
+        check_one_cell_per_row_of_table(rows, ["verifier", "drafter", "batch_size"] if batched else ["verifier", "drafter"])
+    except ValueError as e:
+        ap.error(str(e))
     table = batch_table(rows, copy_gbps, str(meta.get("gpu", ""))) if batched else e2e_table(rows, copy_gbps)
     if batched:
         flag_stalls(table)
@@ -417,6 +421,24 @@ def join_row_files(frames: list[pd.DataFrame], names: list[str]) -> pd.DataFrame
 
 
 MACHINE_COLUMNS = ("gpu", "driver", "torch", "triton")
+
+
+def check_one_cell_per_row_of_table(rows: pd.DataFrame, keys: list[str]) -> None:
+    """Refuse (ValueError) rows where one line of the table (e.g. int8 / ar / B=1) would pool two
+    different cells: the same labels run under another code version, model, prompt set or setting
+    (another `context_id`). Their batch ids coincide, so pooling them would count one cell's tokens
+    against the other's time; only repeats of one cell (one `cell_id`) belong on one line."""
+    if "cell_id" not in rows:
+        return
+    n = rows.groupby(keys, sort=False)["cell_id"].nunique()
+    if (n > 1).any():
+        line = n[n > 1].index[0]
+        ctx = rows.set_index(keys).loc[[line]]
+        ctx = sorted(ctx["context_id"].astype(str).str[:6].unique()) if "context_id" in ctx else []
+        raise ValueError(f"the rows hold {n[line]} different cells for {' / '.join(map(str, line))}"
+                         f"{' (contexts ' + ', '.join(ctx) + ')' if ctx else ''}: the same labels run with another code "
+                         "version, model, prompt set or setting; a line of the table pools one cell's repeats only: "
+                         "pass rows of one context (rerun the comparators in the same code version)")
 
 
 def check_one_machine(frames: list[pd.DataFrame], names: list[str]) -> None:

@@ -305,3 +305,28 @@ def test_rows_of_different_machines_are_not_joined(tmp_path, capsys):
              "--out", str(out)])
     t = pd.read_csv(out / "batch.csv")
     assert (t.copy_gbps == 3005.0).all() and (t.gpu == "NVIDIA H100 80GB HBM3").all()
+
+
+def test_two_cells_under_one_label_are_refused_not_pooled(tmp_path, capsys):
+    """The same labels (int4 / ar / B=2) run under another context (code version, prompts, settings)
+    are another cell: their batch ids coincide with the first cell's, and pooling them on one line
+    doubled the tokens against one cell's time (a 2x throughput). Joining them is refused in one
+    line naming the line of the table and both contexts; no table is written."""
+    gs = gpu_speed()
+    first, second = _timed_twice_rows({0: 1.0, 1: 1.0})
+    first["context_id"] = "aaaaaa11"
+    second["context_id"] = "bbbbbb22"
+    second.loc[second.verifier == "int4", "cell_id"] = "int4-ar-2-other-code"
+    a, b, out = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "out"
+    first.to_csv(a, index=False)
+    second[second.verifier == "int4"].to_csv(b, index=False)
+    with pytest.raises(SystemExit) as e:
+        gs.main(["--experiment", "gpu_batch", "--from-rows", str(a), str(b), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "2 different cells for int4 / ar / 2" in err and "aaaaaa, bbbbbb" in err
+    assert not (out / "batch.csv").exists()
+    # the second file alone with the first's reference rows is one cell per line: tabulated
+    pd.concat([first[first.verifier == "reference"], second[second.verifier == "int4"]]).to_csv(b, index=False)
+    gs.main(["--experiment", "gpu_batch", "--from-rows", str(b), "--out", str(out)])
+    t = pd.read_csv(out / "batch.csv").set_index("verifier")
+    assert t.loc["int4", "throughput"] == pytest.approx(t.loc["reference", "throughput"])
