@@ -260,7 +260,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if args.from_rows:
         try:
-            rows = complete_cells(join_row_files([pd.read_csv(f) for f in args.from_rows], args.from_rows))
+            frames = [read_rows_file(f, batched) for f in args.from_rows]
+            rows = complete_cells(join_row_files(frames, args.from_rows))
         except ValueError as e:
             ap.error(str(e))
         if args.drafters:
@@ -421,6 +422,41 @@ def join_row_files(frames: list[pd.DataFrame], names: list[str]) -> pd.DataFrame
 
 
 MACHINE_COLUMNS = ("gpu", "driver", "torch", "triton")
+# what each table reads from a rows file; a file without them was not written by this script
+ROW_COLUMNS = {"verifier", "drafter", "prompt_id", "new_tokens", "verify_steps", "weight_bytes", "baseline", "copy_gbps"}
+BATCH_COLUMNS = {"batch_size", "batch_id", "batch_decode_s", "batch_steps", "gemm_rows_per_step", "batch_padding"}
+E2E_COLUMNS = {"decode_s", "draft_s", "verify_s", "drafted", "accepted"}
+NUMERIC_COLUMNS = (ROW_COLUMNS | BATCH_COLUMNS | E2E_COLUMNS) - {"verifier", "drafter", "prompt_id", "baseline", "batch_id"}
+
+
+def read_rows_file(path: str, batched: bool) -> pd.DataFrame:
+    """One rows file for --from-rows, or a ValueError naming the file and what is wrong with it."""
+    try:
+        rows = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; pass the *_rows.csv files a GPU call wrote") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ValueError(f"{path}: not a readable CSV ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "pass the *_rows.csv files a GPU call wrote") from None
+    for col in sorted(NUMERIC_COLUMNS & set(rows.columns)):
+        as_number = pd.to_numeric(rows[col], errors="coerce")
+        bad = as_number.isna() & rows[col].notna()
+        if bad.any():
+            raise ValueError(f"{path}: column {col} holds a non-number ({rows[col][bad].iloc[0]!r} on data line "
+                             f"{int(bad.idxmax()) + 1}): the file is damaged; take it again from the GPU call's output")
+        rows[col] = as_number
+    if not batched and "batch_size" in rows and (rows["batch_size"] > 1).any():
+        raise ValueError(f"{path}: holds batched rows (B up to {int(rows['batch_size'].max())}): tabulate them with "
+                         "--experiment gpu_batch (or gpu_batch_replay)")
+    missing = (ROW_COLUMNS | (BATCH_COLUMNS if batched else E2E_COLUMNS)) - set(rows.columns)
+    if missing:
+        kind = "a batch experiment's" if batched else "an end-to-end (gpu_speed / gpu_replay)"
+        named = sorted(missing)[:5] + ([f"and {len(missing) - 5} more"] if len(missing) > 5 else [])
+        raise ValueError(f"{path}: not {kind} rows file (no column {', '.join(named)}); pass the "
+                         f"*_rows.csv a GPU call of that experiment wrote")
+    if rows.empty:
+        raise ValueError(f"{path}: holds no rows; a call that timed nothing has nothing to tabulate")
+    return rows
 
 
 def check_one_cell_per_row_of_table(rows: pd.DataFrame, keys: list[str]) -> None:

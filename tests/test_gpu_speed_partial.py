@@ -330,3 +330,31 @@ def test_two_cells_under_one_label_are_refused_not_pooled(tmp_path, capsys):
     gs.main(["--experiment", "gpu_batch", "--from-rows", str(b), "--out", str(out)])
     t = pd.read_csv(out / "batch.csv").set_index("verifier")
     assert t.loc["int4", "throughput"] == pytest.approx(t.loc["reference", "throughput"])
+
+
+def test_bad_rows_files_are_refused_in_one_line(tmp_path, capsys):
+    """--from-rows with a missing file, a file that is not CSV, an empty file, a CSV that is not a
+    rows file, a rows file with a damaged number, or batched rows given to the end-to-end table: exit 2 with one line naming the file
+    and the fix (no traceback, no table)."""
+    gs = gpu_speed()
+    out = tmp_path / "out"
+    binary, empty, other, rows = (tmp_path / n for n in ("binary.csv", "empty.csv", "other.csv", "rows.csv"))
+    binary.write_bytes(bytes(range(128, 256)) * 4)
+    empty.write_text("")
+    other.write_text("a,b\n1,2\n")
+    _timed_twice_rows({0: 1.0})[0].to_csv(rows, index=False)
+    damaged = tmp_path / "damaged.csv"
+    d = _timed_twice_rows({0: 1.0})[0].astype({"batch_decode_s": object})
+    d.loc[3, "batch_decode_s"] = "0.1x"
+    d.to_csv(damaged, index=False)
+    cases = [(["--experiment", "gpu_batch"], damaged, "column batch_decode_s holds a non-number ('0.1x' on data line 4)"),(["--experiment", "gpu_batch"], tmp_path / "absent.csv", "no such file"),
+             (["--experiment", "gpu_batch"], binary, "not a readable CSV"),
+             (["--experiment", "gpu_batch"], empty, "not a readable CSV"),
+             (["--experiment", "gpu_batch"], other, "not a batch experiment's rows file (no column baseline"),
+             ([], rows, "holds batched rows (B up to 2): tabulate them with --experiment gpu_batch")]
+    for argv, path, words in cases:
+        with pytest.raises(SystemExit) as e:
+            gs.main([*argv, "--from-rows", str(path), "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and str(path) in err and words in err, err
+    assert not any(out.glob("*.csv"))
