@@ -2,7 +2,8 @@
 # Session 23: the int8 verifier with real acceptance (left out of call 1 to fit one call), with the bf16
 # reference timed again in the same call: the table pools one code version's cells only, so int8 cannot
 # be joined to call 1's bf16 rows. Same grid as call1.sh otherwise (packed forwards; ar / ngram / lookahead
-# replaying results/batch_replay_source; B in {1, 4, 16, 32}). Carried as in call1.sh.
+# replaying results/batch_replay_source; B in {1, 4, 16, 32}). Carried as in call1.sh. Extra arguments are
+# passed on as overrides (session 23, with little device time left: `bash call2.sh "batch_size=[1,32]"`).
 # Predicted before the call (int8 x bf16 with the same drafter; from the synthetic grid at the same verify
 # rows M): ar 1.54 / 1.46 / 1.47 / 1.27 at B = 1 / 4 / 16 / 32; ngram (M ~ 3.5 / 19 / 57 / 87) 1.52 / 1.35 /
 # 1.07 / 0.93; lookahead (M ~ 3.6 / 20 / 62 / 94) 1.50 / 1.33 / 1.05 / 0.92. bf16 throughput within +-3 % of call 1.
@@ -12,6 +13,6 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader |
 timeout -s TERM ${QB_TIMEOUT:-540} python experiments/gpu_speed.py --experiment gpu_batch_replay --packed \
     --source results/batch_replay_source --out $o --runs /tmp/qb_s23_replay_int8 \
     model.tokenizer=.gpu_tok dataset.path=.gpu_data/question.jsonl progress=false \
-    "matrix.verifiers=[reference,int8]" > $o/log.txt 2>&1
+    "matrix.verifiers=[reference,int8]" "$@" > $o/log.txt 2>&1
 echo "rc $?" | tee -a $o/log.txt
 ls $o; tail -c 2500 $o/log.txt
