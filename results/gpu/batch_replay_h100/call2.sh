@@ -7,6 +7,9 @@
 # Predicted before the call (int8 x bf16 with the same drafter; from the synthetic grid at the same verify
 # rows M): ar 1.54 / 1.46 / 1.47 / 1.27 at B = 1 / 4 / 16 / 32; ngram (M ~ 3.5 / 19 / 57 / 87) 1.52 / 1.35 /
 # 1.07 / 0.93; lookahead (M ~ 3.6 / 20 / 62 / 94) 1.50 / 1.33 / 1.05 / 0.92. bf16 throughput within +-3 % of call 1.
+# Session 23 had ~4 minutes of device time left for it: run with "batch_size=[1,32]" under QB_TIMEOUT=140, then
+# resumed under 75 s on the warm machine, it timed 6 of the 12 cells (the visits are shuffled), no pair of int8
+# and bf16 with one drafter among them; the rows were not kept. Still to run whole, in one call.
 export PYTHONPATH=$PWD/.gpu_site:$PYTHONPATH PYTHONUNBUFFERED=1
 o=$OUT/s23/replay_int8; mkdir -p $o
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $o/gpu.txt
