@@ -431,13 +431,9 @@ NUMERIC_COLUMNS = (ROW_COLUMNS | BATCH_COLUMNS | E2E_COLUMNS) - {"verifier", "dr
 
 def read_rows_file(path: str, batched: bool) -> pd.DataFrame:
     """One rows file for --from-rows, or a ValueError naming the file and what is wrong with it."""
-    try:
-        rows = pd.read_csv(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file; pass the *_rows.csv files a GPU call wrote") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise ValueError(f"{path}: not a readable CSV ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         "pass the *_rows.csv files a GPU call wrote") from None
+    from quasar_bench.fileio import read_table
+
+    rows = read_table(path, fix="pass the *_rows.csv files a GPU call wrote")
     for col in sorted(NUMERIC_COLUMNS & set(rows.columns)):
         as_number = pd.to_numeric(rows[col], errors="coerce")
         bad = as_number.isna() & rows[col].notna()

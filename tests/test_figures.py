@@ -493,3 +493,22 @@ def test_gpu_batch_figure_crosses_only_where_every_repeat_loses(tmp_path):
     assert marks("X") == [(8.0, 1881.0)] and marks("D") == []
     assert "one timing per cell" in fig._suptitle.get_text()
     plt.close("all")
+
+
+def test_a_damaged_table_fails_its_figure_by_name_and_the_rest_are_drawn(tmp_path, capsys):
+    """A result table that is not CSV any more (a torn copy, binary bytes): its figure is reported
+    failed in one line naming the file and the fix, make_figures lists it in its problems (so `make
+    figures` exits non-zero), and every other figure is still drawn."""
+    gpu = tmp_path / "results" / "gpu"
+    (gpu / "batch_h100").mkdir(parents=True)
+    pd.DataFrame([dict(verifier=v, drafter="ar", batch_size=b, throughput=100.0 * b, speedup_vs_ar=1.0,
+                       baseline=True, gpu="H200") for v in ("reference", "int4") for b in (1, 4)]).to_csv(
+        gpu / "batch.csv", index=False)
+    damaged = gpu / "batch_h100" / "batch.csv"
+    damaged.write_bytes(b"verifier,drafter\n\xff\xfe\x00garbage")
+    written, problems = figures.make_figures(tmp_path / "results", tmp_path / "figs")
+    assert problems == ["gpu_batch_h100"]
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("FAILED")]
+    assert len(line) == 1 and str(damaged) in line[0] and "not a readable CSV" in line[0] and "git checkout" in line[0]
+    assert "gpu_batch.png" in {p.name for p in written}
+    assert figures.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "figs")]) == 1
