@@ -43,8 +43,13 @@ first batch size where it loses against the bf16 reference with the same drafter
 drafter loses against AR on its verifier. With repeats a batch size loses only where every repeat
 does; where the repeats fall on both sides of 1 it is named a tie (quasar_bench.summary.verdict).
 
+Rows files and tables hold the cells this run visited: a --runs store reused across code versions
+keeps the earlier runs' cells under the same labels, and those are left out (and counted on stderr).
+`--from-rows` refuses rows of different machines, two different cells on one line of the table, and
+files that are missing, damaged or another experiment's, each in one line.
+
 A run stopped early (Ctrl-C, or SIGTERM from `timeout`) still writes `<name>_rows_partial.csv`
-under --out: every row the result store holds, with the hardware columns, in one file.
+under --out: every row of this run's cells the result store holds, with the hardware columns, in one file.
 """
 from __future__ import annotations
 
@@ -382,6 +387,7 @@ def save_partial_rows(runs: Path, out: Path, name: str, meta: dict) -> Path | No
     except Exception as e:  # noqa: BLE001 - a damaged store: say so, lose nothing else
         print(f"gpu_speed: the store {runs} could not be read ({e})", file=sys.stderr)
         return None
+    rows = this_runs_rows(rows)
     if rows.empty:
         return None
     path = out / f"{name}_rows_partial.csv"
@@ -524,10 +530,30 @@ def run_cells(args, overrides, meta):
         cfg = compose("config", overrides=[f"experiment={args.experiment}", f"experiment_name={args.experiment}",
                                            f"out_dir={args.runs}", *extra, *overrides])
     t0 = time.time()
-    Experiment(cfg).run()
-    rows = pd.read_parquet(Path(args.runs) / "rows.parquet").assign(max_new_tokens=int(cfg.max_new_tokens))
+    global _EXPERIMENT
+    _EXPERIMENT = Experiment(cfg)
+    _EXPERIMENT.run()
+    rows = this_runs_rows(pd.read_parquet(Path(args.runs) / "rows.parquet")).assign(max_new_tokens=int(cfg.max_new_tokens))
     meta["wall_s"] = round(time.time() - t0, 1)
     return rows, copy_gbps
+
+
+_EXPERIMENT = None  # the run in progress, so a stopped run's rows can be limited to its own cells
+
+
+def this_runs_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the cells this run visited. A --runs store reused across code versions also holds
+    the earlier runs' cells under the same labels; tabulating them with this run's would pool two
+    cells on one line (refused) and the rows file would carry them on. Each dropped cell count is
+    said on stderr."""
+    visited = getattr(_EXPERIMENT, "cell_ids", None)
+    if not visited or "cell_id" not in rows:
+        return rows
+    keep = rows["cell_id"].isin(visited)
+    if (~keep).any():
+        print(f"gpu_speed: {rows.loc[~keep, 'cell_id'].nunique()} cells of earlier runs in the store left out "
+              f"(not this run's configuration or code version)", file=sys.stderr)
+    return rows[keep]
 
 
 def _has_tabulate() -> bool:

@@ -90,6 +90,7 @@ def run_cell(run, live, dcfg, batch_size: int, repeat: int) -> None:
         live.cells[(dkey, batch_size)] = describe_cell(run, runtime, live.vcfg, dcfg, drafter, live.is_reference,
                                                        batch_size)
     cell = live.cells[(dkey, batch_size)]
+    run.cell_ids.add(cell.cell_id)
     label = f"{cell.verifier}/{cell.drafter}" + (f"/B={batch_size}" if batch_size > 1 else "") + f" repeat {repeat}"
 
     def missing(done):

@@ -165,6 +165,10 @@ class Experiment:
                          "seed": int(cfg.seed), "device": pick_device(cfg.model.device).type}
         self.store.check_identity(self.identity)
         self.store_open = False
+        # the cells this run visits, stored ones included: the store may also hold cells of earlier
+        # runs under other contexts (another code version, prompts, settings), which tools
+        # tabulating this run's cells alone leave out
+        self.cell_ids: set[str] = set()
 
     def open_store(self):
         if not self.store_open:

@@ -358,3 +358,32 @@ def test_bad_rows_files_are_refused_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert e.value.code == 2 and str(path) in err and words in err, err
     assert not any(out.glob("*.csv"))
+
+
+def test_a_reused_store_tabulates_only_this_runs_cells(tmp_path, monkeypatch, capsys):
+    """Two GPU-speed runs into one --runs store whose cells differ in context (here the prompt set;
+    in practice a code version): the second run's rows file and table hold its own cell only, the
+    earlier one is counted on stderr. Before, the store's export held both, and the table pooled (or
+    now refused) two cells on one line."""
+    gs = gpu_speed()
+    runs = tmp_path / "runs"
+    meta = {"gpu": "NVIDIA H200", "driver": "580", "torch": "2.11", "triton": "3.6", "copy_gbps": 4246.0}
+    cpu_only, real_run_cells = gs.torch.cuda.is_available, gs.run_cells
+
+    def on_cpu(*args):
+        with monkeypatch.context() as m:
+            m.setattr(gs.torch.cuda, "is_available", cpu_only)
+            return real_run_cells(*args)
+
+    monkeypatch.setattr(gs.torch.cuda, "is_available", lambda: True)  # main()'s check: "on a GPU"
+    monkeypatch.setattr(gs, "hardware_meta", lambda command: {**meta, "command": command})
+    monkeypatch.setattr(gs, "run_cells", on_cpu)
+    common = ["model=tiny_llama", "max_new_tokens=3", "progress=false", "matrix.extra=[]", "fidelity=false",
+              "matrix.verifiers=[reference]", "matrix.drafters=[ar]", "repeats=1", "model.max_seq_len=256"]
+    for limit in (1, 2):
+        gs.main(["--runs", str(runs), "--out", str(tmp_path / f"out{limit}"), *common, f"dataset.limit={limit}"])
+    first = pd.read_csv(tmp_path / "out1" / "e2e_rows.csv")
+    second = pd.read_csv(tmp_path / "out2" / "e2e_rows.csv")
+    assert first.cell_id.nunique() == second.cell_id.nunique() == 1 and set(first.cell_id) != set(second.cell_id)
+    assert second.prompt_id.nunique() == 2 and len(pd.read_csv(tmp_path / "out2" / "e2e.csv")) == 1
+    assert "1 cells of earlier runs in the store left out" in capsys.readouterr().err
