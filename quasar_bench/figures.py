@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from quasar_bench.fileio import read_table  # noqa: E402
+from quasar_bench.rowfiles import read_csv_table  # noqa: E402
 from quasar_bench.store import ResultStore  # noqa: E402
 from quasar_bench.summary import STALL_SHARE, first_loss, loss_and_ties, reference_verifier, summarize  # noqa: E402
 
@@ -56,10 +56,10 @@ def load_kernels(results) -> pd.DataFrame | None:
     """Single-GEMM benchmark rows: results/gpu/kernels*.csv (cuBLAS, Triton, torch's kernels) plus
     the CUDA kernel's own rows from results/gpu/w4a16_cuda.csv (its baselines are already in the first)."""
     gpu = Path(results) / "gpu"
-    frames = [read_table(f) for f in sorted(gpu.glob("kernels*.csv"))]
+    frames = [read_csv_table(f) for f in sorted(gpu.glob("kernels*.csv"))]
     cuda = gpu / "w4a16_cuda.csv"
     if cuda.exists():
-        c = read_table(cuda)
+        c = read_csv_table(cuda)
         frames.append(c[c["kernel"] == "w4a16_cuda"])
     return pd.concat(frames, ignore_index=True) if frames else None
 
@@ -387,13 +387,13 @@ def load_batch_tables(gpu_dir: Path) -> pd.DataFrame | None:
     main = gpu_dir / "batch.csv"
     if not main.exists():
         return None
-    batch = read_table(main)
+    batch = read_csv_table(main)
     need = {"verifier", "drafter", "batch_size", "throughput", "speedup_vs_ar"}
     for extra in sorted(gpu_dir.glob("batch_*.csv")):
         # row files, the real-acceptance tables and packed tables (figures of their own)
         if "_rows" in extra.stem or extra.stem.startswith("batch_replay") or extra.stem.endswith("_packed"):
             continue
-        t = read_table(extra)
+        t = read_csv_table(extra)
         if not need <= set(t.columns):
             continue
         have = set(zip(batch["verifier"], batch["drafter"], batch["batch_size"]))
@@ -569,7 +569,7 @@ def plot_kernel_backends_vs_m(table: pd.DataFrame | None):
 
 def load_step_speed(results) -> pd.DataFrame | None:
     """results/gpu/step_speed*.csv (experiments/step_speed.py), one row per engine and measure."""
-    frames = [read_table(f).assign(table=f.stem) for f in sorted((Path(results) / "gpu").glob("step_speed*.csv"))]
+    frames = [read_csv_table(f).assign(table=f.stem) for f in sorted((Path(results) / "gpu").glob("step_speed*.csv"))]
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
@@ -654,16 +654,16 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
         if table.stem.endswith(("_sweep", "_log")):
             continue
         name = "kernel_roofline_" + table.stem.removeprefix("w4a16_cuda_")
-        _draw(name, lambda t=table: roofline_figure(read_table(t)), out / name, written, problems)
+        _draw(name, lambda t=table: roofline_figure(read_csv_table(t)), out / name, written, problems)
     e2e = Path(results) / "gpu" / "e2e.csv"
-    _draw("gpu_speedup_by_drafter", lambda: plot_gpu_speedup_by_drafter(read_table(e2e) if e2e.exists() else None),
+    _draw("gpu_speedup_by_drafter", lambda: plot_gpu_speedup_by_drafter(read_csv_table(e2e) if e2e.exists() else None),
           out / "gpu_speedup_by_drafter", written, problems)
     # one figure per replay table (replay.csv, replay_<machine>.csv: the same source re-measured)
     for replay in sorted((Path(results) / "gpu").glob("replay*.csv")) or [Path(results) / "gpu" / "replay.csv"]:
         if "_rows" in replay.stem:
             continue
         name = "gpu_" + replay.stem
-        _draw(name, lambda r=replay: plot_gpu_replay(read_table(r) if r.exists() else None), out / name,
+        _draw(name, lambda r=replay: plot_gpu_replay(read_csv_table(r) if r.exists() else None), out / name,
               written, problems)
     _draw("gpu_batch", lambda: plot_gpu_batch(load_batch_tables(Path(results) / "gpu")),
           out / "gpu_batch", written, problems)
@@ -673,22 +673,22 @@ def make_figures(results="results", out="results/figures") -> tuple[list[Path], 
         if "_rows" in table.stem:
             continue
         name = "gpu_" + table.parent.name + ("_packed" if table.stem.endswith("_packed") else "")
-        _draw(name, lambda t=table: plot_gpu_batch(read_table(t), acceptance=batch_acceptance(t.stem)), out / name,
+        _draw(name, lambda t=table: plot_gpu_batch(read_csv_table(t), acceptance=batch_acceptance(t.stem)), out / name,
               written, problems)
     real = Path(results) / "gpu" / "batch_replay.csv"
     _draw("gpu_batch_replay", lambda: plot_gpu_batch(
-        read_table(real) if real.exists() else None, acceptance=REAL_ACCEPTANCE,
+        read_csv_table(real) if real.exists() else None, acceptance=REAL_ACCEPTANCE,
         missing="no results/gpu/batch_replay.csv (python experiments/gpu_speed.py --experiment gpu_batch_replay "
                 "--source results/batch_replay_source)"), out / "gpu_batch_replay", written, problems)
     # packed forwards (gpu_speed.py --packed): drawn where measured, beside the unpacked figure
     for packed in sorted((Path(results) / "gpu").glob("batch*_packed.csv")):
         name = "gpu_" + packed.stem
-        _draw(name, lambda t=packed: plot_gpu_batch(read_table(t), acceptance=batch_acceptance(t.stem)),
+        _draw(name, lambda t=packed: plot_gpu_batch(read_csv_table(t), acceptance=batch_acceptance(t.stem)),
               out / name, written, problems)
     # int4 backends as M grows (w4a16_backends_<what>_<machine>.csv), one figure per table
     for table in sorted((Path(results) / "gpu").glob("w4a16_backends_*.csv")):
         name = "kernel_backends_" + table.stem.removeprefix("w4a16_backends_")
-        _draw(name, lambda t=table: plot_kernel_backends_vs_m(read_table(t)), out / name, written, problems)
+        _draw(name, lambda t=table: plot_kernel_backends_vs_m(read_csv_table(t)), out / name, written, problems)
     _draw("gpu_step_by_backend", lambda: plot_step_speed_by_backend(load_step_speed(results)),
           out / "gpu_step_by_backend", written, problems)
     return written, problems

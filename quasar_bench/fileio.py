@@ -89,18 +89,3 @@ def read_json(path):
         return json.loads(Path(path).read_text("utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def read_table(path: str | os.PathLike,
-               fix: str = "restore it (git checkout) or make it again with the command in its .md"):
-    """A CSV result table, or a ValueError naming the file, what is wrong with it (missing,
-    unreadable, not CSV, empty) and `fix`, instead of a parser's traceback."""
-    import pandas as pd
-
-    try:
-        return pd.read_csv(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file; {fix}") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        why = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{path}: not a readable CSV ({type(e).__name__}: {why}); {fix}") from None

@@ -11,7 +11,7 @@ import sys
 
 import pandas as pd
 
-from .fileio import read_table
+from .rowfiles import read_csv_table
 
 MACHINE_COLUMNS = ("gpu", "driver", "torch", "triton")
 # what each table reads from a rows file; a file without them was not written by experiments/gpu_speed.py
@@ -23,7 +23,7 @@ NUMERIC_COLUMNS = (ROW_COLUMNS | BATCH_COLUMNS | E2E_COLUMNS) - {"verifier", "dr
 
 def read_rows_file(path: str, batched: bool) -> pd.DataFrame:
     """One rows file for --from-rows, or a ValueError naming the file and what is wrong with it."""
-    rows = read_table(path, fix="pass the *_rows.csv files a GPU call wrote")
+    rows = read_csv_table(path, fix="pass the *_rows.csv files a GPU call wrote")
     for col in sorted(NUMERIC_COLUMNS & set(rows.columns)):
         as_number = pd.to_numeric(rows[col], errors="coerce")
         bad = as_number.isna() & rows[col].notna()

@@ -1,5 +1,6 @@
 """Result rows read back from files, without changing them: a result directory's row store
-(rows-*.parquet), its rows.parquet / rows.csv export, or one rows file.
+(rows-*.parquet), its rows.parquet / rows.csv export, or one rows file; and any CSV result table
+(`read_csv_table`: figures, GPU rows files), with one-line errors instead of a parser's traceback.
 
 The store (store.py) writes these files; every reader shares this module (the store's own `load`,
 the replay drafter's traces, the Spec-Bench export), so a table reads the same whichever file holds
@@ -141,3 +142,16 @@ def _number(x: str):
         return int(x)
     except ValueError:
         return float(x)
+
+
+def read_csv_table(path: str | Path,
+                   fix: str = "restore it (git checkout) or make it again with the command in its .md") -> pd.DataFrame:
+    """A CSV result table, or a ValueError naming the file, what is wrong with it (missing,
+    unreadable, not CSV, empty) and `fix`, instead of a parser's traceback."""
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; {fix}") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path}: not a readable CSV ({type(e).__name__}: {why}); {fix}") from None
