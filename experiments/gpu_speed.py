@@ -433,8 +433,8 @@ def this_runs_rows(rows: pd.DataFrame) -> pd.DataFrame:
     the earlier runs' cells under the same labels; tabulating them with this run's would pool two
     cells on one line (refused) and the rows file would carry them on. Each dropped cell count is
     said on stderr."""
-    visited = getattr(_EXPERIMENT, "cell_ids", None)
-    if not visited or "cell_id" not in rows:
+    visited = getattr(_EXPERIMENT, "cell_ids", None)  # None: no run in this process (rows given as they are)
+    if visited is None or "cell_id" not in rows:
         return rows
     keep = rows["cell_id"].isin(visited)
     if (~keep).any():
