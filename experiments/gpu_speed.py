@@ -267,26 +267,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if args.from_rows:
         try:
-            frames = [read_rows_file(f, batched) for f in args.from_rows]
-            rows = complete_cells(join_row_files(frames, args.from_rows))
+            rows, meta = rows_from_files(args, batched, command)
         except ValueError as e:
             ap.error(str(e))
-        if args.drafters:
-            keep = args.drafters.split(",")
-            if missing := set(keep) - set(rows["drafter"]):
-                ap.error(f"--drafters: no rows for {sorted(missing)}; the rows hold {sorted(set(rows['drafter']))}")
-            rows = rows[rows["drafter"].isin(keep)]
-        batches = rows[rows["batch_size"] > 1] if "batch_size" in rows else rows.iloc[:0]
-        packed = set(batches["batch_packed"].fillna(False).astype(bool)) if "batch_packed" in batches else {False}
-        if batched and len(batches) and packed != {args.packed}:
-            ap.error(f"the rows' batches are {'packed' if True in packed else 'unpacked'}"
-                     f"{' and unpacked' if len(packed) > 1 else ''}: one table holds one kind; "
-                     f"{'add' if True in packed else 'drop'} --packed, or pass only one kind's rows")
-        meta = {k: rows[k].iloc[0] for k in MACHINE_COLUMNS if k in rows}
-        if "copy_gbps" in rows:  # measured once per call: calls on one machine kind differ by a few GB/s
-            meta["copy_gbps"] = float(rows["copy_gbps"].median())
-        meta["command"] = command
-        meta["source_commands"] = " ; ".join(dict.fromkeys(rows["command"].dropna())) if "command" in rows else ""
         copy_gbps = float(meta["copy_gbps"])
     else:
         if not torch.cuda.is_available():
@@ -363,6 +346,31 @@ def main(argv=None):
         cross = "\n## Crossovers\n\n" + how + "\n\n" + "\n".join(batch_crossovers(table)) + "\n"
     (out / f"{name}.md").write_text(f"# {title}\n\n{head}\n\n{md}\n{cross}")
     print(shown.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+
+
+def rows_from_files(args, batched: bool, command: str) -> tuple[pd.DataFrame, dict]:
+    """--from-rows: the rows of the files joined (quasar_bench.gpu_rows), filtered to --drafters, and
+    the table's header (hardware from the rows, this command and the calls' commands); every refusal
+    a ValueError naming the fix."""
+    frames = [read_rows_file(f, batched) for f in args.from_rows]
+    rows = complete_cells(join_row_files(frames, args.from_rows))
+    if args.drafters:
+        keep = args.drafters.split(",")
+        if missing := set(keep) - set(rows["drafter"]):
+            raise ValueError(f"--drafters: no rows for {sorted(missing)}; the rows hold {sorted(set(rows['drafter']))}")
+        rows = rows[rows["drafter"].isin(keep)]
+    batches = rows[rows["batch_size"] > 1] if "batch_size" in rows else rows.iloc[:0]
+    packed = set(batches["batch_packed"].fillna(False).astype(bool)) if "batch_packed" in batches else {False}
+    if batched and len(batches) and packed != {args.packed}:
+        raise ValueError(f"the rows' batches are {'packed' if True in packed else 'unpacked'}"
+                         f"{' and unpacked' if len(packed) > 1 else ''}: one table holds one kind; "
+                         f"{'add' if True in packed else 'drop'} --packed, or pass only one kind's rows")
+    meta = {k: rows[k].iloc[0] for k in MACHINE_COLUMNS if k in rows}
+    if "copy_gbps" in rows:  # measured once per call: calls on one machine kind differ by a few GB/s
+        meta["copy_gbps"] = float(rows["copy_gbps"].median())
+    meta["command"] = command
+    meta["source_commands"] = " ; ".join(dict.fromkeys(rows["command"].dropna())) if "command" in rows else ""
+    return rows, meta
 
 
 def _stop(signum, frame):
