@@ -548,7 +548,7 @@ def _crossover_lines(s: pd.DataFrame, tag: str) -> list[str]:
                                                        if len(x) > 1 else "") for b, p, x in known)
             verdict_text = (f"stops paying at B={lost}" if lost is not None
                             else f"pays at every batch size run (up to B={known[-1][0]})" if not ties
-                            else f"never loses in every repeat (up to B={known[-1][0]})")
+                            else f"never loses (up to B={known[-1][0]})")
             if ties:
                 verdict_text += f"; ties (repeats on both sides of 1) at B={', '.join(map(str, ties))}"
             lines.append(f"{model} {verifier}/{drafter}{label}{tag}: {what} {verdict_text} (throughput vs {against}: "

@@ -351,7 +351,8 @@ def test_crossover_verdicts_pair_repeats_and_name_ties(tmp_path):
     """Batch rows timed twice: int4 vs bf16 with the same drafter is 1.2x / 1.1x at B = 1 (pays),
     1.05x / 0.95x at B = 8 (a tie: the repeats straddle 1), 0.9x / 0.97x at B = 16 (loses in both).
     The crossover lands at B = 16, not at B = 8 where the pooled ratio (0.9995) dips below 1, and B = 8 is
-    named a tie; per-repeat throughputs are the rows' own tokens / seconds. With the second repeat
+    named a tie (up to B = 8 only, the line says it never loses, with the tie, not that it pays
+    everywhere); per-repeat throughputs are the rows' own tokens / seconds. With the second repeat
     dropped, the single timing calls B = 8 a win (1.05x) and the line says one timing cannot tell."""
     from quasar_bench.summary import crossovers, verdict
 
@@ -374,6 +375,9 @@ def test_crossover_verdicts_pair_repeats_and_name_ties(tmp_path):
     assert "stops paying at B=16" in line and "ties (repeats on both sides of 1) at B=8" in line
     assert "B=16 0.93x (0.90-0.97 over 2 repeats)" in line
     assert [verdict(x) for x in ([1.2, 1.1], [1.05, 0.95], [0.9, 0.97], [float("nan")])] == ["pays", "tie", "loses", None]
+    # without B = 16 nothing loses in every repeat: neither "stops paying" nor "pays at every batch size"
+    line = next(x for x in crossovers(summarize(df[df.batch_size < 16])) if "int4 verification" in x)
+    assert "never loses (up to B=8); ties (repeats on both sides of 1) at B=8" in line and "pays at every" not in line
     one = crossovers(summarize(df[df.repeat == 0]))
     line = next(x for x in one if "int4 verification" in x)
     assert "stops paying at B=16" in line and "ties" not in line and "B=8 1.05x" in line
