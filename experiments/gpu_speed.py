@@ -446,7 +446,7 @@ def this_runs_rows(rows: pd.DataFrame) -> pd.DataFrame:
         return rows
     keep = rows["cell_id"].isin(visited)
     if (~keep).any():
-        print(f"gpu_speed: {rows.loc[~keep, 'cell_id'].nunique()} cells of earlier runs in the store left out "
+        print(f"gpu_speed: {rows.loc[~keep, 'cell_id'].nunique()} cell(s) of earlier runs in the store left out "
               f"(not this run's configuration or code version)", file=sys.stderr)
     return rows[keep]
 

@@ -334,8 +334,8 @@ def test_two_cells_under_one_label_are_refused_not_pooled(tmp_path, capsys):
 
 def test_bad_rows_files_are_refused_in_one_line(tmp_path, capsys):
     """--from-rows with a missing file, a file that is not CSV, an empty file, a CSV that is not a
-    rows file, a rows file with a damaged number, or batched rows given to the end-to-end table: exit 2 with one line naming the file
-    and the fix (no traceback, no table)."""
+    rows file, a rows file with a damaged number, or batched rows given to the end-to-end table:
+    exit 2 with one line naming the file and the fix (no traceback, no table)."""
     gs = gpu_speed()
     out = tmp_path / "out"
     binary, empty, other, rows = (tmp_path / n for n in ("binary.csv", "empty.csv", "other.csv", "rows.csv"))
@@ -347,7 +347,8 @@ def test_bad_rows_files_are_refused_in_one_line(tmp_path, capsys):
     d = _timed_twice_rows({0: 1.0})[0].astype({"batch_decode_s": object})
     d.loc[3, "batch_decode_s"] = "0.1x"
     d.to_csv(damaged, index=False)
-    cases = [(["--experiment", "gpu_batch"], damaged, "column batch_decode_s holds a non-number ('0.1x' on data line 4)"),(["--experiment", "gpu_batch"], tmp_path / "absent.csv", "no such file"),
+    cases = [(["--experiment", "gpu_batch"], damaged, "column batch_decode_s holds a non-number ('0.1x' on data line 4)"),
+             (["--experiment", "gpu_batch"], tmp_path / "absent.csv", "no such file"),
              (["--experiment", "gpu_batch"], binary, "not a readable CSV"),
              (["--experiment", "gpu_batch"], empty, "not a readable CSV"),
              (["--experiment", "gpu_batch"], other, "not a batch experiment's rows file (no column baseline"),
@@ -386,4 +387,4 @@ def test_a_reused_store_tabulates_only_this_runs_cells(tmp_path, monkeypatch, ca
     second = pd.read_csv(tmp_path / "out2" / "e2e_rows.csv")
     assert first.cell_id.nunique() == second.cell_id.nunique() == 1 and set(first.cell_id) != set(second.cell_id)
     assert second.prompt_id.nunique() == 2 and len(pd.read_csv(tmp_path / "out2" / "e2e.csv")) == 1
-    assert "1 cells of earlier runs in the store left out" in capsys.readouterr().err
+    assert "1 cell(s) of earlier runs in the store left out" in capsys.readouterr().err
