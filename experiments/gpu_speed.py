@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 
 from quasar_bench.gpu_rows import (MACHINE_COLUMNS, check_one_cell_per_row_of_table, complete_cells,  # noqa: E402
                                    join_row_files, read_rows_file)
-from quasar_bench.summary import STALL_SHARE, loss_and_ties, other_share, stall_warning, verdict  # noqa: E402
+from quasar_bench.summary import STALL_SHARE, loss_and_ties, other_share, ratio_ranges, stall_warning, verdict  # noqa: E402
 from quasar_kernels.bench_kernels import copy_bandwidth, driver_version  # noqa: E402
 
 
@@ -138,7 +138,7 @@ def batch_crossovers(t: pd.DataFrame) -> list[str]:
         tests = ([("speedup_vs_ref_same_drafter", f"{v} vs bf16 with {d}")] if v != "reference" else [])
         tests += [("speedup_vs_ar", f"{d} vs AR on {v}")] if not g.baseline.iloc[0] else []
         for m, what in tests:
-            ratios = [[lo, hi] if lo == lo else [x] for x, lo, hi in zip(g[m], g[m + "_lo"], g[m + "_hi"])]
+            ratios = ratio_ranges(g[m], g[m + "_lo"], g[m + "_hi"])
             sizes = list(g.batch_size)
             if not any(verdict(r) for r in ratios):
                 continue

@@ -30,7 +30,8 @@ import pandas as pd  # noqa: E402
 
 from quasar_bench.rowfiles import read_csv_table  # noqa: E402
 from quasar_bench.store import ResultStore  # noqa: E402
-from quasar_bench.summary import STALL_SHARE, first_loss, loss_and_ties, reference_verifier, summarize  # noqa: E402
+from quasar_bench.summary import (STALL_SHARE, first_loss, loss_and_ties, ratio_ranges, reference_verifier,  # noqa: E402
+                                  summarize)
 
 
 class MissingInput(Exception):
@@ -527,10 +528,9 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
 def _repeat_ratios(g: pd.DataFrame, metric: str, pooled) -> list[list[float]]:
     """Per row of a batch table: [lo, hi] of `metric`'s per-repeat ratios where the table has them
     (gpu_speed.py: cells timed more than once), else the pooled ratio alone (`verdict` reads both)."""
-    lo = g[metric + "_lo"] if metric + "_lo" in g else pd.Series(np.nan, index=g.index)
-    hi = g[metric + "_hi"] if metric + "_hi" in g else pd.Series(np.nan, index=g.index)
-    return [[a, b] if np.isfinite(a) and np.isfinite(b) else [p]
-            for a, b, p in zip(lo.to_numpy(float), hi.to_numpy(float), np.asarray(pooled, float))]
+    missing = np.full(len(g), np.nan)
+    return ratio_ranges(pooled, g[metric + "_lo"] if metric + "_lo" in g else missing,
+                        g[metric + "_hi"] if metric + "_hi" in g else missing)
 
 
 def plot_kernel_backends_vs_m(table: pd.DataFrame | None):

@@ -448,6 +448,14 @@ def verdict(ratios) -> str | None:
     return "loses" if (r < 1).all() else "pays" if (r >= 1).all() else "tie"
 
 
+def ratio_ranges(pooled, lo, hi) -> list[list[float]]:
+    """Per batch size of a batch table: [lo, hi] of its per-repeat ratios where the table has them
+    (cells timed more than once), else the pooled ratio alone; what `verdict` reads (every repeat
+    below 1 iff hi < 1, repeats on both sides iff lo < 1 <= hi)."""
+    return [[a, b] if np.isfinite(a) and np.isfinite(b) else [p]
+            for a, b, p in zip(np.asarray(lo, float), np.asarray(hi, float), np.asarray(pooled, float))]
+
+
 def first_loss(sizes, ratios):
     """The smallest batch size that loses (`verdict`: every ratio given for it below 1; None if
     none does): where, along the batch sizes run, a method stops paying. `ratios` holds one value
