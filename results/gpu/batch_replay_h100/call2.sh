@@ -9,7 +9,10 @@
 # 1.07 / 0.93; lookahead (M ~ 3.6 / 20 / 62 / 94) 1.50 / 1.33 / 1.05 / 0.92. bf16 throughput within +-3 % of call 1.
 # Session 23 had ~4 minutes of device time left for it: run with "batch_size=[1,32]" under QB_TIMEOUT=140, then
 # resumed under 75 s on the warm machine, it timed 6 of the 12 cells (the visits are shuffled), no pair of int8
-# and bf16 with one drafter among them; the rows were not kept. Still to run whole, in one call.
+# and bf16 with one drafter among them; the rows were not kept.
+# Session 24 (H100): `QB_TIMEOUT=520 bash call2.sh` ran whole in 171 s (-> int8/), then
+# `rm -rf /tmp/qb_s23_replay_int8 && QB_TIMEOUT=300 bash call2.sh` on the same warm machine, its $OUT/s23 moved to
+# $OUT/s24rep (-> int8_rep/); joined as two repeats into int8_pair/ (command in its .md; results/gpu/batch_notes.md).
 export PYTHONPATH=$PWD/.gpu_site:$PYTHONPATH PYTHONUNBUFFERED=1
 o=$OUT/s23/replay_int8; mkdir -p $o
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $o/gpu.txt

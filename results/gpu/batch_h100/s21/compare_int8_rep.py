@@ -6,7 +6,7 @@ second timing is not joined into `batch.csv` as a repeat (gpu_speed refuses to p
 line); it is read here as a check of how far one timing of these cells moves between machines and code
 versions, which bounds how much a one-timing verdict in `batch.csv` can be trusted.
 
-    python results/gpu/batch_h100/compare_int8_rep.py
+    python results/gpu/batch_h100/s21/compare_int8_rep.py
 """
 import importlib.util
 from pathlib import Path
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).parent
-spec = importlib.util.spec_from_file_location("gpu_speed", HERE.parents[2] / "experiments" / "gpu_speed.py")
+spec = importlib.util.spec_from_file_location("gpu_speed", HERE.parents[3] / "experiments" / "gpu_speed.py")
 gpu_speed = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_speed)
 reference = pd.read_csv(HERE / "ref_int4" / "batch_rows.csv")  # the table needs it; only throughput is read

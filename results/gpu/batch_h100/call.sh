@@ -4,8 +4,10 @@
 # with bf16's same repeat. Four calls on one warm machine, A B A B:
 #   bash call.sh ref_int4 "[reference,int4]";  bash call.sh int8_w8a8 "[int8,w8a8]"
 #   bash call.sh ref_int4_rep "[reference,int4]";  bash call.sh int8_w8a8_rep "[int8,w8a8]"
-# then, here: python experiments/gpu_speed.py --experiment gpu_batch --from-rows <the four batch_rows.csv, in
-# that order> --out results/gpu/batch_h100_s24 (the _rep files become repeat 1).
+# Each call's $OUT/s24/<tag>/ was copied to results/gpu/batch_h100/s24/<tag>/; then, here: python
+# experiments/gpu_speed.py --experiment gpu_batch --from-rows <the four s24/*/batch_rows.csv, in that order>
+# --out results/gpu/batch_h100 (the _rep files become repeat 1; the exact line is in batch.md).
+# Ran in session 24 as above (271 / 353 / 197 / 241 s); measured against the prediction: results/gpu/batch_notes.md.
 # If the timeout stops a call, the same command on the warm machine resumes its store.
 # Carried (git-ignored): .gpu_site (hydra-core, omegaconf, antlr4, pydantic, unzipped), .gpu_tok (SmolLM2
 # tokenizer files), .gpu_data/question.jsonl (Spec-Bench's questions).
