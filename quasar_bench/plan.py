@@ -5,7 +5,8 @@ A matrix entry is a config name (`ngram`) or a mapping with `name` plus override
 conf/<group>/<name>.yaml. The plan lists the baseline drafter (one that drafts nothing) first in
 each verifier's list and the reference verifier first among verifiers (verifiers are built in
 that order; the reference's continuations come first). The timed visits do not follow the plan:
-`schedule` shuffles them, repeat by repeat, so drift over a run is not confounded with a cell.
+`schedule` shuffles them, repeat by repeat and batch size by batch size, so drift over a run is not
+confounded with a cell.
 """
 from __future__ import annotations
 
@@ -81,16 +82,21 @@ def plan_cells(cfg) -> list[tuple[DictConfig, list[DictConfig]]]:
 
 def schedule(plan, sizes: list[int], n_repeats: int, seed: int) -> list[tuple[int, int, int, DictConfig]]:
     """The timed visits of a run in the order they run: (repeat, index of the verifier in `plan`,
-    batch size, drafter config). A cell is (verifier, batch size, drafter), listed in plan order
-    (verifier, then size, then drafter); repeat r visits every cell once, in the order of that list
-    shuffled by random.Random(f"{seed}/repeat/{r}"), and all of repeat r runs before any of repeat
-    r + 1. Each visit times every prompt of the cell once."""
-    cells = [(vi, size, d) for vi, (_, ds) in enumerate(plan) for size in sizes for d in ds]
+    batch size, drafter config). A cell is (verifier, batch size, drafter). Repeat r draws from
+    random.Random(f"{seed}/repeat/{r}"): first the order of the batch sizes, then, for each size in
+    that order, the order of its cells (listed in plan order: verifier, then drafter). So every
+    comparison the tables make (verifiers, or drafters, at one batch size) is between visits that ran
+    close together, and a run stopped part-way has whole batch sizes done, not a scatter of unpaired
+    cells. All of repeat r runs before any of repeat r + 1. Each visit times every prompt of the cell once."""
     visits = []
     for r in range(n_repeats):
-        order = list(range(len(cells)))
-        random.Random(f"{seed}/repeat/{r}").shuffle(order)
-        visits += [(r, *cells[i]) for i in order]
+        rng = random.Random(f"{seed}/repeat/{r}")
+        block_order = list(sizes)
+        rng.shuffle(block_order)
+        for size in block_order:
+            block = [(vi, size, d) for vi, (_, ds) in enumerate(plan) for d in ds]
+            rng.shuffle(block)
+            visits += [(r, *cell) for cell in block]
     return visits
 
 

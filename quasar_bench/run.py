@@ -3,7 +3,7 @@
 The path of a run: plan.py turns the config into cells; references.py supplies the untimed
 greedy continuations (fidelity, replays); every verifier is built (verifiers/, reference first)
 and held for the whole run; then the timed visits run in plan.schedule's order (repeat by
-repeat, cells shuffled within each repeat), cell.py timing each cell's prompts once per visit and
+repeat, batch size by batch size, cells shuffled within each), cell.py timing each cell's prompts once per visit and
 appending rows (rows.py) to the resumable store; at the end rows are exported and summarised
 (summary.py) in the same directory.
 """
@@ -224,7 +224,7 @@ class Experiment:
             self.outputs = {}  # cell_id -> {(prompt_id, turn): output ids}: every repeat must give the same
             self.progress = {"done": 0, "total": len(visits), "start": time.perf_counter()}
             log.info("setup (model, references, drafters, verifiers) took %.0f s; %d cells x %d repeats to run, "
-                     "shuffled within each repeat (seed %d)", self.progress["start"] - t0,
+                     "shuffled within each repeat and batch size (seed %d)", self.progress["start"] - t0,
                      len(visits) // repeats(cfg), repeats(cfg), int(cfg.seed))
             for repeat, vi, size, dcfg in visits:
                 live, t1 = self.live[vi], time.perf_counter()

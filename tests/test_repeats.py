@@ -1,5 +1,5 @@
 """Repeated timings: every prompt of every cell timed `repeats` times, repeat r of every cell before
-repeat r + 1 of any, cells shuffled (seeded) within each repeat; rows keyed by (cell, prompt, turn,
+repeat r + 1 of any, batch sizes and the cells of each shuffled (seeded) within each repeat; rows keyed by (cell, prompt, turn,
 repeat) so a partial run resumes with nothing lost or doubled; greedy repeats must agree."""
 import random
 import shutil
@@ -39,12 +39,17 @@ def full(tmp_path_factory):
 
 
 def documented_order(seed: int, n_repeats: int) -> list[tuple]:
-    """The order README states: per repeat, the plan's cells shuffled by random.Random(f"{seed}/repeat/{r}")."""
+    """The order README states: per repeat, one random.Random(f"{seed}/repeat/{r}") shuffles the batch
+    sizes, then the plan's cells of each size in that order."""
     visits = []
     for r in range(n_repeats):
-        order = list(range(len(PLAN)))
-        random.Random(f"{seed}/repeat/{r}").shuffle(order)
-        visits += [(r, *PLAN[i]) for i in order]
+        rng = random.Random(f"{seed}/repeat/{r}")
+        sizes = [1, 2]
+        rng.shuffle(sizes)
+        for b in sizes:
+            cells = [c for c in PLAN if c[1] == b]
+            rng.shuffle(cells)
+            visits += [(r, *c) for c in cells]
     return visits
 
 
@@ -61,6 +66,10 @@ def test_repeats_run_interleaved_in_the_documented_shuffled_order(full):
     # the check can fail: both repeats are shuffled, differently, so a fixed or unshuffled order is caught
     first, second = [x[1:] for x in expected[:8]], [x[1:] for x in expected[8:]]
     assert first != PLAN and second != PLAN and first != second
+    # within a repeat, one batch size's visits run back to back: a stopped run leaves whole sizes
+    # (every verifier x drafter pair at them), so its tables have pairs to compare
+    sizes = [b for _, _, b, _ in observed]
+    assert all(len(set(sizes[i:i + 4])) == 1 for i in range(0, len(sizes), 4))
 
 
 def test_greedy_repeats_and_batches_generate_the_same_tokens(full):
