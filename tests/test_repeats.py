@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from quasar_bench.errors import QuasarError
+from quasar_bench.plan import schedule
 from quasar_bench.run import Experiment
 from quasar_bench.store import ResultStore
 
@@ -70,6 +71,22 @@ def test_repeats_run_interleaved_in_the_documented_shuffled_order(full):
     # (every verifier x drafter pair at them), so its tables have pairs to compare
     sizes = [b for _, _, b, _ in observed]
     assert all(len(set(sizes[i:i + 4])) == 1 for i in range(0, len(sizes), 4))
+
+
+def test_one_batch_size_is_the_plain_shuffle_of_the_cells():
+    """README: with one batch size the order is random.Random(f"{seed}/repeat/{r}") shuffling the
+    plan's cells, as before batch sizes were blocked, so single-size runs keep their visit order."""
+    plan = [("reference", ["ar", "ngram", "lookahead"]), ("int8", ["ar", "ngram", "lookahead"])]
+    cells = [(vi, 1, d) for vi, (_, ds) in enumerate(plan) for d in ds]
+    for seed in (0, 3, 11):
+        expected = []
+        for r in range(3):
+            order = list(range(len(cells)))
+            random.Random(f"{seed}/repeat/{r}").shuffle(order)
+            expected += [(r, *cells[i]) for i in order]
+        assert schedule(plan, [1], 3, seed) == expected
+    # and it is a shuffle: some seed's first repeat differs from plan order
+    assert any([v[1:] for v in schedule(plan, [1], 1, seed)] != cells for seed in range(5))
 
 
 def test_greedy_repeats_and_batches_generate_the_same_tokens(full):
