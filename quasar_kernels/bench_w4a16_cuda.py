@@ -5,7 +5,8 @@
 
 Kernels: cuBLAS bf16 F.linear, ours (quasar_kernels/w4a16_cuda.py, planned config; M > 16 in 16-row
 passes), our Triton w4a16_linear (batched verification: --ms 16,32,64,128,192), torch._weight_int4pack_mm
-(tinygemm), gemlite A16W4 (if importable). Each is first
+(tinygemm), gemlite A16W4 (if importable), CUTLASS's Hopper mixed-input GEMM (if nvidia-cutlass is
+installed and the GPU is a Hopper; its fastest instance per shape and M). Each is first
 checked against the fp32 dequantize-then-matmul reference on fresh random inputs (rel err
 ||out - ref|| / ||ref|| < 1e-2, NaN fails, allocator blocks NaN-poisoned before the call), then timed
 under CUDA-graph replay of >= 24 back-to-back calls rotating over weight copies (>= 3 x L2 per
@@ -38,7 +39,10 @@ MS = [1, 2, 4, 6, 8, 12, 16]
 # w4a16_triton: our Triton kernel, autotuned over all its modes; _reshape / _swapped: tuned within mode 2
 # (x @ W^T) or mode 3 (W @ x^T: the weights stay in registers as wgmma's first operand) only
 # w4a16_wgmma: ours on Hopper's warpgroup MMAs (any M; meant for batched verification, M > 16)
-KERNELS = ["bf16_cublas", "w4a16_cuda", "w4a16_cuda_reg", "w4a16_cuda_cpa", "w4a16_cuda_swap", "w4a16_wgmma", "w4a16_triton",
+# w4a16_cutlass: CUTLASS's Hopper mixed-input GEMM (quasar_kernels/cutlass_w4a16.py), the fastest of its instances
+# and split choices at each (shape, M), timed the same way first (every candidate's time is in the log)
+KERNELS = ["bf16_cublas", "w4a16_cuda", "w4a16_cuda_reg", "w4a16_cuda_cpa", "w4a16_cuda_swap", "w4a16_wgmma", "w4a16_cutlass",
+           "w4a16_triton",
            "w4a16_triton_reshape", "w4a16_triton_swapped",
            "int4pack_mm_torch", "gemlite_a16w4"]
 TARGET = {"gate/up": 3.0, "gate+up": 3.0, "down": 3.0, "lm_head": 3.0, "q/o": 2.5, "qkv": 2.5}
@@ -143,10 +147,21 @@ def main(argv=None):
                 gl = gemlite_layer(codes, scales, zeros, n, k)
             except Exception as e:  # noqa: BLE001
                 log(f"gemlite pack failed: {e!r}"[:300])
+        cut, cut_w = None, None
+        if "w4a16_cutlass" in kern_sel:
+            try:
+                from quasar_kernels import cutlass_w4a16 as cw
+                t_build = time.time()
+                cut = cw.prepare(codes, scales, zeros, GROUP)
+                cut_w = cw.dequantized(codes, cut)
+                log(f"CUTLASS baseline: {len(cw.candidates())} candidates ({time.time() - t_build:.0f}s build/load)")
+            except Exception as e:  # noqa: BLE001
+                log(f"CUTLASS baseline unavailable: {e}"[:400])
+                kern_sel = [kn for kn in kern_sel if kn != "w4a16_cutlass"]
         del codes
         w4_bytes = n * kp // 2 + 2 * (kp // GROUP) * n * 2
         w_bytes = {"bf16_cublas": n * k * 2, "w4a16_cuda": w4_bytes, "w4a16_cuda_reg": w4_bytes,
-                   "w4a16_cuda_cpa": w4_bytes, "w4a16_cuda_swap": w4_bytes, "w4a16_wgmma": w4_bytes, "w4a16_triton": w4_bytes,
+                   "w4a16_cuda_cpa": w4_bytes, "w4a16_cuda_swap": w4_bytes, "w4a16_wgmma": w4_bytes, "w4a16_cutlass": w4_bytes, "w4a16_triton": w4_bytes,
                    "w4a16_triton_reshape": w4_bytes, "w4a16_triton_swapped": w4_bytes,
                    "int4pack_mm_torch": n * k // 2 + (k // GROUP) * n * 4, "gemlite_a16w4": w4_bytes}
 
@@ -163,6 +178,8 @@ def main(argv=None):
             if wc.wgmma_available(dev)[0]:
                 sets["w4a16_wgmma"] = sets["w4a16_cuda"]
             wc.prepare(packed, ms_list)
+        if cut is not None:
+            sets["w4a16_cutlass"] = copies(cut, w4_bytes, lambda d: {a: b.clone() if torch.is_tensor(b) else b for a, b in d.items()})
         if i4 is not None:
             sets["int4pack_mm_torch"] = copies(i4, w_bytes["int4pack_mm_torch"], lambda ts: tuple(t.clone() for t in ts))
         if gl is not None:
@@ -189,6 +206,11 @@ def main(argv=None):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = (x.float() @ wdq.t()).to(torch.bfloat16)
             ref_bf16 = F.linear(x.float(), w.float()).to(torch.bfloat16)  # cuBLAS runs the unquantized weight
+            refs = {"bf16_cublas": ref_bf16}
+            cut_pick = None
+            if "w4a16_cutlass" in sets and "w4a16_cutlass" in kern_sel:
+                refs["w4a16_cutlass"] = (x.float() @ cut_w.t()).to(torch.bfloat16)  # the weight CUTLASS is given
+                cut_pick = cutlass_pick(cw, x, sets["w4a16_cutlass"], refs["w4a16_cutlass"], name, m)
             ops = {
                 "bf16_cublas": lambda ws: F.linear(x, ws),
                 "w4a16_cuda": lambda d: wc.w4a16_cuda_linear(x, d),
@@ -196,6 +218,7 @@ def main(argv=None):
                 "w4a16_cuda_cpa": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, pipe=1, swap=0)),
                 "w4a16_cuda_swap": lambda d: wc.w4a16_cuda_linear(x, d, config=wc.plan(m, d, dev, swap=1)),
                 "w4a16_wgmma": lambda d: wc.w4a16_wgmma_linear(x, d),
+                "w4a16_cutlass": lambda d: cw.linear(x, d, *cut_pick),
                 "w4a16_triton": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP),
                 "w4a16_triton_reshape": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP, mode=2),
                 "w4a16_triton_swapped": lambda ts: w4a16_linear(x, ts[0], ts[1], ts[2], k, GROUP, mode=3),
@@ -211,13 +234,15 @@ def main(argv=None):
                     continue
                 if kname == "w4a16_cuda_swap" and m > 8:  # the swapped kernel serves M <= 8
                     continue
+                if kname == "w4a16_cutlass" and cut_pick is None:
+                    continue
                 fn_of, wsets = ops[kname], sets[kname]
                 cfg = ""
                 try:
                     poison(m * n * 4)
                     out = fn_of(wsets[0])
                     torch.cuda.synchronize()
-                    err = rel_err(out, ref_bf16 if kname == "bf16_cublas" else ref)
+                    err = rel_err(out, refs.get(kname, ref))
                     del out
                     good = err < 1e-2
                     checks.append((kname, name, m, err, good))
@@ -234,6 +259,8 @@ def main(argv=None):
                     if kname == "w4a16_wgmma":
                         c = wc.wgmma_plan(m, packed, dev)
                         cfg = f"ctas={c['ctas']} tb={c['tb']} nw={c.get('nw', 1)} wg={c.get('wg', 2)}"
+                    if kname == "w4a16_cutlass":
+                        cfg = f"{cut_pick[0]} splits={cut_pick[1]}"
                     if kname.startswith("w4a16_triton"):
                         mode = {"w4a16_triton_reshape": 2, "w4a16_triton_swapped": 3}.get(kname)
                         c = tuned_config(tune_name(mode), m, n, k, x.dtype)
@@ -290,13 +317,35 @@ def main(argv=None):
                 if best:
                     log(f"  sweep {name} M={m}: best {best[1]} {best[0]:.2f} us ({len(pick)} configs)")
             log(f"{name} M={m} done ({time.time() - t0:.0f}s)")
-        del w, qweight, scales, zeros, wdq, packed, sets, i4, gl
+        del w, qweight, scales, zeros, wdq, packed, sets, i4, gl, cut, cut_w
         torch.cuda.empty_cache()
         md = write_results(out_dir, rows, sweep_rows, info, copy_bw, checks, gemlite_note, ms_list, shapes)
     triton_ptx_summary()
     print(md)
     log(f"wrote {out_dir}/w4a16_cuda.csv and .md in {time.time() - t0:.0f}s")
     (out_dir / "w4a16_cuda_log.txt").write_text("\n".join(LOG) + "\n")
+
+
+def cutlass_pick(cw, x, wsets, ref, shape, m):
+    """The fastest CUTLASS (instance, splits) at this shape and M that runs and passes the check, each timed as
+    the table times kernels (graph replays over the weight copies, 3 replays); every candidate is logged."""
+    best = None
+    for name, splits in cw.candidates():
+        try:
+            out = cw.linear(x, wsets[0], name, splits)
+            torch.cuda.synchronize()
+            err = rel_err(out, ref)
+            if not err < 1e-2:
+                log(f"  cutlass {shape} M={m} {name} splits={splits}: CHECK FAILED rel err {err:.2e}")
+                continue
+            t = graph_time_us([(lambda d=d: cw.linear(x, d, name, splits)) for d in wsets], calls=max(24, len(wsets)), replays=3)
+        except Exception as e:  # noqa: BLE001
+            log(f"  cutlass {shape} M={m} {name} splits={splits}: {e!r}"[:300])
+            continue
+        log(f"  cutlass {shape} M={m} {name} splits={splits}: {t:.2f} us")
+        if best is None or t < best[0]:
+            best = (t, (name, splits))
+    return best[1] if best else None
 
 
 def triton_ptx_summary() -> None:
