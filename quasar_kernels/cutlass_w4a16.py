@@ -32,11 +32,15 @@ class CutlassUnavailable(RuntimeError):
 
 def cutlass_include_dirs() -> list[Path]:
     """The CUTLASS / CuTe headers and CUTLASS's tools/util headers, from the installed nvidia-cutlass package."""
-    try:
-        import cutlass_library
-    except ImportError as e:
-        raise CutlassUnavailable(f"the CUTLASS baseline needs the nvidia-cutlass package: pip install {CUTLASS_PIN}") from e
-    root = Path(cutlass_library.__file__).parent / "source"
+    import importlib.util
+
+    try:  # located, not imported: only its headers are used, and its Python side has dependencies of its own
+        spec = importlib.util.find_spec("cutlass_library")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        raise CutlassUnavailable(f"the CUTLASS baseline needs the nvidia-cutlass package: pip install {CUTLASS_PIN}")
+    root = Path(spec.origin).parent / "source"
     dirs = [root / "include", root / "tools" / "util" / "include"]
     if not (dirs[0] / "cutlass" / "cutlass.h").is_file() or not (dirs[1] / "cutlass" / "util" / "mixed_dtype_utils.hpp").is_file():
         raise CutlassUnavailable(f"nvidia-cutlass at {root} lacks its C++ headers: reinstall it with pip install {CUTLASS_PIN}")

@@ -21,6 +21,7 @@ export PYTHONUNBUFFERED=1
 o=$OUT/run21; mkdir -p $o
 git rev-parse HEAD > $o/commit.txt 2>/dev/null
 pip install -q --no-deps --no-index .whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl > $o/pip.txt 2>&1; echo "pip rc $?" >> $o/pip.txt
+python -c "import importlib.util as u; print(u.find_spec(\"cutlass_library\"))" >> $o/pip.txt 2>&1
 nvidia-smi --query-gpu=name,clocks.max.sm,driver_version --format=csv,noheader > $o/gpu.txt
 export MAX_JOBS=8
 timeout 240 python -m pytest -q -p no:cacheprovider --noconftest tests/test_cutlass_baseline.py > $o/gpu_tests.txt 2>&1; echo "rc $?" >> $o/gpu_tests.txt
