@@ -20,7 +20,9 @@ set -u
 export PYTHONUNBUFFERED=1
 o=$OUT/run21; mkdir -p $o
 git rev-parse HEAD > $o/commit.txt 2>/dev/null
-pip install -q --no-deps --no-index .whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl > $o/pip.txt 2>&1; echo "pip rc $?" >> $o/pip.txt
+# pip on the device image installs beside another interpreter (call 1): the wheel is unzipped onto PYTHONPATH instead
+python -m zipfile -e .whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl /tmp/cutlass_site > $o/pip.txt 2>&1; echo "unzip rc $?" >> $o/pip.txt
+export PYTHONPATH=/tmp/cutlass_site${PYTHONPATH:+:$PYTHONPATH}
 python -c "import importlib.util as u; print(u.find_spec(\"cutlass_library\"))" >> $o/pip.txt 2>&1
 nvidia-smi --query-gpu=name,clocks.max.sm,driver_version --format=csv,noheader > $o/gpu.txt
 export MAX_JOBS=8
