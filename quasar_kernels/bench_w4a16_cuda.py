@@ -329,6 +329,8 @@ def main(argv=None):
 def cutlass_pick(cw, x, wsets, ref, shape, m):
     """The fastest CUTLASS (instance, splits) at this shape and M that runs and passes the check, each timed as
     the table times kernels (graph replays over the weight copies, 3 replays); every candidate is logged."""
+    from quasar_kernels.splitk import graph_time_us
+
     best = None
     for name, splits in cw.candidates():
         try:
