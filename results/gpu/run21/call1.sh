@@ -18,7 +18,7 @@
 # 1.9x on down" is wrong and its schedule is the next thing to learn from.
 set -u
 export PYTHONUNBUFFERED=1
-o=$OUT/run21; mkdir -p $o
+o=/tmp/run21; rm -rf $o; mkdir -p $o  # tarred into $OUT at the end (the device returns a few files per call)
 git rev-parse HEAD > $o/commit.txt 2>/dev/null
 # pip on the device image installs beside another interpreter (call 1): the wheel is unzipped onto PYTHONPATH instead
 python -m zipfile -e .whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl /tmp/cutlass_site > $o/pip.txt 2>&1; echo "unzip rc $?" >> $o/pip.txt
@@ -33,3 +33,4 @@ for bt in bench:170 bench_rep:140; do b=${bt%:*}; t=${bt#*:}
   timeout $t python -m quasar_kernels.bench_w4a16_cuda --out $o/$b $args > $o/${b}_log.txt 2>&1; echo "rc $?" >> $o/${b}_log.txt
   sed -n '/Speedup over cuBLAS/,/^## Fraction/p' $o/$b/w4a16_cuda.md 2>/dev/null
 done
+tar czf $OUT/run21.tgz -C /tmp run21
