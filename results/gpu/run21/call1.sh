@@ -1,7 +1,8 @@
 #!/bin/bash
 # Run 21 (session 25): CUTLASS's Hopper mixed-input GEMM (the collective vLLM's Machete builds on) beside ours and
 # cuBLAS bf16 in the kernel table, timed the same way in the same process. Device call:
-#   bash results/gpu/run21/call1.sh     (carry: [".whl"], holding nvidia_cutlass-4.2.0.0-py3-none-any.whl)
+#   bash results/gpu/run21/call1.sh [TAG]     (carry: [".whl"], holding nvidia_cutlass-4.2.0.0-py3-none-any.whl;
+#   TAG names the output folder, run21_TAG: `h200` for the same call on an H200, results/gpu/run21/h200/)
 # 1. the GPU tests of the baseline (every instance against the fp32 product with the weight it is given; builds it);
 # 2. the kernel table at M = 16, 32, 64, 128 on the four Qwen3-8B shapes, twice (two processes).
 #
@@ -14,11 +15,14 @@
 #   Why: its consumer warpgroups convert and scale in registers before register-A wgmmas, as ours do, behind a
 #   copy-engine producer warp (our run 13 built that split and lost 5-10 %), with an extra multiply-add per
 #   value for the additive zero and a stream-K / split-K reduction on down.
+# H200 (`call1.sh h200`, predicted before that call): cuBLAS ~0.7x the H100's time (HBM3e), ours and CUTLASS about
+# as on the H100 in µs (both are held inside the SM, not by bandwidth), so every ratio ~0.7x the H100's: ours
+# gate+up ~1.65x / ~1.2x and down ~1.3x / ~0.95x at M = 64 / 128, CUTLASS ~1.25x / ~1.05x and ~1.1x / ~0.85x.
 # If CUTLASS is faster than ours anywhere at M >= 64, the item-4 reading "this design family tops out near
 # 1.9x on down" is wrong and its schedule is the next thing to learn from.
 set -u
 export PYTHONUNBUFFERED=1
-o=/tmp/run21; rm -rf $o; mkdir -p $o  # tarred into $OUT at the end (the device returns a few files per call)
+name=run21${1:+_$1}; o=/tmp/$name; rm -rf $o; mkdir -p $o  # tarred into $OUT at the end (the device returns a few files per call)
 git rev-parse HEAD > $o/commit.txt 2>/dev/null
 # pip on the device image installs beside another interpreter (call 1): the wheel is unzipped onto PYTHONPATH instead
 python -m zipfile -e .whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl /tmp/cutlass_site > $o/pip.txt 2>&1; echo "unzip rc $?" >> $o/pip.txt
@@ -33,4 +37,4 @@ for bt in bench:170 bench_rep:140; do b=${bt%:*}; t=${bt#*:}
   timeout $t python -m quasar_kernels.bench_w4a16_cuda --out $o/$b $args > $o/${b}_log.txt 2>&1; echo "rc $?" >> $o/${b}_log.txt
   sed -n '/Speedup over cuBLAS/,/^## Fraction/p' $o/$b/w4a16_cuda.md 2>/dev/null
 done
-tar czf $OUT/run21.tgz -C /tmp run21
+tar czf $OUT/$name.tgz -C /tmp $name
