@@ -4,7 +4,8 @@
 #   bash results/gpu/run21/call1.sh [TAG]     (carry: [".whl"], holding nvidia_cutlass-4.2.0.0-py3-none-any.whl;
 #   TAG names the output folder, run21_TAG: `h200` for the same call on an H200, results/gpu/run21/h200/)
 # 1. the GPU tests of the baseline (every instance against the fp32 product with the weight it is given; builds it);
-# 2. the kernel table at M = 16, 32, 64, 128 on the four Qwen3-8B shapes, twice (two processes).
+# 2. the kernel table at M = 16, 32, 64, 128 on the four Qwen3-8B shapes, twice (two processes). The first process's
+#    bench/w4a16_cuda.{csv,md,_log.txt} were committed as results/gpu/w4a16_backends_run21_h100.{csv,md,_log.txt}.
 #
 # Predicted before the call (H100; x cuBLAS bf16 in the same process):
 # - CUTLASS, its best instance and split per cell: gate+up ~2.2 / ~2.0 / ~1.7 / ~1.3 at M = 16 / 32 / 64 / 128,
