@@ -1,15 +1,21 @@
 """The CUTLASS baseline of the kernel table (quasar_kernels/cutlass_w4a16.py): the mapping of this project's
 int4 onto CUTLASS's form (CPU), the errors where it cannot be built, and on a Hopper GPU every instance
 against the fp32 product with the weight it is given."""
+import importlib
 import sys
 
 import pytest
 import torch
 
 from quasar_bench.packing import dequantize_int4, pack_int4, quantize_int4_rtn
-from quasar_kernels import cutlass_w4a16 as cw
 
 G = 128
+
+
+def _cw():
+    # imported when a test runs, not when pytest collects this file: importing the quasar_kernels package
+    # imports triton, and tests/test_kernels.py must be the first to import it (it sets TRITON_INTERPRET=1)
+    return importlib.import_module("quasar_kernels.cutlass_w4a16")
 
 
 def _quantized(n, k, seed=0):
@@ -19,6 +25,7 @@ def _quantized(n, k, seed=0):
 
 
 def test_cutlass_form_packs_signed_nibbles_low_first():
+    cw = _cw()
     codes, scales, zeros = _quantized(64, 256)
     form = cw.cutlass_form(codes, scales, zeros, G)
     b = form["w"].to(torch.int16)
@@ -30,6 +37,7 @@ def test_cutlass_form_packs_signed_nibbles_low_first():
 
 
 def test_cutlass_weight_matches_ours_to_bf16_rounding_of_scale_and_zero():
+    cw = _cw()
     codes, scales, zeros = _quantized(128, 512, seed=1)
     form = cw.cutlass_form(codes, scales, zeros, G)
     ours = dequantize_int4(pack_int4(codes), scales, zeros, 512, G)  # s * (c - z), fp32
@@ -41,12 +49,14 @@ def test_cutlass_weight_matches_ours_to_bf16_rounding_of_scale_and_zero():
 
 
 def test_cutlass_form_rejects_shapes_it_cannot_tile():
+    cw = _cw()
     codes, scales, zeros = _quantized(64, 256)
     with pytest.raises(ValueError, match="multiples of 64"):
         cw.cutlass_form(codes[:60], scales[:, :60], zeros[:, :60], G)
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
+    cw = _cw()
     monkeypatch.setitem(sys.modules, "cutlass_library", None)  # import fails as if not installed
     with pytest.raises(cw.CutlassUnavailable, match="pip install nvidia-cutlass==4.2.0.0"):
         cw.cutlass_include_dirs()
@@ -54,6 +64,7 @@ def test_missing_package_names_the_install_command(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0), reason="a Hopper GPU builds it")
 def test_extension_refuses_without_a_hopper_gpu():
+    cw = _cw()
     with pytest.raises(cw.CutlassUnavailable, match="Hopper"):
         cw.extension()
 
@@ -61,6 +72,7 @@ def test_extension_refuses_without_a_hopper_gpu():
 def _hopper_with_cutlass():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         return False
+    cw = _cw()
     try:
         cw.cutlass_include_dirs()
     except cw.CutlassUnavailable:
@@ -71,6 +83,7 @@ def _hopper_with_cutlass():
 @pytest.mark.skipif(not _hopper_with_cutlass(), reason="needs a Hopper GPU and nvidia-cutlass")
 @pytest.mark.parametrize("m", [16, 64, 128])
 def test_every_instance_matches_the_fp32_product_on_gpu(m):
+    cw = _cw()
     n, k = 256, 1024
     codes, scales, zeros = _quantized(n, k, seed=m)
     codes, scales, zeros = codes.cuda(), scales.cuda(), zeros.cuda()
