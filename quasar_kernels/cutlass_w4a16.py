@@ -27,7 +27,7 @@ _EXT = None
 
 
 class CutlassUnavailable(RuntimeError):
-    """The baseline cannot be built here (no package, no Hopper GPU, no compiler): the message says which."""
+    """The baseline cannot be built here (no nvidia-cutlass package, or no Hopper GPU): the message says which."""
 
 
 def cutlass_include_dirs() -> list[Path]:
