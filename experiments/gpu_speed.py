@@ -127,11 +127,11 @@ def batch_table(rows: pd.DataFrame, copy_gbps: float, gpu: str = "") -> pd.DataF
                          key=lambda col: col.map(order[col.name]) if col.name in order else col).reset_index(drop=True)
 
 
-def batch_crossovers(t: pd.DataFrame) -> list[str]:
+def batch_crossovers(t: pd.DataFrame, margin: float = 0.0) -> list[str]:
     """One line per (verifier, drafter) of a batch table: where it stops paying against the bf16
     reference with the same drafter (non-reference verifiers) and against AR on its own verifier
     (drafters), by `verdict` over each batch size's per-repeat range (its pooled ratio when timed
-    once); ties named."""
+    once) with the tie margin `margin` (--tie-margin); ties named."""
     lines = []
     for (v, d), g in t.groupby(["verifier", "drafter"], sort=False):
         g = g.sort_values("batch_size")
@@ -140,9 +140,9 @@ def batch_crossovers(t: pd.DataFrame) -> list[str]:
         for m, what in tests:
             ratios = ratio_ranges(g[m], g[m + "_lo"], g[m + "_hi"])
             sizes = list(g.batch_size)
-            if not any(verdict(r) for r in ratios):
+            if not any(verdict(r, margin) for r in ratios):
                 continue
-            lost, ties = loss_and_ties(sizes, ratios)
+            lost, ties = loss_and_ties(sizes, ratios, margin)
             text = f"loses from B={lost}" if lost is not None else f"never loses (up to B={sizes[-1]})"
             text += f"; ties at B={', '.join(map(str, ties))}" if ties else ""
             lines.append(f"- {what}: {text}")
@@ -246,9 +246,16 @@ def main(argv=None):
                          "calls' rows joined; needs no GPU). The hardware columns come from the rows.")
     ap.add_argument("--packed", action="store_true",
                     help="batch experiments: batch_packed=true (linears on real tokens only); writes <name>_packed.*")
+    ap.add_argument("--tie-margin", type=float, default=0.0, metavar="M",
+                    help="batch tables: a throughput ratio within M of 1 is a tie in the crossovers (0.02 = ±2 %%); "
+                         "0 (default): only repeats on both sides of 1 tie. Recorded in the table as tie_margin")
     ap.add_argument("--drafters", default=None, metavar="A,B",
                     help="with --from-rows: tabulate only these drafters' rows (by label)")
     args, overrides = ap.parse_known_args(argv)
+    if not 0.0 <= args.tie_margin < 0.5:
+        ap.error(f"--tie-margin must be in [0, 0.5), got {args.tie_margin}")
+    if args.tie_margin and not args.experiment.startswith("gpu_batch"):
+        ap.error("--tie-margin judges batch crossovers: use it with a gpu_batch* experiment")
     if args.drafters and not args.from_rows:
         ap.error("--drafters filters rows joined with --from-rows; to run fewer drafters, override matrix.drafters=[...]")
     command = "python experiments/gpu_speed.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -293,6 +300,8 @@ def main(argv=None):
     table = batch_table(rows, copy_gbps, str(meta.get("gpu", ""))) if batched else e2e_table(rows, copy_gbps)
     if batched:
         flag_stalls(table)
+        if args.tie_margin:  # what the crossovers and the figure's ties were judged with
+            table["tie_margin"] = args.tie_margin
     table["max_new_tokens"] = int(rows["max_new_tokens"].max()) if "max_new_tokens" in rows else None
     title = "End-to-end verify speed, Qwen3-8B shapes, random weights"
     if batched:
@@ -337,13 +346,20 @@ def main(argv=None):
     cross = ""
     if batched:
         once = table["n_repeats"] < 2
+        m = args.tie_margin
         how = ("A batch size loses where every repeat loses (each against the comparator's same repeat); a tie "
                "where the repeats fall on both sides of 1." if not once.all() else "")
+        if m:
+            how = (f"Tie margin {m:g} (--tie-margin): a batch size loses where every ratio (per repeat, each against "
+                   f"the comparator's same repeat) is below {1 - m:g}, pays where every one is at least {1 + m:g}, "
+                   "and ties otherwise.")
         if once.any():
             how += (" " if how else "") + (("Cells with n_repeats 1 were" if not once.all() else "Every cell was")
-                                           + " timed once: their ratios are called a win or a loss by their sign alone, "
-                                             "even a few % from 1 (within timing noise).")
-        cross = "\n## Crossovers\n\n" + how + "\n\n" + "\n".join(batch_crossovers(table)) + "\n"
+                                           + (" timed once: their ratios are called a win or a loss by their sign alone, "
+                                              "even a few % from 1 (within timing noise)." if not m else
+                                              " timed once: outside the margin their ratios are called a win or a loss by "
+                                              "their sign alone."))
+        cross = "\n## Crossovers\n\n" + how + "\n\n" + "\n".join(batch_crossovers(table, m)) + "\n"
     (out / f"{name}.md").write_text(f"# {title}\n\n{head}\n\n{md}\n{cross}")
     print(shown.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
 

@@ -456,6 +456,8 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
     drafters = list(dict.fromkeys(batch.sort_values("baseline", ascending=False, kind="stable")["drafter"]))
     order = ["reference", "int8", "w8a8", "int4", "int4_gptq", "pruned"]  # by bytes per weight
     verifiers = sorted(batch["verifier"].unique(), key=lambda v: (order.index(v) if v in order else len(order), v))
+    # the tie margin the table's crossovers were judged with (gpu_speed.py --tie-margin; absent: 0)
+    margin = float(batch["tie_margin"].dropna().iloc[0]) if "tie_margin" in batch and batch["tie_margin"].notna().any() else 0.0
     fig, axes = _panels(len(drafters), 4.2, 3.4)
     stalled = 0  # cells whose decode time was mostly a stall (red rings)
     ties = 0  # cells whose repeats fall on both sides of bf16 (hollow diamonds)
@@ -477,7 +479,7 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
                         mec="red", mew=1.2)
             if v != "reference" and len(ref):
                 ratios = _repeat_ratios(g, "speedup_vs_ref_same_drafter", g["throughput"] / g["batch_size"].map(ref))
-                lost, tied = loss_and_ties(list(g["batch_size"]), ratios)
+                lost, tied = loss_and_ties(list(g["batch_size"]), ratios, margin)
                 y = g.set_index("batch_size")["throughput"]
                 if lost is not None:
                     ax.plot([lost], [y[lost]], marker="X", ms=10, color=_vcolor(v), mec="black", mew=0.6)
@@ -486,7 +488,7 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
                     ax.plot(tied, list(y[tied]), ls="none", marker="D", ms=8, mfc="none", mec=_vcolor(v), mew=1.2)
         spec = d[d["verifier"] == "reference"]
         if len(spec) and not spec["baseline"].iloc[0]:
-            lost = first_loss(spec["batch_size"], _repeat_ratios(spec, "speedup_vs_ar", spec["speedup_vs_ar"]))
+            lost = first_loss(spec["batch_size"], _repeat_ratios(spec, "speedup_vs_ar", spec["speedup_vs_ar"]), margin)
             if lost is not None:
                 ax.axvline(lost, color="grey", ls=":", lw=1)
                 ax.annotate(f"< AR from B={lost}", (lost, 0.02), xycoords=("data", "axes fraction"),
@@ -518,7 +520,8 @@ def plot_gpu_batch(batch: pd.DataFrame | None, acceptance: str = "synthetic forc
     reps = batch["n_repeats"].dropna() if "n_repeats" in batch else pd.Series(dtype=float)
     every = (" (one timing per cell)" if reps.empty or reps.max() < 2 else " in every repeat" if reps.min() >= 2
              else " in every repeat (some cells timed once)")
-    diamonds = "; ◇: repeats on both sides of bf16 (a tie)" if ties else ""
+    diamonds = ("" if not ties else "; ◇: repeats on both sides of bf16 (a tie)" if not margin
+                else f"; ◇: a tie with bf16 (within {margin:g} of it, or repeats on both sides)")
     fig.suptitle(f"Throughput vs batch size, Qwen3-8B shapes (random weights), {gpu}{size},\n{acceptance}\n"
                  f"X: first B where the verifier falls below bf16 with the same drafter{every}{diamonds}{rings}",
                  fontsize=9)

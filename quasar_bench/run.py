@@ -321,7 +321,7 @@ class Experiment:
 
             log_results(self.cfg, df, summary, self.out_dir)
         print(format_table(summary))
-        for line in crossovers(summary):
+        for line in crossovers(summary, float(self.cfg.get("tie_margin", 0.0))):
             print(line)
         if line := run_stall_warning(df):
             print(line)

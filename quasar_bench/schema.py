@@ -71,6 +71,7 @@ class RunSettings(TypedDict, total=False):
     fidelity: Switch
     teacher_forced: Switch
     min_exact_match: Annotated[float, Field(ge=0, le=1)]
+    tie_margin: Annotated[float, Field(ge=0, lt=0.5)]
     cuda_graphs: Switch
     fuse_projections: Switch
     compile_elementwise: Switch

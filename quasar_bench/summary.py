@@ -434,18 +434,30 @@ def run_stall_warning(rows: pd.DataFrame) -> str | None:
     return stall_warning(other_share(gpu, ["model", "verifier", "drafter", "batch_size"])) if len(gpu) else None
 
 
-def verdict(ratios) -> str | None:
+def verdict(ratios, margin: float = 0.0) -> str | None:
     """Whether a method pays at one batch size, from its throughput ratio(s) against what it is
     compared with: one pooled ratio, or one ratio per repeat (each repeat's throughput over the
     comparator's in the same repeat). "loses" when every ratio is below 1, "pays" when none is,
     "tie" when the repeats fall on both sides of 1 (the difference is within the run's timing
-    noise); None when nothing finite was measured. One ratio can only pay or lose: whether it is
-    outside the noise needs repeats."""
+    noise); None when nothing finite was measured. With margin 0 one ratio can only pay or lose:
+    whether it is outside the noise needs repeats.
+
+    `margin` (the run's `tie_margin`) is a band of practical equivalence around 1, set by the user from
+    what they know of the timing's spread: then "loses" needs every ratio below 1 - margin, "pays"
+    every ratio at or above 1 + margin, and anything else (a ratio within the band included) is a tie."""
+    if not 0.0 <= margin < 0.5:
+        raise ValueError(f"tie margin must be in [0, 0.5), got {margin}")
     r = np.asarray(ratios, float).ravel()
     r = r[np.isfinite(r)]
     if not len(r):
         return None
-    return "loses" if (r < 1).all() else "pays" if (r >= 1).all() else "tie"
+    return "loses" if (r < 1 - margin).all() else "pays" if (r >= 1 + margin).all() else "tie"
+
+
+def tie_text(margin: float = 0.0) -> str:
+    """How a crossover line, table or figure says what a tie is under `margin`."""
+    return ("repeats on both sides of 1" if not margin else
+            f"within {margin:.3g} of 1, or repeats on both sides of it")
 
 
 def ratio_ranges(pooled, lo, hi) -> list[list[float]]:
@@ -456,19 +468,19 @@ def ratio_ranges(pooled, lo, hi) -> list[list[float]]:
             for a, b, p in zip(np.asarray(lo, float), np.asarray(hi, float), np.asarray(pooled, float))]
 
 
-def first_loss(sizes, ratios):
-    """The smallest batch size that loses (`verdict`: every ratio given for it below 1; None if
-    none does): where, along the batch sizes run, a method stops paying. `ratios` holds one value
+def first_loss(sizes, ratios, margin: float = 0.0):
+    """The smallest batch size that loses (`verdict`: every ratio given for it below 1 - margin; None
+    if none does): where, along the batch sizes run, a method stops paying. `ratios` holds one value
     or one sequence of per-repeat values per size; unmeasured (non-finite) ones are passed over."""
-    return next((b for b, r in sorted(zip(sizes, ratios), key=lambda x: x[0]) if verdict(r) == "loses"), None)
+    return next((b for b, r in sorted(zip(sizes, ratios), key=lambda x: x[0]) if verdict(r, margin) == "loses"), None)
 
 
-def loss_and_ties(sizes, ratios) -> tuple[int | None, list[int]]:
-    """(`first_loss`, the batch sizes before it whose repeats fall on both sides of 1): what a
-    crossover line, table or figure says of one curve."""
-    lost = first_loss(sizes, ratios)
+def loss_and_ties(sizes, ratios, margin: float = 0.0) -> tuple[int | None, list[int]]:
+    """(`first_loss`, the batch sizes before it that tie (`verdict`)): what a crossover line, table or
+    figure says of one curve."""
+    lost = first_loss(sizes, ratios, margin)
     ties = [b for b, r in sorted(zip(sizes, ratios), key=lambda x: x[0])
-            if verdict(r) == "tie" and (lost is None or b < lost)]
+            if verdict(r, margin) == "tie" and (lost is None or b < lost)]
     return lost, ties
 
 
@@ -482,12 +494,13 @@ def repeat_ratios(run: dict, base: dict, pooled: float) -> list[float]:
     return [float(_ratio(run[r], base[r])) for r in common]
 
 
-def crossovers(summary: pd.DataFrame) -> list[str]:
+def crossovers(summary: pd.DataFrame, margin: float = 0.0) -> list[str]:
     """Where, along the batch sizes run, speculation stops paying (a drafter's throughput falls
     below its verifier's AR at the same batch size) and where a verifier stops beating the
     reference verifier with the same drafter: one line per (model, verifier, drafter), from the
     `all` rows of a summary that has a batch_size column. With repeats, a batch size loses only
-    where every repeat loses (`verdict`), and sizes whose repeats straddle 1 are named as ties."""
+    where every repeat loses (`verdict`), and sizes whose repeats straddle 1 are named as ties;
+    `margin` (the run's `tie_margin`) widens "a tie" to every ratio within it of 1."""
     if "batch_size" not in summary:
         return []
     s = summary[summary["category"] == "all"].sort_values("batch_size")
@@ -496,10 +509,11 @@ def crossovers(summary: pd.DataFrame) -> list[str]:
     # packed and unpacked batches are two curves; batch size 1 (nothing to pack) starts both
     for mode in sorted(set(packed[s["batch_size"] > 1])) or [False]:
         curve = s[(s["batch_size"] == 1) | (packed == mode)]
-        lines += _crossover_lines(curve, " (packed)" if mode else "")
+        lines += _crossover_lines(curve, " (packed)" if mode else "", margin)
     if lines and any(len(_by_rep(r)) < 2 for r in s.itertuples()):
         lines.append("(one timing per cell: a ratio a few % from 1 is within timing noise and is called a win or a "
-                     "loss only by its sign; run with repeats>=2 to tell them apart)")
+                     + ("loss only by its sign; run with repeats>=2 to tell them apart, or set tie_margin)" if not margin else
+                        f"loss by its sign outside tie_margin={margin:g}; run with repeats>=2 to see the spread)"))
     return lines
 
 
@@ -508,7 +522,7 @@ def _by_rep(r) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def _crossover_lines(s: pd.DataFrame, tag: str) -> list[str]:
+def _crossover_lines(s: pd.DataFrame, tag: str, margin: float = 0.0) -> list[str]:
     # A curve is one drafter setting (k, temperature) across batch sizes. Each point is compared as
     # the summary's own speedups are: with AR at the same temperature and context, and with the
     # reference verifier at the same drafter, k, temperature and context (packed batches are a
@@ -551,14 +565,14 @@ def _crossover_lines(s: pd.DataFrame, tag: str) -> list[str]:
                     known.append((r.batch_size, pooled, ratios))
             if not known:
                 continue
-            lost, ties = loss_and_ties([b for b, _, _ in known], [x for _, _, x in known])
+            lost, ties = loss_and_ties([b for b, _, _ in known], [x for _, _, x in known], margin)
             ratio_text = ", ".join(f"B={b} {p:.2f}x" + (f" ({min(x):.2f}-{max(x):.2f} over {len(x)} repeats)"
                                                        if len(x) > 1 else "") for b, p, x in known)
             verdict_text = (f"stops paying at B={lost}" if lost is not None
                             else f"pays at every batch size run (up to B={known[-1][0]})" if not ties
                             else f"never loses (up to B={known[-1][0]})")
             if ties:
-                verdict_text += f"; ties (repeats on both sides of 1) at B={', '.join(map(str, ties))}"
+                verdict_text += f"; ties ({tie_text(margin)}) at B={', '.join(map(str, ties))}"
             lines.append(f"{model} {verifier}/{drafter}{label}{tag}: {what} {verdict_text} (throughput vs {against}: "
                          f"{ratio_text})")
     return lines

@@ -67,6 +67,7 @@ BAD = {  # command line -> what the one line must say (the setting, the value, w
     "temperature not a number": (["temperature=abc"], "temperature='abc' must be a number >= 0"),
     "temperature negative": (["temperature=-0.5"], "temperature=-0.5 must be a number >= 0"),
     "top_p out of range": (["top_p=1.5"], "top_p=1.5 must be a number > 0 and <= 1"),
+    "tie_margin out of range": (["tie_margin=0.5"], "tie_margin=0.5 must be a number >= 0 and < 0.5"),
     "batch_size not a number": (["batch_size=x"], "batch_size='x' must be an integer >= 1 or a list, each an integer"),
     "batch_size list item": (["batch_size=[1,x]"], "batch_size=[1, 'x'] must be an integer >= 1 or a list"),
     "seed fractional": (["seed=1.5"], "seed=1.5 must be an integer"),

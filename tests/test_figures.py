@@ -209,6 +209,14 @@ def test_gpu_batch_figure_marks_crossovers_where_they_fall(tmp_path):
     vlines = [l.get_xdata()[0] for l in spec_ax.lines if l.get_linestyle() == ":"]
     assert vlines == [16] and not [l for l in ar_ax.lines if l.get_linestyle() == ":"]
     assert "H200" in fig._suptitle.get_text() and "32 prompts" in fig._suptitle.get_text()
+    # a table judged with a tie margin of 0.15 (gpu_speed.py --tie-margin, recorded per row): int4 with the drafter
+    # at B = 4, 8, 16 (1.04x, 0.89x, 0.90x) and the drafter against AR (0.95x at B = 16) are within it: ties, no cross,
+    # no dotted line
+    banded = figures.plot_gpu_batch(batch.assign(tie_margin=0.15))
+    spec_b = [a for a in banded.axes if a.get_visible()][1]
+    diamonds = [tuple(xy) for l in spec_b.lines if l.get_marker() == "D" for xy in l.get_xydata()]
+    assert crosses(spec_b) == [] and diamonds == [(4.0, 1350.0), (8.0, 1700.0), (16.0, 1800.0)]
+    assert not [l for l in spec_b.lines if l.get_linestyle() == ":"] and "within 0.15 of it" in banded._suptitle.get_text()
     res = tmp_path / "results"
     (res / "gpu").mkdir(parents=True)
     batch.to_csv(res / "gpu" / "batch.csv", index=False)

@@ -388,3 +388,40 @@ def test_a_reused_store_tabulates_only_this_runs_cells(tmp_path, monkeypatch, ca
     assert first.cell_id.nunique() == second.cell_id.nunique() == 1 and set(first.cell_id) != set(second.cell_id)
     assert second.prompt_id.nunique() == 2 and len(pd.read_csv(tmp_path / "out2" / "e2e.csv")) == 1
     assert "1 cell(s) of earlier runs in the store left out" in capsys.readouterr().err
+
+
+def test_tie_margin_turns_a_loss_within_it_into_a_tie(tmp_path, capsys):
+    """One timing per cell: int4 against bf16 (reference) with AR pays 1.25x at B = 1 and is 0.99x at B = 2.
+    Without a margin the crossover line says it loses from B = 2 (by its sign alone); with --tie-margin 0.02
+    B = 2 is a tie and nothing loses, the table records the margin and says how it judged. A margin outside
+    [0, 0.5), or one given to a table that has no crossovers, is refused in one line."""
+    gs = gpu_speed()
+    rows = []
+    for v, speed in (("reference", {1: 1.0, 2: 1.0}), ("int4", {1: 1.25, 2: 0.99})):
+        for b in (1, 2):
+            for i in range(2):
+                rows.append(dict(cell_id=f"{v}{b}", verifier=v, drafter="ar", batch_size=b, batch_id=f"{v}{b}{i // b}",
+                                 prompt_id=str(i), new_tokens=8, verify_steps=8, batch_decode_s=0.1 / speed[b],
+                                 batch_steps=8, gemm_rows_per_step=b, batch_padding=0.0, weight_bytes=2e9, baseline=True,
+                                 gpu="NVIDIA H200", driver="580", torch="2.11", triton="3.6", copy_gbps=4200.0,
+                                 command="python experiments/gpu_speed.py", max_new_tokens=8))
+    src, out = tmp_path / "rows.csv", tmp_path / "out"
+    pd.DataFrame(rows).to_csv(src, index=False)
+    gs.main(["--experiment", "gpu_batch", "--from-rows", str(src), "--out", str(out)])
+    t = pd.read_csv(out / "batch.csv")
+    int4 = t[t.verifier == "int4"].set_index("batch_size")
+    assert int4.loc[2, "speedup_vs_ref_same_drafter"] == pytest.approx(0.99, abs=1e-3)
+    assert "tie_margin" not in t
+    md = (out / "batch.md").read_text()
+    assert "- int4 vs bf16 with ar: loses from B=2" in md
+    gs.main(["--experiment", "gpu_batch", "--from-rows", str(src), "--out", str(out), "--tie-margin", "0.02"])
+    md = (out / "batch.md").read_text()
+    assert "- int4 vs bf16 with ar: never loses (up to B=2); ties at B=2" in md and "Tie margin 0.02" in md
+    assert (pd.read_csv(out / "batch.csv").tie_margin == 0.02).all()
+    for bad in (["--tie-margin", "0.5"], ["--tie-margin", "-0.01"]):
+        with pytest.raises(SystemExit) as e:
+            gs.main(["--experiment", "gpu_batch", "--from-rows", str(src), "--out", str(out), *bad])
+        assert e.value.code == 2 and "--tie-margin must be in [0, 0.5)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        gs.main(["--experiment", "gpu_speed", "--from-rows", str(src), "--out", str(out), "--tie-margin", "0.02"])
+    assert e.value.code == 2 and "gpu_batch" in capsys.readouterr().err

@@ -389,6 +389,33 @@ def test_crossover_verdicts_pair_repeats_and_name_ties(tmp_path):
     assert json.loads(got) == pytest.approx({"0": 105.0, "1": 95.0})
 
 
+def test_tie_margin_is_a_band_of_practical_equivalence():
+    """verdict with a margin m: "loses" only when every ratio is below 1 - m, "pays" only when every one is
+    at least 1 + m, a tie otherwise, one ratio included; m = 0 keeps the sign rule. In a crossover line the
+    margin turns a shallow loss in both repeats (0.99 / 0.995) into a tie and says so; a deeper one stays."""
+    from quasar_bench.summary import crossovers, verdict
+
+    assert [verdict(x) for x in ([0.99, 0.995], [0.995], [1.005], [0.97, 0.98])] == ["loses", "loses", "pays", "loses"]
+    assert [verdict(x, 0.02) for x in ([0.99, 0.995], [0.995], [1.005], [0.96, 0.975], [1.03, 1.04], [0.97, 1.03])] == \
+        ["tie", "tie", "tie", "loses", "pays", "tie"]
+    assert verdict([0.98], 0.02) == "tie" and verdict([1.02], 0.02) == "pays"  # the band's edges
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        verdict([1.0], 0.5)
+    rows = []
+    for b, (r0, r1) in {1: (1.2, 1.1), 8: (0.99, 0.995), 16: (0.9, 0.95)}.items():
+        for v in ("bf16", "int4"):
+            for rep, r in ((0, r0), (1, r1)):
+                sec = 1.0 if v == "bf16" else 1.0 / r
+                rows.append(dict(model="m", drafter="ngram", verifier=v, category="qa", prompt_id="p", turn=0, repeat=rep,
+                                 batch_size=b, new_tokens=50, verify_steps=25, accepted=25, drafted=50, decode_s=sec,
+                                 throughput_share_s=sec, reference_verifier=v == "bf16"))
+    s = summarize(pd.DataFrame(rows))
+    plain = next(x for x in crossovers(s) if "int4 verification" in x)
+    assert "stops paying at B=8" in plain and "ties" not in plain
+    banded = next(x for x in crossovers(s, 0.02) if "int4 verification" in x)
+    assert "stops paying at B=16" in banded and "ties (within 0.02 of 1, or repeats on both sides of it) at B=8" in banded
+
+
 def test_crossover_compares_each_setting_with_its_own_baseline():
     """Greedy and sampled cells in one batch run: at B = 4 the drafter beats AR at its own temperature
     (greedy 110 vs 100, sampled 60 vs 50) but is slower than the other temperature's AR. Each curve
